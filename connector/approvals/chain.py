@@ -1,0 +1,198 @@
+"""Approver resolution: which user ids must act on a step, and how many approvals it needs.
+
+Resolution rules
+----------------
+* Sources are resolved in the order the step lists them; the result keeps first-seen
+  order and drops duplicates, so the same person reached through a role and a field
+  counts once.
+* ``UserApprovers``: the fixed ids, as given.
+* ``RoleApprovers``: the ids of ``roles[role]``. A role missing from the mapping's roles
+  is a configuration error and always raises ``ChainError`` (even when other sources
+  resolve people), because a typo would otherwise silently drop approvers. A role that
+  exists but is empty contributes nobody.
+* ``FieldApprovers``: the record value may be one id, a list of ids, or ``;``-separated
+  ids (Salesforce multi-selects); numbers (HubSpot / Bitrix24 user ids) become strings.
+  An empty field (e.g. an owner without a manager) contributes nobody.
+* ``ValueMapApprovers``: every value of the field (list or ``;``-separated text) adds the
+  sources mapped to it. A value with no mapping entry adds the ``default`` sources, and so
+  does an empty field: every value the record holds needs someone to look at it.
+* Values are compared exactly after stripping surrounding whitespace.
+
+Nobody to approve
+-----------------
+If a step resolves to nobody, ``resolve_approvers`` raises ``ChainError`` naming the step
+and its sources. The engine never routes such a step elsewhere: the operation that would
+open the step fails and changes nothing, so the request can never sit open waiting for
+nobody. ``lifecycle.open_request`` checks every applicable step up front, so a broken
+chain is reported when the record is submitted, not halfway through the approval.
+
+Required approvals
+------------------
+``one`` and ``any`` need 1, ``all`` needs every assigned approver, ``quorum`` needs
+``quorum_count`` or ``ceil(quorum_percent * M / 100)`` (60% of 3 -> 2). A quorum that can
+never be met (count > M, 0, both or neither of count/percent set) is a ``ChainError``.
+In ``one`` mode only the first resolved user is assigned (see ``assign_step``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from connector.approvals.errors import ChainError
+from connector.approvals.spec import (
+    ApproverSource,
+    FieldApprovers,
+    RoleApprovers,
+    StepSpec,
+    UserApprovers,
+    ValueMapApprovers,
+)
+
+
+@dataclass(frozen=True)
+class StepAssignment:
+    """Who is assigned to a step and how many approvals close it."""
+
+    approvers: tuple[str, ...]
+    required: int
+
+
+def assign_step(
+    step: StepSpec, values: Mapping[str, Any], roles: Mapping[str, tuple[str, ...]]
+) -> StepAssignment:
+    """Resolve and size a step. ``one`` mode keeps only the first resolved user.
+
+    ``one`` means a single accountable decider; picking the first keeps the choice
+    deterministic and controlled by source order in the mapping (list the preferred
+    approver first, fallbacks after). Use ``any`` to let any of several people decide.
+    """
+    approvers = resolve_approvers(step, values, roles)
+    if step.mode == "one":
+        approvers = approvers[:1]
+    return StepAssignment(approvers=approvers, required=required_approvals(step, len(approvers)))
+
+
+def resolve_approvers(
+    step: StepSpec, values: Mapping[str, Any], roles: Mapping[str, tuple[str, ...]]
+) -> tuple[str, ...]:
+    """Ordered, de-duplicated user ids for ``step``; ``ChainError`` if nobody resolves."""
+    users = _dedupe(_from_sources(step.approvers, values, roles, step.name))
+    if not users:
+        sources = ", ".join(describe_source(s) for s in step.approvers) or "no approver sources"
+        raise ChainError(step.name, sources, "resolved to nobody; nobody could approve this step")
+    return users
+
+
+def required_approvals(step: StepSpec, approver_count: int) -> int:
+    """Approvals needed to approve ``step`` when ``approver_count`` people are assigned."""
+    if step.mode in ("one", "any"):
+        return 1
+    if step.mode == "all":
+        return approver_count
+    return _quorum(step, approver_count)
+
+
+def describe_source(source: ApproverSource) -> str:
+    """Short human description of a source, used in error messages."""
+    if isinstance(source, UserApprovers):
+        return f"users {list(source.users)!r}"
+    if isinstance(source, RoleApprovers):
+        return f"role {source.role!r}"
+    if isinstance(source, FieldApprovers):
+        return f"field {source.field!r}"
+    return f"value map on field {source.field!r}"
+
+
+def _quorum(step: StepSpec, approver_count: int) -> int:
+    source = f"quorum of {approver_count} approver(s)"
+    if step.quorum_count is not None and step.quorum_percent is None:
+        required = step.quorum_count
+    elif step.quorum_percent is not None and step.quorum_count is None:
+        required = _percent_of(step, Decimal(step.quorum_percent), approver_count, source)
+    else:
+        raise ChainError(step.name, source, "set exactly one of quorum_count and quorum_percent")
+    if not 1 <= required <= approver_count:
+        raise ChainError(step.name, source, f"quorum of {required} can never be reached")
+    return required
+
+
+def _percent_of(step: StepSpec, percent: Decimal, approver_count: int, source: str) -> int:
+    if not Decimal(0) < percent <= Decimal(100):
+        raise ChainError(step.name, source, f"quorum_percent {percent} is not in (0, 100]")
+    # Round up: "60% of 3" must mean at least 60%, i.e. 2 people, never 1.
+    return math.ceil(percent * approver_count / Decimal(100))
+
+
+def _from_sources(
+    sources: Iterable[ApproverSource],
+    values: Mapping[str, Any],
+    roles: Mapping[str, tuple[str, ...]],
+    step_name: str,
+) -> Iterator[str]:
+    for source in sources:
+        yield from _from_source(source, values, roles, step_name)
+
+
+def _from_source(
+    source: ApproverSource,
+    values: Mapping[str, Any],
+    roles: Mapping[str, tuple[str, ...]],
+    step_name: str,
+) -> Iterator[str]:
+    if isinstance(source, UserApprovers):
+        yield from source.users
+    elif isinstance(source, RoleApprovers):
+        yield from _role_members(source, roles, step_name)
+    elif isinstance(source, FieldApprovers):
+        yield from _atoms(values.get(source.field), step_name, source)
+    else:
+        yield from _from_value_map(source, values, roles, step_name)
+
+
+def _role_members(
+    source: RoleApprovers, roles: Mapping[str, tuple[str, ...]], step_name: str
+) -> tuple[str, ...]:
+    if source.role not in roles:
+        known = ", ".join(sorted(roles)) or "none"
+        raise ChainError(step_name, describe_source(source), f"role is not defined (known roles: {known})")
+    return roles[source.role]
+
+
+def _from_value_map(
+    source: ValueMapApprovers,
+    values: Mapping[str, Any],
+    roles: Mapping[str, tuple[str, ...]],
+    step_name: str,
+) -> Iterator[str]:
+    keys = _atoms(values.get(source.field), step_name, source)
+    if not keys:
+        yield from _from_sources(source.default, values, roles, step_name)
+    for key in keys:
+        mapped = source.mapping.get(key)
+        yield from _from_sources(source.default if mapped is None else mapped, values, roles, step_name)
+
+
+def _atoms(value: Any, step_name: str, source: ApproverSource) -> tuple[str, ...]:
+    """A field value as a tuple of non-empty strings (ids or picklist values)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(";") if part.strip())
+    if isinstance(value, list | tuple):
+        return tuple(atom for item in value for atom in _atoms(item, step_name, source))
+    if isinstance(value, set | frozenset):
+        # Sets have no order; sort so the assignment is reproducible.
+        return tuple(sorted(atom for item in value for atom in _atoms(item, step_name, source)))
+    if isinstance(value, bool):
+        return ("true" if value else "false",)
+    if isinstance(value, int | Decimal | float):
+        return (str(value),)
+    raise ChainError(step_name, describe_source(source), f"unsupported value type {type(value).__name__}")
+
+
+def _dedupe(users: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(users))

@@ -1,0 +1,125 @@
+"""Exceptions raised by the approval engine.
+
+Every error carries a stable machine-readable ``code`` so the REST layer can put it in an
+error body. The class hierarchy is what the REST layer should map to status codes:
+
+===========================  ======  =====================================================
+class (base)                 status  raised when
+===========================  ======  =====================================================
+ChainError                   422     approvers can't be resolved / quorum is unsatisfiable
+RuleMismatchError            409     the rule passed in is not the one the request runs
+ActionRenderError            500     a ValueRenderer raised while rendering an action
+InvalidDecisionError         400     decision is not "approve" / "reject"
+PermissionDeniedError        403     base of the two below
+  NotAnApproverError         403     voter is not assigned to the open step (and not admin)
+  RecallNotAllowedError      403     recall by someone other than the submitter / an admin
+ConflictError                409     base of the four below
+  RequestClosedError         409     vote / recall on an approved, rejected, ... request
+  StepClosedError            409     vote naming a step (or step round) already decided
+  StaleStepError             409     vote naming a step that is not the current one
+  DuplicateVoteError         409     the same approver voting twice on the same step round
+===========================  ======  =====================================================
+
+The engine raises before changing anything, so after any of these the caller's state is
+exactly what it was.
+"""
+
+from __future__ import annotations
+
+
+class ApprovalError(Exception):
+    """Base class of everything the approval engine raises on purpose."""
+
+    code = "approval_error"
+
+
+class ChainError(ApprovalError):
+    """A step's approver chain can't be built: unknown role, nobody resolved, bad quorum.
+
+    ``step`` is the step name and ``source`` a human description of the approver source
+    (e.g. ``role 'finance'``) so the message says exactly what to fix in the mapping.
+    """
+
+    code = "chain_error"
+
+    def __init__(self, step: str, source: str, reason: str) -> None:
+        self.step = step
+        self.source = source
+        self.reason = reason
+        super().__init__(f"step {step!r}: {source}: {reason}")
+
+
+class RuleMismatchError(ApprovalError):
+    """The rule given to an operation is not the one the request was opened with.
+
+    Raised when the rule name differs or the mapping was edited so the request's current
+    step no longer exists under the same name: applying a vote then would silently vote on
+    a different step.
+    """
+
+    code = "rule_mismatch"
+
+
+class ActionRenderError(ApprovalError):
+    """A ValueRenderer failed; names the canonical field so the mapping can be fixed."""
+
+    code = "action_render_error"
+
+    def __init__(self, field: str, cause: BaseException) -> None:
+        self.field = field
+        self.cause = cause
+        super().__init__(f"rendering field {field!r} failed: {type(cause).__name__}: {cause}")
+
+
+class InvalidDecisionError(ApprovalError, ValueError):
+    """The decision is not one of ``approve`` / ``reject``."""
+
+    code = "invalid_decision"
+
+
+class PermissionDeniedError(ApprovalError):
+    """The actor may not perform this operation (maps to 403)."""
+
+    code = "permission_denied"
+
+
+class NotAnApproverError(PermissionDeniedError):
+    """The voter is not assigned to the current step and did not act as admin."""
+
+    code = "not_an_approver"
+
+
+class RecallNotAllowedError(PermissionDeniedError):
+    """Only the submitter (or an admin) may recall a request."""
+
+    code = "recall_not_allowed"
+
+
+class ConflictError(ApprovalError):
+    """The operation does not fit the request's current state (maps to 409)."""
+
+    code = "conflict"
+
+
+class RequestClosedError(ConflictError):
+    """The request is no longer active (approved, rejected, recalled or expired)."""
+
+    code = "request_closed"
+
+
+class StepClosedError(ConflictError):
+    """The step (or the round of it) the caller saw has already been decided or skipped."""
+
+    code = "step_closed"
+
+
+class StaleStepError(ConflictError):
+    """The step index the caller saw is not the request's current step (optimistic lock)."""
+
+    code = "stale_step"
+
+
+class DuplicateVoteError(ConflictError):
+    """The approver already voted on this round of this step."""
+
+    code = "duplicate_vote"

@@ -1,0 +1,185 @@
+"""The `crm-approvals` command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+import click
+
+from connector.config import ConfigError, Settings
+from connector.logs import configure_logging
+
+
+class Context:
+    """Settings are read once per command, lazily, so `--help` works without any configuration."""
+
+    def __init__(self, env_file: str) -> None:
+        self.env_file = env_file
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            try:
+                self._settings = Settings.from_env(dotenv_path=self.env_file)
+            except ConfigError as exc:
+                raise click.ClickException(str(exc)) from None
+            configure_logging(self._settings)
+        return self._settings
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--env-file", default=".env", show_default=True, help="Read settings from this .env file too.")
+@click.pass_context
+def main(ctx: click.Context, env_file: str) -> None:
+    """Approval processes for CRM records.
+
+    A CRM webhook arrives, is stored in the inbox, is judged against the mapping files,
+    runs an approval chain, and the outcome is written back to the CRM record.
+    Settings come from the environment and .env (see .env.example).
+    """
+    ctx.obj = Context(env_file)
+
+
+@main.command()
+@click.option("--bind", default=None, help="HOST:PORT to listen on [default: HOST:PORT from settings].")
+@click.option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
+@click.option("--threads", default=4, show_default=True, help="Threads per worker process.")
+@pass_context
+def serve(ctx: Context, bind: str | None, workers: int, threads: int) -> None:
+    """Serve the webhook receiver and the API under gunicorn.
+
+    Webhooks are written to the inbox and acknowledged; the `worker` command processes them.
+    """
+    from connector.server import serve_app
+
+    settings = ctx.settings
+    serve_app("webhooks.app:create_app()", bind or f"{settings.host}:{settings.port}", workers, threads)
+
+
+@main.command()
+@click.option("--workers", default=2, show_default=True, help="Worker threads taking tasks from the queue.")
+@pass_context
+def worker(ctx: Context, workers: int) -> None:
+    """Process the inbox and flush the outbox (huey consumer).
+
+    Runs a sweep at start-up and every minute, so nothing a lost task left is forgotten.
+    """
+    from connector.pipeline import build_runtime
+    from connector.worker import Tasks, make_huey, run_consumer
+
+    runtime = build_runtime(ctx.settings)
+    run_consumer(Tasks(runtime, make_huey(ctx.settings.queue_url)), workers=workers)
+
+
+@main.group()
+def db() -> None:
+    """Database schema commands."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Alembic revision to upgrade to.")
+@pass_context
+def db_upgrade(ctx: Context, revision: str) -> None:
+    """Create or migrate the tables in DATABASE_URL (SQLite file by default)."""
+    from connector.migrate import current, upgrade
+
+    upgrade(ctx.settings.database_url, revision)
+    click.echo(f"database at revision {current(ctx.settings.database_url)}")
+
+
+@main.command()
+@click.option("--env-example", default=".env.example", show_default=True, help="Template for a new .env.")
+@pass_context
+def init(ctx: Context, env_example: str) -> None:
+    """Create .env from .env.example with fresh random webhook secrets (keeps an existing .env)."""
+    from connector.envfile import write_env_file
+
+    target = Path(ctx.env_file)
+    if target.exists():
+        click.echo(f"{target} exists; leaving it as it is")
+        return
+    write_env_file(Path(env_example), target)
+    click.echo(f"wrote {target} with fresh secrets")
+
+
+@main.command()
+@click.option("--no-sandbox", is_flag=True, help="Do not start the sandbox CRM even without CRM credentials.")
+@pass_context
+def run(ctx: Context, no_sandbox: bool) -> None:
+    """Migrate, then run the server, the worker and (with no CRM configured) the sandbox CRM.
+
+    This is what `make run` calls. Ctrl-C stops everything.
+    """
+    from connector.migrate import upgrade
+
+    settings = ctx.settings
+    upgrade(settings.database_url)
+    base = [sys.executable, "-m", "connector.cli", "--env-file", ctx.env_file]
+    commands = {"server": [*base, "serve"], "worker": [*base, "worker"]}
+    if settings.uses_sandbox and not no_sandbox:
+        commands["sandbox"] = [*base, "sandbox"]
+    processes = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
+    click.echo(f"\n  Webhooks + API:  {settings.public_base_url}/healthz")
+    if "sandbox" in processes:
+        click.echo(f"  Sandbox CRM:     {settings.sandbox_url}/   (edit a deal to send a webhook)")
+    click.echo("  Stop with Ctrl-C.\n")
+    _supervise(processes)
+
+
+def _supervise(processes: dict[str, subprocess.Popen[Any]]) -> None:
+    try:
+        while all(p.poll() is None for p in processes.values()):
+            time.sleep(0.5)
+        failed = [name for name, p in processes.items() if p.poll() is not None]
+        click.echo(f"{', '.join(failed)} stopped; stopping the rest", err=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in processes.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        deadline = time.time() + 10
+        for p in processes.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+# Commands contributed by feature modules: each module exposes a click command or group.
+COMMAND_MODULES = (
+    "connector.commands.sandbox",
+    "connector.commands.validate",
+    "connector.commands.approvals",
+    "connector.commands.sync",
+)
+
+
+def _register_commands() -> None:
+    for module_name in COMMAND_MODULES:
+        try:
+            module = import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register_commands()
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,158 @@
+"""Settings from the environment and `.env` (python-dotenv). Nothing else reads os.environ.
+
+Every variable is documented in `.env.example`. Secrets live only here and in the
+connection settings; `repr()` of either never shows them, so they cannot leak into logs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+DEFAULT_DATABASE_URL = "sqlite:///var/crm-approvals.db"
+DEFAULT_QUEUE_URL = "sqlite:///var/queue.db"
+SECRET_MARKERS = ("SECRET", "PASSWORD", "TOKEN", "KEY", "SESSION")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message says which variable and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """One CRM connection: `CRM_CONNECTIONS=name=kind` plus variables prefixed `NAME_`."""
+
+    name: str
+    kind: str
+    settings: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def env_prefix(self) -> str:
+        return self.name.upper().replace("-", "_") + "_"
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        value = self.settings.get(key.upper())
+        return value if value not in (None, "") else default
+
+    def require(self, key: str) -> str:
+        value = self.get(key)
+        if value is None:
+            raise ConfigError(
+                f"connection {self.name!r} ({self.kind}) needs {self.env_prefix}{key.upper()}; "
+                "set it in the environment or .env (see .env.example)"
+            )
+        return value
+
+    def get_list(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        raw = self.get(key)
+        if raw is None:
+            return default
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+    def get_float(self, key: str, default: float) -> float:
+        raw = self.get(key)
+        if raw is None:
+            return default
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{self.env_prefix}{key.upper()} must be a number, got {raw!r}") from None
+
+    def __repr__(self) -> str:
+        shown = sorted(k for k in self.settings if not any(m in k for m in SECRET_MARKERS))
+        return f"ConnectionConfig(name={self.name!r}, kind={self.kind!r}, keys={shown})"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    queue_url: str = DEFAULT_QUEUE_URL
+    connections: Mapping[str, ConnectionConfig] = field(default_factory=dict)
+    mappings_dir: str = "mappings"
+    public_base_url: str = "http://127.0.0.1:8000"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    sandbox_url: str = "http://127.0.0.1:8001"
+    webhook_max_body_bytes: int = 1024 * 1024
+    webhook_tolerance_seconds: int = 300
+    http_timeout_seconds: float = 30.0
+    outbox_lease_seconds: int = 120
+    outbox_max_attempts: int = 10
+    inbox_max_attempts: int = 10
+    log_level: str = "INFO"
+
+    def connection(self, name: str) -> ConnectionConfig:
+        try:
+            return self.connections[name]
+        except KeyError:
+            known = ", ".join(sorted(self.connections)) or "none"
+            raise ConfigError(f"unknown connection {name!r}; configured: {known} (CRM_CONNECTIONS)") from None
+
+    def connections_of_kind(self, kind: str) -> list[ConnectionConfig]:
+        return [c for c in self.connections.values() if c.kind == kind]
+
+    @property
+    def uses_sandbox(self) -> bool:
+        return any(c.kind == "sandbox" for c in self.connections.values())
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | None = ".env") -> Settings:
+        """Read settings: real environment variables win over `.env`."""
+        env: dict[str, str] = {}
+        if dotenv_path and Path(dotenv_path).is_file():
+            env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        env.update(os.environ if environ is None else environ)
+        return cls(
+            database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            queue_url=env.get("QUEUE_URL") or DEFAULT_QUEUE_URL,
+            connections=parse_connections(env),
+            mappings_dir=env.get("MAPPINGS_DIR") or "mappings",
+            public_base_url=(env.get("PUBLIC_BASE_URL") or "http://127.0.0.1:8000").rstrip("/"),
+            host=env.get("HOST") or "127.0.0.1",
+            port=_int(env, "PORT", 8000),
+            sandbox_url=(env.get("SANDBOX_URL") or "http://127.0.0.1:8001").rstrip("/"),
+            webhook_max_body_bytes=_int(env, "WEBHOOK_MAX_BODY_BYTES", 1024 * 1024),
+            webhook_tolerance_seconds=_int(env, "WEBHOOK_TOLERANCE_SECONDS", 300),
+            http_timeout_seconds=float(_int(env, "HTTP_TIMEOUT_SECONDS", 30)),
+            outbox_lease_seconds=_int(env, "OUTBOX_LEASE_SECONDS", 120),
+            outbox_max_attempts=_int(env, "OUTBOX_MAX_ATTEMPTS", 10),
+            inbox_max_attempts=_int(env, "INBOX_MAX_ATTEMPTS", 10),
+            log_level=env.get("LOG_LEVEL") or "INFO",
+        )
+
+
+def parse_connections(env: Mapping[str, str]) -> dict[str, ConnectionConfig]:
+    """`CRM_CONNECTIONS=salesforce,eu=zoho` -> connections; a bare name is its own kind.
+
+    With nothing configured the built-in sandbox CRM is the only connection, so a
+    newcomer can watch the whole flow without an account anywhere.
+    """
+    raw = env.get("CRM_CONNECTIONS") or "sandbox"
+    connections: dict[str, ConnectionConfig] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        name, _, kind = item.partition("=")
+        name, kind = name.strip(), (kind.strip() or name.strip())
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(
+                f"CRM_CONNECTIONS: {name!r} is not a valid connection name (letters, digits, _ or -)"
+            )
+        prefix = name.upper().replace("-", "_") + "_"
+        settings = {k[len(prefix) :]: v for k, v in env.items() if k.startswith(prefix)}
+        connections[name] = ConnectionConfig(name=name, kind=kind, settings=settings)
+    return connections
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    raw = env.get(key)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be a whole number, got {raw!r}") from None

@@ -1,0 +1,159 @@
+"""The one small interface every CRM adapter implements.
+
+Modelled on huey's storage backends: the base class owns what is the same for every
+CRM (chunking to the CRM's batch limit, the retry policy); a CRM module implements the
+few primitive calls. The contract suite in tests/contract/ runs against every adapter.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar
+
+from connector.config import ConnectionConfig, Settings
+from connector.crm.errors import AuthError, AuthExpiredError
+from connector.crm.retry import RetryPolicy
+
+
+@dataclass(frozen=True)
+class RecordUpdate:
+    record_id: str
+    fields: Mapping[str, Any]  # CRM API name -> value
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    record_id: str
+    ok: bool
+    error_code: str | None = None
+    message: str | None = None  # the CRM's own words
+    fields: tuple[str, ...] = ()  # fields the CRM blamed
+    retriable: bool = False  # e.g. a row lock: try this record again later
+
+    @classmethod
+    def success(cls, record_id: str) -> UpdateResult:
+        return cls(record_id=record_id, ok=True)
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    name: str  # API name
+    label: str
+    type: str  # the CRM's own type name
+    updateable: bool = True
+    reference_to: tuple[str, ...] = ()  # for lookups: the related objects
+    relationship_name: str | None = None  # e.g. Account for AccountId
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class CRMAdapter(ABC):
+    """Reads and writes records of one CRM connection."""
+
+    kind: ClassVar[str]
+    batch_limit: ClassVar[int]  # most records one update call may carry
+
+    def __init__(
+        self, connection: ConnectionConfig, *, timeout: float = 30.0, retry: RetryPolicy | None = None
+    ):
+        self.connection = connection
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+
+    @classmethod
+    def from_config(cls, connection: ConnectionConfig, settings: Settings) -> CRMAdapter:
+        """Build from the connection's `NAME_*` variables; raises ConfigError naming what is missing."""
+        return cls(connection, timeout=settings.http_timeout_seconds)
+
+    # --- what every CRM module implements -------------------------------------------
+
+    @abstractmethod
+    def _fetch(
+        self, object_type: str, ids: Sequence[str], fields: Sequence[str]
+    ) -> dict[str, dict[str, Any]]:
+        """One read call: record id -> {API name (dotted for related fields) -> value}.
+        Missing records are simply absent."""
+
+    @abstractmethod
+    def _update_batch(self, object_type: str, updates: Sequence[RecordUpdate]) -> list[UpdateResult]:
+        """One write call of at most `batch_limit` records, one result per record, in order."""
+
+    @abstractmethod
+    def _query_page(
+        self, object_type: str, fields: Sequence[str], filters: Mapping[str, Any], cursor: Any
+    ) -> tuple[list[dict[str, Any]], Any]:
+        """One page of records matching equality `filters`; returns (records, next cursor or None).
+        The special filter key `modified_since` takes an aware datetime."""
+
+    @abstractmethod
+    def describe(self, object_type: str) -> list[FieldInfo]:
+        """The object's fields, to validate mapping files against."""
+
+    def refresh_auth(self) -> bool:
+        """Renew the session after a 401. Returns False where the auth mode cannot."""
+        return False
+
+    # --- shared behaviour -------------------------------------------------------------
+
+    def get_records(
+        self, object_type: str, ids: Sequence[str], fields: Sequence[str]
+    ) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for chunk in chunked(list(dict.fromkeys(ids)), self.read_batch_limit):
+            found.update(self._call(lambda c=chunk: self._fetch(object_type, c, fields)))
+        return found
+
+    def get_record(self, object_type: str, record_id: str, fields: Sequence[str]) -> dict[str, Any] | None:
+        return self.get_records(object_type, [record_id], fields).get(record_id)
+
+    def update_records(self, object_type: str, updates: Sequence[RecordUpdate]) -> list[UpdateResult]:
+        """Write all updates in calls of at most `batch_limit`; one result per update, in order."""
+        results: list[UpdateResult] = []
+        for chunk in chunked(list(updates), self.batch_limit):
+            results.extend(self._call(lambda c=chunk: self._update_batch(object_type, c)))
+        return results
+
+    def query(
+        self,
+        object_type: str,
+        fields: Sequence[str],
+        filters: Mapping[str, Any] | None = None,
+        modified_since: datetime | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Every matching record, page by page (for backfill and reconcile)."""
+        wanted = dict(filters or {})
+        if modified_since is not None:
+            wanted["modified_since"] = modified_since
+        cursor: Any = None
+        while True:
+            page, cursor = self._call(lambda c=cursor: self._query_page(object_type, fields, wanted, c))
+            yield from page
+            if cursor is None:
+                return
+
+    @property
+    def read_batch_limit(self) -> int:
+        return self.batch_limit
+
+    def _call(self, fn: Any) -> Any:
+        """Run one CRM call with the retry policy; on an expired session refresh once first."""
+
+        def attempt() -> Any:
+            try:
+                return fn()
+            except AuthExpiredError as exc:
+                if not self.refresh_auth():
+                    raise AuthError(
+                        f"{self.kind} connection {self.connection.name!r}: the session expired and this auth "
+                        f"mode cannot renew it ({exc}); configure credentials that can log in again"
+                    ) from exc
+                return fn()
+
+        return self.retry.call(attempt)
+
+
+def chunked(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

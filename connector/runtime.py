@@ -1,0 +1,55 @@
+"""What one process needs to do its work: settings, the database, CRM adapters and the
+event processor. The web app and the worker each build one from the same Settings."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from connector.config import Settings
+from connector.crm.base import CRMAdapter
+from connector.crm.registry import build_adapter
+from connector.db import make_engine, make_session_factory
+
+if TYPE_CHECKING:
+    from connector.inbox import EventProcessor
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    processor: EventProcessor | None = None
+    _adapters: dict[str, CRMAdapter] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, processor: EventProcessor | None = None) -> Runtime:
+        engine = make_engine(settings.database_url)
+        runtime = cls(settings=settings, engine=engine, sessions=make_session_factory(engine))
+        runtime.processor = processor
+        return runtime
+
+    def adapter(self, connection_name: str) -> CRMAdapter:
+        """The adapter of a configured connection, built once per process."""
+        with self._lock:
+            if connection_name not in self._adapters:
+                connection = self.settings.connection(connection_name)
+                self._adapters[connection_name] = build_adapter(connection, self.settings)
+            return self._adapters[connection_name]
+
+    def set_adapter(self, connection_name: str, adapter: CRMAdapter) -> None:
+        """Use a ready-built adapter (e.g. one with a test retry policy)."""
+        with self._lock:
+            self._adapters[connection_name] = adapter
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __getstate__(self) -> dict[str, Any]:  # never pickled into a queue
+        raise TypeError("Runtime is per process and cannot be serialized")

@@ -1,0 +1,94 @@
+"""Background work on huey: SQLite by default, Redis for scale-out (QUEUE_URL).
+
+huey is at-most-once, so a task only *nudges*: it says "look at the inbox/outbox now".
+The database is the truth, and the periodic sweep (every minute, and once at start-up)
+re-drives anything a lost task left undone. Every task is safe to run any number of
+times, in any number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from huey import Huey, MemoryHuey, RedisHuey, SqliteHuey, crontab
+
+from connector.config import ConfigError
+from connector.inbox import process_pending
+from connector.outbox import flush
+from connector.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# Extra periodic jobs (e.g. the approval expiry sweep) register here: name -> job(runtime).
+SWEEP_JOBS: dict[str, Callable[[Runtime], Any]] = {}
+
+
+def make_huey(queue_url: str, name: str = "crm-approvals") -> Huey:
+    if queue_url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisHuey(name, url=queue_url, results=False)
+    if queue_url.startswith("sqlite:///"):
+        path = Path(queue_url[len("sqlite:///") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return SqliteHuey(name, filename=str(path), results=False)
+    if queue_url == "memory://":
+        return MemoryHuey(name, results=False)
+    raise ConfigError(f"QUEUE_URL {queue_url!r} is not sqlite:///PATH, redis://HOST:PORT/DB or memory://")
+
+
+class Tasks:
+    """The huey tasks, bound to one runtime. The web app enqueues; the worker runs them."""
+
+    def __init__(self, runtime: Runtime, huey: Huey) -> None:
+        self.runtime = runtime
+        self.huey = huey
+        self.process_inbox = huey.task(name="process_inbox")(self.run_inbox)
+        self.flush_outbox = huey.task(name="flush_outbox")(self.run_outbox)
+        self.sweep = huey.periodic_task(crontab(minute="*"), name="sweep")(self.run_sweep)
+
+    def run_inbox(self) -> dict[str, int]:
+        if self.runtime.processor is None:
+            raise ConfigError("this runtime has no event processor; the worker builds one at start-up")
+        settings = self.runtime.settings
+        report = process_pending(
+            self.runtime.sessions, self.runtime.processor, max_attempts=settings.inbox_max_attempts
+        )
+        if report.done:
+            self.run_outbox()
+        return vars(report)
+
+    def run_outbox(self) -> dict[str, int]:
+        settings = self.runtime.settings
+        report = flush(
+            self.runtime.sessions,
+            self.runtime.adapter,
+            lease_seconds=settings.outbox_lease_seconds,
+            max_attempts=settings.outbox_max_attempts,
+        )
+        return vars(report)
+
+    def run_sweep(self) -> dict[str, Any]:
+        """Re-drive everything: pending events, pending and in-doubt updates, registered jobs."""
+        summary: dict[str, Any] = {"inbox": self.run_inbox(), "outbox": self.run_outbox()}
+        for name, job in SWEEP_JOBS.items():
+            try:
+                summary[name] = job(self.runtime)
+            except Exception:  # one failing job must not stop the others
+                log.exception("sweep job %s failed", name)
+        log.info("sweep: %s", summary)
+        return summary
+
+    def nudge(self) -> None:
+        """Ask a worker to process the inbox now. Losing this is harmless: the sweep catches up."""
+        try:
+            self.process_inbox()
+        except Exception as exc:
+            log.warning("could not enqueue the inbox nudge (the sweep will pick the events up): %s", exc)
+
+
+def run_consumer(tasks: Tasks, workers: int = 2) -> None:
+    tasks.run_sweep()  # whatever a killed worker left behind, before taking new work
+    consumer = tasks.huey.create_consumer(workers=workers, periodic=True, worker_type="thread")
+    consumer.run()

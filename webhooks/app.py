@@ -1,0 +1,87 @@
+"""The Flask app that receives CRM webhooks (and, later, serves the approvals API)."""
+
+from __future__ import annotations
+
+import logging
+from importlib import import_module
+
+from flask import Flask, Response, jsonify, request
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from connector.config import Settings
+from connector.runtime import Runtime
+from connector.worker import Tasks, make_huey
+from webhooks.errors import WebhookError
+from webhooks.intake import Intake, log_rejection
+
+log = logging.getLogger("webhooks")
+
+# Each module exposes `blueprint`; a module that is absent is simply not mounted.
+BLUEPRINT_MODULES = (
+    "webhooks.standard",
+    "webhooks.salesforce",
+    "webhooks.hubspot",
+    "webhooks.zoho",
+    "webhooks.bitrix24",
+)
+
+
+def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Flask:
+    if runtime is None:
+        runtime = Runtime.from_settings(Settings.from_env())
+    if tasks is None:
+        tasks = Tasks(runtime, make_huey(runtime.settings.queue_url))
+    app = Flask("crm_approvals")
+    app.config["MAX_CONTENT_LENGTH"] = runtime.settings.webhook_max_body_bytes
+    app.extensions["crm_approvals"] = Intake(runtime, tasks)
+    for module_name in BLUEPRINT_MODULES:
+        try:
+            module = import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        app.register_blueprint(module.blueprint)
+    _register_error_handlers(app)
+
+    @app.get("/healthz")
+    def healthz() -> ResponseReturnValue:
+        return jsonify(status="ok")
+
+    return app
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(WebhookError)
+    def on_webhook_error(error: WebhookError) -> ResponseReturnValue:
+        log_rejection(error)
+        return jsonify(error.to_json()), error.status
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def on_too_large(_error: RequestEntityTooLarge) -> ResponseReturnValue:
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        error = WebhookError(
+            413,
+            "body_too_large",
+            f"the body is larger than {limit} bytes",
+            "raise WEBHOOK_MAX_BODY_BYTES if this is expected",
+        )
+        return on_webhook_error(error)
+
+    @app.errorhandler(HTTPException)
+    def on_http_error(error: HTTPException) -> ResponseReturnValue:
+        body = {
+            "error": {"code": (error.name or "error").lower().replace(" ", "_"), "message": error.description}
+        }
+        return jsonify(body), error.code or 500
+
+    @app.errorhandler(Exception)
+    def on_unexpected(error: Exception) -> ResponseReturnValue:
+        # A bug, not bad input: log it with the stack, say nothing internal to the caller.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return Response(
+            '{"error": {"code": "internal_error", "message": "internal error"}}',
+            500,
+            mimetype="application/json",
+        )

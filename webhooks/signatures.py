@@ -1,0 +1,128 @@
+"""Signature checks shared by every intake: HMAC compared in constant time, inside a
+timestamp window. The secret never appears in an error or a log line."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+
+from webhooks.errors import WebhookError, unauthorized
+
+
+def hmac_sha256(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def constant_time_equals(a: str | bytes, b: str | bytes) -> bool:
+    a_bytes = a.encode() if isinstance(a, str) else a
+    b_bytes = b.encode() if isinstance(b, str) else b
+    return hmac.compare_digest(a_bytes, b_bytes)
+
+
+def check_timestamp(raw: str | None, tolerance: int, now: float | None = None, *, header: str) -> int:
+    """Seconds since the epoch, within `tolerance` of now in both directions."""
+    if not raw:
+        raise unauthorized(
+            "missing_timestamp", f"the {header} header is missing", f"send {header} with every delivery"
+        )
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise unauthorized("bad_timestamp", f"{header} is not a Unix timestamp: {raw[:40]!r}") from None
+    if value > 10**11:  # milliseconds (HubSpot sends those)
+        value //= 1000
+    skew = (time.time() if now is None else now) - value
+    if abs(skew) > tolerance:
+        direction = "old" if skew > 0 else "in the future"
+        raise unauthorized(
+            "stale_timestamp",
+            f"{header} is {abs(int(skew))} s {direction}; deliveries are accepted within {tolerance} s",
+            "check the sender's clock; a replayed delivery is refused this way",
+        )
+    return value
+
+
+def decode_standard_secret(secret: str) -> bytes:
+    """Standard Webhooks secrets are `whsec_` + base64 of the key bytes."""
+    raw = secret.removeprefix("whsec_")
+    try:
+        return base64.b64decode(raw, validate=True)
+    except ValueError:
+        raise WebhookError(
+            500,
+            "bad_secret_config",
+            "the configured webhook secret is not whsec_<base64>",
+            "fix the *_WEBHOOK_SECRET",
+        ) from None
+
+
+def sign_standard(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` value for a delivery (used by the sandbox and the tests)."""
+    key = decode_standard_secret(secret)
+    digest = hmac_sha256(key, f"{msg_id}.{timestamp}.".encode() + body)
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def verify_standard(
+    secrets: list[str],
+    msg_id: str | None,
+    timestamp: str | None,
+    signature_header: str | None,
+    body: bytes,
+    tolerance: int,
+    now: float | None = None,
+) -> None:
+    """Standard Webhooks (standardwebhooks.com): HMAC-SHA256 over `id.timestamp.body`.
+
+    The header may carry several space-separated `v1,<base64>` signatures (secret
+    rotation); any one matching any configured secret is enough.
+    """
+    if not msg_id:
+        raise unauthorized("missing_id", "the webhook-id header is missing")
+    if not signature_header:
+        raise unauthorized("missing_signature", "the webhook-signature header is missing")
+    ts = check_timestamp(timestamp, tolerance, now, header="webhook-timestamp")
+    offered = [part.partition(",")[2] for part in signature_header.split() if part.startswith("v1,")]
+    if not offered:
+        raise unauthorized("bad_signature", "webhook-signature has no v1,<base64> signature")
+    for secret in secrets:
+        expected = sign_standard(secret, msg_id, ts, body).partition(",")[2]
+        if any(constant_time_equals(expected, candidate) for candidate in offered):
+            return
+    raise unauthorized(
+        "bad_signature",
+        "webhook-signature does not match the body",
+        "the sender must sign id.timestamp.body with the connection's whsec_ secret",
+    )
+
+
+def sign_timestamped_hmac(secret: str, timestamp: int, body: bytes) -> str:
+    """`t=<unix>,v1=<hex>` over `t.body`: our header for senders without a standard of their own."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def verify_timestamped_hmac(
+    secret: str,
+    header_value: str | None,
+    body: bytes,
+    tolerance: int,
+    *,
+    header: str,
+    now: float | None = None,
+) -> None:
+    if not header_value:
+        raise unauthorized(
+            "missing_signature", f"the {header} header is missing", f"sign as {header}: t=<unix>,v1=<hex>"
+        )
+    parts = dict(p.strip().partition("=")[::2] for p in header_value.split(","))
+    ts = check_timestamp(parts.get("t"), tolerance, now, header=f"{header} t=")
+    expected = sign_timestamped_hmac(secret, ts, body).partition(",v1=")[2]
+    if not constant_time_equals(expected, parts.get("v1", "")):
+        raise unauthorized(
+            "bad_signature",
+            f"{header} does not match the body",
+            "sign HMAC-SHA256(secret, '<t>.<raw body>') as hex, with the connection's EVENTS_SECRET",
+        )

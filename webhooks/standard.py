@@ -1,0 +1,91 @@
+"""Standard Webhooks intake (standardwebhooks.com), used by the sandbox CRM and by any
+sender that follows the spec: headers webhook-id, webhook-timestamp, webhook-signature.
+
+Body (ours, documented in docs/crms/sandbox.md):
+    {"type": "record.updated", "timestamp": "2026-11-23T10:00:00Z",
+     "data": {"object": "deal", "id": "D-1001", "changed_fields": ["amount"],
+              "values": {"amount": 150000, ...}, "origin": "user"}}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+from flask.typing import ResponseReturnValue
+
+from connector.config import ConnectionConfig
+from connector.events import CHANGE_TYPES, RecordChangeEvent, parse_timestamp
+from webhooks.errors import bad_request
+from webhooks.intake import check_object, intake, json_body, require_content_type, resolve_connection
+from webhooks.signatures import verify_standard
+
+blueprint = Blueprint("standard", __name__)
+
+
+@blueprint.post("/webhooks/standard")
+def receive() -> ResponseReturnValue:
+    require_content_type("application/json")
+    connection = _connection()
+    secrets = list(connection.get_list("WEBHOOK_SECRET"))
+    verify_standard(
+        secrets,
+        request.headers.get("webhook-id"),
+        request.headers.get("webhook-timestamp"),
+        request.headers.get("webhook-signature"),
+        request.get_data(cache=True),
+        intake().settings.webhook_tolerance_seconds,
+    )
+    event = parse_standard(connection, request.headers["webhook-id"], json_body())
+    result = intake().store([event])
+    return jsonify(accepted=result.accepted, duplicates=result.duplicates), 202 if result.accepted else 200
+
+
+def _connection() -> ConnectionConfig:
+    # The sandbox CRM is today's only Standard Webhooks sender.
+    return resolve_connection("sandbox")
+
+
+def parse_standard(connection: ConnectionConfig, msg_id: str, body: Any) -> RecordChangeEvent:
+    if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
+        raise bad_request(
+            "bad_payload", "expected an object with a `data` object", "see docs/crms/sandbox.md"
+        )
+    data = body["data"]
+    object_type = _required_text(data, "object")
+    record_id = _required_text(data, "id")
+    change_type = str(body.get("type", "record.updated")).removeprefix("record.")
+    if change_type not in CHANGE_TYPES:
+        raise bad_request(
+            "bad_payload", f"type {body.get('type')!r} is not record.{'|record.'.join(CHANGE_TYPES)}"
+        )
+    changed = data.get("changed_fields", [])
+    values = data.get("values")
+    if not isinstance(changed, list) or not all(isinstance(f, str) for f in changed):
+        raise bad_request("bad_payload", "data.changed_fields must be a list of field names")
+    if values is not None and not isinstance(values, dict):
+        raise bad_request("bad_payload", "data.values must be an object of field -> value")
+    try:
+        occurred = parse_timestamp(body.get("timestamp"))
+    except ValueError:
+        raise bad_request("bad_payload", "timestamp must be ISO 8601 or Unix seconds") from None
+    return RecordChangeEvent(
+        source=connection.kind,
+        connection=connection.name,
+        object_type=check_object(connection, object_type),
+        record_id=record_id,
+        event_id=msg_id,
+        occurred_at=occurred,
+        dedupe_key=f"{connection.name}:std:{msg_id}",
+        change_type=change_type,
+        changed_fields=tuple(changed),
+        values=values,
+        origin=str(data["origin"]) if data.get("origin") is not None else None,
+    )
+
+
+def _required_text(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str | int) or isinstance(value, bool) or str(value) == "":
+        raise bad_request("bad_payload", f"data.{key} is required (a non-empty string)")
+    return str(value)
