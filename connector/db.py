@@ -102,8 +102,8 @@ def insert_ignoring_conflicts(session: Session, table: Any, rows: list[dict[str,
     dialect = session.get_bind().dialect.name
     module: Any = postgresql if dialect == "postgresql" else sqlite
     stmt = module.insert(table).values(rows).on_conflict_do_nothing(index_elements=[key])
-    result: Any = session.execute(stmt)
-    return int(result.rowcount or 0)
+    # RETURNING counts reliably on both backends (psycopg reports rowcount -1 here).
+    return len(session.execute(stmt.returning(table.c[key])).all())
 
 
 __all__ = [

@@ -17,7 +17,12 @@ def write_env_file(example: Path, target: Path) -> None:
     lines = []
     for line in example.read_text().splitlines():
         key, sep, value = line.partition("=")
-        if sep and not line.lstrip().startswith("#") and not value and key.endswith(("WEBHOOK_SECRET", "API_TOKEN")):
+        if (
+            sep
+            and not line.lstrip().startswith("#")
+            and not value
+            and key.endswith(("WEBHOOK_SECRET", "API_TOKEN"))
+        ):
             line = f"{key}={fresh_value(key)}"
         lines.append(line)
     target.write_text("\n".join(lines) + "\n")

@@ -15,7 +15,8 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 def alembic_config(database_url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.set_main_option("sqlalchemy.url", normalize_url(database_url))
+    # configparser would read "%" as interpolation: escape it (URL-encoded options use it)
+    config.set_main_option("sqlalchemy.url", normalize_url(database_url).replace("%", "%%"))
     return config
 
 

@@ -74,7 +74,9 @@ def runtime_factory() -> Iterator[Callable[[Settings], Runtime]]:
 
 
 @pytest.fixture
-def runtime(settings_factory: Callable[..., Settings], runtime_factory: Callable[[Settings], Runtime]) -> Runtime:
+def runtime(
+    settings_factory: Callable[..., Settings], runtime_factory: Callable[[Settings], Runtime]
+) -> Runtime:
     return runtime_factory(settings_factory())
 
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from connector.config import ConnectionConfig, Settings
 from connector.crm.errors import AuthError, AuthExpiredError
 from connector.crm.retry import RetryPolicy
+from connector.events import RecordChangeEvent
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,12 @@ class CRMAdapter(ABC):
     @abstractmethod
     def describe(self, object_type: str) -> list[FieldInfo]:
         """The object's fields, to validate mapping files against."""
+
+    def is_own_change(self, event: RecordChangeEvent) -> bool | None:
+        """Whether the CRM marks this change as made by our own write-back (e.g. Salesforce
+        changeOrigin naming our client id, HubSpot changeSource). None = the CRM cannot tell,
+        and the pipeline compares values with what the outbox wrote instead."""
+        return None
 
     def refresh_auth(self) -> bool:
         """Renew the session after a 401. Returns False where the auth mode cannot."""

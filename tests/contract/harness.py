@@ -1,0 +1,112 @@
+"""What each CRM supplies to the one contract suite (tests/contract/test_*_contract.py).
+
+A harness knows its CRM's documented wire formats and mocks them with `responses`; the
+suite itself is the same for every CRM. Add a CRM: write `harness_<kind>.py` with an
+`AdapterHarness` and an `IntakeHarness` subclass and list them in `harnesses.py`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import responses
+
+from connector.config import ConnectionConfig, Settings, parse_connections
+from connector.crm.base import CRMAdapter
+from connector.crm.registry import adapter_class
+from connector.crm.retry import RetryPolicy
+
+
+@dataclass
+class CallLog:
+    """What the mocked update endpoint saw: one entry per call, the record ids it carried."""
+
+    calls: list[list[str]] = field(default_factory=list)
+
+
+class AdapterHarness(ABC):
+    kind: str
+    object_type: str  # an object the adapter writes, as the CRM names it
+    batch_limit: int  # the CRM's documented maximum per update call
+    fatal_code: str  # the CRM's own error code our fatal per-record failure carries
+    env: Mapping[str, str]  # CRM_CONNECTIONS and the connection's variables
+
+    def connection(self) -> ConnectionConfig:
+        return next(iter(parse_connections(dict(self.env)).values()))
+
+    def make_adapter(self, retry: RetryPolicy) -> CRMAdapter:
+        settings = Settings(connections=parse_connections(dict(self.env)), http_timeout_seconds=5)
+        adapter = adapter_class(self.kind).from_config(self.connection(), settings)  # type: ignore[attr-defined]
+        adapter.retry = retry
+        return adapter  # type: ignore[no-any-return]
+
+    def record_ids(self, count: int) -> list[str]:
+        """Ids in the CRM's own shape (Salesforce: 18-char ids)."""
+        return [str(1000 + i) for i in range(count)]
+
+    @abstractmethod
+    def mock_updates(self, rsps: responses.RequestsMock, fail: Mapping[str, str] | None = None) -> CallLog:
+        """Register the batch-update endpoint, answering in the CRM's documented format.
+        `fail` maps record id -> "fatal" (a validation error with `fatal_code`) or
+        "retriable" (e.g. a row lock) for a per-record failure; the others succeed."""
+
+    @abstractmethod
+    def mock_throttled_then_ok(self, rsps: responses.RequestsMock, retry_after: int) -> CallLog:
+        """The first update call gets the CRM's rate-limit answer with Retry-After; later ones succeed."""
+
+    @abstractmethod
+    def mock_server_error_then_ok(self, rsps: responses.RequestsMock) -> CallLog:
+        """The first update call gets a 5xx (or the CRM's own transient error); later ones succeed."""
+
+    @abstractmethod
+    def mock_auth_expired_then_ok(self, rsps: responses.RequestsMock) -> CallLog:
+        """The first update call says the token/session expired; the adapter must re-authenticate
+        (the harness mocks the CRM's token endpoint) and the retry succeeds. Where the CRM's
+        auth mode cannot expire (e.g. a static webhook URL), raise pytest.skip with the reason."""
+
+    @abstractmethod
+    def mock_records(self, rsps: responses.RequestsMock, records: Mapping[str, Mapping[str, Any]]) -> None:
+        """Register the read endpoint(s) answering with these records (id -> API field -> value)."""
+
+    def read_fields(self) -> list[str]:
+        """Fields the read test asks for, including a related one where the CRM has them."""
+        return sorted({name for values in self.sample_records().values() for name in values})
+
+    @abstractmethod
+    def sample_records(self) -> dict[str, dict[str, Any]]:
+        """Two or three records as get_records must return them (id -> API field -> value)."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    path: str  # with query string
+    body: bytes
+    headers: dict[str, str]
+
+
+class IntakeHarness(ABC):
+    kind: str
+    env: Mapping[str, str]
+    object_type: str  # what the canonical event must say
+    tolerance_seconds: int = 300
+
+    @abstractmethod
+    def signed_delivery(self, record_id: str, event_id: str, timestamp: int) -> Delivery:
+        """A correctly signed delivery about one record change, in the CRM's documented format."""
+
+    @abstractmethod
+    def forged_delivery(self, record_id: str, event_id: str, timestamp: int) -> Delivery:
+        """The same delivery with a wrong signature/token."""
+
+    def stale_delivery(self, record_id: str, event_id: str, timestamp: int) -> Delivery | None:
+        """A delivery signed for a time outside the window; None where the CRM signs no time."""
+        return self.signed_delivery(record_id, event_id, timestamp - self.tolerance_seconds - 60)
+
+    def accepted(self, status: int, body: bytes) -> bool:
+        return status in (200, 202, 204)
+
+    def rejected(self, status: int) -> bool:
+        return 400 <= status < 500

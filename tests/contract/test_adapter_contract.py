@@ -1,0 +1,135 @@
+"""The adapter contract: every CRM passes the same tests, against its documented formats."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import responses
+
+from connector.crm.errors import RetriableError
+from connector.crm.retry import RetryPolicy
+from tests.contract.discover import adapter_harnesses
+from tests.contract.harness import AdapterHarness
+
+HARNESSES = adapter_harnesses()
+
+
+@pytest.fixture(params=HARNESSES, ids=[h.kind for h in HARNESSES])
+def harness(request: pytest.FixtureRequest) -> AdapterHarness:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+@pytest.fixture
+def policy(sleeps: list[float]) -> RetryPolicy:
+    return RetryPolicy(attempts=3, sleep=sleeps.append)
+
+
+def test_write_back_of_250_records_uses_ceil_250_over_limit_calls(
+    harness: AdapterHarness, policy: RetryPolicy
+) -> None:
+    from connector.crm.base import RecordUpdate
+
+    ids = harness.record_ids(250)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        log = harness.mock_updates(rsps)
+        results = harness.make_adapter(policy).update_records(
+            harness.object_type, [RecordUpdate(i, {"Approval_Status": "Approved"}) for i in ids]
+        )
+    assert len(log.calls) == math.ceil(250 / harness.batch_limit)
+    assert all(len(call) <= harness.batch_limit for call in log.calls)
+    assert [r.record_id for r in results] == ids
+    assert all(r.ok for r in results)
+
+
+def test_partial_failure_maps_each_result_back_to_its_record(
+    harness: AdapterHarness, policy: RetryPolicy
+) -> None:
+    from connector.crm.base import RecordUpdate
+
+    ids = harness.record_ids(5)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        harness.mock_updates(rsps, fail={ids[1]: "fatal", ids[3]: "retriable"})
+        results = harness.make_adapter(policy).update_records(
+            harness.object_type, [RecordUpdate(i, {"Approval_Status": "Approved"}) for i in ids]
+        )
+    by_id = {r.record_id: r for r in results}
+    assert [by_id[i].ok for i in ids] == [True, False, True, False, True]
+    fatal, retriable = by_id[ids[1]], by_id[ids[3]]
+    assert fatal.error_code == harness.fatal_code and not fatal.retriable
+    assert fatal.message  # the CRM's own words reach the dead letter
+    assert retriable.retriable
+
+
+def test_rate_limit_is_retried_honouring_retry_after(
+    harness: AdapterHarness, policy: RetryPolicy, sleeps: list[float]
+) -> None:
+    from connector.crm.base import RecordUpdate
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        log = harness.mock_throttled_then_ok(rsps, retry_after=7)
+        results = harness.make_adapter(policy).update_records(
+            harness.object_type, [RecordUpdate("1001", {"A": 1})]
+        )
+    assert results[0].ok
+    assert len(log.calls) == 2
+    assert sleeps == [7]
+
+
+def test_server_errors_are_retried_then_succeed(
+    harness: AdapterHarness, policy: RetryPolicy, sleeps: list[float]
+) -> None:
+    from connector.crm.base import RecordUpdate
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        log = harness.mock_server_error_then_ok(rsps)
+        results = harness.make_adapter(policy).update_records(
+            harness.object_type, [RecordUpdate("1001", {"A": 1})]
+        )
+    assert results[0].ok
+    assert len(log.calls) == 2
+    assert len(sleeps) == 1
+
+
+def test_retries_give_up_with_a_retriable_error(harness: AdapterHarness, sleeps: list[float]) -> None:
+    from connector.crm.base import RecordUpdate
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        harness.mock_throttled_then_ok(rsps, retry_after=1)
+        adapter = harness.make_adapter(RetryPolicy(attempts=1, sleep=sleeps.append))
+        with pytest.raises(RetriableError):
+            adapter.update_records(harness.object_type, [RecordUpdate("1001", {"A": 1})])
+
+
+def test_expired_auth_is_refreshed_once_and_the_call_retried(
+    harness: AdapterHarness, policy: RetryPolicy
+) -> None:
+    from connector.crm.base import RecordUpdate
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        log = harness.mock_auth_expired_then_ok(rsps)
+        results = harness.make_adapter(policy).update_records(
+            harness.object_type, [RecordUpdate("1001", {"A": 1})]
+        )
+    assert results[0].ok
+    assert len(log.calls) == 2
+
+
+def test_get_records_returns_requested_fields_by_api_name(
+    harness: AdapterHarness, policy: RetryPolicy
+) -> None:
+    records = harness.sample_records()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        harness.mock_records(rsps, records)
+        got = harness.make_adapter(policy).get_records(
+            harness.object_type, list(records), harness.read_fields()
+        )
+    assert set(got) == set(records)
+    for record_id, values in records.items():
+        for name, value in values.items():
+            assert got[record_id][name] == value, (record_id, name)
