@@ -95,15 +95,15 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
-def insert_ignoring_conflicts(session: Session, table: Any, rows: list[dict[str, Any]], key: str) -> int:
-    """INSERT ... ON CONFLICT (key) DO NOTHING; returns how many rows were new."""
+def insert_ignoring_conflicts(session: Session, table: Any, rows: list[dict[str, Any]], key: str) -> set[Any]:
+    """INSERT ... ON CONFLICT (key) DO NOTHING; returns the keys of the rows that were new."""
     if not rows:
-        return 0
+        return set()
     dialect = session.get_bind().dialect.name
     module: Any = postgresql if dialect == "postgresql" else sqlite
     stmt = module.insert(table).values(rows).on_conflict_do_nothing(index_elements=[key])
     # RETURNING counts reliably on both backends (psycopg reports rowcount -1 here).
-    return len(session.execute(stmt.returning(table.c[key])).all())
+    return set(session.scalars(stmt.returning(table.c[key])).all())
 
 
 __all__ = [

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from connector import audit
 from connector.crm.errors import FatalError, RetriableError
 from connector.db import insert_ignoring_conflicts, transaction
 from connector.events import RecordChangeEvent, utcnow
@@ -47,7 +48,20 @@ def accept(sessions: sessionmaker[Session], events: Sequence[RecordChangeEvent])
     now = utcnow()
     rows = [{**e.to_row(), "received_at": now, "status": PENDING, "attempts": 0} for e in unique]
     with transaction(sessions) as session:
-        new = insert_ignoring_conflicts(session, InboxEvent.__table__, rows, key="dedupe_key")
+        new_keys = insert_ignoring_conflicts(session, InboxEvent.__table__, rows, key="dedupe_key")
+        for e in unique:
+            if e.dedupe_key in new_keys:
+                audit.record(
+                    session,
+                    "webhook_received",
+                    connection=e.connection,
+                    object_type=e.object_type,
+                    record_id=e.record_id,
+                    source=e.source,
+                    event_id=e.event_id,
+                    changed_fields=e.changed_fields,
+                )
+    new = len(new_keys)
     return AcceptResult(accepted=new, duplicates=len(events) - new)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from connector import audit
 from connector.crm.base import CRMAdapter, RecordUpdate, UpdateResult
 from connector.crm.errors import AuthError, CRMError, RetriableError
 from connector.db import transaction
@@ -200,10 +201,12 @@ def _settle(
         r for r in rows if r.status == SENDING and r.batch_id == batch_id
     ]  # a recovery may have settled them
     if result.ok:
+        _audit_result(session, item, result, "ok")
         for row in live:
             row.status, row.done_at, row.lease_expires_at, row.last_error = DONE, now, None, None
         return "done"
     message = f"{result.error_code}: {result.message}" if result.error_code else (result.message or "failed")
+    _audit_result(session, item, result, message)
     outcome = "retried"
     for row in live:
         row.attempts += 1
@@ -215,6 +218,22 @@ def _settle(
             row.status, outcome = DEAD, "dead"
             session.add(_dead_letter(row, result))
     return outcome
+
+
+def _audit_result(session: Session, item: _Claimed, result: UpdateResult, message: str) -> None:
+    connection, object_type, record_id = item.key
+    audit.record(
+        session,
+        "writeback_result",
+        connection=connection,
+        object_type=object_type,
+        record_id=record_id,
+        ok=result.ok,
+        fields=item.fields,
+        message=message,
+        retriable=result.retriable,
+        outbox_ids=item.row_ids,
+    )
 
 
 def _dead_letter(row: OutboxUpdate, result: UpdateResult) -> DeadLetter:
@@ -283,10 +302,11 @@ def _merged_fields(rows: Sequence[OutboxUpdate]) -> dict[str, Any]:
 def same_values(wanted: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether the CRM already holds what we meant to write (loose on number and blank forms)."""
     lowered = {k.lower(): v for k, v in current.items()}
-    return all(_norm(value) == _norm(lowered.get(name.lower())) for name, value in wanted.items())
+    return all(norm_value(value) == norm_value(lowered.get(name.lower())) for name, value in wanted.items())
 
 
-def _norm(value: Any) -> Any:
+def norm_value(value: Any) -> Any:
+    """A comparable form of a CRM value: blank is None, numbers by value, booleans as text."""
     if value is None or value == "":
         return None
     if isinstance(value, bool):

@@ -1,0 +1,138 @@
+"""bench/ingest: signed webhooks per second, ours vs a bare Flask endpoint, in one run.
+
+Both apps are served the same way (gunicorn, same workers/threads) and loaded by the same
+separate client processes. Ours verifies the Standard Webhooks signature, parses, writes the
+event durably to the inbox (SQLite by default) and enqueues the worker nudge before it
+answers; the ceiling only reads the body. Usage:
+
+    .venv/bin/python -m bench.ingest --requests 4000 --concurrency 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+from webhooks.signatures import sign_standard
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(app_uri: str, port: int, env: dict[str, str], workers: int, threads: int) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "gunicorn", app_uri, "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+        "--threads", str(threads), "--worker-class", "gthread", "--log-level", "warning",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            return proc
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{app_uri} did not start")
+
+
+def client(url: str, count: int, offset: int, queue: mp.Queue) -> None:  # type: ignore[type-arg]
+    session = requests.Session()
+    latencies, accepted = [], 0
+    for i in range(count):
+        body = json.dumps(
+            {"type": "record.updated", "timestamp": "2026-11-23T10:00:00Z",
+             "data": {"object": "deal", "id": f"D-{offset + i}", "changed_fields": ["amount"],
+                      "values": {"amount": 100000 + i, "stage": "Negotiation"}}}
+        ).encode()
+        msg_id, ts = f"msg_{uuid.uuid4().hex}", int(time.time())
+        headers = {"content-type": "application/json", "webhook-id": msg_id, "webhook-timestamp": str(ts),
+                   "webhook-signature": sign_standard(SECRET, msg_id, ts, body)}
+        start = time.perf_counter()
+        response = session.post(url, data=body, headers=headers, timeout=30)
+        latencies.append(time.perf_counter() - start)
+        accepted += response.status_code == 202
+    queue.put((latencies, accepted))
+
+
+def load(url: str, total: int, concurrency: int) -> dict[str, float]:
+    queue: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+    per = total // concurrency
+    procs = [mp.Process(target=client, args=(url, per, i * per, queue)) for i in range(concurrency)]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    elapsed = time.perf_counter() - start
+    for p in procs:
+        p.join()
+    latencies = sorted(x for lats, _ in results for x in lats)
+    accepted = sum(a for _, a in results)
+    return {
+        "accepted": accepted,
+        "accepted_per_s": accepted / elapsed,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=16, help="client processes (one connection each)")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers for both apps")
+    parser.add_argument("--threads", type=int, default=8, help="threads per gunicorn worker for both apps")
+    parser.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    env = {
+        **os.environ,
+        "DATABASE_URL": args.database_url or f"sqlite:///{tmp}/bench.db",
+        "QUEUE_URL": f"sqlite:///{tmp}/queue.db",
+        "CRM_CONNECTIONS": "sandbox",
+        "SANDBOX_WEBHOOK_SECRET": SECRET,
+        "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+    }
+    subprocess.run([sys.executable, "-m", "connector.cli", "--env-file", "/dev/null", "db", "upgrade"],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    rows = {}
+    for name, app_uri in (("ceiling (bare Flask)", "bench.ingest.ceiling_app:app"),
+                          ("crm-approvals", "webhooks.app:create_app()")):
+        port = free_port()
+        server = start_server(app_uri, port, env, args.workers, args.threads)
+        try:
+            load(f"http://127.0.0.1:{port}/webhooks/standard", 200, 4)  # warm-up
+            rows[name] = load(f"http://127.0.0.1:{port}/webhooks/standard", args.requests, args.concurrency)
+        finally:
+            server.terminate()
+            server.wait()
+    print(f"{'app':24} {'accepted/s':>11} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, row in rows.items():
+        print(f"{name:24} {row['accepted_per_s']:11.0f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f}")
+    ratio = rows["crm-approvals"]["accepted_per_s"] / rows["ceiling (bare Flask)"]["accepted_per_s"]
+    print(f"ratio (ours / ceiling): {ratio:.2f}x  (target >= 0.60x)")
+    print(f"accepted by ours: {rows['crm-approvals']['accepted']:.0f} of {args.requests - args.requests % args.concurrency}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""`crm-approvals validate [PATH]...`: check mapping files before they reach a server.
+
+Prints one line per problem, ``file:line: key: message; hint: ...`` (the shape editors and
+CI annotators understand), and exits 1 when there is any problem.
+
+The integrator may pass a ``describe`` hook, ``(connection, object) -> set of API field
+names``, to also check the mapped CRM API names against the CRM itself. Names are compared
+case-insensitively. For a related name such as ``Account.Credit_Score__c`` only the first
+segment is checked: it passes when the describe result contains the relationship name
+(``Account``) or its lookup field (``AccountId``, ``Account_Id``/``account_id``, or for a
+custom relationship ``Foo__r`` the field ``Foo__c``). The rest of the path would need a
+describe of the related object, which this hook does not offer, so it is not checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import click
+
+from connector.approvals.spec import FieldSpec
+from connector.rules.errors import MappingError, did_you_mean
+from connector.rules.loader import LoadedMapping, load_mappings_detailed, mapping_files
+
+DescribeFn = Callable[[str, str], set[str]]
+DescribeFactory = Callable[[click.Context], DescribeFn | None]
+DEFAULT_PATH = "mappings/"
+
+
+def validate_paths(paths: Iterable[str | Path], describe: DescribeFn | None = None) -> list[MappingError]:
+    """Every problem in the given files/directories (empty list = all valid)."""
+    files, errors = _collect_files(paths)
+    loaded, load_errors = load_mappings_detailed(files)
+    errors.extend(load_errors)
+    if describe is not None:
+        for item in loaded:
+            errors.extend(check_api_fields(item, describe))
+    return errors
+
+
+def _collect_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[MappingError]]:
+    files: list[Path] = []
+    errors: list[MappingError] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = mapping_files(path)
+            if not found:
+                errors.append(MappingError(str(path), 0, "", "no mapping files (*.yaml, *.yml) found here"))
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            errors.append(MappingError(str(path), 0, "", "no such file or directory"))
+    # The same file reached through two arguments must not look like a duplicate mapping.
+    unique = {p.resolve(): p for p in reversed(files)}  # first spelling wins
+    return list(reversed(unique.values())), errors
+
+
+def check_api_fields(item: LoadedMapping, describe: DescribeFn) -> list[MappingError]:
+    """Compare the mapping's API names with what the CRM says the object has."""
+    spec = item.spec
+    try:
+        names = set(describe(spec.connection, spec.object_type))
+    except Exception as exc:  # a CRM outage must not hide the other files' results
+        message = f"could not describe {spec.connection} `{spec.object_type}`: {exc}"
+        return [MappingError(spec.source_path, item.lines.get(("object",), 1), "object", message)]
+    lowered = {name.lower() for name in names}
+    errors = []
+    for field in spec.fields.values():
+        problem = _api_problem(field, names, lowered)
+        if problem is not None:
+            line = item.lines.get(("fields", field.name), 1)
+            errors.append(MappingError(spec.source_path, line, f"fields.{field.name}", *problem))
+    return errors
+
+
+def _api_problem(field: FieldSpec, names: set[str], lowered: set[str]) -> tuple[str, str | None] | None:
+    if not field.is_related:
+        if field.api_name.lower() in lowered:
+            return None
+        message = f"`{field.api_name}` is not a field of this object in the CRM"
+        return message, did_you_mean(field.api_name, names)
+    relation = field.api_name.split(".", 1)[0]
+    candidates = _relationship_candidates(relation)
+    if any(candidate.lower() in lowered for candidate in candidates):
+        return None
+    message = (
+        f"relationship `{relation}` of `{field.api_name}` not found (looked for {', '.join(candidates)})"
+    )
+    return message, did_you_mean(relation, names) or did_you_mean(candidates[1], names)
+
+
+def _relationship_candidates(relation: str) -> list[str]:
+    candidates = [relation, f"{relation}Id", f"{relation}_Id"]
+    if relation.endswith("__r"):
+        candidates.append(relation[:-3] + "__c")
+    return candidates
+
+
+def make_validate_command(describe_factory: DescribeFactory | None = None) -> click.Command:
+    """The `validate` command; ``describe_factory(ctx)`` may return a describe hook (or None)."""
+
+    @click.command("validate")
+    @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+    @click.pass_context
+    def validate(ctx: click.Context, paths: tuple[Path, ...]) -> None:
+        """Check mapping files (default: mappings/) and report every problem.
+
+        PATH may be a file or a directory (searched recursively for *.yaml and *.yml).
+        Exits with status 1 when any problem is found.
+        """
+        describe = describe_factory(ctx) if describe_factory is not None else None
+        targets = paths or (Path(DEFAULT_PATH),)
+        errors = validate_paths(targets, describe)
+        for error in errors:
+            click.echo(str(error))
+        if errors:
+            files = len({error.file for error in errors})
+            click.echo(f"{len(errors)} problem(s) in {files} file(s)", err=True)
+            ctx.exit(1)
+        click.echo(f"OK: {', '.join(str(t) for t in targets)}: all mapping files are valid")
+
+    return validate
+
+
+validate = make_validate_command()

@@ -1,0 +1,475 @@
+"""Zoho CRM adapter: OAuth refresh-token flow, data-centre aware, Records API (v6 by default).
+
+Formats and limits are documented in docs/crms/zoho.md with the Zoho pages they come from.
+Writes go through `PUT /crm/{version}/{module}` (at most 100 records, one result per record
+in order); reads through `GET /crm/{version}/{module}?ids=...&fields=...`; queries through the
+Search API (equality filters) or the list API with `If-Modified-Since` (everything else).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+
+from connector.config import ConfigError, ConnectionConfig, Settings
+from connector.crm.base import CRMAdapter, FieldInfo, RecordUpdate, UpdateResult, chunked
+from connector.crm.errors import AuthError, FatalError, RateLimitedError, RetriableError
+from connector.crm.http import json_error_reader, raise_for_status, send
+from connector.crm.retry import RetryPolicy
+from connector.events import RecordChangeEvent
+
+# Data centre -> (accounts server, API domain). Canada's accounts server is zohocloud.ca.
+DATA_CENTERS: dict[str, tuple[str, str]] = {
+    "com": ("https://accounts.zoho.com", "https://www.zohoapis.com"),
+    "eu": ("https://accounts.zoho.eu", "https://www.zohoapis.eu"),
+    "in": ("https://accounts.zoho.in", "https://www.zohoapis.in"),
+    "com.au": ("https://accounts.zoho.com.au", "https://www.zohoapis.com.au"),
+    "jp": ("https://accounts.zoho.jp", "https://www.zohoapis.jp"),
+    "ca": ("https://accounts.zohocloud.ca", "https://www.zohoapis.ca"),
+    "com.cn": ("https://accounts.zoho.com.cn", "https://www.zohoapis.com.cn"),
+    "sa": ("https://accounts.zoho.sa", "https://www.zohoapis.sa"),
+}
+TRIGGERS = ("workflow", "approval", "blueprint", "pathfinder", "orchestration")
+EXPIRED_TOKEN_CODES = frozenset({"INVALID_TOKEN", "AUTHENTICATION_FAILURE"})
+RATE_LIMIT_CODES = frozenset({"TOO_MANY_REQUESTS"})
+RETRIABLE_RECORD_CODES = frozenset({"RECORD_LOCKED"})  # "wait until the record is unlocked"
+EMBEDDED_LOOKUP_KEYS = frozenset({"id", "name", "email"})  # carried inside a lookup value itself
+API_NAME = re.compile(r"^[A-Za-z0-9_$]+$")
+SEARCH_PAGE_SIZE = 200
+MAX_SEARCH_CRITERIA = 10
+TOKEN_MARGIN_SECONDS = 60.0  # renew a little early so a call never starts with a dying token
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    value: str = field(repr=False)
+    expires_at: float  # on the adapter's monotonic clock
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """Which fields to ask the module for, and which dotted fields to resolve through lookups."""
+
+    direct: tuple[str, ...]
+    related: dict[str, tuple[str, ...]]  # lookup field -> sub-fields
+
+    @property
+    def requested(self) -> list[str]:
+        return list(dict.fromkeys([*self.direct, *self.related]))
+
+
+class ZohoAdapter(CRMAdapter):
+    kind = "zoho"
+    batch_limit = 100  # "A maximum of 100 records can be updated per API call"
+
+    def __init__(
+        self,
+        connection: ConnectionConfig,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(connection, timeout=timeout, retry=retry)
+        self.client_id = connection.require("CLIENT_ID")
+        self._client_secret = connection.require("CLIENT_SECRET")
+        self._refresh_token = connection.require("REFRESH_TOKEN")
+        default_accounts, default_api = data_center_urls(connection)
+        self.accounts_url = (connection.get("ACCOUNTS_URL") or default_accounts).rstrip("/")
+        self._api_domain_override = connection.get("API_DOMAIN")
+        self.api_domain = (self._api_domain_override or default_api).rstrip("/")
+        self.api_version = connection.get("API_VERSION", "v6") or "v6"
+        self.trigger = parse_trigger(connection)
+        self.own_user_ids = connection.get_list("API_USER_ID")
+        self.session = session or requests.Session()
+        self._clock = clock
+        self._token: AccessToken | None = None
+        self._fields: dict[str, list[FieldInfo]] = {}
+
+    @classmethod
+    def from_config(cls, connection: ConnectionConfig, settings: Settings) -> ZohoAdapter:
+        return cls(connection, timeout=settings.http_timeout_seconds)
+
+    # --- auth -------------------------------------------------------------------------
+
+    def refresh_auth(self) -> bool:
+        self._token = self._request_token()
+        return True
+
+    def _access_token(self) -> str:
+        if self._token is None or self._token.expires_at - TOKEN_MARGIN_SECONDS <= self._clock():
+            self._token = self._request_token()
+        return self._token.value
+
+    def _request_token(self) -> AccessToken:
+        # Sent as a form body, not a query string, so no secret can end up in a URL or a log line.
+        form = {
+            "grant_type": "refresh_token",
+            "client_id": self.client_id,
+            "client_secret": self._client_secret,
+            "refresh_token": self._refresh_token,
+        }
+        url = f"{self.accounts_url}/oauth/v2/token"
+        response = send(self.session, "POST", url, self.timeout, data=form)
+        if response.status_code >= 500:
+            raise_for_status(response, json_error_reader)
+        body = _json_object(response)
+        if not body.get("access_token"):
+            raise self._token_error(response.status_code, body)
+        if body.get("api_domain") and not self._api_domain_override:
+            self.api_domain = str(body["api_domain"]).rstrip("/")
+        lifetime = float(body.get("expires_in") or 3600)
+        return AccessToken(str(body["access_token"]), self._clock() + lifetime)
+
+    def _token_error(self, status: int, body: Mapping[str, Any]) -> Exception:
+        # Zoho Accounts answers a bad refresh token with HTTP 200 and {"error": "invalid_code"}.
+        code = str(body.get("error") or f"HTTP {status}")
+        described = str(body.get("error_description") or "")
+        if "too many requests" in described.lower():  # Zoho Accounts throttles token refreshes
+            return RateLimitedError(described, code=code, status=status, retry_after=60.0)
+        names = ", ".join(
+            f"{self.connection.env_prefix}{k}" for k in ("CLIENT_ID", "CLIENT_SECRET", "REFRESH_TOKEN")
+        )
+        return AuthError(
+            f"zoho connection {self.connection.name!r}: Zoho Accounts at {self.accounts_url} refused the "
+            f"refresh token ({code}{': ' + described if described else ''}); check {names} and "
+            f"{self.connection.env_prefix}DATA_CENTER (a refresh token only works in its own data centre)",
+            code=code,
+            status=status,
+        )
+
+    # --- HTTP -------------------------------------------------------------------------
+
+    @property
+    def api_base(self) -> str:
+        return f"{self.api_domain}/crm/{self.api_version}"
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        _check_api_name(path.partition("/")[0])  # a module name must never step outside /crm/{version}/
+        headers = {**kwargs.pop("headers", {}), "Authorization": f"Zoho-oauthtoken {self._access_token()}"}
+        return send(self.session, method, f"{self.api_base}/{path}", self.timeout, headers=headers, **kwargs)
+
+    def _checked(self, response: requests.Response) -> requests.Response:
+        raise_for_zoho_status(response)
+        return response
+
+    # --- reads ------------------------------------------------------------------------
+
+    def _fetch(
+        self, object_type: str, ids: Sequence[str], fields: Sequence[str]
+    ) -> dict[str, dict[str, Any]]:
+        plan = self._read_plan(object_type, fields)
+        records = self._records_by_ids(object_type, ids, plan.requested)
+        shaped = self._shape(object_type, records, plan)
+        return {str(record["id"]): record for record in shaped}
+
+    def _records_by_ids(self, module: str, ids: Sequence[str], fields: Sequence[str]) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        for chunk in chunked(list(dict.fromkeys(ids)), self.read_batch_limit):
+            params = {"ids": ",".join(chunk), "fields": ",".join(fields or ["id"])}
+            response = self._checked(self._send("GET", module, params=params))
+            found.extend(_data(response))
+        return found
+
+    def _read_plan(self, object_type: str, fields: Sequence[str]) -> ReadPlan:
+        direct: list[str] = []
+        related: dict[str, list[str]] = {}
+        for name in fields:
+            lookup, dot, sub = name.partition(".")
+            _check_api_name(lookup)
+            if not dot:
+                direct.append(name)
+                continue
+            if "." in sub or not sub:
+                raise FatalError(
+                    f"{object_type}.{name}: only one level of lookup is supported (Lookup.Field)"
+                )
+            related.setdefault(lookup, []).append(sub)
+        return ReadPlan(tuple(direct), {k: tuple(v) for k, v in related.items()})
+
+    def _shape(self, object_type: str, records: list[dict[str, Any]], plan: ReadPlan) -> list[dict[str, Any]]:
+        shaped = [{"id": str(r.get("id")), **{f: r.get(f) for f in plan.direct}} for r in records]
+        for lookup, subs in plan.related.items():
+            values = self._related_values(object_type, lookup, subs, [r.get(lookup) for r in records])
+            for out, resolved in zip(shaped, values, strict=True):
+                out.update({f"{lookup}.{sub}": resolved.get(sub) for sub in subs})
+        return shaped
+
+    def _related_values(
+        self, object_type: str, lookup: str, subs: Sequence[str], links: list[Any]
+    ) -> list[dict[str, Any]]:
+        """For each record's lookup value: sub-field -> value, from the embedded object or the
+        related record (fetched in one call per 100 ids)."""
+        remote = [s for s in subs if s not in EMBEDDED_LOOKUP_KEYS]
+        fetched: dict[str, dict[str, Any]] = {}
+        if remote:
+            module = self._lookup_module(object_type, lookup)
+            ids = [str(link["id"]) for link in links if isinstance(link, dict) and link.get("id")]
+            fetched = {str(r["id"]): r for r in self._records_by_ids(module, ids, remote)} if ids else {}
+        resolved: list[dict[str, Any]] = []
+        for link in links:
+            if not isinstance(link, dict):
+                resolved.append({})
+                continue
+            row = {s: link.get(s) for s in subs if s in EMBEDDED_LOOKUP_KEYS}
+            row.update({s: fetched.get(str(link.get("id")), {}).get(s) for s in remote})
+            resolved.append(row)
+        return resolved
+
+    def _lookup_module(self, object_type: str, lookup: str) -> str:
+        info = next((f for f in self._field_metadata(object_type) if f.name == lookup), None)
+        if info is None or not info.reference_to:
+            raise FatalError(
+                f"{object_type}.{lookup} is not a lookup to another module, so {lookup}.<Field> cannot be "
+                f"read; only {', '.join(sorted(EMBEDDED_LOOKUP_KEYS))} are available inside user lookups"
+            )
+        return info.reference_to[0]
+
+    # --- writes -----------------------------------------------------------------------
+
+    def _update_batch(self, object_type: str, updates: Sequence[RecordUpdate]) -> list[UpdateResult]:
+        # `trigger` is always sent: left out, Zoho would run every workflow on our own write-back.
+        body = {"data": [{**u.fields, "id": u.record_id} for u in updates], "trigger": list(self.trigger)}
+        items = _record_results(self._send("PUT", object_type, json=body))
+        if len(items) != len(updates):
+            raise FatalError(
+                f"Zoho answered {len(items)} results for {len(updates)} {object_type} updates; "
+                "cannot map them back to records"
+            )
+        return [record_result(u.record_id, item) for u, item in zip(updates, items, strict=True)]
+
+    # --- queries ----------------------------------------------------------------------
+
+    def _query_page(
+        self, object_type: str, fields: Sequence[str], filters: Mapping[str, Any], cursor: Any
+    ) -> tuple[list[dict[str, Any]], Any]:
+        wanted = dict(filters)
+        since = wanted.pop("modified_since", None)
+        plan = self._read_plan(object_type, fields)
+        if wanted:
+            records, cursor = self._search_page(object_type, plan, wanted, since, cursor or 1)
+        else:
+            records, cursor = self._list_page(object_type, plan, since, cursor)
+        return self._shape(object_type, records, plan), cursor
+
+    def _search_page(
+        self, module: str, plan: ReadPlan, filters: Mapping[str, Any], since: datetime | None, page: int
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        fields = list(dict.fromkeys([*plan.requested, *filters]))
+        params = {
+            "criteria": search_criteria(filters, since),
+            "fields": ",".join(fields),
+            "page": page,
+            "per_page": SEARCH_PAGE_SIZE,
+        }
+        response = self._checked(self._send("GET", f"{module}/search", params=params))
+        # With several conditions "equals" also matches e.g. "ABC Inc" for ABC: keep exact matches only.
+        records = [r for r in _data(response) if _matches(r, filters)]
+        return records, (page + 1 if _more_records(response) else None)
+
+    def _list_page(
+        self, module: str, plan: ReadPlan, since: datetime | None, page_token: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        params: dict[str, Any] = {"fields": ",".join(plan.requested or ["id"]), "per_page": SEARCH_PAGE_SIZE}
+        if page_token:
+            params["page_token"] = page_token
+        headers = {"If-Modified-Since": zoho_datetime(since)} if since is not None else {}
+        response = self._checked(self._send("GET", module, params=params, headers=headers))
+        if response.status_code == 304:  # nothing modified since
+            return [], None
+        token = _info(response).get("next_page_token") if _more_records(response) else None
+        return _data(response), token
+
+    # --- metadata, loop prevention ----------------------------------------------------
+
+    def describe(self, object_type: str) -> list[FieldInfo]:
+        return self._call(lambda: self._field_metadata(object_type))  # type: ignore[no-any-return]
+
+    def _field_metadata(self, object_type: str) -> list[FieldInfo]:
+        """Fields metadata, fetched once per module (lookups need it to find their module)."""
+        if object_type not in self._fields:
+            params = {"module": object_type}
+            body = _json_object(self._checked(self._send("GET", "settings/fields", params=params)))
+            self._fields[object_type] = [
+                field_info(f) for f in body.get("fields") or [] if isinstance(f, dict)
+            ]
+        return self._fields[object_type]
+
+    def is_own_change(self, event: RecordChangeEvent) -> bool | None:
+        """Notifications never say who changed a record (origin None -> None). A workflow webhook
+        that sends `modified_by` names the user; ours when it is one of API_USER_ID."""
+        if event.origin is None or not self.own_user_ids:
+            return None
+        return event.origin.strip() in self.own_user_ids
+
+
+# --- configuration --------------------------------------------------------------------
+
+
+def data_center_urls(connection: ConnectionConfig) -> tuple[str, str]:
+    center = (connection.get("DATA_CENTER") or "com").strip().lower().lstrip(".")
+    try:
+        return DATA_CENTERS[center]
+    except KeyError:
+        raise ConfigError(
+            f"{connection.env_prefix}DATA_CENTER={center!r} is not a Zoho data centre; use one of "
+            f"{', '.join(DATA_CENTERS)} (or set ACCOUNTS_URL and API_DOMAIN)"
+        ) from None
+
+
+def parse_trigger(connection: ConnectionConfig) -> tuple[str, ...]:
+    """Automation our own write-back may start; empty (the default) starts none, so an update we
+    make cannot set off a Zoho workflow that calls us again."""
+    values = tuple(v.lower() for v in connection.get_list("TRIGGER"))
+    unknown = [v for v in values if v not in TRIGGERS]
+    if unknown:
+        raise ConfigError(
+            f"{connection.env_prefix}TRIGGER has {', '.join(unknown)}; allowed: {', '.join(TRIGGERS)} "
+            "(comma-separated; leave empty to start no Zoho automation)"
+        )
+    return values
+
+
+# --- response reading -----------------------------------------------------------------
+
+
+def raise_for_zoho_status(response: requests.Response) -> None:
+    """Zoho's codes on top of the shared status map: only an expired/invalid token is worth a
+    refresh; other 401s (scope mismatch) are configuration errors; TOO_MANY_REQUESTS is a throttle."""
+    if response.status_code < 400:
+        return
+    code, message = json_error_reader(response)
+    if response.status_code == 401 and code not in EXPIRED_TOKEN_CODES:
+        raise AuthError(message, code=code, status=401)
+    if code in RATE_LIMIT_CODES and response.status_code != 429:
+        raise RateLimitedError(message, code=code, status=response.status_code)
+    raise_for_status(response, json_error_reader)
+
+
+def _record_results(response: requests.Response) -> list[dict[str, Any]]:
+    """The per-record `data` array, whatever the overall status (207/400 when some or all failed)."""
+    status = response.status_code
+    if status != 401 and status != 429 and status < 500:
+        body = _json_object(response, required=False)
+        data = body.get("data")
+        if isinstance(data, list) and all(isinstance(item, dict) for item in data):
+            return data
+    raise_for_zoho_status(response)
+    raise RetriableError(f"unexpected Zoho answer to an update: HTTP {status}", status=status)
+
+
+def record_result(record_id: str, item: Mapping[str, Any]) -> UpdateResult:
+    code = str(item.get("code") or "")
+    if code == "SUCCESS":
+        return UpdateResult.success(record_id)
+    details = item.get("details") if isinstance(item.get("details"), dict) else {}
+    api_name = details.get("api_name")
+    return UpdateResult(
+        record_id=record_id,
+        ok=False,
+        error_code=code or None,
+        message=str(item.get("message") or ""),
+        fields=(str(api_name),) if api_name else (),
+        retriable=code in RETRIABLE_RECORD_CODES,
+    )
+
+
+def field_info(meta: Mapping[str, Any]) -> FieldInfo:
+    lookup = meta.get("lookup") if isinstance(meta.get("lookup"), dict) else {}
+    module = lookup.get("module")
+    target = module.get("api_name") if isinstance(module, dict) else module  # v2 sent a bare string
+    operations = meta.get("operation_type") if isinstance(meta.get("operation_type"), dict) else {}
+    return FieldInfo(
+        name=str(meta.get("api_name")),
+        label=str(meta.get("field_label") or meta.get("display_label") or meta.get("api_name")),
+        type=str(meta.get("data_type") or ""),
+        updateable=not meta.get("read_only")
+        and not meta.get("field_read_only")
+        and operations.get("api_update", True) is not False,
+        reference_to=(str(target),) if target else (),
+        extra={k: meta[k] for k in ("json_type", "system_mandatory", "length") if k in meta},
+    )
+
+
+def _json_object(response: requests.Response, *, required: bool = True) -> dict[str, Any]:
+    if response.status_code == 204 or not response.content:
+        return {}
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        return body
+    if required:
+        raise RetriableError(
+            f"Zoho answered HTTP {response.status_code} with a body that is not a JSON object"
+        )
+    return {}
+
+
+def _data(response: requests.Response) -> list[dict[str, Any]]:
+    data = _json_object(response).get("data")  # 204 No Content = nothing found
+    return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+
+
+def _info(response: requests.Response) -> dict[str, Any]:
+    info = _json_object(response).get("info")
+    return info if isinstance(info, dict) else {}
+
+
+def _more_records(response: requests.Response) -> bool:
+    return bool(_info(response).get("more_records"))
+
+
+# --- search criteria ------------------------------------------------------------------
+
+
+def search_criteria(filters: Mapping[str, Any], since: datetime | None = None) -> str:
+    """`((Field:equals:value)and(...))`; parentheses and commas in values escaped with a backslash
+    as the Search API requires (requests then URL-encodes the whole parameter)."""
+    conditions = [f"({_check_api_name(k)}:equals:{escape_search_value(v)})" for k, v in filters.items()]
+    if since is not None:
+        conditions.append(f"(Modified_Time:greater_equal:{zoho_datetime(since)})")
+    if len(conditions) > MAX_SEARCH_CRITERIA:
+        raise FatalError(
+            f"the Zoho Search API takes at most {MAX_SEARCH_CRITERIA} conditions, got {len(conditions)}"
+        )
+    return conditions[0] if len(conditions) == 1 else "(" + "and".join(conditions) + ")"
+
+
+def escape_search_value(value: Any) -> str:
+    if value is None or isinstance(value, dict | list):
+        raise FatalError(f"cannot search Zoho for {value!r}: only text, numbers and booleans can be matched")
+    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return re.sub(r"([(),])", r"\\\1", text)
+
+
+def zoho_datetime(when: datetime) -> str:
+    """ISO 8601 with a numeric offset (yyyy-MM-ddTHH:mm:ss±HH:mm), as Zoho expects."""
+    aware = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).replace(microsecond=0).isoformat()
+
+
+def _matches(record: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
+    return all(_same(record.get(name), wanted) for name, wanted in filters.items())
+
+
+def _same(got: Any, wanted: Any) -> bool:
+    if isinstance(got, dict):  # a lookup: compare its id or its name
+        return str(wanted) in (str(got.get("id")), str(got.get("name")))
+    if isinstance(wanted, bool) or isinstance(got, bool):
+        return got is wanted or str(got).lower() == str(wanted).lower()
+    return got == wanted or str(got) == str(wanted)
+
+
+def _check_api_name(name: str) -> str:
+    if not API_NAME.match(name or ""):
+        raise FatalError(f"{name!r} is not a Zoho API name (letters, digits, _ and $ only)")
+    return name

@@ -1,0 +1,298 @@
+"""Pydantic models of the mapping-file YAML, and translation of their errors.
+
+These models only check the *shape* of a file (known keys, value types, enums). Checks
+that need the whole file — a rule naming an undeclared field, a step naming a missing
+role, a quorum larger than the group — live in :mod:`connector.rules.loader`, and the
+`when:` criteria are validated by :mod:`connector.rules.criteria`, because their keys
+are the admin's own field names and a fixed model could only say "invalid".
+
+Every model forbids unknown keys: a misspelt key (``restart_on_chnage``) must be an
+error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from connector.approvals.spec import FieldType, MatchMode, RejectBehaviour, StepMode
+from connector.rules.errors import ErrorCollector, KeyPath, did_you_mean, one_of
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+APPROVER_KINDS: tuple[str, ...] = ("user", "role", "group", "field", "from_field")
+
+
+def fail(message: str, hint: str | None = None) -> PydanticCustomError:
+    """A validation error whose text is ours (passed via ctx so braces are not formatted)."""
+    return PydanticCustomError("mapping", "{message}", {"message": message, "hint": hint})
+
+
+def _user_ids(value: Any) -> tuple[str, ...]:
+    """One id or a list of ids; numeric ids (HubSpot, Bitrix24) are kept as text."""
+    items = value if isinstance(value, list) else [value]
+    ids: list[str] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, str | int) or not str(item).strip():
+            raise fail(f"expected user ids (text), got {item!r}", "write ids as text, e.g. 005XX0000012345")
+        ids.append(str(item).strip())
+    if not ids:
+        raise fail("expected at least one user id")
+    return tuple(ids)
+
+
+def _as_list(value: Any) -> Any:
+    # `Hardware: {user: a}` is as readable as `Hardware: [{user: a}]`; accept both.
+    return [value] if isinstance(value, dict) else value
+
+
+UserIds = Annotated[tuple[str, ...], BeforeValidator(_user_ids)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldModel(_Model):
+    """`amount: {api: Amount, type: money}` or the shorthand `status: Approval_Status__c`."""
+
+    api: Name
+    type: FieldType = "string"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"api": value} if isinstance(value, str) else value
+
+
+class ApproverModel(_Model):
+    """Exactly one of user / role / group / field / from_field (+ map, default)."""
+
+    user: UserIds | None = None
+    role: Name | None = None
+    group: Name | None = None
+    field: Name | None = None
+    from_field: Name | None = None
+    map: dict[str, ApproverList] | None = None
+    default: ApproverList | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ApproverModel:
+        kinds = [kind for kind in APPROVER_KINDS if getattr(self, kind) is not None]
+        if len(kinds) != 1:
+            got = f"got {one_of(kinds)}" if kinds else "got none of them"
+            raise fail(f"an approver needs exactly one of {one_of(APPROVER_KINDS)}; {got}", _APPROVER_HINT)
+        if self.from_field is None and (self.map is not None or self.default is not None):
+            raise fail("`map` and `default` only go with `from_field`")
+        if self.from_field is not None and not self.map:
+            raise fail("`from_field` needs a `map` of value -> approvers", _FROM_FIELD_HINT)
+        return self
+
+
+_APPROVER_HINT = "e.g. `- {user: 005XX0000012345}`, `- {group: finance}` or `- {field: owner_manager}`"
+_FROM_FIELD_HINT = "e.g. `{from_field: product_lines, map: {Hardware: [{user: 005XX}]}}`"
+ApproverList = Annotated[list[ApproverModel], BeforeValidator(_as_list), Field(min_length=1)]
+
+
+class StepModel(_Model):
+    name: Name
+    description: str | None = None
+    mode: StepMode
+    approvers: list[ApproverModel] = Field(min_length=1)
+    quorum: Any = None  # int or "60%"; checked with the step's approvers in the loader
+    when: Any = None  # compiled by connector.rules.criteria
+    on_reject: RejectBehaviour = "reject"
+
+
+class ActionModel(_Model):
+    set_: dict[str, Any] = Field(alias="set", min_length=1)
+
+
+class OnModel(_Model):
+    submit: ActionModel | None = None
+    approve: ActionModel | None = None
+    reject: ActionModel | None = None
+    recall: ActionModel | None = None
+    expire: ActionModel | None = None
+
+
+class RuleModel(_Model):
+    name: Name
+    description: str | None = None
+    when: Any = None  # compiled by connector.rules.criteria; absent = every record
+    steps: list[StepModel] = Field(min_length=1)
+    restart_on_change: list[Name] = Field(default_factory=list)
+    expires_after: str | None = None
+    on: OnModel = Field(default_factory=OnModel)
+
+
+class MappingFileModel(_Model):
+    connection: Name
+    object_type: Name = Field(alias="object")
+    description: str | None = None
+    match: MatchMode = "first"
+    fields: dict[str, FieldModel] = Field(min_length=1)
+    roles: dict[str, UserIds] = Field(default_factory=dict)
+    groups: dict[str, UserIds] = Field(default_factory=dict)
+    rules: list[RuleModel] = Field(min_length=1)
+
+
+ApproverModel.model_rebuild()
+
+
+# --- error translation -------------------------------------------------------------------
+
+
+def validate_document(data: Any, errors: ErrorCollector) -> MappingFileModel | None:
+    """Validate the YAML data; on failure add readable errors and return None."""
+    try:
+        return MappingFileModel.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            loc = tuple(part for part in error["loc"] if part != "[key]")
+            message, hint = _explain(error, loc)
+            errors.add(loc, message, hint)
+        return None
+
+
+def _explain(error: Any, loc: KeyPath) -> tuple[str, str | None]:
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    if kind == "mapping":
+        return ctx["message"], ctx.get("hint")
+    if kind == "extra_forbidden":
+        return _unknown_key(loc)
+    if kind == "missing":
+        return f"missing required key `{loc[-1]}`", None
+    if kind == "literal_error":
+        allowed = _literal_values(loc)
+        hint = did_you_mean(value, allowed) if isinstance(value, str) else None
+        return f"{value!r} is not allowed; expected {one_of(allowed)}", hint
+    return _TYPE_MESSAGES.get(kind, _generic)(error, value)
+
+
+def _unknown_key(loc: KeyPath) -> tuple[str, str | None]:
+    key = str(loc[-1])
+    allowed = _model_keys(loc[:-1])
+    hint = did_you_mean(key, allowed) or _KEY_ELSEWHERE.get(key)
+    if hint is None and allowed:
+        hint = f"expected {one_of(allowed)}"
+    return f"unknown key `{key}`", hint
+
+
+def _generic(error: Any, value: Any) -> tuple[str, str | None]:
+    return f"{error['msg']} (got {_short(value)})", None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _expected(what: str, hint: str | None = None) -> Any:
+    def message(error: Any, value: Any) -> tuple[str, str | None]:
+        extra = "put it in quotes" if what == "text" and isinstance(value, int | float | bool) else hint
+        return f"expected {what}, got {_short(value)}", extra
+
+    return message
+
+
+def _too_short(error: Any, value: Any) -> tuple[str, str | None]:
+    return "needs at least one entry", None
+
+
+_TYPE_MESSAGES: dict[str, Any] = {
+    "string_type": _expected("text"),
+    "string_too_short": _expected("non-empty text"),
+    "dict_type": _expected("a mapping (`key: value` lines)"),
+    "model_type": _expected("a mapping (`key: value` lines)"),
+    "model_attributes_type": _expected("a mapping (`key: value` lines)"),
+    "list_type": _expected("a list (`- item` lines or [a, b])"),
+    "tuple_type": _expected("a list (`- item` lines or [a, b])"),
+    "too_short": _too_short,
+    "bool_type": _expected("true or false"),
+    "bool_parsing": _expected("true or false"),
+    "int_type": _expected("a whole number"),
+    "int_parsing": _expected("a whole number"),
+}
+
+# Keys that are valid somewhere else: a better hint than "expected ...".
+_KEY_ELSEWHERE: dict[str, str] = {
+    "quorum": "`quorum` belongs to a step (with `mode: quorum`)",
+    "mode": "`mode` belongs to a step",
+    "approvers": "`approvers` belongs to a step",
+    "steps": "`steps` belongs to a rule",
+    "on_reject": "`on_reject` belongs to a step",
+    "expires_after": "`expires_after` belongs to a rule",
+    "restart_on_change": "`restart_on_change` belongs to a rule",
+    "set": "`set` goes under an event: `on: {approve: {set: {...}}}`",
+    "submit": "events go under `on:` in a rule",
+    "approve": "events go under `on:` in a rule",
+    "reject": "events go under `on:` in a rule",
+    "expire": "events go under `on:` in a rule",
+    "recall": "events go under `on:` in a rule",
+}
+
+
+# --- walking the models along an error location -------------------------------------------
+
+
+def _annotation_at(loc: KeyPath) -> Any:
+    """The type annotation describing the value at ``loc`` (None if it cannot be followed)."""
+    annotation: Any = MappingFileModel
+    for part in loc:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            annotation = _model_field(annotation, str(part))
+        elif get_origin(annotation) in (list, tuple):
+            annotation = get_args(annotation)[0]
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        else:
+            return None
+        if annotation is None:
+            return None
+    return _unwrap(annotation)
+
+
+def _model_field(model: type[BaseModel], key: str) -> Any:
+    for name, info in model.model_fields.items():
+        if (info.alias or name) == key:
+            return info.annotation
+    return None
+
+
+def _unwrap(annotation: Any) -> Any:
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin is Union or type(annotation).__name__ == "UnionType":
+            members = [arg for arg in get_args(annotation) if arg is not type(None)]
+            if len(members) != 1:
+                return annotation
+            annotation = members[0]
+        else:
+            return annotation
+
+
+def _model_keys(loc: KeyPath) -> list[str]:
+    model = _annotation_at(loc)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return [info.alias or name for name, info in model.model_fields.items()]
+    return []
+
+
+def _literal_values(loc: KeyPath) -> list[str]:
+    annotation = _annotation_at(loc)
+    if get_origin(annotation) is Literal:
+        return [str(arg) for arg in get_args(annotation)]
+    return []

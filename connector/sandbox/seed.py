@@ -1,0 +1,85 @@
+"""Seed data: a sales team, a few companies of varying credit, and deals that exercise
+typical approval rules (big amounts, long terms, discounts on services, weak credit)."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from typing import Any
+
+from connector.sandbox.store import Store
+
+USERS: list[dict[str, Any]] = [
+    {"id": "u-rep-anna", "name": "Anna Kowalski", "role": "Sales representative"},
+    {"id": "u-rep-felix", "name": "Felix Moreau", "role": "Sales representative"},
+    {"id": "u-mgr-boris", "name": "Boris Novak", "role": "Sales manager"},
+    {"id": "u-gm-carla", "name": "Carla Rossi", "role": "General manager"},
+    {"id": "u-fin-dmitri", "name": "Dmitri Volkov", "role": "Finance controller"},
+    {"id": "u-legal-eva", "name": "Eva Lindqvist", "role": "Legal counsel"},
+]
+
+COMPANIES: list[dict[str, Any]] = [
+    {"id": "C-100", "name": "Northwind Traders GmbH", "credit_score": 742},
+    {"id": "C-200", "name": "Contoso Retail Ltd", "credit_score": 561},
+    {"id": "C-300", "name": "Fabrikam Industries AG", "credit_score": 808},
+    {"id": "C-400", "name": "Tailspin Logistics BV", "credit_score": 634},
+]
+
+# (id, name, amount, currency, stage, owner, company, product lines, term, days until close)
+_DEALS: list[tuple[str, str, int, str, str, str, str, list[str], int, int]] = [
+    ("D-1001", "Northwind ERP roll-out", 185000, "EUR", "Negotiation", "u-rep-anna", "C-100",
+     ["Software", "Services"], 36, 21),
+    ("D-1002", "Contoso POS refresh", 42000, "GBP", "Proposal", "u-rep-felix", "C-200",
+     ["Hardware", "Support"], 24, 35),
+    ("D-1003", "Fabrikam predictive maintenance pilot", 18500, "EUR", "Qualification", "u-rep-anna", "C-300",
+     ["Software"], 12, 60),
+    ("D-1004", "Tailspin fleet telematics", 96000, "USD", "Negotiation", "u-rep-felix", "C-400",
+     ["Hardware", "Software", "Support"], 48, 14),
+    ("D-1005", "Northwind support renewal", 12000, "EUR", "Closed Won", "u-rep-anna", "C-100",
+     ["Support"], 12, -10),
+    ("D-1006", "Contoso staff training programme", 7800, "GBP", "Prospecting", "u-rep-felix", "C-200",
+     ["Training", "Services"], 6, 90),
+]  # fmt: skip
+
+
+def deals(today: date) -> list[dict[str, Any]]:
+    """The seed deals, with close dates relative to `today` so they always look current."""
+    return [
+        {
+            "id": deal_id,
+            "name": name,
+            "amount": amount,
+            "currency": currency,
+            "stage": stage,
+            "owner_id": owner,
+            "owner_manager_id": "u-mgr-boris",
+            "company_id": company,
+            "product_lines": lines,
+            "term_months": term,
+            "close_date": (today + timedelta(days=days)).isoformat(),
+            "approval_status": "Approved" if stage == "Closed Won" else "Not submitted",
+            "approval_expires_on": None,
+            "approval_comment": None,
+        }
+        for deal_id, name, amount, currency, stage, owner, company, lines, term, days in _DEALS
+    ]
+
+
+def seed(store: Store, today: date | None = None) -> None:
+    """Fill an empty store (no webhooks are sent for seed data)."""
+    today = today or store.clock().date()
+    for user in USERS:
+        store.insert("user", user)
+    for company in COMPANIES:
+        store.insert("company", company)
+    for deal in deals(today):
+        store.insert("deal", deal)
+
+
+def ensure_seeded(store: Store, *, reset: bool = False) -> bool:
+    """Seed on first start, or afresh with `reset`; True when it seeded."""
+    if reset:
+        store.reset()
+    if not store.is_empty():
+        return False
+    seed(store)
+    return True
