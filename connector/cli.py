@@ -162,7 +162,7 @@ COMMAND_MODULES = (
     "connector.commands.sandbox",
     "connector.commands.validate",
     "connector.commands.approvals",
-    "connector.commands.sync",
+    "connector.commands.ops",
 )
 
 

@@ -234,7 +234,10 @@ class WebhookSender:
         # The id stays the same on every attempt (our dedupe key); the timestamp is fresh.
         headers = signed_headers(self.secrets, delivery.msg_id, int(self.now()), delivery.body)
         try:
-            response = self.session.post(self.url, data=delivery.body, headers=headers, timeout=self.timeout)
+            # A redirect is a failure, not something to follow (Standard Webhooks, "Delivery success").
+            response = self.session.post(
+                self.url, data=delivery.body, headers=headers, timeout=self.timeout, allow_redirects=False
+            )
         except requests.RequestException as exc:
             return self._failed(delivery, None, f"{type(exc).__name__}: {exc}")
         if 200 <= response.status_code < 300:
