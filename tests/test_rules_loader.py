@@ -627,6 +627,14 @@ ERROR_CASES = [
         None,
     ),
     (
+        "{status: Pending}",
+        "{owner_manager: x}",
+        "rules[0].on.submit.set.owner_manager",
+        "cannot be written back",
+        "object itself",
+        None,
+    ),
+    (
         "{{ today + days(180) }}",
         "{{ todya + days(180) }}",
         "rules[0].on.approve.set.expires_on",
@@ -954,3 +962,10 @@ def test_make_validate_command_uses_describe_factory(tmp_path: Path) -> None:
     command = make_validate_command(lambda ctx: lambda c, o: set())
     result = CliRunner().invoke(command, [str(tmp_path)])
     assert result.exit_code == 1 and "is not a field of this object" in result.output
+
+
+def test_docs_full_example_is_a_valid_mapping(tmp_path: Path) -> None:
+    docs = (REPO / "docs" / "mappings.md").read_text(encoding="utf-8")
+    example = docs.split("```yaml\n", 1)[1].split("```", 1)[0]
+    spec = load_mapping_file(write(tmp_path, "example.yaml", example))
+    assert [step.name for step in spec.rules[0].steps] == ["manager", "general-manager", "finance", "legal"]

@@ -398,11 +398,23 @@ def test_failed_webhook_is_queued_shown_and_retried_with_the_same_id(
     assert sender.deliver_due() == 0  # not due yet: backoff
     receiver.replace(responses.POST, WEBHOOK_URL, status=202, json={"accepted": 1, "duplicates": 0})
     clock.advance(60)
+    first_sent = int(webhook_calls(receiver)[0].request.headers["webhook-timestamp"])
+    sender.now = lambda: first_sent + 3600.0  # the retry happens an hour later
     assert sender.deliver_due() == 1
     first, second = (c.request for c in webhook_calls(receiver))
     assert first.headers["webhook-id"] == second.headers["webhook-id"] == pending.msg_id
     assert first.body == second.body
-    assert_signed(second)
+    # signed afresh for the attempt's own time, so our timestamp window still accepts it
+    assert second.headers["webhook-timestamp"] == str(first_sent + 3600)
+    verify_standard(
+        [SANDBOX_SECRET],
+        second.headers["webhook-id"],
+        second.headers["webhook-timestamp"],
+        second.headers["webhook-signature"],
+        second.body,
+        300,
+        now=first_sent + 3600,
+    )
     assert store.pending_deliveries() == []
     assert store.recent_deliveries()[0].msg_id == pending.msg_id
 
@@ -418,6 +430,18 @@ def test_unreachable_receiver_does_not_lose_the_webhook(
     assert "is queued and will be retried" in web.get("/deals/D-1001?saved=" + pending.msg_id).get_data(
         as_text=True
     )
+
+
+def test_a_redirect_is_a_failed_delivery_and_is_not_followed(
+    web: FlaskClient, store: Store, receiver: responses.RequestsMock
+) -> None:
+    receiver.replace(
+        responses.POST, WEBHOOK_URL, status=308, headers={"Location": "http://elsewhere.test/hook"}
+    )
+    web.post("/deals/D-1001", data=deal_form(store, amount="5"))
+    [pending] = store.pending_deliveries()
+    assert pending.last_status == 308
+    assert [c.request.url for c in receiver.calls] == [WEBHOOK_URL]
 
 
 def test_background_thread_delivers_the_queue_after_retry_now(
@@ -937,10 +961,14 @@ def test_lock_button_makes_api_writes_wait_with_record_locked(web: FlaskClient, 
     response = web.post("/deals/D-1001/lock")
     assert (response.status_code, response.headers["Location"]) == (303, "/deals/D-1001")
     assert "Locked for API writes" in web.get("/deals/D-1001").get_data(as_text=True)
-    [result] = api_update(web, [{"id": "D-1001", "fields": {"approval_status": "Approved"}}]).get_json()["results"]
+    [result] = api_update(web, [{"id": "D-1001", "fields": {"approval_status": "Approved"}}]).get_json()[
+        "results"
+    ]
     assert result["error"]["code"] == "RECORD_LOCKED"
     clock.advance(61)
-    [result] = api_update(web, [{"id": "D-1001", "fields": {"approval_status": "Approved"}}]).get_json()["results"]
+    [result] = api_update(web, [{"id": "D-1001", "fields": {"approval_status": "Approved"}}]).get_json()[
+        "results"
+    ]
     assert result == {"id": "D-1001", "ok": True}
 
 

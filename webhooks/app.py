@@ -24,12 +24,15 @@ BLUEPRINT_MODULES = (
     "webhooks.hubspot",
     "webhooks.zoho",
     "webhooks.bitrix24",
+    "webhooks.api",
 )
 
 
 def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Flask:
     if runtime is None:
-        runtime = Runtime.from_settings(Settings.from_env())
+        from connector.pipeline import build_runtime
+
+        runtime = build_runtime(Settings.from_env())
     if tasks is None:
         tasks = Tasks(runtime, make_huey(runtime.settings.queue_url))
     app = Flask("crm_approvals")

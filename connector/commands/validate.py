@@ -126,3 +126,7 @@ def make_validate_command(describe_factory: DescribeFactory | None = None) -> cl
 
 
 validate = make_validate_command()
+
+# Picked up by connector.cli (each command module exposes COMMANDS). To check API names
+# against the CRM too, register make_validate_command(describe_factory) instead.
+COMMANDS = [validate]

@@ -33,6 +33,9 @@ class AdapterHarness(ABC):
     batch_limit: int  # the CRM's documented maximum per update call
     fatal_code: str  # the CRM's own error code our fatal per-record failure carries
     env: Mapping[str, str]  # CRM_CONNECTIONS and the connection's variables
+    # False where the CRM's documented rate-limit answer carries no Retry-After (Bitrix24):
+    # the contract then expects the policy's own backoff instead of the hinted wait.
+    sends_retry_after: bool = True
 
     def connection(self) -> ConnectionConfig:
         return next(iter(parse_connections(dict(self.env)).values()))
@@ -55,7 +58,8 @@ class AdapterHarness(ABC):
 
     @abstractmethod
     def mock_throttled_then_ok(self, rsps: responses.RequestsMock, retry_after: int) -> CallLog:
-        """The first update call gets the CRM's rate-limit answer with Retry-After; later ones succeed."""
+        """The first update call gets the CRM's rate-limit answer (with Retry-After where the CRM
+        sends one); later ones succeed."""
 
     @abstractmethod
     def mock_server_error_then_ok(self, rsps: responses.RequestsMock) -> CallLog:

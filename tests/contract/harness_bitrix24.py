@@ -225,6 +225,7 @@ def register_token_endpoint(
 
 
 class Bitrix24AdapterHarness(AdapterHarness):
+    sends_retry_after = False
     # A smart process: crm.item.update documents a coded validation error; classic
     # crm.deal.update errors carry an empty code (tests/test_bitrix24.py covers deals).
     kind = "bitrix24"
@@ -241,10 +242,10 @@ class Bitrix24AdapterHarness(AdapterHarness):
         return portal.batch_log
 
     def mock_throttled_then_ok(self, rsps: responses.RequestsMock, retry_after: int) -> CallLog:
-        pytest.skip(
-            "Bitrix24 documents QUERY_LIMIT_EXCEEDED (503) without a Retry-After; the policy backoff "
-            "is tested in tests/test_bitrix24.py::test_query_limit_exceeded_is_retried_with_policy_backoff"
-        )
+        # Bitrix24 documents QUERY_LIMIT_EXCEEDED (503) without a Retry-After: policy backoff applies.
+        portal = FakePortal(access_token=ACCESS_TOKEN, outages=[(503, QUERY_LIMIT)])
+        portal.register(rsps)
+        return portal.batch_log
 
     def mock_server_error_then_ok(self, rsps: responses.RequestsMock) -> CallLog:
         portal = FakePortal(access_token=ACCESS_TOKEN, outages=[(500, INTERNAL)])
