@@ -206,12 +206,12 @@ def test_first_start_seeds_deals_companies_and_users(app: Flask, store: Store) -
     assert date.fromisoformat(first["close_date"]) > store.clock().date()
     assert first["approval_status"] == "Not submitted"
     assert first["approval_expires_on"] is None and first["approval_comment"] is None
-    assert (first["company.name"], first["company.credit_score"]) == ("Northwind Traders GmbH", 742)
+    assert (first["company.name"], first["company.credit_score"]) == ("Northwind Traders GmbH", 82)
     assert {c["id"]: c["credit_score"] for c in store.records("company")} == {
-        "C-100": 742,
-        "C-200": 561,
-        "C-300": 808,
-        "C-400": 634,
+        "C-100": 82,
+        "C-200": 64,
+        "C-300": 91,
+        "C-400": 58,
     }
     user_ids = {u["id"] for u in store.records("user")}
     assert {"u-rep-anna", "u-mgr-boris", "u-gm-carla", "u-fin-dmitri", "u-legal-eva"} <= user_ids
@@ -282,7 +282,7 @@ def test_list_page_shows_deals_companies_approval_values_and_last_write_back(
         "D-1001",
         "Northwind ERP roll-out",
         "Northwind Traders GmbH",
-        "742",
+        "82",
         "Fabrikam Industries AG",
     ):
         assert text in html
@@ -314,7 +314,7 @@ def test_edit_sends_a_signed_standard_webhook_with_the_documented_body(
             "origin": "user",
         },
     }
-    assert body["data"]["values"]["company.credit_score"] == 742
+    assert body["data"]["values"]["company.credit_score"] == 82
     assert body["data"]["values"]["company.name"] == "Northwind Traders GmbH"
     assert parse_timestamp(body["timestamp"]) == parse_timestamp(deal["modified_at"])
     assert call.request.headers["webhook-id"].startswith("msg_")
@@ -492,7 +492,7 @@ def test_read_one_record_with_chosen_and_related_fields(web: FlaskClient) -> Non
         "id": "D-1002",
         "fields": {"amount": 42000, "currency": "GBP", "company.name": "Contoso Retail Ltd"},
     }
-    assert web.get("/api/v1/objects/company/C-300", headers=AUTH).get_json()["fields"]["credit_score"] == 808
+    assert web.get("/api/v1/objects/company/C-300", headers=AUTH).get_json()["fields"]["credit_score"] == 91
 
 
 @pytest.mark.parametrize(
@@ -520,8 +520,8 @@ def test_batch_read_returns_the_found_records_and_names_the_missing(web: FlaskCl
     response = web.post("/api/v1/objects/deal/batch-read", json=body, headers=AUTH)
     assert response.get_json() == {
         "records": [
-            {"id": "D-1003", "fields": {"stage": "Qualification", "company.credit_score": 808}},
-            {"id": "D-1001", "fields": {"stage": "Negotiation", "company.credit_score": 742}},
+            {"id": "D-1003", "fields": {"stage": "Qualification", "company.credit_score": 91}},
+            {"id": "D-1001", "fields": {"stage": "Negotiation", "company.credit_score": 82}},
         ],
         "not_found": ["D-9999"],
     }
@@ -724,7 +724,7 @@ def test_adapter_reads_writes_and_describes_the_sandbox(web: FlaskClient, store:
         wire_sandbox_api(rsps, web)
         sandbox = adapter()
         got = sandbox.get_records("deal", ["D-1001", "D-9999"], ["amount", "company.credit_score"])
-        assert got == {"D-1001": {"amount": 185000, "company.credit_score": 742}}
+        assert got == {"D-1001": {"amount": 185000, "company.credit_score": 82}}
         results = sandbox.update_records(
             "deal",
             [
@@ -904,7 +904,7 @@ def test_end_to_end_edit_reaches_our_inbox_and_the_write_back_shows_on_the_sandb
         assert (event.source, event.object_type, event.record_id) == ("sandbox", "deal", "D-1001")
         assert event.changed_fields == ("amount",)
         assert event.values is not None and event.values["amount"] == 250000
-        assert event.values["company.credit_score"] == 742
+        assert event.values["company.credit_score"] == 82
         assert event.dedupe_key == f"sandbox:std:{event.event_id}"
         adapter_of_ours = runtime.adapter("sandbox")
         assert adapter_of_ours.is_own_change(event) is False
@@ -973,5 +973,5 @@ def test_lock_button_makes_api_writes_wait_with_record_locked(web: FlaskClient, 
 
 
 def test_company_form_redirects_back_to_the_company(web: FlaskClient, receiver: Any) -> None:
-    response = web.post("/companies/C-200", data={"name": "Contoso Retail plc", "credit_score": "561"})
+    response = web.post("/companies/C-200", data={"name": "Contoso Retail plc", "credit_score": "64"})
     assert response.headers["Location"].startswith("/companies/C-200?saved=msg_")

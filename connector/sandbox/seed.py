@@ -18,10 +18,10 @@ USERS: list[dict[str, Any]] = [
 ]
 
 COMPANIES: list[dict[str, Any]] = [
-    {"id": "C-100", "name": "Northwind Traders GmbH", "credit_score": 742},
-    {"id": "C-200", "name": "Contoso Retail Ltd", "credit_score": 561},
-    {"id": "C-300", "name": "Fabrikam Industries AG", "credit_score": 808},
-    {"id": "C-400", "name": "Tailspin Logistics BV", "credit_score": 634},
+    {"id": "C-100", "name": "Northwind Traders GmbH", "credit_score": 82},
+    {"id": "C-200", "name": "Contoso Retail Ltd", "credit_score": 64},
+    {"id": "C-300", "name": "Fabrikam Industries AG", "credit_score": 91},
+    {"id": "C-400", "name": "Tailspin Logistics BV", "credit_score": 58},
 ]
 
 # (id, name, amount, currency, stage, owner, company, product lines, term, days until close)
