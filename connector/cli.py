@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -125,7 +124,7 @@ def run(ctx: Context, no_sandbox: bool) -> None:
 
     settings = ctx.settings
     upgrade(settings.database_url)
-    base = [sys.executable, "-m", "connector.cli", "--env-file", ctx.env_file]
+    base = [sys.executable, "-m", "connector", "--env-file", ctx.env_file]
     commands = {"server": [*base, "serve"], "worker": [*base, "worker"]}
     if settings.uses_sandbox and not no_sandbox:
         commands["sandbox"] = [*base, "sandbox"]
@@ -179,7 +178,3 @@ def _register_commands() -> None:
 
 
 _register_commands()
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()

@@ -9,6 +9,7 @@ half-done, and it is processed exactly once.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -44,25 +45,93 @@ class AcceptResult:
 
 def accept(sessions: sessionmaker[Session], events: Sequence[RecordChangeEvent]) -> AcceptResult:
     """Write a delivery's events in one transaction; redelivered ones (same dedupe key) are dropped."""
-    unique = list({e.dedupe_key: e for e in events}.values())
+    [result] = _write_batch(sessions, [list(events)])
+    return result
+
+
+def _write_batch(
+    sessions: sessionmaker[Session], deliveries: list[list[RecordChangeEvent]]
+) -> list[AcceptResult]:
+    """Several deliveries in ONE transaction (group commit); one result per delivery.
+
+    This is the webhook hot path, so it uses a Core connection rather than an ORM session.
+    """
+    unique = list({e.dedupe_key: e for events in deliveries for e in events}.values())
     now = utcnow()
     rows = [{**e.to_row(), "received_at": now, "status": PENDING, "attempts": 0} for e in unique]
-    with transaction(sessions) as session:
-        new_keys = insert_ignoring_conflicts(session, InboxEvent.__table__, rows, key="dedupe_key")
-        for e in unique:
-            if e.dedupe_key in new_keys:
-                audit.record(
-                    session,
-                    "webhook_received",
-                    connection=e.connection,
-                    object_type=e.object_type,
-                    record_id=e.record_id,
-                    source=e.source,
-                    event_id=e.event_id,
-                    changed_fields=e.changed_fields,
-                )
-    new = len(new_keys)
-    return AcceptResult(accepted=new, duplicates=len(events) - new)
+    engine = sessions.kw["bind"]
+    with engine.begin() as conn:
+        new_keys = insert_ignoring_conflicts(conn, InboxEvent.__table__, rows, key="dedupe_key")
+        audit.insert_rows(conn, [_received(e) for e in unique if e.dedupe_key in new_keys])
+    results = []
+    for events in deliveries:  # a key new in this batch counts for the first delivery carrying it
+        mine = {e.dedupe_key for e in events} & new_keys
+        new_keys -= mine
+        results.append(AcceptResult(accepted=len(mine), duplicates=len(events) - len(mine)))
+    return results
+
+
+def _received(e: RecordChangeEvent) -> dict[str, Any]:
+    return audit.row(
+        "webhook_received",
+        connection=e.connection,
+        object_type=e.object_type,
+        record_id=e.record_id,
+        source=e.source,
+        event_id=e.event_id,
+        changed_fields=e.changed_fields,
+    )
+
+
+class GroupCommitInbox:
+    """Concurrent deliveries in one process share one transaction (leader/follower group
+    commit): the first waiting thread writes everything queued so far and wakes the rest.
+    Every delivery is still acknowledged only after its own events are committed."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        self._cond = threading.Condition()
+        self._queue: list[_Delivery] = []
+        self._writing = False
+
+    def accept(self, events: Sequence[RecordChangeEvent]) -> AcceptResult:
+        delivery = _Delivery(list(events))
+        with self._cond:
+            self._queue.append(delivery)
+            while not delivery.finished and self._writing:
+                self._cond.wait()
+            if delivery.finished:
+                return delivery.outcome()
+            self._writing = True
+            batch, self._queue = self._queue, []
+        try:
+            results = _write_batch(self.sessions, [d.events for d in batch])
+            for d, result in zip(batch, results, strict=True):
+                d.result = result
+        except BaseException as exc:
+            for d in batch:
+                d.error = exc
+        finally:
+            with self._cond:
+                for d in batch:
+                    d.finished = True
+                self._writing = False
+                self._cond.notify_all()
+        return delivery.outcome()
+
+
+@dataclass
+class _Delivery:
+    events: list[RecordChangeEvent]
+    finished: bool = False
+    result: AcceptResult | None = None
+    error: BaseException | None = None
+
+    def outcome(self) -> AcceptResult:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
 
 
 @dataclass

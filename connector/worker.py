@@ -9,6 +9,8 @@ times, in any number of workers.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from connector.outbox import flush
 from connector.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+NUDGE_WINDOW = 0.25  # seconds: at most one inbox nudge per process per window
 
 # Extra periodic jobs (e.g. the approval expiry sweep) register here: name -> job(runtime).
 SWEEP_JOBS: dict[str, Callable[[Runtime], Any]] = {}
@@ -44,6 +48,8 @@ class Tasks:
     def __init__(self, runtime: Runtime, huey: Huey) -> None:
         self.runtime = runtime
         self.huey = huey
+        self._nudge_lock = threading.Lock()
+        self._nudge_due = 0.0
         self.process_inbox = huey.task(name="process_inbox")(self.run_inbox)
         self.flush_outbox = huey.task(name="flush_outbox")(self.run_outbox)
         self.sweep = huey.periodic_task(crontab(minute="*"), name="sweep")(self.run_sweep)
@@ -81,9 +87,20 @@ class Tasks:
         return summary
 
     def nudge(self) -> None:
-        """Ask a worker to process the inbox now. Losing this is harmless: the sweep catches up."""
+        """Ask a worker to process the inbox soon. Losing this is harmless: the sweep catches up.
+
+        Under load one nudge per NUDGE_WINDOW is enough: the first delivery in a window
+        schedules a nudge for the window's end, and later ones in the window skip the queue
+        write. The nudge runs after every delivery of its window has committed (each one
+        commits before it calls this), so it sees them all.
+        """
+        now = time.monotonic()
+        with self._nudge_lock:
+            if now < self._nudge_due:
+                return
+            self._nudge_due = now + NUDGE_WINDOW
         try:
-            self.process_inbox()
+            self.process_inbox.schedule(delay=NUDGE_WINDOW)
         except Exception as exc:
             log.warning("could not enqueue the inbox nudge (the sweep will pick the events up): %s", exc)
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flask import current_app, request
 
 from connector.config import ConnectionConfig, Settings
 from connector.events import RecordChangeEvent
-from connector.inbox import AcceptResult, accept
+from connector.inbox import AcceptResult, GroupCommitInbox
 from connector.runtime import Runtime
 from connector.worker import Tasks
 from webhooks.errors import WebhookError, bad_request
@@ -34,6 +34,10 @@ DEFAULT_OBJECTS: dict[str, tuple[str, ...]] = {
 class Intake:
     runtime: Runtime
     tasks: Tasks | None
+    inbox: GroupCommitInbox = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inbox = GroupCommitInbox(self.runtime.sessions)
 
     @property
     def settings(self) -> Settings:
@@ -41,7 +45,7 @@ class Intake:
 
     def store(self, events: Sequence[RecordChangeEvent]) -> AcceptResult:
         """Durable first (one transaction), then the nudge; the caller acknowledges after this."""
-        result = accept(self.runtime.sessions, events)
+        result = self.inbox.accept(events)
         if result.accepted and self.tasks is not None:
             self.tasks.nudge()
         return result

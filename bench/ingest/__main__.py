@@ -37,18 +37,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(app_uri: str, port: int, env: dict[str, str], workers: int, threads: int) -> subprocess.Popen[bytes]:
+def start_server(
+    app_uri: str, port: int, env: dict[str, str], workers: int, threads: int
+) -> subprocess.Popen[bytes]:
     cmd = [
-        sys.executable, "-m", "gunicorn", app_uri, "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-        "--threads", str(threads), "--worker-class", "gthread", "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "gunicorn",
+        app_uri,
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--worker-class",
+        "gthread",
+        "--log-level",
+        "warning",
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
-            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
             return proc
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"{app_uri} did not start")
@@ -59,13 +73,24 @@ def client(url: str, count: int, offset: int, queue: mp.Queue) -> None:  # type:
     latencies, accepted = [], 0
     for i in range(count):
         body = json.dumps(
-            {"type": "record.updated", "timestamp": "2026-11-23T10:00:00Z",
-             "data": {"object": "deal", "id": f"D-{offset + i}", "changed_fields": ["amount"],
-                      "values": {"amount": 100000 + i, "stage": "Negotiation"}}}
+            {
+                "type": "record.updated",
+                "timestamp": "2026-11-23T10:00:00Z",
+                "data": {
+                    "object": "deal",
+                    "id": f"D-{offset + i}",
+                    "changed_fields": ["amount"],
+                    "values": {"amount": 100000 + i, "stage": "Negotiation"},
+                },
+            }
         ).encode()
         msg_id, ts = f"msg_{uuid.uuid4().hex}", int(time.time())
-        headers = {"content-type": "application/json", "webhook-id": msg_id, "webhook-timestamp": str(ts),
-                   "webhook-signature": sign_standard(SECRET, msg_id, ts, body)}
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(ts),
+            "webhook-signature": sign_standard(SECRET, msg_id, ts, body),
+        }
         start = time.perf_counter()
         response = session.post(url, data=body, headers=headers, timeout=30)
         latencies.append(time.perf_counter() - start)
@@ -95,7 +120,9 @@ def load(url: str, total: int, concurrency: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=16, help="client processes (one connection each)")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers for both apps")
@@ -113,11 +140,18 @@ def main() -> None:
         "LOG_LEVEL": "WARNING",
         "PYTHONPATH": str(ROOT),
     }
-    subprocess.run([sys.executable, "-m", "connector.cli", "--env-file", "/dev/null", "db", "upgrade"],
-                   cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "connector", "--env-file", "/dev/null", "db", "upgrade"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     rows = {}
-    for name, app_uri in (("ceiling (bare Flask)", "bench.ingest.ceiling_app:app"),
-                          ("crm-approvals", "webhooks.app:create_app()")):
+    for name, app_uri in (
+        ("ceiling (bare Flask)", "bench.ingest.ceiling_app:app"),
+        ("crm-approvals", "webhooks.app:create_app()"),
+    ):
         port = free_port()
         server = start_server(app_uri, port, env, args.workers, args.threads)
         try:
@@ -131,7 +165,9 @@ def main() -> None:
         print(f"{name:24} {row['accepted_per_s']:11.0f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f}")
     ratio = rows["crm-approvals"]["accepted_per_s"] / rows["ceiling (bare Flask)"]["accepted_per_s"]
     print(f"ratio (ours / ceiling): {ratio:.2f}x  (target >= 0.60x)")
-    print(f"accepted by ours: {rows['crm-approvals']['accepted']:.0f} of {args.requests - args.requests % args.concurrency}")
+    print(
+        f"accepted by ours: {rows['crm-approvals']['accepted']:.0f} of {args.requests - args.requests % args.concurrency}"
+    )
 
 
 if __name__ == "__main__":

@@ -139,7 +139,10 @@ def crm_describe(ctx: click.Context) -> DescribeFn | None:
     from connector.crm.registry import build_adapter
     from connector.crm.retry import RetryPolicy
 
-    settings = ctx.find_object(Context).settings  # type: ignore[union-attr]
+    found = ctx.find_object(Context)
+    if found is None:  # invoked outside the `crm-approvals` group: no settings, files only
+        return None
+    settings = found.settings
 
     def describe(connection: str, object_type: str) -> set[str] | None:
         if connection not in settings.connections:

@@ -1,0 +1,102 @@
+"""`crm-approvals token ...`: API tokens for the approvals API (docs/api.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+
+import click
+from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.orm import Session
+
+from connector.cli import Context, pass_context
+from connector.tokens import TokenInfo, create_token, list_tokens, revoke_token
+
+
+@click.group()
+def token() -> None:
+    """API tokens: each acts as one CRM user id (the approver identity in mapping files)."""
+
+
+@token.command("create")
+@click.option("--user", "user_id", required=True, help="CRM user id the token acts as, e.g. 0055g00000AbCdE.")
+@click.option("--label", default="", help="What the token is for, e.g. 'Slack bot' or 'Ana laptop'.")
+@click.option("--admin", is_flag=True, help="May see every request, vote on any step and recall any request.")
+@pass_context
+def token_create(ctx: Context, user_id: str, label: str, admin: bool) -> None:
+    """Create a token and print it ONCE (only its sha256 is stored).
+
+    The token goes to stdout alone; the notes go to stderr, so
+    `TOKEN=$(crm-approvals token create --user U1)` captures just the token.
+    """
+    if not user_id.strip():
+        raise click.BadParameter("must not be empty", param_hint="--user")
+    with _session(ctx) as session:
+        info, secret = create_token(session, user_id, label, admin)
+    role = "admin" if info.is_admin else "user"
+    click.echo(f"Created token {info.id} for {role} {info.user_id!r}. It is shown only now:", err=True)
+    click.echo(secret)
+    click.echo("Send it as `Authorization: Bearer <token>`; revoke it with `token revoke ID`.", err=True)
+
+
+@token.command("list")
+@pass_context
+def token_list(ctx: Context) -> None:
+    """List tokens (never the tokens themselves)."""
+    with _session(ctx) as session:
+        tokens = list_tokens(session)
+    if not tokens:
+        click.echo("no tokens; create one with `crm-approvals token create --user USER_ID`")
+        return
+    click.echo(
+        f"{'ID':>4}  {'USER':<24} {'ADMIN':<5}  {'CREATED':<16}  {'LAST USED':<16}  {'STATUS':<24} LABEL"
+    )
+    for info in tokens:
+        click.echo(_row(info))
+
+
+@token.command("revoke")
+@click.argument("token_id", type=int)
+@pass_context
+def token_revoke(ctx: Context, token_id: int) -> None:
+    """Revoke a token by its ID (see `token list`); it stops working at once."""
+    with _session(ctx) as session:
+        info = revoke_token(session, token_id)
+    if info is None:
+        raise click.ClickException(f"no token with ID {token_id}; see `crm-approvals token list`")
+    click.echo(f"token {info.id} ({info.user_id}) revoked at {_when(info.revoked_at)}")
+
+
+def _row(info: TokenInfo) -> str:
+    status = f"revoked {_when(info.revoked_at)}" if info.revoked else "active"
+    return (
+        f"{info.id:>4}  {info.user_id:<24} {'yes' if info.is_admin else 'no':<5}  "
+        f"{_when(info.created_at):<16}  "
+        f"{_when(info.last_used_at):<16}  {status:<24} {info.label}"
+    )
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value is not None else "-"
+
+
+@contextmanager
+def _session(ctx: Context) -> Iterator[Session]:
+    from connector.db import make_engine, make_session_factory, transaction
+
+    engine = make_engine(ctx.settings.database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            yield session
+    except (OperationalError, ProgrammingError) as exc:
+        if "api_tokens" not in str(exc):
+            raise
+        raise click.ClickException(
+            "the database has no token table yet; run `crm-approvals db upgrade`"
+        ) from None
+    finally:
+        engine.dispose()
+
+
+COMMANDS = [token]
