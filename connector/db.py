@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: SQLite's own busy handler still keeps writers apart
+    fcntl = None  # type: ignore[assignment]
 
 from sqlalchemy import JSON, Connection, DateTime, Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
@@ -80,9 +86,7 @@ def _make_sqlite_transactions_immediate(engine: Engine) -> None:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
-    # Threads of one process queue on this lock instead of in SQLite's busy handler,
-    # which sleeps in growing steps (up to 100 ms) and wrecks tail latency under load.
-    writer = threading.RLock()  # re-entrant: a nested session in one thread must not deadlock
+    writer = WriterLock(_sqlite_path(str(engine.url)))
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
@@ -96,8 +100,54 @@ def _make_sqlite_transactions_immediate(engine: Engine) -> None:
     @event.listens_for(engine, "commit")
     @event.listens_for(engine, "rollback")
     def _on_end(_conn: Any) -> None:
-        with suppress(RuntimeError):  # a rollback of a transaction this thread never began
-            writer.release()
+        writer.release()
+
+
+class WriterLock:
+    """Serialises SQLite write transactions: threads on an RLock, processes on flock.
+
+    Both wake a waiter the moment the lock is free, unlike SQLite's busy handler, which
+    sleeps in growing steps (up to 100 ms) and wrecks throughput and tail latency when
+    several gunicorn workers write at once. Re-entrant per thread, so a nested session
+    cannot deadlock; a release by a thread that holds nothing is ignored (a rollback of
+    a transaction it never began).
+    """
+
+    def __init__(self, db_path: str | None) -> None:
+        self._threads = threading.RLock()
+        self._local = threading.local()
+        self._path = f"{db_path}.writer-lock" if db_path and fcntl is not None else None
+        self._file: Any = None
+        self._pid = 0
+
+    def acquire(self) -> None:
+        self._threads.acquire()
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0 and self._path is not None:
+            fcntl.flock(self._lock_file(), fcntl.LOCK_EX)  # type: ignore[union-attr]
+        self._local.depth = depth + 1
+
+    def release(self) -> None:
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            return
+        self._local.depth = depth - 1
+        if depth == 1 and self._path is not None:
+            fcntl.flock(self._lock_file(), fcntl.LOCK_UN)  # type: ignore[union-attr]
+        self._threads.release()
+
+    def _lock_file(self) -> Any:
+        # flock belongs to the open file: a descriptor inherited across fork would be shared
+        # with the parent and exclude nothing, so each process opens its own.
+        if self._file is None or self._pid != os.getpid():
+            self._file = open(self._path, "a+")  # type: ignore[arg-type]  # noqa: SIM115
+            self._pid = os.getpid()
+        return self._file
+
+
+def _sqlite_path(url: str) -> str | None:
+    path = url.split("///", 1)[-1] if "///" in url else ""
+    return path if path and path != ":memory:" else None
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -62,25 +62,12 @@ def _write_batch(
     engine = sessions.kw["bind"]
     with engine.begin() as conn:
         new_keys = insert_ignoring_conflicts(conn, InboxEvent.__table__, rows, key="dedupe_key")
-        audit.insert_rows(conn, [_received(e) for e in unique if e.dedupe_key in new_keys])
     results = []
     for events in deliveries:  # a key new in this batch counts for the first delivery carrying it
         mine = {e.dedupe_key for e in events} & new_keys
         new_keys -= mine
         results.append(AcceptResult(accepted=len(mine), duplicates=len(events) - len(mine)))
     return results
-
-
-def _received(e: RecordChangeEvent) -> dict[str, Any]:
-    return audit.row(
-        "webhook_received",
-        connection=e.connection,
-        object_type=e.object_type,
-        record_id=e.record_id,
-        source=e.source,
-        event_id=e.event_id,
-        changed_fields=e.changed_fields,
-    )
 
 
 class GroupCommitInbox:
@@ -187,6 +174,7 @@ def process_one(
             ).scalar_one_or_none()
             if locked is None or locked.status != PENDING:
                 return None
+            _audit_received(session, locked)
             summary = processor.apply(session, event, prepared)
             locked.status, locked.processed_at, locked.result = DONE, utcnow(), summary[:2000]
             locked.attempts += 1
@@ -216,6 +204,7 @@ def _record_failure(
             row.next_attempt_at = utcnow() + timedelta(seconds=retry_after or backoff_seconds(row.attempts))
             return "retried"
         row.status = DEAD
+        _audit_received(session, row)
         session.add(
             DeadLetter(
                 kind="inbox",
@@ -231,6 +220,22 @@ def _record_failure(
             )
         )
         return "dead"
+
+
+def _audit_received(session: Session, row: InboxEvent) -> None:
+    """Audited when the worker takes the event up, in its transaction: the webhook hot path
+    then writes one row only, and the inbox row itself already proves receipt until then."""
+    audit.record(
+        session,
+        "webhook_received",
+        connection=row.connection,
+        object_type=row.object_type,
+        record_id=row.record_id,
+        source=row.source,
+        event_id=row.event_id,
+        received_at=row.received_at,
+        changed_fields=row.changed_fields,
+    )
 
 
 def backoff_seconds(attempts: int) -> float:
