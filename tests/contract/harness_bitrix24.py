@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-import pytest
 import responses
 
 from tests.contract.harness import AdapterHarness, CallLog, Delivery, IntakeHarness
