@@ -128,12 +128,18 @@ def run(ctx: Context, no_sandbox: bool) -> None:
     commands = {"server": [*base, "serve"], "worker": [*base, "worker"]}
     if settings.uses_sandbox and not no_sandbox:
         commands["sandbox"] = [*base, "sandbox"]
+    # `kill PID` (SIGTERM) stops everything just like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     processes = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
     click.echo(f"\n  Webhooks + API:  {settings.public_base_url}/healthz")
     if "sandbox" in processes:
         click.echo(f"  Sandbox CRM:     {settings.sandbox_url}/   (edit a deal to send a webhook)")
     click.echo("  Stop with Ctrl-C.\n")
     _supervise(processes)
+
+
+def _raise_keyboard_interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _supervise(processes: dict[str, subprocess.Popen[Any]]) -> None:
@@ -147,7 +153,7 @@ def _supervise(processes: dict[str, subprocess.Popen[Any]]) -> None:
     finally:
         for p in processes.values():
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                p.terminate()  # SIGTERM: gunicorn and huey shut down; the inbox keeps what was pending
         deadline = time.time() + 10
         for p in processes.values():
             try:

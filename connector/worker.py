@@ -107,5 +107,6 @@ class Tasks:
 
 def run_consumer(tasks: Tasks, workers: int = 2) -> None:
     tasks.run_sweep()  # whatever a killed worker left behind, before taking new work
-    consumer = tasks.huey.create_consumer(workers=workers, periodic=True, worker_type="thread")
+    # max_delay: an idle worker polls the queue at least every second, so a nudge waits ~1 s at most
+    consumer = tasks.huey.create_consumer(workers=workers, periodic=True, worker_type="thread", max_delay=1.0)
     consumer.run()
