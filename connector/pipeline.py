@@ -50,7 +50,14 @@ class Pipeline:
         self.mappings = mappings
         self.approvals = ApprovalService(mappings)
 
+    def refresh_mappings(self) -> None:
+        """Pick up edited mapping files; a broken edit keeps the last good set, loudly."""
+        errors = self.mappings.reload_if_changed()
+        for error in errors or ():
+            log.error("mapping error; the last good set of mapping files stays active: %s", error)
+
     def prepare(self, event: RecordChangeEvent) -> Prepared:
+        self.refresh_mappings()
         specs = tuple(self.mappings.for_object(event.connection, event.object_type))
         if not specs or event.change_type == "deleted":
             return Prepared(specs, dict(event.values or {}) or None, None)
@@ -175,6 +182,6 @@ def build_runtime(settings: Settings) -> Runtime:
         log.error("mapping error (the last good set stays active): %s", error)
     pipeline = Pipeline(runtime, mappings)
     runtime.processor = pipeline
-    SWEEP_JOBS["reload_mappings"] = lambda _rt: [str(e) for e in mappings.reload()]
+    SWEEP_JOBS["reload_mappings"] = lambda _rt: pipeline.refresh_mappings()
     SWEEP_JOBS["expire"] = lambda rt: pipeline.approvals.expire_due(rt.sessions)
     return runtime

@@ -231,3 +231,28 @@ def test_nobody_to_approve_dead_letters_the_event_with_the_reason(world: Any) ->
         letter = session.scalars(select(DeadLetter)).one()
     assert "manager" in letter.error_message and "deals.yaml" in letter.error_message
     assert outbox_fields(runtime) == []  # nothing half-written
+
+
+def test_edited_mapping_is_picked_up_and_a_broken_edit_keeps_the_last_good_set(
+    world: Any, tmp_path: Path
+) -> None:
+    runtime, _, pipeline = world
+    mapping = tmp_path / "mappings" / "deals.yaml"
+    good = mapping.read_text()
+    mapping.write_text(good.replace("gt: 100000", "gt: 500000"))
+    pipeline.mappings._checked_at = 0.0  # skip the 2-second check interval
+    assert deliver(runtime, ("amount",), dict(DEAL)) == "no rule matched"  # 150,000 is now below the bar
+
+    mapping.write_text(good.replace("gt: 500000", "gtt: 500000").replace("gt: 100000", "gtt: 100000"))
+    pipeline.mappings._checked_at = 0.0
+    assert deliver(runtime, ("amount",), {**DEAL, "amount": 600000}).startswith("big-deal: opened")
+    assert pipeline.mappings.errors and "gtt" in str(pipeline.mappings.errors[0])
+
+
+def test_healthz_reports_mapping_errors(world: Any, tmp_path: Path, app_factory: Any) -> None:
+    runtime, _, pipeline = world
+    (tmp_path / "mappings" / "deals.yaml").write_text("connection: sandbox\nobject: deal\nrulez: []\n")
+    pipeline.mappings.reload()
+    body = app_factory(runtime).test_client().get("/healthz").get_json()
+    assert body["status"] == "ok"
+    assert any("rulez" in e for e in body["mapping_errors"])

@@ -1,4 +1,4 @@
-"""The Flask app that receives CRM webhooks (and, later, serves the approvals API)."""
+"""The Flask app: receives CRM webhooks and serves the approvals API."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from connector.config import Settings
+from connector.pipeline import Pipeline, build_runtime
 from connector.runtime import Runtime
 from connector.worker import Tasks, make_huey
 from webhooks.errors import WebhookError
@@ -30,8 +31,6 @@ BLUEPRINT_MODULES = (
 
 def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Flask:
     if runtime is None:
-        from connector.pipeline import build_runtime
-
         runtime = build_runtime(Settings.from_env())
     if tasks is None:
         tasks = Tasks(runtime, make_huey(runtime.settings.queue_url))
@@ -48,9 +47,16 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
         app.register_blueprint(module.blueprint)
     _register_error_handlers(app)
 
+    @app.before_request
+    def refresh_mappings() -> None:
+        if request.path.startswith("/api/") and isinstance(runtime.processor, Pipeline):
+            runtime.processor.refresh_mappings()
+
     @app.get("/healthz")
     def healthz() -> ResponseReturnValue:
-        return jsonify(status="ok")
+        """Up, plus any mapping-file errors (the server keeps the last good set meanwhile)."""
+        errors = runtime.processor.mappings.errors if isinstance(runtime.processor, Pipeline) else ()
+        return jsonify(status="ok", mapping_errors=[str(e) for e in errors])
 
     return app
 

@@ -16,9 +16,11 @@ keys are reported instead of the last one silently winning.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -621,6 +623,15 @@ class _Snapshot:
     index: Mapping[tuple[str, str], tuple[MappingSpec, ...]] = field(default_factory=dict)
 
 
+def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    found = []
+    for path in mapping_files(directory) if directory.is_dir() else []:
+        with contextlib.suppress(OSError):  # removed while we looked: the next check sees it
+            stat = path.stat()
+            found.append((str(path), stat.st_mtime_ns, stat.st_size))
+    return tuple(found)
+
+
 def _snapshot(mappings: Iterable[MappingSpec]) -> _Snapshot:
     index: dict[tuple[str, str], tuple[MappingSpec, ...]] = {}
     for spec in mappings:
@@ -644,6 +655,8 @@ class MappingSet:
         self._state = _snapshot(mappings)
         self._errors: tuple[MappingError, ...] = ()
         self._lock = threading.Lock()  # serialises reloads; readers never wait
+        self._fingerprint: tuple[tuple[str, int, int], ...] = ()
+        self._checked_at = 0.0
 
     @classmethod
     def load(cls, directory: str | Path) -> MappingSet:
@@ -651,9 +664,21 @@ class MappingSet:
         mapping_set.reload()
         return mapping_set
 
+    def reload_if_changed(self, min_interval: float = 2.0) -> list[MappingError] | None:
+        """Reload when a file was added, removed or modified since the last load, checking
+        the directory at most every `min_interval` seconds. None = nothing to do."""
+        now = time.monotonic()
+        if now - self._checked_at < min_interval:
+            return None
+        self._checked_at = now
+        if _fingerprint(self.directory) == self._fingerprint:
+            return None
+        return self.reload()
+
     def reload(self) -> list[MappingError]:
         """Re-read the directory; returns the errors (empty list = new set is active)."""
         with self._lock:
+            self._fingerprint = _fingerprint(self.directory)
             result = load_mapping_dir(self.directory)
             self._errors = tuple(result.errors)
             if not result.errors:
