@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, insert
 from sqlalchemy.orm import Session
 
 from connector.events import utcnow
@@ -21,36 +20,6 @@ KINDS = (
     "writeback_result",
     "expired",
 )
-
-
-def row(
-    kind: str,
-    *,
-    connection: str | None = None,
-    object_type: str | None = None,
-    record_id: str | None = None,
-    request_id: str | None = None,
-    actor: str | None = None,
-    mapping_hash: str | None = None,
-    **detail: Any,
-) -> dict[str, Any]:
-    """An audit row as plain values, for bulk inserts on hot paths (the webhook intake)."""
-    return {
-        "at": utcnow(),
-        "kind": kind,
-        "connection": connection,
-        "object_type": object_type,
-        "record_id": record_id,
-        "request_id": request_id,
-        "actor": actor,
-        "mapping_hash": mapping_hash,
-        "detail": _jsonable(detail),
-    }
-
-
-def insert_rows(conn: Connection | Session, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        conn.execute(insert(AuditEntry.__table__), rows)
 
 
 def record(

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import click
 
 from connector.config import ConfigError, Settings
 from connector.logs import configure_logging
+from connector.modules import optional_module
 
 
 class Context:
@@ -173,13 +173,8 @@ COMMAND_MODULES = (
 
 def _register_commands() -> None:
     for module_name in COMMAND_MODULES:
-        try:
-            module = import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        for command in module.COMMANDS:
+        module = optional_module(module_name)
+        for command in module.COMMANDS if module else ():
             main.add_command(command)
 
 

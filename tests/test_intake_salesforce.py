@@ -1,6 +1,6 @@
 """Salesforce intake: Outbound Messages (SOAP, org allow-list, exact ack, SOAP faults) and
 relayed Change Data Capture events (JSON, HMAC). Payloads follow Salesforce's documented
-formats; see docs/crms/salesforce-intake.md for the sources."""
+formats; see docs/crms/salesforce.md (part 2) for the sources."""
 
 from __future__ import annotations
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from importlib import import_module
 
 from flask import Flask, Response, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from connector.config import Settings
+from connector.modules import optional_module
 from connector.pipeline import Pipeline, build_runtime
 from connector.runtime import Runtime
 from connector.worker import Tasks, make_huey
@@ -38,13 +38,9 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
     app.config["MAX_CONTENT_LENGTH"] = runtime.settings.webhook_max_body_bytes
     app.extensions["crm_approvals"] = Intake(runtime, tasks)
     for module_name in BLUEPRINT_MODULES:
-        try:
-            module = import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        app.register_blueprint(module.blueprint)
+        module = optional_module(module_name)
+        if module is not None:
+            app.register_blueprint(module.blueprint)
     _register_error_handlers(app)
 
     @app.before_request

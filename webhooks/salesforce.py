@@ -11,7 +11,7 @@ POST /webhooks/salesforce/events[?connection=NAME]
     trigger or a Pub/Sub client, signed `X-CRM-Approvals-Signature: t=<unix>,v1=<hex>` with
     the connection's EVENTS_SECRET. Errors are JSON.
 
-Formats and set-up: docs/crms/salesforce-intake.md.
+Formats and set-up: docs/crms/salesforce.md (part 2).
 """
 
 from __future__ import annotations
