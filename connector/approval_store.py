@@ -8,8 +8,9 @@ active-request keys make a double vote or a second active request fail in the da
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -24,6 +25,8 @@ from connector.approvals.lifecycle import (
     Vote,
 )
 from connector.models import ApprovalRequestRow, ApprovalStepRow, ApprovalTransitionRow, ApprovalVoteRow
+
+T = TypeVar("T")
 
 
 class StaleRequestError(ConflictError):
@@ -170,49 +173,27 @@ def _save_children(
     session: Session, steps: Sequence[StepState], votes: Sequence[Vote], transitions: Sequence[Transition]
 ) -> None:
     for step in steps:
-        session.merge(
-            ApprovalStepRow(
-                request_id=step.request_id,
-                index=step.index,
-                round=step.round,
-                name=step.name,
-                mode=step.mode,
-                approvers=list(step.approvers),
-                required=step.required,
-                status=step.status,
-                entered_at=step.entered_at,
-                left_at=step.left_at,
-            )
-        )
-    for vote in votes:
-        session.add(
-            ApprovalVoteRow(
-                request_id=vote.request_id,
-                step_index=vote.step_index,
-                round=vote.round,
-                approver=vote.approver,
-                decision=vote.decision,
-                comment=vote.comment,
-                at=vote.at,
-                acting_admin=vote.acting_admin,
-            )
-        )
-    for t in transitions:
-        session.add(
-            ApprovalTransitionRow(
-                request_id=t.request_id,
-                seq=t.seq,
-                kind=t.kind,
-                from_status=t.from_status,
-                to_status=t.to_status,
-                step_index=t.step_index,
-                actor=t.actor,
-                comment=t.comment,
-                at=t.at,
-                acting_admin=t.acting_admin,
-            )
-        )
+        session.merge(ApprovalStepRow(**_as_row(step)))
+    session.add_all([ApprovalVoteRow(**_as_row(v)) for v in votes])
+    session.add_all([ApprovalTransitionRow(**_as_row(t)) for t in transitions])
     session.flush()
+
+
+def _as_row(item: Any) -> dict[str, Any]:
+    """A lifecycle dataclass as column values: the names are the same by design."""
+    return {f.name: _jsonable(getattr(item, f.name)) for f in fields(item)}
+
+
+def _from_row(cls: type[T], row: Any) -> T:
+    return cls(**{f.name: _from_json(getattr(row, f.name)) for f in fields(cls)})  # type: ignore[arg-type]
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _from_json(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _stored(session: Session, row: ApprovalRequestRow) -> StoredRequest:
@@ -246,49 +227,9 @@ def _stored(session: Session, row: ApprovalRequestRow) -> StoredRequest:
         closed_at=row.closed_at,
         expired_at=row.expired_at,
         version=row.version,
-        steps=[
-            StepState(
-                request_id=s.request_id,
-                index=s.index,
-                round=s.round,
-                name=s.name,
-                mode=s.mode,  # type: ignore[arg-type]
-                approvers=tuple(s.approvers),
-                required=s.required,
-                status=s.status,  # type: ignore[arg-type]
-                entered_at=s.entered_at,
-                left_at=s.left_at,
-            )
-            for s in steps
-        ],
-        votes=[
-            Vote(
-                request_id=v.request_id,
-                step_index=v.step_index,
-                round=v.round,
-                approver=v.approver,
-                decision=v.decision,
-                comment=v.comment,
-                at=v.at,
-                acting_admin=v.acting_admin,  # type: ignore[arg-type]
-            )
-            for v in votes
-        ],
-        transitions=[
-            Transition(
-                request_id=t.request_id,
-                seq=t.seq,
-                kind=t.kind,
-                from_status=t.from_status,  # type: ignore[arg-type]
-                to_status=t.to_status,
-                step_index=t.step_index,
-                actor=t.actor,  # type: ignore[arg-type]
-                comment=t.comment,
-                at=t.at,
-                acting_admin=t.acting_admin,
-            )
-            for t in transitions
-        ],
+        steps=[_from_row(StepState, r) for r in steps],
+        votes=[_from_row(Vote, r) for r in votes],
+        transitions=[_from_row(Transition, r) for r in transitions],
     )
     record = RecordKey(row.connection, row.object_type, row.record_id)
     return StoredRequest(request, record, row.mapping_path, row.mapping_hash, row.superseded_by)
