@@ -70,10 +70,17 @@ def serve(ctx: Context, bind: str | None, workers: int, threads: int) -> None:
 
     Webhooks are written to the inbox and acknowledged; the `worker` command processes them.
     """
+    from connector.pipeline import build_runtime
     from connector.server import serve_app
+    from webhooks.app import create_app
 
-    settings = ctx.settings
-    serve_app("webhooks.app:create_app()", bind or f"{settings.host}:{settings.port}", workers, threads)
+    settings = ctx.settings  # from --env-file, which the app must use too
+    serve_app(
+        lambda: create_app(build_runtime(settings)),
+        bind or f"{settings.host}:{settings.port}",
+        workers,
+        threads,
+    )
 
 
 @main.command()

@@ -48,6 +48,13 @@ class Runtime:
         with self._lock:
             self._adapters[connection_name] = adapter
 
+    def api_usage(self) -> dict[str, str]:
+        """API quota use the CRMs reported on their last response (e.g. Sforce-Limit-Info)."""
+        with self._lock:
+            adapters = dict(self._adapters)
+        usage = {name: getattr(adapter, "api_usage", None) for name, adapter in adapters.items()}
+        return {name: f"{u.used}/{u.limit} used today" for name, u in usage.items() if u is not None}
+
     def close(self) -> None:
         self.engine.dispose()
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
 
 class _App(BaseApplication):  # type: ignore[misc]
-    def __init__(self, app_uri: str, options: dict[str, Any]) -> None:
-        self.app_uri = app_uri
+    def __init__(self, load_app: Callable[[], Any], options: dict[str, Any]) -> None:
+        self.load_app = load_app
         self.options = options
         super().__init__()
 
@@ -18,12 +19,12 @@ class _App(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        from gunicorn.util import import_app
+        # Called in each worker after the fork: every worker builds its own engine and pools.
+        return self.load_app()
 
-        return import_app(self.app_uri)
 
-
-def serve_app(app_uri: str, bind: str, workers: int, threads: int) -> None:
+def serve_app(load_app: Callable[[], Any], bind: str, workers: int, threads: int) -> None:
+    """Serve the WSGI app `load_app()` returns, under gunicorn."""
     options = {
         "bind": bind,
         "workers": workers,
@@ -35,4 +36,4 @@ def serve_app(app_uri: str, bind: str, workers: int, threads: int) -> None:
         # Access log without the query string: a misconfigured sender might put a token there.
         "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss',
     }
-    _App(app_uri, options).run()
+    _App(load_app, options).run()

@@ -78,6 +78,7 @@ class Tasks:
     def run_sweep(self) -> dict[str, Any]:
         """Re-drive everything: pending events, pending and in-doubt updates, registered jobs."""
         summary: dict[str, Any] = {"inbox": self.run_inbox(), "outbox": self.run_outbox()}
+        summary["api_usage"] = self.runtime.api_usage()
         for name, job in SWEEP_JOBS.items():
             try:
                 summary[name] = job(self.runtime)

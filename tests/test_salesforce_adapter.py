@@ -843,3 +843,22 @@ def test_is_own_change_reads_the_client_in_change_origin(
     if client_id:
         env["SF_CLIENT_ID"] = client_id
     assert make(env).is_own_change(_event(origin)) is own
+
+
+def test_api_usage_reaches_the_worker_sweep_log(
+    rsps: responses.RequestsMock, make: MakeAdapter, runtime: Any
+) -> None:
+    from connector.worker import Tasks, make_huey
+    from tests.processors import CountingProcessor
+
+    adapter = make()
+    mock_soap_login(rsps)
+    rsps.patch(
+        COLLECTIONS_URL, json=[save_success(IDS[0])], headers={"Sforce-Limit-Info": "api-usage=42/15000"}
+    )
+    adapter.update_records("Opportunity", [update(IDS[0], StageName="Closed Won")])
+    runtime.set_adapter("salesforce", adapter)
+    runtime.processor = CountingProcessor()
+    assert Tasks(runtime, make_huey("memory://")).run_sweep()["api_usage"] == {
+        "salesforce": "42/15000 used today"
+    }
