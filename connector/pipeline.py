@@ -113,7 +113,8 @@ def effective_changes(
     old = {k.lower(): v for k, v in previous.items()}
     differs = {k.lower() for k, v in values.items() if norm_value(v) != norm_value(old.get(k.lower()))}
     if reported:
-        return {f for f in reported if f.lower() in differs or f.lower() not in {k.lower() for k in values}}
+        known = {k.lower() for k in values}
+        return {f for f in reported if f.lower() in differs or f.lower() not in known}
     return {k for k in values if k.lower() in differs}
 
 

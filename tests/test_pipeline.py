@@ -52,11 +52,11 @@ def world(tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settin
     return runtime, crm, pipeline
 
 
-def deliver(
-    runtime: Runtime, changed: tuple[str, ...], values: dict[str, Any] | None, origin: str | None = None
-) -> str:
+def change(
+    changed: tuple[str, ...], values: dict[str, Any] | None, origin: str | None = None
+) -> RecordChangeEvent:
     n = next(_ids)
-    event = RecordChangeEvent(
+    return RecordChangeEvent(
         source="sandbox",
         connection="sandbox",
         object_type="deal",
@@ -68,11 +68,17 @@ def deliver(
         values=values,
         origin=origin,
     )
+
+
+def deliver(
+    runtime: Runtime, changed: tuple[str, ...], values: dict[str, Any] | None, origin: str | None = None
+) -> str:
+    event = change(changed, values, origin)
     accept(runtime.sessions, [event])
     assert runtime.processor is not None
     process_pending(runtime.sessions, runtime.processor)
     with runtime.sessions() as session:
-        row = session.scalars(select(InboxEvent).where(InboxEvent.event_id == f"m{n}")).one()
+        row = session.scalars(select(InboxEvent).where(InboxEvent.event_id == event.event_id)).one()
         assert row.status == "done", row.last_error
         return row.result or ""
 
@@ -213,18 +219,7 @@ def test_approved_record_is_not_reapproved_until_a_restart_field_changes(world: 
 
 def test_nobody_to_approve_dead_letters_the_event_with_the_reason(world: Any) -> None:
     runtime, _, _ = world
-    n = next(_ids)
-    event = RecordChangeEvent(
-        source="sandbox",
-        connection="sandbox",
-        object_type="deal",
-        record_id="D-1",
-        event_id=f"m{n}",
-        occurred_at=datetime.now(UTC),
-        dedupe_key=f"sandbox:test:{n}",
-        changed_fields=("amount",),
-        values={**DEAL, "owner_manager_id": None},
-    )
+    event = change(("amount",), {**DEAL, "owner_manager_id": None})
     accept(runtime.sessions, [event])
     assert process_pending(runtime.sessions, runtime.processor).dead == 1
     with runtime.sessions() as session:
