@@ -70,8 +70,8 @@ def serve(ctx: Context, bind: str | None, workers: int, threads: int) -> None:
 
     Webhooks are written to the inbox and acknowledged; the `worker` command processes them.
     """
-    from connector.pipeline import build_runtime
     from connector.server import serve_app
+    from connector.service.pipeline import build_runtime
     from webhooks.app import create_app
 
     settings = ctx.settings  # from --env-file, which the app must use too
@@ -91,7 +91,7 @@ def worker(ctx: Context, workers: int) -> None:
 
     Runs a sweep at start-up and every minute, so nothing a lost task left is forgotten.
     """
-    from connector.pipeline import build_runtime
+    from connector.service.pipeline import build_runtime
     from connector.worker import Tasks, make_huey, run_consumer
 
     runtime = build_runtime(ctx.settings)
@@ -108,7 +108,7 @@ def db() -> None:
 @pass_context
 def db_upgrade(ctx: Context, revision: str) -> None:
     """Create or migrate the tables in DATABASE_URL (SQLite file by default)."""
-    from connector.migrate import current, upgrade
+    from connector.storage.migrate import current, upgrade
 
     upgrade(ctx.settings.database_url, revision)
     click.echo(f"database at revision {current(ctx.settings.database_url)}")
@@ -137,7 +137,7 @@ def run(ctx: Context, no_sandbox: bool) -> None:
 
     This is what `make run` calls. Ctrl-C stops everything.
     """
-    from connector.migrate import upgrade
+    from connector.storage.migrate import upgrade
 
     settings = ctx.settings
     upgrade(settings.database_url)

@@ -59,10 +59,6 @@ class RecordChangeEvent:
         )
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def parse_timestamp(value: Any) -> datetime:
     """Epoch seconds/milliseconds or ISO 8601 -> aware UTC datetime. Raises ValueError."""
     if isinstance(value, bool):

@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from connector.config import Settings
 from connector.crm.base import CRMAdapter
 from connector.crm.registry import build_adapter
-from connector.db import make_engine, make_session_factory
+from connector.storage.db import make_engine, make_session_factory
 
 if TYPE_CHECKING:
-    from connector.inbox import EventProcessor
+    from connector.storage.inbox import EventProcessor
 
 
 @dataclass

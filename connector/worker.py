@@ -18,9 +18,9 @@ from typing import Any
 from huey import Huey, MemoryHuey, RedisHuey, SqliteHuey, crontab
 
 from connector.config import ConfigError
-from connector.inbox import process_pending
-from connector.outbox import flush
 from connector.runtime import Runtime
+from connector.storage.inbox import process_pending
+from connector.storage.outbox import flush
 
 log = logging.getLogger(__name__)
 

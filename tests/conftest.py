@@ -15,8 +15,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from connector.config import Settings, parse_connections
-from connector.migrate import upgrade
 from connector.runtime import Runtime
+from connector.storage.migrate import upgrade
 from connector.worker import Tasks, make_huey
 
 PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from connector.config import Settings
-from connector.inbox import process_pending
 from connector.runtime import Runtime
+from connector.storage.inbox import process_pending
 from tests.processors import CountingProcessor
 
 if __name__ == "__main__":

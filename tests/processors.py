@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from connector.events import RecordChangeEvent
-from connector.outbox import enqueue_update
+from connector.storage.outbox import enqueue_update
 
 
 class CountingProcessor:

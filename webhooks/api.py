@@ -1,6 +1,6 @@
 """The approvals REST API (/api/v1): list and read approval requests, vote, recall.
 
-Every call carries `Authorization: Bearer <token>` (connector.tokens); the token's user id
+Every call carries `Authorization: Bearer <token>` (connector.storage.tokens); the token's user id
 is the approver identity used in mapping files. Who may see what:
 
 * admins see every request;
@@ -24,9 +24,6 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from connector import approval_store as store
-from connector.approval_service import ApprovalService, to_wire
-from connector.approval_store import RecordKey, StoredRequest
 from connector.approvals.errors import (
     ActionRenderError,
     ApprovalError,
@@ -43,10 +40,13 @@ from connector.approvals.lifecycle import (
     current_step_state,
     step_votes,
 )
-from connector.db import transaction
-from connector.models import ApprovalRequestRow
-from connector.pipeline import Pipeline
-from connector.tokens import TokenInfo, find_token
+from connector.service.approval_service import ApprovalService, to_wire
+from connector.service.pipeline import Pipeline
+from connector.storage import approval_store as store
+from connector.storage.approval_store import RecordKey, StoredRequest
+from connector.storage.db import transaction
+from connector.storage.models import ApprovalRequestRow
+from connector.storage.tokens import TokenInfo, find_token
 from connector.worker import Tasks
 from webhooks.errors import WebhookError, bad_request, unauthorized
 from webhooks.intake import intake, json_body, require_content_type

@@ -10,8 +10,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from connector.config import Settings
 from connector.modules import optional_module
-from connector.pipeline import Pipeline, build_runtime
 from connector.runtime import Runtime
+from connector.service.pipeline import Pipeline, build_runtime
 from connector.worker import Tasks, make_huey
 from webhooks.errors import WebhookError
 from webhooks.intake import Intake, log_rejection

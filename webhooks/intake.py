@@ -13,8 +13,8 @@ from flask import current_app, request
 
 from connector.config import ConnectionConfig, Settings
 from connector.events import RecordChangeEvent
-from connector.inbox import AcceptResult, GroupCommitInbox
 from connector.runtime import Runtime
+from connector.storage.inbox import AcceptResult, GroupCommitInbox
 from connector.worker import Tasks
 from webhooks.errors import WebhookError, bad_request
 

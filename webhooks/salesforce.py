@@ -27,8 +27,9 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from connector.clock import utcnow
 from connector.config import ConnectionConfig
-from connector.events import RecordChangeEvent, parse_timestamp, utcnow
+from connector.events import RecordChangeEvent, parse_timestamp
 from webhooks.errors import WebhookError, bad_request, unauthorized
 from webhooks.intake import (
     check_object,

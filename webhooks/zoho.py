@@ -24,8 +24,9 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from connector.clock import utcnow
 from connector.config import ConnectionConfig
-from connector.events import RecordChangeEvent, parse_timestamp, utcnow
+from connector.events import RecordChangeEvent, parse_timestamp
 from webhooks.errors import bad_request, unauthorized
 from webhooks.intake import check_object, intake, json_body, require_content_type, resolve_connection
 from webhooks.signatures import check_timestamp, constant_time_equals

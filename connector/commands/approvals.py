@@ -11,7 +11,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from connector.cli import Context, pass_context
-from connector.tokens import TokenInfo, create_token, list_tokens, revoke_token
+from connector.storage.tokens import TokenInfo, create_token, list_tokens, revoke_token
 
 
 @click.group()
@@ -83,7 +83,7 @@ def _when(value: datetime | None) -> str:
 
 @contextmanager
 def _session(ctx: Context) -> Iterator[Session]:
-    from connector.db import make_engine, make_session_factory, transaction
+    from connector.storage.db import make_engine, make_session_factory, transaction
 
     engine = make_engine(ctx.settings.database_url)
     try:

@@ -41,8 +41,8 @@ def explain(
     "values": {...}, "previous": {...}, "changed_fields": [...]} or just the values
     (then give --connection and --object).
     """
-    from connector.explain import explain_record, render_text
     from connector.rules import MappingSet
+    from connector.service.explain import explain_record, render_text
 
     record = _read_record(ctx, record_file, record_id, connection, object_type)
     mappings = MappingSet.load(mappings_dir or ctx.settings.mappings_dir)
@@ -122,8 +122,8 @@ def sync() -> None:
 def sync_expire(ctx: Context) -> None:
     """Expire approvals past their expiry and queue their expire actions (e.g. Status =
     Expired), then flush the write-back. Idempotent: safe to run at any time."""
-    from connector.outbox import flush
-    from connector.pipeline import build_runtime
+    from connector.service.pipeline import build_runtime
+    from connector.storage.outbox import flush
 
     runtime = build_runtime(ctx.settings)
     expired = runtime.processor.approvals.expire_due(runtime.sessions)  # type: ignore[union-attr]

@@ -43,7 +43,7 @@ from webhooks.signatures import constant_time_equals, decode_standard_secret, si
 
 log = logging.getLogger("sandbox")
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "sandbox_templates"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 DEFAULT_DB_PATH = "var/sandbox.db"
 MAX_BATCH = 100  # records per batch-read / batch-update call
 DEFAULT_PAGE_SIZE = 100

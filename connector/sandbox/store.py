@@ -22,7 +22,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from connector.events import utcnow
+from connector.clock import utcnow
 
 Clock = Callable[[], datetime]
 

@@ -1,4 +1,4 @@
-"""Bitrix24 for the contract suite, plus the fake portal tests/test_bitrix24.py reuses.
+"""Bitrix24 for the contract suite, plus the fake portal tests/crm/test_bitrix24.py reuses.
 
 Wire formats (docs/crms/bitrix24.md has the sources): REST calls are form POSTs to
 https://<portal>/rest/<method> (OAuth, `auth=<token>` in the body) or to the inbound webhook
@@ -226,7 +226,7 @@ def register_token_endpoint(
 class Bitrix24AdapterHarness(AdapterHarness):
     sends_retry_after = False
     # A smart process: crm.item.update documents a coded validation error; classic
-    # crm.deal.update errors carry an empty code (tests/test_bitrix24.py covers deals).
+    # crm.deal.update errors carry an empty code (tests/crm/test_bitrix24.py covers deals).
     kind = "bitrix24"
     object_type = "dynamic_1032"
     batch_limit = 50

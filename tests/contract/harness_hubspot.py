@@ -1,7 +1,7 @@
 """HubSpot for the contract suite: the CRM v3 objects API (adapter) and signed webhooks (intake).
 
 Every mocked answer follows HubSpot's documented shapes (docs/crms/hubspot.md lists the
-sources); the builders here are shared with tests/test_hubspot.py.
+sources); the builders here are shared with tests/crm/test_hubspot.py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The adapter harness lives in harness_salesforce.py; this module defines INTAKE_HARNESS only.
 `outbound_message()` builds a message in Salesforce's documented SOAP format (Outbound
-Messaging WSDL, notifications()) and is shared with tests/test_intake_salesforce.py.
+Messaging WSDL, notifications()) and is shared with tests/webhooks/test_intake_salesforce.py.
 """
 
 from __future__ import annotations

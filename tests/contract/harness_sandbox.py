@@ -2,7 +2,7 @@
 
 Answers are built with the sandbox app's own helpers (error_body, result_item, webhook_body,
 signed_headers), so these mocks cannot drift from what the sandbox really sends;
-tests/test_sandbox.py checks the real app answers in exactly these shapes.
+tests/sandbox/test_sandbox.py checks the real app answers in exactly these shapes.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Shapes follow the Zoho CRM v6+ docs (update-records, get-records, field-meta, status codes,
 notifications/enable, refresh token): see docs/crms/zoho.md for the sources. The helpers here
-are reused by tests/test_zoho.py.
+are reused by tests/crm/test_zoho.py.
 """
 
 from __future__ import annotations

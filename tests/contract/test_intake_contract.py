@@ -11,8 +11,8 @@ import pytest
 from flask import Flask
 from sqlalchemy import select
 
-from connector.models import InboxEvent
 from connector.runtime import Runtime
+from connector.storage.models import InboxEvent
 from tests.contract.discover import intake_harnesses
 from tests.contract.harness import Delivery, IntakeHarness
 

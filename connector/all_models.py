@@ -1,3 +1,0 @@
-"""Import every module that defines tables, so Base.metadata knows them all (for Alembic)."""
-
-from connector import models  # noqa: F401

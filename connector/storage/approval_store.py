@@ -1,0 +1,240 @@
+"""Persistence of approval requests: lifecycle dataclasses <-> rows, one to one.
+
+Concurrency: every change to a request is `UPDATE ... WHERE version = <seen>`; a second
+writer that saw the same version gets StaleRequestError (a 409), and the unique vote and
+active-request keys make a double vote or a second active request fail in the database too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from connector.approvals.errors import ConflictError
+from connector.approvals.lifecycle import (
+    ACTIVE_STATUSES,
+    ApprovalRequest,
+    Outcome,
+    StepState,
+    Transition,
+    Vote,
+)
+from connector.storage.models import (
+    ApprovalRequestRow,
+    ApprovalStepRow,
+    ApprovalTransitionRow,
+    ApprovalVoteRow,
+)
+
+T = TypeVar("T")
+
+
+class StaleRequestError(ConflictError):
+    code = "stale_request"
+    status = 409
+
+
+@dataclass(frozen=True)
+class RecordKey:
+    connection: str
+    object_type: str
+    record_id: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.connection}:{self.object_type}:{self.record_id}"
+
+
+@dataclass(frozen=True)
+class StoredRequest:
+    """A request with where it came from: the record and the mapping file that matched."""
+
+    request: ApprovalRequest
+    record: RecordKey
+    mapping_path: str
+    mapping_hash: str
+    superseded_by: str | None = None
+
+
+def active_key(record: RecordKey, rule_name: str) -> str:
+    return f"{record.ref}:{rule_name}"
+
+
+def load(session: Session, request_id: str) -> StoredRequest | None:
+    row = session.get(ApprovalRequestRow, request_id)
+    return _stored(session, row) if row is not None else None
+
+
+def find_active(session: Session, record: RecordKey, rule_name: str) -> StoredRequest | None:
+    row = session.scalar(
+        select(ApprovalRequestRow).where(ApprovalRequestRow.active_key == active_key(record, rule_name))
+    )
+    return _stored(session, row) if row is not None else None
+
+
+def find_latest(session: Session, record: RecordKey, rule_name: str) -> StoredRequest | None:
+    row = session.scalar(
+        select(ApprovalRequestRow)
+        .where(ApprovalRequestRow.connection == record.connection)
+        .where(ApprovalRequestRow.object_type == record.object_type)
+        .where(ApprovalRequestRow.record_id == record.record_id)
+        .where(ApprovalRequestRow.rule_name == rule_name)
+        .order_by(ApprovalRequestRow.submitted_at.desc())
+        .limit(1)
+    )
+    return _stored(session, row) if row is not None else None
+
+
+def ids_pending_for(session: Session, approver: str) -> list[str]:
+    """Requests whose open step has this approver assigned and not yet voted."""
+    rows = session.execute(
+        select(ApprovalRequestRow.id, ApprovalStepRow.approvers, ApprovalStepRow.round, ApprovalStepRow.index)
+        .join(ApprovalStepRow, ApprovalStepRow.request_id == ApprovalRequestRow.id)
+        .where(ApprovalRequestRow.status == "pending")
+        .where(ApprovalStepRow.index == ApprovalRequestRow.current_step)
+        .where(ApprovalStepRow.status == "pending")
+        .order_by(ApprovalRequestRow.submitted_at)
+    ).all()
+    voted = {
+        (v.request_id, v.step_index, v.round)
+        for v in session.scalars(select(ApprovalVoteRow).where(ApprovalVoteRow.approver == approver))
+    }
+    return [r.id for r in rows if approver in r.approvers and (r.id, r.index, r.round) not in voted]
+
+
+def ids_due_for_expiry(session: Session, now: datetime) -> list[str]:
+    return list(
+        session.scalars(
+            select(ApprovalRequestRow.id)
+            .where(ApprovalRequestRow.status == "approved")
+            .where(ApprovalRequestRow.expires_at <= now)
+            .where(ApprovalRequestRow.superseded_by.is_(None))
+            .order_by(ApprovalRequestRow.expires_at)
+        )
+    )
+
+
+def save(session: Session, stored: StoredRequest, outcome: Outcome, seen_version: int | None) -> None:
+    """Insert a new request (seen_version None) or apply an outcome to the version we read."""
+    request = outcome.request
+    values = _request_values(stored, request)
+    if seen_version is None:
+        session.add(ApprovalRequestRow(id=request.id, **values))
+        session.flush()
+    else:
+        result = session.execute(
+            update(ApprovalRequestRow)
+            .where(ApprovalRequestRow.id == request.id, ApprovalRequestRow.version == seen_version)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            raise StaleRequestError(
+                "the request changed while you were looking at it; reload it and try again"
+            )
+    _save_children(session, outcome.steps, outcome.votes, outcome.transitions)
+
+
+def supersede(session: Session, old_id: str, new_id: str) -> None:
+    """A newer request replaces an approved one: the old one must never expire over it."""
+    session.execute(
+        update(ApprovalRequestRow).where(ApprovalRequestRow.id == old_id).values(superseded_by=new_id)
+    )
+
+
+def _request_values(stored: StoredRequest, request: ApprovalRequest) -> dict[str, object]:
+    return {
+        "connection": stored.record.connection,
+        "object_type": stored.record.object_type,
+        "record_id": stored.record.record_id,
+        "rule_name": request.rule_name,
+        "mapping_path": stored.mapping_path,
+        "mapping_hash": stored.mapping_hash,
+        "submitter": request.submitter,
+        "status": request.status,
+        "current_step": request.current_step,
+        "record": request.record,
+        "record_previous": request.record_previous,
+        "changed_fields": list(request.changed_fields),
+        "submitted_at": request.submitted_at,
+        "updated_at": request.updated_at,
+        "approved_at": request.approved_at,
+        "expires_at": request.expires_at,
+        "closed_at": request.closed_at,
+        "expired_at": request.expired_at,
+        "version": request.version,
+        "active_key": active_key(stored.record, request.rule_name)
+        if request.status in ACTIVE_STATUSES
+        else None,
+    }
+
+
+def _save_children(
+    session: Session, steps: Sequence[StepState], votes: Sequence[Vote], transitions: Sequence[Transition]
+) -> None:
+    for step in steps:
+        session.merge(ApprovalStepRow(**_as_row(step)))
+    session.add_all([ApprovalVoteRow(**_as_row(v)) for v in votes])
+    session.add_all([ApprovalTransitionRow(**_as_row(t)) for t in transitions])
+    session.flush()
+
+
+def _as_row(item: Any) -> dict[str, Any]:
+    """A lifecycle dataclass as column values: the names are the same by design."""
+    return {f.name: _jsonable(getattr(item, f.name)) for f in fields(item)}
+
+
+def _from_row(cls: type[T], row: Any) -> T:
+    return cls(**{f.name: _from_json(getattr(row, f.name)) for f in fields(cls)})  # type: ignore[arg-type]
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _from_json(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _stored(session: Session, row: ApprovalRequestRow) -> StoredRequest:
+    steps = session.scalars(
+        select(ApprovalStepRow)
+        .where(ApprovalStepRow.request_id == row.id)
+        .order_by(ApprovalStepRow.entered_at, ApprovalStepRow.index, ApprovalStepRow.round)
+    ).all()
+    votes = session.scalars(
+        select(ApprovalVoteRow).where(ApprovalVoteRow.request_id == row.id).order_by(ApprovalVoteRow.id)
+    ).all()
+    transitions = session.scalars(
+        select(ApprovalTransitionRow)
+        .where(ApprovalTransitionRow.request_id == row.id)
+        .order_by(ApprovalTransitionRow.seq)
+    ).all()
+    request = ApprovalRequest(
+        id=row.id,
+        rule_name=row.rule_name,
+        record_ref=RecordKey(row.connection, row.object_type, row.record_id).ref,
+        submitter=row.submitter,
+        status=row.status,  # type: ignore[arg-type]
+        current_step=row.current_step,
+        record=dict(row.record),
+        record_previous=dict(row.record_previous) if row.record_previous is not None else None,
+        changed_fields=tuple(row.changed_fields),
+        submitted_at=row.submitted_at,
+        updated_at=row.updated_at,
+        approved_at=row.approved_at,
+        expires_at=row.expires_at,
+        closed_at=row.closed_at,
+        expired_at=row.expired_at,
+        version=row.version,
+        steps=[_from_row(StepState, r) for r in steps],
+        votes=[_from_row(Vote, r) for r in votes],
+        transitions=[_from_row(Transition, r) for r in transitions],
+    )
+    record = RecordKey(row.connection, row.object_type, row.record_id)
+    return StoredRequest(request, record, row.mapping_path, row.mapping_hash, row.superseded_by)

@@ -1,0 +1,187 @@
+"""Database engine and sessions (SQLAlchemy 2). SQLite by default, PostgreSQL via DATABASE_URL."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: SQLite's own busy handler still keeps writers apart
+    fcntl = None  # type: ignore[assignment]
+
+from sqlalchemy import JSON, Connection, DateTime, Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+from connector.clock import utcnow
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class UTCDateTime(TypeDecorator[Any]):
+    """Always aware UTC in Python, whatever the backend keeps (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        from datetime import UTC
+
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+JSONType = JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+def normalize_url(url: str) -> str:
+    """Accept postgres:// and postgresql:// (as hosts hand them out) and use psycopg 3."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        _ensure_sqlite_dir(url)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        _make_sqlite_transactions_immediate(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _ensure_sqlite_dir(url: str) -> None:
+    path = url.split("///", 1)[-1]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _make_sqlite_transactions_immediate(engine: Engine) -> None:
+    """pysqlite's deferred BEGIN lets two writers read the same pending row; take the
+    write lock at BEGIN instead (the SQLAlchemy-documented recipe), and use WAL so
+    readers never block the webhook intake."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    writer = WriterLock(_sqlite_path(str(engine.url)))
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        writer.acquire()
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            writer.release()
+            raise
+
+    @event.listens_for(engine, "commit")
+    @event.listens_for(engine, "rollback")
+    def _on_end(_conn: Any) -> None:
+        writer.release()
+
+
+class WriterLock:
+    """Serialises SQLite write transactions: threads on an RLock, processes on flock.
+
+    Both wake a waiter the moment the lock is free, unlike SQLite's busy handler, which
+    sleeps in growing steps (up to 100 ms) and wrecks throughput and tail latency when
+    several gunicorn workers write at once. Re-entrant per thread, so a nested session
+    cannot deadlock; a release by a thread that holds nothing is ignored (a rollback of
+    a transaction it never began).
+    """
+
+    def __init__(self, db_path: str | None) -> None:
+        self._threads = threading.RLock()
+        self._local = threading.local()
+        self._path = f"{db_path}.writer-lock" if db_path and fcntl is not None else None
+        self._file: Any = None
+        self._pid = 0
+
+    def acquire(self) -> None:
+        self._threads.acquire()
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0 and self._path is not None:
+            fcntl.flock(self._lock_file(), fcntl.LOCK_EX)  # type: ignore[union-attr]
+        self._local.depth = depth + 1
+
+    def release(self) -> None:
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            return
+        self._local.depth = depth - 1
+        if depth == 1 and self._path is not None:
+            fcntl.flock(self._lock_file(), fcntl.LOCK_UN)  # type: ignore[union-attr]
+        self._threads.release()
+
+    def _lock_file(self) -> Any:
+        # flock belongs to the open file: a descriptor inherited across fork would be shared
+        # with the parent and exclude nothing, so each process opens its own.
+        if self._file is None or self._pid != os.getpid():
+            self._file = open(self._path, "a+")  # type: ignore[arg-type]  # noqa: SIM115
+            self._pid = os.getpid()
+        return self._file
+
+
+def _sqlite_path(url: str) -> str | None:
+    path = url.split("///", 1)[-1] if "///" in url else ""
+    return path if path and path != ":memory:" else None
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on any exception."""
+    with factory() as session, session.begin():
+        yield session
+
+
+def insert_ignoring_conflicts(
+    conn: Connection | Session, table: Any, rows: list[dict[str, Any]], key: str
+) -> set[Any]:
+    """INSERT ... ON CONFLICT (key) DO NOTHING; returns the keys of the rows that were new."""
+    if not rows:
+        return set()
+    dialect = conn.get_bind().dialect.name if isinstance(conn, Session) else conn.dialect.name
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    # Rows go as parameters, not .values(rows), so the compiled statement is cached;
+    # RETURNING counts reliably on both backends (psycopg reports rowcount -1 here).
+    stmt = module.insert(table).on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
+    return set(conn.execute(stmt, rows).scalars().all())
+
+
+__all__ = [
+    "Base",
+    "JSONType",
+    "UTCDateTime",
+    "insert_ignoring_conflicts",
+    "make_engine",
+    "make_session_factory",
+    "transaction",
+    "utcnow",
+]

@@ -1,0 +1,244 @@
+"""The durable inbox: webhooks are written here first and acknowledged only after commit.
+
+huey is at-most-once, so the inbox row is the truth: a task only nudges the worker, and
+the periodic sweep re-drives whatever a lost task left pending. Processing one event and
+marking it done happen in one transaction, so a killed worker leaves it pending, never
+half-done, and it is processed exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from connector.clock import utcnow
+from connector.crm.errors import FatalError, RetriableError
+from connector.events import RecordChangeEvent
+from connector.storage import audit
+from connector.storage.db import insert_ignoring_conflicts, transaction
+from connector.storage.models import DEAD, DONE, PENDING, DeadLetter, InboxEvent
+
+log = logging.getLogger(__name__)
+
+
+class EventProcessor(Protocol):
+    """What the worker does with one event, split so no network call holds a DB lock."""
+
+    def prepare(self, event: RecordChangeEvent) -> Any:
+        """Outside any transaction: fetch what the event lacks from the CRM (may raise CRM errors)."""
+
+    def apply(self, session: Session, event: RecordChangeEvent, prepared: Any) -> str:
+        """Inside the event's transaction: record every effect; return a one-line summary."""
+
+
+@dataclass(frozen=True)
+class AcceptResult:
+    accepted: int
+    duplicates: int
+
+
+def accept(sessions: sessionmaker[Session], events: Sequence[RecordChangeEvent]) -> AcceptResult:
+    """Write a delivery's events in one transaction; redelivered ones (same dedupe key) are dropped."""
+    [result] = _write_batch(sessions, [list(events)])
+    return result
+
+
+def _write_batch(
+    sessions: sessionmaker[Session], deliveries: list[list[RecordChangeEvent]]
+) -> list[AcceptResult]:
+    """Several deliveries in ONE transaction (group commit); one result per delivery.
+
+    This is the webhook hot path, so it uses a Core connection rather than an ORM session.
+    """
+    unique = list({e.dedupe_key: e for events in deliveries for e in events}.values())
+    now = utcnow()
+    rows = [{**e.to_row(), "received_at": now, "status": PENDING, "attempts": 0} for e in unique]
+    engine = sessions.kw["bind"]
+    with engine.begin() as conn:
+        new_keys = insert_ignoring_conflicts(conn, InboxEvent.__table__, rows, key="dedupe_key")
+    results = []
+    for events in deliveries:  # a key new in this batch counts for the first delivery carrying it
+        mine = {e.dedupe_key for e in events} & new_keys
+        new_keys -= mine
+        results.append(AcceptResult(accepted=len(mine), duplicates=len(events) - len(mine)))
+    return results
+
+
+class GroupCommitInbox:
+    """Concurrent deliveries in one process share one transaction (leader/follower group
+    commit): the first waiting thread writes everything queued so far and wakes the rest.
+    Every delivery is still acknowledged only after its own events are committed."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        self._cond = threading.Condition()
+        self._queue: list[_Delivery] = []
+        self._writing = False
+
+    def accept(self, events: Sequence[RecordChangeEvent]) -> AcceptResult:
+        delivery = _Delivery(list(events))
+        with self._cond:
+            self._queue.append(delivery)
+            while not delivery.finished and self._writing:
+                self._cond.wait()
+            if delivery.finished:
+                return delivery.outcome()
+            self._writing = True
+            batch, self._queue = self._queue, []
+        try:
+            results = _write_batch(self.sessions, [d.events for d in batch])
+            for d, result in zip(batch, results, strict=True):
+                d.result = result
+        except BaseException as exc:
+            for d in batch:
+                d.error = exc
+        finally:
+            with self._cond:
+                for d in batch:
+                    d.finished = True
+                self._writing = False
+                self._cond.notify_all()
+        return delivery.outcome()
+
+
+@dataclass
+class _Delivery:
+    events: list[RecordChangeEvent]
+    finished: bool = False
+    result: AcceptResult | None = None
+    error: BaseException | None = None
+
+    def outcome(self) -> AcceptResult:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+@dataclass
+class ProcessReport:
+    done: int = 0
+    retried: int = 0
+    dead: int = 0
+
+
+def process_pending(
+    sessions: sessionmaker[Session],
+    processor: EventProcessor,
+    *,
+    limit: int = 500,
+    max_attempts: int = 10,
+    now: datetime | None = None,
+) -> ProcessReport:
+    """Process due pending events, oldest first. Safe to run from any number of workers."""
+    report = ProcessReport()
+    for event_id in _due_ids(sessions, limit, now or utcnow()):
+        outcome = process_one(sessions, processor, event_id, max_attempts=max_attempts)
+        if outcome:
+            setattr(report, outcome, getattr(report, outcome) + 1)
+    return report
+
+
+def _due_ids(sessions: sessionmaker[Session], limit: int, now: datetime) -> list[int]:
+    with sessions() as session:
+        query = (
+            select(InboxEvent.id)
+            .where(InboxEvent.status == PENDING)
+            .where(or_(InboxEvent.next_attempt_at.is_(None), InboxEvent.next_attempt_at <= now))
+            .order_by(InboxEvent.id)
+            .limit(limit)
+        )
+        return list(session.scalars(query))
+
+
+def process_one(
+    sessions: sessionmaker[Session], processor: EventProcessor, event_id: int, *, max_attempts: int = 10
+) -> str | None:
+    """Returns "done", "retried", "dead", or None when another worker got there first."""
+    with sessions() as session:
+        row = session.get(InboxEvent, event_id)
+        if row is None or row.status != PENDING:
+            return None
+        event = RecordChangeEvent.from_row(row)
+    try:
+        prepared = processor.prepare(event)
+        with transaction(sessions) as session:
+            locked = session.execute(
+                select(InboxEvent).where(InboxEvent.id == event_id).with_for_update(skip_locked=True)
+            ).scalar_one_or_none()
+            if locked is None or locked.status != PENDING:
+                return None
+            _audit_received(session, locked)
+            summary = processor.apply(session, event, prepared)
+            locked.status, locked.processed_at, locked.result = DONE, utcnow(), summary[:2000]
+            locked.attempts += 1
+        return "done"
+    except RetriableError as exc:
+        return _record_failure(sessions, event_id, exc, max_attempts, retry_after=exc.retry_after)
+    except FatalError as exc:
+        return _record_failure(sessions, event_id, exc, max_attempts=0)
+    except Exception as exc:  # a bug in processing must not wedge the queue: back off, then dead-letter
+        log.exception("processing inbox event %s failed", event_id)
+        return _record_failure(sessions, event_id, exc, max_attempts)
+
+
+def _record_failure(
+    sessions: sessionmaker[Session],
+    event_id: int,
+    exc: Exception,
+    max_attempts: int,
+    retry_after: float | None = None,
+) -> str:
+    with transaction(sessions) as session:
+        row = session.get(InboxEvent, event_id)
+        assert row is not None
+        row.attempts += 1
+        row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
+        if row.attempts < max_attempts:
+            row.next_attempt_at = utcnow() + timedelta(seconds=retry_after or backoff_seconds(row.attempts))
+            return "retried"
+        row.status = DEAD
+        _audit_received(session, row)
+        session.add(
+            DeadLetter(
+                kind="inbox",
+                ref_id=row.id,
+                connection=row.connection,
+                object_type=row.object_type,
+                record_id=row.record_id,
+                payload=RecordChangeEvent.from_row(row).to_row()
+                | {"occurred_at": row.occurred_at.isoformat()},
+                error_code=getattr(exc, "code", None),
+                error_message=str(exc),
+                error_fields=list(getattr(exc, "fields", ()) or ()),
+            )
+        )
+        return "dead"
+
+
+def _audit_received(session: Session, row: InboxEvent) -> None:
+    """Audited when the worker takes the event up, in its transaction: the webhook hot path
+    then writes one row only, and the inbox row itself already proves receipt until then."""
+    audit.record(
+        session,
+        "webhook_received",
+        connection=row.connection,
+        object_type=row.object_type,
+        record_id=row.record_id,
+        source=row.source,
+        event_id=row.event_id,
+        received_at=row.received_at,
+        changed_fields=row.changed_fields,
+    )
+
+
+def backoff_seconds(attempts: int) -> float:
+    """5 s, 10 s, 20 s ... capped at one hour."""
+    return float(min(5 * 2 ** max(attempts - 1, 0), 3600))

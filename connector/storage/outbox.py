@@ -1,0 +1,320 @@
+"""The write-back outbox: field updates are recorded first, then flushed in batches.
+
+Exactly-once, even if the worker dies between sending and committing (docs/outbox.md):
+1. Claim: pending rows are marked `sending` with a batch id and a lease, and committed,
+   before anything is sent. A record with a batch in flight is never claimed again.
+2. Send: one adapter call per CRM batch limit; per-record results are committed.
+3. Recover: a `sending` row whose lease ran out is *in doubt* (the send may or may not
+   have landed). It is read back from the CRM; where the CRM already holds the values it
+   is marked done without resending, otherwise it returns to pending.
+Pending rows for the same record merge into one request (later values win).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from connector.clock import utcnow
+from connector.crm.base import CRMAdapter, RecordUpdate, UpdateResult
+from connector.crm.errors import AuthError, CRMError, RetriableError
+from connector.storage import audit
+from connector.storage.db import transaction
+from connector.storage.inbox import backoff_seconds
+from connector.storage.models import DEAD, DONE, PENDING, SENDING, DeadLetter, OutboxUpdate
+
+log = logging.getLogger(__name__)
+
+RecordKey = tuple[str, str, str]  # connection, object type, record id
+AdapterLookup = Callable[[str], CRMAdapter]
+
+
+def enqueue_update(
+    session: Session,
+    connection: str,
+    object_type: str,
+    record_id: str,
+    fields: dict[str, Any],
+    *,
+    reason: str | None = None,
+    idempotency_key: str | None = None,
+) -> OutboxUpdate | None:
+    """Record a field update in the caller's transaction. With an idempotency key already
+    used, nothing is added and None is returned."""
+    if idempotency_key is not None:
+        existing = session.scalar(
+            select(OutboxUpdate.id).where(OutboxUpdate.idempotency_key == idempotency_key)
+        )
+        if existing is not None:
+            return None
+    row = OutboxUpdate(
+        connection=connection,
+        object_type=object_type,
+        record_id=record_id,
+        fields=fields,
+        reason=reason,
+        idempotency_key=idempotency_key,
+        status=PENDING,
+        attempts=0,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+@dataclass
+class FlushReport:
+    sent_records: int = 0
+    done: int = 0
+    retried: int = 0
+    dead: int = 0
+    confirmed_by_read_back: int = 0
+
+
+@dataclass
+class _Claimed:
+    key: RecordKey
+    row_ids: list[int]
+    fields: dict[str, Any]
+
+
+def flush(
+    sessions: sessionmaker[Session],
+    adapters: AdapterLookup,
+    *,
+    limit: int = 2000,
+    lease_seconds: int = 120,
+    max_attempts: int = 10,
+    now: datetime | None = None,
+) -> FlushReport:
+    """Recover in-doubt batches, then send every due pending update. Safe to run concurrently."""
+    now = now or utcnow()
+    report = FlushReport()
+    recover_in_doubt(sessions, adapters, report, now=now)
+    batch_id, claimed = _claim(sessions, limit, lease_seconds, now)
+    by_target: dict[tuple[str, str], list[_Claimed]] = defaultdict(list)
+    for item in claimed:
+        by_target[item.key[:2]].append(item)
+    for (connection, object_type), items in by_target.items():
+        _send(sessions, adapters(connection), object_type, items, batch_id, report, max_attempts)
+        report.sent_records += len(items)
+    return report
+
+
+def _claim(
+    sessions: sessionmaker[Session], limit: int, lease_seconds: int, now: datetime
+) -> tuple[str, list[_Claimed]]:
+    batch_id = uuid.uuid4().hex
+    with transaction(sessions) as session:
+        in_flight = {
+            (r.connection, r.object_type, r.record_id)
+            for r in session.execute(
+                select(OutboxUpdate.connection, OutboxUpdate.object_type, OutboxUpdate.record_id).where(
+                    OutboxUpdate.status == SENDING
+                )
+            )
+        }
+        rows = session.scalars(
+            select(OutboxUpdate)
+            .where(OutboxUpdate.status == PENDING)
+            .where(or_(OutboxUpdate.next_attempt_at.is_(None), OutboxUpdate.next_attempt_at <= now))
+            .order_by(OutboxUpdate.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        merged: dict[RecordKey, _Claimed] = {}
+        for row in rows:
+            key = (row.connection, row.object_type, row.record_id)
+            if key in in_flight:
+                continue  # one batch per record in flight keeps the order of writes
+            item = merged.setdefault(key, _Claimed(key, [], {}))
+            item.row_ids.append(row.id)
+            item.fields.update(row.fields)  # rows come oldest first: later values win
+            row.status, row.batch_id = SENDING, batch_id
+            row.sent_at, row.lease_expires_at = now, now + timedelta(seconds=lease_seconds)
+    return batch_id, list(merged.values())
+
+
+def _send(
+    sessions: sessionmaker[Session],
+    adapter: CRMAdapter,
+    object_type: str,
+    items: list[_Claimed],
+    batch_id: str,
+    report: FlushReport,
+    max_attempts: int,
+) -> None:
+    updates = [RecordUpdate(item.key[2], item.fields) for item in items]
+    try:
+        results = adapter.update_records(object_type, updates)
+    except (RetriableError, AuthError) as exc:
+        # The whole call failed before the CRM applied anything: everything goes back.
+        results = [_failed(u.record_id, exc, retriable=True) for u in updates]
+    except CRMError as exc:
+        results = [_failed(u.record_id, exc, retriable=False) for u in updates]
+    with transaction(sessions) as session:
+        for item, result in zip(items, results, strict=True):
+            outcome = _settle(
+                session, item, result, batch_id, max_attempts, getattr(result, "retry_after", None)
+            )
+            setattr(report, outcome, getattr(report, outcome) + 1)
+
+
+@dataclass(frozen=True)
+class _FailedResult(UpdateResult):
+    retry_after: float | None = None
+
+
+def _failed(record_id: str, exc: CRMError, *, retriable: bool) -> UpdateResult:
+    return _FailedResult(
+        record_id=record_id,
+        ok=False,
+        error_code=exc.code,
+        message=str(exc),
+        fields=exc.fields,
+        retriable=retriable,
+        retry_after=getattr(exc, "retry_after", None),
+    )
+
+
+def _settle(
+    session: Session,
+    item: _Claimed,
+    result: UpdateResult,
+    batch_id: str,
+    max_attempts: int,
+    retry_after: float | None,
+) -> str:
+    rows = session.scalars(select(OutboxUpdate).where(OutboxUpdate.id.in_(item.row_ids))).all()
+    now = utcnow()
+    live = [
+        r for r in rows if r.status == SENDING and r.batch_id == batch_id
+    ]  # a recovery may have settled them
+    if result.ok:
+        _audit_result(session, item, result, "ok")
+        for row in live:
+            row.status, row.done_at, row.lease_expires_at, row.last_error = DONE, now, None, None
+        return "done"
+    message = f"{result.error_code}: {result.message}" if result.error_code else (result.message or "failed")
+    _audit_result(session, item, result, message)
+    outcome = "retried"
+    for row in live:
+        row.attempts += 1
+        row.last_error, row.lease_expires_at = message[:2000], None
+        if result.retriable and row.attempts < max_attempts:
+            row.status = PENDING
+            row.next_attempt_at = now + timedelta(seconds=retry_after or backoff_seconds(row.attempts))
+        else:
+            row.status, outcome = DEAD, "dead"
+            session.add(_dead_letter(row, result))
+    return outcome
+
+
+def _audit_result(session: Session, item: _Claimed, result: UpdateResult, message: str) -> None:
+    connection, object_type, record_id = item.key
+    audit.record(
+        session,
+        "writeback_result",
+        connection=connection,
+        object_type=object_type,
+        record_id=record_id,
+        ok=result.ok,
+        fields=item.fields,
+        message=message,
+        retriable=result.retriable,
+        outbox_ids=item.row_ids,
+    )
+
+
+def _dead_letter(row: OutboxUpdate, result: UpdateResult) -> DeadLetter:
+    return DeadLetter(
+        kind="outbox",
+        ref_id=row.id,
+        connection=row.connection,
+        object_type=row.object_type,
+        record_id=row.record_id,
+        payload={"fields": row.fields, "reason": row.reason},
+        error_code=result.error_code,
+        error_message=result.message or "the CRM rejected the update",
+        error_fields=list(result.fields),
+    )
+
+
+def recover_in_doubt(
+    sessions: sessionmaker[Session], adapters: AdapterLookup, report: FlushReport, *, now: datetime
+) -> None:
+    """Settle batches whose worker died after claiming: read back, then done or pending again."""
+    with sessions() as session:
+        stale = session.scalars(
+            select(OutboxUpdate)
+            .where(OutboxUpdate.status == SENDING)
+            .where(OutboxUpdate.lease_expires_at < now)
+            .order_by(OutboxUpdate.id)
+        ).all()
+    groups: dict[RecordKey, list[OutboxUpdate]] = defaultdict(list)
+    for row in stale:
+        groups[(row.connection, row.object_type, row.record_id)].append(row)
+    by_target: dict[tuple[str, str], list[RecordKey]] = defaultdict(list)
+    for key in groups:
+        by_target[key[:2]].append(key)
+    for (connection, object_type), keys in by_target.items():
+        wanted = {k: _merged_fields(groups[k]) for k in keys}
+        field_names = sorted({name for fields in wanted.values() for name in fields})
+        try:
+            current = adapters(connection).get_records(object_type, [k[2] for k in keys], field_names)
+        except CRMError as exc:
+            log.warning(
+                "read-back for in-doubt %s/%s updates failed, will retry: %s", connection, object_type, exc
+            )
+            continue
+        with transaction(sessions) as session:
+            for key in keys:
+                landed = same_values(wanted[key], current.get(key[2]) or {})
+                for stale_row in groups[key]:
+                    row = session.get(OutboxUpdate, stale_row.id)
+                    if row is None or row.status != SENDING or row.batch_id != stale_row.batch_id:
+                        continue
+                    row.lease_expires_at = None
+                    if landed:
+                        row.status, row.done_at = DONE, utcnow()
+                        report.confirmed_by_read_back += 1
+                    else:
+                        row.status, row.next_attempt_at = PENDING, None
+
+
+def _merged_fields(rows: Sequence[OutboxUpdate]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for row in sorted(rows, key=lambda r: r.id):
+        merged.update(row.fields)
+    return merged
+
+
+def same_values(wanted: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether the CRM already holds what we meant to write (loose on number and blank forms)."""
+    lowered = {k.lower(): v for k, v in current.items()}
+    return all(norm_value(value) == norm_value(lowered.get(name.lower())) for name, value in wanted.items())
+
+
+def norm_value(value: Any) -> Any:
+    """A comparable form of a CRM value: blank is None, numbers by value, booleans as text."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float | Decimal):
+        return Decimal(str(value)).normalize()
+    text = str(value)
+    try:
+        return Decimal(text).normalize()
+    except InvalidOperation:
+        return text.lower() if text.lower() in ("true", "false") else text

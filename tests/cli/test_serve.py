@@ -1,0 +1,94 @@
+"""`crm-approvals serve` for real: gunicorn on a socket, settings from --env-file."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from sqlalchemy import create_engine, text
+
+from connector.storage.migrate import upgrade
+from tests.conftest import SANDBOX_SECRET
+from webhooks.signatures import sign_standard
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_serve_acknowledges_a_signed_webhook_into_the_database_named_by_the_env_file(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/served.db"
+    upgrade(db)
+    env_file = tmp_path / "custom.env"
+    env_file.write_text(
+        f"DATABASE_URL={db}\nQUEUE_URL=sqlite:///{tmp_path}/queue.db\nMAPPINGS_DIR={tmp_path}\n"
+        f"CRM_CONNECTIONS=sandbox\nSANDBOX_WEBHOOK_SECRET={SANDBOX_SECRET}\n"
+    )
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "SANDBOX_", "CRM_"))}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "connector",
+            "--env-file",
+            str(env_file),
+            "serve",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_until_up(base, server)
+        body = json.dumps(
+            {
+                "type": "record.updated",
+                "timestamp": "2026-11-23T10:00:00Z",
+                "data": {"object": "deal", "id": "D-7", "changed_fields": ["amount"]},
+            }
+        ).encode()
+        ts = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": "msg_serve",
+            "webhook-timestamp": str(ts),
+            "webhook-signature": sign_standard(SANDBOX_SECRET, "msg_serve", ts, body),
+        }
+        assert (
+            requests.post(f"{base}/webhooks/standard", data=body, headers=headers, timeout=10).status_code
+            == 202
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    with create_engine(db).connect() as conn:
+        assert conn.execute(text("select record_id from inbox_events")).scalars().all() == ["D-7"]
+
+
+def _wait_until_up(base: str, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        assert server.poll() is None, "serve exited early"
+        try:
+            if requests.get(f"{base}/healthz", timeout=2).ok:
+                return
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise AssertionError("serve did not come up in 30 s")

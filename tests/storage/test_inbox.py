@@ -1,0 +1,134 @@
+"""The inbox: durable accept with dedupe, exactly-once processing, retries and dead letters,
+and a worker killed mid-batch losing nothing and doing nothing twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from connector.clock import utcnow
+from connector.crm.errors import FatalError, RetriableError
+from connector.events import RecordChangeEvent
+from connector.runtime import Runtime
+from connector.storage.inbox import accept, process_pending
+from connector.storage.models import DeadLetter, InboxEvent, OutboxUpdate
+from tests.processors import CountingProcessor
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def event(i: int, key: str | None = None) -> RecordChangeEvent:
+    return RecordChangeEvent(
+        source="sandbox",
+        connection="sandbox",
+        object_type="deal",
+        record_id=f"D-{i}",
+        event_id=f"msg-{i}",
+        occurred_at=datetime(2026, 11, 23, 10, 0, tzinfo=UTC),
+        dedupe_key=key or f"sandbox:std:msg-{i}",
+        changed_fields=("amount",),
+        values={"amount": 1000 + i},
+    )
+
+
+def count(runtime: Runtime, model: type, **where: object) -> int:
+    with runtime.sessions() as session:
+        query = select(func.count()).select_from(model)
+        for name, value in where.items():
+            query = query.where(getattr(model, name) == value)
+        return session.scalar(query) or 0
+
+
+def test_accept_drops_duplicates_within_and_across_deliveries(runtime: Runtime) -> None:
+    assert accept(runtime.sessions, [event(1), event(1), event(2)]).accepted == 2
+    result = accept(runtime.sessions, [event(2), event(3)])
+    assert (result.accepted, result.duplicates) == (1, 1)
+    assert count(runtime, InboxEvent) == 3
+
+
+def test_each_event_is_processed_once_and_marked_done(runtime: Runtime) -> None:
+    accept(runtime.sessions, [event(i) for i in range(5)])
+    assert process_pending(runtime.sessions, CountingProcessor()).done == 5
+    assert process_pending(runtime.sessions, CountingProcessor()).done == 0
+    assert count(runtime, OutboxUpdate) == 5
+    with runtime.sessions() as session:
+        row = session.scalars(select(InboxEvent)).first()
+    assert row is not None and row.status == "done" and row.result == "wrote Seen=msg-0"
+
+
+def test_a_processing_bug_rolls_back_and_retries_later(runtime: Runtime) -> None:
+    accept(runtime.sessions, [event(1)])
+    processor = CountingProcessor(fail_times=1)
+    assert process_pending(runtime.sessions, processor).retried == 1
+    assert count(runtime, OutboxUpdate) == 0  # nothing half-written
+    assert process_pending(runtime.sessions, processor).done == 0  # backing off
+    assert process_pending(runtime.sessions, processor, now=utcnow() + timedelta(minutes=1)).done == 1
+    assert count(runtime, OutboxUpdate) == 1
+
+
+class CRMFailing(CountingProcessor):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def prepare(self, event: RecordChangeEvent) -> object:
+        raise self.error
+
+
+def test_retriable_crm_error_while_preparing_honours_retry_after(runtime: Runtime) -> None:
+    accept(runtime.sessions, [event(1)])
+    process_pending(runtime.sessions, CRMFailing(RetriableError("busy", retry_after=600)))
+    with runtime.sessions() as session:
+        row = session.scalars(select(InboxEvent)).one()
+    assert row.status == "pending"
+    assert row.next_attempt_at is not None and row.next_attempt_at > utcnow() + timedelta(seconds=590)
+
+
+def test_fatal_crm_error_dead_letters_the_event_with_the_crm_message(runtime: Runtime) -> None:
+    accept(runtime.sessions, [event(1)])
+    report = process_pending(
+        runtime.sessions, CRMFailing(FatalError("entity is deleted", code="ENTITY_IS_DELETED"))
+    )
+    assert report.dead == 1
+    with runtime.sessions() as session:
+        letter = session.scalars(select(DeadLetter)).one()
+    assert (letter.kind, letter.record_id, letter.error_code) == ("inbox", "D-1", "ENTITY_IS_DELETED")
+    assert "entity is deleted" in letter.error_message
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_batch_loses_nothing_and_processes_each_event_exactly_once(
+    runtime: Runtime,
+) -> None:
+    total = 600
+    accept(runtime.sessions, [event(i) for i in range(total)])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tests.kill_target", runtime.settings.database_url], env=env, cwd=ROOT
+    )
+    deadline = time.time() + 60
+    while count(runtime, InboxEvent, status="done") < total // 4 and time.time() < deadline:
+        time.sleep(0.02)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    done_at_kill = count(runtime, InboxEvent, status="done")
+    assert 0 < done_at_kill < total, "the kill must land mid-batch"
+
+    # Restarting the worker: its start-up sweep re-drives what the killed one left.
+    process_pending(runtime.sessions, CountingProcessor(), limit=total)
+
+    assert count(runtime, InboxEvent, status="done") == total
+    with runtime.sessions() as session:
+        per_record = session.execute(
+            select(OutboxUpdate.record_id, func.count()).group_by(OutboxUpdate.record_id)
+        ).all()
+    assert len(per_record) == total
+    assert {n for _record, n in per_record} == {1}

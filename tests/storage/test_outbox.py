@@ -1,0 +1,159 @@
+"""The write-back outbox: batching, merging, per-record results, dead letters, and
+exactly-once when the worker dies between sending and committing."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from connector.clock import utcnow
+from connector.runtime import Runtime
+from connector.storage.db import transaction
+from connector.storage.models import DeadLetter, OutboxUpdate
+from connector.storage.outbox import enqueue_update, flush, same_values
+from tests.fakes import MemoryCRM
+
+
+def enqueue(runtime: Runtime, record_id: str, fields: dict, **kwargs: object) -> None:
+    with transaction(runtime.sessions) as session:
+        enqueue_update(session, "sandbox", "deal", record_id, fields, **kwargs)  # type: ignore[arg-type]
+
+
+def statuses(runtime: Runtime) -> dict[int, str]:
+    with runtime.sessions() as session:
+        return {r.id: r.status for r in session.scalars(select(OutboxUpdate))}
+
+
+def test_updates_are_sent_in_batches_of_the_crm_limit(runtime: Runtime) -> None:
+    crm = MemoryCRM()
+    for i in range(7):
+        enqueue(runtime, f"D-{i}", {"Status": "Approved"})
+    report = flush(runtime.sessions, lambda _name: crm)
+    assert [len(call) for call in crm.update_calls] == [3, 3, 1]
+    assert report.done == 7
+    assert set(statuses(runtime).values()) == {"done"}
+    assert crm.records["D-6"] == {"Status": "Approved"}
+
+
+def test_pending_updates_to_one_record_merge_into_one_request_later_values_winning(runtime: Runtime) -> None:
+    crm = MemoryCRM()
+    enqueue(runtime, "D-1", {"Status": "Pending", "Comment": "submitted"})
+    enqueue(runtime, "D-1", {"Status": "Approved", "Expires": "2027-05-22"})
+    flush(runtime.sessions, lambda _name: crm)
+    [[update]] = crm.update_calls
+    assert dict(update.fields) == {"Status": "Approved", "Comment": "submitted", "Expires": "2027-05-22"}
+    assert set(statuses(runtime).values()) == {"done"}
+
+
+def test_fatal_per_record_error_goes_to_dead_letters_with_the_crm_message(runtime: Runtime) -> None:
+    crm = MemoryCRM()
+    crm.reject["D-2"] = "FIELD_CUSTOM_VALIDATION_EXCEPTION"
+    enqueue(runtime, "D-1", {"Status": "Approved"})
+    enqueue(runtime, "D-2", {"Status": "Approved"}, reason="request 7: approve")
+    report = flush(runtime.sessions, lambda _name: crm)
+    assert (report.done, report.dead) == (1, 1)
+    with runtime.sessions() as session:
+        [letter] = session.scalars(select(DeadLetter)).all()
+    assert letter.record_id == "D-2"
+    assert letter.error_code == "FIELD_CUSTOM_VALIDATION_EXCEPTION"
+    assert "FIELD_CUSTOM_VALIDATION_EXCEPTION on D-2" in letter.error_message
+    assert letter.payload == {"fields": {"Status": "Approved"}, "reason": "request 7: approve"}
+    assert len(crm.update_calls) == 1  # never retried
+
+
+def test_retriable_failure_keeps_the_update_pending_with_backoff(runtime: Runtime) -> None:
+    crm = MemoryCRM()
+    crm.fail_calls = 10  # more than the retry policy's attempts
+    enqueue(runtime, "D-1", {"Status": "Approved"})
+    report = flush(runtime.sessions, lambda _name: crm)
+    assert report.retried == 1
+    with runtime.sessions() as session:
+        row = session.scalars(select(OutboxUpdate)).one()
+    assert row.status == "pending" and row.attempts == 1 and row.next_attempt_at is not None
+    assert "503" in (row.last_error or "")
+    crm.fail_calls = 0
+    assert flush(runtime.sessions, lambda _name: crm).done == 0  # not due yet
+    assert flush(runtime.sessions, lambda _name: crm, now=utcnow() + timedelta(hours=2)).done == 1
+
+
+def test_retriable_failures_dead_letter_after_max_attempts(runtime: Runtime) -> None:
+    crm = MemoryCRM()
+    crm.fail_calls = 100
+    enqueue(runtime, "D-1", {"Status": "Approved"})
+    later = utcnow()
+    for _ in range(3):
+        later += timedelta(hours=2)
+        flush(runtime.sessions, lambda _name: crm, max_attempts=3, now=later)
+    assert statuses(runtime) == {1: "dead"}
+
+
+def test_idempotency_key_enqueues_once(runtime: Runtime) -> None:
+    enqueue(runtime, "D-1", {"Status": "Expired"}, idempotency_key="expire:request:1")
+    enqueue(runtime, "D-1", {"Status": "Expired"}, idempotency_key="expire:request:1")
+    assert len(statuses(runtime)) == 1
+
+
+def test_worker_dying_after_the_crm_applied_the_batch_does_not_resend(runtime: Runtime) -> None:
+    crm = MemoryCRM(records={"D-1": {"Status": "Draft"}})
+    crm.crash_after_apply = True
+    enqueue(runtime, "D-1", {"Status": "Approved"})
+    with pytest.raises(SystemExit):
+        flush(runtime.sessions, lambda _name: crm, lease_seconds=60)
+    assert statuses(runtime) == {1: "sending"}  # in doubt: sent, outcome never committed
+    crm.crash_after_apply = False
+    # Before the lease runs out nothing touches it (the first worker might still be alive).
+    flush(runtime.sessions, lambda _name: crm)
+    assert len(crm.update_calls) == 1
+    report = flush(runtime.sessions, lambda _name: crm, now=utcnow() + timedelta(minutes=5))
+    assert report.confirmed_by_read_back == 1
+    assert len(crm.update_calls) == 1  # confirmed by reading back, not sent again
+    assert statuses(runtime) == {1: "done"}
+
+
+def test_worker_dying_before_the_crm_applied_the_batch_resends_once(runtime: Runtime) -> None:
+    crm = MemoryCRM(records={"D-1": {"Status": "Draft"}})
+    enqueue(runtime, "D-1", {"Status": "Approved"})
+    with transaction(runtime.sessions) as session:  # what a claim that died before sending leaves
+        row = session.scalars(select(OutboxUpdate)).one()
+        row.status, row.batch_id, row.lease_expires_at = (
+            "sending",
+            "dead-batch",
+            utcnow() - timedelta(seconds=1),
+        )
+    report = flush(runtime.sessions, lambda _name: crm)
+    assert report.confirmed_by_read_back == 0
+    assert [len(c) for c in crm.update_calls] == [1]
+    assert crm.records["D-1"]["Status"] == "Approved"
+    assert statuses(runtime) == {1: "done"}
+
+
+def test_record_with_a_batch_in_flight_is_not_claimed_again(runtime: Runtime) -> None:
+    crm = MemoryCRM(records={"D-1": {"Status": "Draft"}})
+    enqueue(runtime, "D-1", {"Status": "Pending"})
+    with transaction(runtime.sessions) as session:
+        row = session.scalars(select(OutboxUpdate)).one()
+        row.status, row.batch_id, row.lease_expires_at = (
+            "sending",
+            "live-batch",
+            utcnow() + timedelta(minutes=1),
+        )
+    enqueue(runtime, "D-1", {"Status": "Approved"})
+    flush(runtime.sessions, lambda _name: crm)
+    assert crm.update_calls == []  # would otherwise race the in-flight write and reorder them
+
+
+@pytest.mark.parametrize(
+    ("wanted", "current", "same"),
+    [
+        ({"Amount": "150000"}, {"Amount": 150000.0}, True),
+        ({"Status": "Approved"}, {"status": "Approved"}, True),
+        ({"Expires": None}, {"Expires": ""}, True),
+        ({"Flag": True}, {"Flag": "true"}, True),
+        ({"Status": "Approved"}, {"Status": "Pending"}, False),
+        ({"Status": "Approved"}, {}, False),
+    ],
+)
+def test_read_back_comparison(wanted: dict, current: dict, same: bool) -> None:
+    assert same_values(wanted, current) is same
