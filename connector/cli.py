@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -137,22 +138,72 @@ def run(ctx: Context, no_sandbox: bool) -> None:
 
     This is what `make run` calls. Ctrl-C stops everything.
     """
+    from connector.commands.sandbox import bind_address
     from connector.storage.migrate import upgrade
 
     settings = ctx.settings
+    with_sandbox = settings.uses_sandbox and not no_sandbox
+    listeners = {"server": ((settings.host, settings.port), "PORT (and PUBLIC_BASE_URL)")}
+    if with_sandbox:
+        listeners["sandbox"] = (bind_address(settings.sandbox_url), "SANDBOX_URL")
+    for (host, port), variable in listeners.values():
+        _require_free_port(host, port, variable)
     upgrade(settings.database_url)
     base = [sys.executable, "-m", "connector", "--env-file", ctx.env_file]
     commands = {"server": [*base, "serve"], "worker": [*base, "worker"]}
-    if settings.uses_sandbox and not no_sandbox:
+    if with_sandbox:
         commands["sandbox"] = [*base, "sandbox"]
     # `kill PID` (SIGTERM) stops everything just like Ctrl-C does.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     processes = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
+    urls = {"server": f"http://{settings.host}:{settings.port}/healthz"}
+    if with_sandbox:
+        urls["sandbox"] = f"{settings.sandbox_url}/"
+    try:
+        for name, url in urls.items():
+            _wait_until_answering(name, url, processes)
+    except (click.ClickException, KeyboardInterrupt):
+        _stop(processes)
+        raise
     click.echo(f"\n  Webhooks + API:  {settings.public_base_url}/healthz")
-    if "sandbox" in processes:
+    if with_sandbox:
         click.echo(f"  Sandbox CRM:     {settings.sandbox_url}/   (edit a deal to send a webhook)")
     click.echo("  Stop with Ctrl-C.\n")
     _supervise(processes)
+
+
+STARTUP_TIMEOUT = 60.0  # seconds a child may take to answer its first request
+
+
+def _require_free_port(host: str, port: int, variable: str) -> None:
+    """Fail before starting anything when another program already listens there."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As the servers do: a port in TIME_WAIT is free, one with a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}. "
+                f"Stop the program using it, or set {variable} in .env to a free port."
+            ) from None
+
+
+def _wait_until_answering(name: str, url: str, processes: dict[str, subprocess.Popen[Any]]) -> None:
+    """Return once `url` answers; fail as soon as a child exits or the time-out passes."""
+    import requests
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        exited = [n for n, p in processes.items() if p.poll() is not None]
+        if exited:
+            raise click.ClickException(f"{', '.join(exited)} exited during start-up; see its messages above")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise click.ClickException(f"the {name} did not answer at {url} within {STARTUP_TIMEOUT:.0f} s")
 
 
 def _raise_keyboard_interrupt(_signum: int, _frame: Any) -> None:
@@ -168,15 +219,19 @@ def _supervise(processes: dict[str, subprocess.Popen[Any]]) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        for p in processes.values():
-            if p.poll() is None:
-                p.terminate()  # SIGTERM: gunicorn and huey shut down; the inbox keeps what was pending
-        deadline = time.time() + 10
-        for p in processes.values():
-            try:
-                p.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop(processes)
+
+
+def _stop(processes: dict[str, subprocess.Popen[Any]]) -> None:
+    for p in processes.values():
+        if p.poll() is None:
+            p.terminate()  # SIGTERM: gunicorn and huey shut down; the inbox keeps what was pending
+    deadline = time.time() + 10
+    for p in processes.values():
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 # Commands contributed by feature modules: each module exposes a click command or group.
