@@ -87,7 +87,7 @@ class StepModePolicy(ABC):
 
 
 class OneMode(StepModePolicy):
-    """The first resolved approver is the sole assignee; their vote decides."""
+    """``mode: one``: a single decider, the first resolved approver."""
 
     name = "one"
 
@@ -95,7 +95,6 @@ class OneMode(StepModePolicy):
         return _no_settings(self.name, quorum)
 
     def assignees(self, resolved: tuple[str, ...]) -> tuple[str, ...]:
-        # A single accountable decider; source order in the mapping says who comes first.
         return resolved[:1]
 
     def required_approvals(self, step: StepSpec, assigned: int) -> int:
@@ -106,7 +105,7 @@ class OneMode(StepModePolicy):
 
 
 class AllMode(StepModePolicy):
-    """Every assignee must approve; the first rejection rejects the step."""
+    """``mode: all``: every assignee approves."""
 
     name = "all"
 
@@ -124,7 +123,7 @@ class AllMode(StepModePolicy):
 
 
 class AnyMode(StepModePolicy):
-    """Every resolved approver is asked; the first vote decides, approve or reject."""
+    """``mode: any``: the first vote decides."""
 
     name = "any"
 
@@ -140,12 +139,11 @@ class AnyMode(StepModePolicy):
     def decide(self, tally: Tally) -> Decision | None:
         if tally.approvals >= tally.required:
             return "approve"
-        # A rejection is the group's decision: a colleague may not approve over it.
         return "reject" if tally.rejections else None
 
 
 class QuorumMode(StepModePolicy):
-    """``quorum: N`` approvals, or ``quorum: "P%"`` = ceil(P% of the assignees)."""
+    """``mode: quorum``: ``quorum: N`` approvals, or ``quorum: "P%"`` of the assignees."""
 
     name = "quorum"
 
