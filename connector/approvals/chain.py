@@ -26,23 +26,21 @@ open the step fails and changes nothing, so the request can never sit open waiti
 nobody. ``lifecycle.open_request`` checks every applicable step up front, so a broken
 chain is reported when the record is submitted, not halfway through the approval.
 
-Required approvals
-------------------
-``one`` and ``any`` need 1, ``all`` needs every assigned approver, ``quorum`` needs
-``quorum_count`` or ``ceil(quorum_percent * M / 100)`` (60% of 3 -> 2). A quorum that can
-never be met (count > M, 0, both or neither of count/percent set) is a ``ChainError``.
-In ``one`` mode only the first resolved user is assigned (see ``assign_step``).
+Modes
+-----
+Which of the resolved users are assigned and how many approvals a step needs depend on
+its mode: see ``connector.approvals.modes`` (the semantics: docs/mappings.md#step-modes).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from connector.approvals.errors import ChainError
+from connector.approvals.modes import policy_for
 from connector.approvals.spec import (
     ApproverSource,
     FieldApprovers,
@@ -64,16 +62,10 @@ class StepAssignment:
 def assign_step(
     step: StepSpec, values: Mapping[str, Any], roles: Mapping[str, tuple[str, ...]]
 ) -> StepAssignment:
-    """Resolve and size a step. ``one`` mode keeps only the first resolved user.
-
-    ``one`` means a single accountable decider; picking the first keeps the choice
-    deterministic and controlled by source order in the mapping (list the preferred
-    approver first, fallbacks after). Use ``any`` to let any of several people decide.
-    """
-    approvers = resolve_approvers(step, values, roles)
-    if step.mode == "one":
-        approvers = approvers[:1]
-    return StepAssignment(approvers=approvers, required=required_approvals(step, len(approvers)))
+    """Resolve a step's approvers and size it as its mode says (``modes.StepModePolicy``)."""
+    policy = policy_for(step.mode)
+    approvers = policy.assignees(resolve_approvers(step, values, roles))
+    return StepAssignment(approvers=approvers, required=policy.required_approvals(step, len(approvers)))
 
 
 def resolve_approvers(
@@ -89,11 +81,7 @@ def resolve_approvers(
 
 def required_approvals(step: StepSpec, approver_count: int) -> int:
     """Approvals needed to approve ``step`` when ``approver_count`` people are assigned."""
-    if step.mode in ("one", "any"):
-        return 1
-    if step.mode == "all":
-        return approver_count
-    return _quorum(step, approver_count)
+    return policy_for(step.mode).required_approvals(step, approver_count)
 
 
 def describe_source(source: ApproverSource) -> str:
@@ -105,26 +93,6 @@ def describe_source(source: ApproverSource) -> str:
     if isinstance(source, FieldApprovers):
         return f"field {source.field!r}"
     return f"value map on field {source.field!r}"
-
-
-def _quorum(step: StepSpec, approver_count: int) -> int:
-    source = f"quorum of {approver_count} approver(s)"
-    if step.quorum_count is not None and step.quorum_percent is None:
-        required = step.quorum_count
-    elif step.quorum_percent is not None and step.quorum_count is None:
-        required = _percent_of(step, Decimal(step.quorum_percent), approver_count, source)
-    else:
-        raise ChainError(step.name, source, "set exactly one of quorum_count and quorum_percent")
-    if not 1 <= required <= approver_count:
-        raise ChainError(step.name, source, f"quorum of {required} can never be reached")
-    return required
-
-
-def _percent_of(step: StepSpec, percent: Decimal, approver_count: int, source: str) -> int:
-    if not Decimal(0) < percent <= Decimal(100):
-        raise ChainError(step.name, source, f"quorum_percent {percent} is not in (0, 100]")
-    # Round up: "60% of 3" must mean at least 60%, i.e. 2 people, never 1.
-    return math.ceil(percent * approver_count / Decimal(100))
 
 
 def _from_sources(

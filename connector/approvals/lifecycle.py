@@ -20,14 +20,9 @@ make a concurrent double vote / double transition fail in the database too.
 
 Step modes
 ----------
-* ``one``: the first resolved user is the sole assignee (see ``chain.assign_step``); their
-  vote decides.
-* ``all``: every assignee must approve; the first rejection rejects the step.
-* ``any``: the first vote decides, approve *or* reject. An assignee who rejects has made
-  the group's decision; letting a later colleague approve over an explicit rejection
-  would surprise the person who rejected and the submitter alike.
-* ``quorum``: approved when approvals reach ``required``; rejected as soon as the
-  remaining approvers can no longer reach it (``assigned - rejections < required``).
+How votes decide an open step depends on its mode: ``connector.approvals.modes`` (the
+semantics are written in docs/mappings.md#step-modes). An admin override (below) decides
+the step whatever the mode.
 
 A step's ``when`` is evaluated when the chain reaches it, against the record snapshot
 stored on the request; a false criterion records a ``skipped`` step row and transition.
@@ -77,7 +72,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
-from typing import Any, Literal, TypeGuard, get_args
+from typing import Any, Literal, TypeGuard
 
 from connector.approvals.chain import StepAssignment, assign_step
 from connector.approvals.errors import (
@@ -90,14 +85,13 @@ from connector.approvals.errors import (
     StaleStepError,
     StepClosedError,
 )
+from connector.approvals.modes import DECISIONS, Decision, Tally, policy_for
 from connector.approvals.spec import ActionEvent, EvalContext, RuleSpec, StepMode, StepSpec
 
 RequestStatus = Literal["submitted", "pending", "approved", "rejected", "recalled", "expired"]
 ACTIVE_STATUSES: frozenset[RequestStatus] = frozenset({"submitted", "pending"})
 # pending: open for votes; cancelled: closed without a decision (recall, restart).
 StepStatus = Literal["pending", "approved", "rejected", "skipped", "cancelled"]
-Decision = Literal["approve", "reject"]
-DECISIONS: tuple[Decision, ...] = get_args(Decision)
 TransitionKind = Literal[
     "submitted",  # request created (actor: submitter)
     "entered",  # a step opened for votes
@@ -597,17 +591,11 @@ def _cancel_open_step(txn: _Txn) -> None:
 
 
 def _step_result(request: ApprovalRequest, step: StepState) -> Decision | None:
-    """Whether the votes so far decide the step, and how."""
+    """Whether the votes so far decide the step, and how: the step mode's call."""
     votes = step_votes(request, step)
     approvals = sum(1 for v in votes if v.decision == "approve")
-    rejections = len(votes) - approvals
-    if approvals >= step.required:
-        return "approve"
-    if step.mode == "any" and rejections:
-        return "reject"  # first decision wins, see module docstring
-    if len(step.approvers) - rejections < step.required:
-        return "reject"  # quorum unreachable (for one/all: any rejection)
-    return None
+    tally = Tally(len(step.approvers), step.required, approvals, len(votes) - approvals)
+    return policy_for(step.mode).decide(tally)
 
 
 def _latest_row(request: ApprovalRequest, index: int) -> StepState | None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from connector.approvals.modes import SettingsProblem, StepSettings, policy_for
 from connector.approvals.spec import (
     ActionSpec,
     ApproverSource,
@@ -366,13 +367,21 @@ class _SpecBuilder:
     def _step(self, step: StepModel, path: KeyPath, index: int) -> StepSpec | None:
         approvers = tuple(self._approver(a, path + ("approvers", i)) for i, a in enumerate(step.approvers))
         when = None if step.when is None else self._when(step.when, path + ("when",))
-        count, percent = self._quorum(step, path, approvers)
+        settings = self._mode_settings(step, path, approvers)
         if step.on_reject == "back" and index == 0:
             hint = "use `on_reject: reject` (the default) on the first step"
             self.errors.add(path + ("on_reject",), "the first step has no previous step to go back to", hint)
         if None in approvers or (step.when is not None and when is None):
             return None
-        return StepSpec(step.name, step.mode, approvers, count, percent, when, step.on_reject)  # type: ignore[arg-type]
+        return StepSpec(
+            step.name,
+            step.mode,
+            approvers,  # type: ignore[arg-type]  # no None: checked above
+            settings.quorum_count,
+            settings.quorum_percent,
+            when,
+            step.on_reject,
+        )
 
     def _approver(self, approver: ApproverModel, path: KeyPath) -> ApproverSource | None:
         if approver.user is not None:
@@ -414,24 +423,13 @@ class _SpecBuilder:
             return None
         return ValueMapApprovers(spec.name, mapping, default)  # type: ignore[arg-type]
 
-    def _quorum(self, step: StepModel, path: KeyPath, approvers: Sequence[Any]) -> tuple[int | None, Any]:
-        where = path + ("quorum",)
-        if step.mode != "quorum":
-            if step.quorum is not None:
-                self.errors.add(
-                    where, f"`quorum` only applies to `mode: quorum` (this step is `{step.mode}`)"
-                )
-            return None, None
-        count, percent = _parse_quorum(step.quorum)
-        if count is None and percent is None:
-            hint = "write `quorum: 2` (two approvals) or `quorum: 60%` (share of the approvers)"
-            self.errors.add(where, f"`mode: quorum` needs a quorum, got {step.quorum!r}", hint)
-            return None, None
-        possible = self._static_approver_count(approvers)
-        if count is not None and possible is not None and count > possible:
-            message = f"quorum {count} is more than the {possible} possible approvers of this step"
-            self.errors.add(where, message, f"use at most {possible}, or add approvers")
-        return count, percent
+    def _mode_settings(self, step: StepModel, path: KeyPath, approvers: Sequence[Any]) -> StepSettings:
+        """The step mode's settings (``quorum``), checked by the mode's policy."""
+        settings = policy_for(step.mode).settings(step.quorum, self._static_approver_count(approvers))
+        if isinstance(settings, SettingsProblem):
+            self.errors.add(path + (settings.key,), settings.message, settings.hint)
+            return StepSettings()
+        return settings
 
     def _static_approver_count(self, approvers: Sequence[Any]) -> int | None:
         """Distinct users when every source is fixed; None when a record field decides."""
@@ -479,23 +477,6 @@ class _SpecBuilder:
         except CoercionError as exc:
             self.errors.add(path, f"{value!r} is not a valid {spec.type} for `{name}`: {exc}")
         return None
-
-
-def _parse_quorum(value: Any) -> tuple[int | None, Decimal | None]:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value, None
-    if isinstance(value, str):
-        text = value.strip()
-        if text.isdigit() and int(text) >= 1:
-            return int(text), None
-        if text.endswith("%"):
-            try:
-                percent = Decimal(text[:-1].strip())
-            except InvalidOperation:
-                return None, None
-            if 0 < percent <= 100:
-                return None, percent
-    return None, None
 
 
 def _literal_for(spec: FieldSpec, value: Any) -> Any:

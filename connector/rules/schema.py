@@ -2,7 +2,8 @@
 
 These models only check the *shape* of a file (known keys, value types, enums). Checks
 that need the whole file — a rule naming an undeclared field, a step naming a missing
-role, a quorum larger than the group — live in :mod:`connector.rules.loader`, and the
+role — live in :mod:`connector.rules.loader` (a step mode's own settings, such as the
+quorum, are checked by its policy in :mod:`connector.approvals.modes`), and the
 `when:` criteria are validated by :mod:`connector.rules.criteria`, because their keys
 are the admin's own field names and a fixed model could only say "invalid".
 
@@ -106,9 +107,9 @@ ApproverList = Annotated[list[ApproverModel], BeforeValidator(_as_list), Field(m
 class StepModel(_Model):
     name: Name
     description: str | None = None
-    mode: StepMode
+    mode: StepMode  # every value has a policy in connector.approvals.modes.STEP_MODES
     approvers: list[ApproverModel] = Field(min_length=1)
-    quorum: Any = None  # int or "60%"; checked with the step's approvers in the loader
+    quorum: Any = None  # int or "60%"; checked by the mode's policy, with the step's approvers
     when: Any = None  # compiled by connector.rules.criteria
     on_reject: RejectBehaviour = "reject"
 

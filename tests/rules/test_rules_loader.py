@@ -490,6 +490,7 @@ ERROR_CASES = [
     ),
     ("quorum: 2", "quorum: 150%", "rules[0].steps[1].quorum", "needs a quorum", "60%", None),
     ("quorum: 2", "quorum: 0", "rules[0].steps[1].quorum", "needs a quorum", None, None),
+    ("quorum: 2", "quorum: nan%", "rules[0].steps[1].quorum", "needs a quorum", "60%", None),
     (
         "        quorum: 2",
         "        # quorum removed",
