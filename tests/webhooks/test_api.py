@@ -528,6 +528,13 @@ def test_malformed_vote_bodies_are_4xx(
     error_of(response, status, code)
 
 
+def test_a_body_over_the_size_limit_is_413(opened: tuple[World, str]) -> None:
+    world, request_id = opened
+    body = {"comment": "x" * (world.runtime.settings.webhook_max_body_bytes + 1)}
+    error = error_of(world.vote("u-gm", request_id, **body), 413, "body_too_large")
+    assert "WEBHOOK_MAX_BODY_BYTES" in error["hint"]
+
+
 def test_recall_accepts_only_a_comment(opened: tuple[World, str]) -> None:
     world, request_id = opened
     error_of(world.post("u-rep", f"/requests/{request_id}/recall", {"step_index": 1}), 400, "unknown_field")
