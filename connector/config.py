@@ -13,13 +13,17 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from connector.errors import FatalError
+
 DEFAULT_DATABASE_URL = "sqlite:///var/crm-approvals.db"
 DEFAULT_QUEUE_URL = "sqlite:///var/queue.db"
 SECRET_MARKERS = ("SECRET", "PASSWORD", "TOKEN", "KEY", "SESSION")
 
 
-class ConfigError(ValueError):
+class ConfigError(FatalError, ValueError):
     """A setting is missing or malformed; the message says which variable and how to fix it."""
+
+    code = "config_error"
 
 
 @dataclass(frozen=True)

@@ -24,15 +24,6 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from connector.approvals.errors import (
-    ActionRenderError,
-    ApprovalError,
-    ChainError,
-    ConflictError,
-    InvalidDecisionError,
-    PermissionDeniedError,
-    RuleMismatchError,
-)
 from connector.approvals.lifecycle import (
     DECISIONS,
     ApprovalRequest,
@@ -40,6 +31,7 @@ from connector.approvals.lifecycle import (
     current_step_state,
     step_votes,
 )
+from connector.errors import CrmApprovalsError
 from connector.service.approval_service import ApprovalService, to_wire
 from connector.service.pipeline import Pipeline
 from connector.storage import approval_store as store
@@ -48,7 +40,7 @@ from connector.storage.db import transaction
 from connector.storage.models import ApprovalRequestRow
 from connector.storage.tokens import TokenInfo, find_token
 from connector.worker import Tasks
-from webhooks.errors import WebhookError, bad_request, unauthorized
+from webhooks.errors import WebhookError, bad_request, refusal, unauthorized
 from webhooks.intake import intake, json_body, require_content_type
 
 log = logging.getLogger("webhooks.api")
@@ -62,15 +54,7 @@ RELOAD_HINT = "reload the request (GET /api/v1/requests/<id>) and act on what it
 MAX_COMMENT_CHARS = 4000
 DEFAULT_LIMIT, MAX_LIMIT = 100, 500
 
-# Status per engine error class, most specific first (errors may also carry `status`).
-ERROR_STATUS: tuple[tuple[type[ApprovalError], int], ...] = (
-    (InvalidDecisionError, 400),
-    (PermissionDeniedError, 403),
-    (ConflictError, 409),
-    (RuleMismatchError, 409),
-    (ChainError, 422),
-    (ActionRenderError, 422),  # a mapping template failed: the mapping must be fixed
-)
+# The API's own hints per error code (statuses: webhooks/errors.py ERROR_STATUS).
 ERROR_HINTS: dict[str, str] = {
     "not_an_approver": "only an approver of the open step (current_step.approvers) or an admin may vote",
     "recall_not_allowed": "only the submitter or an admin token may recall a request",
@@ -82,7 +66,7 @@ ERROR_HINTS: dict[str, str] = {
     "rule_gone": "restore the rule in the mapping files (crm-approvals validate), then try again",
     "rule_mismatch": "the mapping changed under this request; restore the step or recall the request",
     "chain_error": "fix the approvers of that step in the mapping file, then vote again",
-    "action_render_error": "fix the action template in the mapping file, then vote again",
+    "action_render_error": "an admin must fix the action template in the mapping file; then vote again",
     "invalid_decision": "POST to .../approve or .../reject",
 }
 
@@ -437,24 +421,12 @@ def _time(value: datetime | None) -> str | None:
 # --- errors ---------------------------------------------------------------------------
 
 
-@blueprint.errorhandler(WebhookError)
-def on_api_error(error: WebhookError) -> ResponseReturnValue:
-    _log_rejection(error.status, error.code, error.message)
-    headers = {"WWW-Authenticate": 'Bearer realm="crm-approvals"'} if error.status == 401 else {}
-    return jsonify(error.to_json()), error.status, headers
-
-
-@blueprint.errorhandler(ApprovalError)
-def on_approval_error(error: ApprovalError) -> ResponseReturnValue:
-    status = approval_error_status(error)
-    return on_api_error(WebhookError(status, error.code, str(error), ERROR_HINTS.get(error.code)))
-
-
-def approval_error_status(error: ApprovalError) -> int:
-    explicit = getattr(error, "status", None)
-    if isinstance(explicit, int):
-        return explicit
-    return next((status for cls, status in ERROR_STATUS if isinstance(error, cls)), 409)
+@blueprint.errorhandler(CrmApprovalsError)
+def on_api_error(error: CrmApprovalsError) -> ResponseReturnValue:
+    answer = refusal(error, ERROR_HINTS.get(error.code or ""))
+    _log_rejection(answer.status, answer.code, answer.message)
+    headers = {"WWW-Authenticate": 'Bearer realm="crm-approvals"'} if answer.status == 401 else {}
+    return jsonify(answer.to_json()), answer.status, headers
 
 
 def _log_rejection(status: int, code: str, message: str) -> None:

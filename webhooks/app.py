@@ -9,11 +9,12 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from connector.config import Settings
+from connector.errors import CrmApprovalsError
 from connector.modules import optional_module
 from connector.runtime import Runtime
 from connector.service.pipeline import Pipeline, build_runtime
 from connector.worker import Tasks, make_huey
-from webhooks.errors import WebhookError
+from webhooks.errors import WebhookError, refusal
 from webhooks.intake import Intake, log_rejection
 
 log = logging.getLogger("webhooks")
@@ -58,10 +59,11 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
 
 
 def _register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(WebhookError)
-    def on_webhook_error(error: WebhookError) -> ResponseReturnValue:
-        log_rejection(error)
-        return jsonify(error.to_json()), error.status
+    @app.errorhandler(CrmApprovalsError)
+    def on_error(error: CrmApprovalsError) -> ResponseReturnValue:
+        answer = refusal(error)  # the status from webhooks/errors.py ERROR_STATUS
+        log_rejection(answer)
+        return jsonify(answer.to_json()), answer.status
 
     @app.errorhandler(RequestEntityTooLarge)
     def on_too_large(_error: RequestEntityTooLarge) -> ResponseReturnValue:
@@ -72,7 +74,7 @@ def _register_error_handlers(app: Flask) -> None:
             f"the body is larger than {limit} bytes",
             "raise WEBHOOK_MAX_BODY_BYTES if this is expected",
         )
-        return on_webhook_error(error)
+        return on_error(error)
 
     @app.errorhandler(HTTPException)
     def on_http_error(error: HTTPException) -> ResponseReturnValue:

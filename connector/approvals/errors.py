@@ -1,24 +1,28 @@
 """Exceptions raised by the approval engine.
 
 Every error carries a stable machine-readable ``code`` so the REST layer can put it in an
-error body. The class hierarchy is what the REST layer should map to status codes:
+error body; the HTTP status of each class is chosen in the web layer (webhooks/errors.py).
+All derive from the project's root error (connector/errors.py):
 
-===========================  ======  =====================================================
-class (base)                 status  raised when
-===========================  ======  =====================================================
-ChainError                   422     approvers can't be resolved / quorum is unsatisfiable
-RuleMismatchError            409     the rule passed in is not the one the request runs
-ActionRenderError            500     a ValueRenderer raised while rendering an action
-InvalidDecisionError         400     decision is not "approve" / "reject"
-PermissionDeniedError        403     base of the two below
-  NotAnApproverError         403     voter is not assigned to the open step (and not admin)
-  RecallNotAllowedError      403     recall by someone other than the submitter / an admin
-ConflictError                409     base of the four below
-  RequestClosedError         409     vote / recall on an approved, rejected, ... request
-  StepClosedError            409     vote naming a step (or step round) already decided
-  StaleStepError             409     vote naming a step that is not the current one
-  DuplicateVoteError         409     the same approver voting twice on the same step round
-===========================  ======  =====================================================
+===========================  =====================================================
+class (base)                 raised when
+===========================  =====================================================
+ChainError (fatal)           approvers can't be resolved / quorum is unsatisfiable
+ActionRenderError (fatal)    a ValueRenderer raised while rendering an action
+RuleMismatchError            the rule passed in is not the one the request runs
+InvalidDecisionError         decision is not "approve" / "reject"
+PermissionDeniedError        base of the two below
+  NotAnApproverError         voter is not assigned to the open step (and not admin)
+  RecallNotAllowedError      recall by someone other than the submitter / an admin
+ConflictError                base of the four below
+  RequestClosedError         vote / recall on an approved, rejected, ... request
+  StepClosedError            vote naming a step (or step round) already decided
+  StaleStepError             vote naming a step that is not the current one
+  DuplicateVoteError         the same approver voting twice on the same step round
+===========================  =====================================================
+
+The two fatal ones are mapping (or record data) problems a person must fix: the worker
+dead-letters the event that hit them instead of retrying it.
 
 The engine raises before changing anything, so after any of these the caller's state is
 exactly what it was.
@@ -26,14 +30,16 @@ exactly what it was.
 
 from __future__ import annotations
 
+from connector.errors import CrmApprovalsError, FatalError
 
-class ApprovalError(Exception):
+
+class ApprovalError(CrmApprovalsError):
     """Base class of everything the approval engine raises on purpose."""
 
     code = "approval_error"
 
 
-class ChainError(ApprovalError):
+class ChainError(ApprovalError, FatalError):
     """A step's approver chain can't be built: unknown role, nobody resolved, bad quorum.
 
     ``step`` is the step name and ``source`` a human description of the approver source
@@ -60,7 +66,7 @@ class RuleMismatchError(ApprovalError):
     code = "rule_mismatch"
 
 
-class ActionRenderError(ApprovalError):
+class ActionRenderError(ApprovalError, FatalError):
     """A ValueRenderer failed; names the canonical field so the mapping can be fixed."""
 
     code = "action_render_error"
@@ -78,7 +84,7 @@ class InvalidDecisionError(ApprovalError, ValueError):
 
 
 class PermissionDeniedError(ApprovalError):
-    """The actor may not perform this operation (maps to 403)."""
+    """The actor may not perform this operation."""
 
     code = "permission_denied"
 
@@ -96,7 +102,7 @@ class RecallNotAllowedError(PermissionDeniedError):
 
 
 class ConflictError(ApprovalError):
-    """The operation does not fit the request's current state (maps to 409)."""
+    """The operation does not fit the request's current state."""
 
     code = "conflict"
 

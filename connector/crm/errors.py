@@ -2,7 +2,9 @@
 
 Retriable (429, 5xx, time-outs, the CRM's own "slow down" codes) are retried with backoff
 that honours Retry-After. Fatal ones (validation, bad field, missing record) are never
-retried: they go to the dead-letter table with the CRM's own message.
+retried: they go to the dead-letter table with the CRM's own message. The two bases here
+are the CRM kind of the project-wide ones in connector/errors.py, which the inbox and the
+outbox branch on.
 """
 
 from __future__ import annotations
@@ -11,8 +13,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
+from connector import errors
 
-class CRMError(Exception):
+
+class CRMError(errors.CrmApprovalsError):
+    """A CRM refused or failed a call. ``code`` is the CRM's own error code (None when it gave
+    none), ``status`` the HTTP status the CRM answered, ``fields`` the fields it named."""
+
     def __init__(
         self,
         message: str,
@@ -21,9 +28,7 @@ class CRMError(Exception):
         status: int | None = None,
         fields: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
+        super().__init__(message, code=code)
         self.status = status
         self.fields = fields
 
@@ -32,11 +37,19 @@ class CRMError(Exception):
         return ": ".join(p for p in parts if p)
 
 
-class RetriableError(CRMError):
+class RetriableError(CRMError, errors.RetriableError):
     """Try again later; `retry_after` is the CRM's own hint in seconds, when it gave one."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: object) -> None:
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        fields: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message, code=code, status=status, fields=fields)
         self.retry_after = retry_after
 
 
@@ -44,7 +57,7 @@ class RateLimitedError(RetriableError):
     pass
 
 
-class FatalError(CRMError):
+class FatalError(CRMError, errors.FatalError):
     """The CRM refused the request itself; retrying cannot help."""
 
 

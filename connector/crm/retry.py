@@ -1,4 +1,5 @@
-"""One retry policy for every adapter (tenacity): retriable errors only, honouring Retry-After."""
+"""One retry policy for every adapter (tenacity): retriable errors only (connector.errors.RetriableError,
+which every CRM retriable error is), honouring Retry-After."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from connector.crm.errors import RetriableError
+from connector.errors import RetriableError
 
 T = TypeVar("T")
 

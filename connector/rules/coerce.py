@@ -22,6 +22,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 from connector.approvals.spec import FieldType
+from connector.errors import FatalError
 
 FIELD_TYPES: tuple[FieldType, ...] = (
     "string",
@@ -44,8 +45,10 @@ _TRUE = frozenset({"true", "yes", "1"})
 _FALSE = frozenset({"false", "no", "0"})
 
 
-class CoercionError(ValueError):
+class CoercionError(FatalError, ValueError):
     """A value that cannot be read as the field's type. The message says why."""
+
+    code = "coercion_error"
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from functools import partial
 from typing import Any
 
 from connector.approvals.spec import ConditionTrace, EvalContext, FieldSpec
+from connector.errors import CrmApprovalsError
 from connector.rules.coerce import (
     COERCERS,
     FIELD_TYPES,
@@ -98,11 +99,11 @@ _CASE_OPERATORS = frozenset(
 _TRUE_WHEN_BLANK = frozenset({"ne", "not_in"})
 
 
-class _LiteralError(Exception):
+class _LiteralError(CrmApprovalsError):
+    """A literal in a criterion that cannot be read; becomes a MappingError."""
+
     def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
+        super().__init__(message, hint=hint)
 
 
 # --- explain-able node tree ----------------------------------------------------------

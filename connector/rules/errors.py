@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from connector.errors import FatalError
+
 # A path into the YAML document: mapping keys (str) and sequence indexes (int).
 KeyPath = tuple[str | int, ...]
 
@@ -38,8 +40,10 @@ class MappingError:
         return f"{text}; hint: {self.hint}" if self.hint else text
 
 
-class MappingLoadError(Exception):
+class MappingLoadError(FatalError):
     """Raised by :func:`connector.rules.load_mapping_file`; carries every error found."""
+
+    code = "mapping_error"
 
     def __init__(self, errors: Iterable[MappingError]) -> None:
         self.errors: list[MappingError] = list(errors)

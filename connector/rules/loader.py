@@ -43,6 +43,7 @@ from connector.approvals.spec import (
     UserApprovers,
     ValueMapApprovers,
 )
+from connector.errors import CrmApprovalsError
 from connector.rules.coerce import CoercionError, coerce, parse_duration
 from connector.rules.criteria import COMBINATORS, always, compile_criterion
 from connector.rules.errors import (
@@ -100,10 +101,12 @@ _MappingYamlLoader.add_implicit_resolver(
 )
 
 
-class _YamlError(Exception):
+class _YamlError(CrmApprovalsError):
+    """One problem while reading the YAML tree; becomes a MappingError with its line."""
+
     def __init__(self, path: KeyPath, line: int, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.path, self.line, self.message, self.hint = path, line, message, hint
+        super().__init__(message, hint=hint)
+        self.path, self.line = path, line
 
 
 class _NodeReader:

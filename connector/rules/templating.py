@@ -26,6 +26,7 @@ from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, meta, nodes
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from connector.errors import FatalError
 from connector.rules.errors import did_you_mean, one_of
 
 # Variables available at render time, as connector.approvals.actions.template_variables
@@ -57,16 +58,20 @@ TEMPLATE_VARIABLES: dict[str, frozenset[str] | None] = {
 _VIEW_VARIABLES = ("record", "request", "rule")
 
 
-class TemplateCompileError(Exception):
+class TemplateCompileError(FatalError):
     """A template problem found at load time: a list of (message, hint) pairs."""
+
+    code = "template_compile_error"
 
     def __init__(self, problems: list[tuple[str, str | None]]) -> None:
         self.problems = problems
         super().__init__("; ".join(message for message, _ in problems))
 
 
-class TemplateRenderError(Exception):
+class TemplateRenderError(FatalError):
     """A template failed while rendering (missing variable, blocked attribute, bad maths)."""
+
+    code = "template_render_error"
 
     def __init__(self, message: str, *, source: str, location: str = "") -> None:
         self.source = source

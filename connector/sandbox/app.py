@@ -25,6 +25,7 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from connector.config import ConfigError, ConnectionConfig, Settings
+from connector.errors import CrmApprovalsError
 from connector.events import parse_timestamp
 from connector.sandbox.seed import ensure_seeded
 from connector.sandbox.store import (
@@ -124,7 +125,11 @@ def _webhook_secrets(connection: ConnectionConfig) -> tuple[str, ...]:
 # --- API errors and rate limit ----------------------------------------------------------------
 
 
-class ApiError(Exception):
+class ApiError(CrmApprovalsError):
+    """A refusal of the sandbox CRM's own API, sent as its error body with `status`."""
+
+    code: str
+
     def __init__(
         self,
         status: int,
@@ -133,11 +138,8 @@ class ApiError(Exception):
         hint: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, code=code, hint=hint)
         self.status = status
-        self.code = code
-        self.message = message
-        self.hint = hint
         self.headers = dict(headers or {})
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from connector.clock import utcnow
+from connector.errors import CrmApprovalsError
 
 Clock = Callable[[], datetime]
 
@@ -156,13 +157,13 @@ CREATE INDEX IF NOT EXISTS ix_outgoing_due ON outgoing_webhooks (delivered_at, n
 """
 
 
-class RecordError(Exception):
+class RecordError(CrmApprovalsError):
     """Why one record could not be written: the API's per-record error."""
 
+    code: str
+
     def __init__(self, code: str, message: str, field_name: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code)
         self.field = field_name
 
     def to_json(self) -> dict[str, Any]:

@@ -38,8 +38,9 @@ SUBMITTER_FIELDS = ("submitter", "owner")  # canonical fields naming who submitt
 
 
 class RuleGoneError(ConflictError):
+    """The request's rule is no longer in the mapping files."""
+
     code = "rule_gone"
-    status = 409
 
 
 @dataclass

@@ -19,11 +19,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from connector.approvals.errors import ChainError
 from connector.approvals.spec import EvalContext, MappingSpec
 from connector.clock import utcnow
 from connector.config import Settings
-from connector.crm.errors import FatalError
+from connector.errors import FatalError
 from connector.events import RecordChangeEvent
 from connector.rules import MappingSet
 from connector.runtime import Runtime
@@ -93,10 +92,9 @@ class Pipeline:
             ctx = build_context(spec, prepared.values, previous, changed)
             try:
                 summaries += self.approvals.on_record_change(session, record, spec, ctx)
-            except ChainError as exc:  # nobody to approve: a mapping/data problem a person must fix
-                raise FatalError(
-                    f"{spec.source_path}: {exc}", code=getattr(exc, "code", "chain_error")
-                ) from exc
+            except FatalError as exc:  # nobody to approve, a broken template: the inbox dead-letters it
+                exc.add_note(f"mapping file {spec.source_path}")  # so its message says which file to fix
+                raise
         return "; ".join(summaries) or "no rule matched"
 
 

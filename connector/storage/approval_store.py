@@ -24,6 +24,7 @@ from connector.approvals.lifecycle import (
     Transition,
     Vote,
 )
+from connector.errors import RetriableError
 from connector.storage.models import (
     ApprovalRequestRow,
     ApprovalStepRow,
@@ -34,9 +35,10 @@ from connector.storage.models import (
 T = TypeVar("T")
 
 
-class StaleRequestError(ConflictError):
+class StaleRequestError(ConflictError, RetriableError):
+    """Someone changed the request between our read and our write; a retry reads it afresh."""
+
     code = "stale_request"
-    status = 409
 
 
 @dataclass(frozen=True)

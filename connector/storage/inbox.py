@@ -19,7 +19,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.clock import utcnow
-from connector.crm.errors import FatalError, RetriableError
+from connector.errors import FatalError, RetriableError
 from connector.events import RecordChangeEvent
 from connector.storage import audit
 from connector.storage.db import insert_ignoring_conflicts, transaction
@@ -32,7 +32,10 @@ class EventProcessor(Protocol):
     """What the worker does with one event, split so no network call holds a DB lock."""
 
     def prepare(self, event: RecordChangeEvent) -> Any:
-        """Outside any transaction: fetch what the event lacks from the CRM (may raise CRM errors)."""
+        """Outside any transaction: fetch what the event lacks from the CRM.
+
+        Raise a connector.errors.RetriableError to be retried later, a FatalError to be
+        dead-lettered at once; anything else counts as a bug (logged, retried, then dead)."""
 
     def apply(self, session: Session, event: RecordChangeEvent, prepared: Any) -> str:
         """Inside the event's transaction: record every effect; return a one-line summary."""
@@ -200,7 +203,7 @@ def _record_failure(
         row = session.get(InboxEvent, event_id)
         assert row is not None
         row.attempts += 1
-        row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
+        row.last_error = f"{type(exc).__name__}: {describe(exc)}"[:2000]
         if row.attempts < max_attempts:
             row.next_attempt_at = utcnow() + timedelta(seconds=retry_after or backoff_seconds(row.attempts))
             return "retried"
@@ -216,11 +219,16 @@ def _record_failure(
                 payload=RecordChangeEvent.from_row(row).to_row()
                 | {"occurred_at": row.occurred_at.isoformat()},
                 error_code=getattr(exc, "code", None),
-                error_message=str(exc),
+                error_message=describe(exc),
                 error_fields=list(getattr(exc, "fields", ()) or ()),
             )
         )
         return "dead"
+
+
+def describe(exc: BaseException) -> str:
+    """The error's message plus the notes a caller added on the way up (e.g. the mapping file)."""
+    return "; ".join([str(exc), *getattr(exc, "__notes__", ())])
 
 
 def _audit_received(session: Session, row: InboxEvent) -> None:

@@ -26,7 +26,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from connector.clock import utcnow
 from connector.crm.base import CRMAdapter, RecordUpdate, UpdateResult
-from connector.crm.errors import AuthError, CRMError, RetriableError
+from connector.crm.errors import AuthError, CRMError
+from connector.errors import CrmApprovalsError, FatalError, RetriableError
 from connector.storage import audit
 from connector.storage.db import transaction
 from connector.storage.inbox import backoff_seconds
@@ -160,7 +161,7 @@ def _send(
     except (RetriableError, AuthError) as exc:
         # The whole call failed before the CRM applied anything: everything goes back.
         results = [_failed(u.record_id, exc, retriable=True) for u in updates]
-    except CRMError as exc:
+    except FatalError as exc:
         results = [_failed(u.record_id, exc, retriable=False) for u in updates]
     with transaction(sessions) as session:
         for item, result in zip(items, results, strict=True):
@@ -175,15 +176,15 @@ class _FailedResult(UpdateResult):
     retry_after: float | None = None
 
 
-def _failed(record_id: str, exc: CRMError, *, retriable: bool) -> UpdateResult:
+def _failed(record_id: str, exc: CrmApprovalsError, *, retriable: bool) -> UpdateResult:
     return _FailedResult(
         record_id=record_id,
         ok=False,
         error_code=exc.code,
         message=str(exc),
-        fields=exc.fields,
+        fields=exc.fields if isinstance(exc, CRMError) else (),
         retriable=retriable,
-        retry_after=getattr(exc, "retry_after", None),
+        retry_after=exc.retry_after if isinstance(exc, RetriableError) else None,
     )
 
 
@@ -272,7 +273,7 @@ def recover_in_doubt(
         field_names = sorted({name for fields in wanted.values() for name in fields})
         try:
             current = adapters(connection).get_records(object_type, [k[2] for k in keys], field_names)
-        except CRMError as exc:
+        except CrmApprovalsError as exc:
             log.warning(
                 "read-back for in-doubt %s/%s updates failed, will retry: %s", connection, object_type, exc
             )

@@ -10,16 +10,23 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from connector import errors
+from connector.approvals.errors import ChainError
 from connector.clock import utcnow
+from connector.config import ConfigError
 from connector.crm.errors import FatalError, RetriableError
 from connector.events import RecordChangeEvent
 from connector.runtime import Runtime
-from connector.storage.inbox import accept, process_pending
+from connector.storage.approval_store import StaleRequestError
+from connector.storage.inbox import accept, backoff_seconds, process_pending
 from connector.storage.models import DeadLetter, InboxEvent, OutboxUpdate
+from connector.storage.outbox import enqueue_update
 from tests.processors import CountingProcessor
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,6 +109,82 @@ def test_fatal_crm_error_dead_letters_the_event_with_the_crm_message(runtime: Ru
         letter = session.scalars(select(DeadLetter)).one()
     assert (letter.kind, letter.record_id, letter.error_code) == ("inbox", "D-1", "ENTITY_IS_DELETED")
     assert "entity is deleted" in letter.error_message
+
+
+class ApplyFailing(CountingProcessor):
+    """Fails inside the event's transaction, where the approval engine raises its errors."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def apply(self, session: Session, event: RecordChangeEvent, prepared: Any) -> str:
+        enqueue_update(session, event.connection, event.object_type, event.record_id, {"Seen": "x"})
+        raise self.error
+
+
+def with_note(error: Exception, note: str) -> Exception:
+    error.add_note(note)
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (
+            with_note(
+                ChainError("manager", "field 'owner_manager'", "resolved to nobody"), "mappings/deals.yaml"
+            ),
+            "chain_error",
+            "step 'manager': field 'owner_manager': resolved to nobody; mappings/deals.yaml",
+        ),
+        (ConfigError("SANDBOX_API_TOKEN is not set"), "config_error", "SANDBOX_API_TOKEN is not set"),
+        (
+            errors.FatalError("the record has no owner", code="no_owner"),
+            "no_owner",
+            "the record has no owner",
+        ),
+    ],
+)
+def test_a_fatal_error_of_any_origin_dead_letters_at_the_first_attempt(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture, error: Exception, code: str, message: str
+) -> None:
+    accept(runtime.sessions, [event(1)])
+    assert process_pending(runtime.sessions, ApplyFailing(error)).dead == 1
+    with runtime.sessions() as session:
+        row = session.scalars(select(InboxEvent)).one()
+        letter = session.scalars(select(DeadLetter)).one()
+    assert (row.status, row.attempts) == ("dead", 1)
+    assert (letter.kind, letter.error_code, letter.error_message) == ("inbox", code, message)
+    assert count(runtime, OutboxUpdate) == 0  # the failed apply rolled back
+    assert "processing inbox event" not in caplog.text  # expected, so not logged as a bug
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        StaleRequestError("request R-1 changed since it was read (version 3, now 4)"),
+        errors.RetriableError("the approver directory is busy", retry_after=600),
+    ],
+)
+def test_a_retriable_error_of_any_origin_is_retried_later(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture, error: errors.RetriableError
+) -> None:
+    accept(runtime.sessions, [event(1)])
+    processor = ApplyFailing(error)
+    assert process_pending(runtime.sessions, processor, max_attempts=2).retried == 1
+    with runtime.sessions() as session:
+        row = session.scalars(select(InboxEvent)).one()
+    assert (row.status, row.attempts) == ("pending", 1)
+    assert row.last_error == f"{type(error).__name__}: {error}"
+    wait = error.retry_after or backoff_seconds(1)  # the error's own hint, else the usual backoff
+    assert row.next_attempt_at is not None
+    assert wait - 5 < (row.next_attempt_at - utcnow()).total_seconds() <= wait
+    assert count(runtime, OutboxUpdate) == 0 and count(runtime, DeadLetter) == 0
+    assert "processing inbox event" not in caplog.text
+    # Still failing at the last attempt: dead-lettered like anything else that never succeeds.
+    later = utcnow() + timedelta(hours=1)
+    assert process_pending(runtime.sessions, processor, now=later, max_attempts=2).dead == 1
 
 
 @pytest.mark.slow

@@ -3,12 +3,17 @@ exactly-once when the worker dies between sending and committing."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
 
+from connector import errors
 from connector.clock import utcnow
+from connector.config import ConfigError
+from connector.crm.base import RecordUpdate, UpdateResult
+from connector.crm.retry import NO_WAIT
 from connector.runtime import Runtime
 from connector.storage.db import transaction
 from connector.storage.models import DeadLetter, OutboxUpdate
@@ -87,6 +92,38 @@ def test_retriable_failures_dead_letter_after_max_attempts(runtime: Runtime) -> 
         later += timedelta(hours=2)
         flush(runtime.sessions, lambda _name: crm, max_attempts=3, now=later)
     assert statuses(runtime) == {1: "dead"}
+
+
+class FailingCRM(MemoryCRM):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def _update_batch(self, object_type: str, updates: Sequence[RecordUpdate]) -> list[UpdateResult]:
+        self.update_calls.append(list(updates))
+        raise self.error
+
+
+def test_a_fatal_error_of_any_origin_dead_letters_the_batch(runtime: Runtime) -> None:
+    crm = FailingCRM(ConfigError("SANDBOX_API_TOKEN is not set; copy it from the sandbox page"))
+    enqueue(runtime, "D-1", {"Status": "Approved"})
+    assert flush(runtime.sessions, lambda _name: crm).dead == 1
+    with runtime.sessions() as session:
+        letter = session.scalars(select(DeadLetter)).one()
+    assert (letter.error_code, letter.error_fields) == ("config_error", [])
+    assert letter.error_message == "SANDBOX_API_TOKEN is not set; copy it from the sandbox page"
+    assert len(crm.update_calls) == 1
+
+
+def test_a_retriable_error_of_any_origin_keeps_the_update_pending(runtime: Runtime) -> None:
+    crm = FailingCRM(errors.RetriableError("the token service is busy", retry_after=900))
+    enqueue(runtime, "D-1", {"Status": "Approved"})
+    assert flush(runtime.sessions, lambda _name: crm).retried == 1
+    with runtime.sessions() as session:
+        row = session.scalars(select(OutboxUpdate)).one()
+    assert (row.status, row.last_error) == ("pending", "the token service is busy")
+    assert row.next_attempt_at is not None and row.next_attempt_at > utcnow() + timedelta(seconds=890)
+    assert len(crm.update_calls) == NO_WAIT.attempts  # the adapter's retry policy retries it too
 
 
 def test_idempotency_key_enqueues_once(runtime: Runtime) -> None:

@@ -23,7 +23,6 @@ from sqlalchemy import func, select
 from werkzeug.serving import make_server
 
 from connector.approvals.errors import (
-    ActionRenderError,
     ApprovalError,
     ChainError,
     InvalidDecisionError,
@@ -48,8 +47,8 @@ from connector.storage.models import (
 )
 from connector.storage.tokens import create_token, revoke_token
 from connector.worker import Tasks, make_huey
-from webhooks.api import approval_error_status
 from webhooks.app import create_app
+from webhooks.errors import http_status
 
 BIG_DEAL_RULE = """
   - name: big-deal
@@ -529,6 +528,13 @@ def test_malformed_vote_bodies_are_4xx(
     error_of(response, status, code)
 
 
+def test_a_body_over_the_size_limit_is_413(opened: tuple[World, str]) -> None:
+    world, request_id = opened
+    body = {"comment": "x" * (world.runtime.settings.webhook_max_body_bytes + 1)}
+    error = error_of(world.vote("u-gm", request_id, **body), 413, "body_too_large")
+    assert "WEBHOOK_MAX_BODY_BYTES" in error["hint"]
+
+
 def test_recall_accepts_only_a_comment(opened: tuple[World, str]) -> None:
     world, request_id = opened
     error_of(world.post("u-rep", f"/requests/{request_id}/recall", {"step_index": 1}), 400, "unknown_field")
@@ -547,6 +553,20 @@ def test_vote_after_the_rule_left_the_mappings_is_409_rule_gone(opened: tuple[Wo
     error = error_of(world.vote("u-gm", request_id), 409, "rule_gone")
     assert "big-deal" in error["message"]
     assert "restore" in error["hint"]
+
+
+def test_a_failing_action_template_at_vote_time_is_503_naming_the_field(world: World) -> None:
+    """An admin's template, not the voter's request, is at fault (docs/api.md, Errors)."""
+    request_id = world.submit()
+    world.approve_steps(request_id, "u-mgr", "u-gm")  # finance is next; its vote approves
+    broken = BIG_DEAL_RULE.replace("{set: {status: Approved}}", "{set: {status: \"{{ today + 'x' }}\"}}")
+    write_mapping(world.mapping_file, broken, BOARD_RULE)
+    assert world.pipeline.mappings.reload() == []
+    before = written_rows(world.runtime)
+    error = error_of(world.vote("u-fin-1", request_id), 503, "action_render_error")
+    assert "'status'" in error["message"] and "an admin must fix" in error["hint"]
+    assert written_rows(world.runtime) == before
+    assert world.get("u-admin", f"/requests/{request_id}").get_json()["status"] == "pending"
 
 
 def test_without_the_approval_engine_changes_are_503(
@@ -722,7 +742,6 @@ def test_vote_racing_a_committed_duplicate_is_409_not_500(
     ("error", "status"),
     [
         (ChainError("finance", "group 'finance'", "nobody resolved"), 422),
-        (ActionRenderError("status", ValueError("bad")), 422),
         (RuleMismatchError("step renamed"), 409),
         (InvalidDecisionError("maybe"), 400),
         (StaleRequestError("moved on"), 409),
@@ -732,4 +751,4 @@ def test_vote_racing_a_committed_duplicate_is_409_not_500(
 def test_engine_errors_that_requests_cannot_easily_provoke_map_to_4xx(
     error: ApprovalError, status: int
 ) -> None:
-    assert approval_error_status(error) == status
+    assert http_status(error) == status
