@@ -166,13 +166,16 @@ class OAuthTokens:
         """One call to the token endpoint; the caller holds the lock."""
         fields = self.endpoint.fields(self.client_id, self._client_secret, self._refresh_token)
         body = {"data": fields} if self.endpoint.method == "POST" else {"params": fields}
+        refused: TokenRefused | None = None
         try:
             response = send(self.session, self.endpoint.method, self.endpoint.url, self.timeout, **body)
             answer = self.endpoint.parse(response)
-        except TokenRefused as refused:
-            raise self._refused(refused) from None
+        except TokenRefused as exc:
+            refused = exc
         except CRMError as exc:  # throttled, server error, network: retriable, with no secret in it
             raise self._masked(exc) from None
+        if refused is not None:  # raised here, outside the handler, so nothing unmasked is chained
+            raise self._refused(refused)
         retiring = {self._refresh_token, self.cached.value if self.cached else ""}
         expires_at = self.clock() + answer.expires_in if answer.expires_in is not None else None
         rotated = bool(answer.refresh_token) and answer.refresh_token != self._refresh_token

@@ -269,9 +269,11 @@ class BitrixTokenEndpoint(TokenEndpoint):
     and `expires_in: 3600`; a refusal is {"error": "invalid_grant" | "PAYMENT_REQUIRED" | ...}."""
 
     method: ClassVar[str] = "GET"
-    url: str = TOKEN_URL
-    issuer: str = "the Bitrix24 authorization server"
-    hint: str = "re-authorise the app for a new refresh token (they last 180 days and rotate on every renewal)"
+    url: str
+    issuer: str
+    hint: str = (
+        "re-authorise the app for a new refresh token (they last 180 days and rotate on every renewal)"
+    )
 
     def parse(self, response: requests.Response) -> TokenAnswer:
         if response.status_code >= 500 or response.status_code == 429:
@@ -314,7 +316,9 @@ class OAuthAuth:
 BitrixAuth = WebhookAuth | OAuthAuth
 
 
-def auth_from_connection(connection: ConnectionConfig, session: requests.Session, timeout: float) -> BitrixAuth:
+def auth_from_connection(
+    connection: ConnectionConfig, session: requests.Session, timeout: float
+) -> BitrixAuth:
     webhook_url = connection.get("WEBHOOK_URL")
     if webhook_url:
         return webhook_auth(connection, webhook_url)

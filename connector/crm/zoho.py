@@ -53,7 +53,7 @@ class ZohoTokenEndpoint(TokenEndpoint):
     """`POST {accounts}/oauth/v2/token`. The grant goes in a form body, not the query string the
     docs show (Zoho takes both), so no secret can end up in a URL or a log line. The answer is
     {"access_token", "api_domain", "token_type", "expires_in": 3600}, without a new refresh
-    token (Zoho's do not rotate). A bad refresh token is answered with HTTP 200 and {"error": "invalid_code"}."""
+    token (Zoho's do not rotate). A bad refresh token gets HTTP 200 and {"error": "invalid_code"}."""
 
     url: str
     issuer: str
