@@ -1,7 +1,8 @@
 """Bitrix24 adapter over the REST API (apidocs.bitrix24.com); details in docs/crms/bitrix24.md.
 
 Auth: an inbound webhook URL (its secret code is part of the path, so it never appears in
-an error) or an app's OAuth tokens, renewed at oauth.bitrix.info on `expired_token`.
+an error) or an app's OAuth tokens, renewed at oauth.bitrix.info through the shared
+`connector.crm.auth.OAuthTokens` (before they expire, and on `expired_token`/`invalid_token`).
 Reads: crm.deal.get / crm.company.get / crm.contact.get / crm.item.get (smart processes),
 several ids in one `batch` call. Writes: crm.*.update commands, 50 per `batch` call with
 halt=0, each command's result or error mapped back to its record.
@@ -16,11 +17,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar
-from urllib.parse import quote, quote_plus, urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import requests
 
 from connector.config import ConfigError, ConnectionConfig
+from connector.crm.auth import OAuthTokens, TokenAnswer, TokenEndpoint, TokenRefused, mask
 from connector.crm.base import CRMAdapter, FieldInfo, RecordUpdate, UpdateResult, chunked
 from connector.crm.errors import (
     AuthError,
@@ -45,10 +47,11 @@ DYNAMIC_PREFIX = (
 # Documented system codes: the leaky-bucket limit (503) and the per-method operating limit (429).
 RATE_LIMIT_CODES = frozenset({"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT"})
 TRANSIENT_CODES = RATE_LIMIT_CODES | {"INTERNAL_SERVER_ERROR", "ERROR_UNEXPECTED_ANSWER"}
+# The access token is dead but the refresh token may still work: renew and repeat the call once.
+EXPIRED_TOKEN_CODES = frozenset({"expired_token", "invalid_token"})
 # A record changed after the event was sent says nothing about who made *this* change.
 OWN_CHANGE_SLACK = timedelta(seconds=2)
 WEBHOOK_PATH = re.compile(r"^/rest/(?P<user>\d+)/(?P<code>[^/]+)/?$")
-MASK = "***"
 
 
 # --- objects ---------------------------------------------------------------------
@@ -190,12 +193,12 @@ def read_error(response: requests.Response) -> tuple[str | None, str]:
 
 
 def raise_for_bitrix(response: requests.Response) -> None:
-    """Bitrix's own codes first (expired_token and the limits), then the shared status map."""
+    """Bitrix's own codes first (a dead access token and the limits), then the shared status map."""
     if response.status_code < 400:
         return
     code, message = read_error(response)
     status = response.status_code
-    if code == "expired_token":
+    if code in EXPIRED_TOKEN_CODES:
         raise AuthExpiredError(message, code=code, status=status)
     if code in RATE_LIMIT_CODES:
         # No Retry-After is documented: the policy's backoff applies unless one is sent.
@@ -258,43 +261,79 @@ class WebhookAuth:
         return {self.code}
 
 
+@dataclass(frozen=True)
+class BitrixTokenEndpoint(TokenEndpoint):
+    """The documented renewal: `GET https://oauth.bitrix.info/oauth/token/?grant_type=refresh_token
+    &client_id=..&client_secret=..&refresh_token=..` (the credentials are in the URL, so OAuthTokens
+    masks every error). The answer carries a new refresh token every time (they rotate, 180 days)
+    and `expires_in: 3600`; a refusal is {"error": "invalid_grant" | "PAYMENT_REQUIRED" | ...}."""
+
+    method: ClassVar[str] = "GET"
+    url: str
+    issuer: str
+    hint: str = (
+        "re-authorise the app for a new refresh token (they last 180 days and rotate on every renewal)"
+    )
+
+    def parse(self, response: requests.Response) -> TokenAnswer:
+        if response.status_code >= 500 or response.status_code == 429:
+            raise_for_status(response, read_error)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code >= 400 or not isinstance(body, dict) or not body.get("access_token"):
+            code, message = (
+                error_parts(body) if isinstance(body, dict) else (None, "no access_token in the answer")
+            )
+            raise TokenRefused(code, message, response.status_code)
+        expires_in = body.get("expires_in")
+        return TokenAnswer(
+            access_token=str(body["access_token"]),
+            expires_in=float(expires_in) if expires_in is not None else None,
+            refresh_token=str(body.get("refresh_token") or "") or None,
+        )
+
+
 @dataclass
 class OAuthAuth:
-    """A local or market app: access token (1 hour) renewed with the refresh token."""
+    """A local or market app: an access token (1 hour) renewed with the refresh token."""
 
     domain: str
-    client_id: str
-    client_secret: str = field(repr=False)
-    refresh_token: str = field(repr=False)
-    access_token: str | None = field(default=None, repr=False)
-    token_url: str = TOKEN_URL
+    tokens: OAuthTokens
 
     @property
     def base_url(self) -> str:
         return f"https://{self.domain}/rest/"
 
     def auth_pairs(self) -> list[tuple[str, str]]:
-        return [("auth", self.access_token or "")]
+        return [("auth", self.tokens.current().value)]
 
     def secrets(self) -> set[str]:
-        return {s for s in (self.client_secret, self.refresh_token, self.access_token) if s}
+        return set(self.tokens.secrets())
 
 
 BitrixAuth = WebhookAuth | OAuthAuth
 
 
-def auth_from_connection(connection: ConnectionConfig) -> BitrixAuth:
+def auth_from_connection(
+    connection: ConnectionConfig, session: requests.Session, timeout: float
+) -> BitrixAuth:
     webhook_url = connection.get("WEBHOOK_URL")
     if webhook_url:
         return webhook_auth(connection, webhook_url)
-    return OAuthAuth(
-        domain=portal_host(connection.require("DOMAIN")),
+    token_url = connection.get("TOKEN_URL", TOKEN_URL) or TOKEN_URL
+    tokens = OAuthTokens(
+        BitrixTokenEndpoint(url=token_url, issuer=f"the Bitrix24 authorization server {token_url}"),
+        connection,
         client_id=connection.require("CLIENT_ID"),
         client_secret=connection.require("CLIENT_SECRET"),
         refresh_token=connection.require("REFRESH_TOKEN"),
-        access_token=connection.get("ACCESS_TOKEN"),
-        token_url=connection.get("TOKEN_URL", TOKEN_URL) or TOKEN_URL,
+        access_token=connection.get("ACCESS_TOKEN"),  # optional; its expiry is unknown
+        session=session,
+        timeout=timeout,
     )
+    return OAuthAuth(domain=portal_host(connection.require("DOMAIN")), tokens=tokens)
 
 
 def webhook_auth(connection: ConnectionConfig, url: str) -> WebhookAuth:
@@ -327,9 +366,8 @@ class Bitrix24Adapter(CRMAdapter):
         self, connection: ConnectionConfig, *, timeout: float = 30.0, retry: RetryPolicy | None = None
     ) -> None:
         super().__init__(connection, timeout=timeout, retry=retry)
-        self.auth: BitrixAuth = auth_from_connection(connection)
         self.session = requests.Session()
-        self._secrets: set[str] = self.auth.secrets()
+        self.auth: BitrixAuth = auth_from_connection(connection, self.session, timeout)
         webhook_user = self.auth.user_id if isinstance(self.auth, WebhookAuth) else None
         # The Bitrix user our writes run as: the webhook's owner, or set for OAuth apps.
         self.api_user_id: str | None = (connection.get("API_USER_ID") or "").strip() or webhook_user
@@ -495,22 +533,7 @@ class Bitrix24Adapter(CRMAdapter):
         """OAuth: renew both tokens (the refresh token rotates). Webhook URLs cannot expire."""
         if not isinstance(self.auth, OAuthAuth):
             return False
-        auth = self.auth
-        params = {
-            "grant_type": "refresh_token",
-            "client_id": auth.client_id,
-            "client_secret": auth.client_secret,
-            "refresh_token": auth.refresh_token,
-        }
-        try:
-            response = send(self.session, "GET", auth.token_url, self.timeout, params=params)
-            tokens = token_response(response)
-        except CRMError as exc:
-            raise self._masked(exc) from None
-        auth.access_token = tokens["access_token"]
-        auth.refresh_token = tokens.get("refresh_token") or auth.refresh_token
-        self._secrets |= auth.secrets()
-        log.info("bitrix24 %s: OAuth tokens renewed", self.connection.name)
+        self.auth.tokens.renew()
         return True
 
     # --- transport -------------------------------------------------------------------
@@ -528,9 +551,7 @@ class Bitrix24Adapter(CRMAdapter):
     def _call_method(self, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
         """One REST call as a form POST; returns the decoded body (result, next, total, time)."""
         try:
-            if isinstance(self.auth, OAuthAuth) and not self.auth.access_token:
-                self.refresh_auth()
-            data = php_pairs(params) + self.auth.auth_pairs()
+            data = php_pairs(params) + self.auth.auth_pairs()  # OAuth: renews a missing or expiring token
             response = send(self.session, "POST", self.auth.base_url + method, self.timeout, data=data)
             raise_for_bitrix(response)
             return decoded_body(response, method)
@@ -538,10 +559,7 @@ class Bitrix24Adapter(CRMAdapter):
             raise self._masked(exc) from None
 
     def _mask(self, text: str) -> str:
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            for spelling in {secret, quote(secret, safe=""), quote_plus(secret)}:
-                text = text.replace(spelling, MASK)
-        return text
+        return mask(text, self.auth.secrets())
 
     def _masked(self, exc: CRMError) -> CRMError:
         """The same error with every secret replaced; the caller drops the chained cause
@@ -623,25 +641,4 @@ def decoded_body(response: requests.Response, method: str) -> dict[str, Any]:
     if "error" in body and "result" not in body:
         code, message = error_parts(body)
         raise command_error(code, message)
-    return body
-
-
-def token_response(response: requests.Response) -> dict[str, Any]:
-    """The token server's answer; a refusal (invalid_grant, PAYMENT_REQUIRED...) is fatal."""
-    if response.status_code >= 500 or response.status_code == 429:
-        raise_for_status(response, read_error)
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if response.status_code >= 400 or not isinstance(body, dict) or not body.get("access_token"):
-        code, message = (
-            error_parts(body) if isinstance(body, dict) else (None, "no access_token in the answer")
-        )
-        raise AuthError(
-            f"renewing the OAuth tokens was refused: {message}; re-authorise the app and set a new "
-            "REFRESH_TOKEN (refresh tokens last 180 days and rotate on every renewal)",
-            code=code,
-            status=response.status_code,
-        )
     return body

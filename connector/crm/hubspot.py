@@ -2,8 +2,8 @@
 associations for related fields. Formats, limits and set-up: docs/crms/hubspot.md.
 
 Auth: a private-app token (`ACCESS_TOKEN`, never expires), or OAuth (`REFRESH_TOKEN` +
-`CLIENT_ID` + `CLIENT_SECRET`) where the access token is renewed before it expires and
-once more on a 401.
+`CLIENT_ID` + `CLIENT_SECRET`) through the shared `connector.crm.auth.OAuthTokens`: the access
+token is renewed before it expires and once more on a 401.
 
 Related fields are dotted `<associated object type>.<property>`, e.g. `companies.credit_score`
 on a deal: the value of the primary associated company (else the first HubSpot lists).
@@ -12,8 +12,8 @@ on a deal: the value of the primary associated company (else the first HubSpot l
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
@@ -21,8 +21,9 @@ from typing import Any
 import requests
 
 from connector.config import ConfigError, ConnectionConfig, Settings
+from connector.crm.auth import OAuthTokens, TokenAnswer, TokenEndpoint, TokenRefused
 from connector.crm.base import CRMAdapter, FieldInfo, RecordUpdate, UpdateResult, chunked
-from connector.crm.errors import AuthError, CRMError, FatalError, RateLimitedError, parse_retry_after
+from connector.crm.errors import CRMError, FatalError, RateLimitedError, parse_retry_after
 from connector.crm.http import raise_for_status, send
 from connector.crm.retry import RetryPolicy
 from connector.events import RecordChangeEvent
@@ -41,7 +42,30 @@ DEFAULT_LAST_MODIFIED = "hs_lastmodifieddate"
 ASSOCIABLE_OBJECTS = ("contacts", "companies", "deals", "tickets")
 OWN_CHANGE_SOURCE = "INTEGRATION"  # webhook changeSource of writes made with an app's token
 MIXED_ORIGIN = "MIXED"  # intake: one delivery coalesced changes from several sources
-TOKEN_EXPIRY_MARGIN = 60.0  # renew an OAuth token this many seconds before HubSpot expires it
+
+
+@dataclass(frozen=True)
+class HubSpotTokenEndpoint(TokenEndpoint):
+    """`POST /oauth/v1/token` with the grant as a form body; the answer is
+    {"access_token", "refresh_token", "expires_in": 1800, "token_type": "bearer"}."""
+
+    url: str
+    issuer: str = "HubSpot"
+    hint: str = "authorize the app again and set the refresh token of the new install"
+
+    def parse(self, response: requests.Response) -> TokenAnswer:
+        if response.status_code == 429 or response.status_code >= 500:
+            raise_for_status(response, read_hubspot_error)  # HubSpot's trouble, not ours: retriable
+        token = json_or_empty(response)
+        if response.status_code != 200 or not token.get("access_token"):
+            code, message = read_hubspot_error(response)
+            raise TokenRefused(code, message, response.status_code)
+        expires_in = token.get("expires_in")
+        return TokenAnswer(
+            access_token=str(token["access_token"]),
+            expires_in=float(expires_in) if expires_in is not None else None,
+            refresh_token=str(token.get("refresh_token") or "") or None,
+        )
 
 
 class HubSpotAdapter(CRMAdapter):
@@ -60,9 +84,22 @@ class HubSpotAdapter(CRMAdapter):
         self.base_url = (connection.get("BASE_URL") or API_BASE).rstrip("/")
         self.app_id = connection.get("APP_ID")
         self.session = session or requests.Session()
-        self._access_token = connection.get("ACCESS_TOKEN")
-        self._refresh_token = connection.get("REFRESH_TOKEN")
-        self._token_expires_at: float | None = None  # monotonic; None = unknown (no proactive renewal)
+        refresh_token = connection.get("REFRESH_TOKEN")
+        self._private_app_token = None if refresh_token else connection.get("ACCESS_TOKEN")
+        self.oauth_tokens = (
+            OAuthTokens(
+                HubSpotTokenEndpoint(self.base_url + TOKEN_PATH),
+                connection,
+                client_id=connection.require("CLIENT_ID"),
+                client_secret=connection.require("CLIENT_SECRET"),
+                refresh_token=refresh_token,
+                access_token=connection.get("ACCESS_TOKEN"),  # optional first token; its expiry is unknown
+                session=self.session,
+                timeout=self.timeout,
+            )
+            if refresh_token
+            else None
+        )
 
     @classmethod
     def from_config(cls, connection: ConnectionConfig, settings: Settings) -> HubSpotAdapter:
@@ -79,7 +116,7 @@ class HubSpotAdapter(CRMAdapter):
 
     @property
     def oauth(self) -> bool:
-        return self._refresh_token is not None
+        return self.oauth_tokens is not None
 
     # --- reads --------------------------------------------------------------------------
 
@@ -190,39 +227,14 @@ class HubSpotAdapter(CRMAdapter):
 
     def refresh_auth(self) -> bool:
         """OAuth mode: trade the refresh token for a new access token. Private-app tokens do not expire."""
-        if not self.oauth:
+        if self.oauth_tokens is None:
             return False
-        form = {
-            "grant_type": "refresh_token",
-            "client_id": self.connection.require("CLIENT_ID"),
-            "client_secret": self.connection.require("CLIENT_SECRET"),
-            "refresh_token": self._refresh_token,
-        }
-        response = send(self.session, "POST", self.base_url + TOKEN_PATH, self.timeout, data=form)
-        if response.status_code == 429 or response.status_code >= 500:
-            raise_for_status(response, read_hubspot_error)  # HubSpot's trouble, not ours: retriable
-        if response.status_code != 200:
-            code, message = read_hubspot_error(response)
-            raise AuthError(
-                f"hubspot connection {self.connection.name!r}: HubSpot refused the refresh token "
-                f"({message}); authorize the app again and update {self.connection.env_prefix}REFRESH_TOKEN",
-                code=code,
-                status=response.status_code,
-            )
-        token = response.json()
-        self._access_token = token["access_token"]
-        self._refresh_token = token.get("refresh_token") or self._refresh_token
-        expires_in = token.get("expires_in")
-        self._token_expires_at = (
-            time.monotonic() + float(expires_in) - TOKEN_EXPIRY_MARGIN if expires_in is not None else None
-        )
+        self.oauth_tokens.renew()
         return True
 
     def _authorization(self) -> dict[str, str]:
-        expired = self._token_expires_at is not None and time.monotonic() >= self._token_expires_at
-        if self.oauth and (self._access_token is None or expired):
-            self.refresh_auth()
-        return {"Authorization": f"Bearer {self._access_token}"}
+        token = self.oauth_tokens.current().value if self.oauth_tokens else self._private_app_token
+        return {"Authorization": f"Bearer {token}"}
 
     # --- HTTP ---------------------------------------------------------------------------
 

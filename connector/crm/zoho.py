@@ -1,4 +1,5 @@
-"""Zoho CRM adapter: OAuth refresh-token flow, data-centre aware, Records API (v6 by default).
+"""Zoho CRM adapter: OAuth refresh-token flow (the shared `connector.crm.auth.OAuthTokens`),
+data-centre aware, Records API (v6 by default).
 
 Formats and limits are documented in docs/crms/zoho.md with the Zoho pages they come from.
 Writes go through `PUT /crm/{version}/{module}` (at most 100 records, one result per record
@@ -11,13 +12,14 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import requests
 
 from connector.config import ConfigError, ConnectionConfig, Settings
+from connector.crm.auth import OAuthTokens, TokenAnswer, TokenEndpoint, TokenRefused
 from connector.crm.base import CRMAdapter, FieldInfo, RecordUpdate, UpdateResult, chunked
 from connector.crm.errors import AuthError, FatalError, RateLimitedError, RetriableError
 from connector.crm.http import json_error_reader, raise_for_status, send
@@ -43,13 +45,37 @@ EMBEDDED_LOOKUP_KEYS = frozenset({"id", "name", "email"})  # carried inside a lo
 API_NAME = re.compile(r"^[A-Za-z0-9_$]+$")
 SEARCH_PAGE_SIZE = 200
 MAX_SEARCH_CRITERIA = 10
-TOKEN_MARGIN_SECONDS = 60.0  # renew a little early so a call never starts with a dying token
+DEFAULT_TOKEN_LIFETIME = 3600.0  # seconds, when Zoho Accounts leaves out expires_in
 
 
 @dataclass(frozen=True)
-class AccessToken:
-    value: str = field(repr=False)
-    expires_at: float  # on the adapter's monotonic clock
+class ZohoTokenEndpoint(TokenEndpoint):
+    """`POST {accounts}/oauth/v2/token`. The grant goes in a form body, not the query string the
+    docs show (Zoho takes both), so no secret can end up in a URL or a log line. The answer is
+    {"access_token", "api_domain", "token_type", "expires_in": 3600}, without a new refresh
+    token (Zoho's do not rotate). A bad refresh token gets HTTP 200 and {"error": "invalid_code"}."""
+
+    url: str
+    issuer: str
+    hint: str = "a refresh token only works in the data centre it was made in"
+    extra_variables: tuple[str, ...] = ("DATA_CENTER",)
+
+    def parse(self, response: requests.Response) -> TokenAnswer:
+        if response.status_code >= 500:
+            raise_for_status(response, json_error_reader)
+        body = _json_object(response)
+        if not body.get("access_token"):
+            code = str(body.get("error") or f"HTTP {response.status_code}")
+            described = str(body.get("error_description") or "")
+            if "too many requests" in described.lower():  # Zoho Accounts throttles token refreshes
+                raise RateLimitedError(described, code=code, status=response.status_code, retry_after=60.0)
+            raise TokenRefused(code, described, response.status_code)
+        return TokenAnswer(
+            access_token=str(body["access_token"]),
+            expires_in=float(body.get("expires_in") or DEFAULT_TOKEN_LIFETIME),
+            refresh_token=str(body.get("refresh_token") or "") or None,  # not sent on a refresh
+            api_domain=str(body["api_domain"]).rstrip("/") if body.get("api_domain") else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -79,8 +105,8 @@ class ZohoAdapter(CRMAdapter):
     ) -> None:
         super().__init__(connection, timeout=timeout, retry=retry)
         self.client_id = connection.require("CLIENT_ID")
-        self._client_secret = connection.require("CLIENT_SECRET")
-        self._refresh_token = connection.require("REFRESH_TOKEN")
+        client_secret = connection.require("CLIENT_SECRET")
+        refresh_token = connection.require("REFRESH_TOKEN")
         default_accounts, default_api = data_center_urls(connection)
         self.accounts_url = (connection.get("ACCOUNTS_URL") or default_accounts).rstrip("/")
         self._api_domain_override = connection.get("API_DOMAIN")
@@ -89,8 +115,18 @@ class ZohoAdapter(CRMAdapter):
         self.trigger = parse_trigger(connection)
         self.own_user_ids = connection.get_list("API_USER_ID")
         self.session = session or requests.Session()
-        self._clock = clock
-        self._token: AccessToken | None = None
+        self.oauth_tokens = OAuthTokens(
+            ZohoTokenEndpoint(
+                url=f"{self.accounts_url}/oauth/v2/token", issuer=f"Zoho Accounts at {self.accounts_url}"
+            ),
+            connection,
+            client_id=self.client_id,
+            client_secret=client_secret,
+            refresh_token=refresh_token,
+            session=self.session,
+            timeout=self.timeout,
+            clock=clock,
+        )
         self._fields: dict[str, list[FieldInfo]] = {}
 
     @classmethod
@@ -100,50 +136,14 @@ class ZohoAdapter(CRMAdapter):
     # --- auth -------------------------------------------------------------------------
 
     def refresh_auth(self) -> bool:
-        self._token = self._request_token()
+        self.oauth_tokens.renew()
         return True
 
     def _access_token(self) -> str:
-        if self._token is None or self._token.expires_at - TOKEN_MARGIN_SECONDS <= self._clock():
-            self._token = self._request_token()
-        return self._token.value
-
-    def _request_token(self) -> AccessToken:
-        # Sent as a form body, not a query string, so no secret can end up in a URL or a log line.
-        form = {
-            "grant_type": "refresh_token",
-            "client_id": self.client_id,
-            "client_secret": self._client_secret,
-            "refresh_token": self._refresh_token,
-        }
-        url = f"{self.accounts_url}/oauth/v2/token"
-        response = send(self.session, "POST", url, self.timeout, data=form)
-        if response.status_code >= 500:
-            raise_for_status(response, json_error_reader)
-        body = _json_object(response)
-        if not body.get("access_token"):
-            raise self._token_error(response.status_code, body)
-        if body.get("api_domain") and not self._api_domain_override:
-            self.api_domain = str(body["api_domain"]).rstrip("/")
-        lifetime = float(body.get("expires_in") or 3600)
-        return AccessToken(str(body["access_token"]), self._clock() + lifetime)
-
-    def _token_error(self, status: int, body: Mapping[str, Any]) -> Exception:
-        # Zoho Accounts answers a bad refresh token with HTTP 200 and {"error": "invalid_code"}.
-        code = str(body.get("error") or f"HTTP {status}")
-        described = str(body.get("error_description") or "")
-        if "too many requests" in described.lower():  # Zoho Accounts throttles token refreshes
-            return RateLimitedError(described, code=code, status=status, retry_after=60.0)
-        names = ", ".join(
-            f"{self.connection.env_prefix}{k}" for k in ("CLIENT_ID", "CLIENT_SECRET", "REFRESH_TOKEN")
-        )
-        return AuthError(
-            f"zoho connection {self.connection.name!r}: Zoho Accounts at {self.accounts_url} refused the "
-            f"refresh token ({code}{': ' + described if described else ''}); check {names} and "
-            f"{self.connection.env_prefix}DATA_CENTER (a refresh token only works in its own data centre)",
-            code=code,
-            status=status,
-        )
+        token = self.oauth_tokens.current()
+        if token.api_domain and not self._api_domain_override:  # the token's own data centre wins
+            self.api_domain = token.api_domain
+        return token.value
 
     # --- HTTP -------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from connector.config import ConfigError, Settings, parse_connections
+from connector.crm.auth import AccessToken
 from connector.crm.base import RecordUpdate
 from connector.crm.errors import AuthError, FatalError, RateLimitedError
 from connector.crm.hubspot import HubSpotAdapter, rate_limited, to_hubspot_value
@@ -30,6 +31,7 @@ from tests.contract.harness_hubspot import (
     API,
     APP_ID,
     CLIENT_SECRET,
+    OAUTH_ACCESS_TOKEN,
     OAUTH_ENV,
     OAUTH_RENEWED_TOKEN,
     PRIVATE_APP_ENV,
@@ -750,7 +752,9 @@ def test_oauth_token_is_renewed_before_it_expires(rsps: responses.RequestsMock) 
     rsps.add(responses.POST, f"{API}/oauth/v1/token", json=oauth_token_response())
     rsps.add(responses.POST, UPDATE_URL, json=batch_response([simple_object("1000", {})]))
     adapter = make_adapter(OAUTH_ENV)
-    adapter._token_expires_at = time.monotonic() - 1  # as if the 30-minute token had run out
+    assert adapter.oauth_tokens is not None
+    # as if the 30-minute token had run out
+    adapter.oauth_tokens.cached = AccessToken(OAUTH_ACCESS_TOKEN, expires_at=time.monotonic() - 1)
     assert adapter.update_records("deals", updates(1))[0].ok
     assert rsps.calls[1].request.headers["Authorization"] == f"Bearer {OAUTH_RENEWED_TOKEN}"
 
