@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,6 @@ import click
 
 from connector.config import ConfigError, Settings
 from connector.logs import configure_logging
-from connector.modules import optional_module
 
 
 class Context:
@@ -72,7 +72,7 @@ def serve(ctx: Context, bind: str | None, workers: int, threads: int) -> None:
     Webhooks are written to the inbox and acknowledged; the `worker` command processes them.
     """
     from connector.server import serve_app
-    from connector.service.pipeline import build_runtime
+    from connector.wiring import build_runtime
     from webhooks.app import create_app
 
     settings = ctx.settings  # from --env-file, which the app must use too
@@ -92,7 +92,7 @@ def worker(ctx: Context, workers: int) -> None:
 
     Runs a sweep at start-up and every minute, so nothing a lost task left is forgotten.
     """
-    from connector.service.pipeline import build_runtime
+    from connector.wiring import build_runtime
     from connector.worker import Tasks, make_huey, run_consumer
 
     runtime = build_runtime(ctx.settings)
@@ -234,7 +234,7 @@ def _stop(processes: dict[str, subprocess.Popen[Any]]) -> None:
             p.kill()
 
 
-# Commands contributed by feature modules: each module exposes a click command or group.
+# Commands contributed by feature modules: each module's COMMANDS lists its click commands.
 COMMAND_MODULES = (
     "connector.commands.sandbox",
     "connector.commands.validate",
@@ -245,8 +245,7 @@ COMMAND_MODULES = (
 
 def _register_commands() -> None:
     for module_name in COMMAND_MODULES:
-        module = optional_module(module_name)
-        for command in module.COMMANDS if module else ():
+        for command in import_module(module_name).COMMANDS:
             main.add_command(command)
 
 

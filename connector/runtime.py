@@ -1,9 +1,12 @@
-"""What one process needs to do its work: settings, the database, CRM adapters and the
-event processor. The web app and the worker each build one from the same Settings."""
+"""What one process needs to do its work: settings, the database, CRM adapters and, in a
+process that judges events, the event processor, the live mapping files, the approval
+service and the jobs of the periodic sweep. `connector/wiring.py` builds a full one; the
+web app and the worker each build one from the same Settings."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -12,11 +15,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from connector.config import Settings
 from connector.crm.base import CRMAdapter
-from connector.crm.registry import build_adapter
+from connector.crm.registry import build_adapter, check_kinds
 from connector.storage.db import make_engine, make_session_factory
 
 if TYPE_CHECKING:
+    from connector.rules import MappingSet
+    from connector.service.approval_service import ApprovalService
     from connector.storage.inbox import EventProcessor
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """A job the worker's periodic sweep runs after the inbox and outbox (e.g. expiry)."""
+
+    name: str  # its key in the sweep's log summary
+    run: Callable[[Runtime], Any]
 
 
 @dataclass
@@ -25,11 +38,15 @@ class Runtime:
     engine: Engine
     sessions: sessionmaker[Session]
     processor: EventProcessor | None = None
+    mappings: MappingSet | None = None  # None: this process judges nothing
+    approvals: ApprovalService | None = None  # None: the API answers 503 to votes
+    sweep_jobs: list[SweepJob] = field(default_factory=list)
     _adapters: dict[str, CRMAdapter] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def from_settings(cls, settings: Settings, processor: EventProcessor | None = None) -> Runtime:
+        check_kinds(settings)
         engine = make_engine(settings.database_url)
         runtime = cls(settings=settings, engine=engine, sessions=make_session_factory(engine))
         runtime.processor = processor
@@ -52,7 +69,7 @@ class Runtime:
         """API quota use the CRMs reported on their last response (e.g. Sforce-Limit-Info)."""
         with self._lock:
             adapters = dict(self._adapters)
-        usage = {name: getattr(adapter, "api_usage", None) for name, adapter in adapters.items()}
+        usage = {name: adapter.api_usage for name, adapter in adapters.items()}
         return {name: f"{u.used}/{u.limit} used today" for name, u in usage.items() if u is not None}
 
     def close(self) -> None:

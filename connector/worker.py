@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,6 @@ from connector.storage.outbox import flush
 log = logging.getLogger(__name__)
 
 NUDGE_WINDOW = 0.25  # seconds: at most one inbox nudge per process per window
-
-# Extra periodic jobs (e.g. the approval expiry sweep) register here: name -> job(runtime).
-SWEEP_JOBS: dict[str, Callable[[Runtime], Any]] = {}
 
 
 def make_huey(queue_url: str, name: str = "crm-approvals") -> Huey:
@@ -76,14 +72,14 @@ class Tasks:
         return vars(report)
 
     def run_sweep(self) -> dict[str, Any]:
-        """Re-drive everything: pending events, pending and in-doubt updates, registered jobs."""
+        """Re-drive everything: pending events, pending and in-doubt updates, the runtime's sweep jobs."""
         summary: dict[str, Any] = {"inbox": self.run_inbox(), "outbox": self.run_outbox()}
         summary["api_usage"] = self.runtime.api_usage()
-        for name, job in SWEEP_JOBS.items():
+        for job in self.runtime.sweep_jobs:
             try:
-                summary[name] = job(self.runtime)
+                summary[job.name] = job.run(self.runtime)
             except Exception:  # one failing job must not stop the others
-                log.exception("sweep job %s failed", name)
+                log.exception("sweep job %s failed", job.name)
         log.info("sweep: %s", summary)
         return summary
 

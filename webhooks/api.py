@@ -33,7 +33,6 @@ from connector.approvals.lifecycle import (
 )
 from connector.errors import CrmApprovalsError
 from connector.service.approval_service import ApprovalService, to_wire
-from connector.service.pipeline import Pipeline
 from connector.storage import approval_store as store
 from connector.storage.approval_store import RecordKey, StoredRequest
 from connector.storage.db import transaction
@@ -208,15 +207,15 @@ def nudge_write_back(tasks: Tasks | None) -> None:
 
 
 def _approvals() -> ApprovalService:
-    processor = intake().runtime.processor
-    if not isinstance(processor, Pipeline):
+    service = intake().runtime.approvals
+    if service is None:
         raise WebhookError(
             503,
             "approvals_unavailable",
             "this server was started without the approval engine",
             "start it with `crm-approvals serve`, which loads the mapping files in MAPPINGS_DIR",
         )
-    return processor.approvals
+    return service
 
 
 def _load(session: Session, request_id: str) -> StoredRequest:

@@ -9,25 +9,17 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from connector.config import Settings
+from connector.crm.registry import KINDS
 from connector.errors import CrmApprovalsError
-from connector.modules import optional_module
 from connector.runtime import Runtime
-from connector.service.pipeline import Pipeline, build_runtime
+from connector.service.pipeline import refresh_mappings
+from connector.wiring import build_runtime
 from connector.worker import Tasks, make_huey
+from webhooks import api
 from webhooks.errors import WebhookError, refusal
-from webhooks.intake import Intake, log_rejection
+from webhooks.intake import Intake, intake_module, log_rejection, report_unconfigured_secrets
 
 log = logging.getLogger("webhooks")
-
-# Each module exposes `blueprint`; a module that is absent is simply not mounted.
-BLUEPRINT_MODULES = (
-    "webhooks.standard",
-    "webhooks.salesforce",
-    "webhooks.hubspot",
-    "webhooks.zoho",
-    "webhooks.bitrix24",
-    "webhooks.api",
-)
 
 
 def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Flask:
@@ -38,21 +30,22 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
     app = Flask("crm_approvals")
     app.config["MAX_CONTENT_LENGTH"] = runtime.settings.webhook_max_body_bytes
     app.extensions["crm_approvals"] = Intake(runtime, tasks)
-    for module_name in BLUEPRINT_MODULES:
-        module = optional_module(module_name)
-        if module is not None:
-            app.register_blueprint(module.blueprint)
+    # One intake blueprint per CRM kind (connector/crm/registry.py); a missing module fails here.
+    for module in dict.fromkeys(intake_module(kind) for kind in KINDS.values()):
+        app.register_blueprint(module.blueprint)
+    app.register_blueprint(api.blueprint)
+    report_unconfigured_secrets(runtime.settings)
     _register_error_handlers(app)
 
     @app.before_request
-    def refresh_mappings() -> None:
-        if request.path.startswith("/api/") and isinstance(runtime.processor, Pipeline):
-            runtime.processor.refresh_mappings()
+    def refresh_api_mappings() -> None:
+        if request.path.startswith("/api/") and runtime.mappings is not None:
+            refresh_mappings(runtime.mappings)
 
     @app.get("/healthz")
     def healthz() -> ResponseReturnValue:
         """Up, plus any mapping-file errors (the server keeps the last good set meanwhile)."""
-        errors = runtime.processor.mappings.errors if isinstance(runtime.processor, Pipeline) else ()
+        errors = runtime.mappings.errors if runtime.mappings is not None else ()
         return jsonify(status="ok", mapping_errors=[str(e) for e in errors])
 
     return app

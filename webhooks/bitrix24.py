@@ -20,10 +20,13 @@ from connector.crm.bitrix24 import DYNAMIC_PREFIX
 from connector.events import RecordChangeEvent
 from webhooks.errors import WebhookError, bad_request, unauthorized
 from webhooks.intake import (
-    DEFAULT_OBJECTS,
+    SecretSetting,
+    accepted_objects,
     check_object,
     intake,
+    record_change,
     require_content_type,
+    require_secret,
     resolve_connection,
 )
 from webhooks.signatures import check_timestamp, constant_time_equals
@@ -33,6 +36,13 @@ blueprint = Blueprint("bitrix24", __name__)
 KIND = "bitrix24"
 FORM = "application/x-www-form-urlencoded"
 SMART_PROCESS = "smart_process"  # in NAME_OBJECTS: accept every smart process (dynamic_<id>)
+APPLICATION_TOKEN = SecretSetting(
+    "APPLICATION_TOKEN",
+    "/webhooks/bitrix24",
+    "the outbound webhook's application token (or your app's, from ONAPPINSTALL)",
+    several=True,
+)
+SECRETS = (APPLICATION_TOKEN,)
 
 # event -> (object, change type); None = a smart process named by data[FIELDS][ENTITY_TYPE_ID].
 EVENTS: dict[str, tuple[str | None, str]] = {
@@ -49,10 +59,11 @@ EVENTS: dict[str, tuple[str | None, str]] = {
 
 @blueprint.post("/webhooks/bitrix24")
 def receive() -> ResponseReturnValue:
-    require_content_type(FORM)
     connection = resolve_connection(KIND)
+    expected = require_secret(connection, APPLICATION_TOKEN)
+    require_content_type(FORM)
     form = request.form
-    verify_application_token(connection, form.get("auth[application_token]"))
+    verify_application_token(connection, expected, form.get("auth[application_token]"))
     verify_portal(connection, form.get("auth[domain]"))
     event = parse_event(connection, form, intake().settings.webhook_tolerance_seconds)
     result = intake().store([event])
@@ -60,17 +71,11 @@ def receive() -> ResponseReturnValue:
     return jsonify(accepted=result.accepted, duplicates=result.duplicates), 200
 
 
-def verify_application_token(connection: ConnectionConfig, offered: str | None) -> None:
+def verify_application_token(
+    connection: ConnectionConfig, expected: tuple[str, ...], offered: str | None
+) -> None:
     """auth[application_token] against NAME_APPLICATION_TOKEN (comma-separated: several
     outbound webhooks, or a rotation), in constant time."""
-    expected = connection.get_list("APPLICATION_TOKEN")
-    if not expected:
-        raise WebhookError(
-            500,
-            "bad_secret_config",
-            f"{connection.env_prefix}APPLICATION_TOKEN is not set, so Bitrix24 deliveries cannot be verified",
-            "copy the outbound webhook's application token (or your app's, from ONAPPINSTALL) into it",
-        )
     if not offered:
         raise unauthorized(
             "missing_token",
@@ -121,14 +126,13 @@ def parse_event(connection: ConnectionConfig, form: MultiDict[str, str], toleran
     object_type = accepted_object(connection, object_name)
     # Bitrix24 gives no delivery id: event + object + id + send time identify one delivery.
     event_id = f"{name}:{object_type}:{record_id}:{ts}"
-    return RecordChangeEvent(
-        source=KIND,
-        connection=connection.name,
+    return record_change(
+        connection,
         object_type=object_type,
         record_id=record_id,
         event_id=event_id,
         occurred_at=datetime.fromtimestamp(ts, UTC),
-        dedupe_key=f"{connection.name}:{event_id}",
+        dedupe_id=event_id,
         change_type=change_type,
         changed_fields=(),  # only the id is sent: the worker fetches the record
         values=None,
@@ -141,7 +145,7 @@ def accepted_object(connection: ConnectionConfig, object_name: str) -> str:
     try:
         return check_object(connection, object_name)
     except WebhookError:
-        allowed = connection.get_list("OBJECTS", DEFAULT_OBJECTS[KIND])
+        allowed = accepted_objects(connection)
         if object_name.startswith(DYNAMIC_PREFIX) and SMART_PROCESS in (a.lower() for a in allowed):
             return object_name
         raise

@@ -22,8 +22,17 @@ from flask.typing import ResponseReturnValue
 from connector.config import ConnectionConfig
 from connector.crm.hubspot import MIXED_ORIGIN
 from connector.events import RecordChangeEvent
-from webhooks.errors import WebhookError, bad_request, unauthorized
-from webhooks.intake import check_object, intake, json_body, require_content_type, resolve_connection
+from webhooks.errors import bad_request, unauthorized
+from webhooks.intake import (
+    SecretSetting,
+    check_object,
+    intake,
+    json_body,
+    record_change,
+    require_content_type,
+    require_secret,
+    resolve_connection,
+)
 from webhooks.signatures import check_timestamp, constant_time_equals, hmac_sha256
 
 KIND = "hubspot"
@@ -52,6 +61,10 @@ MAX_ORIGIN = 64  # inbox column width
 MAX_EVENT_ID = 300
 
 blueprint = Blueprint(KIND, __name__)
+CLIENT_SECRET = SecretSetting(
+    "CLIENT_SECRET", "/webhooks/hubspot", "the HubSpot app's client secret (it signs every webhook)"
+)
+SECRETS = (CLIENT_SECRET,)
 
 
 @dataclass(frozen=True)
@@ -77,9 +90,10 @@ class HubSpotEvent:
 
 @blueprint.post("/webhooks/hubspot")
 def receive() -> ResponseReturnValue:
-    require_content_type("application/json")
     connection = resolve_connection(KIND)
-    verify_signature(connection, request.get_data(cache=True))
+    [secret] = require_secret(connection, CLIENT_SECRET)
+    require_content_type("application/json")
+    verify_signature(connection, secret, request.get_data(cache=True))
     events = parse_delivery(connection, json_body())
     result = intake().store(events)
     return jsonify(accepted=result.accepted, duplicates=result.duplicates), 202 if result.accepted else 200
@@ -88,15 +102,7 @@ def receive() -> ResponseReturnValue:
 # --- signature --------------------------------------------------------------------------
 
 
-def verify_signature(connection: ConnectionConfig, body: bytes) -> None:
-    secret = connection.get("CLIENT_SECRET")
-    if secret is None:
-        raise WebhookError(
-            500,
-            "missing_secret_config",
-            f"hubspot connection {connection.name!r} has no client secret to check signatures with",
-            f"set {connection.env_prefix}CLIENT_SECRET to the app's client secret",
-        )
+def verify_signature(connection: ConnectionConfig, secret: str, body: bytes) -> None:
     offered = request.headers.get(SIGNATURE_HEADER)
     if not offered:
         raise unauthorized(
@@ -190,14 +196,13 @@ def coalesce(connection: ConnectionConfig, events: Sequence[HubSpotEvent]) -> Re
     values = {e.property_name: e.property_value for e in ordered if e.property_name and not e.sensitive}
     origins = {e.origin for e in ordered}
     digest = hashlib.sha256("\n".join(sorted(e.fingerprint for e in ordered)).encode()).hexdigest()[:32]
-    return RecordChangeEvent(
-        source=KIND,
-        connection=connection.name,
+    return record_change(
+        connection,
         object_type=first.object_type,
         record_id=first.record_id,
         event_id=_joined_event_ids(ordered),
         occurred_at=from_milliseconds(latest.occurred_at_ms),
-        dedupe_key=f"{connection.name}:hubspot:{first.object_type}:{first.record_id}:{digest}",
+        dedupe_id=f"hubspot:{first.object_type}:{first.record_id}:{digest}",
         change_type=next((e.change_type for e in reversed(ordered) if e.change_type != "updated"), "updated"),
         changed_fields=() if whole_record else tuple(dict.fromkeys(e.property_name or "" for e in ordered)),
         values=values or None,

@@ -1,17 +1,25 @@
-"""What every intake endpoint shares: find the connection, read and check the body,
-write the events durably, nudge the worker, log rejections without secrets."""
+"""What every intake endpoint shares: find the connection, require its secret settings,
+read and check the body, build canonical events, write them durably, nudge the worker,
+log rejections without secrets.
+
+An intake module (named by its row in connector/crm/registry.py) exposes `blueprint`, a
+Flask blueprint, and `SECRETS`, the SecretSettings its endpoints verify deliveries with.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from types import ModuleType
 from typing import Any
 
 from flask import current_app, request
 
 from connector.config import ConnectionConfig, Settings
+from connector.crm.registry import CRMKind, crm_kind
 from connector.events import RecordChangeEvent
 from connector.runtime import Runtime
 from connector.storage.inbox import AcceptResult, GroupCommitInbox
@@ -20,14 +28,32 @@ from webhooks.errors import WebhookError, bad_request
 
 log = logging.getLogger("webhooks")
 
-# The objects each CRM kind accepts unless the connection lists its own (`NAME_OBJECTS`).
-DEFAULT_OBJECTS: dict[str, tuple[str, ...]] = {
-    "salesforce": ("Opportunity", "Account", "Contract", "Quote"),
-    "hubspot": ("deals", "companies", "contacts"),
-    "zoho": ("Deals", "Accounts", "Contacts", "Quotes"),
-    "bitrix24": ("deal", "company", "contact", "smart_process"),
-    "sandbox": ("deal", "company"),
-}
+
+@dataclass(frozen=True)
+class SecretSetting:
+    """A connection setting an endpoint cannot verify deliveries without. Missing, it is a
+    configuration error: logged at start-up, and a 503 at the endpoint (`require_secret`)."""
+
+    name: str  # read as <CONNECTION>_<name>, e.g. CLIENT_SECRET -> HUBSPOT_CLIENT_SECRET
+    endpoint: str  # the path it guards
+    what: str  # what to set it to, for the hint
+    several: bool = False  # comma-separated values are all accepted (rotation)
+
+    def values(self, connection: ConnectionConfig) -> tuple[str, ...]:
+        if self.several:
+            return connection.get_list(self.name)
+        value = connection.get(self.name)
+        return () if value is None else (value,)
+
+    def problem(self, connection: ConnectionConfig) -> WebhookError:
+        variable = f"{connection.env_prefix}{self.name}"
+        return WebhookError(
+            503,
+            "not_configured",
+            f"{connection.kind} connection {connection.name!r} cannot verify deliveries to {self.endpoint}: "
+            f"{variable} is not set",
+            f"set {variable} to {self.what}, then restart (docs/crms/{connection.kind}.md)",
+        )
 
 
 @dataclass
@@ -88,9 +114,49 @@ def resolve_connection(kind: str, name: str | None = None) -> ConnectionConfig:
     )
 
 
+def require_secret(connection: ConnectionConfig, secret: SecretSetting) -> tuple[str, ...]:
+    """The setting's configured values, or a 503 naming the variable to set."""
+    values = secret.values(connection)
+    if not values:
+        raise secret.problem(connection)
+    return values
+
+
+def intake_module(kind: CRMKind) -> ModuleType:
+    module = kind.intake_module()
+    missing = [name for name in ("blueprint", "SECRETS") if not hasattr(module, name)]
+    if missing:
+        raise ImportError(
+            f"CRM kind {kind.name!r}: intake module {kind.intake!r} has no {' or '.join(missing)}; "
+            "see docs/crms/adding-a-crm.md"
+        )
+    return module
+
+
+def unconfigured_secrets(settings: Settings) -> list[WebhookError]:
+    """Every secret setting a configured connection lacks, as the error its endpoint answers."""
+    problems = []
+    for connection in settings.connections.values():
+        secrets: Sequence[SecretSetting] = intake_module(crm_kind(connection.kind)).SECRETS
+        problems += [s.problem(connection) for s in secrets if not s.values(connection)]
+    return problems
+
+
+def report_unconfigured_secrets(settings: Settings) -> None:
+    """At start-up: the endpoints of a connection that lacks a secret setting refuse every
+    delivery (503) until it is set; say so now, naming the variable."""
+    for problem in unconfigured_secrets(settings):
+        log.error("%s; that endpoint answers 503 until then. To fix: %s", problem.message, problem.hint)
+
+
+def accepted_objects(connection: ConnectionConfig) -> tuple[str, ...]:
+    """The objects the connection accepts: NAME_OBJECTS, or its kind's defaults."""
+    return connection.get_list("OBJECTS", crm_kind(connection.kind).default_objects)
+
+
 def check_object(connection: ConnectionConfig, object_type: str) -> str:
     """The object type as configured (case-insensitive match), or a 422 naming the allowed ones."""
-    allowed = connection.get_list("OBJECTS", DEFAULT_OBJECTS.get(connection.kind, ()))
+    allowed = accepted_objects(connection)
     for name in allowed:
         if name.lower() == object_type.lower():
             return name
@@ -99,6 +165,37 @@ def check_object(connection: ConnectionConfig, object_type: str) -> str:
         "unknown_object",
         f"connection {connection.name!r} does not accept {object_type!r} records",
         f"accepted: {', '.join(allowed) or 'none'}; set {connection.env_prefix}OBJECTS to change that",
+    )
+
+
+def record_change(
+    connection: ConnectionConfig,
+    *,
+    object_type: str,
+    record_id: str,
+    event_id: str,
+    occurred_at: datetime,
+    dedupe_id: str,
+    change_type: str = "updated",
+    changed_fields: Sequence[str] = (),
+    values: Mapping[str, Any] | None = None,
+    origin: str | None = None,
+) -> RecordChangeEvent:
+    """The canonical event for one record change delivered to `connection`. `dedupe_id` is
+    what stays the same when the CRM redelivers this change; the connection name is prefixed,
+    so one change seen through two connections is two events."""
+    return RecordChangeEvent(
+        source=connection.kind,
+        connection=connection.name,
+        object_type=object_type,
+        record_id=record_id,
+        event_id=event_id,
+        occurred_at=occurred_at,
+        dedupe_key=f"{connection.name}:{dedupe_id}",
+        change_type=change_type,
+        changed_fields=tuple(changed_fields),
+        values=values,
+        origin=origin,
     )
 
 

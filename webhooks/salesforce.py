@@ -32,11 +32,14 @@ from connector.config import ConnectionConfig
 from connector.events import RecordChangeEvent, parse_timestamp
 from webhooks.errors import WebhookError, bad_request, unauthorized
 from webhooks.intake import (
+    SecretSetting,
     check_object,
     intake,
     json_body,
     log_rejection,
+    record_change,
     require_content_type,
+    require_secret,
     resolve_connection,
 )
 from webhooks.signatures import constant_time_equals, verify_timestamped_hmac
@@ -56,6 +59,19 @@ EMPTY_RECORD_ID = "000000000000000AAA"  # what overflow events carry instead of 
 CHANGE_TYPES = {"CREATE": "created", "UPDATE": "updated", "DELETE": "deleted", "UNDELETE": "undeleted"}
 GAP_PREFIX = "GAP_"
 OVERFLOW = "GAP_OVERFLOW"
+# Outbound Messages are unsigned: only orgs on this allow-list are trusted.
+ORG_IDS = SecretSetting(
+    "ORG_IDS",
+    "/webhooks/salesforce/outbound",
+    "your Organization ID (Setup > Company Information; comma-separated for several orgs)",
+    several=True,
+)
+EVENTS_SECRET = SecretSetting(
+    "EVENTS_SECRET",
+    "/webhooks/salesforce/events",
+    "a long random value that your change-event relay signs deliveries with",
+)
+SECRETS = (ORG_IDS, EVENTS_SECRET)
 
 blueprint = Blueprint("salesforce", __name__)
 # Nested so that its error handlers (SOAP faults) apply to the Outbound Message route only.
@@ -67,11 +83,12 @@ outbound = Blueprint("outbound", __name__)
 
 @outbound.post("/webhooks/salesforce/outbound")
 def receive_outbound() -> ResponseReturnValue:
-    require_content_type("text/xml")
     connection = resolve_connection(KIND)
+    trusted = require_secret(connection, ORG_IDS)
+    require_content_type("text/xml")
     check_outbound_token(connection)
     notifications = soap_body_child(parse_xml(request.get_data(cache=True)), OUTBOUND_NS, "notifications")
-    check_organization(connection, _child_text(notifications, "OrganizationId"))
+    check_organization(connection, trusted, _child_text(notifications, "OrganizationId"))
     events = parse_notifications(connection, notifications)
     result = intake().store(events)
     log.info(
@@ -106,17 +123,9 @@ def check_outbound_token(connection: ConnectionConfig) -> None:
         )
 
 
-def check_organization(connection: ConnectionConfig, org_id: str | None) -> None:
+def check_organization(connection: ConnectionConfig, allowed: tuple[str, ...], org_id: str | None) -> None:
     """Outbound Messages are unsigned: only orgs on the connection's allow-list are trusted."""
-    variable = f"{connection.env_prefix}ORG_IDS"
-    allowed = connection.get_list("ORG_IDS")
-    if not allowed:
-        raise WebhookError(
-            403,
-            "org_not_configured",
-            f"connection {connection.name!r} trusts no Salesforce org yet",
-            f"set {variable} to your Organization ID (Setup > Company Information)",
-        )
+    variable = f"{connection.env_prefix}{ORG_IDS.name}"
     if not org_id or not SALESFORCE_ID.fullmatch(org_id):
         raise bad_request(
             "bad_organization_id",
@@ -169,19 +178,18 @@ def parse_notification(
         raise bad_request(
             "missing_id", f"{where}: <sObject> has no <sf:Id>", "select the Id field in the Outbound Message"
         )
-    return RecordChangeEvent(
-        source=connection.kind,
-        connection=connection.name,
+    return record_change(
+        connection,
         object_type=object_type,
         record_id=record_id,
         event_id=notification_id,
         occurred_at=_last_modified(values, received, where),
         # Salesforce resends the same notification id on every retry.
-        dedupe_key=f"{connection.name}:obm:{notification_id}",
+        dedupe_id=f"obm:{notification_id}",
         # Outbound Messages carry the selected fields, not which of them changed, nor whether the
         # record is new: every sent field counts as changed.
         change_type="updated",
-        changed_fields=tuple(name for name in values if name != "Id"),
+        changed_fields=[name for name in values if name != "Id"],
         values=values,
         origin=None,  # no change origin in the message; the pipeline compares values instead
     )
@@ -269,10 +277,11 @@ blueprint.register_blueprint(outbound)
 
 @blueprint.post("/webhooks/salesforce/events")
 def receive_events() -> ResponseReturnValue:
-    require_content_type("application/json")
     connection = resolve_connection(KIND)
+    [secret] = require_secret(connection, EVENTS_SECRET)
+    require_content_type("application/json")
     verify_timestamped_hmac(
-        _events_secret(connection),
+        secret,
         request.headers.get(SIGNATURE_HEADER),
         request.get_data(cache=True),
         intake().settings.webhook_tolerance_seconds,
@@ -288,18 +297,6 @@ def receive_events() -> ResponseReturnValue:
     result = intake().store(events)
     body = {"accepted": result.accepted, "duplicates": result.duplicates, "skipped": skipped}
     return jsonify(body), 202 if result.accepted else 200
-
-
-def _events_secret(connection: ConnectionConfig) -> str:
-    secret = connection.get("EVENTS_SECRET")
-    if secret is None:
-        raise WebhookError(
-            403,
-            "events_not_configured",
-            f"connection {connection.name!r} does not accept relayed change events",
-            f"set {connection.env_prefix}EVENTS_SECRET and sign deliveries with it",
-        )
-    return secret
 
 
 def change_event_payloads(body: Any) -> list[dict[str, Any]]:
@@ -356,15 +353,14 @@ def parse_change_event(
     values = None if gap else change_event_values(payload, change, changed, diffed)
     origin = header.get("changeOrigin")
     return [
-        RecordChangeEvent(
-            source=connection.kind,
-            connection=connection.name,
+        record_change(
+            connection,
             object_type=object_type,
             record_id=record_id,
             event_id=f"{transaction_key}:{sequence}",
             occurred_at=occurred,
             # One transaction can change a record several times: the sequence number tells them apart.
-            dedupe_key=f"{connection.name}:cdc:{transaction_key}:{sequence}:{record_id}",
+            dedupe_id=f"cdc:{transaction_key}:{sequence}:{record_id}",
             change_type=CHANGE_TYPES[change.removeprefix(GAP_PREFIX)],
             changed_fields=changed,
             values=values,

@@ -17,19 +17,35 @@ from flask.typing import ResponseReturnValue
 from connector.config import ConnectionConfig
 from connector.events import CHANGE_TYPES, RecordChangeEvent, parse_timestamp
 from webhooks.errors import bad_request
-from webhooks.intake import check_object, intake, json_body, require_content_type, resolve_connection
+from webhooks.intake import (
+    SecretSetting,
+    check_object,
+    intake,
+    json_body,
+    record_change,
+    require_content_type,
+    require_secret,
+    resolve_connection,
+)
 from webhooks.signatures import verify_standard
 
 blueprint = Blueprint("standard", __name__)
+WEBHOOK_SECRET = SecretSetting(
+    "WEBHOOK_SECRET",
+    "/webhooks/standard",
+    "the sender's whsec_ signing secret (`crm-approvals init` writes one for the sandbox)",
+    several=True,
+)
+SECRETS = (WEBHOOK_SECRET,)
 
 
 @blueprint.post("/webhooks/standard")
 def receive() -> ResponseReturnValue:
-    require_content_type("application/json")
     connection = _connection()
-    secrets = list(connection.get_list("WEBHOOK_SECRET"))
+    secrets = require_secret(connection, WEBHOOK_SECRET)
+    require_content_type("application/json")
     verify_standard(
-        secrets,
+        list(secrets),
         request.headers.get("webhook-id"),
         request.headers.get("webhook-timestamp"),
         request.headers.get("webhook-signature"),
@@ -69,16 +85,15 @@ def parse_standard(connection: ConnectionConfig, msg_id: str, body: Any) -> Reco
         occurred = parse_timestamp(body.get("timestamp"))
     except ValueError:
         raise bad_request("bad_payload", "timestamp must be ISO 8601 or Unix seconds") from None
-    return RecordChangeEvent(
-        source=connection.kind,
-        connection=connection.name,
+    return record_change(
+        connection,
         object_type=check_object(connection, object_type),
         record_id=record_id,
         event_id=msg_id,
         occurred_at=occurred,
-        dedupe_key=f"{connection.name}:std:{msg_id}",
+        dedupe_id=f"std:{msg_id}",
         change_type=change_type,
-        changed_fields=tuple(changed),
+        changed_fields=changed,
         values=values,
         origin=str(data["origin"]) if data.get("origin") is not None else None,
     )

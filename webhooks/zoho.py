@@ -28,12 +28,34 @@ from connector.clock import utcnow
 from connector.config import ConnectionConfig
 from connector.events import RecordChangeEvent, parse_timestamp
 from webhooks.errors import bad_request, unauthorized
-from webhooks.intake import check_object, intake, json_body, require_content_type, resolve_connection
+from webhooks.intake import (
+    SecretSetting,
+    check_object,
+    intake,
+    json_body,
+    record_change,
+    require_content_type,
+    require_secret,
+    resolve_connection,
+)
 from webhooks.signatures import check_timestamp, constant_time_equals
 
 blueprint = Blueprint("zoho", __name__)
 
 KIND = "zoho"
+NOTIFY_TOKEN = SecretSetting(
+    "NOTIFY_TOKEN",
+    "/webhooks/zoho/notify",
+    "the token your Notification API channel sends (actions/watch `token`)",
+    several=True,
+)
+WORKFLOW_SECRET = SecretSetting(
+    "WORKFLOW_SECRET",
+    "/webhooks/zoho/workflow",
+    "the value your workflow webhooks send as crm_approvals_secret",
+    several=True,
+)
+SECRETS = (NOTIFY_TOKEN, WORKFLOW_SECRET)
 OPERATIONS = {"insert": "created", "update": "updated", "delete": "deleted"}
 SECRET_PARAM = "crm_approvals_secret"
 RESERVED_PARAMS = frozenset({SECRET_PARAM, "module", "id", "modified_time", "modified_by"})
@@ -43,12 +65,13 @@ DOCS = "see docs/crms/zoho.md"
 
 @blueprint.post("/webhooks/zoho/notify")
 def receive_notification() -> ResponseReturnValue:
-    require_content_type("application/json")
     connection = resolve_connection(KIND)
+    expected = require_secret(connection, NOTIFY_TOKEN)
+    require_content_type("application/json")
     body = json_body()
     if not isinstance(body, dict):
         raise bad_request("bad_payload", "expected a Zoho notification object", DOCS)
-    check_secret(connection, "NOTIFY_TOKEN", body.get("token"), "token")
+    check_token(connection, NOTIFY_TOKEN, expected, body.get("token"), "token")
     server_time = _server_time(body)
     check_timestamp(server_time, intake().settings.webhook_tolerance_seconds, header="server_time")
     return _store(parse_notification(connection, body))
@@ -56,10 +79,11 @@ def receive_notification() -> ResponseReturnValue:
 
 @blueprint.post("/webhooks/zoho/workflow")
 def receive_workflow() -> ResponseReturnValue:
-    require_content_type("application/x-www-form-urlencoded", "multipart/form-data", "application/json")
     connection = resolve_connection(KIND)
+    expected = require_secret(connection, WORKFLOW_SECRET)
+    require_content_type("application/x-www-form-urlencoded", "multipart/form-data", "application/json")
     params = _workflow_params()
-    check_secret(connection, "WORKFLOW_SECRET", params.get(SECRET_PARAM), SECRET_PARAM)
+    check_token(connection, WORKFLOW_SECRET, expected, params.get(SECRET_PARAM), SECRET_PARAM)
     return _store([parse_workflow(connection, params)])
 
 
@@ -71,16 +95,11 @@ def _store(events: list[RecordChangeEvent]) -> ResponseReturnValue:
 # --- authentication -------------------------------------------------------------------
 
 
-def check_secret(connection: ConnectionConfig, setting: str, offered: Any, where: str) -> None:
+def check_token(
+    connection: ConnectionConfig, setting: SecretSetting, expected: tuple[str, ...], offered: Any, where: str
+) -> None:
     """The shared value Zoho echoes back, compared in constant time with every configured one
     (comma-separated, for rotation). Neither value ever appears in the answer or the log."""
-    expected = connection.get_list(setting)
-    if not expected:
-        raise unauthorized(
-            "not_configured",
-            f"connection {connection.name!r} has no {setting} configured, so no delivery can be verified",
-            f"set {connection.env_prefix}{setting} to the value Zoho sends as {where}",
-        )
     if not isinstance(offered, str) or not offered:
         raise unauthorized(
             "missing_token", f"the delivery has no {where}", f"configure {where} in Zoho; {DOCS}"
@@ -88,8 +107,8 @@ def check_secret(connection: ConnectionConfig, setting: str, offered: Any, where
     if not any(constant_time_equals(offered, value) for value in expected):
         raise unauthorized(
             "bad_token",
-            f"{where} does not match this connection's {setting}",
-            f"Zoho must send the value of {connection.env_prefix}{setting}",
+            f"{where} does not match this connection's {setting.name}",
+            f"Zoho must send the value of {connection.env_prefix}{setting.name}",
         )
 
 
@@ -115,14 +134,13 @@ def parse_notification(connection: ConnectionConfig, body: dict[str, Any]) -> li
     fields = _affected_fields(body.get("affected_fields"), ids)
     values = _affected_values(body.get("affected_values"))
     return [
-        RecordChangeEvent(
-            source=connection.kind,
-            connection=connection.name,
+        record_change(
+            connection,
             object_type=object_type,
             record_id=record_id,
             event_id=f"{channel_id}:{server_time}:{record_id}",
             occurred_at=occurred,
-            dedupe_key=f"{connection.name}:notify:{channel_id}:{server_time}:{record_id}",
+            dedupe_id=f"notify:{channel_id}:{server_time}:{record_id}",
             change_type=change_type,
             changed_fields=fields.get(record_id, ()) if change_type != "deleted" else (),
             values=values.get(record_id),
@@ -199,14 +217,13 @@ def parse_workflow(connection: ConnectionConfig, params: dict[str, Any]) -> Reco
     )
     modified_by = params.get("modified_by")
     values = {k: v for k, v in params.items() if k not in RESERVED_PARAMS}
-    return RecordChangeEvent(
-        source=connection.kind,
-        connection=connection.name,
+    return record_change(
+        connection,
         object_type=object_type,
         record_id=record_id,
         event_id=f"workflow:{object_type}:{record_id}:{modified_time}",
         occurred_at=_modified_at(modified_time),
-        dedupe_key=f"{connection.name}:workflow:{object_type}:{record_id}:{modified_time}",
+        dedupe_id=f"workflow:{object_type}:{record_id}:{modified_time}",
         change_type="updated",
         changed_fields=(),  # a workflow says which values it sends, not which ones changed
         values=values,

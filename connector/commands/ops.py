@@ -122,11 +122,12 @@ def sync() -> None:
 def sync_expire(ctx: Context) -> None:
     """Expire approvals past their expiry and queue their expire actions (e.g. Status =
     Expired), then flush the write-back. Idempotent: safe to run at any time."""
-    from connector.service.pipeline import build_runtime
     from connector.storage.outbox import flush
+    from connector.wiring import build_runtime
 
     runtime = build_runtime(ctx.settings)
-    expired = runtime.processor.approvals.expire_due(runtime.sessions)  # type: ignore[union-attr]
+    assert runtime.approvals is not None  # build_runtime always attaches the approval service
+    expired = runtime.approvals.expire_due(runtime.sessions)
     for line in expired:
         click.echo(f"expired {line}")
     report = flush(runtime.sessions, runtime.adapter)

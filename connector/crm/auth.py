@@ -29,6 +29,7 @@ import requests
 from connector.config import ConnectionConfig
 from connector.crm.errors import AuthError, CRMError
 from connector.crm.http import send
+from connector.errors import CrmApprovalsError
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,13 @@ class AccessToken:
     api_domain: str | None = None
 
 
-class TokenRefused(Exception):
+class TokenRefused(CrmApprovalsError):
     """Raised by `TokenEndpoint.parse` when the CRM refuses the grant itself (bad refresh
     token, uninstalled app, unpaid plan): renewing again cannot help. OAuthTokens turns it
     into an AuthError that names the variables to check."""
 
     def __init__(self, code: str | None, message: str, status: int) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code)
         self.status = status
 
 

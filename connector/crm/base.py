@@ -40,6 +40,18 @@ class UpdateResult:
 
 
 @dataclass(frozen=True)
+class ApiUsage:
+    """The API requests a CRM reports as used against its daily limit (e.g. Sforce-Limit-Info)."""
+
+    used: int
+    limit: int
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used)
+
+
+@dataclass(frozen=True)
 class FieldInfo:
     name: str  # API name
     label: str
@@ -101,6 +113,12 @@ class CRMAdapter(ABC):
     def refresh_auth(self) -> bool:
         """Renew the session after a 401. Returns False where the auth mode cannot."""
         return False
+
+    @property
+    def api_usage(self) -> ApiUsage | None:
+        """API quota use as of the CRM's last response, for the sweep log; None where the CRM
+        reports none (or before the first call)."""
+        return None
 
     # --- shared behaviour -------------------------------------------------------------
 

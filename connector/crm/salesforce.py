@@ -20,7 +20,6 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,7 +29,7 @@ from simple_salesforce import Salesforce, SalesforceLogin, format_soql
 from simple_salesforce.exceptions import SalesforceAuthenticationFailed, SalesforceError
 
 from connector.config import ConfigError, ConnectionConfig
-from connector.crm.base import CRMAdapter, FieldInfo, RecordUpdate, UpdateResult
+from connector.crm.base import ApiUsage, CRMAdapter, FieldInfo, RecordUpdate, UpdateResult
 from connector.crm.errors import (
     AuthError,
     AuthExpiredError,
@@ -83,18 +82,6 @@ API_VERSION = re.compile(r"\d{2,3}\.0")
 # Sforce-Call-Options separates options with ',' or ';'. 28 characters keep CDC's changeOrigin
 # for our REST writes ("com/salesforce/api/rest/62.0;client=...") within the inbox origin column.
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.\-/]{1,28}")
-
-
-@dataclass(frozen=True)
-class ApiUsage:
-    """The org's daily API requests, from the Sforce-Limit-Info response header."""
-
-    used: int
-    limit: int
-
-    @property
-    def remaining(self) -> int:
-        return max(0, self.limit - self.used)
 
 
 class SalesforceAdapter(CRMAdapter):
@@ -212,7 +199,7 @@ class SalesforceAdapter(CRMAdapter):
 
     @property
     def api_usage(self) -> ApiUsage | None:
-        """Daily API requests used/limit as of the last response; None before the first call."""
+        """The org's daily API requests used/limit (Sforce-Limit-Info) as of the last response."""
         return self._api_usage
 
     def refresh_auth(self) -> bool:

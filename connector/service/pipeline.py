@@ -21,7 +21,6 @@ from sqlalchemy.orm import Session
 
 from connector.approvals.spec import EvalContext, MappingSpec
 from connector.clock import utcnow
-from connector.config import Settings
 from connector.errors import FatalError
 from connector.events import RecordChangeEvent
 from connector.rules import MappingSet
@@ -31,7 +30,6 @@ from connector.storage import audit
 from connector.storage.approval_store import RecordKey
 from connector.storage.models import DONE, SENDING, OutboxUpdate, RecordSnapshot
 from connector.storage.outbox import norm_value
-from connector.worker import SWEEP_JOBS
 
 log = logging.getLogger(__name__)
 ECHO_WINDOW = timedelta(hours=24)  # how long a write-back of ours may take to come back as a webhook
@@ -51,10 +49,7 @@ class Pipeline:
         self.approvals = ApprovalService(mappings)
 
     def refresh_mappings(self) -> None:
-        """Pick up edited mapping files; a broken edit keeps the last good set, loudly."""
-        errors = self.mappings.reload_if_changed()
-        for error in errors or ():
-            log.error("mapping error; the last good set of mapping files stays active: %s", error)
+        refresh_mappings(self.mappings)
 
     def prepare(self, event: RecordChangeEvent) -> Prepared:
         self.refresh_mappings()
@@ -96,6 +91,12 @@ class Pipeline:
                 exc.add_note(f"mapping file {spec.source_path}")  # so its message says which file to fix
                 raise
         return "; ".join(summaries) or "no rule matched"
+
+
+def refresh_mappings(mappings: MappingSet) -> None:
+    """Pick up edited mapping files; a broken edit keeps the last good set, loudly."""
+    for error in mappings.reload_if_changed() or ():
+        log.error("mapping error; the last good set of mapping files stays active: %s", error)
 
 
 def effective_changes(
@@ -172,16 +173,3 @@ def _echoes_our_write(
         f.lower() in written and norm_value(current.get(f.lower())) == norm_value(written[f.lower()])
         for f in changed
     )
-
-
-def build_runtime(settings: Settings) -> Runtime:
-    """The worker's runtime: the mapping files loaded, the expiry job on the sweep."""
-    runtime = Runtime.from_settings(settings)
-    mappings = MappingSet.load(settings.mappings_dir)
-    for error in mappings.errors:
-        log.error("mapping error (the last good set stays active): %s", error)
-    pipeline = Pipeline(runtime, mappings)
-    runtime.processor = pipeline
-    SWEEP_JOBS["reload_mappings"] = lambda _rt: pipeline.refresh_mappings()
-    SWEEP_JOBS["expire"] = lambda rt: pipeline.approvals.expire_due(rt.sessions)
-    return runtime

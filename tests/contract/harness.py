@@ -1,8 +1,10 @@
 """What each CRM supplies to the one contract suite (tests/contract/test_*_contract.py).
 
 A harness knows its CRM's documented wire formats and mocks them with `responses`; the
-suite itself is the same for every CRM. Add a CRM: write `harness_<kind>.py` with an
-`AdapterHarness` and an `IntakeHarness` subclass and list them in `harnesses.py`.
+suite itself is the same for every CRM. Add a CRM: write `tests/contract/harness_<kind>.py`
+defining ADAPTER_HARNESS (an `AdapterHarness`) and INTAKE_HARNESS (an `IntakeHarness`);
+`discover.py` finds every `harness_*.py` by its name, so nothing else lists them.
+docs/crms/adding-a-crm.md walks through the whole of a new CRM.
 """
 
 from __future__ import annotations

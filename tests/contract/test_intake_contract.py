@@ -1,5 +1,6 @@
 """The intake contract: every CRM's webhook endpoint accepts a correctly signed delivery in
-its documented format, refuses forged and stale ones with a clear 4xx, and drops redeliveries."""
+its documented format, refuses forged and stale ones with a clear 4xx, drops redeliveries,
+and answers 503 naming the variable to set while its secret setting is missing."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import pytest
 from flask import Flask
 from sqlalchemy import select
 
+from connector.config import Settings, parse_connections
+from connector.crm.registry import crm_kind
 from connector.runtime import Runtime
 from connector.storage.models import InboxEvent
 from tests.contract.discover import intake_harnesses
 from tests.contract.harness import Delivery, IntakeHarness
+from webhooks.intake import intake_module
 
 HARNESSES = intake_harnesses()
 
@@ -77,4 +81,22 @@ def test_stale_delivery_is_refused(harness: IntakeHarness, setup: Any) -> None:
         pytest.skip(f"{harness.kind} deliveries carry no signed timestamp")
     response = send(client, delivery)
     assert harness.rejected(response.status_code), response.status_code
+    assert rows(runtime) == []
+
+
+def test_without_its_secret_setting_the_endpoint_answers_503(
+    harness: IntakeHarness,
+    settings_factory: Callable[..., Settings],
+    runtime_factory: Callable[[Settings], Runtime],
+    app_factory: Callable[[Runtime], Flask],
+) -> None:
+    delivery = harness.signed_delivery("1001", "evt-1", int(time.time()))
+    endpoint = delivery.path.partition("?")[0]
+    [secret] = [s for s in intake_module(crm_kind(harness.kind)).SECRETS if s.endpoint == endpoint]
+    [connection] = parse_connections(dict(harness.env)).values()
+    variable = f"{connection.env_prefix}{secret.name}"
+    runtime = runtime_factory(settings_factory(env={**harness.env, variable: ""}))
+    response = send(app_factory(runtime).test_client(), delivery)
+    assert response.status_code == 503
+    assert f"{variable} is not set" in response.get_data(as_text=True)
     assert rows(runtime) == []

@@ -231,7 +231,7 @@ def test_unknown_connection_is_404(setup: tuple[Runtime, FlaskClient]) -> None:
 def test_missing_application_token_setting_is_reported_not_accepted(make_client: Any) -> None:
     runtime, client = make_client(BITRIX24_APPLICATION_TOKEN="")
     response = post(client, event_form("759", int(time.time())))
-    assert response.status_code == 500
+    assert response.status_code == 503
     assert "BITRIX24_APPLICATION_TOKEN" in response.get_json()["error"]["message"]
     assert rows(runtime) == []
 

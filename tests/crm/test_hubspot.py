@@ -203,7 +203,7 @@ def test_a_connection_without_client_secret_is_a_config_error_not_a_crash(
     env = {k: v for k, v in PRIVATE_APP_ENV.items() if k != "HUBSPOT_CLIENT_SECRET"}
     client = app_factory(runtime_factory(settings_factory(env=env))).test_client()
     response = post(client, [hubspot_event(1001, 1)])
-    assert response.status_code == 500
+    assert response.status_code == 503
     assert "HUBSPOT_CLIENT_SECRET" in response.get_json()["error"]["hint"]
 
 

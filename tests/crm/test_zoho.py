@@ -219,7 +219,7 @@ def test_connection_without_notify_token_refuses_everything(
 ) -> None:
     runtime = runtime_factory(settings_factory(env={"CRM_CONNECTIONS": "zoho"}))
     response = notify(app_factory(runtime).test_client(), notification(RID, now_ms()))
-    assert response.status_code == 401
+    assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "not_configured"
     assert "ZOHO_NOTIFY_TOKEN" in response.get_json()["error"]["hint"]
     assert inbox_count(runtime) == 0

@@ -17,12 +17,12 @@ from sqlalchemy import select
 
 from connector.config import parse_connections
 from connector.rules import MappingSet
-from connector.service.pipeline import Pipeline
 from connector.storage.db import transaction
 from connector.storage.inbox import process_pending
 from connector.storage.models import InboxEvent
 from connector.storage.outbox import flush
 from connector.storage.tokens import create_token
+from connector.wiring import attach_pipeline
 from tests.contract.harness_salesforce import (
     COLLECTIONS_URL,
     QUERY_URL,
@@ -48,8 +48,7 @@ def test_outbound_message_to_approved_write_back_to_expiry(
     env = {**SalesforceAdapterHarness.env, "SALESFORCE_ORG_IDS": ORG_ID}
     runtime = runtime_factory(settings_factory(env=env, mappings_dir=str(mappings)))
     assert runtime.settings.connections == parse_connections(env)
-    pipeline = Pipeline(runtime, MappingSet.load(mappings))
-    runtime.processor = pipeline
+    pipeline = attach_pipeline(runtime, MappingSet.load(mappings))
     client = app_factory(runtime).test_client()
 
     with responses.RequestsMock(assert_all_requests_are_fired=True) as crm:

@@ -16,12 +16,12 @@ from sqlalchemy import func, select
 
 from connector.rules import MappingSet
 from connector.sandbox.app import SandboxConfig, create_sandbox_app
-from connector.service.pipeline import Pipeline
 from connector.storage.db import transaction
 from connector.storage.inbox import process_pending
 from connector.storage.models import ApprovalRequestRow
 from connector.storage.outbox import flush
 from connector.storage.tokens import create_token
+from connector.wiring import attach_pipeline
 from tests.sandbox.test_sandbox import API_TOKEN, deal_form, forward_to
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,8 +38,7 @@ def test_raise_amount_in_sandbox_then_approve_through_the_api(
         mappings_dir=str(mappings),
     )
     runtime = runtime_factory(settings)
-    pipeline = Pipeline(runtime, MappingSet.load(mappings))
-    runtime.processor = pipeline
+    pipeline = attach_pipeline(runtime, MappingSet.load(mappings))
     ours = app_factory(runtime).test_client()
     sandbox_app = create_sandbox_app(SandboxConfig.from_settings(settings), start_delivery=False)
     sandbox = sandbox_app.test_client()

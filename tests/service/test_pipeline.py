@@ -18,11 +18,12 @@ from connector.events import RecordChangeEvent
 from connector.rules import MappingSet
 from connector.runtime import Runtime
 from connector.service.approval_service import ApprovalService
-from connector.service.pipeline import Pipeline, effective_changes
+from connector.service.pipeline import effective_changes
 from connector.storage.db import transaction
 from connector.storage.inbox import accept, process_pending
 from connector.storage.models import AuditEntry, DeadLetter, InboxEvent, OutboxUpdate
 from connector.storage.outbox import flush
+from connector.wiring import attach_pipeline
 from tests.fakes import MemoryCRM
 
 DATA = Path(__file__).parents[1] / "data" / "pipeline"
@@ -47,8 +48,7 @@ def world(tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settin
     runtime = runtime_factory(settings_factory(mappings_dir=str(mappings_dir)))
     crm = MemoryCRM(records={"D-1": dict(DEAL)})
     runtime.set_adapter("sandbox", crm)
-    pipeline = Pipeline(runtime, MappingSet.load(mappings_dir))
-    runtime.processor = pipeline
+    pipeline = attach_pipeline(runtime, MappingSet.load(mappings_dir))
     return runtime, crm, pipeline
 
 

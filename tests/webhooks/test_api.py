@@ -46,6 +46,7 @@ from connector.storage.models import (
     OutboxUpdate,
 )
 from connector.storage.tokens import create_token, revoke_token
+from connector.wiring import attach_pipeline
 from connector.worker import Tasks, make_huey
 from webhooks.app import create_app
 from webhooks.errors import http_status
@@ -188,8 +189,7 @@ def build_world(
     runtime = runtime_factory(settings)
     mappings = MappingSet.load(mappings_dir)
     assert not mappings.errors, mappings.errors
-    pipeline = Pipeline(runtime, mappings)
-    runtime.processor = pipeline
+    pipeline = attach_pipeline(runtime, mappings)
     tasks = tasks_factory(runtime) if tasks_factory else Tasks(runtime, make_huey("memory://"))
     app = create_app(runtime, tasks)
     app.testing = True

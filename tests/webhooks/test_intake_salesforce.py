@@ -219,8 +219,8 @@ def test_15_and_18_character_org_ids_are_the_same_org(
 def test_without_an_org_allow_list_nothing_is_trusted(make_app: AppMaker) -> None:
     runtime, client = make_app({"SALESFORCE_ORG_IDS": ""})
     response = post_xml(client, outbound_message(opportunities(1)))
-    assert response.status_code == 403
-    assert fault_of(response)[2] == "org_not_configured"
+    assert response.status_code == 503  # a configuration error, the same on every intake
+    assert fault_of(response)[2] == "not_configured"
     assert rows(runtime) == []
 
 
@@ -620,8 +620,9 @@ def test_bad_cdc_input_gets_a_clear_json_4xx_and_writes_nothing(
 def test_without_an_events_secret_the_cdc_endpoint_refuses(make_app: AppMaker) -> None:
     runtime, client = make_app({"SALESFORCE_EVENTS_SECRET": ""})
     response = post_events(client, cdc("cdc_opportunity_update.json"))
-    assert response.status_code == 403
-    assert response.get_json()["error"]["code"] == "events_not_configured"
+    assert response.status_code == 503  # a configuration error, the same on every intake
+    assert response.get_json()["error"]["code"] == "not_configured"
+    assert "SALESFORCE_EVENTS_SECRET" in response.get_json()["error"]["message"]
     assert rows(runtime) == []
 
 

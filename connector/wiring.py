@@ -1,0 +1,37 @@
+"""Process wiring: a Runtime that judges events, as the server, the worker and the ops
+commands use it. The collaborators it attaches are typed attributes of the Runtime."""
+
+from __future__ import annotations
+
+import logging
+
+from connector.config import Settings
+from connector.rules import MappingSet
+from connector.runtime import Runtime, SweepJob
+from connector.service.pipeline import Pipeline, refresh_mappings
+
+log = logging.getLogger(__name__)
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """The full runtime: the mapping files in MAPPINGS_DIR loaded, the pipeline attached."""
+    runtime = Runtime.from_settings(settings)
+    mappings = MappingSet.load(settings.mappings_dir)
+    for error in mappings.errors:
+        log.error("mapping error (the last good set stays active): %s", error)
+    attach_pipeline(runtime, mappings)
+    return runtime
+
+
+def attach_pipeline(runtime: Runtime, mappings: MappingSet) -> Pipeline:
+    """Make `runtime` judge events against `mappings`: the pipeline processes the inbox, the
+    API votes through its approval service, and the sweep reloads mappings and expires approvals."""
+    pipeline = Pipeline(runtime, mappings)
+    runtime.processor = pipeline
+    runtime.mappings = mappings
+    runtime.approvals = pipeline.approvals
+    runtime.sweep_jobs = [
+        SweepJob("reload_mappings", lambda _rt: refresh_mappings(mappings)),
+        SweepJob("expire", lambda rt: pipeline.approvals.expire_due(rt.sessions)),
+    ]
+    return pipeline
