@@ -26,6 +26,8 @@ BLUEPRINT_MODULES = (
     "webhooks.zoho",
     "webhooks.bitrix24",
     "webhooks.api",
+    "webhooks.dead_letters_api",
+    "webhooks.ops",  # /livez, /healthz, /metrics
 )
 
 
@@ -47,12 +49,6 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
     def refresh_mappings() -> None:
         if request.path.startswith("/api/") and isinstance(runtime.processor, Pipeline):
             runtime.processor.refresh_mappings()
-
-    @app.get("/healthz")
-    def healthz() -> ResponseReturnValue:
-        """Up, plus any mapping-file errors (the server keeps the last good set meanwhile)."""
-        errors = runtime.processor.mappings.errors if isinstance(runtime.processor, Pipeline) else ()
-        return jsonify(status="ok", mapping_errors=[str(e) for e in errors])
 
     return app
 

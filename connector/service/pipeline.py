@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -25,12 +25,13 @@ from connector.clock import utcnow
 from connector.config import Settings
 from connector.crm.errors import FatalError
 from connector.events import RecordChangeEvent
+from connector.logs import log_event
 from connector.rules import MappingSet
 from connector.runtime import Runtime
 from connector.service.approval_service import ApprovalService
 from connector.storage import audit
 from connector.storage.approval_store import RecordKey
-from connector.storage.models import DONE, SENDING, OutboxUpdate, RecordSnapshot
+from connector.storage.models import DONE, SENDING, InboxEvent, OutboxUpdate, RecordSnapshot
 from connector.storage.outbox import norm_value
 from connector.worker import SWEEP_JOBS
 
@@ -51,11 +52,18 @@ class Pipeline:
         self.mappings = mappings
         self.approvals = ApprovalService(mappings)
 
-    def refresh_mappings(self) -> None:
+    def refresh_mappings(self, min_interval: float = 2.0) -> None:
         """Pick up edited mapping files; a broken edit keeps the last good set, loudly."""
-        errors = self.mappings.reload_if_changed()
+        errors = self.mappings.reload_if_changed(min_interval)
         for error in errors or ():
-            log.error("mapping error; the last good set of mapping files stays active: %s", error)
+            log_event(
+                log,
+                logging.WARNING,
+                "mapping_error",
+                "mapping error; the last good set of mapping files stays active: %s",
+                error,
+                error=str(error),
+            )
 
     def prepare(self, event: RecordChangeEvent) -> Prepared:
         self.refresh_mappings()
@@ -79,10 +87,14 @@ class Pipeline:
         if prepared.values is None:
             return "record deleted or no longer readable; nothing to approve"
         record = RecordKey(event.connection, event.object_type, event.record_id)
+        replay_since = _replay_since(session, event)
         previous = _remember(session, record, prepared.values)
         changed = effective_changes(event.changed_fields, prepared.values, previous)
         if previous is not None and not changed:
-            return "no field changed since last seen"
+            if replay_since is None:
+                return "no field changed since last seen"
+            # A replay judges the event as it came, even if its values are known by now.
+            changed = set(event.changed_fields) or set(prepared.values)
         if prepared.own_change or (
             prepared.own_change is None and _echoes_our_write(session, record, changed, prepared.values)
         ):
@@ -92,7 +104,9 @@ class Pipeline:
         for spec in prepared.specs:
             ctx = build_context(spec, prepared.values, previous, changed)
             try:
-                summaries += self.approvals.on_record_change(session, record, spec, ctx)
+                summaries += self.approvals.on_record_change(
+                    session, record, spec, ctx, replay_since=replay_since
+                )
             except ChainError as exc:  # nobody to approve: a mapping/data problem a person must fix
                 raise FatalError(
                     f"{spec.source_path}: {exc}", code=getattr(exc, "code", "chain_error")
@@ -142,6 +156,16 @@ class CaseInsensitive(dict[str, Any]):
         return super().get(key.lower(), default)
 
 
+def _replay_since(session: Session, event: RecordChangeEvent) -> datetime | None:
+    """For an event ops re-ran (replay, dead-letter retry): when it first arrived, else None."""
+    row = session.execute(
+        select(InboxEvent.replayed_at, InboxEvent.received_at).where(
+            InboxEvent.dedupe_key == event.dedupe_key
+        )
+    ).first()
+    return row.received_at if row is not None and row.replayed_at is not None else None
+
+
 def _remember(session: Session, record: RecordKey, values: dict[str, Any]) -> dict[str, Any] | None:
     """Store the record's values; return what we had seen before (None the first time)."""
     row = session.get(RecordSnapshot, (record.connection, record.object_type, record.record_id))
@@ -181,7 +205,7 @@ def build_runtime(settings: Settings) -> Runtime:
     runtime = Runtime.from_settings(settings)
     mappings = MappingSet.load(settings.mappings_dir)
     for error in mappings.errors:
-        log.error("mapping error (the last good set stays active): %s", error)
+        log_event(log, logging.WARNING, "mapping_error", "mapping error: %s", error, error=str(error))
     pipeline = Pipeline(runtime, mappings)
     runtime.processor = pipeline
     SWEEP_JOBS["reload_mappings"] = lambda _rt: pipeline.refresh_mappings()

@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from connector.clock import utcnow
 from connector.crm.errors import FatalError, RetriableError
 from connector.events import RecordChangeEvent
-from connector.storage import audit
+from connector.metrics import INBOX_EVENTS
+from connector.storage import audit, dead_letters
 from connector.storage.db import insert_ignoring_conflicts, transaction
 from connector.storage.models import DEAD, DONE, PENDING, DeadLetter, InboxEvent
 
@@ -143,6 +144,7 @@ def process_pending(
         outcome = process_one(sessions, processor, event_id, max_attempts=max_attempts)
         if outcome:
             setattr(report, outcome, getattr(report, outcome) + 1)
+            INBOX_EVENTS.labels(outcome).inc()
     return report
 
 
@@ -206,7 +208,8 @@ def _record_failure(
             return "retried"
         row.status = DEAD
         _audit_received(session, row)
-        session.add(
+        dead_letters.add(
+            session,
             DeadLetter(
                 kind="inbox",
                 ref_id=row.id,
@@ -218,7 +221,7 @@ def _record_failure(
                 error_code=getattr(exc, "code", None),
                 error_message=str(exc),
                 error_fields=list(getattr(exc, "fields", ()) or ()),
-            )
+            ),
         )
         return "dead"
 
