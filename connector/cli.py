@@ -192,6 +192,7 @@ COMMAND_MODULES = (
     "connector.commands.validate",
     "connector.commands.approvals",
     "connector.commands.ops",
+    "connector.commands.dead_letters",
 )
 
 

@@ -384,3 +384,40 @@ def parse_record(text: str) -> RecordKey:
     if len(parts) != 3 or not all(p.strip() for p in parts):
         raise ValueError(f"{text!r} is not CONNECTION:OBJECT:ID, e.g. sandbox:deal:D-1001")
     return RecordKey(*(p.strip() for p in parts))
+
+
+def letter_json(letter: DeadLetter) -> dict[str, Any]:
+    """One dead letter as the CLI's --json and the API show it."""
+    return {
+        "id": letter.id,
+        "kind": letter.kind,
+        "ref_id": letter.ref_id,
+        "record": {
+            "connection": letter.connection,
+            "object": letter.object_type,
+            "id": letter.record_id,
+            "ref": f"{letter.connection}:{letter.object_type}:{letter.record_id}",
+        },
+        "error": {
+            "code": letter.error_code,
+            "message": letter.error_message,
+            "fields": list(letter.error_fields or ()),
+        },
+        "payload": letter.payload,
+        "created_at": letter.created_at.isoformat(),
+        "state": "open" if letter.resolved_at is None else "resolved",
+        "resolved_at": letter.resolved_at.isoformat() if letter.resolved_at else None,
+        "resolution": letter.resolution,
+    }
+
+
+def action_json(action: Action) -> dict[str, Any]:
+    return {
+        "id": action.letter_id,
+        "kind": action.kind,
+        "record": action.record,
+        "action": action.action,
+        "detail": action.detail,
+        "outbox_id": action.outbox_id,
+        "event_id": action.event_id,
+    }
