@@ -62,7 +62,7 @@ class RetryPolicy:
             log,
             logging.WARNING,
             "crm_retry",
-            "%s call failed (%s), retrying in %.1f s (attempt %d of %d)",
+            "%s: CRM call failed (%s), retrying in %.1f s (attempt %d of %d)",
             crm,
             ", ".join(str(p) for p in (f"HTTP {status}" if status else None, code) if p)
             or type(exc).__name__,
