@@ -216,8 +216,14 @@ def test_one_info_line_per_business_event(
         service.expire_due(runtime.sessions)
     lines = [(r.event, r.getMessage()) for r in caplog.records if hasattr(r, "event")]  # type: ignore[attr-defined]
     assert lines == [
-        ("request_opened", f"request {first.id} opened by u-rep: sandbox:deal:D-1 rule big-deal (status pending)"),
-        ("request_opened", f"request {second.id} opened by u-rep: sandbox:deal:D-2 rule big-deal (status pending)"),
+        (
+            "request_opened",
+            f"request {first.id} opened by u-rep: sandbox:deal:D-1 rule big-deal (status pending)",
+        ),
+        (
+            "request_opened",
+            f"request {second.id} opened by u-rep: sandbox:deal:D-2 rule big-deal (status pending)",
+        ),
         (
             "request_approved",
             f"request {first.id} approved by u-gm: sandbox:deal:D-1 rule big-deal (status approved)",
