@@ -257,6 +257,7 @@ def test_a_vote_that_fails_to_commit_logs_no_business_event(
     process_pending(runtime.sessions, pipeline)
     with runtime.sessions() as session:
         request_id = session.scalars(select(ApprovalRequestRow.id)).one()
+    caplog.clear()  # the "opened" line of the request above
     with caplog.at_level(logging.INFO), pytest.raises(RuntimeError), transaction(runtime.sessions) as session:
         pipeline.approvals.vote(session, request_id, user="u-mgr", decision="reject", step_index=0)
         raise RuntimeError("the API's transaction fails after the vote")

@@ -20,7 +20,7 @@ Used by `crm-approvals dead-letters ...`, `crm-approvals replay` and /api/v1/dea
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -116,8 +116,11 @@ def discard(
     return _each(sessions, where, dry_run, now or utcnow(), discard_one)
 
 
+ActOnOne = Callable[[Session, DeadLetter, datetime, bool], Action]
+
+
 def _each(
-    sessions: sessionmaker[Session], where: DeadLetterFilter, dry_run: bool, now: datetime, act: Any
+    sessions: sessionmaker[Session], where: DeadLetterFilter, dry_run: bool, now: datetime, act: ActOnOne
 ) -> list[Action]:
     # Named ids may be resolved already (that is reported); a filter picks open ones only.
     where = replace(where, state="all" if where.ids else "open")

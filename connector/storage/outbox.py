@@ -169,18 +169,18 @@ def _claim(
     before anything is sent."""
     batch_id = uuid.uuid4().hex
     with transaction(sessions) as session:
-        in_flight = _in_flight(session, target)
-        rows = session.scalars(
-            _due(now, tried)
-            .where(OutboxUpdate.connection == target[0], OutboxUpdate.object_type == target[1])
-            .limit(max_records * 5)  # several rows of one record merge into one update
-            .with_for_update(skip_locked=True)
-        ).all()
+        # One batch per record in flight keeps the order of writes.
+        in_flight = [key[2] for key in _in_flight(session, target)]
+        query = _due(now, tried).where(
+            OutboxUpdate.connection == target[0], OutboxUpdate.object_type == target[1]
+        )
+        if in_flight:
+            query = query.where(OutboxUpdate.record_id.not_in(in_flight))
+        # Several rows of one record merge into one update: look at more rows than records.
+        rows = session.scalars(query.limit(max_records * 5).with_for_update(skip_locked=True)).all()
         merged: dict[RecordKey, _Claimed] = {}
         for row in rows:
             key = (row.connection, row.object_type, row.record_id)
-            if key in in_flight:
-                continue  # one batch per record in flight keeps the order of writes
             if key not in merged and len(merged) >= max_records:
                 continue  # this call is full; the next one takes it
             item = merged.setdefault(key, _Claimed(key, [], {}))
