@@ -71,11 +71,14 @@ def serve(ctx: Context, bind: str | None, workers: int, threads: int) -> None:
 
     Webhooks are written to the inbox and acknowledged; the `worker` command processes them.
     """
-    from connector.server import serve_app
+    from connector.server import prepare_metrics_dir, serve_app
+
+    settings = ctx.settings  # from --env-file, which the app must use too
+    prepare_metrics_dir(settings.metrics_dir)  # before anything imports prometheus_client
+
     from connector.wiring import build_runtime
     from webhooks.app import create_app
 
-    settings = ctx.settings  # from --env-file, which the app must use too
     serve_app(
         lambda: create_app(build_runtime(settings)),
         bind or f"{settings.host}:{settings.port}",
@@ -92,6 +95,10 @@ def worker(ctx: Context, workers: int) -> None:
 
     Runs a sweep at start-up and every minute, so nothing a lost task left is forgotten.
     """
+    from connector.server import prepare_metrics_dir
+
+    prepare_metrics_dir(ctx.settings.metrics_dir)  # before anything imports prometheus_client
+
     from connector.wiring import build_runtime
     from connector.worker import Tasks, make_huey, run_consumer
 
@@ -240,6 +247,7 @@ COMMAND_MODULES = (
     "connector.commands.validate",
     "connector.commands.approvals",
     "connector.commands.ops",
+    "connector.commands.dead_letters",
 )
 
 

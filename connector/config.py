@@ -88,6 +88,9 @@ class Settings:
     outbox_max_attempts: int = 10
     inbox_max_attempts: int = 10
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one JSON object per line, stable keys: connector/logs.py)
+    # prometheus-client's multiprocess directory: the server's and worker's counters meet here
+    metrics_dir: str = "var/prometheus"
 
     def connection(self, name: str) -> ConnectionConfig:
         try:
@@ -126,6 +129,8 @@ class Settings:
             outbox_max_attempts=_int(env, "OUTBOX_MAX_ATTEMPTS", 10),
             inbox_max_attempts=_int(env, "INBOX_MAX_ATTEMPTS", 10),
             log_level=env.get("LOG_LEVEL") or "INFO",
+            log_format=_choice(env, "LOG_FORMAT", ("text", "json"), "text"),
+            metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or "var/prometheus",
         )
 
 
@@ -160,3 +165,10 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{key} must be a whole number, got {raw!r}") from None
+
+
+def _choice(env: Mapping[str, str], key: str, allowed: tuple[str, ...], default: str) -> str:
+    raw = (env.get(key) or default).strip().lower()
+    if raw not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {env.get(key)!r}")
+    return raw

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -37,3 +41,37 @@ def serve_app(load_app: Callable[[], Any], bind: str, workers: int, threads: int
         "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss',
     }
     _App(load_app, options).run()
+
+
+_PID_FILE = re.compile(r"_(\d+)\.db$")
+
+
+def prepare_metrics_dir(directory: str) -> Path:
+    """Point prometheus-client at the shared multiprocess directory (connector/metrics.py).
+
+    Call it first thing in a process that serves or works, before anything imports
+    prometheus_client: the library picks its mode at import. Files left by processes that
+    no longer run (an earlier start) are removed, so totals start afresh with this start
+    (Prometheus sees a counter reset); files of live processes, e.g. a worker started
+    before this server, are kept.
+    """
+    if "prometheus_client" in sys.modules and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        raise RuntimeError("prepare_metrics_dir must run before prometheus_client is imported")
+    path = Path(directory).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    for file in path.glob("*.db"):
+        match = _PID_FILE.search(file.name)
+        if match and not _alive(int(match.group(1))):
+            file.unlink(missing_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True

@@ -8,7 +8,7 @@ import logging
 from connector.config import Settings
 from connector.rules import MappingSet
 from connector.runtime import Runtime, SweepJob
-from connector.service.pipeline import Pipeline, refresh_mappings
+from connector.service.pipeline import Pipeline, log_mapping_error, refresh_mappings
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ def build_runtime(settings: Settings) -> Runtime:
     runtime = Runtime.from_settings(settings)
     mappings = MappingSet.load(settings.mappings_dir)
     for error in mappings.errors:
-        log.error("mapping error (the last good set stays active): %s", error)
+        log_mapping_error(error)
     attach_pipeline(runtime, mappings)
     return runtime
 

@@ -17,6 +17,7 @@ from typing import Any
 from huey import Huey, MemoryHuey, RedisHuey, SqliteHuey, crontab
 
 from connector.config import ConfigError
+from connector.logs import log_sweep
 from connector.runtime import Runtime
 from connector.storage.inbox import process_pending
 from connector.storage.outbox import flush
@@ -80,7 +81,7 @@ class Tasks:
                 summary[job.name] = job.run(self.runtime)
             except Exception:  # one failing job must not stop the others
                 log.exception("sweep job %s failed", job.name)
-        log.info("sweep: %s", summary)
+        log_sweep(log, summary)
         return summary
 
     def nudge(self) -> None:

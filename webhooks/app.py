@@ -15,7 +15,7 @@ from connector.runtime import Runtime
 from connector.service.pipeline import refresh_mappings
 from connector.wiring import build_runtime
 from connector.worker import Tasks, make_huey
-from webhooks import api
+from webhooks import api, dead_letters_api, ops
 from webhooks.errors import WebhookError, refusal
 from webhooks.intake import Intake, intake_module, log_rejection, report_unconfigured_secrets
 
@@ -33,7 +33,9 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
     # One intake blueprint per CRM kind (connector/crm/registry.py); a missing module fails here.
     for module in dict.fromkeys(intake_module(kind) for kind in KINDS.values()):
         app.register_blueprint(module.blueprint)
-    app.register_blueprint(api.blueprint)
+    # ops: /livez, /healthz, /metrics
+    for blueprint in (api.blueprint, dead_letters_api.blueprint, ops.blueprint):
+        app.register_blueprint(blueprint)
     report_unconfigured_secrets(runtime.settings)
     _register_error_handlers(app)
 
@@ -41,12 +43,6 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
     def refresh_api_mappings() -> None:
         if request.path.startswith("/api/") and runtime.mappings is not None:
             refresh_mappings(runtime.mappings)
-
-    @app.get("/healthz")
-    def healthz() -> ResponseReturnValue:
-        """Up, plus any mapping-file errors (the server keeps the last good set meanwhile)."""
-        errors = runtime.mappings.errors if runtime.mappings is not None else ()
-        return jsonify(status="ok", mapping_errors=[str(e) for e in errors])
 
     return app
 

@@ -21,6 +21,7 @@ from flask import current_app, request
 from connector.config import ConnectionConfig, Settings
 from connector.crm.registry import CRMKind, crm_kind
 from connector.events import RecordChangeEvent
+from connector.metrics import WEBHOOK_EVENTS, WEBHOOKS_REJECTED
 from connector.runtime import Runtime
 from connector.storage.inbox import AcceptResult, GroupCommitInbox
 from connector.worker import Tasks
@@ -72,6 +73,7 @@ class Intake:
     def store(self, events: Sequence[RecordChangeEvent]) -> AcceptResult:
         """Durable first (one transaction), then the nudge; the caller acknowledges after this."""
         result = self.inbox.accept(events)
+        count_accepted(events, result)
         if result.accepted and self.tasks is not None:
             self.tasks.nudge()
         return result
@@ -224,6 +226,7 @@ def json_body() -> Any:
 
 def log_rejection(error: WebhookError) -> None:
     # Never headers or body: they carry signatures and customer data.
+    count_rejected(error)
     log.warning(
         "webhook rejected: %s %s from %s: %s %s: %s",
         request.method,
@@ -233,3 +236,31 @@ def log_rejection(error: WebhookError) -> None:
         error.code,
         error.message,
     )
+
+
+def count_accepted(events: Sequence[RecordChangeEvent], result: AcceptResult) -> None:
+    if not events:
+        return
+    connection = events[0].connection  # one delivery comes from one connection
+    if result.accepted:
+        WEBHOOK_EVENTS.labels(connection, "stored").inc(result.accepted)
+    if result.duplicates:
+        WEBHOOK_EVENTS.labels(connection, "duplicate").inc(result.duplicates)
+
+
+def count_rejected(error: WebhookError) -> None:
+    """Counted by connection: the configured one named in the URL, else the only one of the
+    endpoint's CRM kind, else the endpoint's name. Never a label a sender made up: each
+    distinct value would be a new time series."""
+    parts = request.path.split("/")
+    if len(parts) < 3 or parts[1] != "webhooks":
+        return
+    endpoint = parts[2]
+    kind = "sandbox" if endpoint == "standard" else endpoint  # Standard Webhooks: the sandbox CRM
+    of_kind = [c.name for c in intake().settings.connections_of_kind(kind)]
+    named = request.args.get("connection")
+    if named in of_kind:
+        connection = named
+    else:
+        connection = of_kind[0] if len(of_kind) == 1 and named is None else endpoint
+    WEBHOOKS_REJECTED.labels(connection, error.code).inc()

@@ -17,6 +17,7 @@ from connector.config import ConnectionConfig, Settings
 from connector.crm.errors import AuthError, AuthExpiredError
 from connector.crm.retry import RetryPolicy
 from connector.events import RecordChangeEvent
+from connector.metrics import timed_crm_call
 
 
 @dataclass(frozen=True)
@@ -165,18 +166,20 @@ class CRMAdapter(ABC):
     def _call(self, fn: Any) -> Any:
         """Run one CRM call with the retry policy; on an expired session refresh once first."""
 
+        name = self.connection.name
+
         def attempt() -> Any:
             try:
-                return fn()
+                return timed_crm_call(name, fn)
             except AuthExpiredError as exc:
                 if not self.refresh_auth():
                     raise AuthError(
-                        f"{self.kind} connection {self.connection.name!r}: the session expired and this auth "
+                        f"{self.kind} connection {name!r}: the session expired and this auth "
                         f"mode cannot renew it ({exc}); configure credentials that can log in again"
                     ) from exc
-                return fn()
+                return timed_crm_call(name, fn)
 
-        return self.retry.call(attempt)
+        return self.retry.call(attempt, crm=name)
 
 
 def chunked(items: list[Any], size: int) -> Iterator[list[Any]]:

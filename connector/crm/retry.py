@@ -3,6 +3,7 @@ which every CRM retriable error is), honouring Retry-After."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -16,8 +17,11 @@ from tenacity import (
 )
 
 from connector.errors import RetriableError
+from connector.logs import log_event
+from connector.metrics import CRM_RETRIES
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,16 +39,43 @@ class RetryPolicy:
             return min(float(hinted), self.max_wait)
         return wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait)(state)
 
-    def call(self, fn: Callable[[], T]) -> T:
+    def call(self, fn: Callable[[], T], *, crm: str = "crm") -> T:
+        """Run `fn`, retrying retriable errors; `crm` (the connection name) labels the log and metrics."""
         kwargs = {"sleep": self.sleep} if self.sleep is not None else {}
         retrying = Retrying(
             retry=retry_if_exception_type(RetriableError),
             stop=stop_after_attempt(self.attempts),
             wait=self.wait_seconds,
             reraise=True,
+            before_sleep=lambda state: self._log_retry(crm, state),
             **kwargs,
         )
         return retrying(fn)
+
+    def _log_retry(self, crm: str, state: RetryCallState) -> None:
+        # The CRM's status and code only: an error's text may carry a URL with a token in it.
+        exc = state.outcome.exception() if state.outcome else None
+        status = getattr(exc, "status", None)
+        code = getattr(exc, "code", None)
+        wait = state.next_action.sleep if state.next_action else 0.0
+        CRM_RETRIES.labels(crm).inc()
+        log_event(
+            log,
+            logging.WARNING,
+            "crm_retry",
+            "%s: CRM call failed (%s), retrying in %.1f s (attempt %d of %d)",
+            crm,
+            ", ".join(str(p) for p in (f"HTTP {status}" if status else None, code) if p)
+            or type(exc).__name__,
+            wait,
+            state.attempt_number + 1,
+            self.attempts,
+            connection=crm,
+            status=status,
+            code=code,
+            wait_seconds=round(wait, 3),
+            attempt=state.attempt_number + 1,
+        )
 
 
 NO_WAIT = RetryPolicy(sleep=lambda _seconds: None)

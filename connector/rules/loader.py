@@ -607,12 +607,13 @@ class _Snapshot:
     index: Mapping[tuple[str, str], tuple[MappingSpec, ...]] = field(default_factory=dict)
 
 
-def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
+def _fingerprint(directory: Path) -> tuple[tuple[str, str], ...]:
+    """Each mapping file with the sha256 of its content: an edit is seen even when it keeps
+    the size and lands within the file system's time resolution (a few KB to read)."""
     found = []
     for path in mapping_files(directory) if directory.is_dir() else []:
         with contextlib.suppress(OSError):  # removed while we looked: the next check sees it
-            stat = path.stat()
-            found.append((str(path), stat.st_mtime_ns, stat.st_size))
+            found.append((str(path), hashlib.sha256(path.read_bytes()).hexdigest()))
     return tuple(found)
 
 
@@ -639,7 +640,7 @@ class MappingSet:
         self._state = _snapshot(mappings)
         self._errors: tuple[MappingError, ...] = ()
         self._lock = threading.Lock()  # serialises reloads; readers never wait
-        self._fingerprint: tuple[tuple[str, int, int], ...] = ()
+        self._fingerprint: tuple[tuple[str, str], ...] = ()
         self._checked_at = 0.0
 
     @classmethod
@@ -649,8 +650,8 @@ class MappingSet:
         return mapping_set
 
     def reload_if_changed(self, min_interval: float = 2.0) -> list[MappingError] | None:
-        """Reload when a file was added, removed or modified since the last load, checking
-        the directory at most every `min_interval` seconds. None = nothing to do."""
+        """Reload when a file was added, removed or changed in content since the last load,
+        checking the directory at most every `min_interval` seconds. None = nothing to do."""
         now = time.monotonic()
         if now - self._checked_at < min_interval:
             return None

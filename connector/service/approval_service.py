@@ -6,10 +6,12 @@ write-back actions in the outbox and writes the audit log, all in the caller's t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,7 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from connector.approvals.actions import render_outcome_actions
 from connector.approvals.errors import ConflictError
 from connector.approvals.lifecycle import (
+    ApprovalRequest,
     Outcome,
+    Transition,
     cast_vote,
     expire,
     on_record_change,
@@ -27,14 +31,26 @@ from connector.approvals.lifecycle import (
 )
 from connector.approvals.spec import EvalContext, MappingSpec, RuleSpec
 from connector.clock import utcnow
+from connector.logs import log_event
+from connector.metrics import DECISION_SECONDS, REQUEST_EVENTS
 from connector.rules import MappingSet
 from connector.storage import approval_store as store
 from connector.storage import audit
 from connector.storage.approval_store import RecordKey, StoredRequest
-from connector.storage.db import transaction
+from connector.storage.db import after_commit, transaction
 from connector.storage.outbox import enqueue_update
 
 SUBMITTER_FIELDS = ("submitter", "owner")  # canonical fields naming who submitted, first found wins
+# transition kind -> business event, each logged at INFO and counted once committed
+BUSINESS_EVENTS = {
+    "submitted": "opened",
+    "restarted": "restarted",
+    "approved": "approved",
+    "rejected": "rejected",
+    "recalled": "recalled",
+    "expired": "expired",
+}
+log = logging.getLogger(__name__)
 
 
 class RuleGoneError(ConflictError):
@@ -51,13 +67,30 @@ class ApprovalService:
     # --- record changes (called by the worker, inside the event's transaction) -------
 
     def on_record_change(
-        self, session: Session, record: RecordKey, spec: MappingSpec, ctx: EvalContext
+        self,
+        session: Session,
+        record: RecordKey,
+        spec: MappingSpec,
+        ctx: EvalContext,
+        *,
+        replay_since: datetime | None = None,
     ) -> list[str]:
+        """Open, restart or leave requests for the rules the change matches.
+
+        `replay_since` (an event ops re-ran: when it first arrived) leaves alone every rule
+        that has a request submitted since then, so a replay never opens anything twice."""
         matched = [rule for rule in spec.rules if rule.when(ctx)]
         if spec.match == "first":
             matched = matched[:1]
         summaries = []
         for rule in matched:
+            if replay_since is not None:
+                latest = store.find_latest(session, record, rule.name)
+                if latest is not None and latest.request.submitted_at >= replay_since:
+                    summaries.append(
+                        f"{rule.name}: {latest.request.id} opened since the event; left as it is"
+                    )
+                    continue
             audit.record(
                 session,
                 "rule_matched",
@@ -181,6 +214,8 @@ class ApprovalService:
         store.save(session, stored, outcome, seen_version)
         record = stored.record
         for t in outcome.transitions:
+            if t.kind in BUSINESS_EVENTS:
+                after_commit(session, partial(_announce, outcome.request, record, t))
             kind = "step_opened" if t.kind == "entered" else "transition"
             audit.record(
                 session,
@@ -231,6 +266,33 @@ class ApprovalService:
         return StoredRequest(
             outcome.request, record, stored.mapping_path, stored.mapping_hash, stored.superseded_by
         )
+
+
+def _announce(request: ApprovalRequest, record: RecordKey, t: Transition) -> None:
+    """One INFO line and the metrics per business event, once it is committed."""
+    event = BUSINESS_EVENTS[t.kind]
+    REQUEST_EVENTS.labels(event, request.rule_name).inc()
+    if event in ("approved", "rejected"):
+        seconds = max((t.at - request.submitted_at).total_seconds(), 0.0)
+        DECISION_SECONDS.labels(event, request.rule_name).observe(seconds)
+    by = f" by {t.actor}" if t.actor else ""
+    log_event(
+        log,
+        logging.INFO,
+        f"request_{event}",
+        "request %s %s%s: %s rule %s (status %s)",
+        request.id,
+        event,
+        by,
+        record.ref,
+        request.rule_name,
+        request.status,
+        request_id=request.id,
+        record=record.ref,
+        rule=request.rule_name,
+        actor=t.actor,
+        status=request.status,
+    )
 
 
 def _where(record: RecordKey) -> dict[str, str]:

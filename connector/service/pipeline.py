@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -23,12 +23,13 @@ from connector.approvals.spec import EvalContext, MappingSpec
 from connector.clock import utcnow
 from connector.errors import FatalError
 from connector.events import RecordChangeEvent
+from connector.logs import log_event
 from connector.rules import MappingSet
 from connector.runtime import Runtime
 from connector.service.approval_service import ApprovalService
 from connector.storage import audit
 from connector.storage.approval_store import RecordKey
-from connector.storage.models import DONE, SENDING, OutboxUpdate, RecordSnapshot
+from connector.storage.models import DONE, SENDING, InboxEvent, OutboxUpdate, RecordSnapshot
 from connector.storage.outbox import norm_value
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,8 @@ class Pipeline:
         self.mappings = mappings
         self.approvals = ApprovalService(mappings)
 
-    def refresh_mappings(self) -> None:
-        refresh_mappings(self.mappings)
+    def refresh_mappings(self, min_interval: float = 2.0) -> None:
+        refresh_mappings(self.mappings, min_interval)
 
     def prepare(self, event: RecordChangeEvent) -> Prepared:
         self.refresh_mappings()
@@ -73,10 +74,14 @@ class Pipeline:
         if prepared.values is None:
             return "record deleted or no longer readable; nothing to approve"
         record = RecordKey(event.connection, event.object_type, event.record_id)
+        replay_since = _replay_since(session, event)
         previous = _remember(session, record, prepared.values)
         changed = effective_changes(event.changed_fields, prepared.values, previous)
         if previous is not None and not changed:
-            return "no field changed since last seen"
+            if replay_since is None:
+                return "no field changed since last seen"
+            # A replay judges the event as it came, even if its values are known by now.
+            changed = set(event.changed_fields) or set(prepared.values)
         if prepared.own_change or (
             prepared.own_change is None and _echoes_our_write(session, record, changed, prepared.values)
         ):
@@ -86,17 +91,30 @@ class Pipeline:
         for spec in prepared.specs:
             ctx = build_context(spec, prepared.values, previous, changed)
             try:
-                summaries += self.approvals.on_record_change(session, record, spec, ctx)
+                summaries += self.approvals.on_record_change(
+                    session, record, spec, ctx, replay_since=replay_since
+                )
             except FatalError as exc:  # nobody to approve, a broken template: the inbox dead-letters it
                 exc.add_note(f"mapping file {spec.source_path}")  # so its message says which file to fix
                 raise
         return "; ".join(summaries) or "no rule matched"
 
 
-def refresh_mappings(mappings: MappingSet) -> None:
+def refresh_mappings(mappings: MappingSet, min_interval: float = 2.0) -> None:
     """Pick up edited mapping files; a broken edit keeps the last good set, loudly."""
-    for error in mappings.reload_if_changed() or ():
-        log.error("mapping error; the last good set of mapping files stays active: %s", error)
+    for error in mappings.reload_if_changed(min_interval) or ():
+        log_mapping_error(error)
+
+
+def log_mapping_error(error: object) -> None:
+    log_event(
+        log,
+        logging.WARNING,
+        "mapping_error",
+        "mapping error; the last good set of mapping files stays active: %s",
+        error,
+        error=str(error),
+    )
 
 
 def effective_changes(
@@ -139,6 +157,16 @@ class CaseInsensitive(dict[str, Any]):
 
     def get(self, key: str, default: Any = None) -> Any:
         return super().get(key.lower(), default)
+
+
+def _replay_since(session: Session, event: RecordChangeEvent) -> datetime | None:
+    """For an event ops re-ran (replay, dead-letter retry): when it first arrived, else None."""
+    row = session.execute(
+        select(InboxEvent.replayed_at, InboxEvent.received_at).where(
+            InboxEvent.dedupe_key == event.dedupe_key
+        )
+    ).first()
+    return row.received_at if row is not None and row.replayed_at is not None else None
 
 
 def _remember(session: Session, record: RecordKey, values: dict[str, Any]) -> dict[str, Any] | None:

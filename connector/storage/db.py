@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,31 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
+_AFTER_COMMIT = "crm_approvals_after_commit"
+
+
+def after_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Run `callback` once the session's transaction has committed; never if it rolls back.
+
+    For what must only tell the truth (log lines of business events, metrics): a line
+    written inside the transaction would lie when the transaction then fails."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    for callback in session.info.pop(_AFTER_COMMIT, []):
+        try:
+            callback()
+        except Exception:  # the data is committed: a failing report must not turn that into an error
+            logging.getLogger(__name__).exception("after-commit callback failed")
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_after_commit(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)
+
+
 def insert_ignoring_conflicts(
     conn: Connection | Session, table: Any, rows: list[dict[str, Any]], key: str
 ) -> set[Any]:
@@ -177,6 +203,7 @@ def insert_ignoring_conflicts(
 
 __all__ = [
     "Base",
+    "after_commit",
     "JSONType",
     "UTCDateTime",
     "insert_ignoring_conflicts",

@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from connector.clock import utcnow
 from connector.errors import FatalError, RetriableError
 from connector.events import RecordChangeEvent
-from connector.storage import audit
+from connector.metrics import INBOX_EVENTS
+from connector.storage import audit, dead_letters
 from connector.storage.db import insert_ignoring_conflicts, transaction
 from connector.storage.models import DEAD, DONE, PENDING, DeadLetter, InboxEvent
 
@@ -146,6 +147,7 @@ def process_pending(
         outcome = process_one(sessions, processor, event_id, max_attempts=max_attempts)
         if outcome:
             setattr(report, outcome, getattr(report, outcome) + 1)
+            INBOX_EVENTS.labels(outcome).inc()
     return report
 
 
@@ -209,7 +211,8 @@ def _record_failure(
             return "retried"
         row.status = DEAD
         _audit_received(session, row)
-        session.add(
+        dead_letters.add(
+            session,
             DeadLetter(
                 kind="inbox",
                 ref_id=row.id,
@@ -221,7 +224,7 @@ def _record_failure(
                 error_code=getattr(exc, "code", None),
                 error_message=describe(exc),
                 error_fields=list(getattr(exc, "fields", ()) or ()),
-            )
+            ),
         )
         return "dead"
 

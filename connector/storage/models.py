@@ -43,6 +43,9 @@ class InboxEvent(Base):
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     result: Mapped[str | None] = mapped_column(Text, nullable=True)  # what processing did, for ops
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Set when ops re-ran the event (replay, dead-letter retry): it is then evaluated again
+    # even if its values are already known, and rules with a request since it are left alone.
+    replayed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (
         Index("ix_inbox_status_id", "status", "id"),
@@ -95,6 +98,13 @@ class DeadLetter(Base):
     error_fields: Mapped[list[str]] = mapped_column(JSONType, default=list)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    resolution: Mapped[str | None] = mapped_column(String(16), nullable=True)  # see RESOLUTIONS
+
+    __table_args__ = (Index("ix_dead_letters_open", "resolved_at", "created_at"),)
+
+
+# how a dead letter was resolved (connector/service/dead_letters.py)
+RESOLUTIONS = ("retried", "superseded", "discarded")
 
 
 # --- approvals -------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The write-back outbox: field updates are recorded first, then flushed in batches.
 
 Exactly-once, even if the worker dies between sending and committing (docs/outbox.md):
-1. Claim: pending rows are marked `sending` with a batch id and a lease, and committed,
-   before anything is sent. A record with a batch in flight is never claimed again.
-2. Send: one adapter call per CRM batch limit; per-record results are committed.
+1. Claim: the rows of one adapter call (at most the CRM's batch limit of records) are
+   marked `sending` with a batch id and a lease, and committed, before anything is sent.
+   A record with a batch in flight is never claimed again.
+2. Send: that one call; its per-record results are committed, then the next call is claimed.
 3. Recover: a `sending` row whose lease ran out is *in doubt* (the send may or may not
    have landed). It is read back from the CRM; where the CRM already holds the values it
    is marked done without resending, otherwise it returns to pending.
@@ -16,19 +17,20 @@ import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.clock import utcnow
 from connector.crm.base import CRMAdapter, RecordUpdate, UpdateResult
 from connector.crm.errors import AuthError, CRMError
 from connector.errors import CrmApprovalsError, FatalError, RetriableError
-from connector.storage import audit
+from connector.metrics import OUTBOX_UPDATES, count_outcomes
+from connector.storage import audit, dead_letters
 from connector.storage.db import transaction
 from connector.storage.inbox import backoff_seconds
 from connector.storage.models import DEAD, DONE, PENDING, SENDING, DeadLetter, OutboxUpdate
@@ -98,46 +100,90 @@ def flush(
     max_attempts: int = 10,
     now: datetime | None = None,
 ) -> FlushReport:
-    """Recover in-doubt batches, then send every due pending update. Safe to run concurrently."""
+    """Recover in-doubt batches, then send due pending updates, one CRM call at a time.
+
+    Each call claims only the rows it sends (at most the CRM's batch limit), so a worker
+    that dies mid-flush leaves one call in doubt; everything it had not reached stays
+    pending for the next flush. Each row is tried at most once per flush. Safe to run
+    concurrently."""
     now = now or utcnow()
     report = FlushReport()
     recover_in_doubt(sessions, adapters, report, now=now)
-    batch_id, claimed = _claim(sessions, limit, lease_seconds, now)
-    by_target: dict[tuple[str, str], list[_Claimed]] = defaultdict(list)
-    for item in claimed:
-        by_target[item.key[:2]].append(item)
-    for (connection, object_type), items in by_target.items():
-        _send(sessions, adapters(connection), object_type, items, batch_id, report, max_attempts)
-        report.sent_records += len(items)
+    tried: set[int] = set()
+    while report.sent_records < limit:
+        target = _next_target(sessions, now, tried)
+        if target is None:
+            break
+        adapter = adapters(target[0])  # before claiming: a configuration error leaves the rows pending
+        room = min(adapter.batch_limit, limit - report.sent_records)
+        batch_id, claimed = _claim(sessions, target, room, lease_seconds, now, tried)
+        if not claimed:
+            break  # another worker claimed them between the two looks: it is flushing too
+        tried.update(row_id for item in claimed for row_id in item.row_ids)
+        before = replace(report)
+        _send(sessions, adapter, target[1], claimed, batch_id, report, max_attempts)
+        report.sent_records += len(claimed)
+        counts = {name: getattr(report, name) - getattr(before, name) for name in ("done", "retried", "dead")}
+        count_outcomes(OUTBOX_UPDATES, counts, connection=target[0])
     return report
 
 
+def _due(now: datetime, tried: set[int]) -> Select[Any]:
+    """Pending rows that are due and not yet tried in this flush, oldest first."""
+    query = (
+        select(OutboxUpdate)
+        .where(OutboxUpdate.status == PENDING)
+        .where(or_(OutboxUpdate.next_attempt_at.is_(None), OutboxUpdate.next_attempt_at <= now))
+        .order_by(OutboxUpdate.id)
+    )
+    return query.where(OutboxUpdate.id.not_in(tried)) if tried else query
+
+
+def _in_flight(session: Session, target: tuple[str, str] | None = None) -> set[RecordKey]:
+    query = select(OutboxUpdate.connection, OutboxUpdate.object_type, OutboxUpdate.record_id).where(
+        OutboxUpdate.status == SENDING
+    )
+    if target is not None:
+        query = query.where(OutboxUpdate.connection == target[0], OutboxUpdate.object_type == target[1])
+    return {(r.connection, r.object_type, r.record_id) for r in session.execute(query)}
+
+
+def _next_target(sessions: sessionmaker[Session], now: datetime, tried: set[int]) -> tuple[str, str] | None:
+    """The (connection, object type) of the oldest due row whose record has no batch in flight."""
+    with sessions() as session:
+        in_flight = _in_flight(session)
+        for row in session.scalars(_due(now, tried).execution_options(yield_per=200)):
+            if (row.connection, row.object_type, row.record_id) not in in_flight:
+                return row.connection, row.object_type
+    return None
+
+
 def _claim(
-    sessions: sessionmaker[Session], limit: int, lease_seconds: int, now: datetime
+    sessions: sessionmaker[Session],
+    target: tuple[str, str],
+    max_records: int,
+    lease_seconds: int,
+    now: datetime,
+    tried: set[int],
 ) -> tuple[str, list[_Claimed]]:
+    """Mark the rows of at most `max_records` records of one target `sending` and commit,
+    before anything is sent."""
     batch_id = uuid.uuid4().hex
     with transaction(sessions) as session:
-        in_flight = {
-            (r.connection, r.object_type, r.record_id)
-            for r in session.execute(
-                select(OutboxUpdate.connection, OutboxUpdate.object_type, OutboxUpdate.record_id).where(
-                    OutboxUpdate.status == SENDING
-                )
-            )
-        }
-        rows = session.scalars(
-            select(OutboxUpdate)
-            .where(OutboxUpdate.status == PENDING)
-            .where(or_(OutboxUpdate.next_attempt_at.is_(None), OutboxUpdate.next_attempt_at <= now))
-            .order_by(OutboxUpdate.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        ).all()
+        # One batch per record in flight keeps the order of writes.
+        in_flight = [key[2] for key in _in_flight(session, target)]
+        query = _due(now, tried).where(
+            OutboxUpdate.connection == target[0], OutboxUpdate.object_type == target[1]
+        )
+        if in_flight:
+            query = query.where(OutboxUpdate.record_id.not_in(in_flight))
+        # Several rows of one record merge into one update: look at more rows than records.
+        rows = session.scalars(query.limit(max_records * 5).with_for_update(skip_locked=True)).all()
         merged: dict[RecordKey, _Claimed] = {}
         for row in rows:
             key = (row.connection, row.object_type, row.record_id)
-            if key in in_flight:
-                continue  # one batch per record in flight keeps the order of writes
+            if key not in merged and len(merged) >= max_records:
+                continue  # this call is full; the next one takes it
             item = merged.setdefault(key, _Claimed(key, [], {}))
             item.row_ids.append(row.id)
             item.fields.update(row.fields)  # rows come oldest first: later values win
@@ -217,7 +263,7 @@ def _settle(
             row.next_attempt_at = now + timedelta(seconds=retry_after or backoff_seconds(row.attempts))
         else:
             row.status, outcome = DEAD, "dead"
-            session.add(_dead_letter(row, result))
+            dead_letters.add(session, _dead_letter(row, result))
     return outcome
 
 
@@ -289,6 +335,7 @@ def recover_in_doubt(
                     if landed:
                         row.status, row.done_at = DONE, utcnow()
                         report.confirmed_by_read_back += 1
+                        OUTBOX_UPDATES.labels(connection, "confirmed").inc()
                     else:
                         row.status, row.next_attempt_at = PENDING, None
 

@@ -92,3 +92,85 @@ def _wait_until_up(base: str, server: subprocess.Popen[bytes]) -> None:
         except requests.RequestException:
             time.sleep(0.2)
     raise AssertionError("serve did not come up in 30 s")
+
+
+@pytest.mark.slow
+def test_metrics_add_up_every_gunicorn_worker_and_the_worker_process(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/served.db"
+    upgrade(db)
+    env_file = tmp_path / "metrics.env"
+    env_file.write_text(
+        f"DATABASE_URL={db}\nQUEUE_URL=sqlite:///{tmp_path}/queue.db\nMAPPINGS_DIR={tmp_path}\n"
+        f"CRM_CONNECTIONS=sandbox\nSANDBOX_WEBHOOK_SECRET={SANDBOX_SECRET}\n"
+        f"PROMETHEUS_MULTIPROC_DIR={tmp_path}/prometheus\n"
+    )
+    port = free_port()
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "SANDBOX_", "CRM_", "PROM"))
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    command = [sys.executable, "-m", "connector", "--env-file", str(env_file), "serve"]
+    server = subprocess.Popen(
+        [*command, "--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "2"], cwd=tmp_path, env=env
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_until_up(base, server)
+        for n in range(6):
+            assert _deliver(base, f"msg_metrics_{n}").status_code == 202
+        worker = subprocess.run(
+            [sys.executable, "-m", "tests.metrics_worker_target", str(env_file)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert worker.returncode == 0 and worker.stdout.strip() == "6", worker.stderr
+        for _ in range(6):  # whichever gunicorn worker answers, the totals are the same
+            with requests.Session() as fresh:  # a new connection each time
+                text = fresh.get(f"{base}/metrics", timeout=10).text
+            assert 'crm_approvals_webhook_events_total{connection="sandbox",outcome="stored"} 6.0' in text
+            assert 'crm_approvals_inbox_events_processed_total{outcome="done"} 6.0' in text
+            assert "crm_approvals_inbox_pending 0.0" in text
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert list((tmp_path / "prometheus").glob("counter_*.db"))  # the multiprocess files are where configured
+
+
+def _deliver(base: str, msg_id: str) -> requests.Response:
+    body = json.dumps(
+        {
+            "type": "record.updated",
+            "timestamp": "2026-11-23T10:00:00Z",
+            "data": {"object": "deal", "id": msg_id, "changed_fields": ["amount"]},
+        }
+    ).encode()
+    ts = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(ts),
+        "webhook-signature": sign_standard(SANDBOX_SECRET, msg_id, ts, body),
+    }
+    return requests.post(f"{base}/webhooks/standard", data=body, headers=headers, timeout=10)
+
+
+def test_metrics_dir_keeps_live_processes_files_and_drops_dead_ones(tmp_path: Path) -> None:
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    (directory / f"counter_{os.getpid()}.db").write_bytes(b"")  # a live process: this one
+    (directory / "counter_999999999.db").write_bytes(b"")  # a process long gone
+    script = (
+        "import os, sys; from connector.server import prepare_metrics_dir; "
+        "prepare_metrics_dir(sys.argv[1]); import prometheus_client.values as v; "
+        "print(os.environ['PROMETHEUS_MULTIPROC_DIR'], v.ValueClass.__name__)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.lower().startswith("prometheus_multiproc")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(directory)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(directory.resolve()), "MmapedValue"]
+    assert sorted(p.name for p in directory.iterdir()) == [f"counter_{os.getpid()}.db"]

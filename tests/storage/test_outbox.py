@@ -3,8 +3,14 @@ exactly-once when the worker dies between sending and committing."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -19,6 +25,8 @@ from connector.storage.db import transaction
 from connector.storage.models import DeadLetter, OutboxUpdate
 from connector.storage.outbox import enqueue_update, flush, same_values
 from tests.fakes import MemoryCRM
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def enqueue(runtime: Runtime, record_id: str, fields: dict, **kwargs: object) -> None:
@@ -194,3 +202,57 @@ def test_record_with_a_batch_in_flight_is_not_claimed_again(runtime: Runtime) ->
 )
 def test_read_back_comparison(wanted: dict, current: dict, same: bool) -> None:
     assert same_values(wanted, current) is same
+
+
+def test_a_flush_claims_one_call_at_a_time(runtime: Runtime) -> None:
+    crm = MemoryCRM()
+    for i in range(5):
+        enqueue(runtime, f"D-{i}", {"Status": "Approved"})
+    seen: list[dict[int, str]] = []
+    original = crm._update_batch
+
+    def watching(object_type: str, updates: list) -> list:  # what the table holds while a call is out
+        seen.append(statuses(runtime))
+        return original(object_type, updates)
+
+    crm._update_batch = watching  # type: ignore[method-assign]
+    flush(runtime.sessions, lambda _name: crm)
+    assert list(seen[0].values()) == ["sending"] * 3 + ["pending"] * 2
+    assert list(seen[1].values()) == ["done"] * 3 + ["sending"] * 2
+
+
+@pytest.mark.slow
+def test_worker_killed_with_a_call_in_flight_leaves_the_unsent_rows_to_the_next_flush(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    for i in range(10):
+        enqueue(runtime, f"D-{i}", {"Status": "Approved"})
+    marker = tmp_path / "in-flight"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tests.outbox_kill_target", runtime.settings.database_url, str(marker)],
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.time() + 60
+        while not marker.exists() and time.time() < deadline and worker.poll() is None:
+            time.sleep(0.02)
+        assert marker.exists(), "the second call never started"
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    assert marker.read_text() == "D-3,D-4,D-5"
+    assert list(statuses(runtime).values()) == ["done"] * 3 + ["sending"] * 3 + ["pending"] * 4
+
+    # The next flush, at once (no lease has run out), sends every row the dead worker never reached.
+    crm = MemoryCRM()
+    report = flush(runtime.sessions, lambda _name: crm)
+    assert [[u.record_id for u in call] for call in crm.update_calls] == [["D-6", "D-7", "D-8"], ["D-9"]]
+    assert report.done == 4
+    assert list(statuses(runtime).values()) == ["done"] * 3 + ["sending"] * 3 + ["done"] * 4
+    # Only the one call that was in flight waits for its lease, then is read back and sent once.
+    report = flush(runtime.sessions, lambda _name: crm, now=utcnow() + timedelta(seconds=601))
+    assert report.done == 3 and len(crm.update_calls) == 3
+    assert [u.record_id for u in crm.update_calls[-1]] == ["D-3", "D-4", "D-5"]
+    assert set(statuses(runtime).values()) == {"done"}
