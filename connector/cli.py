@@ -185,6 +185,7 @@ COMMAND_MODULES = (
     "connector.commands.validate",
     "connector.commands.approvals",
     "connector.commands.ops",
+    "connector.commands.audit",
 )
 
 
