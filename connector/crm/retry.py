@@ -9,12 +9,12 @@ from typing import TypeVar
 from tenacity import (
     RetryCallState,
     Retrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_random_exponential,
 )
 
-from connector.crm.errors import RetriableError
+from connector.crm.errors import InDoubtError, RetriableError
 
 T = TypeVar("T")
 
@@ -34,10 +34,16 @@ class RetryPolicy:
             return min(float(hinted), self.max_wait)
         return wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait)(state)
 
-    def call(self, fn: Callable[[], T]) -> T:
+    def call(self, fn: Callable[[], T], *, idempotent: bool = True) -> T:
+        """Run `fn`, retrying retriable errors; a call that is not idempotent (a write) is not
+        repeated when it is in doubt: the CRM may have applied it (docs/outbox.md)."""
         kwargs = {"sleep": self.sleep} if self.sleep is not None else {}
+
+        def retriable(exc: BaseException) -> bool:
+            return isinstance(exc, RetriableError) and (idempotent or not isinstance(exc, InDoubtError))
+
         retrying = Retrying(
-            retry=retry_if_exception_type(RetriableError),
+            retry=retry_if_exception(retriable),
             stop=stop_after_attempt(self.attempts),
             wait=self.wait_seconds,
             reraise=True,

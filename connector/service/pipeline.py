@@ -28,6 +28,7 @@ from connector.events import RecordChangeEvent
 from connector.rules import MappingSet
 from connector.runtime import Runtime
 from connector.service.approval_service import ApprovalService
+from connector.service.drift import DriftRepairJob
 from connector.storage import audit
 from connector.storage.approval_store import RecordKey
 from connector.storage.models import DONE, SENDING, OutboxUpdate, RecordSnapshot
@@ -177,7 +178,7 @@ def _echoes_our_write(
 
 
 def build_runtime(settings: Settings) -> Runtime:
-    """The worker's runtime: the mapping files loaded, the expiry job on the sweep."""
+    """The worker's runtime: the mapping files loaded, the expiry and drift-repair jobs on the sweep."""
     runtime = Runtime.from_settings(settings)
     mappings = MappingSet.load(settings.mappings_dir)
     for error in mappings.errors:
@@ -186,4 +187,5 @@ def build_runtime(settings: Settings) -> Runtime:
     runtime.processor = pipeline
     SWEEP_JOBS["reload_mappings"] = lambda _rt: pipeline.refresh_mappings()
     SWEEP_JOBS["expire"] = lambda rt: pipeline.approvals.expire_due(rt.sessions)
+    SWEEP_JOBS["drift_repair"] = DriftRepairJob.from_settings(settings)
     return runtime

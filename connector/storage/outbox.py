@@ -7,11 +7,16 @@ Exactly-once, even if the worker dies between sending and committing (docs/outbo
 3. Recover: a `sending` row whose lease ran out is *in doubt* (the send may or may not
    have landed). It is read back from the CRM; where the CRM already holds the values it
    is marked done without resending, otherwise it returns to pending.
+A call that timed out or lost its connection is in doubt the same way: its rows stay
+`sending` with their lease ended, so nothing newer for those records is sent until the
+read-back has settled them. A CRM may still apply such a call minutes later, over a newer
+write: drift repair (connector/service/drift.py) puts our values back.
 Pending rows for the same record merge into one request (later values win).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections import defaultdict
@@ -21,12 +26,12 @@ from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.clock import utcnow
 from connector.crm.base import CRMAdapter, RecordUpdate, UpdateResult
-from connector.crm.errors import AuthError, CRMError, RetriableError
+from connector.crm.errors import AuthError, CRMError, InDoubtError, RetriableError
 from connector.storage import audit
 from connector.storage.db import transaction
 from connector.storage.inbox import backoff_seconds
@@ -50,6 +55,7 @@ def enqueue_update(
 ) -> OutboxUpdate | None:
     """Record a field update in the caller's transaction. With an idempotency key already
     used, nothing is added and None is returned."""
+    lock_record(session, (connection, object_type, record_id))
     if idempotency_key is not None:
         existing = session.scalar(
             select(OutboxUpdate.id).where(OutboxUpdate.idempotency_key == idempotency_key)
@@ -72,6 +78,17 @@ def enqueue_update(
     return row
 
 
+def lock_record(session: Session, key: RecordKey) -> None:
+    """Serialise the transactions that add outbox rows for one record until they end, so
+    the rows' ids follow the order of their commits (drift repair relies on it). SQLite's
+    writer lock already serialises every writer; PostgreSQL takes an advisory lock."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    digest = hashlib.sha256("\x1f".join(key).encode()).digest()
+    lock_id = int.from_bytes(digest[:8], "big", signed=True)
+    session.execute(text("SELECT pg_advisory_xact_lock(:lock_id)"), {"lock_id": lock_id})
+
+
 @dataclass
 class FlushReport:
     sent_records: int = 0
@@ -79,6 +96,7 @@ class FlushReport:
     retried: int = 0
     dead: int = 0
     confirmed_by_read_back: int = 0
+    in_doubt: int = 0  # calls that timed out: read back on the next flush
 
 
 @dataclass
@@ -100,7 +118,7 @@ def flush(
     """Recover in-doubt batches, then send every due pending update. Safe to run concurrently."""
     now = now or utcnow()
     report = FlushReport()
-    recover_in_doubt(sessions, adapters, report, now=now)
+    recover_in_doubt(sessions, adapters, report, now=now, max_attempts=max_attempts)
     batch_id, claimed = _claim(sessions, limit, lease_seconds, now)
     by_target: dict[tuple[str, str], list[_Claimed]] = defaultdict(list)
     for item in claimed:
@@ -115,12 +133,18 @@ def _claim(
     sessions: sessionmaker[Session], limit: int, lease_seconds: int, now: datetime
 ) -> tuple[str, list[_Claimed]]:
     batch_id = uuid.uuid4().hex
+    key_columns = (OutboxUpdate.connection, OutboxUpdate.object_type, OutboxUpdate.record_id)
     with transaction(sessions) as session:
-        in_flight = {
+        # A record with a batch in flight, or an older row waiting out its backoff, waits:
+        # sending a newer row first would let the older one land over it later.
+        held = {
             (r.connection, r.object_type, r.record_id)
             for r in session.execute(
-                select(OutboxUpdate.connection, OutboxUpdate.object_type, OutboxUpdate.record_id).where(
-                    OutboxUpdate.status == SENDING
+                select(*key_columns).where(
+                    or_(
+                        OutboxUpdate.status == SENDING,
+                        (OutboxUpdate.status == PENDING) & (OutboxUpdate.next_attempt_at > now),
+                    )
                 )
             )
         }
@@ -135,8 +159,8 @@ def _claim(
         merged: dict[RecordKey, _Claimed] = {}
         for row in rows:
             key = (row.connection, row.object_type, row.record_id)
-            if key in in_flight:
-                continue  # one batch per record in flight keeps the order of writes
+            if key in held:
+                continue  # one batch per record at a time, oldest rows first, keeps the order
             item = merged.setdefault(key, _Claimed(key, [], {}))
             item.row_ids.append(row.id)
             item.fields.update(row.fields)  # rows come oldest first: later values win
@@ -157,6 +181,13 @@ def _send(
     updates = [RecordUpdate(item.key[2], item.fields) for item in items]
     try:
         results = adapter.update_records(object_type, updates)
+    except InDoubtError as exc:
+        # The CRM may have applied the call, or may still: read back before anything is resent.
+        with transaction(sessions) as session:
+            for item in items:
+                _leave_in_doubt(session, item, batch_id, exc)
+        report.in_doubt += len(items)
+        return
     except (RetriableError, AuthError) as exc:
         # The whole call failed before the CRM applied anything: everything goes back.
         results = [_failed(u.record_id, exc, retriable=True) for u in updates]
@@ -220,6 +251,28 @@ def _settle(
     return outcome
 
 
+def _leave_in_doubt(session: Session, item: _Claimed, batch_id: str, exc: InDoubtError) -> None:
+    """Keep the rows `sending` (so no newer write to the record is claimed) with their lease
+    ended, so the next flush reads the record back (`recover_in_doubt`)."""
+    now = utcnow()
+    for row in session.scalars(select(OutboxUpdate).where(OutboxUpdate.id.in_(item.row_ids))):
+        if row.status == SENDING and row.batch_id == batch_id:
+            row.attempts += 1
+            row.lease_expires_at = now
+            row.last_error = f"in doubt: {exc}"[:2000]
+    connection, object_type, record_id = item.key
+    audit.record(
+        session,
+        "writeback_in_doubt",
+        connection=connection,
+        object_type=object_type,
+        record_id=record_id,
+        fields=item.fields,
+        message=str(exc),
+        outbox_ids=item.row_ids,
+    )
+
+
 def _audit_result(session: Session, item: _Claimed, result: UpdateResult, message: str) -> None:
     connection, object_type, record_id = item.key
     audit.record(
@@ -251,9 +304,16 @@ def _dead_letter(row: OutboxUpdate, result: UpdateResult) -> DeadLetter:
 
 
 def recover_in_doubt(
-    sessions: sessionmaker[Session], adapters: AdapterLookup, report: FlushReport, *, now: datetime
+    sessions: sessionmaker[Session],
+    adapters: AdapterLookup,
+    report: FlushReport,
+    *,
+    now: datetime,
+    max_attempts: int = 10,
 ) -> None:
-    """Settle batches whose worker died after claiming: read back, then done or pending again."""
+    """Settle in-doubt batches (their worker died, or the call timed out): read the records
+    back, then done where the CRM holds the values, else pending again (or dead after
+    `max_attempts` calls that all ended in doubt)."""
     with sessions() as session:
         stale = session.scalars(
             select(OutboxUpdate)
@@ -286,10 +346,22 @@ def recover_in_doubt(
                         continue
                     row.lease_expires_at = None
                     if landed:
-                        row.status, row.done_at = DONE, utcnow()
+                        row.status, row.done_at, row.last_error = DONE, utcnow(), None
                         report.confirmed_by_read_back += 1
-                    else:
-                        row.status, row.next_attempt_at = PENDING, None
+                    elif row.attempts >= max_attempts:
+                        row.status = DEAD
+                        report.dead += 1
+                        session.add(_dead_letter(row, _in_doubt_result(row)))
+                    else:  # again at once after a worker died, with backoff after a time-out
+                        row.status = PENDING
+                        row.next_attempt_at = (
+                            now + timedelta(seconds=backoff_seconds(row.attempts)) if row.attempts else None
+                        )
+
+
+def _in_doubt_result(row: OutboxUpdate) -> UpdateResult:
+    message = f"no answer from the CRM in {row.attempts} attempts, and the values never landed"
+    return UpdateResult(row.record_id, False, "in_doubt", f"{message}; last: {row.last_error}")
 
 
 def _merged_fields(rows: Sequence[OutboxUpdate]) -> dict[str, Any]:
