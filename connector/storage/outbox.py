@@ -22,7 +22,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -378,7 +378,8 @@ def same_values(wanted: dict[str, Any], current: dict[str, Any]) -> bool:
 
 
 def norm_value(value: Any) -> Any:
-    """A comparable form of a CRM value: blank is None, numbers by value, booleans as text."""
+    """A comparable form of a CRM value: blank is None, numbers by value, booleans as text,
+    date-times by instant (we send `...+00:00`, Salesforce answers `....000+0000`)."""
     if value is None or value == "":
         return None
     if isinstance(value, bool):
@@ -389,4 +390,13 @@ def norm_value(value: Any) -> Any:
     try:
         return Decimal(text).normalize()
     except InvalidOperation:
-        return text.lower() if text.lower() in ("true", "false") else text
+        pass
+    if text.lower() in ("true", "false"):
+        return text.lower()
+    if len(text) > 10 and text[10:11] == "T":
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            return text
+        return moment.astimezone(UTC) if moment.tzinfo is not None else moment
+    return text
