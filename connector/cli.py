@@ -248,6 +248,7 @@ COMMAND_MODULES = (
     "connector.commands.approvals",
     "connector.commands.ops",
     "connector.commands.dead_letters",
+    "connector.commands.audit",
 )
 
 

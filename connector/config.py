@@ -87,6 +87,8 @@ class Settings:
     outbox_lease_seconds: int = 120
     outbox_max_attempts: int = 10
     inbox_max_attempts: int = 10
+    drift_repair_window_hours: int = 24  # records written this recently are compared; 0 = off
+    drift_repair_interval_minutes: int = 15
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one JSON object per line, stable keys: connector/logs.py)
     # prometheus-client's multiprocess directory: the server's and worker's counters meet here
@@ -128,6 +130,8 @@ class Settings:
             outbox_lease_seconds=_int(env, "OUTBOX_LEASE_SECONDS", 120),
             outbox_max_attempts=_int(env, "OUTBOX_MAX_ATTEMPTS", 10),
             inbox_max_attempts=_int(env, "INBOX_MAX_ATTEMPTS", 10),
+            drift_repair_window_hours=_int(env, "DRIFT_REPAIR_WINDOW_HOURS", 24),
+            drift_repair_interval_minutes=_int(env, "DRIFT_REPAIR_INTERVAL_MINUTES", 15),
             log_level=env.get("LOG_LEVEL") or "INFO",
             log_format=_choice(env, "LOG_FORMAT", ("text", "json"), "text"),
             metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or "var/prometheus",

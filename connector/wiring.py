@@ -8,6 +8,7 @@ import logging
 from connector.config import Settings
 from connector.rules import MappingSet
 from connector.runtime import Runtime, SweepJob
+from connector.service.drift import DriftRepairJob
 from connector.service.pipeline import Pipeline, log_mapping_error, refresh_mappings
 
 log = logging.getLogger(__name__)
@@ -33,5 +34,6 @@ def attach_pipeline(runtime: Runtime, mappings: MappingSet) -> Pipeline:
     runtime.sweep_jobs = [
         SweepJob("reload_mappings", lambda _rt: refresh_mappings(mappings)),
         SweepJob("expire", lambda rt: pipeline.approvals.expire_due(rt.sessions)),
+        SweepJob("drift_repair", DriftRepairJob.from_settings(runtime.settings)),
     ]
     return pipeline

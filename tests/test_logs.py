@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event as sa_event
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from connector.config import ConfigError, Settings, parse_connections
 from connector.crm.errors import RetriableError
@@ -205,12 +207,9 @@ def test_one_info_line_per_business_event(
         process_pending(runtime.sessions, pipeline)
         with runtime.sessions() as session:
             first, second = session.scalars(select(ApprovalRequestRow).order_by(ApprovalRequestRow.record_id))
-        with transaction(runtime.sessions) as session:
-            service.vote(session, first.id, user="u-mgr", decision="approve", step_index=0)
-        with transaction(runtime.sessions) as session:
-            service.vote(session, first.id, user="u-gm", decision="approve", step_index=1)
-        with transaction(runtime.sessions) as session:
-            service.vote(session, second.id, user="u-mgr", decision="reject", step_index=0)
+        service.vote(runtime.sessions, first.id, user="u-mgr", decision="approve", step_index=0)
+        service.vote(runtime.sessions, first.id, user="u-gm", decision="approve", step_index=1)
+        service.vote(runtime.sessions, second.id, user="u-mgr", decision="reject", step_index=0)
         service.clock = lambda: datetime.now(UTC) + timedelta(days=181)
         service.expire_due(runtime.sessions)
     lines = [(r.event, r.getMessage()) for r in caplog.records if hasattr(r, "event")]  # type: ignore[attr-defined]
@@ -257,7 +256,15 @@ def test_a_vote_that_fails_to_commit_logs_no_business_event(
     with runtime.sessions() as session:
         request_id = session.scalars(select(ApprovalRequestRow.id)).one()
     caplog.clear()  # the "opened" line of the request above
-    with caplog.at_level(logging.INFO), pytest.raises(RuntimeError), transaction(runtime.sessions) as session:
-        pipeline.approvals.vote(session, request_id, user="u-mgr", decision="reject", step_index=0)
-        raise RuntimeError("the API's transaction fails after the vote")
+
+    def failing_commit(_session: Session) -> None:
+        raise RuntimeError("the vote's transaction fails to commit")
+
+    def sessions() -> Session:  # the database refuses the commit
+        session = runtime.sessions()
+        sa_event.listen(session, "before_commit", failing_commit)
+        return session
+
+    with caplog.at_level(logging.INFO), pytest.raises(RuntimeError):
+        pipeline.approvals.vote(sessions, request_id, user="u-mgr", decision="reject", step_index=0)
     assert not [r for r in caplog.records if getattr(r, "event", "").startswith("request_")]

@@ -7,8 +7,9 @@ is the approver identity used in mapping files. Who may see what:
 * everyone else sees the requests they submitted or are an assigned approver of (any
   step, any round); anything else answers 404, as if it did not exist.
 
-A vote or recall runs in one transaction through the ApprovalService (optimistic
-locking, outbox, audit); the write-back flush is nudged after commit. Docs: docs/api.md.
+A vote or recall goes through the ApprovalService: read, decided and rendered with no
+transaction open, then saved in one (optimistic locking, outbox, audit); the write-back
+flush is nudged after commit. Docs: docs/api.md.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from flask import Blueprint, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from connector.approvals.lifecycle import (
     DECISIONS,
@@ -32,7 +33,7 @@ from connector.approvals.lifecycle import (
     step_votes,
 )
 from connector.errors import CrmApprovalsError
-from connector.service.approval_service import ApprovalService, to_wire
+from connector.service.approval_service import ApprovalService, RequestNotFoundError, to_wire
 from connector.storage import approval_store as store
 from connector.storage.approval_store import RecordKey, StoredRequest
 from connector.storage.db import transaction
@@ -142,13 +143,12 @@ def recall_request(request_id: str) -> ResponseReturnValue:
     body = _action_body({"comment"})
     token, service = caller(), _approvals()
 
-    def recall(session: Session) -> StoredRequest:
-        _load(session, request_id)
+    def recall(sessions: sessionmaker[Session]) -> StoredRequest:
         return service.recall(
-            session, request_id, user=token.user_id, comment=body.get("comment"), is_admin=token.is_admin
+            sessions, request_id, user=token.user_id, comment=body.get("comment"), is_admin=token.is_admin
         )
 
-    return _change(recall)
+    return _change(request_id, recall)
 
 
 @blueprint.post("/requests/<request_id>/<decision>")
@@ -162,31 +162,30 @@ def vote_on_request(request_id: str, decision: str) -> ResponseReturnValue:
     body = _action_body({"comment", "step_index"})
     token, service = caller(), _approvals()
 
-    def vote(session: Session) -> StoredRequest:
-        seen = _load(session, request_id).request.current_step
-        step_index = body.get("step_index", seen)
+    def vote(sessions: sessionmaker[Session]) -> StoredRequest:
         return service.vote(
-            session,
+            sessions,
             request_id,
             user=token.user_id,
             decision=decision,
-            step_index=-1 if step_index is None else step_index,  # closed: the engine says so
+            step_index=body.get("step_index"),  # None: the current step
             comment=body.get("comment"),
             is_admin=token.is_admin,
         )
 
-    return _change(vote)
+    return _change(request_id, vote)
 
 
 # --- doing a change -------------------------------------------------------------------
 
 
-def _change(change: Callable[[Session], StoredRequest]) -> ResponseReturnValue:
-    """One transaction for the whole change; the write-back nudge only after it committed."""
+def _change(request_id: str, change: Callable[[sessionmaker[Session]], StoredRequest]) -> ResponseReturnValue:
+    """The change saves in one transaction; the write-back nudge only after it committed."""
     state = intake()
     try:
-        with transaction(state.runtime.sessions) as session:
-            stored = change(session)
+        stored = change(state.runtime.sessions)
+    except RequestNotFoundError:
+        raise _not_found(request_id) from None
     except IntegrityError:
         # The unique vote / active-request keys caught a concurrent change the version check missed.
         raise WebhookError(
@@ -216,13 +215,6 @@ def _approvals() -> ApprovalService:
             "start it with `crm-approvals serve`, which loads the mapping files in MAPPINGS_DIR",
         )
     return service
-
-
-def _load(session: Session, request_id: str) -> StoredRequest:
-    stored = store.load(session, request_id)
-    if stored is None:
-        raise _not_found(request_id)
-    return stored
 
 
 def _not_found(request_id: str) -> WebhookError:

@@ -138,7 +138,7 @@ class CRMAdapter(ABC):
         """Write all updates in calls of at most `batch_limit`; one result per update, in order."""
         results: list[UpdateResult] = []
         for chunk in chunked(list(updates), self.batch_limit):
-            results.extend(self._call(lambda c=chunk: self._update_batch(object_type, c)))
+            results.extend(self._call(lambda c=chunk: self._update_batch(object_type, c), idempotent=False))
         return results
 
     def query(
@@ -163,8 +163,9 @@ class CRMAdapter(ABC):
     def read_batch_limit(self) -> int:
         return self.batch_limit
 
-    def _call(self, fn: Any) -> Any:
-        """Run one CRM call with the retry policy; on an expired session refresh once first."""
+    def _call(self, fn: Any, *, idempotent: bool = True) -> Any:
+        """Run one CRM call with the retry policy; on an expired session refresh once first.
+        A write (`idempotent=False`) that times out is raised as InDoubtError, not repeated."""
 
         name = self.connection.name
 
@@ -179,7 +180,7 @@ class CRMAdapter(ABC):
                     ) from exc
                 return timed_crm_call(name, fn)
 
-        return self.retry.call(attempt, crm=name)
+        return self.retry.call(attempt, crm=name, idempotent=idempotent)
 
 
 def chunked(items: list[Any], size: int) -> Iterator[list[Any]]:

@@ -2,7 +2,10 @@
 
 Retriable (429, 5xx, time-outs, the CRM's own "slow down" codes) are retried with backoff
 that honours Retry-After. Fatal ones (validation, bad field, missing record) are never
-retried: they go to the dead-letter table with the CRM's own message. The two bases here
+retried: they go to the dead-letter table with the CRM's own message. A call that timed out
+or lost its connection after it was sent is *in doubt* (InDoubtError): the CRM may have
+applied it, may still apply it, or not. Reads are retried; writes are not, the outbox
+reads the records back first (docs/outbox.md). The two bases here
 are the CRM kind of the project-wide ones in connector/errors.py, which the inbox and the
 outbox branch on.
 """
@@ -55,6 +58,11 @@ class RetriableError(CRMError, errors.RetriableError):
 
 class RateLimitedError(RetriableError):
     pass
+
+
+class InDoubtError(RetriableError):
+    """The call went out and no answer came back (read time-out, connection lost, gateway
+    time-out): the CRM may apply it, now or later. Safe to repeat only for reads."""
 
 
 class FatalError(CRMError, errors.FatalError):

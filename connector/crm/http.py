@@ -7,11 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 import requests
+from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from connector.crm.errors import (
     AuthExpiredError,
     CRMError,
     FatalError,
+    InDoubtError,
     NotFoundError,
     RateLimitedError,
     RetriableError,
@@ -26,6 +28,7 @@ STATUS_ERRORS: dict[int, type[CRMError]] = {
     404: NotFoundError,
     408: RetriableError,
     429: RateLimitedError,
+    504: InDoubtError,  # a gateway gave up waiting; the CRM behind it may still apply the call
 }
 
 
@@ -54,7 +57,21 @@ def send(
     try:
         return session.request(method, url, timeout=timeout, **kwargs)
     except (requests.Timeout, requests.ConnectionError) as exc:
-        raise RetriableError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
+        raise network_error(exc, f"{method} {url}") from exc
+
+
+def network_error(exc: requests.RequestException, what: str) -> RetriableError:
+    """A time-out or lost connection as our error: in doubt unless the request never left."""
+    cls = RetriableError if never_sent(exc) else InDoubtError
+    return cls(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def never_sent(exc: requests.RequestException) -> bool:
+    """True when the connection could not even be opened (connect time-out, refused, DNS)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, NewConnectionError | NameResolutionError)
 
 
 def json_error_reader(response: requests.Response) -> tuple[str | None, str]:

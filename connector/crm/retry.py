@@ -11,11 +11,12 @@ from typing import TypeVar
 from tenacity import (
     RetryCallState,
     Retrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_random_exponential,
 )
 
+from connector.crm.errors import InDoubtError
 from connector.errors import RetriableError
 from connector.logs import log_event
 from connector.metrics import CRM_RETRIES
@@ -39,11 +40,17 @@ class RetryPolicy:
             return min(float(hinted), self.max_wait)
         return wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait)(state)
 
-    def call(self, fn: Callable[[], T], *, crm: str = "crm") -> T:
-        """Run `fn`, retrying retriable errors; `crm` (the connection name) labels the log and metrics."""
+    def call(self, fn: Callable[[], T], *, crm: str = "crm", idempotent: bool = True) -> T:
+        """Run `fn`, retrying retriable errors; `crm` (the connection name) labels the log and
+        metrics. A call that is not idempotent (a write) is not repeated when it is in doubt:
+        the CRM may have applied it (docs/outbox.md)."""
         kwargs = {"sleep": self.sleep} if self.sleep is not None else {}
+
+        def retriable(exc: BaseException) -> bool:
+            return isinstance(exc, RetriableError) and (idempotent or not isinstance(exc, InDoubtError))
+
         retrying = Retrying(
-            retry=retry_if_exception_type(RetriableError),
+            retry=retry_if_exception(retriable),
             stop=stop_after_attempt(self.attempts),
             wait=self.wait_seconds,
             reraise=True,

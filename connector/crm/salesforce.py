@@ -39,7 +39,7 @@ from connector.crm.errors import (
     RetriableError,
     parse_retry_after,
 )
-from connector.crm.http import STATUS_ERRORS
+from connector.crm.http import STATUS_ERRORS, network_error
 from connector.crm.retry import RetryPolicy
 from connector.events import RecordChangeEvent
 
@@ -257,7 +257,7 @@ class SalesforceAdapter(CRMAdapter):
         except SalesforceError as exc:
             raise self._api_error(exc) from exc
         except (requests.Timeout, requests.ConnectionError) as exc:
-            raise RetriableError(f"Salesforce did not answer: {type(exc).__name__}: {exc}") from exc
+            raise network_error(exc, "Salesforce did not answer") from exc
 
     def _api_error(self, exc: SalesforceError) -> CRMError:
         response = self._last_response(exc.status)

@@ -3,10 +3,13 @@
 Templates are written by CRM admins, so they run ONLY inside jinja2's
 ``ImmutableSandboxedEnvironment`` with ``StrictUndefined``: private attributes
 (``''.__class__``) raise SecurityError, containers cannot be mutated, and a misspelt
-variable is an error instead of an empty string. On top of the sandbox, templates are
-checked when the mapping is loaded (syntax, unknown filters, unknown variables, unknown
-``record.<field>`` names, private attribute access) so mistakes surface in
-``crm-approvals validate`` and not in the middle of an approval.
+variable is an error instead of an empty string. Rendering is bounded in time, output
+size, loop steps and number sizes (``connector.rules.template_limits``), and nothing of a
+template runs while it is compiled. On top of the sandbox, templates are checked when the
+mapping is loaded (syntax, unknown filters, unknown variables, unknown ``record.<field>``
+names, private attribute access, and one trial render with blank values that must stay
+within the limits) so mistakes surface in ``crm-approvals validate`` and not in the
+middle of an approval.
 
 Result types: a template that is exactly one ``{{ expression }}`` keeps the expression's
 native type (a Decimal stays a Decimal, ``None`` stays None so it clears the field), except
@@ -22,12 +25,21 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, meta, nodes
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, Undefined, meta, nodes
+from jinja2.environment import TemplateExpression
 from jinja2.exceptions import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from connector.errors import FatalError
 from connector.rules.errors import did_you_mean, one_of
+from connector.rules.template_limits import (
+    BLOCKED_METHODS,
+    MAX_CHARS,
+    BoundedSandbox,
+    BoundedTree,
+    TemplateLimitError,
+    checked,
+    render_budget,
+)
 
 # Variables available at render time, as connector.approvals.actions.template_variables
 # builds them, with the attributes each one has (None = free-form: `record` attributes
@@ -95,19 +107,32 @@ def _finalize(value: Any) -> Any:
     return "" if value is None else value
 
 
-def _make_environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+def _make_environment() -> BoundedSandbox:
+    env = BoundedSandbox(
         undefined=StrictUndefined,
         autoescape=False,  # values go into CRM fields, not HTML
         finalize=_finalize,
         keep_trailing_newline=False,
     )
     env.globals["days"] = days
-    env.filters["days"] = days
+    env.add_filter("days", days)
     return env
 
 
 ENVIRONMENT = _make_environment()
+
+
+def _compile(ast: nodes.Template) -> Template:
+    """Compile a parsed template with its loops, concatenations, literals and output checked."""
+    bounded = BoundedTree().visit(ast)
+    bounded.set_environment(ENVIRONMENT)
+    return ENVIRONMENT.from_string(bounded)
+
+
+def _compile_expression(expression: nodes.Expr) -> TemplateExpression:
+    """Like Environment.compile_expression, from an already parsed expression."""
+    assign = nodes.Assign(nodes.Name("result", "store"), expression, lineno=1)
+    return TemplateExpression(_compile(nodes.Template([assign], lineno=1)), undefined_to_none=False)
 
 
 class _AttrView:
@@ -162,18 +187,20 @@ class TemplateValue:
     def __init__(self, source: str, location: str = "") -> None:
         self.source = source
         self.location = location
-        self._template = ENVIRONMENT.from_string(source)
+        self._template = _compile(ENVIRONMENT.parse(source))
         inner = _single_expression(source)
-        self._expression = (
-            ENVIRONMENT.compile_expression(inner, undefined_to_none=False) if inner is not None else None
-        )
+        self._expression = _compile_expression(inner) if inner is not None else None
 
     def __call__(self, variables: Mapping[str, Any]) -> Any:
         context = render_context(variables)
         try:
-            if self._expression is None:
-                return self._template.render(context)
-            return _native(self._expression(**context))
+            with render_budget():
+                if self._expression is None:
+                    return _render_text(self._template, context)
+                return _native(checked(self._expression(**context)))
+        except TemplateLimitError as exc:
+            message = f"over a template limit (docs/mappings.md, Limits): {exc}"
+            raise TemplateRenderError(message, source=self.source, location=self.location) from exc
         except TemplateError as exc:
             raise TemplateRenderError(_describe(exc), source=self.source, location=self.location) from exc
         except Exception as exc:  # admin-written maths such as today + 'x'
@@ -182,6 +209,18 @@ class TemplateValue:
 
     def __repr__(self) -> str:
         return f"TemplateValue({self.source!r})"
+
+
+def _render_text(template: Template, context: Mapping[str, Any]) -> str:
+    """The template's text, piece by piece, stopping as soon as it grows over the limit."""
+    pieces: list[str] = []
+    length = 0
+    for piece in template.generate(context):
+        length += len(piece)
+        if length > MAX_CHARS:
+            raise TemplateLimitError(f"the result is longer than {MAX_CHARS} characters")
+        pieces.append(piece)
+    return "".join(pieces)
 
 
 def render_context(variables: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,8 +257,8 @@ def is_template(value: Any) -> bool:
     return isinstance(value, str) and ("{{" in value or "{%" in value)
 
 
-def _single_expression(source: str) -> str | None:
-    """The inner text when the template is exactly one ``{{ ... }}`` and nothing else.
+def _single_expression(source: str) -> nodes.Expr | None:
+    """The expression when the template is exactly one ``{{ ... }}`` and nothing else.
 
     Surrounding whitespace does not count: YAML block scalars (``|``) add a newline.
     """
@@ -232,13 +271,7 @@ def _single_expression(source: str) -> str | None:
         return None
     if not (text.startswith("{{") and text.endswith("}}")):
         return None
-    inner = text[2:-2]
-    # Whitespace-control markers ({{- x -}}) are not part of the expression.
-    if inner[:1] in "-+":
-        inner = inner[1:]
-    if inner[-1:] in "-+":
-        inner = inner[:-1]
-    return inner
+    return parts[0]
 
 
 # --- load-time checks ---------------------------------------------------------------
@@ -263,14 +296,36 @@ def check_template(
     """Every problem we can find without rendering. Empty list = template is fine."""
     try:
         ast = ENVIRONMENT.parse(source)
-        ENVIRONMENT.from_string(source)  # compiling also rejects unknown filters and tests
+        _compile(ENVIRONMENT.parse(source))  # compiling also rejects unknown filters and tests
     except TemplateSyntaxError as exc:
         where = f" (template line {exc.lineno})" if exc.lineno and exc.lineno > 1 else ""
         hint = "templates look like {{ today + days(180) }}; quote the whole value in YAML"
         return [(f"template syntax error{where}: {exc.message}", hint)]
     problems = _unknown_variables(ast)
     problems += _attribute_problems(ast, record_fields)
-    return problems
+    return problems or _trial_render(source, record_fields)
+
+
+def _trial_render(source: str, record_fields: Collection[str] | None) -> list[tuple[str, str | None]]:
+    """Render once with blank values: what goes over a limit then always will.
+
+    Other failures are left to the real render (blank values are not real ones); limits
+    that depend on real values are enforced when the action renders.
+    """
+    sample: dict[str, Any] = {
+        "record": {name: None for name in record_fields or ()},
+        "approver": "user",
+        "comment": "comment",
+        "request": dict.fromkeys(TEMPLATE_VARIABLES["request"] or ()),
+        "rule": {"name": "rule", "steps": (), "expires_after": None},
+    }
+    try:
+        TemplateValue(source)(sample)
+    except TemplateRenderError as exc:
+        if isinstance(exc.__cause__, TemplateLimitError):
+            hint = "see the limits in docs/mappings.md (Templates, Limits)"
+            return [(f"template goes over a limit: {exc.__cause__}", hint)]
+    return []
 
 
 def _unknown_variables(ast: nodes.Template) -> list[tuple[str, str | None]]:
@@ -289,6 +344,10 @@ def _attribute_problems(
     for owner, attr in _attribute_uses(ast):
         if attr.startswith("_"):
             problems.append((f"templates may not use private attributes such as `{attr}`", None))
+            continue
+        if attr in BLOCKED_METHODS:
+            hint = "use the `format` filter: {{ '%.2f'|format(record.amount) }}" if "format" in attr else None
+            problems.append((f"templates may not call `{attr}`: it has no size limit", hint))
             continue
         allowed = record_fields if owner == "record" else TEMPLATE_VARIABLES.get(owner)
         if owner is None or allowed is None or attr in allowed:

@@ -1,7 +1,15 @@
 """Approval use cases over the database: open or restart requests from record changes,
 votes, recall and expiry. The rules themselves live in the pure core
 (connector.approvals); this module loads and saves state around them, queues the
-write-back actions in the outbox and writes the audit log, all in the caller's transaction.
+write-back actions in the outbox and writes the audit log.
+
+Votes, recalls and expiry render their write-back templates while no transaction is open:
+the request is read in a short session, decided and rendered with nothing locked (on
+SQLite every transaction holds the database's write lock from its start), then saved in
+one short transaction if its version is still the one read; a request changed meanwhile
+is read and decided again. Record changes run inside the worker's event transaction,
+which also reads the record's last-seen values and active requests, so their templates
+render there, within the template time budget (connector.rules.template_limits).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from connector.approvals.actions import render_outcome_actions
+from connector.approvals.actions import RenderedAction, render_outcome_actions
 from connector.approvals.errors import ConflictError
 from connector.approvals.lifecycle import (
     ApprovalRequest,
@@ -31,16 +39,18 @@ from connector.approvals.lifecycle import (
 )
 from connector.approvals.spec import EvalContext, MappingSpec, RuleSpec
 from connector.clock import utcnow
+from connector.errors import CrmApprovalsError
 from connector.logs import log_event
 from connector.metrics import DECISION_SECONDS, REQUEST_EVENTS
 from connector.rules import MappingSet
 from connector.storage import approval_store as store
 from connector.storage import audit
-from connector.storage.approval_store import RecordKey, StoredRequest
+from connector.storage.approval_store import RecordKey, StaleRequestError, StoredRequest
 from connector.storage.db import after_commit, transaction
 from connector.storage.outbox import enqueue_update
 
 SUBMITTER_FIELDS = ("submitter", "owner")  # canonical fields naming who submitted, first found wins
+SAVE_ATTEMPTS = 3  # a request changed between reading and saving is decided again, this often
 # transition kind -> business event, each logged at INFO and counted once committed
 BUSINESS_EVENTS = {
     "submitted": "opened",
@@ -51,6 +61,15 @@ BUSINESS_EVENTS = {
     "expired": "expired",
 }
 log = logging.getLogger(__name__)
+
+# Decides what happens to a request as read (None: nothing to do).
+Decision = Callable[[ApprovalRequest, MappingSpec, RuleSpec], Outcome | None]
+
+
+class RequestNotFoundError(CrmApprovalsError, LookupError):
+    """No approval request with that id."""
+
+    code = "not_found"
 
 
 class RuleGoneError(ConflictError):
@@ -111,7 +130,7 @@ class ApprovalService:
             outcome = on_record_change(active.request, rule, spec.roles, ctx, now)
             if outcome is None:
                 return f"already pending as {active.request.id}"
-            self._commit(session, active, spec, rule, outcome, active.request.version)
+            self._commit(session, active, spec, outcome, active.request.version, self._render(outcome, rule))
             return f"restarted {active.request.id}"
         latest = store.find_latest(session, record, rule.name)
         approved = latest is not None and _still_approved(latest, now)
@@ -122,7 +141,7 @@ class ApprovalService:
             rule, spec.roles, ctx, record_ref=record.ref, submitter=_submitter(ctx), now=now
         )
         stored = StoredRequest(outcome.request, record, spec.source_path, spec.content_hash)
-        self._commit(session, stored, spec, rule, outcome, None)
+        self._commit(session, stored, spec, outcome, None, self._render(outcome, rule))
         if latest is not None and approved:
             store.supersede(session, latest.request.id, outcome.request.id)
         return f"opened {outcome.request.id} ({outcome.request.status})"
@@ -131,35 +150,49 @@ class ApprovalService:
 
     def vote(
         self,
-        session: Session,
+        sessions: sessionmaker[Session],
         request_id: str,
         *,
         user: str,
         decision: str,
-        step_index: int,
+        step_index: int | None = None,
         comment: str | None = None,
         is_admin: bool = False,
     ) -> StoredRequest:
-        stored, spec, rule = self._load(session, request_id)
-        outcome = cast_vote(
-            stored.request,
-            rule,
-            spec.roles,
-            approver=user,
-            decision=decision,
-            step_index=step_index,
-            now=self.clock(),
-            comment=comment,
-            is_admin=is_admin,
-        )
-        return self._commit(session, stored, spec, rule, outcome, stored.request.version)
+        """A vote on the step `step_index` (None: the request's current step), saved in its own
+        transaction. Raises RequestNotFoundError for an unknown id, ApprovalError when refused."""
+
+        def decide(request: ApprovalRequest, spec: MappingSpec, rule: RuleSpec) -> Outcome:
+            index = request.current_step if step_index is None else step_index
+            return cast_vote(
+                request,
+                rule,
+                spec.roles,
+                approver=user,
+                decision=decision,
+                step_index=-1 if index is None else index,  # closed: the engine says so
+                now=self.clock(),
+                comment=comment,
+                is_admin=is_admin,
+            )
+
+        return _decided(self._decide_and_save(sessions, request_id, decide))
 
     def recall(
-        self, session: Session, request_id: str, *, user: str, comment: str | None, is_admin: bool
+        self,
+        sessions: sessionmaker[Session],
+        request_id: str,
+        *,
+        user: str,
+        comment: str | None,
+        is_admin: bool,
     ) -> StoredRequest:
-        stored, spec, rule = self._load(session, request_id)
-        outcome = recall(stored.request, actor=user, comment=comment, now=self.clock(), is_admin=is_admin)
-        return self._commit(session, stored, spec, rule, outcome, stored.request.version)
+        """Withdraw a request, saved in its own transaction (errors as for `vote`)."""
+
+        def decide(request: ApprovalRequest, _spec: MappingSpec, _rule: RuleSpec) -> Outcome:
+            return recall(request, actor=user, comment=comment, now=self.clock(), is_admin=is_admin)
+
+        return _decided(self._decide_and_save(sessions, request_id, decide))
 
     # --- expiry (periodic job and `crm-approvals sync expire`) -------------------------
 
@@ -170,15 +203,11 @@ class ApprovalService:
             due = store.ids_due_for_expiry(session, now)
         expired = []
         for request_id in due:
-            with transaction(sessions) as session:
-                stored = store.load(session, request_id)
-                if stored is None:
-                    continue
-                outcome = expire(stored.request, now)
-                if outcome is None:
-                    continue  # another run got there first
-                spec, rule = self._rule_of(stored)
-                self._commit(session, stored, spec, rule, outcome, stored.request.version)
+            try:
+                stored = self._decide_and_save(sessions, request_id, lambda request, *_: expire(request, now))
+            except (RequestNotFoundError, StaleRequestError):
+                continue  # gone, or acted on meanwhile: the next sweep looks again
+            if stored is not None:  # None: another run got there first
                 expired.append(f"{stored.record.ref} ({stored.request.rule_name}, request {request_id})")
         return expired
 
@@ -187,7 +216,7 @@ class ApprovalService:
     def _load(self, session: Session, request_id: str) -> tuple[StoredRequest, MappingSpec, RuleSpec]:
         stored = store.load(session, request_id)
         if stored is None:
-            raise LookupError(request_id)
+            raise RequestNotFoundError(request_id)
         spec, rule = self._rule_of(stored)
         return stored, spec, rule
 
@@ -202,14 +231,38 @@ class ApprovalService:
             "in the mapping files; restore it to act on this request"
         )
 
+    def _decide_and_save(
+        self, sessions: sessionmaker[Session], request_id: str, decide: Decision
+    ) -> StoredRequest | None:
+        """Read, decide and render with no transaction open, then save in a short one (module
+        docstring); None when `decide` finds nothing to do."""
+        for attempt in range(1, SAVE_ATTEMPTS + 1):
+            with sessions() as session:
+                stored, spec, rule = self._load(session, request_id)
+            outcome = decide(stored.request, spec, rule)
+            if outcome is None:
+                return None
+            actions = self._render(outcome, rule)
+            try:
+                with transaction(sessions) as session:
+                    return self._commit(session, stored, spec, outcome, stored.request.version, actions)
+            except StaleRequestError:
+                if attempt == SAVE_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _render(self, outcome: Outcome, rule: RuleSpec) -> list[RenderedAction]:
+        now = self.clock()
+        return render_outcome_actions(outcome, rule, now.date(), now)
+
     def _commit(
         self,
         session: Session,
         stored: StoredRequest,
         spec: MappingSpec,
-        rule: RuleSpec,
         outcome: Outcome,
         seen_version: int | None,
+        actions: list[RenderedAction],
     ) -> StoredRequest:
         store.save(session, stored, outcome, seen_version)
         record = stored.record
@@ -242,8 +295,7 @@ class ApprovalService:
                 comment=v.comment,
                 acting_admin=v.acting_admin,
             )
-        now = self.clock()
-        for n, action in enumerate(render_outcome_actions(outcome, rule, now.date(), now)):
+        for n, action in enumerate(actions):
             fields = {name: to_wire(value) for name, value in spec.to_api(action.values).items()}
             key = f"{outcome.request.id}:v{outcome.request.version}:{n}:{action.event}"
             enqueue_update(
@@ -293,6 +345,12 @@ def _announce(request: ApprovalRequest, record: RecordKey, t: Transition) -> Non
         actor=t.actor,
         status=request.status,
     )
+
+
+def _decided(saved: StoredRequest | None) -> StoredRequest:
+    if saved is None:  # votes and recalls always decide something, or raise
+        raise AssertionError("a vote or recall decided nothing")
+    return saved
 
 
 def _where(record: RecordKey) -> dict[str, str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import CheckConstraint, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from connector.clock import utcnow
@@ -204,7 +204,8 @@ class RecordSnapshot(Base):
 
 
 class AuditEntry(Base):
-    """Append-only: the migration adds triggers refusing UPDATE and DELETE."""
+    """Append-only and hash-chained (connector/storage/audit.py): the migrations add triggers
+    refusing UPDATE, DELETE, TRUNCATE, replace-by-id and inserts that do not extend the chain."""
 
     __tablename__ = "audit_log"
 
@@ -218,11 +219,25 @@ class AuditEntry(Base):
     actor: Mapped[str | None] = mapped_column(String(200), nullable=True)
     mapping_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))  # row_hash of the row before
+    row_hash: Mapped[str] = mapped_column(String(64))  # sha256 of this row's content and prev_hash
 
     __table_args__ = (
         Index("ix_audit_record", "connection", "object_type", "record_id"),
         Index("ix_audit_request", "request_id"),
     )
+
+
+class AuditChainHead(Base):
+    """The one row naming the last audit row and its hash; the insert trigger advances it."""
+
+    __tablename__ = "audit_chain_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last_id: Mapped[int] = mapped_column(Integer)
+    last_hash: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (CheckConstraint("id = 1", name="ck_audit_chain_head_single_row"),)
 
 
 class ApiToken(Base):

@@ -8,26 +8,31 @@ Exactly-once, even if the worker dies between sending and committing (docs/outbo
 3. Recover: a `sending` row whose lease ran out is *in doubt* (the send may or may not
    have landed). It is read back from the CRM; where the CRM already holds the values it
    is marked done without resending, otherwise it returns to pending.
+A call that timed out or lost its connection is in doubt the same way: its rows stay
+`sending` with their lease ended, so nothing newer for those records is sent until the
+read-back has settled them. A CRM may still apply such a call minutes later, over a newer
+write: drift repair (connector/service/drift.py) puts our values back.
 Pending rows for the same record merge into one request (later values win).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from sqlalchemy import Select, or_, select
+from sqlalchemy import Select, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.clock import utcnow
 from connector.crm.base import CRMAdapter, RecordUpdate, UpdateResult
-from connector.crm.errors import AuthError, CRMError
+from connector.crm.errors import AuthError, CRMError, InDoubtError
 from connector.errors import CrmApprovalsError, FatalError, RetriableError
 from connector.metrics import OUTBOX_UPDATES, count_outcomes
 from connector.storage import audit, dead_letters
@@ -53,6 +58,7 @@ def enqueue_update(
 ) -> OutboxUpdate | None:
     """Record a field update in the caller's transaction. With an idempotency key already
     used, nothing is added and None is returned."""
+    lock_record(session, (connection, object_type, record_id))
     if idempotency_key is not None:
         existing = session.scalar(
             select(OutboxUpdate.id).where(OutboxUpdate.idempotency_key == idempotency_key)
@@ -75,6 +81,17 @@ def enqueue_update(
     return row
 
 
+def lock_record(session: Session, key: RecordKey) -> None:
+    """Serialise the transactions that add outbox rows for one record until they end, so
+    the rows' ids follow the order of their commits (drift repair relies on it). SQLite's
+    writer lock already serialises every writer; PostgreSQL takes an advisory lock."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    digest = hashlib.sha256("\x1f".join(key).encode()).digest()
+    lock_id = int.from_bytes(digest[:8], "big", signed=True)
+    session.execute(text("SELECT pg_advisory_xact_lock(:lock_id)"), {"lock_id": lock_id})
+
+
 @dataclass
 class FlushReport:
     sent_records: int = 0
@@ -82,6 +99,7 @@ class FlushReport:
     retried: int = 0
     dead: int = 0
     confirmed_by_read_back: int = 0
+    in_doubt: int = 0  # calls that timed out: read back on the next flush
 
 
 @dataclass
@@ -108,7 +126,7 @@ def flush(
     concurrently."""
     now = now or utcnow()
     report = FlushReport()
-    recover_in_doubt(sessions, adapters, report, now=now)
+    recover_in_doubt(sessions, adapters, report, now=now, max_attempts=max_attempts)
     tried: set[int] = set()
     while report.sent_records < limit:
         target = _next_target(sessions, now, tried)
@@ -139,9 +157,14 @@ def _due(now: datetime, tried: set[int]) -> Select[Any]:
     return query.where(OutboxUpdate.id.not_in(tried)) if tried else query
 
 
-def _in_flight(session: Session, target: tuple[str, str] | None = None) -> set[RecordKey]:
+def _held(session: Session, now: datetime, target: tuple[str, str] | None = None) -> set[RecordKey]:
+    """Records that must wait: a batch of theirs is in flight, or an older row of theirs waits
+    out its backoff. Either way a newer write sent now could be overtaken by the older one."""
     query = select(OutboxUpdate.connection, OutboxUpdate.object_type, OutboxUpdate.record_id).where(
-        OutboxUpdate.status == SENDING
+        or_(
+            OutboxUpdate.status == SENDING,
+            (OutboxUpdate.status == PENDING) & (OutboxUpdate.next_attempt_at > now),
+        )
     )
     if target is not None:
         query = query.where(OutboxUpdate.connection == target[0], OutboxUpdate.object_type == target[1])
@@ -149,11 +172,11 @@ def _in_flight(session: Session, target: tuple[str, str] | None = None) -> set[R
 
 
 def _next_target(sessions: sessionmaker[Session], now: datetime, tried: set[int]) -> tuple[str, str] | None:
-    """The (connection, object type) of the oldest due row whose record has no batch in flight."""
+    """The (connection, object type) of the oldest due row whose record is not held."""
     with sessions() as session:
-        in_flight = _in_flight(session)
+        held = _held(session, now)
         for row in session.scalars(_due(now, tried).execution_options(yield_per=200)):
-            if (row.connection, row.object_type, row.record_id) not in in_flight:
+            if (row.connection, row.object_type, row.record_id) not in held:
                 return row.connection, row.object_type
     return None
 
@@ -170,13 +193,14 @@ def _claim(
     before anything is sent."""
     batch_id = uuid.uuid4().hex
     with transaction(sessions) as session:
-        # One batch per record in flight keeps the order of writes.
-        in_flight = [key[2] for key in _in_flight(session, target)]
+        # A record with a batch in flight, or an older row waiting out its backoff, waits:
+        # sending a newer row first would let the older one land over it later.
+        held = [key[2] for key in _held(session, now, target)]
         query = _due(now, tried).where(
             OutboxUpdate.connection == target[0], OutboxUpdate.object_type == target[1]
         )
-        if in_flight:
-            query = query.where(OutboxUpdate.record_id.not_in(in_flight))
+        if held:
+            query = query.where(OutboxUpdate.record_id.not_in(held))
         # Several rows of one record merge into one update: look at more rows than records.
         rows = session.scalars(query.limit(max_records * 5).with_for_update(skip_locked=True)).all()
         merged: dict[RecordKey, _Claimed] = {}
@@ -204,6 +228,13 @@ def _send(
     updates = [RecordUpdate(item.key[2], item.fields) for item in items]
     try:
         results = adapter.update_records(object_type, updates)
+    except InDoubtError as exc:
+        # The CRM may have applied the call, or may still: read back before anything is resent.
+        with transaction(sessions) as session:
+            for item in items:
+                _leave_in_doubt(session, item, batch_id, exc)
+        report.in_doubt += len(items)
+        return
     except (RetriableError, AuthError) as exc:
         # The whole call failed before the CRM applied anything: everything goes back.
         results = [_failed(u.record_id, exc, retriable=True) for u in updates]
@@ -267,6 +298,28 @@ def _settle(
     return outcome
 
 
+def _leave_in_doubt(session: Session, item: _Claimed, batch_id: str, exc: InDoubtError) -> None:
+    """Keep the rows `sending` (so no newer write to the record is claimed) with their lease
+    ended, so the next flush reads the record back (`recover_in_doubt`)."""
+    now = utcnow()
+    for row in session.scalars(select(OutboxUpdate).where(OutboxUpdate.id.in_(item.row_ids))):
+        if row.status == SENDING and row.batch_id == batch_id:
+            row.attempts += 1
+            row.lease_expires_at = now
+            row.last_error = f"in doubt: {exc}"[:2000]
+    connection, object_type, record_id = item.key
+    audit.record(
+        session,
+        "writeback_in_doubt",
+        connection=connection,
+        object_type=object_type,
+        record_id=record_id,
+        fields=item.fields,
+        message=str(exc),
+        outbox_ids=item.row_ids,
+    )
+
+
 def _audit_result(session: Session, item: _Claimed, result: UpdateResult, message: str) -> None:
     connection, object_type, record_id = item.key
     audit.record(
@@ -298,9 +351,16 @@ def _dead_letter(row: OutboxUpdate, result: UpdateResult) -> DeadLetter:
 
 
 def recover_in_doubt(
-    sessions: sessionmaker[Session], adapters: AdapterLookup, report: FlushReport, *, now: datetime
+    sessions: sessionmaker[Session],
+    adapters: AdapterLookup,
+    report: FlushReport,
+    *,
+    now: datetime,
+    max_attempts: int = 10,
 ) -> None:
-    """Settle batches whose worker died after claiming: read back, then done or pending again."""
+    """Settle in-doubt batches (their worker died, or the call timed out): read the records
+    back, then done where the CRM holds the values, else pending again (or dead after
+    `max_attempts` calls that all ended in doubt)."""
     with sessions() as session:
         stale = session.scalars(
             select(OutboxUpdate)
@@ -333,11 +393,23 @@ def recover_in_doubt(
                         continue
                     row.lease_expires_at = None
                     if landed:
-                        row.status, row.done_at = DONE, utcnow()
+                        row.status, row.done_at, row.last_error = DONE, utcnow(), None
                         report.confirmed_by_read_back += 1
                         OUTBOX_UPDATES.labels(connection, "confirmed").inc()
-                    else:
-                        row.status, row.next_attempt_at = PENDING, None
+                    elif row.attempts >= max_attempts:
+                        row.status = DEAD
+                        report.dead += 1
+                        dead_letters.add(session, _dead_letter(row, _in_doubt_result(row)))
+                    else:  # again at once after a worker died, with backoff after a time-out
+                        row.status = PENDING
+                        row.next_attempt_at = (
+                            now + timedelta(seconds=backoff_seconds(row.attempts)) if row.attempts else None
+                        )
+
+
+def _in_doubt_result(row: OutboxUpdate) -> UpdateResult:
+    message = f"no answer from the CRM in {row.attempts} attempts, and the values never landed"
+    return UpdateResult(row.record_id, False, "in_doubt", f"{message}; last: {row.last_error}")
 
 
 def _merged_fields(rows: Sequence[OutboxUpdate]) -> dict[str, Any]:
@@ -354,7 +426,8 @@ def same_values(wanted: dict[str, Any], current: dict[str, Any]) -> bool:
 
 
 def norm_value(value: Any) -> Any:
-    """A comparable form of a CRM value: blank is None, numbers by value, booleans as text."""
+    """A comparable form of a CRM value: blank is None, numbers by value, booleans as text,
+    date-times by instant (we send `...+00:00`, Salesforce answers `....000+0000`)."""
     if value is None or value == "":
         return None
     if isinstance(value, bool):
@@ -365,4 +438,13 @@ def norm_value(value: Any) -> Any:
     try:
         return Decimal(text).normalize()
     except InvalidOperation:
-        return text.lower() if text.lower() in ("true", "false") else text
+        pass
+    if text.lower() in ("true", "false"):
+        return text.lower()
+    if len(text) > 10 and text[10:11] == "T":
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            return text
+        return moment.astimezone(UTC) if moment.tzinfo is not None else moment
+    return text

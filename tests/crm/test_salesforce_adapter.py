@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from connector.config import ConfigError, Settings, parse_connections
 from connector.crm.base import RecordUpdate
-from connector.crm.errors import AuthError, FatalError, RetriableError
+from connector.crm.errors import AuthError, FatalError, InDoubtError, RetriableError
 from connector.crm.retry import RetryPolicy
 from connector.crm.salesforce import ApiUsage, SalesforceAdapter, parse_api_usage
 from connector.events import RecordChangeEvent
@@ -586,12 +586,56 @@ def test_503_is_retried_then_succeeds(
     assert len(patch_calls(rsps)) == 2 and len(sleeps) == 1
 
 
-def test_a_time_out_is_retried(rsps: responses.RequestsMock, make: MakeAdapter, sleeps: list[float]) -> None:
+def test_a_read_that_times_out_is_retried(
+    rsps: responses.RequestsMock, make: MakeAdapter, sleeps: list[float]
+) -> None:
     mock_soap_login(rsps)
-    rsps.add(responses.PATCH, COLLECTIONS_URL, body=requests.ReadTimeout("read timed out"))
+    rsps.add(responses.GET, QUERY_URL, body=requests.ReadTimeout("read timed out"))
+    record = {"attributes": {"type": "Opportunity"}, "Id": IDS[0], "Approval_Status__c": "Pending"}
+    rsps.add(responses.GET, QUERY_URL, json=query_body([record]))
+    found = make().get_records("Opportunity", [IDS[0]], ["Approval_Status__c"])
+    assert found == {IDS[0]: {"Approval_Status__c": "Pending"}} and len(sleeps) == 1
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        requests.ReadTimeout("read timed out"),
+        requests.ConnectionError(
+            "('Connection aborted.', RemoteDisconnected('Remote end closed connection'))"
+        ),
+    ],
+)
+def test_a_write_that_times_out_is_in_doubt_and_not_sent_again(
+    rsps: responses.RequestsMock, make: MakeAdapter, sleeps: list[float], failure: Exception
+) -> None:
+    """Salesforce may still apply the PATCH: sending it again blindly could land it after a
+    newer write. The outbox reads the record back instead (docs/outbox.md)."""
+    mock_soap_login(rsps)
+    rsps.add(responses.PATCH, COLLECTIONS_URL, body=failure)
+    with pytest.raises(InDoubtError):
+        make().update_records("Opportunity", [update(IDS[0])])
+    assert len(patch_calls(rsps)) == 1 and sleeps == []
+
+
+def test_a_gateway_time_out_on_a_write_is_in_doubt(
+    rsps: responses.RequestsMock, make: MakeAdapter, sleeps: list[float]
+) -> None:
+    mock_soap_login(rsps)
+    rsps.add(responses.PATCH, COLLECTIONS_URL, body="<html>504 Gateway Time-out</html>", status=504)
+    with pytest.raises(InDoubtError):
+        make().update_records("Opportunity", [update(IDS[0])])
+    assert len(patch_calls(rsps)) == 1 and sleeps == []
+
+
+def test_a_write_whose_connection_never_opened_is_retried(
+    rsps: responses.RequestsMock, make: MakeAdapter, sleeps: list[float]
+) -> None:
+    mock_soap_login(rsps)
+    rsps.add(responses.PATCH, COLLECTIONS_URL, body=requests.ConnectTimeout("connect timed out"))
     rsps.add(responses.PATCH, COLLECTIONS_URL, json=[save_success(IDS[0])])
     (result,) = make().update_records("Opportunity", [update(IDS[0])])
-    assert result.ok and len(sleeps) == 1
+    assert result.ok and len(patch_calls(rsps)) == 2 and len(sleeps) == 1
 
 
 def test_expired_session_logs_in_again_and_retries_with_the_new_session(

@@ -19,7 +19,6 @@ from connector.rules import MappingSet
 from connector.runtime import Runtime
 from connector.service.approval_service import ApprovalService
 from connector.service.pipeline import effective_changes
-from connector.storage.db import transaction
 from connector.storage.inbox import accept, process_pending
 from connector.storage.models import AuditEntry, DeadLetter, InboxEvent, OutboxUpdate
 from connector.storage.outbox import flush
@@ -176,8 +175,7 @@ def test_changed_from_sees_the_last_seen_value(world: Any) -> None:
 
 def approve_all(runtime: Runtime, service: ApprovalService, request_id: str) -> None:
     for step_index, user in ((0, "u-mgr"), (1, "u-gm")):
-        with transaction(runtime.sessions) as session:
-            service.vote(session, request_id, user=user, decision="approve", step_index=step_index)
+        service.vote(runtime.sessions, request_id, user=user, decision="approve", step_index=step_index)
 
 
 def opened_request_id(runtime: Runtime) -> str:

@@ -198,6 +198,11 @@ def test_record_with_a_batch_in_flight_is_not_claimed_again(runtime: Runtime) ->
         ({"Flag": True}, {"Flag": "true"}, True),
         ({"Status": "Approved"}, {"Status": "Pending"}, False),
         ({"Status": "Approved"}, {}, False),
+        ({"At": "2026-05-22T10:00:00+00:00"}, {"At": "2026-05-22T10:00:00.000+0000"}, True),
+        ({"At": "2026-05-22T10:00:00+00:00"}, {"At": "2026-05-22T12:00:00+02:00"}, True),
+        ({"At": "2026-05-22T10:00:00+00:00"}, {"At": "2026-05-22T10:00:01Z"}, False),
+        ({"On": "2026-05-22"}, {"On": "2026-05-22"}, True),
+        ({"Note": "T-shirts"}, {"Note": "T-shirts"}, True),
     ],
 )
 def test_read_back_comparison(wanted: dict, current: dict, same: bool) -> None:
