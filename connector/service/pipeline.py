@@ -23,10 +23,11 @@ from connector.approvals.spec import EvalContext, MappingSpec
 from connector.clock import utcnow
 from connector.config import Settings
 from connector.errors import FatalError
-from connector.events import RecordChangeEvent
+from connector.events import BACKFILL, RecordChangeEvent
 from connector.rules import MappingSet
 from connector.runtime import Runtime
 from connector.service.approval_service import ApprovalService
+from connector.service.zoho_channels import renew_due_channels
 from connector.storage import audit
 from connector.storage.approval_store import RecordKey
 from connector.storage.models import DONE, SENDING, OutboxUpdate, RecordSnapshot
@@ -79,11 +80,15 @@ class Pipeline:
             return "record deleted or no longer readable; nothing to approve"
         record = RecordKey(event.connection, event.object_type, event.record_id)
         previous = _remember(session, record, prepared.values)
+        backfill = event.change_type == BACKFILL
+        if backfill:  # judged as if just created: no history, every field changed, not an echo
+            previous = None
         changed = effective_changes(event.changed_fields, prepared.values, previous)
         if previous is not None and not changed:
             return "no field changed since last seen"
-        if prepared.own_change or (
-            prepared.own_change is None and _echoes_our_write(session, record, changed, prepared.values)
+        if not backfill and (
+            prepared.own_change
+            or (prepared.own_change is None and _echoes_our_write(session, record, changed, prepared.values))
         ):
             audit.record(session, "echo_ignored", **vars(record), fields=sorted(changed), origin=event.origin)
             return "echo of our own write-back; ignored"
@@ -184,4 +189,5 @@ def build_runtime(settings: Settings) -> Runtime:
     runtime.processor = pipeline
     SWEEP_JOBS["reload_mappings"] = lambda _rt: pipeline.refresh_mappings()
     SWEEP_JOBS["expire"] = lambda rt: pipeline.approvals.expire_due(rt.sessions)
+    SWEEP_JOBS["zoho_channels"] = renew_due_channels  # sync jobs (wt-sync): Zoho channel renewal
     return runtime
