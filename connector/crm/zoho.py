@@ -333,9 +333,10 @@ class ZohoAdapter(CRMAdapter):
         if enable:
             item["return_affected_field_values"] = True  # the callbacks then carry the new values
         method = "POST" if enable else "PATCH"
-        return self._call(  # type: ignore[no-any-return]
+        confirmed: datetime | None = self._call(
             lambda: watch_result(self._send(method, "actions/watch", json={"watch": [item]}))
         )
+        return confirmed
 
     def is_own_change(self, event: RecordChangeEvent) -> bool | None:
         """Notifications never say who changed a record (origin None -> None). A workflow webhook
@@ -447,14 +448,13 @@ def watch_result(response: requests.Response) -> datetime | None:
     if not isinstance(items, list) or not items or not isinstance(items[0], dict):
         raise_for_zoho_status(response)
         raise RetriableError(f"unexpected Zoho answer to actions/watch: HTTP {status}", status=status)
-    item = items[0]
+    item: dict[str, Any] = items[0]
+    details = item["details"] if isinstance(item.get("details"), dict) else {}
     if item.get("code") != "SUCCESS":
-        details = item.get("details") if isinstance(item.get("details"), dict) else {}
         named = details.get("api_name") or details.get("json_path")
         message = str(item.get("message") or "refused") + (f" ({named})" if named else "")
         raise FatalError(message, code=str(item.get("code") or "") or None, status=status)
-    details = item.get("details") if isinstance(item.get("details"), dict) else {}
-    events = details.get("events") if isinstance(details.get("events"), list) else []
+    events = details["events"] if isinstance(details.get("events"), list) else []
     expiries = [
         parse_timestamp(e["channel_expiry"])
         for e in events
