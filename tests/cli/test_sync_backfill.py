@@ -5,6 +5,7 @@ that does nothing twice, a crash between storing and processing, changed options
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from collections import Counter
@@ -22,15 +23,19 @@ from requests import PreparedRequest
 from sqlalchemy import func, select
 
 from connector.cli import main
+from connector.clock import utcnow
 from connector.commands.progress import JobProgress
 from connector.config import Settings
+from connector.crm.base import query_record_id
 from connector.crm.sandbox import SandboxAdapter
+from connector.events import RecordChangeEvent
 from connector.runtime import Runtime
 from connector.sandbox.app import SandboxConfig, create_sandbox_app
 from connector.sandbox.store import Store
 from connector.service.backfill import JOB, Backfill
 from connector.service.pipeline import Pipeline, build_runtime
-from connector.storage.inbox import accept
+from connector.storage.db import transaction
+from connector.storage.inbox import accept, process_pending
 from connector.storage.migrate import upgrade
 from connector.storage.models import (
     DONE,
@@ -40,7 +45,7 @@ from connector.storage.models import (
     OutboxUpdate,
     RecordSnapshot,
 )
-from connector.storage.sync_state import SyncCheckpoint, load_checkpoint
+from connector.storage.sync_state import SyncCheckpoint, load_checkpoint, save_checkpoint
 from tests.conftest import SANDBOX_SECRET
 from tests.contract.harness_sandbox import API_TOKEN
 from tests.sandbox.test_sandbox import forward_to
@@ -93,16 +98,25 @@ class Setup:
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[Setup]:
+    yield from make_setup(tmp_path, f"sqlite:///{tmp_path}/app.db")
+
+
+@pytest.fixture
+def pg_setup(tmp_path: Path, pg_url: str) -> Iterator[Setup]:
+    yield from make_setup(tmp_path, pg_url)
+
+
+def make_setup(tmp_path: Path, database_url: str) -> Iterator[Setup]:
     mappings = tmp_path / "mappings"
     mappings.mkdir()
     shutil.copy(ROOT / "mappings/examples/sandbox-deals.yaml", mappings)
     env_file = tmp_path / ".env"
     env_file.write_text(
-        f"DATABASE_URL=sqlite:///{tmp_path}/app.db\nQUEUE_URL=memory://\nMAPPINGS_DIR={mappings}\n"
+        f"DATABASE_URL={database_url}\nQUEUE_URL=memory://\nMAPPINGS_DIR={mappings}\n"
         f"CRM_CONNECTIONS=sandbox\nSANDBOX_API_TOKEN={API_TOKEN}\nSANDBOX_URL={SANDBOX}\n"
         f"SANDBOX_DB_PATH={tmp_path}/sandbox.db\nSANDBOX_WEBHOOK_SECRET={SANDBOX_SECRET}\n"
     )
-    upgrade(f"sqlite:///{tmp_path}/app.db")
+    upgrade(database_url)
     settings = Settings.from_env({}, dotenv_path=str(env_file))
     sandbox = create_sandbox_app(SandboxConfig.from_settings(settings), start_delivery=False)
     runtime = Runtime.from_settings(settings)
@@ -311,3 +325,87 @@ def test_progress_is_a_rich_bar_on_a_terminal_and_plain_lines_otherwise() -> Non
         progress.line("  D-1001: opened")
         progress.advance(2)
     assert piped.getvalue() == "backfill sandbox/deal\n  D-1001: opened\n"
+
+
+def test_a_record_seen_before_is_judged_again_after_a_new_rule(setup: Setup, tmp_path: Path) -> None:
+    """The point of a backfill: a webhook already showed D-1003 (nothing matched then, and its
+    values have not changed since); after the threshold is lowered the backfill opens it."""
+    runtime = build_runtime(setup.runtime.settings)
+    pipeline = runtime.processor
+    assert isinstance(pipeline, Pipeline)
+    values = runtime.adapter("sandbox").get_record("deal", "D-1003", ["amount", "stage"])
+    event = RecordChangeEvent(
+        source="sandbox",
+        connection="sandbox",
+        object_type="deal",
+        record_id="D-1003",
+        event_id="evt-1",
+        occurred_at=utcnow(),
+        dedupe_key="sandbox:evt-1",
+        changed_fields=("amount",),
+        values=values,
+    )
+    accept(runtime.sessions, [event])
+    assert process_pending(runtime.sessions, pipeline).done == 1
+    runtime.close()
+    assert setup.requests_by_record() == Counter()
+
+    mapping = tmp_path / "mappings" / "sandbox-deals.yaml"
+    mapping.write_text(mapping.read_text().replace("- amount: {gt: 100000}", "- amount: {gt: 10000}"))
+    result = setup.invoke("sync", "backfill", "--object", "deal")
+    assert result.exit_code == 0, result.output
+    assert "D-1003: deal-approval: opened" in result.output
+    assert setup.requests_by_record()["D-1003"] == 1
+
+
+def test_a_saved_position_the_crm_no_longer_accepts_falls_back_to_the_first_page(
+    setup: Setup, small_pages: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Like an expired Salesforce query locator: the sandbox refuses the cursor (400 BAD_CURSOR)."""
+    setup.invoke("sync", "backfill", "--limit", "2")
+    with setup.runtime.sessions() as session:
+        checkpoint = load_checkpoint(session, JOB, "sandbox", "deal")
+    assert checkpoint is not None and checkpoint.cursor is not None
+    checkpoint.cursor = "bm90IGEgY3Vyc29y"
+    with transaction(setup.runtime.sessions) as session:
+        save_checkpoint(session, checkpoint)
+
+    logger = logging.getLogger("connector.service.backfill")
+    logger.addHandler(caplog.handler)  # the command replaces the root logger's handlers
+    try:
+        rerun = setup.invoke("sync", "backfill")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert rerun.exit_code == 0, rerun.output
+    assert "the saved position no longer works" in caplog.text and "BAD_CURSOR" in caplog.text
+    assert "this run so far: 6 (6 done)" in rerun.output
+    assert setup.requests_by_record() == Counter(MATCHING)
+    assert Counter(setup.written_records()) == Counter(MATCHING)
+
+
+@pytest.mark.xdist_group("services")
+def test_dry_run_then_interrupted_run_then_rerun_on_postgres(pg_setup: Setup, small_pages: None) -> None:
+    dry = pg_setup.invoke("sync", "backfill", "--dry-run")
+    assert "dry run of 6 record(s) (2 unchanged, 4 would open)" in dry.output, dry.output
+    assert pg_setup.count(ApprovalRequestRow) == 0 and pg_setup.count(AuditEntry) == 0
+    assert pg_setup.count(RecordSnapshot) == 0
+
+    assert "stopped at --limit" in pg_setup.invoke("sync", "backfill", "--limit", "3").output
+    rerun = pg_setup.invoke("sync", "backfill")
+    assert "this run so far: 6 (6 done)" in rerun.output, rerun.output
+    assert pg_setup.requests_by_record() == Counter(MATCHING)
+    assert Counter(pg_setup.written_records()) == Counter(MATCHING)
+    assert "nothing to do" in pg_setup.invoke("sync", "backfill").output
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [({"Id": "006A"}, "006A"), ({"ID": 42, "TITLE": "x"}, "42"), ({"id": "D-1"}, "D-1")],
+)
+def test_the_id_of_a_queried_record_in_each_crms_letter_case(record: dict[str, Any], expected: str) -> None:
+    assert query_record_id(record) == expected
+
+
+def test_a_queried_record_without_id_is_an_error() -> None:
+    with pytest.raises(KeyError, match="a queried record carries no id"):
+        query_record_id({"Name": "x"})
