@@ -236,8 +236,9 @@ def sync_expire(ctx: Context, dry_run: bool, as_of: date | None, yes: bool) -> N
     try:
         if dry_run:
             with runtime.sessions() as session:
-                due = [store.load(session, i) for i in store.ids_due_for_expiry(session, now)]
-            for stored in filter(None, due):
+                loaded = [store.load(session, i) for i in store.ids_due_for_expiry(session, now)]
+            due = [stored for stored in loaded if stored is not None]
+            for stored in due:
                 request = stored.request
                 click.echo(
                     f"would expire {stored.record.ref} ({request.rule_name}, request {request.id}, "

@@ -77,7 +77,6 @@ class BackfillResult:
 
 
 RecordCallback = Callable[[RecordOutcome], None]
-PageCallback = Callable[[BackfillResult], None]
 
 
 class Backfill:
@@ -93,7 +92,6 @@ class Backfill:
         since: datetime | None = None,
         limit: int | None = None,
         on_record: RecordCallback = lambda _outcome: None,
-        on_page: PageCallback = lambda _result: None,
     ) -> None:
         self.runtime = runtime
         self.pipeline = pipeline
@@ -102,7 +100,6 @@ class Backfill:
         self.since = since
         self.limit = limit
         self.on_record = on_record
-        self.on_page = on_page
         self.kind = runtime.settings.connection(connection).kind
 
     @property
@@ -142,7 +139,6 @@ class Backfill:
                 checkpoint.finished_at = utcnow()
             self._save(checkpoint)
             result.write_back = self._flush(result.write_back)
-            self.on_page(result)
             if self._limit_reached(result):
                 break
         result.finished = checkpoint.finished_at is not None
@@ -289,7 +285,6 @@ class Backfill:
                 outcome = self.preview_record(self.event("dry-run", record))
                 result.count(outcome)
                 self.on_record(outcome)
-            self.on_page(result)
         result.finished = True
         return result
 

@@ -83,11 +83,11 @@ class ZohoChannels:
     def renew_due(self) -> list[str]:
         """The sweep job: renew what is due; one line per channel renewed or failed."""
         try:
-            states = self.states()
+            due = [state.channel for state in self.states() if state.due]
+            return [self.renew(channel).describe(self.clock()) for channel in due]
         except ConfigError as exc:  # logged every sweep until fixed, without a traceback
             log.error("Zoho notification channels are not renewed: %s", exc)
             return []
-        return [self.renew(state.channel).describe(self.clock()) for state in states if state.due]
 
     def renew(self, channel: NotificationChannel, *, enable: bool = False) -> ChannelState:
         """Renew one channel now (`enable`: POST it anew, e.g. for the first time); records the outcome."""

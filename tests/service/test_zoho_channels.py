@@ -250,6 +250,18 @@ def test_configuration_errors_name_the_variable_and_the_sweep_logs_them_without_
     assert message in caplog.text and watch_calls(zoho) == []
 
 
+def test_missing_credentials_are_logged_by_the_sweep_without_a_traceback(
+    make_runtime: Callable[..., Runtime], zoho: responses.RequestsMock, caplog: pytest.LogCaptureFixture
+) -> None:
+    channels = ZohoChannels(make_runtime(ZOHO_CLIENT_ID=""), clock=Clock())
+    with caplog.at_level(logging.ERROR, logger="connector.service.zoho_channels"):
+        assert channels.renew_due() == []
+    assert (
+        "Zoho notification channels are not renewed" in caplog.text and "needs ZOHO_CLIENT_ID" in caplog.text
+    )
+    assert caplog.records[-1].exc_info is None and watch_calls(zoho) == []
+
+
 def test_the_worker_sweep_renews_the_channels(
     settings_factory: Any, zoho: responses.RequestsMock, tmp_path: Path
 ) -> None:
