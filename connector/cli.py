@@ -249,6 +249,7 @@ COMMAND_MODULES = (
     "connector.commands.ops",
     "connector.commands.dead_letters",
     "connector.commands.audit",
+    "connector.commands.sync",
 )
 
 

@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 CHANGE_TYPES = ("created", "updated", "deleted", "undeleted")
+# Not a CRM change: `sync backfill` asks for a record to be judged as if it had just been created.
+BACKFILL = "backfill"
 
 
 @dataclass(frozen=True)

@@ -10,18 +10,23 @@ from connector.rules import MappingSet
 from connector.runtime import Runtime, SweepJob
 from connector.service.drift import DriftRepairJob
 from connector.service.pipeline import Pipeline, log_mapping_error, refresh_mappings
+from connector.service.zoho_channels import renew_due_channels
 
 log = logging.getLogger(__name__)
 
 
 def build_runtime(settings: Settings) -> Runtime:
     """The full runtime: the mapping files in MAPPINGS_DIR loaded, the pipeline attached."""
+    return build_pipeline(settings).runtime
+
+
+def build_pipeline(settings: Settings) -> Pipeline:
+    """The same, for commands that drive the pipeline themselves (backfill): `.runtime` is it."""
     runtime = Runtime.from_settings(settings)
     mappings = MappingSet.load(settings.mappings_dir)
     for error in mappings.errors:
         log_mapping_error(error)
-    attach_pipeline(runtime, mappings)
-    return runtime
+    return attach_pipeline(runtime, mappings)
 
 
 def attach_pipeline(runtime: Runtime, mappings: MappingSet) -> Pipeline:
@@ -35,5 +40,6 @@ def attach_pipeline(runtime: Runtime, mappings: MappingSet) -> Pipeline:
         SweepJob("reload_mappings", lambda _rt: refresh_mappings(mappings)),
         SweepJob("expire", lambda rt: pipeline.approvals.expire_due(rt.sessions)),
         SweepJob("drift_repair", DriftRepairJob.from_settings(runtime.settings)),
+        SweepJob("zoho_channels", renew_due_channels),
     ]
     return pipeline

@@ -1,4 +1,4 @@
-"""Commands for admins and ops: explain a record, run the expiry sweep by hand."""
+"""Commands for admins and ops: explain a record. The sync jobs are in connector/commands/sync.py."""
 
 from __future__ import annotations
 
@@ -112,29 +112,4 @@ def _fetch(ctx: Context, connection: str, object_type: str, record_id: str) -> d
     return values
 
 
-@click.group()
-def sync() -> None:
-    """Jobs ops run by hand; the worker also runs them on its sweep."""
-
-
-@sync.command("expire")
-@pass_context
-def sync_expire(ctx: Context) -> None:
-    """Expire approvals past their expiry and queue their expire actions (e.g. Status =
-    Expired), then flush the write-back. Idempotent: safe to run at any time."""
-    from connector.storage.outbox import flush
-    from connector.wiring import build_runtime
-
-    runtime = build_runtime(ctx.settings)
-    assert runtime.approvals is not None  # build_runtime always attaches the approval service
-    expired = runtime.approvals.expire_due(runtime.sessions)
-    for line in expired:
-        click.echo(f"expired {line}")
-    report = flush(runtime.sessions, runtime.adapter)
-    click.echo(
-        f"{len(expired)} approval(s) expired; write-back: {report.done} sent, {report.retried} to retry, "
-        f"{report.dead} dead-lettered"
-    )
-
-
-COMMANDS = [explain, sync]
+COMMANDS = [explain]

@@ -63,6 +63,22 @@ class FieldInfo:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class QueryPage:
+    records: list[dict[str, Any]]
+    cursor: Any  # what fetched this page (None = the first); every adapter's cursor is JSON
+    next_cursor: Any  # None on the last page
+
+
+def query_record_id(record: Mapping[str, Any]) -> str:
+    """The id of a record `query` returned: every adapter puts it under "id" in its CRM's own
+    letter case (id, Salesforce Id, Bitrix24 ID)."""
+    for key, value in record.items():
+        if key.lower() == "id" and value not in (None, ""):
+            return str(value)
+    raise KeyError(f"a queried record carries no id: {sorted(record)}")
+
+
 class CRMAdapter(ABC):
     """Reads and writes records of one CRM connection."""
 
@@ -149,15 +165,30 @@ class CRMAdapter(ABC):
         modified_since: datetime | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Every matching record, page by page (for backfill and reconcile)."""
+        for page in self.query_pages(object_type, fields, filters, modified_since):
+            yield from page.records
+
+    def query_pages(
+        self,
+        object_type: str,
+        fields: Sequence[str],
+        filters: Mapping[str, Any] | None = None,
+        modified_since: datetime | None = None,
+        cursor: Any = None,
+    ) -> Iterator[QueryPage]:
+        """The matching records one page at a time, starting at `cursor` (a `next_cursor` an
+        earlier page returned; None = the first page), so that a job can store where it is."""
         wanted = dict(filters or {})
         if modified_since is not None:
             wanted["modified_since"] = modified_since
-        cursor: Any = None
         while True:
-            page, cursor = self._call(lambda c=cursor: self._query_page(object_type, fields, wanted, c))
-            yield from page
-            if cursor is None:
+            records, next_cursor = self._call(
+                lambda c=cursor: self._query_page(object_type, fields, wanted, c)
+            )
+            yield QueryPage(records, cursor, next_cursor)
+            if next_cursor is None:
                 return
+            cursor = next_cursor
 
     @property
     def read_batch_limit(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +24,7 @@ from connector.crm.base import CRMAdapter, FieldInfo, RecordUpdate, UpdateResult
 from connector.crm.errors import AuthError, FatalError, RateLimitedError, RetriableError
 from connector.crm.http import json_error_reader, raise_for_status, send
 from connector.crm.retry import RetryPolicy
-from connector.events import RecordChangeEvent
+from connector.events import RecordChangeEvent, parse_timestamp
 
 # Data centre -> (accounts server, API domain). Canada's accounts server is zohocloud.ca.
 DATA_CENTERS: dict[str, tuple[str, str]] = {
@@ -46,6 +46,8 @@ API_NAME = re.compile(r"^[A-Za-z0-9_$]+$")
 SEARCH_PAGE_SIZE = 200
 MAX_SEARCH_CRITERIA = 10
 DEFAULT_TOKEN_LIFETIME = 3600.0  # seconds, when Zoho Accounts leaves out expires_in
+NOTIFY_TOKEN_MAX_LENGTH = 50  # "The maximum character length is 50" (notifications/enable)
+WATCH_EVENT = re.compile(r"^[A-Za-z0-9_$]+\.(create|edit|delete|all)$")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,17 @@ class ReadPlan:
     @property
     def requested(self) -> list[str]:
         return list(dict.fromkeys([*self.direct, *self.related]))
+
+
+@dataclass(frozen=True)
+class NotificationChannel:
+    """A notification channel we keep alive (`ZOHO_NOTIFY_CHANNEL_ID`, docs/crms/zoho.md)."""
+
+    connection: str
+    channel_id: str
+    events: tuple[str, ...]  # e.g. ("Deals.all",)
+    notify_url: str
+    token: str = field(repr=False)  # the first ZOHO_NOTIFY_TOKEN; Zoho echoes it in every callback
 
 
 class ZohoAdapter(CRMAdapter):
@@ -302,6 +315,29 @@ class ZohoAdapter(CRMAdapter):
             ]
         return self._fields[object_type]
 
+    # --- notification channels --------------------------------------------------------
+
+    def watch(
+        self, channel: NotificationChannel, expiry: datetime, *, enable: bool = False
+    ) -> datetime | None:
+        """Renew a notification channel (`PATCH /actions/watch`, which keeps whatever else the channel
+        has, e.g. a notification_condition), or enable it (`POST`, for a channel Zoho no longer
+        has). Returns the expiry Zoho confirmed (the earliest of its modules), None if it named none."""
+        item: dict[str, Any] = {
+            "channel_id": channel.channel_id,
+            "events": list(channel.events),
+            "channel_expiry": zoho_datetime(expiry),
+            "token": channel.token,
+            "notify_url": channel.notify_url,
+        }
+        if enable:
+            item["return_affected_field_values"] = True  # the callbacks then carry the new values
+        method = "POST" if enable else "PATCH"
+        confirmed: datetime | None = self._call(
+            lambda: watch_result(self._send(method, "actions/watch", json={"watch": [item]}))
+        )
+        return confirmed
+
     def is_own_change(self, event: RecordChangeEvent) -> bool | None:
         """Notifications never say who changed a record (origin None -> None). A workflow webhook
         that sends `modified_by` names the user; ours when it is one of API_USER_ID."""
@@ -322,6 +358,42 @@ def data_center_urls(connection: ConnectionConfig) -> tuple[str, str]:
             f"{connection.env_prefix}DATA_CENTER={center!r} is not a Zoho data centre; use one of "
             f"{', '.join(DATA_CENTERS)} (or set ACCOUNTS_URL and API_DOMAIN)"
         ) from None
+
+
+def notification_channel(connection: ConnectionConfig, public_base_url: str) -> NotificationChannel | None:
+    """The channel `ZOHO_NOTIFY_CHANNEL_ID` names, None when the connection keeps none alive."""
+    channel_id = connection.get("NOTIFY_CHANNEL_ID")
+    if channel_id is None:
+        return None
+    prefix = connection.env_prefix
+    if not channel_id.isdigit():
+        raise ConfigError(
+            f"{prefix}NOTIFY_CHANNEL_ID={channel_id!r} must be a number (Zoho's channel ids are)"
+        )
+    events = connection.get_list("NOTIFY_EVENTS")
+    wrong = [e for e in events if not WATCH_EVENT.match(e)]
+    if not events or wrong:
+        problem = f"has {', '.join(wrong)}" if wrong else "is not set"
+        raise ConfigError(
+            f"{prefix}NOTIFY_EVENTS {problem}: list the events the channel subscribes to as "
+            "Module.operation, operation one of create, edit, delete, all "
+            "(e.g. Deals.all,Accounts.edit)"
+        )
+    tokens = connection.get_list("NOTIFY_TOKEN")
+    if not tokens:
+        raise ConfigError(
+            f"{prefix}NOTIFY_CHANNEL_ID needs {prefix}NOTIFY_TOKEN: the token Zoho echoes in every callback"
+        )
+    if len(tokens[0]) > NOTIFY_TOKEN_MAX_LENGTH:
+        raise ConfigError(f"{prefix}NOTIFY_TOKEN: Zoho takes at most {NOTIFY_TOKEN_MAX_LENGTH} characters")
+    default_url = f"{public_base_url.rstrip('/')}/webhooks/zoho/notify?connection={connection.name}"
+    return NotificationChannel(
+        connection=connection.name,
+        channel_id=channel_id,
+        events=events,
+        notify_url=connection.get("NOTIFY_URL") or default_url,
+        token=tokens[0],  # while rotating, list the new token first: a renewal switches Zoho to it
+    )
 
 
 def parse_trigger(connection: ConnectionConfig) -> tuple[str, ...]:
@@ -363,6 +435,32 @@ def _record_results(response: requests.Response) -> list[dict[str, Any]]:
             return data
     raise_for_zoho_status(response)
     raise RetriableError(f"unexpected Zoho answer to an update: HTTP {status}", status=status)
+
+
+def watch_result(response: requests.Response) -> datetime | None:
+    """The answer to POST/PATCH /actions/watch: {"watch": [{"code": "SUCCESS", "details": {"events":
+    [{"channel_expiry": ..., "resource_name": "Deals", "channel_id": ...}]}, ...}]}, or the same
+    array with an error code (HTTP 400) naming what Zoho refused."""
+    status = response.status_code
+    items = None
+    if status != 401 and status != 429 and status < 500:
+        items = _json_object(response, required=False).get("watch")
+    if not isinstance(items, list) or not items or not isinstance(items[0], dict):
+        raise_for_zoho_status(response)
+        raise RetriableError(f"unexpected Zoho answer to actions/watch: HTTP {status}", status=status)
+    item: dict[str, Any] = items[0]
+    details = item["details"] if isinstance(item.get("details"), dict) else {}
+    if item.get("code") != "SUCCESS":
+        named = details.get("api_name") or details.get("json_path")
+        message = str(item.get("message") or "refused") + (f" ({named})" if named else "")
+        raise FatalError(message, code=str(item.get("code") or "") or None, status=status)
+    events = details["events"] if isinstance(details.get("events"), list) else []
+    expiries = [
+        parse_timestamp(e["channel_expiry"])
+        for e in events
+        if isinstance(e, dict) and e.get("channel_expiry")
+    ]
+    return min(expiries) if expiries else None
 
 
 def record_result(record_id: str, item: Mapping[str, Any]) -> UpdateResult:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from connector.approvals.spec import EvalContext, MappingSpec
 from connector.clock import utcnow
 from connector.errors import FatalError
-from connector.events import RecordChangeEvent
+from connector.events import BACKFILL, RecordChangeEvent
 from connector.logs import log_event
 from connector.rules import MappingSet
 from connector.runtime import Runtime
@@ -76,14 +76,18 @@ class Pipeline:
         record = RecordKey(event.connection, event.object_type, event.record_id)
         replay_since = _replay_since(session, event)
         previous = _remember(session, record, prepared.values)
+        backfill = event.change_type == BACKFILL
+        if backfill:  # judged as if just created: no history, every field changed, not an echo
+            previous = None
         changed = effective_changes(event.changed_fields, prepared.values, previous)
         if previous is not None and not changed:
             if replay_since is None:
                 return "no field changed since last seen"
             # A replay judges the event as it came, even if its values are known by now.
             changed = set(event.changed_fields) or set(prepared.values)
-        if prepared.own_change or (
-            prepared.own_change is None and _echoes_our_write(session, record, changed, prepared.values)
+        if not backfill and (
+            prepared.own_change
+            or (prepared.own_change is None and _echoes_our_write(session, record, changed, prepared.values))
         ):
             audit.record(session, "echo_ignored", **vars(record), fields=sorted(changed), origin=event.origin)
             return "echo of our own write-back; ignored"

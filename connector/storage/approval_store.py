@@ -121,6 +121,19 @@ def ids_due_for_expiry(session: Session, now: datetime) -> list[str]:
     )
 
 
+def approved_expiring(session: Session, after: datetime, until: datetime) -> list[ApprovalRequestRow]:
+    """Approvals still in force that expire in (after, until], soonest first (`sync expiring`)."""
+    return list(
+        session.scalars(
+            select(ApprovalRequestRow)
+            .where(ApprovalRequestRow.status == "approved")
+            .where(ApprovalRequestRow.expires_at > after, ApprovalRequestRow.expires_at <= until)
+            .where(ApprovalRequestRow.superseded_by.is_(None))
+            .order_by(ApprovalRequestRow.expires_at, ApprovalRequestRow.id)
+        )
+    )
+
+
 def save(session: Session, stored: StoredRequest, outcome: Outcome, seen_version: int | None) -> None:
     """Insert a new request (seen_version None) or apply an outcome to the version we read."""
     request = outcome.request
