@@ -170,13 +170,14 @@ def _refusal(model: type[BaseModel], exc: ValidationError, where: str) -> Except
     label = "query parameter" if where == "query" else "field" if where == "body" else "path parameter"
     given = f", got {_short(first['input'])}" if "input" in first and where != "path" else ""
     described = model.model_fields[name].description if name in model.model_fields else None
-    return bad_request(f"invalid_{name}", f"{label} `{name}`: {message}{given}", described)
+    hint = f"`{name}`: {described}" if described else None
+    return bad_request(f"invalid_{name}", f"{label} `{name}`: {message}{given}", hint)
 
 
 def _refuse_nul(values: Mapping[str, Any]) -> None:
     """No database takes NUL in text (PostgreSQL refuses it outright), so neither does the API."""
     for name, value in values.items():
-        if "\x00" in str(value):
+        if any("\x00" in str(v) for v in (value if isinstance(value, list) else [value])):
             raise bad_request(f"invalid_{name}", f"`{name}` contains a NUL character")
 
 

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from connector.approvals.lifecycle import RequestStatus
 from connector.clock import utcnow
-from connector.rules.coerce import CoercionError, parse_duration
+from connector.rules.coerce import parse_duration
 from connector.storage import approval_store as store
 from connector.storage.approval_store import RecordKey, StoredRequest
 from connector.storage.db import UTCDateTime
@@ -33,7 +33,9 @@ from connector.storage.models import ApprovalRequestRow, ApprovalStepRow, Approv
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 500
 MAX_AGE = timedelta(days=366 * 100)  # further back than any request; keeps date arithmetic in range
-_HOURS = re.compile(r"^\s*(\d{1,6})\s*h\s*$")
+# The durations of mapping files (connector/rules/coerce.py: d, w, m, y) and hours.
+_DURATION = re.compile(r"^(\d{1,9})([hdwmy])$")
+_UNIT_DAYS = {"h": 1 / 24, "d": 1, "w": 7, "m": 31, "y": 366}
 MOMENT_FORMS = (
     "a duration such as 12h, 7d, 2w, 6m or 1y, or a time such as 2026-11-01 or 2026-11-01T09:30:00Z"
 )
@@ -69,7 +71,8 @@ def decode_cursor(value: Any) -> PagePosition:
         submitted_at = datetime.fromisoformat(at)
         if submitted_at.tzinfo is None or not isinstance(request_id, str):
             raise ValueError
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        submitted_at = submitted_at.astimezone(UTC)
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise ValueError(
             "not a cursor this list gave out; pass next_cursor from the previous page unchanged, "
             "or leave cursor out to start at the first page"
@@ -80,24 +83,26 @@ def decode_cursor(value: Any) -> PagePosition:
 def parse_moment(value: Any, now: datetime | None = None) -> datetime:
     """'12h', '7d', '2w', '6m', '1y' before now, or an ISO 8601 date or time (UTC unless it says)."""
     if isinstance(value, datetime):
-        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return _as_utc(value)
     text = str(value).strip()
     now = now or utcnow()
-    hours = _HOURS.match(text)
+    duration = _DURATION.match(text)
+    if duration:
+        amount, unit = int(duration.group(1)), duration.group(2)
+        if amount * _UNIT_DAYS[unit] > MAX_AGE.days:
+            raise ValueError("that is more than 100 years ago")
+        if unit == "h":
+            return now - timedelta(hours=amount)
+        return parse_duration(f"{amount}{unit}").before(now)
     try:
-        if hours:
-            moment: datetime = now - timedelta(hours=int(hours.group(1)))
-        elif text[:1].isdigit() and text[-1:] in "dwmy":
-            moment = parse_duration(text).before(now)
-        else:
-            moment = datetime.fromisoformat(text)
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
-    except (ValueError, CoercionError, OverflowError):
-        raise ValueError(f"expected {MOMENT_FORMS}, got {text!r}") from None
-    if abs(moment - now) > MAX_AGE:
-        raise ValueError(f"{text!r} is more than 100 years away")
-    return moment
+        return _as_utc(datetime.fromisoformat(text))
+    except (ValueError, OverflowError):
+        raise ValueError(f"expected {MOMENT_FORMS}") from None
+
+
+def _as_utc(moment: datetime) -> datetime:
+    """Stored times are UTC, and SQLite compares them as text: so must every bound be."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def parse_record(value: Any) -> RecordKey:
@@ -105,7 +110,7 @@ def parse_record(value: Any) -> RecordKey:
         return value
     parts = str(value).split(":", 2)  # the record id itself may contain ':'
     if len(parts) != 3 or not all(p.strip() for p in parts):
-        raise ValueError(f"expected CONNECTION:OBJECT:ID such as sandbox:deal:D-1001, got {value!r}")
+        raise ValueError("expected CONNECTION:OBJECT:ID such as sandbox:deal:D-1001")
     return RecordKey(*(p.strip() for p in parts))
 
 
@@ -157,7 +162,12 @@ class RequestFilters(BaseModel):
         min_length=1,
         description="Only requests whose open step waits for this user's vote.",
     )
-    limit: int = Field(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="Requests per page.")
+    limit: int = Field(
+        DEFAULT_LIMIT,
+        ge=1,
+        le=MAX_LIMIT,
+        description=f"Requests per page: 1..{MAX_LIMIT}, default {DEFAULT_LIMIT}.",
+    )
     cursor: Cursor | None = Field(
         None, description="next_cursor of the previous page; leave it out for the first page."
     )
