@@ -83,6 +83,12 @@ def operation(
         404s, 413s and 415s of the checks above, are added by themselves).
     auth: False for the few routes anyone may call (this document).
     """
+    for model in (query, body):
+        if model is not None and model.model_config.get("extra") != "forbid":
+            raise TypeError(
+                f"{model.__name__}: give it model_config = ConfigDict(extra='forbid'), so an unknown "
+                "parameter or field is refused (a typo must not be ignored) and the document says so"
+            )
     described = Operation(query, path, body, response, dict(errors or {}), auth)
 
     def decorate(view: Callable[..., Any]) -> Callable[..., ResponseReturnValue]:
@@ -168,7 +174,7 @@ def _refusal(model: type[BaseModel], exc: ValidationError, where: str) -> Except
     name = str(first["loc"][0]) if first["loc"] else where
     message = first["msg"].removeprefix("Value error, ")
     label = "query parameter" if where == "query" else "field" if where == "body" else "path parameter"
-    given = f", got {_short(first['input'])}" if "input" in first and where != "path" else ""
+    given = f", got {_short(first['input'])}" if first["type"] != "missing" and where != "path" else ""
     described = model.model_fields[name].description if name in model.model_fields else None
     hint = f"`{name}`: {described}" if described else None
     return bad_request(f"invalid_{name}", f"{label} `{name}`: {message}{given}", hint)
