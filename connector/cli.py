@@ -240,6 +240,7 @@ COMMAND_MODULES = (
     "connector.commands.validate",
     "connector.commands.approvals",
     "connector.commands.ops",
+    "connector.commands.requests",
 )
 
 
