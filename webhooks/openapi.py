@@ -214,8 +214,11 @@ class _Route:
     method: str
     endpoint: str
     view: Callable[..., Any]
-    converters: dict[str, str]  # path parameter -> werkzeug converter name
+    converters: dict[str, str]  # path parameter -> werkzeug converter name ("default", "int", ...)
     described: Operation | None
+
+
+_PLACEHOLDER = re.compile(r"<(?:(\w+)(?:\([^)]*\))?:)?(\w+)>")  # werkzeug's <converter(args):name>
 
 
 def _routes(app: Flask) -> list[_Route]:
@@ -224,9 +227,9 @@ def _routes(app: Flask) -> list[_Route]:
         if not rule.rule.startswith(API_PREFIX + "/"):
             continue
         view = app.view_functions[rule.endpoint]
-        converters = {name: type(conv).__name__ for name, conv in rule._converters.items()}
+        converters = {name: kind or "default" for kind, name in _PLACEHOLDER.findall(rule.rule)}
+        template = _PLACEHOLDER.sub(r"{\2}", rule.rule)
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
-            template = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
             routes.append(
                 _Route(
                     template, method.lower(), rule.endpoint, view, converters, getattr(view, _ATTRIBUTE, None)
@@ -298,10 +301,10 @@ def _texts(view: Callable[..., Any]) -> dict[str, str]:
 
 
 PATH_CONVERTER_SCHEMAS: dict[str, dict[str, Any]] = {
-    "IntegerConverter": {"type": "integer", "minimum": 0},
-    "FloatConverter": {"type": "number", "minimum": 0},
-    "UUIDConverter": {"type": "string", "format": "uuid"},
-    "PathConverter": {"type": "string", "minLength": 1},
+    "int": {"type": "integer", "minimum": 0},
+    "float": {"type": "number", "minimum": 0},
+    "uuid": {"type": "string", "format": "uuid"},
+    "path": {"type": "string", "minLength": 1},
 }
 STRING_SEGMENT: dict[str, Any] = {"type": "string", "pattern": "^[^/]+$"}  # werkzeug's default converter
 

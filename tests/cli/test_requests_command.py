@@ -179,3 +179,10 @@ def test_before_db_upgrade_it_says_what_to_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--env-file", str(env), "requests", "list"])
     assert result.exit_code == 1
     assert "crm-approvals db upgrade" in result.output
+
+
+def test_text_from_users_is_shown_as_written_on_a_terminal(world: World, cli: Cli) -> None:
+    request_id = world.submit("D-8")
+    world.vote("u-mgr", request_id, "reject", comment="[red]not[/red] now")
+    result = cli("requests", "show", request_id, env_vars={"TTY_COMPATIBLE": "1", "COLUMNS": "200"})
+    assert "[red]not[/red] now" in result.stdout  # rich markup in a comment is not interpreted
