@@ -69,7 +69,7 @@ def decode_cursor(value: Any) -> PagePosition:
         raw = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
         at, request_id = raw
         submitted_at = datetime.fromisoformat(at)
-        if submitted_at.tzinfo is None or not isinstance(request_id, str):
+        if submitted_at.tzinfo is None or not isinstance(request_id, str) or "\x00" in request_id:
             raise ValueError
         submitted_at = submitted_at.astimezone(UTC)
     except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):

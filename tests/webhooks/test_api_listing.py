@@ -4,6 +4,8 @@ on SQLite and PostgreSQL (the approver lookups differ: json_each vs JSONB contai
 from __future__ import annotations
 
 import base64
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from itertools import count
@@ -226,6 +228,31 @@ def test_pages_show_every_row_exactly_once_while_rows_are_inserted(world: World)
     assert first["next_cursor"]
 
 
+def test_pages_stay_exact_while_another_thread_inserts(world: World) -> None:
+    base = datetime.now(UTC) - timedelta(days=30)
+    with transaction(world.runtime.sessions) as session:
+        existing = [add_request(session, base + timedelta(seconds=n // 2)) for n in range(30)]
+    inserted: list[str] = []
+    stop = threading.Event()
+
+    def insert_until_stopped() -> None:
+        while not stop.is_set():
+            with transaction(world.runtime.sessions) as session:
+                inserted.append(add_request(session, datetime.now(UTC)))
+            time.sleep(0.005)
+
+    inserter = threading.Thread(target=insert_until_stopped)
+    inserter.start()
+    try:
+        seen = walk(world, "all=true&limit=3", lambda _page: time.sleep(0.02))
+    finally:
+        stop.set()
+        inserter.join(timeout=30)
+    assert len(inserted) >= 5, "the walk was over before the inserts ran alongside it"
+    assert len(seen) == len(set(seen)), "a row was shown twice"
+    assert set(existing) <= set(seen)
+
+
 # --- bad parameters -----------------------------------------------------------------------------
 
 
@@ -242,6 +269,7 @@ def cursor_of(raw: str) -> str:
         ("cursor=not-a-cursor", "invalid_cursor", "next_cursor"),
         ("cursor=" + cursor_of("[1, 2]"), "invalid_cursor", "next_cursor"),
         ("cursor=" + cursor_of('["2026-05-01T12:00:00", "x"]'), "invalid_cursor", "next_cursor"),  # no zone
+        ("cursor=" + cursor_of('["2026-05-01T12:00:00Z", "a\\u0000b"]'), "invalid_cursor", "next_cursor"),
         ("limit=0", "invalid_limit", "500"),
         ("limit=501", "invalid_limit", "500"),
         ("limit=ten", "invalid_limit", "ten"),
