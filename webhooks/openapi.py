@@ -153,7 +153,9 @@ def _body(model: type[BaseModel]) -> BaseModel:
         raise bad_request(
             "invalid_body", f"the body must be a JSON object, got {type(data).__name__}", _example(model)
         )
-    return _validate(model, data, "body")
+    body = _validate(model, data, "body")
+    _refuse_nul(body.model_dump())
+    return body
 
 
 def _validate(model: type[BaseModel], values: dict[str, Any], where: Literal["path", "query", "body"]) -> Any:
@@ -183,8 +185,18 @@ def _refusal(model: type[BaseModel], exc: ValidationError, where: str) -> Except
 def _refuse_nul(values: Mapping[str, Any]) -> None:
     """No database takes NUL in text (PostgreSQL refuses it outright), so neither does the API."""
     for name, value in values.items():
-        if any("\x00" in str(v) for v in (value if isinstance(value, list) else [value])):
+        if _has_nul(value):
             raise bad_request(f"invalid_{name}", f"`{name}` contains a NUL character")
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, Mapping):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _short(value: Any) -> str:

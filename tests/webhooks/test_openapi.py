@@ -32,15 +32,18 @@ EXAMPLES = 25  # per operation: the whole run stays well under a minute
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
-@pytest.fixture
+@pytest.fixture(params=["sqlite", "postgresql"])
 def seeded(
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     settings_factory: Callable[..., Settings],
     runtime_factory: Callable[[Settings], Runtime],
 ) -> tuple[World, dict[str, str]]:
     """Requests in every state the API shows: pending at each kind of step, approved, rejected,
-    recalled, with votes and comments."""
-    world = build_world(tmp_path, settings_factory, runtime_factory)
+    recalled, with votes and comments; on both databases (PostgreSQL refuses what SQLite takes,
+    such as NUL characters)."""
+    overrides = {"database_url": request.getfixturevalue("pg_url")} if request.param == "postgresql" else {}
+    world = build_world(tmp_path, settings_factory, runtime_factory, **overrides)
     requests = {
         "pending": world.submit("D-1"),
         "board": world.submit("D-2", amount=60000),
@@ -255,3 +258,14 @@ def test_the_seeded_requests_conform_too(seeded: tuple[World, dict[str, str]]) -
         assert case.call_and_validate(headers=admin, checks=CHECKS).status_code == status
     me = spec["/api/v1/me"]["GET"].Case().call_and_validate(headers=admin, checks=CHECKS)
     assert me.json()["is_admin"] is True
+
+
+def test_nul_characters_are_refused_before_they_reach_the_database(
+    seeded: tuple[World, dict[str, str]],
+) -> None:
+    world, requests = seeded
+    error = error_of(world.vote("u-admin", requests["pending"], comment="a\x00b"), 400, "invalid_comment")
+    assert "NUL" in error["message"]
+    error_of(world.get("u-admin", "/requests?rule=big%00deal"), 400, "invalid_rule")
+    error_of(world.get("u-admin", "/requests/x%00y"), 400, "invalid_request_id")
+    assert world.get("u-admin", f"/requests/{requests['pending']}").get_json()["votes"] == []
