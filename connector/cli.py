@@ -250,6 +250,7 @@ COMMAND_MODULES = (
     "connector.commands.dead_letters",
     "connector.commands.audit",
     "connector.commands.sync",
+    "connector.commands.requests",
 )
 
 

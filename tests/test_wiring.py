@@ -34,7 +34,12 @@ def test_build_runtime_attaches_the_pipeline_and_its_collaborators(built: Runtim
     assert built.mappings is built.processor.mappings
     assert built.mappings.mappings, "the example mapping files were loaded"
     assert built.approvals is built.processor.approvals
-    assert [job.name for job in built.sweep_jobs] == ["reload_mappings", "expire", "drift_repair", "zoho_channels"]
+    assert [job.name for job in built.sweep_jobs] == [
+        "reload_mappings",
+        "expire",
+        "drift_repair",
+        "zoho_channels",
+    ]
 
 
 def test_each_runtime_sweeps_only_its_own_jobs(

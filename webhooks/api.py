@@ -9,39 +9,34 @@ is the approver identity used in mapping files. Who may see what:
 
 A vote or recall goes through the ApprovalService: read, decided and rendered with no
 transaction open, then saved in one (optimistic locking, outbox, audit); the write-back
-flush is nudged after commit. Docs: docs/api.md.
+flush is nudged after commit. Each route's input and output are pydantic models named in
+`@operation` (webhooks/openapi.py), which checks them and generates /api/v1/openapi.json
+from them. Docs: docs/api.md.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
-from sqlalchemy import func, select
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from connector.approvals.lifecycle import (
-    DECISIONS,
-    ApprovalRequest,
-    StepState,
-    current_step_state,
-    step_votes,
-)
+from connector.approvals.modes import Decision
 from connector.errors import CrmApprovalsError
-from connector.service.approval_service import ApprovalService, RequestNotFoundError, to_wire
-from connector.storage import approval_store as store
-from connector.storage.approval_store import RecordKey, StoredRequest
+from connector.service.approval_service import ApprovalService, RequestNotFoundError
+from connector.service.request_query import RequestFilters, Viewer, find_request, find_requests
+from connector.service.request_views import RequestDetail, RequestList
+from connector.storage.approval_store import StoredRequest
 from connector.storage.db import transaction
-from connector.storage.models import ApprovalRequestRow
 from connector.storage.tokens import TokenInfo, find_token
 from connector.worker import Tasks
-from webhooks.errors import WebhookError, bad_request, refusal, unauthorized
-from webhooks.intake import intake, json_body, require_content_type
+from webhooks.errors import WebhookError, refusal, unauthorized
+from webhooks.intake import intake
+from webhooks.openapi import openapi_document, operation, requires_token
 
 log = logging.getLogger("webhooks.api")
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -52,7 +47,6 @@ TOKEN_HINT = (
 )
 RELOAD_HINT = "reload the request (GET /api/v1/requests/<id>) and act on what it shows now"
 MAX_COMMENT_CHARS = 4000
-DEFAULT_LIMIT, MAX_LIMIT = 100, 500
 
 # The API's own hints per error code (statuses: webhooks/errors.py ERROR_STATUS).
 ERROR_HINTS: dict[str, str] = {
@@ -67,7 +61,6 @@ ERROR_HINTS: dict[str, str] = {
     "rule_mismatch": "the mapping changed under this request; restore the step or recall the request",
     "chain_error": "fix the approvers of that step in the mapping file, then vote again",
     "action_render_error": "an admin must fix the action template in the mapping file; then vote again",
-    "invalid_decision": "POST to .../approve or .../reject",
 }
 
 
@@ -76,7 +69,8 @@ ERROR_HINTS: dict[str, str] = {
 
 @blueprint.before_request
 def authenticate() -> None:
-    g.api_token = _authenticated_token()
+    if requires_token(current_app.view_functions.get(request.endpoint or "")):
+        g.api_token = _authenticated_token()
 
 
 def _authenticated_token() -> TokenInfo:
@@ -101,65 +95,151 @@ def caller() -> TokenInfo:
     return g.api_token  # type: ignore[no-any-return]
 
 
+# --- what goes in and out -------------------------------------------------------------
+
+
+class Me(BaseModel):
+    user_id: str = Field(description="The CRM user id the token acts as.")
+    is_admin: bool
+    token_id: int
+    label: str
+
+
+class RequestListQuery(RequestFilters):
+    pending_for: str | None = Field(
+        None,
+        min_length=1,
+        description="`me`, or a user id (admins only): requests whose open step waits for their vote. "
+        "Assumed `me` when no other filter is given and `all` is not true.",
+    )
+    all: bool = Field(
+        False,
+        description="true: every request you may see (admins: every request), not only yours to vote on.",
+    )
+
+
+COMMENT = Field(
+    None, max_length=MAX_COMMENT_CHARS, description=f"A string of up to {MAX_COMMENT_CHARS} characters."
+)
+
+
+class RecallBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"comment": "wrong amount"}]})
+
+    comment: StrictStr | None = COMMENT
+
+
+class VoteBody(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"comment": "fine by me", "step_index": 0}]}
+    )
+
+    comment: StrictStr | None = COMMENT
+    step_index: StrictInt | None = Field(
+        None,
+        ge=0,
+        description="current_step.index of the request you read (a whole number >= 0); "
+        "leave it out for the step open when the server reads the request.",
+    )
+
+
+class VotePath(BaseModel):
+    request_id: str
+    decision: Decision = Field(description="approve or reject: POST to .../approve or .../reject.")
+
+
+CHANGE_ERRORS = {
+    404: "request_not_found",
+    409: "request_closed, stale_request, concurrent_change, rule_gone, rule_mismatch",
+    503: "action_render_error, approvals_unavailable",
+}
+
+
 # --- endpoints ------------------------------------------------------------------------
 
 
+@blueprint.get("/openapi.json")
+@operation(auth=False)
+def openapi_json() -> ResponseReturnValue:
+    """This document: the API in OpenAPI 3.1, generated from the routes (no token needed)."""
+    return jsonify(openapi_document(current_app))
+
+
 @blueprint.get("/me")
-def whoami() -> ResponseReturnValue:
+@operation(response=Me)
+def whoami() -> Me:
+    """Who the token acts as."""
     token = caller()
-    return jsonify(user_id=token.user_id, is_admin=token.is_admin, token_id=token.id, label=token.label)
+    return Me(user_id=token.user_id, is_admin=token.is_admin, token_id=token.id, label=token.label)
 
 
 @blueprint.get("/requests")
-def list_requests() -> ResponseReturnValue:
+@operation(
+    query=RequestListQuery,
+    response=RequestList,
+    errors={403: "admin_only: pending_for names someone else and the token is not an admin's"},
+)
+def list_requests(query: RequestListQuery) -> RequestList:
+    """Requests you may see, newest submitted first, a page at a time.
+
+    With no filter at all, what waits for your vote (pending_for=me). Every filter narrows the
+    list. Pass next_cursor as cursor to read the next page. docs/api.md#get-apiv1requests
+    """
     token = caller()
-    record_arg, pending_arg = request.args.get("record"), request.args.get("pending_for")
-    limit = _limit_arg()
+    filtered = query.model_fields_set - {"limit", "cursor", "all"}
+    pending_for = query.pending_for or (None if filtered or query.all else "me")
+    if pending_for is not None:
+        query = query.model_copy(update={"pending_for": _pending_user(token, pending_for)})
     with intake().runtime.sessions() as session:
-        if record_arg is not None:
-            ids = _record_request_ids(session, _parse_record(record_arg))
-            if pending_arg is not None:
-                pending = set(store.ids_pending_for(session, _pending_user(token, pending_arg)))
-                ids = [i for i in ids if i in pending]
-        else:
-            ids = store.ids_pending_for(session, _pending_user(token, pending_arg or "me"))
-        found = [s for s in (store.load(session, i) for i in ids) if s is not None and visible(s, token)]
-    found.sort(key=lambda s: s.request.updated_at, reverse=True)  # newest information first
-    shown = found[:limit]
-    return jsonify(requests=[request_summary(s) for s in shown], count=len(shown), total=len(found))
+        page = find_requests(session, query, Viewer(token.user_id, token.is_admin))
+    return RequestList.of(page)
 
 
 @blueprint.get("/requests/<request_id>")
-def get_request(request_id: str) -> ResponseReturnValue:
+@operation(response=RequestDetail, errors={404: "request_not_found: no such request, or one you may not see"})
+def get_request(request_id: str) -> RequestDetail:
+    """A request with its full history: steps, votes, transitions, the mapping file."""
+    token = caller()
     with intake().runtime.sessions() as session:
-        stored = store.load(session, request_id)
-    if stored is None or not visible(stored, caller()):
+        stored = find_request(session, request_id, Viewer(token.user_id, token.is_admin))
+    if stored is None:
         raise _not_found(request_id)
-    return jsonify(request_detail(stored))
+    return RequestDetail.of(stored)
 
 
 @blueprint.post("/requests/<request_id>/recall")
-def recall_request(request_id: str) -> ResponseReturnValue:
-    body = _action_body({"comment"})
+@operation(
+    body=RecallBody,
+    response=RequestDetail,
+    errors={403: "recall_not_allowed: only the submitter or an admin may recall", **CHANGE_ERRORS},
+)
+def recall_request(request_id: str, body: RecallBody) -> RequestDetail:
+    """Withdraw a submitted or pending request (the submitter, or an admin)."""
     token, service = caller(), _approvals()
 
     def recall(sessions: sessionmaker[Session]) -> StoredRequest:
         return service.recall(
-            sessions, request_id, user=token.user_id, comment=body.get("comment"), is_admin=token.is_admin
+            sessions, request_id, user=token.user_id, comment=body.comment, is_admin=token.is_admin
         )
 
     return _change(request_id, recall)
 
 
 @blueprint.post("/requests/<request_id>/<decision>")
-def vote_on_request(request_id: str, decision: str) -> ResponseReturnValue:
-    if decision not in DECISIONS:
-        raise bad_request(
-            "invalid_decision",
-            f"{decision!r} is not a decision; expected one of {', '.join(DECISIONS)}",
-            "POST to .../approve, .../reject or .../recall",
-        )
-    body = _action_body({"comment", "step_index"})
+@operation(
+    path=VotePath,
+    body=VoteBody,
+    response=RequestDetail,
+    errors={
+        403: "not_an_approver: neither an approver of the open step nor an admin",
+        409: "duplicate_vote, step_closed, stale_step, " + CHANGE_ERRORS[409],
+        422: "chain_error: the next step's approvers can't be resolved",
+        404: CHANGE_ERRORS[404],
+        503: CHANGE_ERRORS[503],
+    },
+)
+def vote_on_request(request_id: str, decision: Decision, body: VoteBody) -> RequestDetail:
+    """Approve or reject the open step (an approver of it who has not voted yet, or an admin)."""
     token, service = caller(), _approvals()
 
     def vote(sessions: sessionmaker[Session]) -> StoredRequest:
@@ -168,8 +248,8 @@ def vote_on_request(request_id: str, decision: str) -> ResponseReturnValue:
             request_id,
             user=token.user_id,
             decision=decision,
-            step_index=body.get("step_index"),  # None: the current step
-            comment=body.get("comment"),
+            step_index=body.step_index,  # None: the current step
+            comment=body.comment,
             is_admin=token.is_admin,
         )
 
@@ -179,7 +259,7 @@ def vote_on_request(request_id: str, decision: str) -> ResponseReturnValue:
 # --- doing a change -------------------------------------------------------------------
 
 
-def _change(request_id: str, change: Callable[[sessionmaker[Session]], StoredRequest]) -> ResponseReturnValue:
+def _change(request_id: str, change: Callable[[sessionmaker[Session]], StoredRequest]) -> RequestDetail:
     """The change saves in one transaction; the write-back nudge only after it committed."""
     state = intake()
     try:
@@ -192,7 +272,7 @@ def _change(request_id: str, change: Callable[[sessionmaker[Session]], StoredReq
             409, "concurrent_change", "someone acted on this request at the same moment", RELOAD_HINT
         ) from None
     nudge_write_back(state.tasks)
-    return jsonify(request_detail(stored))
+    return RequestDetail.of(stored)
 
 
 def nudge_write_back(tasks: Tasks | None) -> None:
@@ -229,55 +309,6 @@ def _not_found(request_id: str) -> WebhookError:
 # --- reading arguments ----------------------------------------------------------------
 
 
-def _action_body(allowed: set[str]) -> dict[str, Any]:
-    """The optional JSON object of a POST; an empty body means no options."""
-    if not request.get_data(cache=True):
-        return {}
-    require_content_type("application/json")
-    body = json_body()
-    example = (
-        '{"comment": "fine by me", "step_index": 0}' if "step_index" in allowed else '{"comment": "..."}'
-    )
-    if not isinstance(body, dict):
-        raise bad_request(
-            "invalid_body", f"the body must be a JSON object, got {type(body).__name__}", example
-        )
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise bad_request(
-            "unknown_field", f"unknown field(s): {', '.join(unknown)}", f"allowed: {sorted(allowed)}"
-        )
-    _check_comment(body.get("comment"))
-    if "step_index" in body:
-        _check_step_index(body["step_index"])
-    return body
-
-
-def _check_comment(comment: Any) -> None:
-    if comment is not None and not isinstance(comment, str):
-        raise bad_request("invalid_comment", "`comment` must be a string", '{"comment": "fine by me"}')
-    if comment is not None and len(comment) > MAX_COMMENT_CHARS:
-        raise bad_request("invalid_comment", f"`comment` is longer than {MAX_COMMENT_CHARS} characters")
-
-
-def _check_step_index(step_index: Any) -> None:
-    if isinstance(step_index, bool) or not isinstance(step_index, int) or step_index < 0:
-        raise bad_request(
-            "invalid_step_index",
-            f"`step_index` must be a whole number >= 0, got {step_index!r}",
-            "send current_step.index from the request you read, or leave it out",
-        )
-
-
-def _limit_arg() -> int:
-    raw = request.args.get("limit")
-    if raw is None:
-        return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise bad_request("invalid_limit", f"limit must be 1..{MAX_LIMIT}, got {raw!r}")
-    return int(raw)
-
-
 def _pending_user(token: TokenInfo, value: str) -> str:
     if value in ("me", token.user_id):
         return token.user_id
@@ -289,124 +320,6 @@ def _pending_user(token: TokenInfo, value: str) -> str:
             "use pending_for=me, or a token created with `crm-approvals token create --admin`",
         )
     return value
-
-
-def _parse_record(value: str) -> RecordKey:
-    parts = value.split(":", 2)  # the record id itself may contain ':'
-    if len(parts) != 3 or not all(p.strip() for p in parts):
-        raise bad_request(
-            "invalid_record",
-            f"record must be CONNECTION:OBJECT:ID, got {value!r}",
-            "e.g. record=sandbox:deal:D-1001",
-        )
-    return RecordKey(*(p.strip() for p in parts))
-
-
-def _record_request_ids(session: Session, record: RecordKey) -> list[str]:
-    return list(
-        session.scalars(
-            select(ApprovalRequestRow.id)
-            .where(ApprovalRequestRow.connection == record.connection)
-            .where(func.lower(ApprovalRequestRow.object_type) == record.object_type.lower())
-            .where(ApprovalRequestRow.record_id == record.record_id)
-        )
-    )
-
-
-def visible(stored: StoredRequest, token: TokenInfo) -> bool:
-    request_ = stored.request
-    if token.is_admin or token.user_id == request_.submitter:
-        return True
-    return any(token.user_id in step.approvers for step in request_.steps)
-
-
-# --- JSON -----------------------------------------------------------------------------
-
-
-def request_summary(stored: StoredRequest) -> dict[str, Any]:
-    req = stored.request
-    current = current_step_state(req)
-    return {
-        "id": req.id,
-        "record": {
-            "connection": stored.record.connection,
-            "object": stored.record.object_type,
-            "id": stored.record.record_id,
-            "ref": stored.record.ref,
-        },
-        "rule": req.rule_name,
-        "status": req.status,
-        "submitter": req.submitter,
-        "submitted_at": _time(req.submitted_at),
-        "updated_at": _time(req.updated_at),
-        "current_step": step_json(req, current)
-        if current is not None and current.status == "pending"
-        else None,
-        "values": to_wire(req.record),
-        "version": req.version,
-    }
-
-
-def request_detail(stored: StoredRequest) -> dict[str, Any]:
-    req = stored.request
-    return {
-        **request_summary(stored),
-        "previous_values": to_wire(req.record_previous) if req.record_previous is not None else None,
-        "changed_fields": list(req.changed_fields),
-        "approved_at": _time(req.approved_at),
-        "expires_at": _time(req.expires_at),
-        "closed_at": _time(req.closed_at),
-        "expired_at": _time(req.expired_at),
-        "superseded_by": stored.superseded_by,
-        "mapping": {"path": stored.mapping_path, "hash": stored.mapping_hash},
-        "steps": [step_json(req, step) for step in req.steps],
-        "votes": [_vote_json(v) for v in req.votes],
-        "transitions": [
-            {
-                "seq": t.seq,
-                "kind": t.kind,
-                "from_status": t.from_status,
-                "to_status": t.to_status,
-                "step_index": t.step_index,
-                "actor": t.actor,
-                "acting_admin": t.acting_admin,
-                "comment": t.comment,
-                "at": _time(t.at),
-            }
-            for t in req.transitions
-        ],
-    }
-
-
-def step_json(req: ApprovalRequest, step: StepState) -> dict[str, Any]:
-    return {
-        "index": step.index,
-        "round": step.round,
-        "name": step.name,
-        "mode": step.mode,
-        "approvers": list(step.approvers),
-        "required": step.required,
-        "status": step.status,
-        "entered_at": _time(step.entered_at),
-        "left_at": _time(step.left_at),
-        "votes": [_vote_json(v) for v in step_votes(req, step)],
-    }
-
-
-def _vote_json(vote: Any) -> dict[str, Any]:
-    return {
-        "step_index": vote.step_index,
-        "round": vote.round,
-        "approver": vote.approver,
-        "decision": vote.decision,
-        "comment": vote.comment,
-        "acting_admin": vote.acting_admin,
-        "at": _time(vote.at),
-    }
-
-
-def _time(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 # --- errors ---------------------------------------------------------------------------

@@ -21,11 +21,13 @@ from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from connector.service import dead_letters as service
+from connector.service.request_query import DEFAULT_LIMIT, MAX_LIMIT
 from connector.storage.dead_letters import KINDS, STATES, DeadLetterFilter
-from webhooks.api import DEFAULT_LIMIT, MAX_LIMIT, authenticate, caller, nudge_write_back, on_api_error
+from webhooks.api import authenticate, caller, nudge_write_back, on_api_error
 from webhooks.errors import WebhookError, bad_request
 from webhooks.intake import intake, json_body, require_content_type
 
+MAX_ID = 2**31 - 1  # the id column is a 32-bit integer: a larger number is no dead letter (404)
 blueprint = Blueprint("dead_letters_api", __name__, url_prefix="/api/v1/dead-letters")
 blueprint.register_error_handler(WebhookError, on_api_error)
 
@@ -69,7 +71,7 @@ def list_dead_letters() -> ResponseReturnValue:
     )
 
 
-@blueprint.get("/<int:letter_id>")
+@blueprint.get(f"/<int(max={MAX_ID}):letter_id>")
 def show_dead_letter(letter_id: int) -> ResponseReturnValue:
     letter = service.get_letter(intake().runtime.sessions, letter_id)
     if letter is None:
@@ -77,7 +79,7 @@ def show_dead_letter(letter_id: int) -> ResponseReturnValue:
     return jsonify(service.letter_json(letter))
 
 
-@blueprint.post("/<int:letter_id>/<verb>")
+@blueprint.post(f"/<int(max={MAX_ID}):letter_id>/<verb>")
 def act_on_one(letter_id: int, verb: str) -> ResponseReturnValue:
     body = _body(("dry_run",))
     if service.get_letter(intake().runtime.sessions, letter_id) is None:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 
 import click
-from sqlalchemy.exc import OperationalError, ProgrammingError
-from sqlalchemy.orm import Session
 
 from connector.cli import Context, pass_context
+from connector.commands.database import command_session
 from connector.storage.tokens import TokenInfo, create_token, list_tokens, revoke_token
 
 
@@ -32,7 +29,7 @@ def token_create(ctx: Context, user_id: str, label: str, admin: bool) -> None:
     """
     if not user_id.strip():
         raise click.BadParameter("must not be empty", param_hint="--user")
-    with _session(ctx) as session:
+    with command_session(ctx) as session:
         info, secret = create_token(session, user_id, label, admin)
     role = "admin" if info.is_admin else "user"
     click.echo(f"Created token {info.id} for {role} {info.user_id!r}. It is shown only now:", err=True)
@@ -44,7 +41,7 @@ def token_create(ctx: Context, user_id: str, label: str, admin: bool) -> None:
 @pass_context
 def token_list(ctx: Context) -> None:
     """List tokens (never the tokens themselves)."""
-    with _session(ctx) as session:
+    with command_session(ctx) as session:
         tokens = list_tokens(session)
     if not tokens:
         click.echo("no tokens; create one with `crm-approvals token create --user USER_ID`")
@@ -61,7 +58,7 @@ def token_list(ctx: Context) -> None:
 @pass_context
 def token_revoke(ctx: Context, token_id: int) -> None:
     """Revoke a token by its ID (see `token list`); it stops working at once."""
-    with _session(ctx) as session:
+    with command_session(ctx) as session:
         info = revoke_token(session, token_id)
     if info is None:
         raise click.ClickException(f"no token with ID {token_id}; see `crm-approvals token list`")
@@ -79,24 +76,6 @@ def _row(info: TokenInfo) -> str:
 
 def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M") if value is not None else "-"
-
-
-@contextmanager
-def _session(ctx: Context) -> Iterator[Session]:
-    from connector.storage.db import make_engine, make_session_factory, transaction
-
-    engine = make_engine(ctx.settings.database_url)
-    try:
-        with transaction(make_session_factory(engine)) as session:
-            yield session
-    except (OperationalError, ProgrammingError) as exc:
-        if "api_tokens" not in str(exc):
-            raise
-        raise click.ClickException(
-            "the database has no token table yet; run `crm-approvals db upgrade`"
-        ) from None
-    finally:
-        engine.dispose()
 
 
 COMMANDS = [token]

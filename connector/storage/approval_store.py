@@ -7,7 +7,7 @@ active-request keys make a double vote or a second active request fail in the da
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, TypeVar
@@ -69,14 +69,14 @@ def active_key(record: RecordKey, rule_name: str) -> str:
 
 def load(session: Session, request_id: str) -> StoredRequest | None:
     row = session.get(ApprovalRequestRow, request_id)
-    return _stored(session, row) if row is not None else None
+    return load_rows(session, [row])[0] if row is not None else None
 
 
 def find_active(session: Session, record: RecordKey, rule_name: str) -> StoredRequest | None:
     row = session.scalar(
         select(ApprovalRequestRow).where(ApprovalRequestRow.active_key == active_key(record, rule_name))
     )
-    return _stored(session, row) if row is not None else None
+    return load_rows(session, [row])[0] if row is not None else None
 
 
 def find_latest(session: Session, record: RecordKey, rule_name: str) -> StoredRequest | None:
@@ -89,24 +89,7 @@ def find_latest(session: Session, record: RecordKey, rule_name: str) -> StoredRe
         .order_by(ApprovalRequestRow.submitted_at.desc())
         .limit(1)
     )
-    return _stored(session, row) if row is not None else None
-
-
-def ids_pending_for(session: Session, approver: str) -> list[str]:
-    """Requests whose open step has this approver assigned and not yet voted."""
-    rows = session.execute(
-        select(ApprovalRequestRow.id, ApprovalStepRow.approvers, ApprovalStepRow.round, ApprovalStepRow.index)
-        .join(ApprovalStepRow, ApprovalStepRow.request_id == ApprovalRequestRow.id)
-        .where(ApprovalRequestRow.status == "pending")
-        .where(ApprovalStepRow.index == ApprovalRequestRow.current_step)
-        .where(ApprovalStepRow.status == "pending")
-        .order_by(ApprovalRequestRow.submitted_at)
-    ).all()
-    voted = {
-        (v.request_id, v.step_index, v.round)
-        for v in session.scalars(select(ApprovalVoteRow).where(ApprovalVoteRow.approver == approver))
-    }
-    return [r.id for r in rows if approver in r.approvers and (r.id, r.index, r.round) not in voted]
+    return load_rows(session, [row])[0] if row is not None else None
 
 
 def ids_due_for_expiry(session: Session, now: datetime) -> list[str]:
@@ -216,20 +199,49 @@ def _from_json(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _stored(session: Session, row: ApprovalRequestRow) -> StoredRequest:
-    steps = session.scalars(
-        select(ApprovalStepRow)
-        .where(ApprovalStepRow.request_id == row.id)
-        .order_by(ApprovalStepRow.entered_at, ApprovalStepRow.index, ApprovalStepRow.round)
-    ).all()
-    votes = session.scalars(
-        select(ApprovalVoteRow).where(ApprovalVoteRow.request_id == row.id).order_by(ApprovalVoteRow.id)
-    ).all()
-    transitions = session.scalars(
-        select(ApprovalTransitionRow)
-        .where(ApprovalTransitionRow.request_id == row.id)
-        .order_by(ApprovalTransitionRow.seq)
-    ).all()
+def load_rows(session: Session, rows: Sequence[ApprovalRequestRow]) -> list[StoredRequest]:
+    """The requests of these rows, in the same order; their children in one query per table."""
+    ids = [row.id for row in rows]
+    if not ids:
+        return []
+    steps = _by_request(
+        session.scalars(
+            select(ApprovalStepRow)
+            .where(ApprovalStepRow.request_id.in_(ids))
+            .order_by(ApprovalStepRow.entered_at, ApprovalStepRow.index, ApprovalStepRow.round)
+        )
+    )
+    votes = _by_request(
+        session.scalars(
+            select(ApprovalVoteRow).where(ApprovalVoteRow.request_id.in_(ids)).order_by(ApprovalVoteRow.id)
+        )
+    )
+    transitions = _by_request(
+        session.scalars(
+            select(ApprovalTransitionRow)
+            .where(ApprovalTransitionRow.request_id.in_(ids))
+            .order_by(ApprovalTransitionRow.seq)
+        )
+    )
+    return [
+        _stored(row, steps.get(row.id, []), votes.get(row.id, []), transitions.get(row.id, []))
+        for row in rows
+    ]
+
+
+def _by_request(rows: Iterable[Any]) -> dict[str, list[Any]]:
+    grouped: dict[str, list[Any]] = {}
+    for row in rows:
+        grouped.setdefault(row.request_id, []).append(row)
+    return grouped
+
+
+def _stored(
+    row: ApprovalRequestRow,
+    steps: Sequence[ApprovalStepRow],
+    votes: Sequence[ApprovalVoteRow],
+    transitions: Sequence[ApprovalTransitionRow],
+) -> StoredRequest:
     request = ApprovalRequest(
         id=row.id,
         rule_name=row.rule_name,

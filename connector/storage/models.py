@@ -139,9 +139,16 @@ class ApprovalRequestRow(Base):
     # request per record and rule on every backend (no partial indexes needed).
     active_key: Mapped[str | None] = mapped_column(String(600), unique=True, nullable=True)
 
+    # Listing (connector/service/request_query.py) pages newest first by (submitted_at, id);
+    # each filter has an index that yields its rows in that order.
     __table_args__ = (
         Index("ix_requests_record", "connection", "object_type", "record_id", "rule_name"),
         Index("ix_requests_status_expires", "status", "expires_at"),
+        Index("ix_requests_submitted", "submitted_at", "id"),
+        Index("ix_requests_status_submitted", "status", "submitted_at", "id"),
+        Index("ix_requests_rule_submitted", "rule_name", "submitted_at", "id"),
+        Index("ix_requests_connection_submitted", "connection", "submitted_at", "id"),
+        Index("ix_requests_submitter_submitted", "submitter", "submitted_at", "id"),
     )
 
 
@@ -158,6 +165,16 @@ class ApprovalStepRow(Base):
     status: Mapped[str] = mapped_column(String(16))
     entered_at: Mapped[datetime] = mapped_column(UTCDateTime)
     left_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    # Who is assigned where (visibility, pending_for): `approvers @> '["user"]'` on PostgreSQL.
+    __table_args__ = (
+        Index(
+            "ix_steps_approvers",
+            "approvers",
+            postgresql_using="gin",
+            postgresql_ops={"approvers": "jsonb_path_ops"},
+        ).ddl_if(dialect="postgresql"),
+    )
 
 
 class ApprovalVoteRow(Base):

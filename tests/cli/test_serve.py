@@ -174,3 +174,15 @@ def test_metrics_dir_keeps_live_processes_files_and_drops_dead_ones(tmp_path: Pa
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(directory.resolve()), "MmapedValue"]
     assert sorted(p.name for p in directory.iterdir()) == [f"counter_{os.getpid()}.db"]
+
+
+def test_the_command_line_imports_no_metrics_before_a_command_runs() -> None:
+    # serve and worker point prometheus-client at the shared directory before it is imported;
+    # a command module importing it at load time would make both refuse to start.
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, connector.cli; print('prometheus_client' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() == "False"

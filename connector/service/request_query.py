@@ -1,0 +1,274 @@
+"""Finding approval requests: filters, who may see what, and keyset pages.
+
+One query for `GET /api/v1/requests` and `crm-approvals requests list`. Both validate their
+input with `RequestFilters` (so a bad value gets the same message from either), then call
+`find_requests`. Pages are keyset pages over (submitted_at, id), newest first: a cursor is the
+position after the last row shown, so rows inserted while someone pages are never shown
+twice and never push an unseen row onto a page already read. docs/api.md#pagination.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from sqlalchemy import ColumnElement, and_, exists, func, literal, or_, select, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Session
+
+from connector.approvals.lifecycle import RequestStatus
+from connector.clock import utcnow
+from connector.rules.coerce import parse_duration
+from connector.storage import approval_store as store
+from connector.storage.approval_store import RecordKey, StoredRequest
+from connector.storage.db import UTCDateTime
+from connector.storage.models import ApprovalRequestRow, ApprovalStepRow, ApprovalVoteRow
+
+DEFAULT_LIMIT, MAX_LIMIT = 100, 500
+MAX_AGE = timedelta(days=366 * 100)  # further back than any request; keeps date arithmetic in range
+# The durations of mapping files (connector/rules/coerce.py: d, w, m, y) and hours.
+_DURATION = re.compile(r"^(\d{1,9})([hdwmy])$")
+_UNIT_DAYS = {"h": 1 / 24, "d": 1, "w": 7, "m": 31, "y": 366}
+MOMENT_FORMS = (
+    "a duration such as 12h, 7d, 2w, 6m or 1y, or a time such as 2026-11-01 or 2026-11-01T09:30:00Z"
+)
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who asks: admins see every request; others what they submitted or are assigned to."""
+
+    user_id: str
+    is_admin: bool
+
+
+@dataclass(frozen=True)
+class PagePosition:
+    """Where the next page starts: after the row with this (submitted_at, id)."""
+
+    submitted_at: datetime
+    request_id: str
+
+    def encode(self) -> str:
+        raw = json.dumps([self.submitted_at.isoformat(), self.request_id], separators=(",", ":"))
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(value: Any) -> PagePosition:
+    if isinstance(value, PagePosition):
+        return value
+    try:
+        text = str(value)
+        raw = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        at, request_id = raw
+        submitted_at = datetime.fromisoformat(at)
+        if submitted_at.tzinfo is None or not isinstance(request_id, str) or "\x00" in request_id:
+            raise ValueError
+        submitted_at = submitted_at.astimezone(UTC)
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
+        raise ValueError(
+            "not a cursor this list gave out; pass next_cursor from the previous page unchanged, "
+            "or leave cursor out to start at the first page"
+        ) from None
+    return PagePosition(submitted_at, request_id)
+
+
+def parse_moment(value: Any, now: datetime | None = None) -> datetime:
+    """'12h', '7d', '2w', '6m', '1y' before now, or an ISO 8601 date or time (UTC unless it says)."""
+    if isinstance(value, datetime):
+        return _as_utc(value)
+    text = str(value).strip()
+    now = now or utcnow()
+    duration = _DURATION.match(text)
+    if duration:
+        amount, unit = int(duration.group(1)), duration.group(2)
+        if amount * _UNIT_DAYS[unit] > MAX_AGE.days:
+            raise ValueError("that is more than 100 years ago")
+        if unit == "h":
+            return now - timedelta(hours=amount)
+        return parse_duration(f"{amount}{unit}").before(now)
+    try:
+        return _as_utc(datetime.fromisoformat(text))
+    except (ValueError, OverflowError):
+        raise ValueError(f"expected {MOMENT_FORMS}") from None
+
+
+def _as_utc(moment: datetime) -> datetime:
+    """Stored times are UTC, and SQLite compares them as text: so must every bound be."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def parse_record(value: Any) -> RecordKey:
+    if isinstance(value, RecordKey):
+        return value
+    parts = str(value).split(":", 2)  # the record id itself may contain ':'
+    if len(parts) != 3 or not all(p.strip() for p in parts):
+        raise ValueError("expected CONNECTION:OBJECT:ID such as sandbox:deal:D-1001")
+    return RecordKey(*(p.strip() for p in parts))
+
+
+# Query-string types: what the caller sends is a string; the spec says which strings.
+Moment = Annotated[
+    datetime,
+    BeforeValidator(parse_moment),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^(\d{1,6}[hdwmy]|\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?"
+            r"(Z|[+-]\d{2}:\d{2})?)?)$",
+            "examples": ["7d", "2026-11-01T09:30:00Z"],
+        }
+    ),
+]
+Record = Annotated[
+    RecordKey,
+    BeforeValidator(parse_record),
+    WithJsonSchema({"type": "string", "pattern": "^[^:]+:[^:]+:.+$", "examples": ["sandbox:deal:D-1001"]}),
+]
+Cursor = Annotated[PagePosition, BeforeValidator(decode_cursor), WithJsonSchema({"type": "string"})]
+
+
+class RequestFilters(BaseModel):
+    """Which requests, and which page of them. Every filter narrows the list (AND)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    status: list[RequestStatus] = Field(
+        default_factory=list, description="Only these statuses; repeat the parameter for several."
+    )
+    rule: str | None = Field(None, min_length=1, description="Only requests of this rule (its name).")
+    connection: str | None = Field(None, min_length=1, description="Only records of this connection.")
+    object: str | None = Field(
+        None, min_length=1, description="Only records of this CRM object (case-insensitive), e.g. deal."
+    )
+    record: Record | None = Field(
+        None, description="Only this record: CONNECTION:OBJECT:ID (object case-insensitive)."
+    )
+    older_than: Moment | None = Field(
+        None, description=f"Only requests submitted before this: {MOMENT_FORMS}."
+    )
+    newer_than: Moment | None = Field(
+        None, description=f"Only requests submitted at or after this: {MOMENT_FORMS}."
+    )
+    pending_for: str | None = Field(
+        None,
+        min_length=1,
+        description="Only requests whose open step waits for this user's vote.",
+    )
+    limit: int = Field(
+        DEFAULT_LIMIT,
+        ge=1,
+        le=MAX_LIMIT,
+        description=f"Requests per page: 1..{MAX_LIMIT}, default {DEFAULT_LIMIT}.",
+    )
+    cursor: Cursor | None = Field(
+        None, description="next_cursor of the previous page; leave it out for the first page."
+    )
+
+
+@dataclass(frozen=True)
+class RequestPage:
+    requests: list[StoredRequest]
+    total: int  # matching requests on all pages
+    next_cursor: str | None  # None on the last page
+
+
+def find_requests(session: Session, filters: RequestFilters, viewer: Viewer | None) -> RequestPage:
+    """One page of the requests matching `filters` that `viewer` may see (None: everything)."""
+    conditions = _conditions(session, filters, viewer)
+    total = session.scalar(select(func.count()).select_from(ApprovalRequestRow).where(*conditions)) or 0
+    query = select(ApprovalRequestRow).where(*conditions)
+    if filters.cursor is not None:
+        query = query.where(_after(filters.cursor))
+    query = query.order_by(ApprovalRequestRow.submitted_at.desc(), ApprovalRequestRow.id.desc())
+    rows = list(session.scalars(query.limit(filters.limit + 1)))
+    shown = rows[: filters.limit]
+    next_cursor = None
+    if len(rows) > filters.limit:
+        last = shown[-1]
+        next_cursor = PagePosition(last.submitted_at, last.id).encode()
+    return RequestPage(store.load_rows(session, shown), total, next_cursor)
+
+
+def find_request(session: Session, request_id: str, viewer: Viewer | None) -> StoredRequest | None:
+    """The request if it exists and `viewer` may see it; None in both other cases alike."""
+    condition = [ApprovalRequestRow.id == request_id]
+    if viewer is not None and not viewer.is_admin:
+        condition.append(_visible_to(session, viewer.user_id))
+    row = session.scalar(select(ApprovalRequestRow).where(*condition))
+    return store.load_rows(session, [row])[0] if row is not None else None
+
+
+def _conditions(
+    session: Session, filters: RequestFilters, viewer: Viewer | None
+) -> Sequence[ColumnElement[bool]]:
+    R = ApprovalRequestRow
+    conditions: list[ColumnElement[bool]] = []
+    if viewer is not None and not viewer.is_admin:
+        conditions.append(_visible_to(session, viewer.user_id))
+    if filters.status:
+        conditions.append(R.status.in_(filters.status))
+    if filters.rule is not None:
+        conditions.append(R.rule_name == filters.rule)
+    if filters.connection is not None:
+        conditions.append(R.connection == filters.connection)
+    if filters.object is not None:
+        conditions.append(func.lower(R.object_type) == filters.object.lower())
+    if filters.record is not None:
+        conditions += [
+            R.connection == filters.record.connection,
+            func.lower(R.object_type) == filters.record.object_type.lower(),
+            R.record_id == filters.record.record_id,
+        ]
+    if filters.older_than is not None:
+        conditions.append(R.submitted_at < filters.older_than)
+    if filters.newer_than is not None:
+        conditions.append(R.submitted_at >= filters.newer_than)
+    if filters.pending_for is not None:
+        conditions.append(_pending_for(session, filters.pending_for))
+    return conditions
+
+
+def _after(position: PagePosition) -> ColumnElement[bool]:
+    R = ApprovalRequestRow
+    at = literal(position.submitted_at, UTCDateTime)
+    return or_(R.submitted_at < at, and_(R.submitted_at == at, R.id < position.request_id))
+
+
+def _visible_to(session: Session, user_id: str) -> ColumnElement[bool]:
+    """Today's rule: the submitter, and anyone assigned to any step of it (any round) so far."""
+    assigned = select(ApprovalStepRow.request_id).where(
+        _approvers_include(session, ApprovalStepRow.approvers, user_id)
+    )
+    return or_(ApprovalRequestRow.submitter == user_id, ApprovalRequestRow.id.in_(assigned))
+
+
+def _pending_for(session: Session, user_id: str) -> ColumnElement[bool]:
+    """The open step has the user assigned, and the user has not voted on this round of it."""
+    R, S, V = ApprovalRequestRow, ApprovalStepRow, ApprovalVoteRow
+    voted = exists().where(
+        V.request_id == S.request_id, V.step_index == S.index, V.round == S.round, V.approver == user_id
+    )
+    open_step = exists().where(
+        S.request_id == R.id,
+        S.index == R.current_step,
+        S.status == "pending",
+        _approvers_include(session, S.approvers, user_id),
+        ~voted,
+    )
+    return and_(R.status == "pending", open_step)
+
+
+def _approvers_include(session: Session, approvers: Any, user_id: str) -> ColumnElement[bool]:
+    """JSON array membership: `@>` on PostgreSQL (GIN-indexed), json_each on SQLite."""
+    if session.get_bind().dialect.name == "postgresql":
+        return type_coerce(approvers, JSONB).contains(type_coerce([user_id], JSONB))
+    member = func.json_each(approvers).table_valued("value")
+    return exists().select_from(member).where(member.c.value == user_id)
