@@ -28,6 +28,8 @@ NUDGE_WINDOW = 0.25  # seconds: at most one inbox nudge per process per window
 
 # Extra periodic jobs (e.g. the approval expiry sweep) register here: name -> job(runtime).
 SWEEP_JOBS: dict[str, Callable[[Runtime], Any]] = {}
+# Jobs run after every outbox flush too (e.g. sending queued notifications promptly).
+FLUSH_JOBS: dict[str, Callable[[Runtime], Any]] = {}
 
 
 def make_huey(queue_url: str, name: str = "crm-approvals") -> Huey:
@@ -65,7 +67,7 @@ class Tasks:
             self.run_outbox()
         return vars(report)
 
-    def run_outbox(self) -> dict[str, int]:
+    def run_outbox(self) -> dict[str, Any]:
         settings = self.runtime.settings
         report = flush(
             self.runtime.sessions,
@@ -73,7 +75,13 @@ class Tasks:
             lease_seconds=settings.outbox_lease_seconds,
             max_attempts=settings.outbox_max_attempts,
         )
-        return vars(report)
+        summary: dict[str, Any] = vars(report)
+        for name, job in FLUSH_JOBS.items():
+            try:
+                summary[name] = job(self.runtime)
+            except Exception:  # a failing job must not fail the write-back flush
+                log.exception("flush job %s failed", name)
+        return summary
 
     def run_sweep(self) -> dict[str, Any]:
         """Re-drive everything: pending events, pending and in-doubt updates, registered jobs."""

@@ -18,7 +18,7 @@ from typing import Any
 import requests
 
 from connector.config import ConfigError, ConnectionConfig, Settings
-from connector.crm.base import CRMAdapter, FieldInfo, RecordUpdate, UpdateResult, chunked
+from connector.crm.base import CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
 from connector.crm.errors import AuthError, FatalError, RateLimitedError, RetriableError
 from connector.crm.http import json_error_reader, raise_for_status, send
 from connector.crm.retry import RetryPolicy
@@ -42,6 +42,7 @@ RETRIABLE_RECORD_CODES = frozenset({"RECORD_LOCKED"})  # "wait until the record 
 EMBEDDED_LOOKUP_KEYS = frozenset({"id", "name", "email"})  # carried inside a lookup value itself
 API_NAME = re.compile(r"^[A-Za-z0-9_$]+$")
 SEARCH_PAGE_SIZE = 200
+USERS_PAGE_SIZE = 200  # GET /crm/{version}/users: per_page up to 200
 MAX_SEARCH_CRITERIA = 10
 TOKEN_MARGIN_SECONDS = 60.0  # renew a little early so a call never starts with a dying token
 
@@ -287,6 +288,15 @@ class ZohoAdapter(CRMAdapter):
         token = _info(response).get("next_page_token") if _more_records(response) else None
         return _data(response), token
 
+    def _users_page(self, cursor: Any) -> tuple[list[CRMUser], Any]:
+        """GET /crm/{version}/users?type=AllUsers (active and deactivated), paged with page/per_page."""
+        page = cursor or 1
+        params = {"type": "AllUsers", "page": page, "per_page": USERS_PAGE_SIZE}
+        body = _json_object(self._checked(self._send("GET", "users", params=params)))
+        users = [zoho_user(u) for u in body.get("users") or [] if isinstance(u, dict) and u.get("id")]
+        info = body.get("info") if isinstance(body.get("info"), dict) else {}
+        return users, (page + 1 if info.get("more_records") else None)
+
     # --- metadata, loop prevention ----------------------------------------------------
 
     def describe(self, object_type: str) -> list[FieldInfo]:
@@ -378,6 +388,23 @@ def record_result(record_id: str, item: Mapping[str, Any]) -> UpdateResult:
         message=str(item.get("message") or ""),
         fields=(str(api_name),) if api_name else (),
         retriable=code in RETRIABLE_RECORD_CODES,
+    )
+
+
+def zoho_user(user: Mapping[str, Any]) -> CRMUser:
+    """A user of the Users API -> CRMUser; `Reporting_To` ({"name", "id"} or null) is the manager."""
+    reporting_to = user.get("Reporting_To") if isinstance(user.get("Reporting_To"), dict) else {}
+    name = (
+        user.get("full_name")
+        or " ".join(str(user.get(k) or "").strip() for k in ("first_name", "last_name")).strip()
+    )
+    return CRMUser(
+        id=str(user["id"]),
+        name=str(name or user.get("email") or user["id"]),
+        email=user.get("email") or None,
+        locale=user.get("locale") or user.get("language") or None,
+        manager_id=str(reporting_to["id"]) if reporting_to.get("id") else None,
+        active=str(user.get("status") or "active").lower() == "active",
     )
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from connector.approvals.spec import (
+    ACTION_EVENTS,
     ActionSpec,
     ApproverSource,
     Criterion,
@@ -372,7 +373,8 @@ class _SpecBuilder:
             self.errors.add(path + ("on_reject",), "the first step has no previous step to go back to", hint)
         if None in approvers or (step.when is not None and when is None):
             return None
-        return StepSpec(step.name, step.mode, approvers, count, percent, when, step.on_reject)  # type: ignore[arg-type]
+        label = step.label.strip() if step.label and step.label.strip() else None
+        return StepSpec(step.name, step.mode, approvers, count, percent, when, step.on_reject, label)  # type: ignore[arg-type]
 
     def _approver(self, approver: ApproverModel, path: KeyPath) -> ApproverSource | None:
         if approver.user is not None:
@@ -449,7 +451,7 @@ class _SpecBuilder:
 
     def _actions(self, rule: RuleModel, path: KeyPath) -> dict[str, ActionSpec]:
         actions: dict[str, ActionSpec] = {}
-        for event in ("submit", "approve", "reject", "recall", "expire"):
+        for event in ACTION_EVENTS:
             action = getattr(rule.on, event)
             if action is not None:
                 values = {

@@ -105,6 +105,7 @@ ApproverList = Annotated[list[ApproverModel], BeforeValidator(_as_list), Field(m
 
 class StepModel(_Model):
     name: Name
+    label: str | None = None  # what people read: "Finance" for the step `finance`
     description: str | None = None
     mode: StepMode
     approvers: list[ApproverModel] = Field(min_length=1)
@@ -119,6 +120,7 @@ class ActionModel(_Model):
 
 class OnModel(_Model):
     submit: ActionModel | None = None
+    step: ActionModel | None = None
     approve: ActionModel | None = None
     reject: ActionModel | None = None
     recall: ActionModel | None = None

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -42,10 +42,37 @@ class RuleGoneError(ConflictError):
     status = 409
 
 
+class PeopleLookup(Protocol):
+    """Names for ids (connector.directory.Directory), read in the caller's transaction."""
+
+    def display_name(self, connection: str, user_id: str, *, session: Session | None = None) -> str: ...
+
+    def canonical_id(self, connection: str, user_id: str, *, session: Session | None = None) -> str: ...
+
+
+class OutcomeListener(Protocol):
+    """Told of every committed change, in its transaction (connector.notify queues messages)."""
+
+    def on_outcome(
+        self,
+        session: Session,
+        *,
+        connection: str,
+        outcome: Outcome,
+        roles: Mapping[str, tuple[str, ...]],
+        step_labels: Mapping[int, str],
+        step_count: int,
+    ) -> int: ...
+
+
 @dataclass
 class ApprovalService:
     mappings: MappingSet
     clock: Callable[[], datetime] = utcnow
+    # issue 10: names in write-back templates, who submitted, and notifications
+    people: PeopleLookup | None = None
+    notifications: OutcomeListener | None = None
+    public_base_url: str = ""
 
     # --- record changes (called by the worker, inside the event's transaction) -------
 
@@ -84,9 +111,10 @@ class ApprovalService:
         if latest is not None and approved and not restart_fields(latest.request, rule, ctx):
             until = latest.request.expires_at or "no expiry"
             return f"already approved by {latest.request.id} until {until}"
-        outcome = open_request(
-            rule, spec.roles, ctx, record_ref=record.ref, submitter=_submitter(ctx), now=now
-        )
+        submitter = _submitter(ctx)
+        if self.people is not None:  # e.g. HubSpot's hs_updated_by_user_id is a user id, not an owner id
+            submitter = self.people.canonical_id(record.connection, submitter, session=session)
+        outcome = open_request(rule, spec.roles, ctx, record_ref=record.ref, submitter=submitter, now=now)
         stored = StoredRequest(outcome.request, record, spec.source_path, spec.content_hash)
         self._commit(session, stored, spec, rule, outcome, None)
         if latest is not None and approved:
@@ -207,7 +235,15 @@ class ApprovalService:
                 acting_admin=v.acting_admin,
             )
         now = self.clock()
-        for n, action in enumerate(render_outcome_actions(outcome, rule, now.date(), now)):
+        people = self.people
+        names = (
+            (lambda user: people.display_name(record.connection, user, session=session))
+            if people is not None
+            else None
+        )
+        url = f"{self.public_base_url}/app/requests/{outcome.request.id}" if self.public_base_url else None
+        rendered = render_outcome_actions(outcome, rule, now.date(), now, names=names, request_url=url)
+        for n, action in enumerate(rendered):
             fields = {name: to_wire(value) for name, value in spec.to_api(action.values).items()}
             key = f"{outcome.request.id}:v{outcome.request.version}:{n}:{action.event}"
             enqueue_update(
@@ -226,6 +262,15 @@ class ApprovalService:
                 request_id=outcome.request.id,
                 event=action.event,
                 fields=fields,
+            )
+        if self.notifications is not None:
+            self.notifications.on_outcome(
+                session,
+                connection=record.connection,
+                outcome=outcome,
+                roles=spec.roles,
+                step_labels={i: step.title for i, step in enumerate(rule.steps)},
+                step_count=len(rule.steps),
             )
         return StoredRequest(
             outcome.request, record, stored.mapping_path, stored.mapping_hash, stored.superseded_by

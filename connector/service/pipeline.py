@@ -24,7 +24,11 @@ from connector.approvals.spec import EvalContext, MappingSpec
 from connector.clock import utcnow
 from connector.config import Settings
 from connector.crm.errors import FatalError
+from connector.directory import Directory
 from connector.events import RecordChangeEvent
+from connector.notify.queue import NotificationQueue
+from connector.notify.sender import send_now
+from connector.notify.sender import sweep as people_sweep
 from connector.rules import MappingSet
 from connector.runtime import Runtime
 from connector.service.approval_service import ApprovalService
@@ -32,7 +36,7 @@ from connector.storage import audit
 from connector.storage.approval_store import RecordKey
 from connector.storage.models import DONE, SENDING, OutboxUpdate, RecordSnapshot
 from connector.storage.outbox import norm_value
-from connector.worker import SWEEP_JOBS
+from connector.worker import FLUSH_JOBS, SWEEP_JOBS
 
 log = logging.getLogger(__name__)
 ECHO_WINDOW = timedelta(hours=24)  # how long a write-back of ours may take to come back as a webhook
@@ -49,7 +53,12 @@ class Pipeline:
     def __init__(self, runtime: Runtime, mappings: MappingSet) -> None:
         self.runtime = runtime
         self.mappings = mappings
-        self.approvals = ApprovalService(mappings)
+        self.approvals = ApprovalService(
+            mappings,
+            people=Directory.from_runtime(runtime),
+            notifications=NotificationQueue(runtime.settings),
+            public_base_url=runtime.settings.public_base_url,
+        )
 
     def refresh_mappings(self) -> None:
         """Pick up edited mapping files; a broken edit keeps the last good set, loudly."""
@@ -186,4 +195,6 @@ def build_runtime(settings: Settings) -> Runtime:
     runtime.processor = pipeline
     SWEEP_JOBS["reload_mappings"] = lambda _rt: pipeline.refresh_mappings()
     SWEEP_JOBS["expire"] = lambda rt: pipeline.approvals.expire_due(rt.sessions)
+    SWEEP_JOBS["people"] = people_sweep  # issue 10: directory refresh, expiry warnings, notifications
+    FLUSH_JOBS["notifications"] = send_now  # issue 10: send queued notifications promptly
     return runtime
