@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from connector.approvals.lifecycle import Outcome, Transition
+from connector.approvals.lifecycle import ApprovalRequest, Outcome, Transition
 from connector.clock import utcnow
 from connector.config import Settings, env_name
 from connector.notify.models import PENDING, Notification
@@ -131,7 +131,7 @@ class NotificationQueue:
                 if transition.actor is not None and transition.actor == request.submitter:
                     continue  # nobody needs telling what they just did
                 event = SUBMITTER_EVENTS[transition.kind]
-                facts = _transition_facts(transition, step_labels, step_count)
+                facts = _transition_facts(request, transition, step_labels, step_count)
                 key = f"{request.id}:{event}:{transition.seq}"
                 added += self._queue(
                     session, connection, request.submitter, event, key, facts, roles, request.id
@@ -231,9 +231,12 @@ class NotificationQueue:
 
 
 def _transition_facts(
-    transition: Transition, step_labels: Mapping[int, str], step_count: int
+    request: ApprovalRequest, transition: Transition, step_labels: Mapping[int, str], step_count: int
 ) -> dict[str, Any]:
     index = transition.step_index
+    if index is None and transition.kind == "rejected":  # the request's row names no step: find it
+        rejected = [s for s in request.steps if s.status == "rejected"]
+        index = max(rejected, key=lambda s: (s.left_at or s.entered_at, s.round)).index if rejected else None
     return {
         "actor": transition.actor,
         "comment": transition.comment,
