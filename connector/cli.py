@@ -135,6 +135,8 @@ def init(ctx: Context, env_example: str) -> None:
 def run(ctx: Context, no_sandbox: bool) -> None:
     """Migrate, then run the server, the worker and (with no CRM configured) the sandbox CRM.
 
+    With no SMTP_HOST set, a local mail catcher receives the e-mail the worker sends.
+
     This is what `make run` calls. Ctrl-C stops everything.
     """
     from connector.storage.migrate import upgrade
@@ -145,12 +147,18 @@ def run(ctx: Context, no_sandbox: bool) -> None:
     commands = {"server": [*base, "serve"], "worker": [*base, "worker"]}
     if settings.uses_sandbox and not no_sandbox:
         commands["sandbox"] = [*base, "sandbox"]
+    if settings.notify.uses_mail_catcher:  # no SMTP_HOST: mail goes to a local catcher
+        commands["mailcatcher"] = [*base, "mailcatcher"]
     # `kill PID` (SIGTERM) stops everything just like Ctrl-C does.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     processes = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
     click.echo(f"\n  Webhooks + API:  {settings.public_base_url}/healthz")
     if "sandbox" in processes:
         click.echo(f"  Sandbox CRM:     {settings.sandbox_url}/   (edit a deal to send a webhook)")
+    if "mailcatcher" in processes:
+        click.echo(
+            f"  Mail catcher:    http://127.0.0.1:{settings.notify.mail_catcher_port}/   (e-mail sent)"
+        )
     click.echo("  Stop with Ctrl-C.\n")
     _supervise(processes)
 
@@ -185,6 +193,7 @@ COMMAND_MODULES = (
     "connector.commands.validate",
     "connector.commands.approvals",
     "connector.commands.ops",
+    "connector.commands.people",
 )
 
 
