@@ -128,9 +128,11 @@ class Directory:
             return [_person(row) for row in session.scalars(query.order_by(DirectoryPerson.name))]
 
     def known_ids(self, connection: str) -> set[str] | None:
-        """Every id (and other id) the directory knows for the connection; None before any refresh."""
+        """Every id (and other id) the directory knows for the connection; None before the
+        first successful refresh."""
         with self.sessions() as session:
-            if session.get(DirectoryRefresh, connection) is None:
+            refresh = session.get(DirectoryRefresh, connection)
+            if refresh is None or refresh.refreshed_at is None:
                 return None
             ids = set(
                 session.scalars(
