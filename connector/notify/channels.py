@@ -12,7 +12,7 @@ import smtplib
 import ssl
 from collections.abc import Sequence
 from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate
 from typing import Protocol
 
 from connector.config import NotifySettings
@@ -51,11 +51,11 @@ def build_email(
     message["Subject"] = rendered.subject
     message["Date"] = formatdate(localtime=False, usegmt=True)
     digest = hashlib.sha256(dedupe_key.encode()).hexdigest()[:40]
-    message["Message-ID"] = make_msgid(idstring=digest, domain="crm-approvals")
-    message["Content-Language"] = rendered.language.replace("_", "-")
+    message["Message-ID"] = f"<{digest}@crm-approvals>"
     message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no auto-replies to us
     message.set_content(rendered.text)
     message.add_alternative(rendered.html, subtype="html")
+    message["Content-Language"] = rendered.language.replace("_", "-")  # after: set_content drops Content-*
     return message
 
 
