@@ -28,8 +28,11 @@ Template variables (``TEMPLATE_VARIABLES``), passed to every ``ValueRenderer``:
 ``rule`` (dict)
     ``name``, ``steps`` (tuple of step names), ``expires_after`` (timedelta | None).
 
-The ``step`` event fires for every step that opens (the first one at submit, each later one,
-and a step re-opened by ``on_reject: back``); it is rendered after the outcome's other events.
+The ``step`` event fires whenever where the request waits changes: for every step that opens
+(the first one at submit, each later one, one re-opened by ``on_reject: back``), and once more
+when the request stops waiting (approved, rejected or recalled), then with ``progress.step``
+None and ``approver``/``comment`` of that decision, so one action both writes the progress and
+clears it. It is rendered after the outcome's other events.
 
 Values are plain dicts so both Python renderers (``v["request"]["expires_at"]``) and
 Jinja templates (``{{ request.expires_at }}``) can read them. The variables describe the
@@ -48,6 +51,8 @@ from connector.approvals.errors import ActionRenderError
 from connector.approvals.lifecycle import ApprovalRequest, Outcome, current_step_state, step_votes
 from connector.approvals.spec import ActionEvent, ActionSpec, RuleSpec
 
+# Transitions that change where a request waits: they fire the ``step`` event.
+STEP_EVENT_TRANSITIONS = frozenset({"entered", "approved", "rejected", "recalled"})
 TEMPLATE_VARIABLES: tuple[str, ...] = (
     "today",
     "now",
@@ -124,13 +129,20 @@ def render_outcome_actions(
     request_url: str | None = None,
 ) -> list[RenderedAction]:
     """Render every action the outcome fired that the rule configures, in firing order, then
-    ``step`` when a step opened.
+    ``step`` when where the request waits changed (see the module docstring).
 
     Events without an ``ActionSpec`` in ``rule.actions`` write nothing and are left out.
     """
     fired = [(a.event, a.actor, a.comment) for a in outcome.actions]
-    if any(t.kind == "entered" for t in outcome.transitions):
-        fired.append(("step", None, None))
+    moved = [t for t in outcome.transitions if t.kind in STEP_EVENT_TRANSITIONS]
+    if moved:  # after a close, `approver` and `comment` are the closing decision's
+        last = moved[-1]
+        if last.kind == "entered":
+            fired.append(("step", None, None))
+        else:  # an approval's own row carries no comment: the deciding vote's step row does
+            decided = [t for t in outcome.transitions if t.kind == "step_approved"]
+            comment = last.comment if last.kind != "approved" or not decided else decided[-1].comment
+            fired.append(("step", last.actor, comment))
     rendered: list[RenderedAction] = []
     for event, actor, comment in fired:
         action = rule.actions.get(event)

@@ -247,8 +247,9 @@ def directory_ids(ctx: click.Context, may_call_crm: bool) -> KnownPeopleFn | Non
                 directory.ensure_loaded(connection)
             return directory.known_ids(connection)
         except Exception as exc:  # no tables yet, no credentials: the files are still checked
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             click.echo(
-                f"note: approver ids of {connection} not checked against the directory: {exc}", err=True
+                f"note: approver ids of {connection} not checked against the directory: {reason}", err=True
             )
             return None
 

@@ -66,6 +66,7 @@ def deals(today: date) -> list[dict[str, Any]]:
             "approval_status": "Approved" if stage == "Closed Won" else "Not submitted",
             "approval_expires_on": None,
             "approval_comment": None,
+            "approval_progress": None,
         }
         for deal_id, name, amount, currency, stage, owner, company, lines, term, days in _DEALS
     ]

@@ -99,6 +99,7 @@ DEAL = ObjectSpec(
         FieldSpec("approval_status", "Approval status", "string"),
         FieldSpec("approval_expires_on", "Approval expires on", "date"),
         FieldSpec("approval_comment", "Approval comment", "text"),
+        FieldSpec("approval_progress", "Approval progress", "text"),
         FieldSpec("modified_at", "Last modified", "datetime", updateable=False),
         FieldSpec("company.name", "Company name", "string", updateable=False, through=("company_id", "name")),
         FieldSpec(
