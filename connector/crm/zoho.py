@@ -294,8 +294,9 @@ class ZohoAdapter(CRMAdapter):
         params = {"type": "AllUsers", "page": page, "per_page": USERS_PAGE_SIZE}
         body = _json_object(self._checked(self._send("GET", "users", params=params)))
         users = [zoho_user(u) for u in body.get("users") or [] if isinstance(u, dict) and u.get("id")]
-        info = body.get("info") if isinstance(body.get("info"), dict) else {}
-        return users, (page + 1 if info.get("more_records") else None)
+        info = body.get("info")
+        more = isinstance(info, dict) and bool(info.get("more_records"))
+        return users, (page + 1 if more else None)
 
     # --- metadata, loop prevention ----------------------------------------------------
 
@@ -393,7 +394,8 @@ def record_result(record_id: str, item: Mapping[str, Any]) -> UpdateResult:
 
 def zoho_user(user: Mapping[str, Any]) -> CRMUser:
     """A user of the Users API -> CRMUser; `Reporting_To` ({"name", "id"} or null) is the manager."""
-    reporting_to = user.get("Reporting_To") if isinstance(user.get("Reporting_To"), dict) else {}
+    raw = user.get("Reporting_To")
+    reporting_to: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
     name = (
         user.get("full_name")
         or " ".join(str(user.get(k) or "").strip() for k in ("first_name", "last_name")).strip()

@@ -262,13 +262,14 @@ def store_users(session: Session, connection: str, users: list[CRMUser], now: da
             .where(DirectoryPerson.connection == connection, DirectoryPerson.user_id.in_(gone))
             .values(active=False, refreshed_at=now)
         )
-    row = session.get(DirectoryRefresh, connection)
-    if row is None:
+    refresh = session.get(DirectoryRefresh, connection)
+    if refresh is None:
         session.add(
             DirectoryRefresh(connection=connection, attempted_at=now, refreshed_at=now, people=len(listed))
         )
     else:
-        row.attempted_at, row.refreshed_at, row.people, row.last_error = now, now, len(listed), None
+        refresh.attempted_at = refresh.refreshed_at = now
+        refresh.people, refresh.last_error = len(listed), None
     return len(gone)
 
 
