@@ -7,13 +7,14 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import click
 
-from connector.config import ConfigError, Settings
+from connector.config import MAIL_CATCHER_HOST, ConfigError, Settings
 from connector.logs import configure_logging
 
 
@@ -143,40 +144,91 @@ def init(ctx: Context, env_example: str) -> None:
 def run(ctx: Context, no_sandbox: bool) -> None:
     """Migrate, then run the server, the worker and (with no CRM configured) the sandbox CRM.
 
+    With no SMTP_HOST set, a local mail catcher receives the e-mail the worker sends.
+
     This is what `make run` calls. Ctrl-C stops everything.
     """
-    from connector.commands.sandbox import bind_address
     from connector.storage.migrate import upgrade
 
     settings = ctx.settings
-    with_sandbox = settings.uses_sandbox and not no_sandbox
-    listeners = {"server": ((settings.host, settings.port), "PORT (and PUBLIC_BASE_URL)")}
-    if with_sandbox:
-        listeners["sandbox"] = (bind_address(settings.sandbox_url), "SANDBOX_URL")
-    for (host, port), variable in listeners.values():
-        _require_free_port(host, port, variable)
+    children = plan_children(settings, with_sandbox=not no_sandbox)
+    for child in children:
+        for host, port, variable in child.listens:
+            _require_free_port(host, port, variable)
     upgrade(settings.database_url)
     base = [sys.executable, "-m", "connector", "--env-file", ctx.env_file]
-    commands = {"server": [*base, "serve"], "worker": [*base, "worker"]}
-    if with_sandbox:
-        commands["sandbox"] = [*base, "sandbox"]
     # `kill PID` (SIGTERM) stops everything just like Ctrl-C does.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    processes = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
-    urls = {"server": f"http://{settings.host}:{settings.port}/healthz"}
-    if with_sandbox:
-        urls["sandbox"] = f"{settings.sandbox_url}/"
+    processes = {child.name: subprocess.Popen([*base, child.command]) for child in children}
     try:
-        for name, url in urls.items():
-            _wait_until_answering(name, url, processes)
+        for child in children:
+            if child.probe_url:
+                _wait_until_answering(child.name, child.probe_url, processes)
     except (click.ClickException, KeyboardInterrupt):
         _stop(processes)
         raise
-    click.echo(f"\n  Webhooks + API:  {settings.public_base_url}/healthz")
-    if with_sandbox:
-        click.echo(f"  Sandbox CRM:     {settings.sandbox_url}/   (edit a deal to send a webhook)")
+    click.echo("")
+    for child in children:
+        if child.banner:
+            click.echo(f"  {child.banner}")
     click.echo("  Stop with Ctrl-C.\n")
     _supervise(processes)
+
+
+@dataclass(frozen=True)
+class Child:
+    """One process `run` starts: what it listens on (and which variable moves it), the URL
+    that answers once it is up, and its line in the banner."""
+
+    name: str
+    command: str
+    listens: tuple[tuple[str, int, str], ...] = ()
+    probe_url: str | None = None
+    banner: str | None = None
+
+
+def plan_children(settings: Settings, *, with_sandbox: bool) -> list[Child]:
+    """The processes of `crm-approvals run` for these settings."""
+    from connector.commands.sandbox import bind_address
+
+    server = f"http://{settings.host}:{settings.port}"
+    children = [
+        Child(
+            "server",
+            "serve",
+            ((settings.host, settings.port, "PORT (and PUBLIC_BASE_URL)"),),
+            f"{server}/livez",
+            f"Webhooks + API:  {settings.public_base_url}/healthz",
+        ),
+        Child("worker", "worker"),
+    ]
+    if with_sandbox and settings.uses_sandbox:
+        host, port = bind_address(settings.sandbox_url)
+        children.append(
+            Child(
+                "sandbox",
+                "sandbox",
+                ((host, port, "SANDBOX_URL"),),
+                f"{settings.sandbox_url}/",
+                f"Sandbox CRM:     {settings.sandbox_url}/   (edit a deal to send a webhook)",
+            )
+        )
+    notify = settings.notify
+    if notify.uses_mail_catcher:  # no SMTP_HOST: mail goes to a local catcher
+        page = f"http://{MAIL_CATCHER_HOST}:{notify.mail_catcher_port}/"
+        children.append(
+            Child(
+                "mailcatcher",
+                "mailcatcher",
+                (
+                    (MAIL_CATCHER_HOST, notify.mail_catcher_smtp_port, "MAIL_CATCHER_SMTP_PORT"),
+                    (MAIL_CATCHER_HOST, notify.mail_catcher_port, "MAIL_CATCHER_PORT"),
+                ),
+                page,
+                f"Mail catcher:    {page}   (e-mail sent)",
+            )
+        )
+    return children
 
 
 STARTUP_TIMEOUT = 60.0  # seconds a child may take to answer its first request
@@ -251,6 +303,7 @@ COMMAND_MODULES = (
     "connector.commands.audit",
     "connector.commands.sync",
     "connector.commands.requests",
+    "connector.commands.people",
 )
 
 

@@ -71,6 +71,85 @@ class ConnectionConfig:
         return f"ConnectionConfig(name={self.name!r}, kind={self.kind!r}, keys={shown})"
 
 
+MAIL_CATCHER_HOST = "127.0.0.1"
+SMTP_SECURITY = ("none", "starttls", "ssl")
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    """Notifications (docs/notifications.md). With no SMTP_HOST, mail goes to the local mail
+    catcher that `crm-approvals run` starts, so no real mail server is needed to try things."""
+
+    smtp_host: str = ""  # "" = not configured: the local mail catcher
+    smtp_port: int | None = None  # default 587 (ssl: 465); the mail catcher's port without SMTP_HOST
+    smtp_username: str | None = None
+    smtp_password: str | None = field(default=None, repr=False)
+    smtp_security: str = "starttls"  # none | starttls | ssl (the mail catcher always speaks plain SMTP)
+    smtp_timeout_seconds: float = 30.0
+    mail_from: str = "crm-approvals <approvals@localhost>"
+    mail_catcher_smtp_port: int = 1025
+    mail_catcher_port: int = 8025  # the page listing caught messages
+    mail_catcher_dir: str = "var/mail"
+    email: bool = True  # NOTIFY_EMAIL=false sends no e-mail (chat only)
+    default_locale: str = "en"
+    expiry_warning_days: int = 7  # warn the submitter this many days before an approval expires
+    templates_dir: str = "templates/notifications"
+    max_attempts: int = 8
+    lease_seconds: int = 120
+    # Apprise URLs (secrets: env only, never shown): "user:<ID>" / "role:<NAME>" -> URLs, with
+    # ID and NAME as in the NOTIFY_USER_<ID>_URLS / NOTIFY_ROLE_<NAME>_URLS variable names.
+    chat_urls: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+
+    @property
+    def uses_mail_catcher(self) -> bool:
+        return not self.smtp_host
+
+    @property
+    def smtp_address(self) -> tuple[str, int]:
+        if self.uses_mail_catcher:
+            return MAIL_CATCHER_HOST, self.mail_catcher_smtp_port
+        return self.smtp_host, self.smtp_port or (465 if self.smtp_security == "ssl" else 587)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> NotifySettings:
+        security = (env.get("SMTP_SECURITY") or "starttls").strip().lower()
+        if security not in SMTP_SECURITY:
+            raise ConfigError(f"SMTP_SECURITY must be one of {', '.join(SMTP_SECURITY)}, got {security!r}")
+        chat: dict[str, tuple[str, ...]] = {}
+        for key, value in env.items():
+            for kind in ("USER", "ROLE"):
+                prefix = f"NOTIFY_{kind}_"
+                if key.startswith(prefix) and key.endswith("_URLS") and len(key) > len(prefix) + 5:
+                    urls = tuple(u.strip() for u in (value or "").split(",") if u.strip())
+                    if urls:
+                        chat[f"{kind.lower()}:{key[len(prefix) : -5]}"] = urls
+        port = env.get("SMTP_PORT")
+        return cls(
+            smtp_host=(env.get("SMTP_HOST") or "").strip(),
+            smtp_port=_int(env, "SMTP_PORT", 0) or None if port else None,
+            smtp_username=env.get("SMTP_USERNAME") or None,
+            smtp_password=env.get("SMTP_PASSWORD") or None,
+            smtp_security=security,
+            smtp_timeout_seconds=float(_int(env, "SMTP_TIMEOUT_SECONDS", 30)),
+            mail_from=env.get("MAIL_FROM") or cls.mail_from,
+            mail_catcher_smtp_port=_int(env, "MAIL_CATCHER_SMTP_PORT", 1025),
+            mail_catcher_port=_int(env, "MAIL_CATCHER_PORT", 8025),
+            mail_catcher_dir=env.get("MAIL_CATCHER_DIR") or cls.mail_catcher_dir,
+            email=(env.get("NOTIFY_EMAIL") or "true").strip().lower() not in ("false", "0", "no", "off"),
+            default_locale=(env.get("NOTIFY_DEFAULT_LOCALE") or "en").strip(),
+            expiry_warning_days=_int(env, "NOTIFY_EXPIRY_WARNING_DAYS", 7),
+            templates_dir=env.get("NOTIFY_TEMPLATES_DIR") or cls.templates_dir,
+            max_attempts=_int(env, "NOTIFY_MAX_ATTEMPTS", 8),
+            lease_seconds=_int(env, "NOTIFY_LEASE_SECONDS", 120),
+            chat_urls=chat,
+        )
+
+
+def env_name(text: str) -> str:
+    """How a user id or role name is spelt inside a variable name: u-mgr-boris -> U_MGR_BORIS."""
+    return "".join(c if c.isalnum() else "_" for c in text).upper()
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
@@ -93,6 +172,8 @@ class Settings:
     log_format: str = "text"  # text | json (one JSON object per line, stable keys: connector/logs.py)
     # prometheus-client's multiprocess directory: the server's and worker's counters meet here
     metrics_dir: str = "var/prometheus"
+    directory_refresh_minutes: int = 60
+    notify: NotifySettings = field(default_factory=NotifySettings)
 
     def connection(self, name: str) -> ConnectionConfig:
         try:
@@ -135,6 +216,8 @@ class Settings:
             log_level=env.get("LOG_LEVEL") or "INFO",
             log_format=_choice(env, "LOG_FORMAT", ("text", "json"), "text"),
             metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or "var/prometheus",
+            directory_refresh_minutes=_int(env, "DIRECTORY_REFRESH_MINUTES", 60),
+            notify=NotifySettings.from_env(env),
         )
 
 

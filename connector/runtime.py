@@ -41,6 +41,7 @@ class Runtime:
     mappings: MappingSet | None = None  # None: this process judges nothing
     approvals: ApprovalService | None = None  # None: the API answers 503 to votes
     sweep_jobs: list[SweepJob] = field(default_factory=list)
+    flush_jobs: list[SweepJob] = field(default_factory=list)  # also run after every outbox flush
     _adapters: dict[str, CRMAdapter] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

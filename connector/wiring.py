@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 
 from connector.config import Settings
+from connector.notify.sender import send_now
+from connector.notify.sender import sweep as people_sweep
 from connector.rules import MappingSet
 from connector.runtime import Runtime, SweepJob
 from connector.service.drift import DriftRepairJob
@@ -41,5 +43,7 @@ def attach_pipeline(runtime: Runtime, mappings: MappingSet) -> Pipeline:
         SweepJob("expire", lambda rt: pipeline.approvals.expire_due(rt.sessions)),
         SweepJob("drift_repair", DriftRepairJob.from_settings(runtime.settings)),
         SweepJob("zoho_channels", renew_due_channels),
+        SweepJob("people", people_sweep),  # directory refresh, expiry warnings, notifications
     ]
+    runtime.flush_jobs = [SweepJob("notifications", send_now)]  # queued notifications go out promptly
     return pipeline

@@ -62,7 +62,7 @@ class Tasks:
             self.run_outbox()
         return vars(report)
 
-    def run_outbox(self) -> dict[str, int]:
+    def run_outbox(self) -> dict[str, Any]:
         settings = self.runtime.settings
         report = flush(
             self.runtime.sessions,
@@ -70,7 +70,13 @@ class Tasks:
             lease_seconds=settings.outbox_lease_seconds,
             max_attempts=settings.outbox_max_attempts,
         )
-        return vars(report)
+        summary: dict[str, Any] = vars(report)
+        for job in self.runtime.flush_jobs:
+            try:
+                summary[job.name] = job.run(self.runtime)
+            except Exception:  # a failing job must not fail the write-back flush
+                log.exception("flush job %s failed", job.name)
+        return summary
 
     def run_sweep(self) -> dict[str, Any]:
         """Re-drive everything: pending events, pending and in-doubt updates, the runtime's sweep jobs."""

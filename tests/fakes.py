@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from connector.config import ConnectionConfig
-from connector.crm.base import CRMAdapter, FieldInfo, RecordUpdate, UpdateResult
+from connector.crm.base import CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult
 from connector.crm.errors import RetriableError
 from connector.crm.retry import NO_WAIT
 
@@ -25,6 +25,7 @@ class MemoryCRM(CRMAdapter):
         self.reject: dict[str, str] = {}  # record id -> error code to answer with
         self.fail_calls = 0  # the next N update calls fail with a retriable error
         self.crash_after_apply = False  # apply the write, then "lose the connection"
+        self.users: list[CRMUser] = []  # what list_users answers
 
     def _fetch(
         self, object_type: str, ids: Sequence[str], fields: Sequence[str]
@@ -61,3 +62,6 @@ class MemoryCRM(CRMAdapter):
             FieldInfo(name=n, label=n, type="string")
             for n in sorted({k for r in self.records.values() for k in r})
         ]
+
+    def _users_page(self, cursor: Any) -> tuple[list[CRMUser], Any]:
+        return list(self.users), None

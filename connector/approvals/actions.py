@@ -17,8 +17,22 @@ Template variables (``TEMPLATE_VARIABLES``), passed to every ``ValueRenderer``:
     pending), ``step_index``, ``last_step`` (name of the most recently entered step, e.g.
     the one that rejected; None if every step was skipped), ``submitter``, ``record_ref``,
     ``submitted_at``, ``approved_at``, ``expires_at``.
+``progress`` (dict)
+    Where the request waits, for progress messages on the record: ``step`` (the open step's
+    ``label``, else its name; None unless pending), ``step_number`` (1-based position of the
+    open step in the rule), ``step_count`` (steps in the rule), ``since`` (date the open step
+    opened), ``waiting_for`` (names of its approvers who have not voted yet; the id where the
+    directory does not know a person), ``waiting_for_ids``, ``last_comment`` (the latest
+    comment of a vote or recall; None before any) and ``url`` (the request's page in the web
+    app; None when the caller does not know it).
 ``rule`` (dict)
     ``name``, ``steps`` (tuple of step names), ``expires_after`` (timedelta | None).
+
+The ``step`` event fires whenever where the request waits changes: for every step that opens
+(the first one at submit, each later one, one re-opened by ``on_reject: back``), and once more
+when the request stops waiting (approved, rejected or recalled), then with ``progress.step``
+None and ``approver``/``comment`` of that decision, so one action both writes the progress and
+clears it. It is rendered after the outcome's other events.
 
 Values are plain dicts so both Python renderers (``v["request"]["expires_at"]``) and
 Jinja templates (``{{ request.expires_at }}``) can read them. The variables describe the
@@ -28,16 +42,27 @@ see the approved request.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
 from connector.approvals.errors import ActionRenderError
-from connector.approvals.lifecycle import ApprovalRequest, Outcome, current_step_state
+from connector.approvals.lifecycle import ApprovalRequest, Outcome, current_step_state, step_votes
 from connector.approvals.spec import ActionEvent, ActionSpec, RuleSpec
 
-TEMPLATE_VARIABLES: tuple[str, ...] = ("today", "now", "record", "approver", "comment", "request", "rule")
+# Transitions that change where a request waits: they fire the ``step`` event.
+STEP_EVENT_TRANSITIONS = frozenset({"entered", "approved", "rejected", "recalled"})
+TEMPLATE_VARIABLES: tuple[str, ...] = (
+    "today",
+    "now",
+    "record",
+    "approver",
+    "comment",
+    "request",
+    "rule",
+    "progress",
+)
 
 
 @dataclass(frozen=True)
@@ -72,8 +97,12 @@ def template_variables(
     approver: str | None = None,
     comment: str | None = None,
     record: Mapping[str, Any] | None = None,
+    *,
+    names: Callable[[str], str] | None = None,
+    request_url: str | None = None,
 ) -> dict[str, Any]:
-    """The variables documented in the module docstring, for ``request`` under ``rule``."""
+    """The variables documented in the module docstring, for ``request`` under ``rule``.
+    ``names`` turns a user id into a person's name (the id itself when not given)."""
     return {
         "today": today,
         "now": now,
@@ -86,25 +115,50 @@ def template_variables(
             "steps": tuple(step.name for step in rule.steps),
             "expires_after": rule.expires_after,
         },
+        "progress": _progress_variables(request, rule, names or str, request_url),
     }
 
 
 def render_outcome_actions(
-    outcome: Outcome, rule: RuleSpec, today: date, now: datetime
+    outcome: Outcome,
+    rule: RuleSpec,
+    today: date,
+    now: datetime,
+    *,
+    names: Callable[[str], str] | None = None,
+    request_url: str | None = None,
 ) -> list[RenderedAction]:
-    """Render every action the outcome fired that the rule configures, in firing order.
+    """Render every action the outcome fired that the rule configures, in firing order, then
+    ``step`` when where the request waits changed (see the module docstring).
 
     Events without an ``ActionSpec`` in ``rule.actions`` write nothing and are left out.
     """
+    fired = [(a.event, a.actor, a.comment) for a in outcome.actions]
+    moved = [t for t in outcome.transitions if t.kind in STEP_EVENT_TRANSITIONS]
+    if moved:  # after a close, `approver` and `comment` are the closing decision's
+        last = moved[-1]
+        if last.kind == "entered":
+            fired.append(("step", None, None))
+        else:  # an approval's own row carries no comment: the deciding vote's step row does
+            decided = [t for t in outcome.transitions if t.kind == "step_approved"]
+            comment = last.comment if last.kind != "approved" or not decided else decided[-1].comment
+            fired.append(("step", last.actor, comment))
     rendered: list[RenderedAction] = []
-    for fired in outcome.actions:
-        action = rule.actions.get(fired.event)
+    for event, actor, comment in fired:
+        action = rule.actions.get(event)
         if action is None:
             continue
         variables = template_variables(
-            outcome.request, rule, today, now, approver=fired.actor, comment=fired.comment
+            outcome.request,
+            rule,
+            today,
+            now,
+            approver=actor,
+            comment=comment,
+            names=names,
+            request_url=request_url,
         )
-        rendered.append(RenderedAction(fired.event, render_action(action, variables)))
+        rendered.append(RenderedAction(event, render_action(action, variables)))  # type: ignore[arg-type]
     return rendered
 
 
@@ -124,3 +178,33 @@ def _request_variables(request: ApprovalRequest) -> dict[str, Any]:
         "approved_at": request.approved_at,
         "expires_at": request.expires_at,
     }
+
+
+def _progress_variables(
+    request: ApprovalRequest, rule: RuleSpec, names: Callable[[str], str], request_url: str | None
+) -> dict[str, Any]:
+    current = current_step_state(request)
+    waiting: tuple[str, ...] = ()
+    label = None
+    if current is not None and current.status == "pending":
+        voted = {v.approver for v in step_votes(request, current)}
+        waiting = tuple(a for a in current.approvers if a not in voted)
+        in_rule = current.index < len(rule.steps) and rule.steps[current.index].name == current.name
+        label = rule.steps[current.index].title if in_rule else current.name
+    return {
+        "step": label,
+        "step_number": current.index + 1 if current is not None else None,
+        "step_count": len(rule.steps),
+        "since": current.entered_at.date() if current is not None else None,
+        "waiting_for": tuple(names(user) for user in waiting),
+        "waiting_for_ids": waiting,
+        "last_comment": last_comment(request),
+        "url": request_url,
+    }
+
+
+def last_comment(request: ApprovalRequest) -> str | None:
+    """The latest comment a person gave: on a vote, or with a recall."""
+    said = [(v.at, v.comment) for v in request.votes if v.comment]
+    said += [(t.at, t.comment) for t in request.transitions if t.kind == "recalled" and t.comment]
+    return max(said, key=lambda item: item[0])[1] if said else None

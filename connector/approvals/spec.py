@@ -14,8 +14,9 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal, Protocol
 
-ActionEvent = Literal["submit", "approve", "reject", "recall", "expire"]
-ACTION_EVENTS: tuple[ActionEvent, ...] = ("submit", "approve", "reject", "recall", "expire")
+# "step": a step opened (the request is waiting for someone new); see actions.render_outcome_actions
+ActionEvent = Literal["submit", "step", "approve", "reject", "recall", "expire"]
+ACTION_EVENTS: tuple[ActionEvent, ...] = ("submit", "step", "approve", "reject", "recall", "expire")
 StepMode = Literal["one", "all", "any", "quorum"]
 RejectBehaviour = Literal["reject", "back"]
 MatchMode = Literal["first", "all"]
@@ -112,6 +113,11 @@ class StepSpec:
     quorum_percent: Decimal | None = None  # mode == "quorum": share of M, e.g. Decimal("60")
     when: Criterion | None = None  # entry criteria: the step is skipped when false
     on_reject: RejectBehaviour = "reject"
+    label: str | None = None  # shown to people ("Finance"); the name when unset
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,19 @@ def token() -> None:
 @click.option("--user", "user_id", required=True, help="CRM user id the token acts as, e.g. 0055g00000AbCdE.")
 @click.option("--label", default="", help="What the token is for, e.g. 'Slack bot' or 'Ana laptop'.")
 @click.option("--admin", is_flag=True, help="May see every request, vote on any step and recall any request.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask when the user directory does not know the user.")
 @pass_context
-def token_create(ctx: Context, user_id: str, label: str, admin: bool) -> None:
+def token_create(ctx: Context, user_id: str, label: str, admin: bool, yes: bool) -> None:
     """Create a token and print it ONCE (only its sha256 is stored).
 
     The token goes to stdout alone; the notes go to stderr, so
     `TOKEN=$(crm-approvals token create --user U1)` captures just the token.
+    A user id no connection's user directory knows (a typo?) asks for confirmation first.
     """
     if not user_id.strip():
         raise click.BadParameter("must not be empty", param_hint="--user")
+    if not yes:
+        _confirm_known_user(ctx, user_id.strip())
     with command_session(ctx) as session:
         info, secret = create_token(session, user_id, label, admin)
     role = "admin" if info.is_admin else "user"
@@ -63,6 +67,41 @@ def token_revoke(ctx: Context, token_id: int) -> None:
     if info is None:
         raise click.ClickException(f"no token with ID {token_id}; see `crm-approvals token list`")
     click.echo(f"token {info.id} ({info.user_id}) revoked at {_when(info.revoked_at)}")
+
+
+def _confirm_known_user(ctx: Context, user_id: str) -> None:
+    """Ask before issuing a token for an id that no connection's directory knows."""
+    from connector.directory import Directory
+    from connector.runtime import Runtime
+
+    runtime = Runtime.from_settings(ctx.settings)
+    checked: list[str] = []
+    try:
+        directory = Directory.from_runtime(runtime)
+        for connection in ctx.settings.connections:
+            try:
+                directory.ensure_loaded(connection)
+                known = directory.known_ids(connection)
+            except Exception as exc:  # no tables, no credentials: this connection cannot tell
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                click.echo(
+                    f"note: cannot check {user_id!r} against the {connection} directory: {reason}", err=True
+                )
+                continue
+            if known is None:
+                continue
+            if user_id in known:
+                return
+            checked.append(connection)
+    finally:
+        runtime.close()
+    if checked:
+        click.confirm(
+            f"{user_id!r} is not a user in the directory of {', '.join(checked)} "
+            "(see `crm-approvals directory list`). Create a token for it anyway?",
+            abort=True,
+            err=True,
+        )
 
 
 def _row(info: TokenInfo) -> str:

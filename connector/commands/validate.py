@@ -19,24 +19,82 @@ from pathlib import Path
 
 import click
 
-from connector.approvals.spec import FieldSpec
-from connector.rules.errors import MappingError, did_you_mean
+from connector.approvals.spec import ApproverSource, FieldSpec, UserApprovers, ValueMapApprovers
+from connector.rules.errors import KeyPath, MappingError, did_you_mean, format_path
 from connector.rules.loader import LoadedMapping, load_mappings_detailed, mapping_files
 
 DescribeFn = Callable[[str, str], set[str] | None]  # None = this connection cannot be checked
 DescribeFactory = Callable[[click.Context], DescribeFn | None]
+# connection -> every user id its directory knows; None = no directory to check against
+KnownPeopleFn = Callable[[str], set[str] | None]
+PeopleFactory = Callable[[click.Context, bool], KnownPeopleFn | None]
 DEFAULT_PATH = "mappings/"
 
 
 def validate_paths(paths: Iterable[str | Path], describe: DescribeFn | None = None) -> list[MappingError]:
     """Every problem in the given files/directories (empty list = all valid)."""
+    return validate_with_warnings(paths, describe)[0]
+
+
+def validate_with_warnings(
+    paths: Iterable[str | Path], describe: DescribeFn | None = None, people: KnownPeopleFn | None = None
+) -> tuple[list[MappingError], list[MappingError]]:
+    """(problems, warnings): warnings name approver ids the user directory does not know."""
     files, errors = _collect_files(paths)
     loaded, load_errors = load_mappings_detailed(files)
     errors.extend(load_errors)
-    if describe is not None:
-        for item in loaded:
+    warnings: list[MappingError] = []
+    for item in loaded:
+        if describe is not None:
             errors.extend(check_api_fields(item, describe))
-    return errors
+        if people is not None:
+            warnings.extend(check_approver_ids(item, people))
+    return errors, warnings
+
+
+def check_approver_ids(item: LoadedMapping, people: KnownPeopleFn) -> list[MappingError]:
+    """A warning for each fixed approver id (users, roles, groups, value maps) that the
+    connection's user directory does not know: a typo, or someone who left."""
+    spec = item.spec
+    known = people(spec.connection)
+    if known is None:
+        return []
+    warnings = []
+    for user, path in _approver_ids(item):
+        if user in known:
+            continue
+        message = f"warning: user id `{user}` is not in the user directory of connection `{spec.connection}`"
+        hint = did_you_mean(user, known) or "check the id in the CRM (`crm-approvals directory list`)"
+        line = item.lines.get(path) or item.lines.get(path[:2], 1)
+        warnings.append(MappingError(spec.source_path, line, format_path(path), message, hint))
+    return warnings
+
+
+def _approver_ids(item: LoadedMapping) -> list[tuple[str, KeyPath]]:
+    spec = item.spec
+    found: list[tuple[str, KeyPath]] = []
+    for name, members in spec.roles.items():
+        section = "roles" if ("roles", name) in item.lines else "groups"
+        found += [(user, (section, name, i)) for i, user in enumerate(members)]
+    for r, rule in enumerate(spec.rules):
+        for s_, step in enumerate(rule.steps):
+            for a, source in enumerate(step.approvers):
+                found += _source_ids(source, ("rules", r, "steps", s_, "approvers", a))
+    return found
+
+
+def _source_ids(source: ApproverSource, path: KeyPath) -> list[tuple[str, KeyPath]]:
+    if isinstance(source, UserApprovers):
+        return [(user, (*path, "user")) for user in source.users]
+    if isinstance(source, ValueMapApprovers):
+        found: list[tuple[str, KeyPath]] = []
+        for value, sources in source.mapping.items():
+            for i, inner in enumerate(sources):
+                found += _source_ids(inner, (*path, "map", value, i))
+        for i, inner in enumerate(source.default):
+            found += _source_ids(inner, (*path, "default", i))
+        return found
+    return []  # roles are checked where they are defined; fields hold ids only at run time
 
 
 def _collect_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[MappingError]]:
@@ -103,8 +161,11 @@ def _relationship_candidates(relation: str) -> list[str]:
     return candidates
 
 
-def make_validate_command(describe_factory: DescribeFactory | None = None) -> click.Command:
-    """The `validate` command; ``describe_factory(ctx)`` may return a describe hook (or None)."""
+def make_validate_command(
+    describe_factory: DescribeFactory | None = None, people_factory: PeopleFactory | None = None
+) -> click.Command:
+    """The `validate` command; ``describe_factory(ctx)`` may return a describe hook (or None),
+    ``people_factory(ctx, may_call_crm)`` a directory lookup for approver ids (or None)."""
 
     @click.command("validate")
     @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
@@ -115,12 +176,17 @@ def make_validate_command(describe_factory: DescribeFactory | None = None) -> cl
 
         PATH may be a file or a directory (searched recursively for *.yaml and *.yml).
         Where a file's connection has credentials configured, its mapped API field names
-        are also checked against the CRM's own field list (describe).
-        Exits with status 1 when any problem is found, so admins can run it in CI.
+        are also checked against the CRM's own field list (describe), and approver ids
+        against the user directory: an id it does not know is a warning.
+        Exits with status 1 when any problem is found (warnings alone do not fail), so
+        admins can run it in CI.
         """
         describe = describe_factory(ctx) if describe_factory is not None and not no_crm else None
+        people = people_factory(ctx, not no_crm) if people_factory is not None else None
         targets = paths or (Path(DEFAULT_PATH),)
-        errors = validate_paths(targets, describe)
+        errors, warnings = validate_with_warnings(targets, describe, people)
+        for warning in warnings:
+            click.echo(str(warning))
         for error in errors:
             click.echo(str(error))
         if errors:
@@ -158,7 +224,39 @@ def crm_describe(ctx: click.Context) -> DescribeFn | None:
     return describe
 
 
-validate = make_validate_command(crm_describe)
+def directory_ids(ctx: click.Context, may_call_crm: bool) -> KnownPeopleFn | None:
+    """Approver ids known to the user directory; a connection never read is read from the CRM
+    first (unless --no-crm). Without a database or credentials there is nothing to check."""
+    from connector.cli import Context
+    from connector.directory import Directory
+    from connector.runtime import Runtime
+
+    found = ctx.find_object(Context)
+    if found is None:
+        return None
+    settings = found.settings
+    runtime = Runtime.from_settings(settings)
+    ctx.call_on_close(runtime.close)
+    directory = Directory.from_runtime(runtime)
+
+    def known(connection: str) -> set[str] | None:
+        if connection not in settings.connections:
+            return None
+        try:
+            if may_call_crm:
+                directory.ensure_loaded(connection)
+            return directory.known_ids(connection)
+        except Exception as exc:  # no tables yet, no credentials: the files are still checked
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            click.echo(
+                f"note: approver ids of {connection} not checked against the directory: {reason}", err=True
+            )
+            return None
+
+    return known
+
+
+validate = make_validate_command(crm_describe, directory_ids)
 
 # Picked up by connector.cli (each command module exposes COMMANDS).
 COMMANDS = [validate]

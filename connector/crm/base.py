@@ -53,6 +53,19 @@ class ApiUsage:
 
 
 @dataclass(frozen=True)
+class CRMUser:
+    """One person of the CRM's user list (connector.directory caches these)."""
+
+    id: str  # the id records and mapping files use for this person (Salesforce 18-char, HubSpot owner id)
+    name: str
+    email: str | None = None
+    locale: str | None = None  # as the CRM spells it: en_US, zh_CN, pl, pl-PL
+    manager_id: str | None = None
+    active: bool = True
+    other_ids: tuple[str, ...] = ()  # other ids the CRM uses for the same person (HubSpot userId)
+
+
+@dataclass(frozen=True)
 class FieldInfo:
     name: str  # API name
     label: str
@@ -120,6 +133,10 @@ class CRMAdapter(ABC):
     @abstractmethod
     def describe(self, object_type: str) -> list[FieldInfo]:
         """The object's fields, to validate mapping files against."""
+
+    @abstractmethod
+    def _users_page(self, cursor: Any) -> tuple[list[CRMUser], Any]:
+        """One page of the CRM's users; returns (users, next cursor or None)."""
 
     def is_own_change(self, event: RecordChangeEvent) -> bool | None:
         """Whether the CRM marks this change as made by our own write-back (e.g. Salesforce
@@ -189,6 +206,15 @@ class CRMAdapter(ABC):
             if next_cursor is None:
                 return
             cursor = next_cursor
+
+    def list_users(self) -> Iterator[CRMUser]:
+        """Every user of the CRM, active or not where the CRM lists both, page by page."""
+        cursor: Any = None
+        while True:
+            page, cursor = self._call(lambda c=cursor: self._users_page(c))
+            yield from page
+            if cursor is None:
+                return
 
     @property
     def read_batch_limit(self) -> int:

@@ -23,7 +23,7 @@ import requests
 
 from connector.config import ConfigError, ConnectionConfig
 from connector.crm.auth import OAuthTokens, TokenAnswer, TokenEndpoint, TokenRefused, mask
-from connector.crm.base import CRMAdapter, FieldInfo, RecordUpdate, UpdateResult, chunked
+from connector.crm.base import CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
 from connector.crm.errors import (
     AuthError,
     AuthExpiredError,
@@ -371,6 +371,7 @@ class Bitrix24Adapter(CRMAdapter):
         webhook_user = self.auth.user_id if isinstance(self.auth, WebhookAuth) else None
         # The Bitrix user our writes run as: the webhook's owner, or set for OAuth apps.
         self.api_user_id: str | None = (connection.get("API_USER_ID") or "").strip() or webhook_user
+        self._departments: dict[str, tuple[str | None, str | None]] = {}
 
     # --- reads ---------------------------------------------------------------------
 
@@ -453,6 +454,29 @@ class Bitrix24Adapter(CRMAdapter):
         body = self._call(lambda: self._call_method(target.method("fields"), target.params()))
         specs = target.field_specs(body.get("result"))
         return [field_info(target, name, spec) for name, spec in specs.items() if isinstance(spec, dict)]
+
+    def _users_page(self, cursor: Any) -> tuple[list[CRMUser], Any]:
+        """user.get, 50 a page with `start`. Bitrix24 has no manager field: a user's manager is
+        the head (UF_HEAD) of their first department, or of the nearest parent department
+        when they head it themselves (department.get, read with the first page)."""
+        if cursor is None:
+            self._departments = self._all_departments()
+        body = self._call_method("user.get", {"sort": "ID", "order": "ASC", "start": cursor or 0})
+        rows = [row for row in body.get("result") or [] if isinstance(row, dict) and row.get("ID")]
+        users = [bitrix_user(row, self._departments) for row in rows]
+        return users, body.get("next")
+
+    def _all_departments(self) -> dict[str, tuple[str | None, str | None]]:
+        """Department id -> (head user id, parent department id)."""
+        departments: dict[str, tuple[str | None, str | None]] = {}
+        start: Any = 0
+        while start is not None:
+            body = self._call_method("department.get", {"sort": "ID", "order": "ASC", "start": start})
+            for row in body.get("result") or []:
+                if isinstance(row, dict) and row.get("ID"):
+                    departments[str(row["ID"])] = (link_id(row.get("UF_HEAD")), link_id(row.get("PARENT")))
+            start = body.get("next")
+        return departments
 
     # --- writes --------------------------------------------------------------------
 
@@ -617,6 +641,37 @@ def field_info(target: BitrixObject, name: str, spec: Mapping[str, Any]) -> Fiel
         relationship_name=name if is_lookup else None,  # dotted reads use the lookup field itself
         extra={key: spec[key] for key in extra_keys if key in spec},
     )
+
+
+def bitrix_user(row: Mapping[str, Any], departments: Mapping[str, tuple[str | None, str | None]]) -> CRMUser:
+    """A user.get row -> CRMUser. Bitrix24 users carry no language: the locale stays unknown."""
+    user_id = str(row["ID"])
+    name = " ".join(str(row.get(k) or "").strip() for k in ("NAME", "LAST_NAME")).strip()
+    active = row.get("ACTIVE", True)
+    return CRMUser(
+        id=user_id,
+        name=name or str(row.get("EMAIL") or user_id),
+        email=row.get("EMAIL") or None,
+        manager_id=department_head(user_id, row.get("UF_DEPARTMENT") or [], departments),
+        active=active is True or str(active).upper() in ("Y", "TRUE", "1"),
+    )
+
+
+def department_head(
+    user_id: str, department_ids: Iterable[Any], departments: Mapping[str, tuple[str | None, str | None]]
+) -> str | None:
+    """The head of the user's first department, walking up past departments the user heads."""
+    for first in department_ids:
+        current: str | None = str(first)
+        seen: set[str] = set()
+        while current is not None and current in departments and current not in seen:
+            seen.add(current)
+            head, parent = departments[current]
+            if head is not None and head != user_id:
+                return head
+            current = parent
+        return None
+    return None
 
 
 def own_change_verdict(

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
 from connector.config import ConfigError, ConnectionConfig, Settings
 from connector.crm.auth import OAuthTokens, TokenAnswer, TokenEndpoint, TokenRefused
-from connector.crm.base import CRMAdapter, FieldInfo, RecordUpdate, UpdateResult, chunked
+from connector.crm.base import CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
 from connector.crm.errors import CRMError, FatalError, RateLimitedError, parse_retry_after
 from connector.crm.http import raise_for_status, send
 from connector.crm.retry import RetryPolicy
@@ -32,6 +33,7 @@ API_BASE = "https://api.hubapi.com"
 TOKEN_PATH = "/oauth/v1/token"
 BATCH_LIMIT = 100  # batch read/update inputs per call
 SEARCH_PAGE_SIZE = 100  # the search API allows up to 200
+OWNERS_PAGE_SIZE = 100  # GET /crm/v3/owners takes limit up to 100
 OK_OR_MULTI_STATUS = (200, 207)
 # Error categories of a per-record failure that may succeed on a later attempt.
 RETRIABLE_CATEGORIES = frozenset({"RATE_LIMITS", "INTERNAL_ERROR", "TIMEOUT"})
@@ -183,6 +185,20 @@ class HubSpotAdapter(CRMAdapter):
         page = [{"id": record_id, **values} for record_id, values in records.items()]
         next_cursor = ((answer.get("paging") or {}).get("next") or {}).get("after")
         return page, next_cursor
+
+    def _users_page(self, cursor: Any) -> tuple[list[CRMUser], Any]:
+        """Owners (the ids records carry in hubspot_owner_id): the active ones, then the archived
+        ones, each paged with `after`. The cursor is (archived, after)."""
+        archived, after = cursor or (False, None)
+        query = f"limit={OWNERS_PAGE_SIZE}&archived={'true' if archived else 'false'}"
+        if after:
+            query += f"&after={quote(str(after), safe='')}"
+        answer = self._request("GET", f"/crm/v3/owners?{query}")
+        users = [owner_user(owner, active=not archived) for owner in answer.get("results", [])]
+        next_after = ((answer.get("paging") or {}).get("next") or {}).get("after")
+        if next_after:
+            return users, (archived, next_after)
+        return users, (None if archived else (True, None))
 
     def describe(self, object_type: str) -> list[FieldInfo]:
         """The object's properties, plus one entry per associable object type so that a related
@@ -361,6 +377,20 @@ def primary_target(targets: Iterable[Mapping[str, Any]]) -> str | None:
         if "primary" in labels:
             return str(target["toObjectId"])
     return str(targets[0]["toObjectId"]) if targets else None
+
+
+def owner_user(owner: Mapping[str, Any], *, active: bool) -> CRMUser:
+    """An owner of GET /crm/v3/owners -> CRMUser. Owners carry no locale and no manager; the
+    user id (`userId`, what hs_updated_by_user_id holds) is kept as another id of the person."""
+    name = " ".join(str(owner.get(k) or "").strip() for k in ("firstName", "lastName")).strip()
+    user_ids = {owner.get("userId"), owner.get("userIdIncludingInactive")} - {None, ""}
+    return CRMUser(
+        id=str(owner["id"]),
+        name=name or str(owner.get("email") or owner["id"]),
+        email=owner.get("email") or None,
+        active=active and not owner.get("archived", False),
+        other_ids=tuple(sorted(str(u) for u in user_ids)),
+    )
 
 
 def field_info(prop: Mapping[str, Any]) -> FieldInfo:

@@ -29,7 +29,7 @@ from simple_salesforce import Salesforce, SalesforceLogin, format_soql
 from simple_salesforce.exceptions import SalesforceAuthenticationFailed, SalesforceError
 
 from connector.config import ConfigError, ConnectionConfig
-from connector.crm.base import ApiUsage, CRMAdapter, FieldInfo, RecordUpdate, UpdateResult
+from connector.crm.base import ApiUsage, CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult
 from connector.crm.errors import (
     AuthError,
     AuthExpiredError,
@@ -140,6 +140,21 @@ class SalesforceAdapter(CRMAdapter):
                 page = self._client().query_more(cursor, identifier_is_url=True, timeout=self.timeout)
         records = [pick(flatten(record), ["Id", *fields]) for record in page.get("records", [])]
         return records, (None if page.get("done", True) else page.get("nextRecordsUrl"))
+
+    def _users_page(self, cursor: Any) -> tuple[list[CRMUser], Any]:
+        """Standard (licensed) users; portal and guest users cannot approve anything here."""
+        with self._translated():
+            if cursor is None:
+                soql = format_soql(
+                    "SELECT Id, Name, Email, LanguageLocaleKey, ManagerId, IsActive FROM User "
+                    "WHERE UserType = {} ORDER BY Id",
+                    "Standard",
+                )
+                page = self._client().query(soql, timeout=self.timeout)
+            else:
+                page = self._client().query_more(cursor, identifier_is_url=True, timeout=self.timeout)
+        users = [user_of(record) for record in page.get("records", [])]
+        return users, (None if page.get("done", True) else page.get("nextRecordsUrl"))
 
     def _query_all(self, soql: str) -> Iterator[Mapping[str, Any]]:
         with self._translated():
@@ -473,6 +488,18 @@ def pick(flat: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
     behind a null relationship is None."""
     by_lower = {key.lower(): value for key, value in flat.items()}
     return {name: by_lower.get(name.lower()) for name in fields}
+
+
+def user_of(record: Mapping[str, Any]) -> CRMUser:
+    """A User row of SOQL (Id, Name, Email, LanguageLocaleKey, ManagerId, IsActive) -> CRMUser."""
+    return CRMUser(
+        id=str(record["Id"]),
+        name=str(record.get("Name") or record["Id"]),
+        email=record.get("Email") or None,
+        locale=record.get("LanguageLocaleKey") or None,
+        manager_id=record.get("ManagerId") or None,
+        active=bool(record.get("IsActive", True)),
+    )
 
 
 def record_body(object_type: str, update: RecordUpdate) -> dict[str, Any]:

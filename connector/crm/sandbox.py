@@ -16,7 +16,7 @@ from urllib.parse import quote
 import requests
 
 from connector.config import ConnectionConfig, Settings
-from connector.crm.base import CRMAdapter, FieldInfo, RecordUpdate, UpdateResult
+from connector.crm.base import CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult
 from connector.crm.errors import FatalError
 from connector.crm.http import json_error_reader, raise_for_status, send
 from connector.crm.retry import RetryPolicy
@@ -108,6 +108,23 @@ class SandboxAdapter(CRMAdapter):
             params["cursor"] = cursor
         body = self._request("GET", self._objects(object_type), params=params)
         return [{"id": r["id"], **r["fields"]} for r in body["records"]], body.get("next_cursor")
+
+    def _users_page(self, cursor: Any) -> tuple[list[CRMUser], Any]:
+        """The sandbox's `user` object, read with the same paged query as any object."""
+        fields = ["name", "email", "locale", "manager_id", "active"]
+        rows, next_cursor = self._query_page("user", fields, {}, cursor)
+        users = [
+            CRMUser(
+                id=str(row["id"]),
+                name=row.get("name") or str(row["id"]),
+                email=row.get("email") or None,
+                locale=row.get("locale") or None,
+                manager_id=row.get("manager_id") or None,
+                active=row.get("active") is not False,
+            )
+            for row in rows
+        ]
+        return users, next_cursor
 
     def describe(self, object_type: str) -> list[FieldInfo]:
         body = self._call(lambda: self._request("GET", f"{self._objects(object_type)}/describe"))

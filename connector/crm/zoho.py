@@ -20,7 +20,7 @@ import requests
 
 from connector.config import ConfigError, ConnectionConfig, Settings
 from connector.crm.auth import OAuthTokens, TokenAnswer, TokenEndpoint, TokenRefused
-from connector.crm.base import CRMAdapter, FieldInfo, RecordUpdate, UpdateResult, chunked
+from connector.crm.base import CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
 from connector.crm.errors import AuthError, FatalError, RateLimitedError, RetriableError
 from connector.crm.http import json_error_reader, raise_for_status, send
 from connector.crm.retry import RetryPolicy
@@ -44,6 +44,7 @@ RETRIABLE_RECORD_CODES = frozenset({"RECORD_LOCKED"})  # "wait until the record 
 EMBEDDED_LOOKUP_KEYS = frozenset({"id", "name", "email"})  # carried inside a lookup value itself
 API_NAME = re.compile(r"^[A-Za-z0-9_$]+$")
 SEARCH_PAGE_SIZE = 200
+USERS_PAGE_SIZE = 200  # GET /crm/{version}/users: per_page up to 200
 MAX_SEARCH_CRITERIA = 10
 DEFAULT_TOKEN_LIFETIME = 3600.0  # seconds, when Zoho Accounts leaves out expires_in
 NOTIFY_TOKEN_MAX_LENGTH = 50  # "The maximum character length is 50" (notifications/enable)
@@ -300,6 +301,16 @@ class ZohoAdapter(CRMAdapter):
         token = _info(response).get("next_page_token") if _more_records(response) else None
         return _data(response), token
 
+    def _users_page(self, cursor: Any) -> tuple[list[CRMUser], Any]:
+        """GET /crm/{version}/users?type=AllUsers (active and deactivated), paged with page/per_page."""
+        page = cursor or 1
+        params = {"type": "AllUsers", "page": page, "per_page": USERS_PAGE_SIZE}
+        body = _json_object(self._checked(self._send("GET", "users", params=params)))
+        users = [zoho_user(u) for u in body.get("users") or [] if isinstance(u, dict) and u.get("id")]
+        info = body.get("info")
+        more = isinstance(info, dict) and bool(info.get("more_records"))
+        return users, (page + 1 if more else None)
+
     # --- metadata, loop prevention ----------------------------------------------------
 
     def describe(self, object_type: str) -> list[FieldInfo]:
@@ -476,6 +487,24 @@ def record_result(record_id: str, item: Mapping[str, Any]) -> UpdateResult:
         message=str(item.get("message") or ""),
         fields=(str(api_name),) if api_name else (),
         retriable=code in RETRIABLE_RECORD_CODES,
+    )
+
+
+def zoho_user(user: Mapping[str, Any]) -> CRMUser:
+    """A user of the Users API -> CRMUser; `Reporting_To` ({"name", "id"} or null) is the manager."""
+    raw = user.get("Reporting_To")
+    reporting_to: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+    name = (
+        user.get("full_name")
+        or " ".join(str(user.get(k) or "").strip() for k in ("first_name", "last_name")).strip()
+    )
+    return CRMUser(
+        id=str(user["id"]),
+        name=str(name or user.get("email") or user["id"]),
+        email=user.get("email") or None,
+        locale=user.get("locale") or user.get("language") or None,
+        manager_id=str(reporting_to["id"]) if reporting_to.get("id") else None,
+        active=str(user.get("status") or "active").lower() == "active",
     )
 
 

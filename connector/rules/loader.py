@@ -31,6 +31,7 @@ import yaml
 
 from connector.approvals.modes import SettingsProblem, StepSettings, policy_for
 from connector.approvals.spec import (
+    ACTION_EVENTS,
     ActionSpec,
     ApproverSource,
     Criterion,
@@ -376,6 +377,7 @@ class _SpecBuilder:
             self.errors.add(path + ("on_reject",), "the first step has no previous step to go back to", hint)
         if None in approvers or (step.when is not None and when is None):
             return None
+        label = step.label.strip() if step.label and step.label.strip() else None
         return StepSpec(
             step.name,
             step.mode,
@@ -384,6 +386,7 @@ class _SpecBuilder:
             settings.quorum_percent,
             when,
             step.on_reject,
+            label,
         )
 
     def _approver(self, approver: ApproverModel, path: KeyPath) -> ApproverSource | None:
@@ -450,7 +453,7 @@ class _SpecBuilder:
 
     def _actions(self, rule: RuleModel, path: KeyPath) -> dict[str, ActionSpec]:
         actions: dict[str, ActionSpec] = {}
-        for event in ("submit", "approve", "reject", "recall", "expire"):
+        for event in ACTION_EVENTS:
             action = getattr(rule.on, event)
             if action is not None:
                 values = {

@@ -106,6 +106,7 @@ ApproverList = Annotated[list[ApproverModel], BeforeValidator(_as_list), Field(m
 
 class StepModel(_Model):
     name: Name
+    label: str | None = None  # what people read: "Finance" for the step `finance`
     description: str | None = None
     mode: StepMode  # every value has a policy in connector.approvals.modes.STEP_MODES
     approvers: list[ApproverModel] = Field(min_length=1)
@@ -120,6 +121,7 @@ class ActionModel(_Model):
 
 class OnModel(_Model):
     submit: ActionModel | None = None
+    step: ActionModel | None = None
     approve: ActionModel | None = None
     reject: ActionModel | None = None
     recall: ActionModel | None = None

@@ -66,8 +66,13 @@ TEMPLATE_VARIABLES: dict[str, frozenset[str] | None] = {
         }
     ),
     "rule": frozenset({"name", "steps", "expires_after"}),
+    # where the request waits (connector.approvals.actions documents each one)
+    "progress": frozenset(
+        {"step", "step_number", "step_count", "since", "waiting_for", "waiting_for_ids"}
+        | {"last_comment", "url"}
+    ),
 }
-_VIEW_VARIABLES = ("record", "request", "rule")
+_VIEW_VARIABLES = ("record", "request", "rule", "progress")
 
 
 class TemplateCompileError(FatalError):

@@ -8,14 +8,21 @@ from typing import Any
 
 from connector.sandbox.store import Store
 
+# Locales show the notification languages: English, Polish and Simplified Chinese.
 USERS: list[dict[str, Any]] = [
-    {"id": "u-rep-anna", "name": "Anna Kowalski", "role": "Sales representative"},
-    {"id": "u-rep-felix", "name": "Felix Moreau", "role": "Sales representative"},
-    {"id": "u-mgr-boris", "name": "Boris Novak", "role": "Sales manager"},
-    {"id": "u-gm-carla", "name": "Carla Rossi", "role": "General manager"},
-    {"id": "u-fin-dmitri", "name": "Dmitri Volkov", "role": "Finance controller"},
-    {"id": "u-legal-eva", "name": "Eva Lindqvist", "role": "Legal counsel"},
-]
+    {"id": "u-rep-anna", "name": "Anna Kowalski", "role": "Sales representative",
+     "email": "anna.kowalski@sandbox.example", "locale": "pl_PL", "manager_id": "u-mgr-boris"},
+    {"id": "u-rep-felix", "name": "Felix Moreau", "role": "Sales representative",
+     "email": "felix.moreau@sandbox.example", "locale": "en_GB", "manager_id": "u-mgr-boris"},
+    {"id": "u-mgr-boris", "name": "Boris Novak", "role": "Sales manager",
+     "email": "boris.novak@sandbox.example", "locale": "en_US", "manager_id": "u-gm-carla"},
+    {"id": "u-gm-carla", "name": "Carla Rossi", "role": "General manager",
+     "email": "carla.rossi@sandbox.example", "locale": "zh_CN", "manager_id": None},
+    {"id": "u-fin-dmitri", "name": "Dmitri Volkov", "role": "Finance controller",
+     "email": "dmitri.volkov@sandbox.example", "locale": "en_US", "manager_id": "u-gm-carla"},
+    {"id": "u-legal-eva", "name": "Eva Lindqvist", "role": "Legal counsel",
+     "email": "eva.lindqvist@sandbox.example", "locale": "pl_PL", "manager_id": "u-gm-carla"},
+]  # fmt: skip
 
 COMPANIES: list[dict[str, Any]] = [
     {"id": "C-100", "name": "Northwind Traders GmbH", "credit_score": 82},
@@ -59,6 +66,7 @@ def deals(today: date) -> list[dict[str, Any]]:
             "approval_status": "Approved" if stage == "Closed Won" else "Not submitted",
             "approval_expires_on": None,
             "approval_comment": None,
+            "approval_progress": None,
         }
         for deal_id, name, amount, currency, stage, owner, company, lines, term, days in _DEALS
     ]
@@ -68,7 +76,7 @@ def seed(store: Store, today: date | None = None) -> None:
     """Fill an empty store (no webhooks are sent for seed data)."""
     today = today or store.clock().date()
     for user in USERS:
-        store.insert("user", user)
+        store.insert("user", {**user, "active": True})
     for company in COMPANIES:
         store.insert("company", company)
     for deal in deals(today):
@@ -80,6 +88,8 @@ def ensure_seeded(store: Store, *, reset: bool = False) -> bool:
     if reset:
         store.reset()
     if not store.is_empty():
+        for user in USERS:  # a store seeded by an older version lacks e-mail, locale and manager
+            store.fill_blanks("user", user["id"], {**user, "active": True})
         return False
     seed(store)
     return True

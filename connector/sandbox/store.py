@@ -100,6 +100,7 @@ DEAL = ObjectSpec(
         FieldSpec("approval_status", "Approval status", "string"),
         FieldSpec("approval_expires_on", "Approval expires on", "date"),
         FieldSpec("approval_comment", "Approval comment", "text"),
+        FieldSpec("approval_progress", "Approval progress", "text"),
         FieldSpec("modified_at", "Last modified", "datetime", updateable=False),
         FieldSpec("company.name", "Company name", "string", updateable=False, through=("company_id", "name")),
         FieldSpec(
@@ -130,12 +131,23 @@ USER = ObjectSpec(
         FieldSpec("id", "User ID", "string", updateable=False),
         FieldSpec("name", "Name", "string", updateable=False),
         FieldSpec("role", "Role", "string", updateable=False),
+        FieldSpec("email", "Email", "string", updateable=False),
+        FieldSpec("locale", "Language", "string", updateable=False),
+        FieldSpec(
+            "manager_id",
+            "Manager",
+            "reference",
+            updateable=False,
+            reference_to="user",
+            relationship_name="manager",
+        ),
+        FieldSpec("active", "Active", "boolean", updateable=False),
         FieldSpec("modified_at", "Last modified", "datetime", updateable=False),
     ),
 )
 OBJECTS: dict[str, ObjectSpec] = {spec.name: spec for spec in (DEAL, COMPANY, USER)}
 
-_SQL_TYPES = {"number": "REAL", "integer": "INTEGER"}
+_SQL_TYPES = {"number": "REAL", "integer": "INTEGER", "boolean": "INTEGER"}
 _OUTGOING_SQL = """
 CREATE TABLE IF NOT EXISTS outgoing_webhooks (
     id INTEGER PRIMARY KEY,
@@ -237,6 +249,7 @@ class Store:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_schema_sql())
+        self._add_new_columns()
 
     def close(self) -> None:
         with self._lock:
@@ -262,6 +275,28 @@ class Store:
             yield self._db
 
     # --- set-up -------------------------------------------------------------------------
+
+    def _add_new_columns(self) -> None:
+        """A store made by an older version lacks fields added since (e.g. user.email): add them."""
+        with self.transaction() as db:
+            for spec in OBJECTS.values():
+                have = {row["name"] for row in db.execute(f"PRAGMA table_info({spec.table})")}
+                for f in spec.columns:
+                    if f.name not in have:
+                        db.execute(
+                            f'ALTER TABLE {spec.table} ADD COLUMN "{f.name}" {_SQL_TYPES.get(f.type, "TEXT")}'
+                        )
+
+    def fill_blanks(self, object_type: str, record_id: str, values: Mapping[str, Any]) -> None:
+        """Set the given fields where the record has none yet (seed data added in a later version)."""
+        spec = spec_of(object_type)
+        with self.transaction() as db:
+            for f in spec.columns:
+                if f.name in values and f.name != "id":
+                    db.execute(
+                        f'UPDATE {spec.table} SET "{f.name}" = ? WHERE id = ? AND "{f.name}" IS NULL',
+                        (_to_column(f, values[f.name]), record_id),
+                    )
 
     def is_empty(self) -> bool:
         with self.reading() as db:
@@ -701,6 +736,8 @@ def _decode(spec: ObjectSpec, row: sqlite3.Row) -> dict[str, Any]:
         value = row[f.name]
         if f.type == "multipicklist":
             value = json.loads(value) if value else []
+        elif f.type == "boolean" and value is not None:
+            value = bool(value)
         elif f.type == "number" and isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)
         record[f.name] = value

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -78,10 +78,37 @@ class RuleGoneError(ConflictError):
     code = "rule_gone"
 
 
+class PeopleLookup(Protocol):
+    """Names for ids (connector.directory.Directory), read in the caller's transaction."""
+
+    def display_name(self, connection: str, user_id: str, *, session: Session | None = None) -> str: ...
+
+    def canonical_id(self, connection: str, user_id: str, *, session: Session | None = None) -> str: ...
+
+
+class OutcomeListener(Protocol):
+    """Told of every committed change, in its transaction (connector.notify queues messages)."""
+
+    def on_outcome(
+        self,
+        session: Session,
+        *,
+        connection: str,
+        outcome: Outcome,
+        roles: Mapping[str, tuple[str, ...]],
+        step_labels: Mapping[int, str],
+        step_count: int,
+    ) -> int: ...
+
+
 @dataclass
 class ApprovalService:
     mappings: MappingSet
     clock: Callable[[], datetime] = utcnow
+    # issue 10: names in write-back templates, who submitted, and notifications
+    people: PeopleLookup | None = None
+    notifications: OutcomeListener | None = None
+    public_base_url: str = ""
 
     # --- record changes (called by the worker, inside the event's transaction) -------
 
@@ -130,18 +157,20 @@ class ApprovalService:
             outcome = on_record_change(active.request, rule, spec.roles, ctx, now)
             if outcome is None:
                 return f"already pending as {active.request.id}"
-            self._commit(session, active, spec, outcome, active.request.version, self._render(outcome, rule))
+            actions = self._render(outcome, rule, record, session)
+            self._commit(session, active, spec, rule, outcome, active.request.version, actions)
             return f"restarted {active.request.id}"
         latest = store.find_latest(session, record, rule.name)
         approved = latest is not None and _still_approved(latest, now)
         if latest is not None and approved and not restart_fields(latest.request, rule, ctx):
             until = latest.request.expires_at or "no expiry"
             return f"already approved by {latest.request.id} until {until}"
-        outcome = open_request(
-            rule, spec.roles, ctx, record_ref=record.ref, submitter=_submitter(ctx), now=now
-        )
+        submitter = _submitter(ctx)
+        if self.people is not None:  # e.g. HubSpot's hs_updated_by_user_id is a user id, not an owner id
+            submitter = self.people.canonical_id(record.connection, submitter, session=session)
+        outcome = open_request(rule, spec.roles, ctx, record_ref=record.ref, submitter=submitter, now=now)
         stored = StoredRequest(outcome.request, record, spec.source_path, spec.content_hash)
-        self._commit(session, stored, spec, outcome, None, self._render(outcome, rule))
+        self._commit(session, stored, spec, rule, outcome, None, self._render(outcome, rule, record, session))
         if latest is not None and approved:
             store.supersede(session, latest.request.id, outcome.request.id)
         return f"opened {outcome.request.id} ({outcome.request.status})"
@@ -242,24 +271,36 @@ class ApprovalService:
             outcome = decide(stored.request, spec, rule)
             if outcome is None:
                 return None
-            actions = self._render(outcome, rule)
+            actions = self._render(outcome, rule, stored.record)
             try:
                 with transaction(sessions) as session:
-                    return self._commit(session, stored, spec, outcome, stored.request.version, actions)
+                    return self._commit(session, stored, spec, rule, outcome, stored.request.version, actions)
             except StaleRequestError:
                 if attempt == SAVE_ATTEMPTS:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _render(self, outcome: Outcome, rule: RuleSpec) -> list[RenderedAction]:
+    def _render(
+        self, outcome: Outcome, rule: RuleSpec, record: RecordKey, session: Session | None = None
+    ) -> list[RenderedAction]:
+        """The outcome's actions, rendered; `session` is the caller's open one, if any (names of
+        approvers are read through it), else the directory reads with its own."""
         now = self.clock()
-        return render_outcome_actions(outcome, rule, now.date(), now)
+        people = self.people
+        names = (
+            (lambda user: people.display_name(record.connection, user, session=session))
+            if people is not None
+            else None
+        )
+        url = f"{self.public_base_url}/app/requests/{outcome.request.id}" if self.public_base_url else None
+        return render_outcome_actions(outcome, rule, now.date(), now, names=names, request_url=url)
 
     def _commit(
         self,
         session: Session,
         stored: StoredRequest,
         spec: MappingSpec,
+        rule: RuleSpec,
         outcome: Outcome,
         seen_version: int | None,
         actions: list[RenderedAction],
@@ -314,6 +355,15 @@ class ApprovalService:
                 request_id=outcome.request.id,
                 event=action.event,
                 fields=fields,
+            )
+        if self.notifications is not None:
+            self.notifications.on_outcome(
+                session,
+                connection=record.connection,
+                outcome=outcome,
+                roles=spec.roles,
+                step_labels={i: step.title for i, step in enumerate(rule.steps)},
+                step_count=len(rule.steps),
             )
         return StoredRequest(
             outcome.request, record, stored.mapping_path, stored.mapping_hash, stored.superseded_by

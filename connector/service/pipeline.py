@@ -21,9 +21,11 @@ from sqlalchemy.orm import Session
 
 from connector.approvals.spec import EvalContext, MappingSpec
 from connector.clock import utcnow
+from connector.directory import Directory
 from connector.errors import FatalError
 from connector.events import BACKFILL, RecordChangeEvent
 from connector.logs import log_event
+from connector.notify.queue import NotificationQueue
 from connector.rules import MappingSet
 from connector.runtime import Runtime
 from connector.service.approval_service import ApprovalService
@@ -47,7 +49,12 @@ class Pipeline:
     def __init__(self, runtime: Runtime, mappings: MappingSet) -> None:
         self.runtime = runtime
         self.mappings = mappings
-        self.approvals = ApprovalService(mappings)
+        self.approvals = ApprovalService(
+            mappings,
+            people=Directory.from_runtime(runtime),
+            notifications=NotificationQueue(runtime.settings),
+            public_base_url=runtime.settings.public_base_url,
+        )
 
     def refresh_mappings(self, min_interval: float = 2.0) -> None:
         refresh_mappings(self.mappings, min_interval)

@@ -58,6 +58,9 @@ UPDATE_URL = f"{SANDBOX}/api/v1/objects/deal/batch-update"
 # The seed deals the shipped example rule (mappings/examples/sandbox-deals.yaml) matches:
 # D-1001 amount 185,000; D-1002 credit 64 and 24 months; D-1004 credit 58; D-1006 credit 64.
 MATCHING = ["D-1001", "D-1002", "D-1004", "D-1006"]
+# Opening a request queues two write-backs per record in the sandbox example: the `submit`
+# action (Status = Pending) and the `step` action (where the request waits).
+OPENING_WRITES = 2
 ALL_DEALS = ["D-1001", "D-1002", "D-1003", "D-1004", "D-1005", "D-1006"]
 
 
@@ -177,7 +180,7 @@ def test_backfill_opens_what_the_rules_say_writes_it_back_and_a_rerun_does_nothi
     assert "nothing to do. Add --restart to evaluate every record again." in again.output
     assert setup.requests_by_record() == Counter(MATCHING)
     assert sorted(setup.written_records()) == MATCHING  # no second write-back
-    assert setup.count(OutboxUpdate) == len(MATCHING)
+    assert setup.count(OutboxUpdate) == OPENING_WRITES * len(MATCHING)
 
 
 def test_restart_evaluates_again_and_leaves_records_with_an_active_request_alone(setup: Setup) -> None:
@@ -208,7 +211,7 @@ def test_limit_then_rerun_finishes_without_doing_anything_twice(setup: Setup, sm
     with setup.runtime.sessions() as session:
         outbox = session.scalars(select(OutboxUpdate.record_id)).all()
         keys = session.scalars(select(InboxEvent.dedupe_key)).all()
-    assert Counter(outbox) == Counter(MATCHING)  # no duplicate outbox writes
+    assert Counter(outbox) == Counter(MATCHING * OPENING_WRITES)  # no duplicate outbox writes
     assert len(keys) == len(set(keys)) == len(ALL_DEALS)
 
 

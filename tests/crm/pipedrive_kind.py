@@ -16,7 +16,7 @@ from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from connector.config import ConnectionConfig, Settings
-from connector.crm.base import CRMAdapter, FieldInfo, RecordUpdate, UpdateResult
+from connector.crm.base import CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult
 from connector.crm.http import json_error_reader, raise_for_status, send
 from connector.events import parse_timestamp
 from webhooks.errors import bad_request, unauthorized
@@ -93,6 +93,17 @@ class PipedriveAdapter(CRMAdapter):
         records = self._get(object_type, start=cursor or 0, limit=100) or []
         page = [{name: r.get(name) for name in fields} for r in records]
         return page, (cursor or 0) + len(records) if len(records) == 100 else None
+
+    def _users_page(self, cursor: Any) -> tuple[list[CRMUser], Any]:
+        # GET /v1/users answers every user at once: {"data": [{"id", "name", "email", "locale",
+        # "active_flag"}, ...]}; Pipedrive has no manager field.
+        users = [
+            CRMUser(
+                str(u["id"]), u["name"], u.get("email"), u.get("locale"), None, bool(u.get("active_flag"))
+            )
+            for u in self._get("users") or []
+        ]
+        return users, None
 
     def describe(self, object_type: str) -> list[FieldInfo]:
         fields = self._get(f"{object_type.rstrip('s')}Fields")

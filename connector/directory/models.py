@@ -1,0 +1,51 @@
+"""Tables of the user directory: one row per person per connection, one per connection refresh."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from connector.storage.db import Base, UTCDateTime
+
+
+class DirectoryPerson(Base):
+    """A CRM user as last read from the CRM. People the CRM stops listing stay, inactive, so
+    old requests keep showing their names."""
+
+    __tablename__ = "directory_people"
+
+    connection: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(300))
+    email: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    email_lower: Mapped[str | None] = mapped_column(String(320), nullable=True)  # for find_by_email
+    locale: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    manager_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    active: Mapped[bool] = mapped_column(default=True)
+    refreshed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_directory_email", "email_lower"),)
+
+
+class DirectoryAlias(Base):
+    """Another id the CRM uses for a person (HubSpot: the user id behind an owner id)."""
+
+    __tablename__ = "directory_aliases"
+
+    connection: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(200), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200))
+
+
+class DirectoryRefresh(Base):
+    """When a connection's directory was last read, and what happened."""
+
+    __tablename__ = "directory_refreshes"
+
+    connection: Mapped[str] = mapped_column(String(64), primary_key=True)
+    attempted_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    refreshed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)  # last success
+    people: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
