@@ -38,6 +38,7 @@ from connector.approvals.lifecycle import (
     ApprovalRequest,
     StepState,
     current_step_state,
+    may_see,
     step_votes,
 )
 from connector.service.approval_service import ApprovalService, to_wire
@@ -84,6 +85,7 @@ ERROR_HINTS: dict[str, str] = {
     "chain_error": "fix the approvers of that step in the mapping file, then vote again",
     "action_render_error": "fix the action template in the mapping file, then vote again",
     "invalid_decision": "POST to .../approve or .../reject",
+    "comment_required": 'say why in {"comment": "..."}: the rule sets `reject_comment: required`',
 }
 
 
@@ -339,10 +341,7 @@ def _record_request_ids(session: Session, record: RecordKey) -> list[str]:
 
 
 def visible(stored: StoredRequest, token: TokenInfo) -> bool:
-    request_ = stored.request
-    if token.is_admin or token.user_id == request_.submitter:
-        return True
-    return any(token.user_id in step.approvers for step in request_.steps)
+    return may_see(stored.request, token.user_id, token.is_admin)
 
 
 # --- JSON -----------------------------------------------------------------------------

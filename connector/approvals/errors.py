@@ -10,9 +10,12 @@ ChainError                   422     approvers can't be resolved / quorum is uns
 RuleMismatchError            409     the rule passed in is not the one the request runs
 ActionRenderError            500     a ValueRenderer raised while rendering an action
 InvalidDecisionError         400     decision is not "approve" / "reject"
+  CommentRequiredError       400     a rejection without a comment where the rule requires one
+  InvalidReassignError       400     reassigning to nobody, or to someone already on the step
 PermissionDeniedError        403     base of the two below
   NotAnApproverError         403     voter is not assigned to the open step (and not admin)
   RecallNotAllowedError      403     recall by someone other than the submitter / an admin
+  ReassignNotAllowedError    403     reassigning a step's approver without being an admin
 ConflictError                409     base of the four below
   RequestClosedError         409     vote / recall on an approved, rejected, ... request
   StepClosedError            409     vote naming a step (or step round) already decided
@@ -77,6 +80,18 @@ class InvalidDecisionError(ApprovalError, ValueError):
     code = "invalid_decision"
 
 
+class CommentRequiredError(InvalidDecisionError):
+    """The rule (``reject_comment: required``, the default of mapping files) wants a reason."""
+
+    code = "comment_required"
+
+
+class InvalidReassignError(InvalidDecisionError):
+    """A reassignment names nobody, or someone who already approves the step."""
+
+    code = "invalid_reassign"
+
+
 class PermissionDeniedError(ApprovalError):
     """The actor may not perform this operation (maps to 403)."""
 
@@ -93,6 +108,12 @@ class RecallNotAllowedError(PermissionDeniedError):
     """Only the submitter (or an admin) may recall a request."""
 
     code = "recall_not_allowed"
+
+
+class ReassignNotAllowedError(PermissionDeniedError):
+    """Only an admin may hand a step's approval to someone else."""
+
+    code = "reassign_not_allowed"
 
 
 class ConflictError(ApprovalError):

@@ -22,6 +22,7 @@ from connector.approvals.lifecycle import (
     expire,
     on_record_change,
     open_request,
+    reassign,
     recall,
     restart_fields,
 )
@@ -125,6 +126,31 @@ class ApprovalService:
     ) -> StoredRequest:
         stored, spec, rule = self._load(session, request_id)
         outcome = recall(stored.request, actor=user, comment=comment, now=self.clock(), is_admin=is_admin)
+        return self._commit(session, stored, spec, rule, outcome, stored.request.version)
+
+    def reassign(
+        self,
+        session: Session,
+        request_id: str,
+        *,
+        user: str,
+        step_index: int,
+        old: str,
+        new: str,
+        comment: str | None,
+        is_admin: bool,
+    ) -> StoredRequest:
+        stored, spec, rule = self._load(session, request_id)
+        outcome = reassign(
+            stored.request,
+            step_index=step_index,
+            old=old,
+            new=new,
+            actor=user,
+            now=self.clock(),
+            comment=comment,
+            is_admin=is_admin,
+        )
         return self._commit(session, stored, spec, rule, outcome, stored.request.version)
 
     # --- expiry (periodic job and `crm-approvals sync expire`) -------------------------
