@@ -26,6 +26,7 @@ BLUEPRINT_MODULES = (
     "webhooks.zoho",
     "webhooks.bitrix24",
     "webhooks.api",
+    "connector.web.app",
 )
 
 
