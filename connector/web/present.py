@@ -36,7 +36,8 @@ class ValueRow:
     field: str
     label: str
     value: str
-    before: str | None = None  # set when the field changed at submission
+    changed: bool = False  # the change that opened (or restarted) the request touched it
+    before: str | None = None  # its value before that change, when we had seen the record before
     now: str | None = None  # set when the CRM's last-seen value differs from the submitted one
 
 
@@ -213,15 +214,15 @@ def _values(session: Session, spec: MappingSpec | None, stored: StoredRequest) -
     for name in record:
         kind = spec.fields[name].type if spec is not None and name in spec.fields else "string"
         shown = i18n.show(record[name], kind, currency, connection)
-        before = i18n.show(previous.get(name), kind, currency, connection) if name in changed else None
-        if before is not None and req.record_previous is None:
-            before = None  # first time we saw the record: nothing to compare with
+        # The first time we see a record there is nothing to compare with: changed, before unknown.
+        known_before = name in changed and req.record_previous is not None
+        before = i18n.show(previous.get(name), kind, currency, connection) if known_before else None
         now = None
         if latest is not None and name in latest:
             current = i18n.show(latest[name], kind, currency, connection)
             now = current if current != shown else None
-        rows.append(ValueRow(name, i18n.humanize(name), shown, before, now))
-    rows.sort(key=lambda row: (row.before is None, list(record).index(row.field)))  # changes first
+        rows.append(ValueRow(name, i18n.humanize(name), shown, name in changed, before, now))
+    rows.sort(key=lambda row: (not row.changed, list(record).index(row.field)))  # changes first
     return rows
 
 

@@ -158,7 +158,7 @@ def stack(
 # --- steps as a person takes them ---------------------------------------------------------------
 
 
-def raise_amount_in_sandbox(stack: Stack, deal: str, amount: str) -> str:
+def edit_amount_in_sandbox(stack: Stack, deal: str, amount: str) -> None:
     from selenium.webdriver.common.by import By
 
     driver = stack.driver
@@ -167,12 +167,23 @@ def raise_amount_in_sandbox(stack: Stack, deal: str, amount: str) -> str:
     field.clear()
     field.send_keys(amount)
     driver.find_element(By.CSS_SELECTOR, "form.record button[type=submit]").click()
+    wait_for("the sandbox to save", lambda: "saved=" in driver.current_url)
 
-    def opened() -> str | None:
+
+def raise_amount_in_sandbox(stack: Stack, deal: str) -> str:
+    """The rep first sets 120,000 (the request opens), then 150,000: a restart_on_change field,
+    so the request restarts and shows the change as before -> after."""
+
+    def request_of(amount: int) -> str | None:
         with stack.runtime.sessions() as session:
-            return session.scalar(select(ApprovalRequestRow.id).where(ApprovalRequestRow.record_id == deal))
+            row = session.scalar(select(ApprovalRequestRow).where(ApprovalRequestRow.record_id == deal))
+            return row.id if row is not None and row.record.get("amount") == amount else None
 
-    return str(wait_for("the approval request to open", opened))
+    edit_amount_in_sandbox(stack, deal, "120000")
+    first = wait_for("the approval request to open", lambda: request_of(120000))
+    edit_amount_in_sandbox(stack, deal, "150000")
+    assert wait_for("the request to restart", lambda: request_of(150000)) == first
+    return str(first)
 
 
 def sign_in(stack: Stack, user_id: str) -> None:
@@ -200,8 +211,10 @@ def approve_on_page(stack: Stack, request_id: str, screenshot: str | None = None
     link = driver.find_element(By.CSS_SELECTOR, f'a[href="/app/requests/{request_id}"]')
     link.click()
     wait_for("the request page", lambda: f"/app/requests/{request_id}" in driver.current_url)
-    record = driver.find_element(By.ID, "record-h").find_element(By.XPATH, "..").text
-    assert "£42,000.00" in record and "£150,000.00" in record, record  # before -> after
+    changed = driver.find_element(By.CSS_SELECTOR, "table.values tr.changed")
+    assert changed.find_element(By.TAG_NAME, "th").text == "Amount"
+    assert changed.find_element(By.CSS_SELECTOR, ".before").text.endswith("£120,000.00")  # before -> after
+    assert changed.find_element(By.CSS_SELECTOR, ".value").text == "£150,000.00"
     why = driver.find_element(By.ID, "why-h").find_element(By.XPATH, "..").text
     assert "Amount is more than 100,000" in why
     if screenshot:
@@ -243,7 +256,7 @@ def save(driver: Any, name: str, width: int = 1280, height: int = 1000) -> None:
 def test_rep_edits_a_deal_and_approvers_approve_in_the_web_app(stack: Stack) -> None:
     from selenium.webdriver.common.by import By
 
-    request_id = raise_amount_in_sandbox(stack, "D-1002", "150000")
+    request_id = raise_amount_in_sandbox(stack, "D-1002")
     assert "Pending" in wait_for(
         "Pending in the sandbox", lambda: (r := sandbox_row(stack, "D-1002")) and "Pending" in r and r
     )
@@ -263,7 +276,7 @@ def test_rep_edits_a_deal_and_approvers_approve_in_the_web_app(stack: Stack) -> 
 def test_the_same_with_one_click_links(stack: Stack) -> None:
     from selenium.webdriver.common.by import By
 
-    request_id = raise_amount_in_sandbox(stack, "D-1002", "150000")
+    request_id = raise_amount_in_sandbox(stack, "D-1002")
     settings = stack.runtime.settings
     for n, approver in enumerate(APPROVERS):
         wait_for(f"{approver}'s step", lambda a=approver: _waits_for(stack, request_id, a))
