@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, g, redirect, render_template, request, session, url_for
@@ -71,7 +71,7 @@ class WebError(Exception):
 
 @blueprint.record_once
 def setup(state: BlueprintSetupState) -> None:
-    app = state.app
+    app = cast(Flask, state.app)
     settings = app.extensions["crm_approvals"].runtime.settings
     app.secret_key = settings.secret_key or None
     app.permanent_session_lifetime = timedelta(hours=SESSION_HOURS)

@@ -88,9 +88,10 @@ def when(value: datetime | None) -> str:
 def day(value: date | datetime | str | None) -> str:
     if isinstance(value, str):
         try:
-            value = to_date(value)
+            parsed = to_date(value)
         except CoercionError:
             return value
+        return format_date(parsed, "medium") if parsed is not None else ""
     return format_date(value, "medium") if value is not None else ""
 
 

@@ -20,10 +20,10 @@ from connector.approvals.lifecycle import DECISIONS
 from connector.config import ConfigError, Settings
 from connector.web.models import UsedLinkRow
 
-SIGN_IN = "sign_in"
-DECISION = "decision"
-_SALTS = {SIGN_IN: "crm-approvals/sign-in", DECISION: "crm-approvals/decision"}
 Purpose = Literal["sign_in", "decision"]
+SIGN_IN: Purpose = "sign_in"
+DECISION: Purpose = "decision"
+_SALTS: dict[Purpose, str] = {SIGN_IN: "crm-approvals/sign-in", DECISION: "crm-approvals/decision"}
 LinkProblem = Literal["expired", "invalid", "used"]
 
 
@@ -96,7 +96,7 @@ def decision_links(
     """
     settings = settings or Settings.from_env()
     nonce = secrets.token_urlsafe(24)
-    links = {}
+    links: dict[str, str] = {}
     for decision in DECISIONS:
         payload = {"r": request_id, "u": approver_id, "d": decision, "s": step_index, "n": nonce}
         token = sign(settings, DECISION, payload)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -279,7 +280,7 @@ def test_the_same_with_one_click_links(stack: Stack) -> None:
     request_id = raise_amount_in_sandbox(stack, "D-1002")
     settings = stack.runtime.settings
     for n, approver in enumerate(APPROVERS):
-        wait_for(f"{approver}'s step", lambda a=approver: _waits_for(stack, request_id, a))
+        wait_for(f"{approver}'s step", partial(_waits_for, stack, request_id, approver))
         link = decision_links(request_id, approver, settings=settings)["approve"]
         stack.driver.delete_all_cookies()  # no session: the link alone is enough
         stack.driver.get(link)

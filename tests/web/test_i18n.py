@@ -100,7 +100,7 @@ def test_catalogues_translate_every_text_with_the_same_placeholders() -> None:
             assert not message.fuzzy, f"{language}: {key!r} is fuzzy"
             wanted = set(PLACEHOLDER.findall(key if isinstance(message.id, str) else message.id[1]))
             for string in strings:
-                assert set(PLACEHOLDER.findall(string)) == wanted, f"{language}: {key!r} -> {string!r}"
+                assert set(PLACEHOLDER.findall(str(string))) == wanted, f"{language}: {key!r} -> {string!r}"
             translated[key] = strings
         missing = sorted(found - set(translated))
         assert not missing, f"{language} lacks {missing[:5]}: run `make messages` and translate them"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from itsdangerous import TimestampSigner
@@ -27,7 +28,7 @@ def links_for(world: World, request_id: str, approver: str, **kwargs: object) ->
     return decision_links(request_id, approver, settings=world.runtime.settings, **kwargs)  # type: ignore[arg-type]
 
 
-def confirm(world: World, link: str, comment: str = "") -> object:
+def confirm(world: World, link: str, comment: str = "") -> tuple[Any, Any]:
     client = world.app.test_client()
     page = client.get(path_of(link))
     token = link.split("token=", 1)[1]
@@ -58,24 +59,24 @@ def test_confirming_decides_once_and_voids_the_other_link(world: World) -> None:
     request_id = world.submit()
     links = links_for(world, request_id, "u-mgr")
     answer, _page = confirm(world, links["approve"], "looks right")
-    assert answer.status_code == 200 and "You approved the request." in text(answer)  # type: ignore[attr-defined]
+    assert answer.status_code == 200 and "You approved the request." in text(answer)
     listed = world.get("u-mgr", f"/requests/{request_id}").get_json()
     assert listed["current_step"]["name"] == "general-manager"
     assert listed["votes"][0]["comment"] == "looks right" and listed["votes"][0]["approver"] == "u-mgr"
     for decision in ("approve", "reject"):
         answer, page = confirm(world, links[decision], "again")
-        assert page.status_code == 400 and "already been used" in text(page)  # type: ignore[attr-defined]
-        assert answer.status_code == 400  # type: ignore[attr-defined]
+        assert page.status_code == 400 and "already been used" in text(page)
+        assert answer.status_code == 400
 
 
 def test_reject_link_needs_a_comment_and_stays_usable_until_it_has_one(world: World) -> None:
     request_id = world.submit()
     link = links_for(world, request_id, "u-mgr")["reject"]
     answer, page = confirm(world, link)
-    assert " required " in f" {text(page)} " or "(required)" in text(page)  # type: ignore[attr-defined]
-    assert answer.status_code == 409 and "needs a comment" in text(answer)  # type: ignore[attr-defined]
+    assert " required " in f" {text(page)} " or "(required)" in text(page)
+    assert answer.status_code == 409 and "needs a comment" in text(answer)
     answer, _page = confirm(world, link, "wrong customer")
-    assert "You rejected the request." in text(answer)  # type: ignore[attr-defined]
+    assert "You rejected the request." in text(answer)
     assert outbox_for(world.runtime, request_id)[-1][1]["approval_comment"] == "wrong customer"
 
 
@@ -83,7 +84,7 @@ def test_a_link_for_someone_who_may_not_vote_decides_nothing(world: World) -> No
     request_id = world.submit()
     before = written_rows(world.runtime)
     answer, _page = confirm(world, links_for(world, request_id, "u-gm")["approve"])  # step 2's approver
-    assert answer.status_code == 409 and "not an approver of the step" in text(answer)  # type: ignore[attr-defined]
+    assert answer.status_code == 409 and "not an approver of the step" in text(answer)
     assert written_rows(world.runtime) == before
 
 
@@ -91,9 +92,9 @@ def test_a_link_bound_to_a_step_does_not_decide_a_later_one(world: World) -> Non
     request_id = world.submit()
     world.approve_steps(request_id, "u-mgr")
     answer, _page = confirm(world, links_for(world, request_id, "u-gm", step_index=0)["approve"])
-    assert answer.status_code == 409 and "already been decided" in text(answer)  # type: ignore[attr-defined]
+    assert answer.status_code == 409 and "already been decided" in text(answer)
     answer, _page = confirm(world, links_for(world, request_id, "u-gm", step_index=1)["approve"])
-    assert answer.status_code == 200  # type: ignore[attr-defined]
+    assert answer.status_code == 200
 
 
 def test_expired_and_forged_links(world: World, monkeypatch: pytest.MonkeyPatch) -> None:

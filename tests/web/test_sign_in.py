@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
+from flask.testing import FlaskClient
 from itsdangerous import TimestampSigner
 
 from connector.config import Settings
@@ -39,14 +41,14 @@ def ask_for_link(world: World, email: str, next_page: str | None = None) -> str:
     return sign_in_links(world.runtime, email)[-1]
 
 
-def use_link(client: object, link: str) -> object:
-    page = client.get(path_of(link))  # type: ignore[attr-defined]
+def use_link(client: FlaskClient, link: str) -> Any:
+    page = client.get(path_of(link))
     assert page.status_code == 200, text(page)
     token = link.split("token=", 1)[1].split("&", 1)[0]
     next_page = link.split("next=", 1)[1] if "next=" in link else ""
     from urllib.parse import unquote
 
-    return client.post(  # type: ignore[attr-defined]
+    return client.post(
         "/app/sign-in/link",
         data={
             "csrf_token": csrf_token(client, path_of(link)),
@@ -75,7 +77,7 @@ def test_magic_link_signs_in_once(world: World) -> None:
     assert opened.status_code == 200 and "Sign in as u-mgr" in text(opened)
     assert client.get("/app/inbox").status_code == 302
     answer = use_link(client, link)
-    assert answer.status_code == 303 and answer.headers["Location"].endswith("/app/")  # type: ignore[attr-defined]
+    assert answer.status_code == 303 and answer.headers["Location"].endswith("/app/")
     inbox = client.get("/app/inbox")
     assert inbox.status_code == 200 and "D-1" in text(inbox)
     # The same link again, in another browser: refused.
@@ -128,11 +130,11 @@ def test_link_returns_to_the_page_asked_for_but_never_elsewhere(world: World) ->
     page = f"/app/requests/{request_id}"
     link = ask_for_link(world, email_of(world, "u-mgr"), page)
     answer = use_link(world.app.test_client(), link)
-    assert answer.headers["Location"].endswith(page)  # type: ignore[attr-defined]
+    assert answer.headers["Location"].endswith(page)
     for evil in ("https://evil.example/app/", "//evil.example/app/", "/api/v1/me", "/app/\\evil"):
         link = ask_for_link(world, email_of(world, "u-mgr"), evil)
         answer = use_link(world.app.test_client(), link)
-        assert answer.headers["Location"].endswith("/app/"), evil  # type: ignore[attr-defined]
+        assert answer.headers["Location"].endswith("/app/"), evil
 
 
 def test_forms_without_the_csrf_token_are_refused(world: World) -> None:
@@ -159,7 +161,7 @@ def test_session_cookie_is_http_only_and_lax(world: World) -> None:
     world.submit()
     client = world.app.test_client()
     answer = use_link(client, ask_for_link(world, email_of(world, "u-mgr")))
-    cookie = answer.headers["Set-Cookie"]  # type: ignore[attr-defined]
+    cookie = answer.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie  # http base URL
 
 

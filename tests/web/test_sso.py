@@ -115,7 +115,7 @@ def test_sso_signs_in_a_known_user(world: World, issuer: responses.RequestsMock)
     answer = client.get(f"/app/sign-in/sso/callback?code=c0de&state={state}")
     assert answer.status_code == 303 and answer.headers["Location"].endswith("/app/mine")
     assert client.get("/app/inbox").status_code == 200
-    token_call = [c for c in issuer.calls if c.request.url.endswith("/token")][0]
+    token_call = [c for c in issuer.calls if (c.request.url or "").endswith("/token")][0]
     assert "code=c0de" in str(token_call.request.body)
 
 
