@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from flask import flash, redirect, render_template, request, url_for
@@ -104,17 +105,16 @@ def bulk_approve() -> ResponseReturnValue:
         if not view.bulk_approve:
             problems.append(gettext("%(title)s: its rule asks for one decision at a time.", title=view.title))
             continue
-        error = _decide(
-            lambda s, rid=request_id, st=int(step): service.vote(  # type: ignore[misc]
-                s,
-                rid,
-                user=me.user_id,
-                decision="approve",
-                step_index=st,
-                comment=comment,
-                is_admin=me.is_admin,
-            )
+        vote = partial(
+            service.vote,
+            request_id=request_id,
+            user=me.user_id,
+            decision="approve",
+            step_index=int(step),
+            comment=comment,
+            is_admin=me.is_admin,
         )
+        error = _decide(vote)
         if error is None:
             done += 1
         else:

@@ -320,3 +320,14 @@ def test_admin_issues_and_revokes_api_tokens(world: World) -> None:
     )
     bad = post(client, "/app/admin/tokens", {"user_id": " "})
     assert bad.status_code == 400 and "Give the user id" in text(bad)
+
+
+def test_record_values_are_escaped_everywhere(world: World) -> None:
+    request_id = world.submit("<b>D-9</b>", stage="<script>alert(1)</script>")
+    client = signed_in(world, "u-mgr")
+    for page in ("/app/inbox", f"/app/requests/{request_id}"):
+        html = client.get(page).get_data(as_text=True)
+        assert "&lt;b&gt;D-9&lt;/b&gt;" in html and "<b>D-9</b>" not in html, page
+        assert "<script>alert(1)</script>" not in html, page
+    links = signed_in(world, ADMIN).get("/app/admin").get_data(as_text=True)
+    assert "<b>D-9</b>" not in links
