@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+# Message catalogues of the web app: the .po files are committed, the .mo files are built here.
+CATALOGUES := $(wildcard connector/web/translations/*/LC_MESSAGES/messages.po)
+COMPILED := $(CATALOGUES:.po=.mo)
+
+.PHONY: run test lint bench clean messages browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +22,28 @@ $(STAMP): $(BIN)/python pyproject.toml setup.cfg
 	$(BIN)/crm-approvals init
 
 ## run: install, migrate, start server + worker (+ sandbox CRM when no CRM is configured)
-run: $(STAMP) .env
+run: $(STAMP) $(COMPILED) .env
 	$(BIN)/crm-approvals run
 
 ## test: install the dev extras and run the whole suite
-test: $(STAMP)
+test: $(STAMP) $(COMPILED) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+
+%.mo: %.po $(STAMP)
+	$(BIN)/pybabel compile --statistics -i $< -o $@
+
+## messages: collect the web app's texts into the catalogues (then translate the new ones)
+messages: $(STAMP)
+	$(BIN)/pybabel extract -F babel.cfg --no-location -o connector/web/translations/messages.pot .
+	$(BIN)/pybabel update --no-fuzzy-matching -i connector/web/translations/messages.pot -d connector/web/translations
+
+## browser: Debian's chromium + chromium-driver for the browser tests (apt-get, when root and missing)
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "chromium/chromedriver not found and cannot install them: the browser tests will skip"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -174,6 +174,14 @@ class Settings:
     metrics_dir: str = "var/prometheus"
     directory_refresh_minutes: int = 60
     notify: NotifySettings = field(default_factory=NotifySettings)
+    # The web app (connector/web, docs/web.md)
+    secret_key: str = field(default="", repr=False)  # signs session cookies and links
+    admin_users: tuple[str, ...] = ()  # user ids who are admins in the web app
+    oidc_issuer: str = ""
+    oidc_client_id: str = ""
+    oidc_client_secret: str = field(default="", repr=False)
+    sign_in_link_minutes: int = 15
+    decision_link_hours: int = 72
 
     def connection(self, name: str) -> ConnectionConfig:
         try:
@@ -218,6 +226,13 @@ class Settings:
             metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or "var/prometheus",
             directory_refresh_minutes=_int(env, "DIRECTORY_REFRESH_MINUTES", 60),
             notify=NotifySettings.from_env(env),
+            secret_key=env.get("SECRET_KEY") or "",
+            admin_users=tuple(u.strip() for u in (env.get("ADMIN_USERS") or "").split(",") if u.strip()),
+            oidc_issuer=(env.get("OIDC_ISSUER") or "").rstrip("/"),
+            oidc_client_id=env.get("OIDC_CLIENT_ID") or "",
+            oidc_client_secret=env.get("OIDC_CLIENT_SECRET") or "",
+            sign_in_link_minutes=_int(env, "SIGN_IN_LINK_MINUTES", 15),
+            decision_link_hours=_int(env, "DECISION_LINK_HOURS", 72),
         )
 
 

@@ -1,4 +1,4 @@
-"""Create a .env from .env.example, filling each `*_WEBHOOK_SECRET=` and `*_API_TOKEN=` left blank."""
+"""Create a .env from .env.example, filling each blank `*_WEBHOOK_SECRET=`, `*_API_TOKEN=`, `SECRET_KEY=`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 def fresh_value(key: str) -> str:
     if key.endswith("WEBHOOK_SECRET"):
         return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    if key == "SECRET_KEY":
+        return secrets.token_urlsafe(48)
     return secrets.token_urlsafe(24)
 
 
@@ -21,7 +23,7 @@ def write_env_file(example: Path, target: Path) -> None:
             sep
             and not line.lstrip().startswith("#")
             and not value
-            and key.endswith(("WEBHOOK_SECRET", "API_TOKEN"))
+            and key.endswith(("WEBHOOK_SECRET", "API_TOKEN", "SECRET_KEY"))
         ):
             line = f"{key}={fresh_value(key)}"
         lines.append(line)

@@ -209,7 +209,9 @@ def test_one_info_line_per_business_event(
             first, second = session.scalars(select(ApprovalRequestRow).order_by(ApprovalRequestRow.record_id))
         service.vote(runtime.sessions, first.id, user="u-mgr", decision="approve", step_index=0)
         service.vote(runtime.sessions, first.id, user="u-gm", decision="approve", step_index=1)
-        service.vote(runtime.sessions, second.id, user="u-mgr", decision="reject", step_index=0)
+        service.vote(
+            runtime.sessions, second.id, user="u-mgr", decision="reject", step_index=0, comment="Too risky"
+        )
         service.clock = lambda: datetime.now(UTC) + timedelta(days=181)
         service.expire_due(runtime.sessions)
     lines = [(r.event, r.getMessage()) for r in caplog.records if hasattr(r, "event")]  # type: ignore[attr-defined]
@@ -266,5 +268,7 @@ def test_a_vote_that_fails_to_commit_logs_no_business_event(
         return session
 
     with caplog.at_level(logging.INFO), pytest.raises(RuntimeError):
-        pipeline.approvals.vote(sessions, request_id, user="u-mgr", decision="reject", step_index=0)
+        pipeline.approvals.vote(
+            sessions, request_id, user="u-mgr", decision="reject", step_index=0, comment="Too risky"
+        )
     assert not [r for r in caplog.records if getattr(r, "event", "").startswith("request_")]

@@ -61,6 +61,8 @@ ERROR_HINTS: dict[str, str] = {
     "rule_mismatch": "the mapping changed under this request; restore the step or recall the request",
     "chain_error": "fix the approvers of that step in the mapping file, then vote again",
     "action_render_error": "an admin must fix the action template in the mapping file; then vote again",
+    "invalid_decision": "POST to .../approve or .../reject",
+    "comment_required": 'say why in {"comment": "..."}: the rule sets `reject_comment: required`',
 }
 
 

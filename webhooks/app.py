@@ -13,6 +13,7 @@ from connector.crm.registry import KINDS
 from connector.errors import CrmApprovalsError
 from connector.runtime import Runtime
 from connector.service.pipeline import refresh_mappings
+from connector.web import app as web_app
 from connector.wiring import build_runtime
 from connector.worker import Tasks, make_huey
 from webhooks import api, dead_letters_api, ops
@@ -33,8 +34,8 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
     # One intake blueprint per CRM kind (connector/crm/registry.py); a missing module fails here.
     for module in dict.fromkeys(intake_module(kind) for kind in KINDS.values()):
         app.register_blueprint(module.blueprint)
-    # ops: /livez, /healthz, /metrics
-    for blueprint in (api.blueprint, dead_letters_api.blueprint, ops.blueprint):
+    # ops: /livez, /healthz, /metrics; the web app for people under /app (connector/web)
+    for blueprint in (api.blueprint, dead_letters_api.blueprint, ops.blueprint, web_app.blueprint):
         app.register_blueprint(blueprint)
     report_unconfigured_secrets(runtime.settings)
     _register_error_handlers(app)

@@ -4,26 +4,7 @@ Every error carries a stable machine-readable ``code`` so the REST layer can put
 error body; the HTTP status of each class is chosen in the web layer (webhooks/errors.py).
 All derive from the project's root error (connector/errors.py):
 
-===========================  =====================================================
-class (base)                 raised when
-===========================  =====================================================
-ChainError (fatal)           approvers can't be resolved / quorum is unsatisfiable
-ActionRenderError (fatal)    a ValueRenderer raised while rendering an action
-RuleMismatchError            the rule passed in is not the one the request runs
-InvalidDecisionError         decision is not "approve" / "reject"
-PermissionDeniedError        base of the two below
-  NotAnApproverError         voter is not assigned to the open step (and not admin)
-  RecallNotAllowedError      recall by someone other than the submitter / an admin
-ConflictError                base of the four below
-  RequestClosedError         vote / recall on an approved, rejected, ... request
-  StepClosedError            vote naming a step (or step round) already decided
-  StaleStepError             vote naming a step that is not the current one
-  DuplicateVoteError         the same approver voting twice on the same step round
-===========================  =====================================================
-
-The two fatal ones are mapping (or record data) problems a person must fix: the worker
-dead-letters the event that hit them instead of retrying it.
-
+===========================  ==============================================
 The engine raises before changing anything, so after any of these the caller's state is
 exactly what it was.
 """
@@ -83,6 +64,18 @@ class InvalidDecisionError(ApprovalError, ValueError):
     code = "invalid_decision"
 
 
+class CommentRequiredError(InvalidDecisionError):
+    """The rule (``reject_comment: required``, the default of mapping files) wants a reason."""
+
+    code = "comment_required"
+
+
+class InvalidReassignError(InvalidDecisionError):
+    """A reassignment names nobody, or someone who already approves the step."""
+
+    code = "invalid_reassign"
+
+
 class PermissionDeniedError(ApprovalError):
     """The actor may not perform this operation."""
 
@@ -99,6 +92,12 @@ class RecallNotAllowedError(PermissionDeniedError):
     """Only the submitter (or an admin) may recall a request."""
 
     code = "recall_not_allowed"
+
+
+class ReassignNotAllowedError(PermissionDeniedError):
+    """Only an admin may hand a step's approval to someone else."""
+
+    code = "reassign_not_allowed"
 
 
 class ConflictError(ApprovalError):

@@ -54,6 +54,12 @@ recorded, ``submit`` fires again and the chain starts over from the first applic
 step with no votes. Other edits change nothing. Comparing against the snapshot (not the
 CRM's changed-field list) makes a redelivered webhook a no-op.
 
+Comments and reassignment
+-------------------------
+A rejection needs a comment when the rule says ``reject_comment: required`` (the default
+of mapping files). An admin may ``reassign`` the open step from an approver who has not
+voted to someone else; the step keeps its votes and its mode.
+
 Expiry and recall
 -----------------
 On approval ``expires_at = approved_at + rule.expires_after`` (when set). ``expire`` acts
@@ -76,9 +82,13 @@ from typing import Any, Literal, TypeGuard
 
 from connector.approvals.chain import StepAssignment, assign_step
 from connector.approvals.errors import (
+    ApprovalError,
+    CommentRequiredError,
     DuplicateVoteError,
     InvalidDecisionError,
+    InvalidReassignError,
     NotAnApproverError,
+    ReassignNotAllowedError,
     RecallNotAllowedError,
     RequestClosedError,
     RuleMismatchError,
@@ -104,6 +114,7 @@ TransitionKind = Literal[
     "recalled",
     "expired",
     "restarted",  # a restart_on_change field changed; comment lists the fields
+    "reassigned",  # an admin replaced an approver of the open step; comment says who by whom
 ]
 Roles = Mapping[str, tuple[str, ...]]
 
@@ -236,6 +247,28 @@ def restart_fields(request: ApprovalRequest, rule: RuleSpec, ctx: EvalContext) -
     )
 
 
+def may_vote(request: ApprovalRequest, user: str, is_admin: bool = False) -> bool:
+    """Whether ``cast_vote`` would accept a vote by ``user`` on the open step now."""
+    step = current_step_state(request)
+    if not is_active(request) or step is None or step.status != "pending":
+        return False
+    try:
+        _check_voter(request, step, user, is_admin)
+    except ApprovalError:
+        return False
+    return True
+
+
+def may_see(request: ApprovalRequest, user: str, is_admin: bool = False) -> bool:
+    """Admins see every request; others those they submitted or approve (any step, any round)."""
+    return is_admin or user == request.submitter or any(user in step.approvers for step in request.steps)
+
+
+def may_recall(request: ApprovalRequest, user: str, is_admin: bool = False) -> bool:
+    """Whether ``recall`` would accept ``user`` now."""
+    return is_active(request) and (user == request.submitter or is_admin)
+
+
 def plan_chain(
     rule: RuleSpec, roles: Roles, ctx: EvalContext
 ) -> list[tuple[StepSpec, StepAssignment | None]]:
@@ -317,6 +350,8 @@ def cast_vote(
     _require_active(request)
     step = _check_step(request, rule, step_index, step_round)
     acting_admin = _check_voter(request, step, approver, is_admin)
+    if decision == "reject" and rule.reject_comment == "required" and not (comment or "").strip():
+        raise CommentRequiredError(f"rule {rule.name!r} needs a comment with every rejection")
     txn = _Txn(copy.deepcopy(request), now)
     txn.vote(step, approver, decision, comment, acting_admin)
     result = decision if acting_admin else _step_result(txn.request, txn.current_row())
@@ -349,6 +384,52 @@ def recall(
     acting_admin = actor != request.submitter
     txn.close("recalled", "recalled", actor=actor, comment=comment, acting_admin=acting_admin)
     txn.fire("recall", actor, comment)
+    return txn.outcome()
+
+
+def reassign(
+    request: ApprovalRequest,
+    *,
+    step_index: int,
+    old: str,
+    new: str,
+    actor: str,
+    now: datetime,
+    comment: str | None = None,
+    is_admin: bool = False,
+) -> Outcome:
+    """An admin hands the open step from ``old`` (who has not voted) to ``new``.
+
+    Fires no action: the record's status does not change. Raises
+    ``ReassignNotAllowedError``, ``RequestClosedError``, ``StepClosedError`` /
+    ``StaleStepError``, ``NotAnApproverError`` (``old`` is not on the step),
+    ``DuplicateVoteError`` (``old`` already voted) or ``InvalidReassignError``.
+    """
+    if not is_admin:
+        raise ReassignNotAllowedError("only an admin may reassign a step")
+    _require_active(request)
+    current = current_step_state(request)
+    if current is None or current.status != "pending":
+        raise StepClosedError(f"request {request.id} has no open step")
+    if step_index != current.index:
+        _raise_wrong_step(request, step_index, current)
+    new = new.strip()
+    if old not in current.approvers:
+        raise NotAnApproverError(f"{old!r} is not an approver of step {current.index} ({current.name!r})")
+    if any(v.approver == old for v in step_votes(request, current)):
+        raise DuplicateVoteError(f"{old!r} already voted on step {current.index} ({current.name!r})")
+    if not new:
+        raise InvalidReassignError("name the user who should approve instead")
+    if new in current.approvers:
+        raise InvalidReassignError(f"{new!r} already approves step {current.index} ({current.name!r})")
+    txn = _Txn(copy.deepcopy(request), now)
+    row = txn.current_row()
+    row.approvers = tuple(new if approver == old else approver for approver in row.approvers)
+    txn.touch(row)
+    note = f"{old} -> {new}" + (f": {comment}" if comment else "")
+    txn.transition(
+        "reassigned", txn.request.status, step_index=step_index, actor=actor, comment=note, acting_admin=True
+    )
     return txn.outcome()
 
 

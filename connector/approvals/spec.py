@@ -20,6 +20,7 @@ ACTION_EVENTS: tuple[ActionEvent, ...] = ("submit", "step", "approve", "reject",
 StepMode = Literal["one", "all", "any", "quorum"]
 RejectBehaviour = Literal["reject", "back"]
 MatchMode = Literal["first", "all"]
+RejectComment = Literal["required", "optional"]
 FieldType = Literal["string", "number", "money", "date", "datetime", "boolean", "user", "list"]
 
 
@@ -134,6 +135,10 @@ class RuleSpec:
     expires_after: timedelta | None = None
     # Canonical fields whose change while pending restarts the request; empty = never restart.
     restart_on_change: frozenset[str] = frozenset()
+    # Whether a rejection must say why. Mapping files default to "required" (the loader sets it);
+    # rules built in code default to no requirement.
+    reject_comment: RejectComment = "optional"
+    bulk_approve: bool = False  # approvers may approve several requests of this rule at once
 
 
 @dataclass(frozen=True)

@@ -345,7 +345,16 @@ class _SpecBuilder:
         actions = self._actions(rule, path + ("on",))
         if when is None or None in steps:
             return None
-        return RuleSpec(rule.name, when, steps, actions, expires_after, restart)  # type: ignore[arg-type]
+        return RuleSpec(
+            rule.name,
+            when,
+            steps,  # type: ignore[arg-type]
+            actions,
+            expires_after,
+            restart,
+            reject_comment=rule.reject_comment,
+            bulk_approve=rule.bulk_approve,
+        )
 
     def _when(self, spec: Any, path: KeyPath) -> Criterion | None:
         if spec is None:

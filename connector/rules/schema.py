@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from connector.approvals.spec import FieldType, MatchMode, RejectBehaviour, StepMode
+from connector.approvals.spec import FieldType, MatchMode, RejectBehaviour, RejectComment, StepMode
 from connector.rules.errors import ErrorCollector, KeyPath, did_you_mean, one_of
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
@@ -135,6 +135,8 @@ class RuleModel(_Model):
     steps: list[StepModel] = Field(min_length=1)
     restart_on_change: list[Name] = Field(default_factory=list)
     expires_after: str | None = None
+    reject_comment: RejectComment = "required"
+    bulk_approve: bool = False
     on: OnModel = Field(default_factory=OnModel)
 
 
@@ -236,6 +238,8 @@ _KEY_ELSEWHERE: dict[str, str] = {
     "on_reject": "`on_reject` belongs to a step",
     "expires_after": "`expires_after` belongs to a rule",
     "restart_on_change": "`restart_on_change` belongs to a rule",
+    "reject_comment": "`reject_comment` belongs to a rule",
+    "bulk_approve": "`bulk_approve` belongs to a rule",
     "set": "`set` goes under an event: `on: {approve: {set: {...}}}`",
     "submit": "events go under `on:` in a rule",
     "approve": "events go under `on:` in a rule",

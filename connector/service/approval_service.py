@@ -34,6 +34,7 @@ from connector.approvals.lifecycle import (
     expire,
     on_record_change,
     open_request,
+    reassign,
     recall,
     restart_fields,
 )
@@ -187,9 +188,12 @@ class ApprovalService:
         step_index: int | None = None,
         comment: str | None = None,
         is_admin: bool = False,
+        also: Callable[[Session], None] | None = None,
     ) -> StoredRequest:
         """A vote on the step `step_index` (None: the request's current step), saved in its own
-        transaction. Raises RequestNotFoundError for an unknown id, ApprovalError when refused."""
+        transaction, with `also(session)` in it (e.g. spending a one-click link, so a refused
+        vote leaves the link usable). Raises RequestNotFoundError for an unknown id,
+        ApprovalError when refused."""
 
         def decide(request: ApprovalRequest, spec: MappingSpec, rule: RuleSpec) -> Outcome:
             index = request.current_step if step_index is None else step_index
@@ -205,7 +209,7 @@ class ApprovalService:
                 is_admin=is_admin,
             )
 
-        return _decided(self._decide_and_save(sessions, request_id, decide))
+        return _decided(self._decide_and_save(sessions, request_id, decide, also))
 
     def recall(
         self,
@@ -220,6 +224,34 @@ class ApprovalService:
 
         def decide(request: ApprovalRequest, _spec: MappingSpec, _rule: RuleSpec) -> Outcome:
             return recall(request, actor=user, comment=comment, now=self.clock(), is_admin=is_admin)
+
+        return _decided(self._decide_and_save(sessions, request_id, decide))
+
+    def reassign(
+        self,
+        sessions: sessionmaker[Session],
+        request_id: str,
+        *,
+        user: str,
+        step_index: int,
+        old: str,
+        new: str,
+        comment: str | None,
+        is_admin: bool,
+    ) -> StoredRequest:
+        """Give a step's approver `old`'s place to `new` (admins), saved like a vote."""
+
+        def decide(request: ApprovalRequest, _spec: MappingSpec, _rule: RuleSpec) -> Outcome:
+            return reassign(
+                request,
+                step_index=step_index,
+                old=old,
+                new=new,
+                actor=user,
+                now=self.clock(),
+                comment=comment,
+                is_admin=is_admin,
+            )
 
         return _decided(self._decide_and_save(sessions, request_id, decide))
 
@@ -261,7 +293,11 @@ class ApprovalService:
         )
 
     def _decide_and_save(
-        self, sessions: sessionmaker[Session], request_id: str, decide: Decision
+        self,
+        sessions: sessionmaker[Session],
+        request_id: str,
+        decide: Decision,
+        also: Callable[[Session], None] | None = None,
     ) -> StoredRequest | None:
         """Read, decide and render with no transaction open, then save in a short one (module
         docstring); None when `decide` finds nothing to do."""
@@ -274,6 +310,8 @@ class ApprovalService:
             actions = self._render(outcome, rule, stored.record)
             try:
                 with transaction(sessions) as session:
+                    if also is not None:
+                        also(session)
                     return self._commit(session, stored, spec, rule, outcome, stored.request.version, actions)
             except StaleRequestError:
                 if attempt == SAVE_ATTEMPTS:

@@ -197,6 +197,16 @@ def find_requests(session: Session, filters: RequestFilters, viewer: Viewer | No
     return RequestPage(store.load_rows(session, shown), total, next_cursor)
 
 
+def ids_pending_for(session: Session, user_id: str) -> list[str]:
+    """Requests whose open step waits for this user's vote, oldest first (an inbox)."""
+    query = (
+        select(ApprovalRequestRow.id)
+        .where(_pending_for(session, user_id))
+        .order_by(ApprovalRequestRow.submitted_at, ApprovalRequestRow.id)
+    )
+    return list(session.scalars(query))
+
+
 def find_request(session: Session, request_id: str, viewer: Viewer | None) -> StoredRequest | None:
     """The request if it exists and `viewer` may see it; None in both other cases alike."""
     condition = [ApprovalRequestRow.id == request_id]

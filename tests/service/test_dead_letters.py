@@ -408,7 +408,9 @@ def test_replay_does_not_reopen_a_request_that_was_rejected_since(world: Any) ->
     runtime, _, pipeline = world
     event_id = deliver(runtime, dict(DEAL))
     [request] = requests(runtime)
-    pipeline.approvals.vote(runtime.sessions, request.id, user="u-mgr", decision="reject", step_index=0)
+    pipeline.approvals.vote(
+        runtime.sessions, request.id, user="u-mgr", decision="reject", step_index=0, comment="Too risky"
+    )
     service.replay(runtime.sessions, service.EventSelection(ids=(event_id,)))
     report = service.run_now(runtime, event_ids=[event_id])
     assert "left as it is" in (report.events[event_id][1] or "")

@@ -164,6 +164,6 @@ def test_the_submitter_is_who_made_the_change_when_the_crm_says_so(
     sandbox = Sandbox(runtime, pipeline)
     sandbox.edit(amount=150000, modified_by="9586504")
     assert sandbox.request().submitter == "u-rep-anna"  # the editor, by the id mapping files use
-    sandbox.vote("u-mgr-boris", "reject")
+    sandbox.vote("u-mgr-boris", "reject", comment="Not this quarter")
     sandbox.edit(amount=160000, modified_by=None)  # the CRM does not say who: the owner
     assert sandbox.request().submitter == "u-rep-felix"

@@ -491,7 +491,7 @@ def test_vote_by_someone_not_assigned_is_403(opened: tuple[World, str]) -> None:
 
 def test_vote_on_a_closed_request_is_409(world: World) -> None:
     request_id = world.submit()
-    world.vote("u-mgr", request_id, "reject")
+    world.vote("u-mgr", request_id, "reject", comment="not now")
     before = written_rows(world.runtime)
     error_of(world.vote("u-gm", request_id), 409, "request_closed")
     error_of(world.post("u-rep", f"/requests/{request_id}/recall"), 409, "request_closed")
