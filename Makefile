@@ -28,6 +28,8 @@ run: $(STAMP) $(COMPILED) .env
 ## test: install the dev extras and run the whole suite
 test: $(STAMP) $(COMPILED) browser
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
 %.mo: %.po $(STAMP)
@@ -46,7 +48,7 @@ browser:
 	else echo "chromium/chromedriver not found and cannot install them: the browser tests will skip"; fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -12,7 +12,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 
-class _App(BaseApplication):  # type: ignore[misc]
+class _App(BaseApplication):
     def __init__(self, load_app: Callable[[], Any], options: dict[str, Any]) -> None:
         self.load_app = load_app
         self.options = options

@@ -94,7 +94,7 @@ def _authenticated_token() -> TokenInfo:
 
 
 def caller() -> TokenInfo:
-    return g.api_token  # type: ignore[no-any-return]
+    return g.api_token
 
 
 # --- what goes in and out -------------------------------------------------------------

@@ -80,7 +80,7 @@ class Intake:
 
 
 def intake() -> Intake:
-    return current_app.extensions["crm_approvals"]  # type: ignore[no-any-return]
+    return current_app.extensions["crm_approvals"]
 
 
 def resolve_connection(kind: str, name: str | None = None) -> ConnectionConfig:

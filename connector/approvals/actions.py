@@ -158,7 +158,7 @@ def render_outcome_actions(
             names=names,
             request_url=request_url,
         )
-        rendered.append(RenderedAction(event, render_action(action, variables)))  # type: ignore[arg-type]
+        rendered.append(RenderedAction(event, render_action(action, variables)))
     return rendered
 
 

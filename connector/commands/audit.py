@@ -29,6 +29,10 @@ class _ChainHeadParam(click.ParamType):
             self.fail(f"{exc}; use what `crm-approvals audit head` printed", param, ctx)
 
 
+class NotMigrated(click.ClickException):
+    exit_code = 2  # 1 means a broken chain
+
+
 @click.group()
 def audit() -> None:
     """The audit log: every webhook, rule match, vote, transition and write-back, hash-chained."""
@@ -88,11 +92,9 @@ def _sessions(ctx: Context) -> Iterator[sessionmaker[Session]]:
     except (OperationalError, ProgrammingError) as exc:
         if "audit_chain_head" not in str(exc) and "audit_log" not in str(exc):
             raise
-        error = click.ClickException(
+        raise NotMigrated(
             "the database has no hash-chained audit log yet; run `crm-approvals db upgrade`"
-        )
-        error.exit_code = 2
-        raise error from None
+        ) from None
     finally:
         engine.dispose()
 

@@ -148,7 +148,7 @@ def php_pairs(params: Mapping[str, Any], prefix: str = "") -> list[tuple[str, st
         if isinstance(value, Mapping):
             pairs.extend(php_pairs(value, name))
         elif isinstance(value, list | tuple):
-            pairs.extend(php_pairs(dict(enumerate(value)), name) if value else [(name, "")])
+            pairs.extend(php_pairs({str(i): v for i, v in enumerate(value)}, name) if value else [(name, "")])
         else:
             pairs.append((name, form_value(value)))
     return pairs

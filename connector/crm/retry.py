@@ -11,6 +11,7 @@ from typing import TypeVar
 from tenacity import (
     RetryCallState,
     Retrying,
+    nap,
     retry_if_exception,
     stop_after_attempt,
     wait_random_exponential,
@@ -44,7 +45,6 @@ class RetryPolicy:
         """Run `fn`, retrying retriable errors; `crm` (the connection name) labels the log and
         metrics. A call that is not idempotent (a write) is not repeated when it is in doubt:
         the CRM may have applied it (docs/outbox.md)."""
-        kwargs = {"sleep": self.sleep} if self.sleep is not None else {}
 
         def retriable(exc: BaseException) -> bool:
             return isinstance(exc, RetriableError) and (idempotent or not isinstance(exc, InDoubtError))
@@ -55,7 +55,7 @@ class RetryPolicy:
             wait=self.wait_seconds,
             reraise=True,
             before_sleep=lambda state: self._log_retry(crm, state),
-            **kwargs,
+            sleep=self.sleep if self.sleep is not None else nap.sleep,
         )
         return retrying(fn)
 

@@ -168,7 +168,7 @@ class SalesforceAdapter(CRMAdapter):
             yield from page.get("records", [])
 
     def describe(self, object_type: str) -> list[FieldInfo]:
-        return self._call(lambda: self._describe(object_type))  # type: ignore[no-any-return]
+        return self._call(lambda: self._describe(object_type))
 
     def _describe(self, object_type: str) -> list[FieldInfo]:
         with self._translated():
@@ -238,7 +238,7 @@ class SalesforceAdapter(CRMAdapter):
                 session=self.session,
                 version=self.api_version,
             )
-        arguments = login_arguments(self.connection, self.auth_mode)
+        arguments: dict[str, Any] = dict(login_arguments(self.connection, self.auth_mode))
         with self._translated():
             session_id, instance = SalesforceLogin(
                 session=self.session, sf_version=self.api_version, domain=self.domain, **arguments

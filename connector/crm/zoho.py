@@ -314,7 +314,7 @@ class ZohoAdapter(CRMAdapter):
     # --- metadata, loop prevention ----------------------------------------------------
 
     def describe(self, object_type: str) -> list[FieldInfo]:
-        return self._call(lambda: self._field_metadata(object_type))  # type: ignore[no-any-return]
+        return self._call(lambda: self._field_metadata(object_type))
 
     def _field_metadata(self, object_type: str) -> list[FieldInfo]:
         """Fields metadata, fetched once per module (lookups need it to find their module)."""
@@ -478,7 +478,8 @@ def record_result(record_id: str, item: Mapping[str, Any]) -> UpdateResult:
     code = str(item.get("code") or "")
     if code == "SUCCESS":
         return UpdateResult.success(record_id)
-    details = item.get("details") if isinstance(item.get("details"), dict) else {}
+    details = item.get("details")
+    details = details if isinstance(details, dict) else {}
     api_name = details.get("api_name")
     return UpdateResult(
         record_id=record_id,
@@ -509,10 +510,12 @@ def zoho_user(user: Mapping[str, Any]) -> CRMUser:
 
 
 def field_info(meta: Mapping[str, Any]) -> FieldInfo:
-    lookup = meta.get("lookup") if isinstance(meta.get("lookup"), dict) else {}
+    lookup = meta.get("lookup")
+    lookup = lookup if isinstance(lookup, dict) else {}
     module = lookup.get("module")
     target = module.get("api_name") if isinstance(module, dict) else module  # v2 sent a bare string
-    operations = meta.get("operation_type") if isinstance(meta.get("operation_type"), dict) else {}
+    operations = meta.get("operation_type")
+    operations = operations if isinstance(operations, dict) else {}
     return FieldInfo(
         name=str(meta.get("api_name")),
         label=str(meta.get("field_label") or meta.get("display_label") or meta.get("api_name")),

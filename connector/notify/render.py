@@ -147,7 +147,7 @@ def date_filter(ctx: Context, value: Any, style: str = "medium") -> str:
 def datetime_filter(ctx: Context, value: Any, style: str = "medium") -> str:
     moment = _as_datetime(value)
     if not isinstance(moment, datetime):
-        return date_filter(ctx, value, style)  # type: ignore[no-any-return]
+        return date_filter(ctx, value, style)
     return format_datetime(moment, style, tzinfo=moment.tzinfo, locale=_locale(ctx))
 
 

@@ -360,7 +360,7 @@ def sender_of(runtime: Runtime) -> NotificationSender:
     sender = runtime.__dict__.get("_notification_sender")
     if sender is None:
         sender = runtime.__dict__["_notification_sender"] = NotificationSender.from_runtime(runtime)
-    return sender  # type: ignore[no-any-return]
+    return sender
 
 
 def sweep(runtime: Runtime) -> dict[str, Any]:

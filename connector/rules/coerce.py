@@ -351,7 +351,6 @@ def try_coerce(raw: Any, field_type: str) -> Any:
 
 DurationUnit = Literal["d", "w", "m", "y"]
 _DURATION = re.compile(r"^\s*(\d+)\s*([dwmy])\s*$")
-DURATION_UNITS: dict[str, str] = {"d": "days", "w": "weeks", "m": "calendar months", "y": "calendar years"}
 
 
 @dataclass(frozen=True)

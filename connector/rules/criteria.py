@@ -156,7 +156,7 @@ class _Group:
 _Node = _Leaf | _Group
 
 
-class CompiledCriterion(partial):  # type: ignore[type-arg]
+class CompiledCriterion(partial):
     """A compiled condition tree; satisfies ``connector.approvals.spec.Criterion``.
 
     A ``functools.partial`` subclass so that ``criterion(ctx)`` is a C-level call straight
@@ -288,7 +288,7 @@ def _number_leaf(
             return int_test(raw)
         if cls is float:
             # f - f == 0.0 only for finite floats (inf and nan give nan).
-            return float_test(raw) if raw - raw == 0.0 else bad
+            return float_test(raw) if raw - raw == 0.0 else bad  # type: ignore[operator]  # a float here
         try:
             value = coerce(raw)
         except CoercionError:
@@ -554,7 +554,7 @@ class _Compiler:
         if not ops:
             self.errors.add(path, f"no operator for `{field.name}`", f"expected one of {one_of(OPERATORS)}")
             return None
-        leaves = [self._leaf(field, op, value, path + (op,), ignore_case) for op, value in ops.items()]
+        leaves = [self._leaf(field, op, value, path + (op,), bool(ignore_case)) for op, value in ops.items()]
         if ignore_case is None or any(leaf is None for leaf in leaves):
             return None
         return self._group("all", leaves, path, visible=False)  # type: ignore[arg-type]

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -133,7 +133,7 @@ class _NodeReader:
                 return self._mapping(node, path)
             if isinstance(node, yaml.SequenceNode):
                 return self._sequence(node, path)
-            return self._scalar(node, path)
+            return self._scalar(cast(yaml.ScalarNode, node), path)
         finally:
             self._active.discard(id(node))
 
@@ -349,7 +349,7 @@ class _SpecBuilder:
             rule.name,
             when,
             steps,  # type: ignore[arg-type]
-            actions,
+            actions,  # type: ignore[arg-type]  # keys checked against ACTION_EVENTS
             expires_after,
             restart,
             reject_comment=rule.reject_comment,

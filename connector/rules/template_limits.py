@@ -29,7 +29,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from decimal import Decimal
 from itertools import chain, islice
-from typing import Any
+from typing import Any, cast
 
 from jinja2 import nodes, pass_context
 from jinja2.runtime import Context
@@ -370,7 +370,7 @@ class BoundedTree(NodeTransformer):
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
         self.generic_visit(node)
-        node.iter = _call("_counted", node.iter)
+        node.iter = _call("_counted", cast(nodes.Expr, node.iter))
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:

@@ -354,7 +354,7 @@ def _attribute_problems(
             hint = "use the `format` filter: {{ '%.2f'|format(record.amount) }}" if "format" in attr else None
             problems.append((f"templates may not call `{attr}`: it has no size limit", hint))
             continue
-        allowed = record_fields if owner == "record" else TEMPLATE_VARIABLES.get(owner)
+        allowed = record_fields if owner == "record" else TEMPLATE_VARIABLES.get(owner or "")
         if owner is None or allowed is None or attr in allowed:
             continue
         message = f"`{owner}` has no attribute `{attr}`"
@@ -371,6 +371,7 @@ def _attribute_uses(ast: nodes.Template) -> list[tuple[str | None, str]]:
     """(variable, attribute) for every ``x.attr`` and ``x['attr']`` in the template."""
     uses: list[tuple[str | None, str]] = []
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        assert isinstance(node, nodes.Getattr | nodes.Getitem)
         owner = node.node.name if isinstance(node.node, nodes.Name) else None
         if isinstance(node, nodes.Getattr):
             uses.append((owner, node.attr))

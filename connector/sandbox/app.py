@@ -315,7 +315,7 @@ class Sandbox:
 
 
 def sandbox() -> Sandbox:
-    return current_app.extensions["sandbox"]  # type: ignore[no-any-return]
+    return current_app.extensions["sandbox"]
 
 
 def create_sandbox_app(

@@ -476,7 +476,7 @@ class Store:
     def _write(
         self, db: sqlite3.Connection, spec: ObjectSpec, record_id: str, values: dict[str, Any], now: str
     ) -> None:
-        columns = {name: _to_column(spec.field(name), value) for name, value in values.items()}  # type: ignore[arg-type]
+        columns = {name: _to_column(spec.field(name), value) for name, value in values.items()}
         columns["modified_at"] = now
         assignments = ", ".join(f'"{name}" = :{name}' for name in columns)
         db.execute(f"UPDATE {spec.table} SET {assignments} WHERE id = :_id", {**columns, "_id": record_id})

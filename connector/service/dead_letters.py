@@ -243,7 +243,7 @@ class EventSelection:
     def narrows(self) -> bool:
         return bool(self.ids or self.record or self.since or self.until)
 
-    def select(self) -> Select[tuple[InboxEvent]]:
+    def select(self) -> Select[InboxEvent]:
         query = select(InboxEvent).where(InboxEvent.status.in_(self.statuses))
         if self.ids:
             query = query.where(InboxEvent.id.in_(self.ids))

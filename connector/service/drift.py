@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -116,7 +116,7 @@ def _intended_values(sessions: sessionmaker[Session], since: datetime) -> dict[R
     return intents
 
 
-def _intent_of(rows: list[OutboxUpdate]) -> _Intent | None:
+def _intent_of(rows: Sequence[OutboxUpdate]) -> _Intent | None:
     """Newest value per field; None while a row is pending or in flight."""
     if any(row.status not in (DONE, DEAD) for row in rows):
         return None

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from connector.clock import utcnow
 from connector.storage.models import AuditChainHead, AuditEntry
 
+# Every kind of entry; `record` refuses others, so a typo cannot start a kind nobody queries.
 KINDS = (
     "webhook_received",
     "echo_ignored",
@@ -76,6 +77,8 @@ def record(
 ) -> None:
     """Add an entry to the caller's transaction; it is written when that transaction commits
     and dropped if it (or the savepoint it was recorded in) rolls back."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown audit entry kind {kind!r}: add it to KINDS in connector/storage/audit.py")
     entry = {
         "at": utcnow(),
         "kind": kind,

@@ -125,7 +125,7 @@ class WriterLock:
         self._threads.acquire()
         depth = getattr(self._local, "depth", 0)
         if depth == 0 and self._path is not None:
-            fcntl.flock(self._lock_file(), fcntl.LOCK_EX)  # type: ignore[union-attr]
+            fcntl.flock(self._lock_file(), fcntl.LOCK_EX)
         self._local.depth = depth + 1
 
     def release(self) -> None:
@@ -134,7 +134,7 @@ class WriterLock:
             return
         self._local.depth = depth - 1
         if depth == 1 and self._path is not None:
-            fcntl.flock(self._lock_file(), fcntl.LOCK_UN)  # type: ignore[union-attr]
+            fcntl.flock(self._lock_file(), fcntl.LOCK_UN)
         self._threads.release()
 
     def _lock_file(self) -> Any:

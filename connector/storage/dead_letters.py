@@ -95,7 +95,7 @@ class DeadLetterFilter:
             )
         )
 
-    def select(self, now: datetime) -> Select[tuple[DeadLetter]]:
+    def select(self, now: datetime) -> Select[DeadLetter]:
         query = select(DeadLetter)
         if self.ids:
             query = query.where(DeadLetter.id.in_(self.ids))

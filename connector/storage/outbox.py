@@ -388,9 +388,14 @@ def recover_in_doubt(
             for key in keys:
                 landed = same_values(wanted[key], current.get(key[2]) or {})
                 for stale_row in groups[key]:
-                    row = session.get(OutboxUpdate, stale_row.id)
-                    if row is None or row.status != SENDING or row.batch_id != stale_row.batch_id:
+                    current_row = session.get(OutboxUpdate, stale_row.id)
+                    if (
+                        current_row is None
+                        or current_row.status != SENDING
+                        or current_row.batch_id != stale_row.batch_id
+                    ):
                         continue
+                    row = current_row
                     row.lease_expires_at = None
                     if landed:
                         row.status, row.done_at, row.last_error = DONE, utcnow(), None

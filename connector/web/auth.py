@@ -156,7 +156,7 @@ def _client() -> Any:
 def sso_start() -> ResponseReturnValue:
     session["sso_next"] = safe_next(request.args.get("next"))
     callback = f"{settings().public_base_url}{url_for('web.sso_callback')}"
-    return _client().authorize_redirect(callback)  # type: ignore[no-any-return]
+    return _client().authorize_redirect(callback)
 
 
 @blueprint.get("/sign-in/sso/callback")

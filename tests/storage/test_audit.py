@@ -462,3 +462,14 @@ def test_the_migration_downgrades_to_plain_append_only_and_upgrades_again(db: Ru
     upgrade(url)
     result = verify(db.sessions)
     assert result.ok and result.rows == 6
+
+
+def test_an_unknown_entry_kind_is_refused(runtime: Runtime) -> None:
+    from connector.storage import audit
+    from connector.storage.db import transaction
+
+    with (
+        pytest.raises(ValueError, match="unknown audit entry kind 'vote_cast'"),
+        transaction(runtime.sessions) as session,
+    ):
+        audit.record(session, "vote_cast", request_id="r-1")
