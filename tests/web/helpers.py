@@ -10,13 +10,13 @@ from typing import Any
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
-from connector.config import Settings
-from connector.runtime import Runtime
-from connector.storage.db import transaction
 from connector.clock import utcnow
+from connector.config import Settings
 from connector.crm.base import CRMUser
 from connector.directory.service import store_users
 from connector.notify.models import Notification
+from connector.runtime import Runtime
+from connector.storage.db import transaction
 from connector.web import people
 from tests.webhooks.test_api import USERS, World, build_world
 
@@ -101,4 +101,3 @@ def text(response: Any) -> str:
     html = response.get_data(as_text=True)
     html = re.sub(r"<(script|style)\b.*?</\1>", " ", html, flags=re.S)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)).strip()
-
