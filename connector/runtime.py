@@ -19,6 +19,7 @@ from connector.crm.registry import build_adapter, check_kinds
 from connector.storage.db import make_engine, make_session_factory
 
 if TYPE_CHECKING:
+    from connector.notify.render import LinkProvider
     from connector.rules import MappingSet
     from connector.service.approval_service import ApprovalService
     from connector.storage.inbox import EventProcessor
@@ -42,6 +43,7 @@ class Runtime:
     approvals: ApprovalService | None = None  # None: the API answers 503 to votes
     sweep_jobs: list[SweepJob] = field(default_factory=list)
     flush_jobs: list[SweepJob] = field(default_factory=list)  # also run after every outbox flush
+    link_providers: list[LinkProvider] = field(default_factory=list)  # one-click links in messages
     _adapters: dict[str, CRMAdapter] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

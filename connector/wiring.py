@@ -13,6 +13,7 @@ from connector.runtime import Runtime, SweepJob
 from connector.service.drift import DriftRepairJob
 from connector.service.pipeline import Pipeline, log_mapping_error, refresh_mappings
 from connector.service.zoho_channels import renew_due_channels
+from connector.web.links import decision_link_provider
 
 log = logging.getLogger(__name__)
 
@@ -46,4 +47,6 @@ def attach_pipeline(runtime: Runtime, mappings: MappingSet) -> Pipeline:
         SweepJob("people", people_sweep),  # directory refresh, expiry warnings, notifications
     ]
     runtime.flush_jobs = [SweepJob("notifications", send_now)]  # queued notifications go out promptly
+    # "A step opens for you" messages carry one-click Approve / Reject links to the web app.
+    runtime.link_providers = [decision_link_provider(runtime.settings)]
     return pipeline

@@ -40,16 +40,10 @@ from jinja2.sandbox import SandboxedEnvironment
 
 FALLBACK_LANGUAGE = "en"
 
-# One-click links and the like: (request id, recipient user id) -> {name: URL}, merged into the
-# `links` variable of "step opened" messages. The web app registers its provider at start-up.
-LinkProvider = Callable[[str, str], Mapping[str, str]]
-LINK_PROVIDERS: list[LinkProvider] = []
-
-
-def register_link_provider(provider: LinkProvider) -> None:
-    """Add links (e.g. one-click approve/reject) to every "step opened" message."""
-    if provider not in LINK_PROVIDERS:
-        LINK_PROVIDERS.append(provider)
+# One-click links and the like: (request id, recipient user id, step index) -> {name: URL},
+# merged into the `links` variable of "step opened" messages. connector/wiring.py gives the
+# runtime the web app's decision links (Runtime.link_providers).
+LinkProvider = Callable[[str, str, int | None], Mapping[str, str]]
 
 
 class TemplateProblem(Exception):

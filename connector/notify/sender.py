@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -40,7 +40,7 @@ from connector.notify.channels import (
 )
 from connector.notify.models import DEAD, DONE, PENDING, SENDING, SKIPPED, Notification
 from connector.notify.queue import NotificationQueue
-from connector.notify.render import LINK_PROVIDERS, RenderedMessage, TemplateProblem, Templates
+from connector.notify.render import LinkProvider, RenderedMessage, TemplateProblem, Templates
 from connector.storage import approval_store
 from connector.storage.approval_store import StoredRequest
 from connector.storage.db import transaction
@@ -76,6 +76,7 @@ class NotificationSender:
         email: EmailTransport | None = None,
         chat: ChatTransport | None = None,
         clock: Any = utcnow,
+        link_providers: Sequence[LinkProvider] = (),
     ) -> None:
         self.sessions = sessions
         self.settings = settings
@@ -86,10 +87,16 @@ class NotificationSender:
         self.email = email or SmtpTransport(settings.notify)
         self.chat = chat or AppriseTransport()
         self.clock = clock
+        self.link_providers = tuple(link_providers)
 
     @classmethod
     def from_runtime(cls, runtime: Runtime) -> NotificationSender:
-        return cls(runtime.sessions, runtime.settings, Directory.from_runtime(runtime))
+        return cls(
+            runtime.sessions,
+            runtime.settings,
+            Directory.from_runtime(runtime),
+            link_providers=runtime.link_providers,
+        )
 
     def send_due(self, limit: int = 100) -> SendReport:
         report = SendReport()
@@ -258,8 +265,9 @@ class NotificationSender:
                 and row.user_id
                 and row.target in (None, f"user:{_env(row.user_id)}")
             ):
-                for provider in LINK_PROVIDERS:
-                    variables["links"].update(provider(stored.request.id, row.user_id))
+                step_index = facts.get("step_index")
+                for provider in self.link_providers:
+                    variables["links"].update(provider(stored.request.id, row.user_id, step_index))
         return variables
 
     def _request_variables(

@@ -24,7 +24,7 @@ from flask import Blueprint, Flask, abort, current_app, jsonify, redirect, rende
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
-from connector.config import ConfigError, ConnectionConfig, Settings
+from connector.config import MAIL_CATCHER_HOST, ConfigError, ConnectionConfig, Settings
 from connector.errors import CrmApprovalsError
 from connector.events import parse_timestamp
 from connector.sandbox.seed import ensure_seeded
@@ -66,6 +66,8 @@ class SandboxConfig:
     webhook_secrets: tuple[str, ...] = field(repr=False)
     rate_limit_per_second: float | None = None
     send_timeout: float = SEND_TIMEOUT_SECONDS
+    approver_app_url: str | None = None  # {PUBLIC_BASE_URL}/app/: where approvers sign in
+    mail_catcher_url: str | None = None  # the caught mail, when `run` starts the mail catcher
 
     @classmethod
     def from_settings(cls, settings: Settings, connection_name: str | None = None) -> SandboxConfig:
@@ -79,6 +81,12 @@ class SandboxConfig:
             api_token=connection.require("API_TOKEN"),
             webhook_secrets=_webhook_secrets(connection),
             rate_limit_per_second=rate if rate > 0 else None,
+            approver_app_url=f"{settings.public_base_url}/app/",
+            mail_catcher_url=(
+                f"http://{MAIL_CATCHER_HOST}:{settings.notify.mail_catcher_port}/"
+                if settings.notify.uses_mail_catcher
+                else None
+            ),
         )
 
 
@@ -340,6 +348,9 @@ def create_sandbox_app(
     app.extensions["sandbox"] = state
     app.jinja_env.filters["when"] = _when
     app.jinja_env.filters["status_class"] = _status_class
+    app.jinja_env.globals.update(
+        approver_app_url=config.approver_app_url, mail_catcher_url=config.mail_catcher_url
+    )
     app.register_blueprint(pages)
     app.register_blueprint(api, url_prefix="/api/v1")
     _register_error_handlers(app)

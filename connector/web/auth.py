@@ -4,8 +4,8 @@ are set. Both end in the same signed session cookie (blueprint.sign_in_as)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from datetime import timedelta
 from typing import Any
 
 from authlib.common.errors import AuthlibBaseError
@@ -16,12 +16,13 @@ from joserfc.errors import JoseError
 from requests import RequestException
 from sqlalchemy.exc import IntegrityError
 
-from connector.clock import utcnow
 from connector.config import Settings
+from connector.notify.queue import queue_message
 from connector.storage.db import transaction
 from connector.web import links, people
 from connector.web.blueprint import (
     WebError,
+    after_change,
     blueprint,
     runtime,
     safe_next,
@@ -52,17 +53,24 @@ def send_link() -> ResponseReturnValue:
         error = gettext("Enter the e-mail address you use at work, e.g. name@example.com.")
         return render_template("sign_in.html", next=target, email=email, error=error), 400
     rt = runtime()
-    with transaction(rt.sessions) as db:
-        person = people.find_by_email(rt, db, email)
-        if person is not None:
-            link = links.sign_in_link(settings(), person.user_id)
-            if target != url_for("web.home"):
-                link += "&" + _encode_next(target)
-            expires = utcnow() + timedelta(minutes=settings().sign_in_link_minutes)
-            people.send_sign_in_link(db, person.email, link, user_id=person.user_id, expires_at=expires)
-            log.info("sign-in link made for user %s", person.user_id)
-        else:
-            log.info("sign-in link asked for an unknown address")
+    person = people.find_by_email(rt, email)
+    if person is not None:
+        link = links.sign_in_link(settings(), person.id)
+        if target != url_for("web.home"):
+            link += "&" + _encode_next(target)
+        with transaction(rt.sessions) as db:  # the worker renders and sends it (never this request)
+            queue_message(
+                db,
+                connection=person.connection,
+                user_id=person.id,
+                template="sign_in",
+                context={"links": {"sign_in": link}, "expires_minutes": settings().sign_in_link_minutes},
+                dedupe_key=f"sign_in:{hashlib.sha256(link.encode()).hexdigest()}",
+            )
+        after_change()
+        log.info("sign-in link queued for user %s", person.id)
+    else:
+        log.info("sign-in link asked for an unknown or inactive address")
     # The same answer either way: the page must not tell who has an account.
     return render_template("sign_in_sent.html", email=email, minutes=settings().sign_in_link_minutes)
 
@@ -174,14 +182,12 @@ def sso_callback() -> ResponseReturnValue:
     email = claims.get("email")
     if not isinstance(email, str) or claims.get("email_verified") is False:
         return _sso_refused(gettext("The sign-on service did not give a verified e-mail address."))
-    rt = runtime()
-    with rt.sessions() as db:
-        person = people.find_by_email(rt, db, email)
+    person = people.find_by_email(runtime(), email)
     if person is None:
         return _sso_refused(gettext("%(email)s is not a user of this approval service.", email=email))
     target = safe_next(session.pop("sso_next", None))
-    sign_in_as(person.user_id, "sso")
-    log.info("user %s signed in with single sign-on", person.user_id)
+    sign_in_as(person.id, "sso")
+    log.info("user %s signed in with single sign-on", person.id)
     return redirect(target, 303)
 
 

@@ -114,6 +114,7 @@ def load_user() -> ResponseReturnValue | None:
         csrf.protect()
     user_id = session.get("uid")
     g.user = WebUser(user_id, user_id in settings().admin_users) if isinstance(user_id, str) else None
+    people.prime(runtime())  # names and the user's locale for the whole request
     return None
 
 

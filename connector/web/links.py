@@ -9,6 +9,7 @@ second use is refused. Opening a link (GET) never acts: mail scanners follow lin
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlencode
@@ -103,6 +104,16 @@ def decision_links(
         token = sign(settings, DECISION, payload)
         links[decision] = f"{settings.public_base_url}/app/decide?{urlencode({'token': token})}"
     return links
+
+
+def decision_link_provider(settings: Settings) -> Callable[[str, str, int | None], dict[str, str]]:
+    """Decision links for "a step opens for you" messages, as the notification sender asks
+    for them (Runtime.link_providers, set by connector/wiring.py)."""
+
+    def provide(request_id: str, approver_id: str, step_index: int | None) -> dict[str, str]:
+        return decision_links(request_id, approver_id, step_index=step_index, settings=settings)
+
+    return provide
 
 
 def read_decision(settings: Settings, token: str) -> DecisionClaim:

@@ -976,3 +976,21 @@ def test_lock_button_makes_api_writes_wait_with_record_locked(web: FlaskClient, 
 def test_company_form_redirects_back_to_the_company(web: FlaskClient, receiver: Any) -> None:
     response = web.post("/companies/C-200", data={"name": "Contoso Retail plc", "credit_score": "64"})
     assert response.headers["Location"].startswith("/companies/C-200?saved=msg_")
+
+
+def test_the_page_links_to_the_approver_app_and_the_mail_catcher_when_it_runs(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from connector.config import NotifySettings
+
+    settings = replace(sandbox_settings(tmp_path), public_base_url="http://127.0.0.1:9100")
+    caught = SandboxConfig.from_settings(replace(settings, notify=NotifySettings(mail_catcher_port=9125)))
+    real_smtp = SandboxConfig.from_settings(
+        replace(settings, notify=NotifySettings(smtp_host="smtp.example"))
+    )
+    for config, catcher in ((caught, True), (real_smtp, False)):
+        app = create_sandbox_app(config, store=Store(config.db_path), start_delivery=False)
+        page = app.test_client().get("/").get_data(as_text=True)
+        assert 'href="http://127.0.0.1:9100/app/"' in page
+        assert ('href="http://127.0.0.1:9125/"' in page) is catcher
+        assert "boris.novak@sandbox.example" in page  # the address to sign in with

@@ -111,7 +111,7 @@ def test_sso_signs_in_a_known_user(world: World, issuer: responses.RequestsMock)
     world.submit()
     client = world.app.test_client()
     state, nonce = start(client)
-    answer_token(issuer, id_token(nonce, email="u-mgr@users.invalid", email_verified=True))
+    answer_token(issuer, id_token(nonce, email="u-mgr@example.com", email_verified=True))
     answer = client.get(f"/app/sign-in/sso/callback?code=c0de&state={state}")
     assert answer.status_code == 303 and answer.headers["Location"].endswith("/app/mine")
     assert client.get("/app/inbox").status_code == 200
@@ -123,7 +123,7 @@ def test_sso_refuses_unknown_and_unverified_addresses(world: World, issuer: resp
     world.submit()
     for claims, reason in (
         ({"email": "someone@acme.example"}, "is not a user of this approval service"),
-        ({"email": "u-mgr@users.invalid", "email_verified": False}, "verified e-mail address"),
+        ({"email": "u-mgr@example.com", "email_verified": False}, "verified e-mail address"),
         ({}, "verified e-mail address"),
     ):
         client = world.app.test_client()
@@ -145,7 +145,7 @@ def test_sso_refuses_a_wrong_state_a_wrong_nonce_and_the_providers_error(
 
     client = world.app.test_client()
     state, _nonce = start(client)
-    answer_token(issuer, id_token("another-nonce", email="u-mgr@users.invalid"))
+    answer_token(issuer, id_token("another-nonce", email="u-mgr@example.com"))
     answer = client.get(f"/app/sign-in/sso/callback?code=c0de&state={state}")
     assert answer.status_code == 401 and client.get("/app/inbox").status_code == 302
 
