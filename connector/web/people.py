@@ -36,7 +36,7 @@ class Snapshot:
 def prime(runtime: Runtime) -> Snapshot:
     """Read the directory for this request (once)."""
     if has_request_context() and "people" in g:
-        return g.people  # type: ignore[no-any-return]
+        return g.people
     with runtime.sessions() as session:
         snapshot = Snapshot(
             {(row.connection, row.user_id): _person(row) for row in session.scalars(select(DirectoryPerson))},
