@@ -151,7 +151,7 @@ class VotePath(BaseModel):
 
 
 CHANGE_ERRORS = {
-    404: "request_not_found",
+    404: "request_not_found: no such request, or one you may not see (for every action alike)",
     409: "request_closed, stale_request, concurrent_change, rule_gone, rule_mismatch",
     503: "action_render_error, approvals_unavailable",
 }
@@ -233,7 +233,8 @@ def recall_request(request_id: str, body: RecallBody) -> RequestDetail:
     body=VoteBody,
     response=RequestDetail,
     errors={
-        403: "not_an_approver: neither an approver of the open step nor an admin",
+        403: "not_an_approver: neither an approver of the open step nor an admin; "
+        "self_approval_not_allowed: the caller submitted the request and its rule does not allow that",
         409: "duplicate_vote, step_closed, stale_step, " + CHANGE_ERRORS[409],
         422: "chain_error: the next step's approvers can't be resolved",
         404: CHANGE_ERRORS[404],
