@@ -52,6 +52,8 @@ MAX_COMMENT_CHARS = 4000
 ERROR_HINTS: dict[str, str] = {
     "not_an_approver": "only an approver of the open step (current_step.approvers) or an admin may vote",
     "recall_not_allowed": "only the submitter or an admin token may recall a request",
+    "self_approval_not_allowed": "another approver of the step decides; to let submitters approve their own "
+    "requests, set allow_self_approval: true on the rule (docs/mappings.md)",
     "duplicate_vote": "you already voted on this step; " + RELOAD_HINT,
     "request_closed": "the request is decided or withdrawn; " + RELOAD_HINT,
     "step_closed": RELOAD_HINT,

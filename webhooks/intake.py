@@ -124,10 +124,22 @@ def resolve_connection(kind: str, name: str | None = None) -> ConnectionConfig:
 
 def require_secret(connection: ConnectionConfig, secret: SecretSetting) -> tuple[str, ...]:
     """The setting's configured values, or a 503 naming the variable to set."""
-    values = secret.values(connection)
-    if not values and not secret.waived(connection):
-        raise secret.problem(connection)
-    return values
+    return require_secrets(connection, secret)[0]
+
+
+def require_secrets(connection: ConnectionConfig, *secrets: SecretSetting) -> list[tuple[str, ...]]:
+    """Each setting's configured values (() for a waived one), or one 503 naming every missing
+    variable, so that fixing the first does not just reveal the next."""
+    missing = [s.problem(connection) for s in secrets if not s.values(connection) and not s.waived(connection)]
+    if missing:
+        first = missing[0]
+        raise WebhookError(
+            first.status,
+            first.code,
+            "; ".join(p.message for p in missing),
+            "; ".join(p.hint or "" for p in missing),
+        )
+    return [s.values(connection) for s in secrets]
 
 
 def intake_module(kind: CRMKind) -> ModuleType:

@@ -41,6 +41,7 @@ from webhooks.intake import (
     record_change,
     require_content_type,
     require_secret,
+    require_secrets,
     resolve_connection,
 )
 from webhooks.signatures import constant_time_equals, verify_timestamped_hmac
@@ -94,8 +95,8 @@ outbound = Blueprint("outbound", __name__)
 @outbound.post("/webhooks/salesforce/outbound")
 def receive_outbound() -> ResponseReturnValue:
     connection = resolve_connection(KIND)
-    trusted = require_secret(connection, ORG_IDS)
-    tokens = require_secret(connection, OUTBOUND_TOKEN)  # () only when the connection opted out
+    # tokens is () only when the connection opted out (OUTBOUND_ORG_ID_ONLY=true)
+    trusted, tokens = require_secrets(connection, ORG_IDS, OUTBOUND_TOKEN)
     require_content_type("text/xml")
     check_outbound_token(connection, tokens)
     notifications = soap_body_child(parse_xml(request.get_data(cache=True)), OUTBOUND_NS, "notifications")

@@ -494,7 +494,9 @@ def test_vote_on_a_closed_request_is_409(world: World) -> None:
     request_id = world.submit()
     world.vote("u-mgr", request_id, "reject", comment="not now")
     before = written_rows(world.runtime)
-    error_of(world.vote("u-gm", request_id), 409, "request_closed")
+    # u-mgr, who may see it (u-gm's step never opened, so for u-gm it is 404, as for anyone uninvolved)
+    error_of(world.vote("u-mgr", request_id), 409, "request_closed")
+    error_of(world.vote("u-gm", request_id), 404, "request_not_found")
     error_of(world.post("u-rep", f"/requests/{request_id}/recall"), 409, "request_closed")
     assert written_rows(world.runtime) == before
 
