@@ -21,6 +21,7 @@ from tests.conftest import SANDBOX_SECRET
 
 SLOW_CLIENTS = 200
 BOUND_SECONDS = 1.0
+SERVE_ARGS: list[str] = []  # the defaults of `crm-approvals serve`
 
 
 def _open_slow(port: int, n: int) -> socket.socket:
@@ -57,7 +58,7 @@ def test_200_slow_clients_leave_the_health_endpoints_answering_within_a_second(t
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "SANDBOX_", "CRM_"))}
     command = [sys.executable, "-m", "connector", "--env-file", str(env_file), "serve"]
-    server = subprocess.Popen([*command, "--bind", f"127.0.0.1:{port}"], cwd=tmp_path, env=env)
+    server = subprocess.Popen([*command, "--bind", f"127.0.0.1:{port}", *SERVE_ARGS], cwd=tmp_path, env=env)
     socks: list[socket.socket] = []
     stop = threading.Event()
     trickler = threading.Thread(target=_trickle, args=(socks, stop), daemon=True)
