@@ -130,7 +130,9 @@ def require_secret(connection: ConnectionConfig, secret: SecretSetting) -> tuple
 def require_secrets(connection: ConnectionConfig, *secrets: SecretSetting) -> list[tuple[str, ...]]:
     """Each setting's configured values (() for a waived one), or one 503 naming every missing
     variable, so that fixing the first does not just reveal the next."""
-    missing = [s.problem(connection) for s in secrets if not s.values(connection) and not s.waived(connection)]
+    missing = [
+        s.problem(connection) for s in secrets if not s.values(connection) and not s.waived(connection)
+    ]
     if missing:
         first = missing[0]
         raise WebhookError(
@@ -163,7 +165,9 @@ def _missing_secrets(settings: Settings) -> list[tuple[WebhookError, bool]]:
     missing = []
     for connection in settings.connections.values():
         secrets: Sequence[SecretSetting] = intake_module(crm_kind(connection.kind)).SECRETS
-        missing += [(s.problem(connection), s.waived(connection)) for s in secrets if not s.values(connection)]
+        missing += [
+            (s.problem(connection), s.waived(connection)) for s in secrets if not s.values(connection)
+        ]
     return missing
 
 

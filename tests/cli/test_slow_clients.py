@@ -4,6 +4,7 @@ within 1 s. A real server on a free port; every socket is closed at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -40,10 +41,8 @@ def _trickle(socks: list[socket.socket], stop: threading.Event) -> None:
     """One byte per connection every 0.5 s: alive, never finished."""
     while not stop.wait(0.5):
         for n, sock in enumerate(socks):
-            try:
+            with contextlib.suppress(OSError):  # the server may drop a slow client; that is allowed
                 sock.sendall(b"X-Slow: 1\r\n" if n % 2 else b" ")
-            except OSError:
-                pass  # the server may drop a slow client; that is allowed
 
 
 @pytest.mark.slow

@@ -71,7 +71,11 @@ def _field_xml(name: str, value: str | None) -> str:
 
 class SalesforceOutboundIntakeHarness(IntakeHarness):
     kind = "salesforce"
-    env = {"CRM_CONNECTIONS": "salesforce", "SALESFORCE_ORG_IDS": ORG_ID, "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN}
+    env = {
+        "CRM_CONNECTIONS": "salesforce",
+        "SALESFORCE_ORG_IDS": ORG_ID,
+        "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN,
+    }
     object_type = "Opportunity"
 
     def signed_delivery(self, record_id: str, event_id: str, timestamp: int) -> Delivery:

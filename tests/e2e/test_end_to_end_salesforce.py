@@ -45,7 +45,11 @@ def test_outbound_message_to_approved_write_back_to_expiry(
     mappings = tmp_path / "mappings"
     mappings.mkdir()
     shutil.copy(ROOT / "mappings/examples/salesforce-opportunity.yaml", mappings)
-    env = {**SalesforceAdapterHarness.env, "SALESFORCE_ORG_IDS": ORG_ID, "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN}
+    env = {
+        **SalesforceAdapterHarness.env,
+        "SALESFORCE_ORG_IDS": ORG_ID,
+        "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN,
+    }
     runtime = runtime_factory(settings_factory(env=env, mappings_dir=str(mappings)))
     assert runtime.settings.connections == parse_connections(env)
     pipeline = attach_pipeline(runtime, MappingSet.load(mappings))
@@ -60,7 +64,9 @@ def test_outbound_message_to_approved_write_back_to_expiry(
         # 1. Salesforce calls us; we acknowledge with the exact envelope.
         message = outbound_message([Notification("04l5e000000NotAAA", OPPORTUNITY, _sent_fields())])
         answer = client.post(
-            f"/webhooks/salesforce/outbound?token={OUTBOUND_TOKEN}", data=message, headers={"Content-Type": "text/xml"}
+            f"/webhooks/salesforce/outbound?token={OUTBOUND_TOKEN}",
+            data=message,
+            headers={"Content-Type": "text/xml"},
         )
         assert answer.status_code == 200 and b"<Ack>true</Ack>" in answer.data
 
@@ -175,7 +181,11 @@ def _forgery_setup(
 def test_an_outbound_message_with_the_right_org_id_but_no_token_is_refused(
     tmp_path: Path, settings_factory: Any, runtime_factory: Any, app_factory: Any
 ) -> None:
-    env = {**SalesforceAdapterHarness.env, "SALESFORCE_ORG_IDS": ORG_ID, "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN}
+    env = {
+        **SalesforceAdapterHarness.env,
+        "SALESFORCE_ORG_IDS": ORG_ID,
+        "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN,
+    }
     runtime, _pipeline, client = _forgery_setup(tmp_path, settings_factory, runtime_factory, app_factory, env)
     message = outbound_message([Notification("04l5e000000NotAAA", OPPORTUNITY, _sent_fields())])
     answer = client.post("/webhooks/salesforce/outbound", data=message, headers={"Content-Type": "text/xml"})
@@ -208,7 +218,11 @@ def test_forged_values_with_the_token_open_nothing_because_the_record_is_re_read
 ) -> None:
     """Whoever holds the URL token can still write any values into the message: the worker
     judges the rule on what Salesforce says, so a forged Amount opens no request."""
-    env = {**SalesforceAdapterHarness.env, "SALESFORCE_ORG_IDS": ORG_ID, "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN}
+    env = {
+        **SalesforceAdapterHarness.env,
+        "SALESFORCE_ORG_IDS": ORG_ID,
+        "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN,
+    }
     runtime, pipeline, client = _forgery_setup(tmp_path, settings_factory, runtime_factory, app_factory, env)
     forged = {**_sent_fields(), "Amount": "9999999.0"}  # Salesforce says 150,000 -> 500 below
     truth = _query_answer()

@@ -761,12 +761,18 @@ def test_engine_errors_that_requests_cannot_easily_provoke_map_to_4xx(
 
 
 @pytest.mark.parametrize("action", ["approve", "reject", "recall"])
-def test_every_action_on_a_request_one_may_not_see_is_404_like_an_unknown_id(world: World, action: str) -> None:
+def test_every_action_on_a_request_one_may_not_see_is_404_like_an_unknown_id(
+    world: World, action: str
+) -> None:
     request_id = world.submit()
     before = written_rows(world.runtime)
     body = {"comment": "no"} if action == "reject" else None
-    hidden = error_of(world.post("u-nobody", f"/requests/{request_id}/{action}", body), 404, "request_not_found")
-    unknown = error_of(world.post("u-nobody", f"/requests/no-such-id/{action}", body), 404, "request_not_found")
+    hidden = error_of(
+        world.post("u-nobody", f"/requests/{request_id}/{action}", body), 404, "request_not_found"
+    )
+    unknown = error_of(
+        world.post("u-nobody", f"/requests/no-such-id/{action}", body), 404, "request_not_found"
+    )
     assert "u-rep" not in hidden["message"] + hidden["hint"]  # the submitter is not named
     assert hidden["hint"] == unknown["hint"]
     assert written_rows(world.runtime) == before
@@ -784,14 +790,19 @@ def test_a_submitter_who_is_also_an_approver_may_not_approve_their_own_request(w
 
 
 def test_allow_self_approval_lets_the_submitter_vote(world: World) -> None:
-    write_mapping(world.mapping_file, BIG_DEAL_RULE.replace("    steps:", "    allow_self_approval: true\n    steps:", 1))
+    write_mapping(
+        world.mapping_file,
+        BIG_DEAL_RULE.replace("    steps:", "    allow_self_approval: true\n    steps:", 1),
+    )
     world.pipeline.refresh_mappings(min_interval=0)
     request_id = world.submit("D-self", owner_id="u-fin-1")
     world.approve_steps(request_id, "u-mgr", "u-gm", "u-fin-1")
     assert world.get("u-fin-1", f"/requests/{request_id}").get_json()["status"] == "approved"
 
 
-def test_a_step_only_the_submitter_could_decide_refuses_the_request_naming_rule_and_step(world: World) -> None:
+def test_a_step_only_the_submitter_could_decide_refuses_the_request_naming_rule_and_step(
+    world: World,
+) -> None:
     """u-gm submits; the general-manager step has nobody else: a ChainError at open time (the
     event dead-letters with the rule and step named), not a silent re-route."""
     event = RecordChangeEvent(
