@@ -65,9 +65,17 @@ def main(ctx: click.Context, env_file: str) -> None:
 @main.command()
 @click.option("--bind", default=None, help="HOST:PORT to listen on [default: HOST:PORT from settings].")
 @click.option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
-@click.option("--threads", default=4, show_default=True, help="Threads per worker process.")
+@click.option("--threads", default=4, show_default=True, help="Threads per worker process (gthread only).")
+@click.option(
+    "--worker-class",
+    type=click.Choice(["gevent", "gthread"]),
+    default="gevent",
+    show_default=True,
+    help="gunicorn worker class. gevent keeps answering while slow clients trickle their requests; "
+    "gthread has one thread per request in progress (docs/decisions.md).",
+)
 @pass_context
-def serve(ctx: Context, bind: str | None, workers: int, threads: int) -> None:
+def serve(ctx: Context, bind: str | None, workers: int, threads: int, worker_class: str) -> None:
     """Serve the webhook receiver and the API under gunicorn.
 
     Webhooks are written to the inbox and acknowledged; the `worker` command processes them.
@@ -85,6 +93,7 @@ def serve(ctx: Context, bind: str | None, workers: int, threads: int) -> None:
         bind or f"{settings.host}:{settings.port}",
         workers,
         threads,
+        worker_class,
     )
 
 

@@ -25,6 +25,9 @@ class RecordChangeEvent:
     changed_fields: tuple[str, ...] = ()  # CRM API names; empty = unknown (fetch everything)
     values: Mapping[str, Any] | None = field(default=None)  # API name -> value, when the payload has them
     origin: str | None = None  # who made the change, as the CRM says (CDC changeOrigin, HubSpot changeSource)
+    # False when the delivery is not signed over its content (Outbound Messages, Zoho workflow
+    # webhooks): its values are hints and the pipeline re-reads every mapped field from the CRM.
+    values_signed: bool = True
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -39,6 +42,7 @@ class RecordChangeEvent:
             "changed_fields": list(self.changed_fields),
             "values": dict(self.values) if self.values is not None else None,
             "origin": self.origin,
+            "values_signed": self.values_signed,
         }
 
     @classmethod
@@ -58,6 +62,7 @@ class RecordChangeEvent:
             changed_fields=tuple(row.changed_fields or ()),
             values=row.values,
             origin=row.origin,
+            values_signed=row.values_signed,
         )
 
 

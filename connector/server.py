@@ -27,13 +27,25 @@ class _App(BaseApplication):
         return self.load_app()
 
 
-def serve_app(load_app: Callable[[], Any], bind: str, workers: int, threads: int) -> None:
-    """Serve the WSGI app `load_app()` returns, under gunicorn."""
+# gevent: each connection is a greenlet, so a client that trickles its headers or body holds
+# nothing but its own socket; with gthread every slow client pins one of the few threads and
+# 200 of them starve /healthz (docs/decisions.md, "Serving slow clients").
+WORKER_CLASSES = ("gevent", "gthread")
+WORKER_CONNECTIONS = 1000  # per gevent worker: open connections, slow ones included
+
+
+def serve_app(
+    load_app: Callable[[], Any], bind: str, workers: int, threads: int, worker_class: str = "gevent"
+) -> None:
+    """Serve the WSGI app `load_app()` returns, under gunicorn (`threads` only for gthread)."""
+    if worker_class not in WORKER_CLASSES:
+        raise ValueError(f"worker class must be one of {WORKER_CLASSES}, got {worker_class!r}")
     options = {
         "bind": bind,
         "workers": workers,
         "threads": threads,
-        "worker_class": "gthread" if threads > 1 else "sync",
+        "worker_class": worker_class,
+        "worker_connections": WORKER_CONNECTIONS,
         "timeout": 30,
         "graceful_timeout": 10,
         "accesslog": "-",

@@ -52,6 +52,8 @@ MAX_COMMENT_CHARS = 4000
 ERROR_HINTS: dict[str, str] = {
     "not_an_approver": "only an approver of the open step (current_step.approvers) or an admin may vote",
     "recall_not_allowed": "only the submitter or an admin token may recall a request",
+    "self_approval_not_allowed": "another approver of the step decides; to let submitters approve their own "
+    "requests, set allow_self_approval: true on the rule (docs/mappings.md)",
     "duplicate_vote": "you already voted on this step; " + RELOAD_HINT,
     "request_closed": "the request is decided or withdrawn; " + RELOAD_HINT,
     "step_closed": RELOAD_HINT,
@@ -151,7 +153,7 @@ class VotePath(BaseModel):
 
 
 CHANGE_ERRORS = {
-    404: "request_not_found",
+    404: "request_not_found: no such request, or one you may not see (for every action alike)",
     409: "request_closed, stale_request, concurrent_change, rule_gone, rule_mismatch",
     503: "action_render_error, approvals_unavailable",
 }
@@ -233,7 +235,8 @@ def recall_request(request_id: str, body: RecallBody) -> RequestDetail:
     body=VoteBody,
     response=RequestDetail,
     errors={
-        403: "not_an_approver: neither an approver of the open step nor an admin",
+        403: "not_an_approver: neither an approver of the open step nor an admin; "
+        "self_approval_not_allowed: the caller submitted the request and its rule does not allow that",
         409: "duplicate_vote, step_closed, stale_step, " + CHANGE_ERRORS[409],
         422: "chain_error: the next step's approvers can't be resolved",
         404: CHANGE_ERRORS[404],

@@ -137,6 +137,7 @@ def parse_event(connection: ConnectionConfig, form: MultiDict[str, str], toleran
         changed_fields=(),  # only the id is sent: the worker fetches the record
         values=None,
         origin=None,  # Bitrix24 events do not say who made the change; see the adapter's is_own_change
+        values_signed=False,  # the application token is not a signature (and no values are sent)
     )
 
 

@@ -207,6 +207,7 @@ def coalesce(connection: ConnectionConfig, events: Sequence[HubSpotEvent]) -> Re
         changed_fields=() if whole_record else tuple(dict.fromkeys(e.property_name or "" for e in ordered)),
         values=values or None,
         origin=origins.pop() if len(origins) == 1 else MIXED_ORIGIN,
+        values_signed=True,  # the v3 signature covers the body
     )
 
 

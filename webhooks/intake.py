@@ -39,6 +39,12 @@ class SecretSetting:
     endpoint: str  # the path it guards
     what: str  # what to set it to, for the hint
     several: bool = False  # comma-separated values are all accepted (rotation)
+    # A connection setting that, set to "true", lets the endpoint run without this secret: an
+    # explicit, documented opt-in to weaker authentication, warned about at start-up.
+    waiver: str | None = None
+
+    def waived(self, connection: ConnectionConfig) -> bool:
+        return self.waiver is not None and (connection.get(self.waiver) or "").strip().lower() == "true"
 
     def values(self, connection: ConnectionConfig) -> tuple[str, ...]:
         if self.several:
@@ -118,10 +124,24 @@ def resolve_connection(kind: str, name: str | None = None) -> ConnectionConfig:
 
 def require_secret(connection: ConnectionConfig, secret: SecretSetting) -> tuple[str, ...]:
     """The setting's configured values, or a 503 naming the variable to set."""
-    values = secret.values(connection)
-    if not values:
-        raise secret.problem(connection)
-    return values
+    return require_secrets(connection, secret)[0]
+
+
+def require_secrets(connection: ConnectionConfig, *secrets: SecretSetting) -> list[tuple[str, ...]]:
+    """Each setting's configured values (() for a waived one), or one 503 naming every missing
+    variable, so that fixing the first does not just reveal the next."""
+    missing = [
+        s.problem(connection) for s in secrets if not s.values(connection) and not s.waived(connection)
+    ]
+    if missing:
+        first = missing[0]
+        raise WebhookError(
+            first.status,
+            first.code,
+            "; ".join(p.message for p in missing),
+            "; ".join(p.hint or "" for p in missing),
+        )
+    return [s.values(connection) for s in secrets]
 
 
 def intake_module(kind: CRMKind) -> ModuleType:
@@ -137,18 +157,33 @@ def intake_module(kind: CRMKind) -> ModuleType:
 
 def unconfigured_secrets(settings: Settings) -> list[WebhookError]:
     """Every secret setting a configured connection lacks, as the error its endpoint answers."""
-    problems = []
+    return [problem for problem, waived in _missing_secrets(settings) if not waived]
+
+
+def _missing_secrets(settings: Settings) -> list[tuple[WebhookError, bool]]:
+    """(the error, whether the connection waived that secret) for every missing secret setting."""
+    missing = []
     for connection in settings.connections.values():
         secrets: Sequence[SecretSetting] = intake_module(crm_kind(connection.kind)).SECRETS
-        problems += [s.problem(connection) for s in secrets if not s.values(connection)]
-    return problems
+        missing += [
+            (s.problem(connection), s.waived(connection)) for s in secrets if not s.values(connection)
+        ]
+    return missing
 
 
 def report_unconfigured_secrets(settings: Settings) -> None:
     """At start-up: the endpoints of a connection that lacks a secret setting refuse every
     delivery (503) until it is set; say so now, naming the variable."""
-    for problem in unconfigured_secrets(settings):
-        log.error("%s; that endpoint answers 503 until then. To fix: %s", problem.message, problem.hint)
+    for problem, waived in _missing_secrets(settings):
+        if waived:
+            log.warning(
+                "%s, and the connection opted out of it: that endpoint accepts deliveries without it, "
+                "so anyone who learns the rest can send them. To fix: %s",
+                problem.message,
+                problem.hint,
+            )
+        else:
+            log.error("%s; that endpoint answers 503 until then. To fix: %s", problem.message, problem.hint)
 
 
 def accepted_objects(connection: ConnectionConfig) -> tuple[str, ...]:
@@ -182,10 +217,13 @@ def record_change(
     changed_fields: Sequence[str] = (),
     values: Mapping[str, Any] | None = None,
     origin: str | None = None,
+    values_signed: bool,
 ) -> RecordChangeEvent:
     """The canonical event for one record change delivered to `connection`. `dedupe_id` is
     what stays the same when the CRM redelivers this change; the connection name is prefixed,
-    so one change seen through two connections is two events."""
+    so one change seen through two connections is two events. `values_signed` says whether the
+    channel authenticates the delivery's content (a signature over the body): when not, the
+    values are hints and the pipeline judges rules on values it reads from the CRM."""
     return RecordChangeEvent(
         source=connection.kind,
         connection=connection.name,
@@ -198,6 +236,7 @@ def record_change(
         changed_fields=tuple(changed_fields),
         values=values,
         origin=origin,
+        values_signed=values_signed,
     )
 
 

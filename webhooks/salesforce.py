@@ -2,8 +2,9 @@
 
 POST /webhooks/salesforce/outbound[?connection=NAME][&token=...]
     A workflow/flow Outbound Message: SOAP 1.1, 1..100 <Notification>s. Salesforce signs
-    nothing, so the OrganizationId must be on the connection's ORG_IDS allow-list (plus an
-    optional URL token and, at the proxy, Salesforce's client certificate). Errors are SOAP
+    nothing, so the OrganizationId must be on the connection's ORG_IDS allow-list and the URL
+    must carry OUTBOUND_TOKEN (plus, at the proxy, Salesforce's client certificate); the values
+    are hints: the worker re-reads the record before judging rules. Errors are SOAP
     faults; success is the exact acknowledgement Salesforce waits for, or it retries for 24 h.
 
 POST /webhooks/salesforce/events[?connection=NAME]
@@ -40,6 +41,7 @@ from webhooks.intake import (
     record_change,
     require_content_type,
     require_secret,
+    require_secrets,
     resolve_connection,
 )
 from webhooks.signatures import constant_time_equals, verify_timestamped_hmac
@@ -71,7 +73,16 @@ EVENTS_SECRET = SecretSetting(
     "/webhooks/salesforce/events",
     "a long random value that your change-event relay signs deliveries with",
 )
-SECRETS = (ORG_IDS, EVENTS_SECRET)
+# A shared secret in the endpoint URL: required, since an org id is not secret (it shows in
+# every Salesforce URL and support case). OUTBOUND_ORG_ID_ONLY=true opts out, loudly.
+OUTBOUND_TOKEN = SecretSetting(
+    "OUTBOUND_TOKEN",
+    "/webhooks/salesforce/outbound",
+    "a long random URL-safe value, also appended as &token=... to the Outbound Message's Endpoint URL",
+    several=True,
+    waiver="OUTBOUND_ORG_ID_ONLY",
+)
+SECRETS = (ORG_IDS, OUTBOUND_TOKEN, EVENTS_SECRET)
 
 blueprint = Blueprint("salesforce", __name__)
 # Nested so that its error handlers (SOAP faults) apply to the Outbound Message route only.
@@ -84,9 +95,10 @@ outbound = Blueprint("outbound", __name__)
 @outbound.post("/webhooks/salesforce/outbound")
 def receive_outbound() -> ResponseReturnValue:
     connection = resolve_connection(KIND)
-    trusted = require_secret(connection, ORG_IDS)
+    # tokens is () only when the connection opted out (OUTBOUND_ORG_ID_ONLY=true)
+    trusted, tokens = require_secrets(connection, ORG_IDS, OUTBOUND_TOKEN)
     require_content_type("text/xml")
-    check_outbound_token(connection)
+    check_outbound_token(connection, tokens)
     notifications = soap_body_child(parse_xml(request.get_data(cache=True)), OUTBOUND_NS, "notifications")
     check_organization(connection, trusted, _child_text(notifications, "OrganizationId"))
     events = parse_notifications(connection, notifications)
@@ -102,10 +114,10 @@ def receive_outbound() -> ResponseReturnValue:
     return Response(OUTBOUND_ACK, 200, mimetype="text/xml")
 
 
-def check_outbound_token(connection: ConnectionConfig) -> None:
-    """Optional shared secret in the endpoint URL (`&token=`), for connections that set one."""
-    expected = connection.get("OUTBOUND_TOKEN")
-    if expected is None:
+def check_outbound_token(connection: ConnectionConfig, expected: tuple[str, ...]) -> None:
+    """The shared secret in the endpoint URL (`&token=`; comma-separated values for rotation).
+    No expected value only when the connection set OUTBOUND_ORG_ID_ONLY=true."""
+    if not expected:
         return
     offered = request.args.get("token")
     variable = f"{connection.env_prefix}OUTBOUND_TOKEN"
@@ -115,7 +127,7 @@ def check_outbound_token(connection: ConnectionConfig) -> None:
             f"connection {connection.name!r} requires a token= parameter in the endpoint URL",
             f"append &token=<value of {variable}> to the Outbound Message's Endpoint URL",
         )
-    if not constant_time_equals(expected, offered):
+    if not any(constant_time_equals(value, offered) for value in expected):
         raise unauthorized(
             "bad_token",
             "the token= parameter in the endpoint URL is wrong",
@@ -192,6 +204,7 @@ def parse_notification(
         changed_fields=[name for name in values if name != "Id"],
         values=values,
         origin=None,  # no change origin in the message; the pipeline compares values instead
+        values_signed=False,  # Outbound Messages are not signed: the worker re-reads the record
     )
 
 
@@ -365,6 +378,7 @@ def parse_change_event(
             changed_fields=changed,
             values=values,
             origin=origin if isinstance(origin, str) else None,
+            values_signed=True,  # the relay signs the body (EVENTS_SECRET)
         )
         for record_id in record_ids
     ]

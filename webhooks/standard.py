@@ -96,6 +96,7 @@ def parse_standard(connection: ConnectionConfig, msg_id: str, body: Any) -> Reco
         changed_fields=changed,
         values=values,
         origin=str(data["origin"]) if data.get("origin") is not None else None,
+        values_signed=True,  # Standard Webhooks sign the id, timestamp and body
     )
 
 

@@ -145,6 +145,7 @@ def parse_notification(connection: ConnectionConfig, body: dict[str, Any]) -> li
             changed_fields=fields.get(record_id, ()) if change_type != "deleted" else (),
             values=values.get(record_id),
             origin=None,  # notifications do not say who made the change
+            values_signed=False,  # Zoho signs nothing: the token is echoed in the body it vouches for
         )
         for record_id in ids
     ]
@@ -228,6 +229,7 @@ def parse_workflow(connection: ConnectionConfig, params: dict[str, Any]) -> Reco
         changed_fields=(),  # a workflow says which values it sends, not which ones changed
         values=values,
         origin=str(modified_by).strip() if modified_by not in (None, "") else None,
+        values_signed=False,  # a shared value in the body, no signature: the worker re-reads the record
     )
 
 

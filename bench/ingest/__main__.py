@@ -38,7 +38,7 @@ def free_port() -> int:
 
 
 def start_server(
-    app_uri: str, port: int, env: dict[str, str], workers: int, threads: int
+    app_uri: str, port: int, env: dict[str, str], workers: int, threads: int, worker_class: str
 ) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable,
@@ -52,7 +52,9 @@ def start_server(
         "--threads",
         str(threads),
         "--worker-class",
-        "gthread",
+        worker_class,
+        "--worker-connections",
+        "1000",
         "--log-level",
         "warning",
     ]
@@ -127,6 +129,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="client processes (one connection each)")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers for both apps")
     parser.add_argument("--threads", type=int, default=8, help="threads per gunicorn worker for both apps")
+    parser.add_argument(
+        "--worker-class",
+        choices=("gevent", "gthread"),
+        default="gevent",
+        help="gunicorn worker class for both apps (default: what `crm-approvals serve` uses)",
+    )
     parser.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
     args = parser.parse_args()
 
@@ -153,7 +161,7 @@ def main() -> None:
         ("crm-approvals", "webhooks.app:create_app()"),
     ):
         port = free_port()
-        server = start_server(app_uri, port, env, args.workers, args.threads)
+        server = start_server(app_uri, port, env, args.workers, args.threads, args.worker_class)
         try:
             load(f"http://127.0.0.1:{port}/webhooks/standard", 200, 4)  # warm-up
             rows[name] = load(f"http://127.0.0.1:{port}/webhooks/standard", args.requests, args.concurrency)

@@ -88,6 +88,12 @@ class NotAnApproverError(PermissionDeniedError):
     code = "not_an_approver"
 
 
+class SelfApprovalNotAllowedError(PermissionDeniedError):
+    """The submitter voted on their own request and the rule does not allow self-approval."""
+
+    code = "self_approval_not_allowed"
+
+
 class RecallNotAllowedError(PermissionDeniedError):
     """Only the submitter (or an admin) may recall a request."""
 

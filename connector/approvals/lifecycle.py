@@ -83,6 +83,7 @@ from typing import Any, Literal, TypeGuard
 from connector.approvals.chain import StepAssignment, assign_step
 from connector.approvals.errors import (
     ApprovalError,
+    ChainError,
     CommentRequiredError,
     DuplicateVoteError,
     InvalidDecisionError,
@@ -92,6 +93,7 @@ from connector.approvals.errors import (
     RecallNotAllowedError,
     RequestClosedError,
     RuleMismatchError,
+    SelfApprovalNotAllowedError,
     StaleStepError,
     StepClosedError,
 )
@@ -247,12 +249,16 @@ def restart_fields(request: ApprovalRequest, rule: RuleSpec, ctx: EvalContext) -
     )
 
 
-def may_vote(request: ApprovalRequest, user: str, is_admin: bool = False) -> bool:
-    """Whether ``cast_vote`` would accept a vote by ``user`` on the open step now."""
+def may_vote(
+    request: ApprovalRequest, user: str, is_admin: bool = False, *, allow_self_approval: bool = False
+) -> bool:
+    """Whether ``cast_vote`` would accept a vote by ``user`` on the open step now
+    (``allow_self_approval``: the rule's setting)."""
     step = current_step_state(request)
     if not is_active(request) or step is None or step.status != "pending":
         return False
     try:
+        _check_not_self(request, user, allow_self_approval)
         _check_voter(request, step, user, is_admin)
     except ApprovalError:
         return False
@@ -301,7 +307,9 @@ def open_request(
     approve it), then the first applicable step opens. Fires ``submit`` (and ``approve``
     when every step is skipped). ``request_id`` defaults to a random UUID hex.
     """
-    plan_chain(rule, roles, ctx)
+    for step, assignment in plan_chain(rule, roles, ctx):
+        if assignment is not None:
+            _check_self_approval(rule, step, assignment, submitter)
     request = ApprovalRequest(
         id=request_id or uuid.uuid4().hex,
         rule_name=rule.name,
@@ -342,13 +350,14 @@ def cast_vote(
     else is a conflict. ``roles`` resolves approvers of steps this vote opens; ``today``
     (default ``now.date()``) feeds their entry criteria. Raises, in this order:
     ``InvalidDecisionError``, ``RequestClosedError``, ``RuleMismatchError``,
-    ``StepClosedError`` / ``StaleStepError``, ``NotAnApproverError``,
-    ``DuplicateVoteError``; and ``ChainError`` if a step it opens can't be assigned.
+    ``StepClosedError`` / ``StaleStepError``, ``SelfApprovalNotAllowedError``,
+    ``NotAnApproverError``, ``DuplicateVoteError``; and ``ChainError`` if a step it opens can't be assigned.
     """
     if not _is_decision(decision):
         raise InvalidDecisionError(f"decision must be one of {DECISIONS}, got {decision!r}")
     _require_active(request)
     step = _check_step(request, rule, step_index, step_round)
+    _check_not_self(request, approver, rule.allow_self_approval, rule.name)
     acting_admin = _check_voter(request, step, approver, is_admin)
     if decision == "reject" and rule.reject_comment == "required" and not (comment or "").strip():
         raise CommentRequiredError(f"rule {rule.name!r} needs a comment with every rejection")
@@ -578,17 +587,36 @@ def _advance(
     for index in range(start, len(rule.steps)):
         step = rule.steps[index]
         if _applies(step, ctx):
-            _open_step(txn, step, index, roles)
+            _open_step(txn, rule, index, roles)
             return
         _skip_step(txn, step, index)
     _approve_request(txn, rule, actor)
 
 
-def _open_step(txn: _Txn, step: StepSpec, index: int, roles: Roles) -> None:
+def _open_step(txn: _Txn, rule: RuleSpec, index: int, roles: Roles) -> None:
+    step = rule.steps[index]
     assignment = assign_step(step, txn.request.record, roles)
+    _check_self_approval(rule, step, assignment, txn.request.submitter)
     txn.add_step(_new_row(txn, step, index, "pending", assignment))
     txn.request.current_step = index
     txn.transition("entered", "pending", step_index=index, actor=None)
+
+
+def _check_self_approval(rule: RuleSpec, step: StepSpec, assignment: StepAssignment, submitter: str) -> None:
+    """Unless the rule allows self-approval, the submitter's vote never counts, so a step that
+    needs it could never be decided: refuse the request when it opens (a ChainError naming the
+    rule and step) rather than route it to someone the mapping file does not name."""
+    if rule.allow_self_approval or submitter not in assignment.approvers:
+        return
+    others = len(assignment.approvers) - 1
+    if others < assignment.required:
+        raise ChainError(
+            step.name,
+            f"rule {rule.name!r}",
+            f"needs {assignment.required} approval(s) but its approvers besides the submitter {submitter!r} "
+            f"are {others}, and the rule does not allow self-approval; add an approver to the step "
+            "or set allow_self_approval: true on the rule",
+        )
 
 
 def _skip_step(txn: _Txn, step: StepSpec, index: int) -> None:
@@ -646,7 +674,7 @@ def _after_rejection(
     txn.transition(
         "sent_back", "pending", step_index=index, actor=actor, comment=comment, acting_admin=acting_admin
     )
-    _open_step(txn, rule.steps[target], target, roles)
+    _open_step(txn, rule, target, roles)
 
 
 def _back_target(request: ApprovalRequest, index: int) -> int | None:
@@ -718,6 +746,16 @@ def _raise_wrong_step(request: ApprovalRequest, step_index: int, current: StepSt
     if seen is not None:
         raise StepClosedError(f"step {step_index} ({seen.name!r}) is {seen.status}; {where}")
     raise StaleStepError(f"step {step_index} is not open; {where}")
+
+
+def _check_not_self(request: ApprovalRequest, voter: str, allowed: bool, rule_name: str = "") -> None:
+    """The submitter may not vote on their own request unless the rule allows self-approval
+    (admins included: an admin override of one's own request is still self-approval)."""
+    if voter == request.submitter and not allowed:
+        raise SelfApprovalNotAllowedError(
+            f"{voter!r} submitted this request and its rule {rule_name or request.rule_name!r} "
+            "does not allow self-approval (allow_self_approval: true in the mapping file allows it)"
+        )
 
 
 def _check_voter(request: ApprovalRequest, step: StepState, approver: str, is_admin: bool) -> bool:

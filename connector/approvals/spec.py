@@ -139,6 +139,8 @@ class RuleSpec:
     # rules built in code default to no requirement.
     reject_comment: RejectComment = "optional"
     bulk_approve: bool = False  # approvers may approve several requests of this rule at once
+    # Whether the submitter may vote on their own request (an approver of a step); default no.
+    allow_self_approval: bool = False
 
 
 @dataclass(frozen=True)

@@ -354,6 +354,7 @@ class _SpecBuilder:
             restart,
             reject_comment=rule.reject_comment,
             bulk_approve=rule.bulk_approve,
+            allow_self_approval=rule.allow_self_approval,
         )
 
     def _when(self, spec: Any, path: KeyPath) -> Criterion | None:

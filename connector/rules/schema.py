@@ -137,6 +137,7 @@ class RuleModel(_Model):
     expires_after: str | None = None
     reject_comment: RejectComment = "required"
     bulk_approve: bool = False
+    allow_self_approval: bool = False
     on: OnModel = Field(default_factory=OnModel)
 
 
@@ -240,6 +241,7 @@ _KEY_ELSEWHERE: dict[str, str] = {
     "restart_on_change": "`restart_on_change` belongs to a rule",
     "reject_comment": "`reject_comment` belongs to a rule",
     "bulk_approve": "`bulk_approve` belongs to a rule",
+    "allow_self_approval": "`allow_self_approval` belongs to a rule",
     "set": "`set` goes under an event: `on: {approve: {set: {...}}}`",
     "submit": "events go under `on:` in a rule",
     "approve": "events go under `on:` in a rule",

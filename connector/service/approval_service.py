@@ -32,6 +32,7 @@ from connector.approvals.lifecycle import (
     Transition,
     cast_vote,
     expire,
+    may_see,
     on_record_change,
     open_request,
     reassign,
@@ -196,6 +197,7 @@ class ApprovalService:
         ApprovalError when refused."""
 
         def decide(request: ApprovalRequest, spec: MappingSpec, rule: RuleSpec) -> Outcome:
+            _require_visible(request, user, is_admin)
             index = request.current_step if step_index is None else step_index
             return cast_vote(
                 request,
@@ -223,6 +225,7 @@ class ApprovalService:
         """Withdraw a request, saved in its own transaction (errors as for `vote`)."""
 
         def decide(request: ApprovalRequest, _spec: MappingSpec, _rule: RuleSpec) -> Outcome:
+            _require_visible(request, user, is_admin)
             return recall(request, actor=user, comment=comment, now=self.clock(), is_admin=is_admin)
 
         return _decided(self._decide_and_save(sessions, request_id, decide))
@@ -471,3 +474,10 @@ def to_wire(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [to_wire(v) for v in value]
     return value
+
+
+def _require_visible(request: ApprovalRequest, user: str, is_admin: bool) -> None:
+    """A request the actor may not see is "not found" for every action, as for reading it (no
+    403 that would confirm it exists and name its submitter)."""
+    if not may_see(request, user, is_admin):
+        raise RequestNotFoundError(request.id)

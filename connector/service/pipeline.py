@@ -2,7 +2,8 @@
 
 prepare (outside any transaction, may call the CRM):
     find the mapping files for the record's connection and object, fetch the fields they
-    need that the webhook did not carry, and ask the adapter whether the change is our own
+    need that the webhook did not carry (all of them when the delivery was not signed over its
+    content), and ask the adapter whether the change is our own
 apply (inside the event's transaction):
     remember the record's values (for changed/changed_from/changed_to), drop echoes of our
     own write-back, evaluate the rules and open, restart or leave approval requests.
@@ -68,7 +69,8 @@ class Pipeline:
         values = dict(event.values or {})
         needed = sorted({name for spec in specs for name in spec.api_fields()})
         present = {k.lower() for k in values}
-        if any(name.lower() not in present for name in needed):
+        # An unsigned delivery's values are hints: anyone who knows the URL could have written them.
+        if not event.values_signed or any(name.lower() not in present for name in needed):
             fetched = adapter.get_record(event.object_type, event.record_id, needed)
             if fetched is None:
                 return Prepared(specs, None, None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, CheckConstraint, Index, Integer, String, Text, UniqueConstraint, true
 from sqlalchemy.orm import Mapped, mapped_column
 
 from connector.clock import utcnow
@@ -35,6 +35,7 @@ class InboxEvent(Base):
     changed_fields: Mapped[list[str]] = mapped_column(JSONType, default=list)
     values: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     origin: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    values_signed: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     status: Mapped[str] = mapped_column(String(16), default=PENDING)

@@ -181,6 +181,9 @@ def explain_error(error: ApprovalError) -> str:
             "Someone acted on this request at the same moment; the page now shows where it stands."
         ),
         "recall_not_allowed": gettext("Only the submitter or an admin may recall this request."),
+        "self_approval_not_allowed": gettext(
+            "You submitted this request, and its rule does not let submitters approve their own requests."
+        ),
         "reassign_not_allowed": gettext("Only an admin may reassign a step."),
         "invalid_reassign": gettext("Name someone who is not already an approver of this step."),
         "rule_gone": gettext(

@@ -132,7 +132,8 @@ def summarize(
         amount=_amount(spec, req.record, stored.record.connection),
         triggers=[i18n.humanize(name) for name in triggers],
         current=current_view,
-        can_vote=rule is not None and may_vote(req, user_id, is_admin),
+        can_vote=rule is not None
+        and may_vote(req, user_id, is_admin, allow_self_approval=rule.allow_self_approval),
         can_recall=may_recall(req, user_id, is_admin),
         comment_required=rule is None or rule.reject_comment == "required",
         bulk_approve=rule is not None and rule.bulk_approve,

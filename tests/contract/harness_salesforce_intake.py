@@ -16,6 +16,7 @@ from webhooks.soap import OUTBOUND_ACK
 
 ORG_ID = "00D5e000000AbCdEAK"
 OTHER_ORG_ID = "00D5e000000XyZwEAC"
+OUTBOUND_TOKEN = "obm-url-token-5c1e9a7d3f"  # SALESFORCE_OUTBOUND_TOKEN, required by default
 INSTANCE = "https://acme.my.salesforce.com"
 
 
@@ -70,7 +71,11 @@ def _field_xml(name: str, value: str | None) -> str:
 
 class SalesforceOutboundIntakeHarness(IntakeHarness):
     kind = "salesforce"
-    env = {"CRM_CONNECTIONS": "salesforce", "SALESFORCE_ORG_IDS": ORG_ID}
+    env = {
+        "CRM_CONNECTIONS": "salesforce",
+        "SALESFORCE_ORG_IDS": ORG_ID,
+        "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN,
+    }
     object_type = "Opportunity"
 
     def signed_delivery(self, record_id: str, event_id: str, timestamp: int) -> Delivery:
@@ -94,7 +99,7 @@ class SalesforceOutboundIntakeHarness(IntakeHarness):
             org_id=org_id,
         )
         return Delivery(
-            path="/webhooks/salesforce/outbound?connection=salesforce",
+            path=f"/webhooks/salesforce/outbound?connection=salesforce&token={OUTBOUND_TOKEN}",
             body=message,
             headers={"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'},
         )

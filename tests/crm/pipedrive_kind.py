@@ -144,6 +144,7 @@ def receive() -> ResponseReturnValue:
         change_type=ACTIONS[meta["action"]],
         changed_fields=list(previous),
         values=body.get("data"),
+        values_signed=False,  # Basic auth vouches for the sender, not the body's values
     )
     result = intake().store([event])
     return jsonify(accepted=result.accepted, duplicates=result.duplicates), 202 if result.accepted else 200

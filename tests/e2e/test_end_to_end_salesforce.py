@@ -31,7 +31,7 @@ from tests.contract.harness_salesforce import (
     save_success,
     soql_record,
 )
-from tests.contract.harness_salesforce_intake import ORG_ID, Notification, outbound_message
+from tests.contract.harness_salesforce_intake import ORG_ID, OUTBOUND_TOKEN, Notification, outbound_message
 
 ROOT = Path(__file__).resolve().parents[2]
 OPPORTUNITY = "006Dn000001AbCdIAK"
@@ -45,7 +45,11 @@ def test_outbound_message_to_approved_write_back_to_expiry(
     mappings = tmp_path / "mappings"
     mappings.mkdir()
     shutil.copy(ROOT / "mappings/examples/salesforce-opportunity.yaml", mappings)
-    env = {**SalesforceAdapterHarness.env, "SALESFORCE_ORG_IDS": ORG_ID}
+    env = {
+        **SalesforceAdapterHarness.env,
+        "SALESFORCE_ORG_IDS": ORG_ID,
+        "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN,
+    }
     runtime = runtime_factory(settings_factory(env=env, mappings_dir=str(mappings)))
     assert runtime.settings.connections == parse_connections(env)
     pipeline = attach_pipeline(runtime, MappingSet.load(mappings))
@@ -60,7 +64,9 @@ def test_outbound_message_to_approved_write_back_to_expiry(
         # 1. Salesforce calls us; we acknowledge with the exact envelope.
         message = outbound_message([Notification("04l5e000000NotAAA", OPPORTUNITY, _sent_fields())])
         answer = client.post(
-            "/webhooks/salesforce/outbound", data=message, headers={"Content-Type": "text/xml"}
+            f"/webhooks/salesforce/outbound?token={OUTBOUND_TOKEN}",
+            data=message,
+            headers={"Content-Type": "text/xml"},
         )
         assert answer.status_code == 200 and b"<Ack>true</Ack>" in answer.data
 
@@ -159,3 +165,81 @@ def _token(runtime: Any, user: str) -> dict[str, str]:
     with transaction(runtime.sessions) as session:
         _info, token = create_token(session, user)
     return {"Authorization": f"Bearer {token}"}
+
+
+def _forgery_setup(
+    tmp_path: Path, settings_factory: Any, runtime_factory: Any, app_factory: Any, env: dict[str, str]
+) -> tuple[Any, Any, Any]:
+    mappings = tmp_path / "mappings"
+    mappings.mkdir()
+    shutil.copy(ROOT / "mappings/examples/salesforce-opportunity.yaml", mappings)
+    runtime = runtime_factory(settings_factory(env=env, mappings_dir=str(mappings)))
+    pipeline = attach_pipeline(runtime, MappingSet.load(mappings))
+    return runtime, pipeline, app_factory(runtime).test_client()
+
+
+def test_an_outbound_message_with_the_right_org_id_but_no_token_is_refused(
+    tmp_path: Path, settings_factory: Any, runtime_factory: Any, app_factory: Any
+) -> None:
+    env = {
+        **SalesforceAdapterHarness.env,
+        "SALESFORCE_ORG_IDS": ORG_ID,
+        "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN,
+    }
+    runtime, _pipeline, client = _forgery_setup(tmp_path, settings_factory, runtime_factory, app_factory, env)
+    message = outbound_message([Notification("04l5e000000NotAAA", OPPORTUNITY, _sent_fields())])
+    answer = client.post("/webhooks/salesforce/outbound", data=message, headers={"Content-Type": "text/xml"})
+    assert answer.status_code == 401 and b"missing_token" in answer.data
+    with runtime.sessions() as session:
+        assert session.scalars(select(InboxEvent)).all() == []
+
+
+def test_without_a_token_setting_outbound_messages_are_refused_unless_org_id_only_is_opted_in(
+    tmp_path: Path, settings_factory: Any, runtime_factory: Any, app_factory: Any
+) -> None:
+    env = {**SalesforceAdapterHarness.env, "SALESFORCE_ORG_IDS": ORG_ID}
+    runtime, _pipeline, client = _forgery_setup(tmp_path, settings_factory, runtime_factory, app_factory, env)
+    message = outbound_message([Notification("04l5e000000NotAAA", OPPORTUNITY, _sent_fields())])
+    answer = client.post("/webhooks/salesforce/outbound", data=message, headers={"Content-Type": "text/xml"})
+    assert answer.status_code == 503 and b"SALESFORCE_OUTBOUND_TOKEN" in answer.data
+    with runtime.sessions() as session:
+        assert session.scalars(select(InboxEvent)).all() == []
+
+    opted_in = tmp_path / "opted-in"
+    opted_in.mkdir()
+    env["SALESFORCE_OUTBOUND_ORG_ID_ONLY"] = "true"
+    runtime, _pipeline, client = _forgery_setup(opted_in, settings_factory, runtime_factory, app_factory, env)
+    answer = client.post("/webhooks/salesforce/outbound", data=message, headers={"Content-Type": "text/xml"})
+    assert answer.status_code == 200
+
+
+def test_forged_values_with_the_token_open_nothing_because_the_record_is_re_read(
+    tmp_path: Path, settings_factory: Any, runtime_factory: Any, app_factory: Any
+) -> None:
+    """Whoever holds the URL token can still write any values into the message: the worker
+    judges the rule on what Salesforce says, so a forged Amount opens no request."""
+    env = {
+        **SalesforceAdapterHarness.env,
+        "SALESFORCE_ORG_IDS": ORG_ID,
+        "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN,
+    }
+    runtime, pipeline, client = _forgery_setup(tmp_path, settings_factory, runtime_factory, app_factory, env)
+    forged = {**_sent_fields(), "Amount": "9999999.0"}  # Salesforce says 150,000 -> 500 below
+    truth = _query_answer()
+    truth["records"][0]["Amount"] = 500.0
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as crm:
+        mock_soap_login(crm)
+        reads = crm.get(re.compile(re.escape(QUERY_URL) + r".*"), json=truth)
+        message = outbound_message([Notification("04l5e000000NotAAA", OPPORTUNITY, forged)])
+        answer = client.post(
+            f"/webhooks/salesforce/outbound?token={OUTBOUND_TOKEN}",
+            data=message,
+            headers={"Content-Type": "text/xml"},
+        )
+        assert answer.status_code == 200
+        assert process_pending(runtime.sessions, pipeline).done == 1
+        assert reads.call_count == 1  # every mapped field read, though the message carried Amount
+    with runtime.sessions() as session:
+        assert session.scalars(select(InboxEvent.result)).one() == "no rule matched"
+    manager = _token(runtime, MANAGER)
+    assert client.get("/api/v1/requests?pending_for=me", headers=manager).get_json()["requests"] == []

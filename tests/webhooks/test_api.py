@@ -486,14 +486,17 @@ def test_vote_by_someone_not_assigned_is_403(opened: tuple[World, str]) -> None:
     world, request_id = opened
     error = error_of(world.vote("u-mgr", request_id), 403, "not_an_approver")
     assert "current_step.approvers" in error["hint"]
-    error_of(world.vote("u-nobody", request_id), 403, "not_an_approver")
+    # Someone not involved at all may not learn that the request exists (issue 8 item 7).
+    error_of(world.vote("u-nobody", request_id), 404, "request_not_found")
 
 
 def test_vote_on_a_closed_request_is_409(world: World) -> None:
     request_id = world.submit()
     world.vote("u-mgr", request_id, "reject", comment="not now")
     before = written_rows(world.runtime)
-    error_of(world.vote("u-gm", request_id), 409, "request_closed")
+    # u-mgr, who may see it (u-gm's step never opened, so for u-gm it is 404, as for anyone uninvolved)
+    error_of(world.vote("u-mgr", request_id), 409, "request_closed")
+    error_of(world.vote("u-gm", request_id), 404, "request_not_found")
     error_of(world.post("u-rep", f"/requests/{request_id}/recall"), 409, "request_closed")
     assert written_rows(world.runtime) == before
 
@@ -752,3 +755,73 @@ def test_engine_errors_that_requests_cannot_easily_provoke_map_to_4xx(
     error: ApprovalError, status: int
 ) -> None:
     assert http_status(error) == status
+
+
+# --- no existence oracle; no self-approval ----------------------------------------------------
+
+
+@pytest.mark.parametrize("action", ["approve", "reject", "recall"])
+def test_every_action_on_a_request_one_may_not_see_is_404_like_an_unknown_id(
+    world: World, action: str
+) -> None:
+    request_id = world.submit()
+    before = written_rows(world.runtime)
+    body = {"comment": "no"} if action == "reject" else None
+    hidden = error_of(
+        world.post("u-nobody", f"/requests/{request_id}/{action}", body), 404, "request_not_found"
+    )
+    unknown = error_of(
+        world.post("u-nobody", f"/requests/no-such-id/{action}", body), 404, "request_not_found"
+    )
+    assert "u-rep" not in hidden["message"] + hidden["hint"]  # the submitter is not named
+    assert hidden["hint"] == unknown["hint"]
+    assert written_rows(world.runtime) == before
+
+
+def test_a_submitter_who_is_also_an_approver_may_not_approve_their_own_request(world: World) -> None:
+    request_id = world.submit("D-self", owner_id="u-fin-1")  # u-fin-1 submits; finance is its third step
+    world.approve_steps(request_id, "u-mgr", "u-gm")
+    before = written_rows(world.runtime)
+    error = error_of(world.vote("u-fin-1", request_id), 403, "self_approval_not_allowed")
+    assert "allow_self_approval" in error["message"] + error["hint"]
+    error_of(world.vote("u-fin-1", request_id, "reject", comment="mine"), 403, "self_approval_not_allowed")
+    assert written_rows(world.runtime) == before
+    assert world.vote("u-fin-2", request_id).get_json()["status"] == "approved"
+
+
+def test_allow_self_approval_lets_the_submitter_vote(world: World) -> None:
+    write_mapping(
+        world.mapping_file,
+        BIG_DEAL_RULE.replace("    steps:", "    allow_self_approval: true\n    steps:", 1),
+    )
+    world.pipeline.refresh_mappings(min_interval=0)
+    request_id = world.submit("D-self", owner_id="u-fin-1")
+    world.approve_steps(request_id, "u-mgr", "u-gm", "u-fin-1")
+    assert world.get("u-fin-1", f"/requests/{request_id}").get_json()["status"] == "approved"
+
+
+def test_a_step_only_the_submitter_could_decide_refuses_the_request_naming_rule_and_step(
+    world: World,
+) -> None:
+    """u-gm submits; the general-manager step has nobody else: a ChainError at open time (the
+    event dead-letters with the rule and step named), not a silent re-route."""
+    event = RecordChangeEvent(
+        source="sandbox",
+        connection="sandbox",
+        object_type="deal",
+        record_id="D-gm",
+        event_id="evt-self-gm",
+        occurred_at=datetime.now(UTC),
+        dedupe_key="sandbox:test:self-gm",
+        changed_fields=("amount",),
+        values={**DEAL, "owner_id": "u-gm"},
+        origin="user",
+    )
+    accept(world.runtime.sessions, [event])
+    process_pending(world.runtime.sessions, world.pipeline)
+    with world.runtime.sessions() as session:
+        inbox = session.scalars(select(InboxEvent).where(InboxEvent.event_id == "evt-self-gm")).one()
+        assert store.find_active(session, RecordKey("sandbox", "deal", "D-gm"), "big-deal") is None
+    assert inbox.status == "dead"
+    error = inbox.last_error or ""
+    assert "general-manager" in error and "big-deal" in error and "allow_self_approval" in error

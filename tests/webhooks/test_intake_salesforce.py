@@ -32,6 +32,8 @@ ENV = {
     "CRM_CONNECTIONS": "salesforce",
     "SALESFORCE_ORG_IDS": ORG_ID,
     "SALESFORCE_EVENTS_SECRET": EVENTS_SECRET,
+    # Most tests here are about parsing; the URL token (required by default) has its own tests.
+    "SALESFORCE_OUTBOUND_ORG_ID_ONLY": "true",
 }
 OUTBOUND = "/webhooks/salesforce/outbound"
 EVENTS = "/webhooks/salesforce/events"
