@@ -35,8 +35,8 @@ from connector.runtime import Runtime
 from connector.storage import audit, sync_state
 from connector.storage.db import transaction
 from connector.storage.models import DEAD, DONE, OutboxUpdate
-from connector.storage.sync_state import Checkpoint
 from connector.storage.outbox import AdapterLookup, RecordKey, enqueue_update, lock_record, norm_value
+from connector.storage.sync_state import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def reconcile_records(
         )
         if since is not None:
             query = query.where(OutboxUpdate.status == DONE, OutboxUpdate.done_at >= since)
-        first = {(connection, object_type, record_id): first_id for record_id, first_id in session.execute(query)}
+        first = {(connection, object_type, rid): first_id for rid, first_id in session.execute(query)}
         intents = _intents_from(session, first)
     return _compare(sessions, adapter, intents, dry_run=dry_run) if intents else []
 

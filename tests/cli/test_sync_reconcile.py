@@ -69,7 +69,7 @@ def written(setup: Setup) -> list[str]:
 
 def repairs(setup: Setup) -> Counter[str]:
     with setup.runtime.sessions() as session:
-        rows = session.scalars(select(AuditEntry).where(AuditEntry.event == "drift_repaired")).all()
+        rows = session.scalars(select(AuditEntry).where(AuditEntry.kind == "drift_repaired")).all()
         return Counter(row.record_id for row in rows)
 
 
@@ -99,14 +99,15 @@ def test_dry_run_prints_the_differences_and_writes_nothing(opened: Setup) -> Non
     result = opened.invoke("sync", "reconcile", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "dry run: nothing is written" in result.output
-    assert "D-1001 approval_status: CRM has 'Rejected', ours is 'Pending'; would re-queue ours" in result.output
-    assert "sandbox/deal: dry run compared 4 record(s), 1 differ from ours; nothing was written" in result.output
+    out = result.output
+    assert "D-1001 approval_status: CRM has 'Rejected', ours is 'Pending'; would re-queue ours" in out
+    assert "sandbox/deal: dry run compared 4 record(s), 1 differ from ours; nothing was written" in out
     assert status(opened, "D-1001") == "Rejected"
     assert written(opened) == []
     assert repairs(opened) == Counter()
     with opened.runtime.sessions() as session:
         assert len(session.scalars(select(OutboxUpdate.id)).all()) == outbox_before
-        assert session.scalars(select(SyncCheckpoint)).all() == []
+        assert session.scalars(select(SyncCheckpoint).where(SyncCheckpoint.job == RECONCILE_JOB)).all() == []
 
 
 def test_ctrl_c_then_rerun_continues_and_repairs_nothing_twice(opened: Setup, small_batches: None) -> None:
@@ -125,7 +126,8 @@ def test_ctrl_c_then_rerun_continues_and_repairs_nothing_twice(opened: Setup, sm
     interrupted = opened.invoke("sync", "reconcile")
     assert interrupted.exit_code == 130
     assert "interrupted during sandbox/deal; run the same command again to continue" in interrupted.output
-    assert "D-1001 approval_status: CRM has 'Approved', ours is 'Pending'; re-queued ours" in interrupted.output
+    repaired = "D-1001 approval_status: CRM has 'Approved', ours is 'Pending'; re-queued ours"
+    assert repaired in interrupted.output
     with opened.runtime.sessions() as session:
         checkpoint = load_checkpoint(session, RECONCILE_JOB, "sandbox", "deal")
     assert checkpoint is not None and checkpoint.records_done == 2 and checkpoint.cursor == "D-1002"
