@@ -68,11 +68,12 @@ def main(ctx: click.Context, env_file: str) -> None:
 @click.option("--threads", default=4, show_default=True, help="Threads per worker process (gthread only).")
 @click.option(
     "--worker-class",
-    type=click.Choice(["gevent", "gthread"]),
-    default="gevent",
+    type=click.Choice(["gthread", "gevent"]),
+    default="gthread",
     show_default=True,
-    help="gunicorn worker class. gevent keeps answering while slow clients trickle their requests; "
-    "gthread has one thread per request in progress (docs/decisions.md).",
+    help="gunicorn worker class. gevent keeps answering while slow clients trickle their requests, "
+    "but today costs ingest throughput; gthread has one thread per request in progress "
+    "(docs/decisions.md, docs/benchmarks.md). Behind a buffering proxy, keep gthread.",
 )
 @pass_context
 def serve(ctx: Context, bind: str | None, workers: int, threads: int, worker_class: str) -> None:

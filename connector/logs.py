@@ -114,7 +114,7 @@ def sweep_summary(summary: Mapping[str, Any]) -> str | None:
     parts = []
     for name, value in summary.items():
         if isinstance(value, Mapping):
-            shown = " ".join(f"{k}={v}" for k, v in value.items() if v)
+            shown = " ".join(_nonzero_counts(value))
             if shown:
                 parts.append(f"{name} {shown}")
         elif isinstance(value, list | tuple | set):
@@ -123,3 +123,15 @@ def sweep_summary(summary: Mapping[str, Any]) -> str | None:
         elif value:
             parts.append(f"{name} {value}")
     return "; ".join(parts) or None
+
+
+def _nonzero_counts(counts: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """`k=v` for each count that is not zero or empty; a nested job's counts (the flush's
+    notifications) as `job.k=v`, so an idle nested job adds nothing."""
+    shown: list[str] = []
+    for key, value in counts.items():
+        if isinstance(value, Mapping):
+            shown += _nonzero_counts(value, f"{prefix}{key}.")
+        elif value:
+            shown.append(f"{prefix}{key}={value}")
+    return shown

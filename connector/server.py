@@ -35,7 +35,7 @@ WORKER_CONNECTIONS = 1000  # per gevent worker: open connections, slow ones incl
 
 
 def serve_app(
-    load_app: Callable[[], Any], bind: str, workers: int, threads: int, worker_class: str = "gevent"
+    load_app: Callable[[], Any], bind: str, workers: int, threads: int, worker_class: str = "gthread"
 ) -> None:
     """Serve the WSGI app `load_app()` returns, under gunicorn (`threads` only for gthread)."""
     if worker_class not in WORKER_CLASSES:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from connector.config import ConfigError, Settings, parse_connections
 from connector.crm.errors import RetriableError
 from connector.crm.retry import RetryPolicy
-from connector.logs import configure_logging, log_event, log_sweep
+from connector.logs import configure_logging, log_event, log_sweep, sweep_summary
 from connector.rules import MappingSet
 from connector.runtime import Runtime
 from connector.service.pipeline import Pipeline
@@ -108,7 +108,8 @@ def test_sweep_is_one_short_line_or_debug_when_idle(caplog: pytest.LogCaptureFix
             logger,
             {
                 "inbox": {"done": 0, "retried": 0, "dead": 0},
-                "outbox": {"sent_records": 0, "done": 0},
+                "outbox": {"sent_records": 0, "done": 0, "notifications": {"sent": 0, "dead": 0}},
+                "people": {"notifications": {"sent": 0}, "warned": 0},
                 "api_usage": {"salesforce": "1200/15000 used today"},
                 "reload_mappings": None,
                 "expire": [],
@@ -130,6 +131,14 @@ def test_sweep_is_one_short_line_or_debug_when_idle(caplog: pytest.LogCaptureFix
         "sweep: inbox done=3 retried=1; outbox sent_records=2 done=2; expire 1 "
         "(API use: salesforce 1200/15000 used today)"
     )
+
+
+def test_a_nested_job_shows_only_its_nonzero_counts() -> None:
+    summary = {
+        "outbox": {"done": 2, "notifications": {"sent": 1, "dead": 0}},
+        "people": {"notifications": {}},
+    }
+    assert sweep_summary(summary) == "outbox done=2 notifications.sent=1"
 
 
 def test_the_worker_sweep_logs_through_it(

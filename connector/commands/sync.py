@@ -1,8 +1,7 @@
 """`crm-approvals sync ...`: the jobs ops run by hand (docs/operations.md#sync-jobs).
 
 Each is safe to run again at any time: backfill continues where it stopped, expire only
-expires what is due, and the reports write nothing. `sync reconcile` (drift repair, shared
-with the worker's drift job) will join this group; see docs/operations.md#reconcile.
+expires what is due, reconcile repairs only what differs, and the reports write nothing.
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ class Moment(click.ParamType):
 
 @click.group()
 def sync() -> None:
-    """Jobs ops run by hand: backfill, expire, expiring, zoho-channels.
+    """Jobs ops run by hand: backfill, reconcile, expire, expiring, zoho-channels.
 
     Every job is idempotent: run it again at any time. The worker runs expiry and the Zoho
     channel renewal on its own sweep. See docs/operations.md.
@@ -205,6 +204,145 @@ def _connection(settings: Settings, name: str | None) -> str:
         return next(iter(settings.connections))
     known = ", ".join(sorted(settings.connections))
     raise click.UsageError(f"several connections are configured ({known}); name one with --connection")
+
+
+# --- reconcile -----------------------------------------------------------------------------
+
+
+@sync.command("reconcile")
+@click.option("--connection", help="Connection whose records to compare [default: the only one configured].")
+@click.option(
+    "--object",
+    "objects",
+    multiple=True,
+    help="CRM object, e.g. Opportunity; repeat for several [default: every object we have written "
+    "approval fields to on the connection].",
+)
+@click.option(
+    "--since",
+    type=Moment(),
+    help="Only records we wrote to since then (a date means midnight UTC) [default: every record].",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print each difference and what would be re-queued; write nothing."
+)
+@click.option("--restart", is_flag=True, help="Forget the saved position of an unfinished run.")
+@pass_context
+def sync_reconcile(
+    ctx: Context,
+    connection: str | None,
+    objects: tuple[str, ...],
+    since: datetime | None,
+    dry_run: bool,
+    restart: bool,
+) -> None:
+    """Compare the approval fields in the CRM (Status, expiry, ... : the fields the mapping
+    files write) with what we last wrote, and put our values back where they differ, through
+    the outbox (the worker's drift repair does the same for recent writes).
+
+    Each difference is printed as record, field, the CRM's value and ours. Records are read
+    in batches of the CRM's read limit; the position is saved after every batch, so after
+    Ctrl-C or a crash the same command continues where it stopped, and a repaired record is
+    never repaired twice. A finished run is not continued: running it again compares anew.
+    """
+    from connector.crm.errors import CRMError
+    from connector.runtime import Runtime
+    from connector.service.drift import Drift, Reconcile, ReconcileRefused, reconciled_object_types
+    from connector.storage.outbox import flush
+
+    if dry_run and restart:
+        raise click.UsageError("--dry-run saves no position, so there is nothing to --restart")
+    name = _connection(ctx.settings, connection)
+    runtime = Runtime.from_settings(ctx.settings)
+    try:
+        if objects:
+            targets = list(objects)
+        else:
+            with runtime.sessions() as session:
+                targets = reconciled_object_types(session, name)
+        if not targets:
+            click.echo(f"{name}: we have written no approval fields yet; nothing to reconcile")
+            return
+        with JobProgress() as progress:
+
+            def on_page(ids: Any, drifts: list[Drift]) -> None:
+                for drift in drifts:
+                    for line in _drift_lines(drift, dry_run):
+                        progress.line(line)
+                progress.advance(len(ids))
+
+            if dry_run:
+                progress.line("dry run: nothing is written")
+            object_type = targets[0]
+            try:
+                for object_type in targets:
+                    job = Reconcile(runtime, name, object_type, since=since, on_page=on_page)
+                    saved = None if dry_run or restart else job.saved()
+                    after = saved.cursor if saved and saved.finished_at is None else None
+                    progress.task(f"reconcile {name}/{object_type}", total=job.total(after))
+                    result = job.run(dry_run=dry_run, restart=restart)
+                    progress.line(_reconcile_summary(result, dry_run))
+            except KeyboardInterrupt:
+                progress.line(
+                    f"interrupted during {name}/{object_type}"
+                    + ("" if dry_run else "; run the same command again to continue where it stopped")
+                )
+                raise click.exceptions.Exit(INTERRUPTED) from None
+            except ReconcileRefused as exc:
+                raise click.ClickException(str(exc)) from None
+            except CRMError as exc:
+                saved_note = "" if dry_run else "; the position after the last complete batch is saved"
+                raise click.ClickException(
+                    f"reading {object_type} from {name}: {exc}{saved_note}, rerun to continue"
+                ) from None
+            if not dry_run:
+                settings = runtime.settings
+                report = flush(
+                    runtime.sessions,
+                    runtime.adapter,
+                    lease_seconds=settings.outbox_lease_seconds,
+                    max_attempts=settings.outbox_max_attempts,
+                )
+                progress.line(
+                    f"write-back: {report.done} sent, {report.retried} to retry, {report.dead} dead-lettered"
+                )
+    finally:
+        runtime.close()
+
+
+def _drift_lines(drift: Any, dry_run: bool) -> list[str]:
+    """One line per differing field: record, field, the CRM's value, ours, what was done."""
+    if dry_run:
+        done = "would re-queue ours"
+    elif drift.queued:
+        done = "re-queued ours"
+    else:
+        done = "left alone: a newer write came first"
+    return [
+        f"  {drift.record_id} {field}: CRM has {drift.found.get(field)!r}, ours is {value!r}; {done}"
+        for field, value in drift.intended.items()
+    ]
+
+
+def _reconcile_summary(result: Any, dry_run: bool) -> str:
+    where = f"{result.connection}/{result.object_type}"
+    drifted = len(result.drifts)
+    if dry_run:
+        return (
+            f"{where}: dry run compared {result.compared} record(s), {drifted} differ from ours; "
+            "nothing was written"
+        )
+    checkpoint = result.checkpoint
+    continued = (
+        f", continuing the run started {checkpoint.started_at:%Y-%m-%d %H:%M} UTC" if result.resumed else ""
+    )
+    counts = checkpoint.counts
+    return (
+        f"{where}: finished; {result.compared} record(s) compared now{continued}, "
+        f"{drifted} differ, {sum(d.queued for d in result.drifts)} re-queued; this run in all: "
+        f"{checkpoint.records_done} compared, {counts.get('drifted', 0)} differ, "
+        f"{counts.get('requeued', 0)} re-queued"
+    )
 
 
 # --- expiry --------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ resending, but the CRM may still apply the timed-out call minutes later, on top 
 write. For every record we wrote in the last `window`, `repair_drift` compares the fields
 we own (our last intended values) with the CRM's current values and re-queues the
 difference through the outbox, with an audit entry. The worker's sweep runs it every
-DRIFT_REPAIR_INTERVAL_MINUTES (`DriftRepairJob`); a `sync reconcile` command can share it.
+DRIFT_REPAIR_INTERVAL_MINUTES (`DriftRepairJob`); `crm-approvals sync reconcile` runs the
+same comparison (`Reconcile`) over every record we wrote to, paged and resumable.
 
 "Our last intended value" of a field is the value of the newest outbox row that set it,
 among the record's rows from its first write inside the window on. A record with a row
@@ -19,21 +20,23 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.clock import utcnow
 from connector.config import Settings
+from connector.crm.base import CRMAdapter
 from connector.crm.errors import CRMError
 from connector.runtime import Runtime
-from connector.storage import audit
+from connector.storage import audit, sync_state
 from connector.storage.db import transaction
 from connector.storage.models import DEAD, DONE, OutboxUpdate
 from connector.storage.outbox import AdapterLookup, RecordKey, enqueue_update, lock_record, norm_value
+from connector.storage.sync_state import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -66,33 +69,6 @@ def repair_drift(
 ) -> list[Drift]:
     """Compare, and re-queue the differences (unless `dry_run`); returns every difference."""
     since = (now or utcnow()) - window
-    intents = _intended_values(sessions, since)
-    by_target: dict[tuple[str, str], list[RecordKey]] = defaultdict(list)
-    for key in intents:
-        by_target[key[:2]].append(key)
-    drifts: list[Drift] = []
-    for (connection, object_type), keys in by_target.items():
-        names = sorted({name for key in keys for name in intents[key].fields})
-        try:
-            current = adapters(connection).get_records(object_type, [key[2] for key in keys], names)
-        except CRMError as exc:
-            log.warning(
-                "drift repair: reading %s/%s failed, next run tries again: %s", connection, object_type, exc
-            )
-            continue
-        for key in keys:
-            values = current.get(key[2])
-            if values is None:
-                log.info("drift repair: %s/%s %s is gone from the CRM; nothing to repair", *key)
-                continue
-            intended, found = _differences(intents[key].fields, values)
-            if intended:
-                queued = not dry_run and _requeue(sessions, key, intents[key], intended, found)
-                drifts.append(Drift(*key, intended=intended, found=found, queued=queued))
-    return drifts
-
-
-def _intended_values(sessions: sessionmaker[Session], since: datetime) -> dict[RecordKey, _Intent]:
     with sessions() as session:
         first_ids = session.execute(
             select(OutboxUpdate.connection, OutboxUpdate.object_type, OutboxUpdate.record_id, OutboxUpdate.id)
@@ -102,17 +78,114 @@ def _intended_values(sessions: sessionmaker[Session], since: datetime) -> dict[R
         first: dict[RecordKey, int] = {}
         for connection, object_type, record_id, row_id in first_ids:
             first.setdefault((connection, object_type, record_id), row_id)
-        intents: dict[RecordKey, _Intent] = {}
-        for key, first_id in first.items():
-            rows = session.scalars(
-                select(OutboxUpdate)
-                .where(OutboxUpdate.connection == key[0], OutboxUpdate.object_type == key[1])
-                .where(OutboxUpdate.record_id == key[2], OutboxUpdate.id >= first_id)
-                .order_by(OutboxUpdate.id)
-            ).all()
-            intent = _intent_of(rows)
-            if intent is not None:
-                intents[key] = intent
+        intents = _intents_from(session, first)
+    by_target: dict[tuple[str, str], dict[RecordKey, _Intent]] = defaultdict(dict)
+    for key, intent in intents.items():
+        by_target[key[:2]][key] = intent
+    drifts: list[Drift] = []
+    for (connection, object_type), target in by_target.items():
+        try:
+            drifts.extend(_compare(sessions, adapters(connection), target, dry_run=dry_run))
+        except CRMError as exc:
+            log.warning(
+                "drift repair: reading %s/%s failed, next run tries again: %s", connection, object_type, exc
+            )
+    return drifts
+
+
+def reconcile_records(
+    sessions: sessionmaker[Session],
+    adapter: CRMAdapter,
+    connection: str,
+    object_type: str,
+    record_ids: Sequence[str],
+    *,
+    since: datetime | None,
+    dry_run: bool = False,
+) -> list[Drift]:
+    """`sync reconcile`'s step: compare the given records (one `get_records` call when they fit
+    the adapter's read batch) and re-queue the differences unless `dry_run`. Our intended
+    values come from the record's outbox rows from its first write since `since` on (None:
+    every row); a CRMError is raised for the caller to stop and resume later."""
+    with sessions() as session:
+        query = (
+            select(OutboxUpdate.record_id, func.min(OutboxUpdate.id))
+            .where(OutboxUpdate.connection == connection, OutboxUpdate.object_type == object_type)
+            .where(OutboxUpdate.record_id.in_(list(record_ids)))
+            .group_by(OutboxUpdate.record_id)
+        )
+        if since is not None:
+            query = query.where(OutboxUpdate.status == DONE, OutboxUpdate.done_at >= since)
+        first = {(connection, object_type, rid): first_id for rid, first_id in session.execute(query)}
+        intents = _intents_from(session, first)
+    return _compare(sessions, adapter, intents, dry_run=dry_run) if intents else []
+
+
+def reconciled_record_ids(
+    session: Session,
+    connection: str,
+    object_type: str,
+    *,
+    since: datetime | None,
+    after: str | None = None,
+    limit: int | None = None,
+) -> list[str]:
+    """The records whose approval fields we own (every record we wrote to; with `since`, those
+    written since then), in id order after `after`: the pages `sync reconcile` walks."""
+    query = (
+        select(OutboxUpdate.record_id)
+        .where(OutboxUpdate.connection == connection, OutboxUpdate.object_type == object_type)
+        .distinct()
+        .order_by(OutboxUpdate.record_id)
+    )
+    if since is not None:
+        query = query.where(OutboxUpdate.status == DONE, OutboxUpdate.done_at >= since)
+    if after is not None:
+        query = query.where(OutboxUpdate.record_id > after)
+    if limit is not None:
+        query = query.limit(limit)
+    return list(session.scalars(query))
+
+
+def reconciled_object_types(session: Session, connection: str) -> list[str]:
+    """The objects of `connection` we have written approval fields to."""
+    query = select(OutboxUpdate.object_type).where(OutboxUpdate.connection == connection).distinct()
+    return sorted(session.scalars(query))
+
+
+def _compare(
+    sessions: sessionmaker[Session], adapter: CRMAdapter, intents: dict[RecordKey, _Intent], *, dry_run: bool
+) -> list[Drift]:
+    """Read the records of one connection and object, compare, re-queue what differs."""
+    (connection, object_type, _), *_ = intents
+    names = sorted({name for intent in intents.values() for name in intent.fields})
+    current = adapter.get_records(object_type, [key[2] for key in intents], names)
+    drifts: list[Drift] = []
+    for key, intent in intents.items():
+        values = current.get(key[2])
+        if values is None:
+            log.info("drift repair: %s/%s %s is gone from the CRM; nothing to repair", *key)
+            continue
+        intended, found = _differences(intent.fields, values)
+        if intended:
+            queued = not dry_run and _requeue(sessions, key, intent, intended, found)
+            drifts.append(Drift(*key, intended=intended, found=found, queued=queued))
+    return drifts
+
+
+def _intents_from(session: Session, first: dict[RecordKey, int]) -> dict[RecordKey, _Intent]:
+    """Each record's intent from its rows with id >= the given first row id."""
+    intents: dict[RecordKey, _Intent] = {}
+    for key, first_id in first.items():
+        rows = session.scalars(
+            select(OutboxUpdate)
+            .where(OutboxUpdate.connection == key[0], OutboxUpdate.object_type == key[1])
+            .where(OutboxUpdate.record_id == key[2], OutboxUpdate.id >= first_id)
+            .order_by(OutboxUpdate.id)
+        ).all()
+        intent = _intent_of(list(rows))
+        if intent is not None:
+            intents[key] = intent
     return intents
 
 
@@ -175,6 +248,119 @@ def _requeue(
             found=found,
         )
     return True
+
+
+RECONCILE_JOB = "reconcile"  # its rows in sync_checkpoints
+
+
+class ReconcileRefused(Exception):
+    """An unfinished run was started with other options: continuing it would mix selections."""
+
+
+@dataclass
+class ReconcileResult:
+    connection: str
+    object_type: str
+    checkpoint: Checkpoint | None  # None for a dry run
+    resumed: bool = False
+    compared: int = 0  # records compared by this invocation
+    drifts: list[Drift] = field(default_factory=list)
+    finished: bool = False
+
+
+class Reconcile:
+    """`sync reconcile` over one connection and object: the records whose approval fields we
+    own, `adapter.read_batch_limit` per page (one `get_records` call each), the position saved
+    in sync_checkpoints after every page so that a rerun after Ctrl-C or a crash continues
+    there. Doing a page twice (a crash before its position was saved) repeats nothing: a
+    repaired record has a newer outbox row, so it is skipped or matches."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        connection: str,
+        object_type: str,
+        *,
+        since: datetime | None = None,
+        on_page: Callable[[Sequence[str], list[Drift]], None] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.connection = connection
+        self.object_type = object_type
+        self.since = since
+        self.on_page = on_page
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"since": self.since.isoformat() if self.since else None}
+
+    def total(self, after: str | None = None) -> int:
+        with self.runtime.sessions() as session:
+            return len(self._ids(session, after, None))
+
+    def saved(self) -> Checkpoint | None:
+        with self.runtime.sessions() as session:
+            return sync_state.load_checkpoint(session, RECONCILE_JOB, self.connection, self.object_type)
+
+    def run(self, *, dry_run: bool = False, restart: bool = False) -> ReconcileResult:
+        checkpoint = None if dry_run else self._checkpoint(restart)
+        result = ReconcileResult(
+            self.connection, self.object_type, checkpoint, resumed=bool(checkpoint and checkpoint.resumed)
+        )
+        adapter = self.runtime.adapter(self.connection)
+        after = checkpoint.cursor if checkpoint else None
+        while True:
+            with self.runtime.sessions() as session:
+                ids = self._ids(session, after, adapter.read_batch_limit)
+            if not ids:
+                break
+            drifts = reconcile_records(
+                self.runtime.sessions,
+                adapter,
+                self.connection,
+                self.object_type,
+                ids,
+                since=self.since,
+                dry_run=dry_run,
+            )
+            after = ids[-1]
+            result.compared += len(ids)
+            result.drifts.extend(drifts)
+            if checkpoint is not None:
+                checkpoint.cursor = after
+                checkpoint.records_done += len(ids)
+                checkpoint.count("drifted", len(drifts))
+                checkpoint.count("requeued", sum(d.queued for d in drifts))
+                self._save(checkpoint)
+            if self.on_page is not None:
+                self.on_page(ids, drifts)
+        if checkpoint is not None:
+            checkpoint.finished_at = utcnow()
+            self._save(checkpoint)
+        result.finished = True
+        return result
+
+    def _ids(self, session: Session, after: str | None, limit: int | None) -> list[str]:
+        return reconciled_record_ids(
+            session, self.connection, self.object_type, since=self.since, after=after, limit=limit
+        )
+
+    def _checkpoint(self, restart: bool) -> Checkpoint:
+        saved = self.saved()
+        fresh = sync_state.new_checkpoint(RECONCILE_JOB, self.connection, self.object_type, self.options)
+        if saved is None or restart or saved.finished_at is not None:
+            return fresh  # a finished run is not repeated: a new one compares again
+        if saved.options != self.options:
+            raise ReconcileRefused(
+                f"an unfinished reconcile of {self.connection}/{self.object_type} was started "
+                f"{saved.started_at:%Y-%m-%d %H:%M} UTC with since={saved.options.get('since')}; "
+                "repeat its options to continue it, or add --restart to start over"
+            )
+        return saved
+
+    def _save(self, checkpoint: Checkpoint) -> None:
+        with transaction(self.runtime.sessions) as session:
+            sync_state.save_checkpoint(session, checkpoint)
 
 
 class DriftRepairJob:

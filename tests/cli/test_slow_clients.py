@@ -22,7 +22,7 @@ from tests.conftest import SANDBOX_SECRET
 
 SLOW_CLIENTS = 200
 BOUND_SECONDS = 1.0
-SERVE_ARGS: list[str] = []  # the defaults of `crm-approvals serve`
+SERVE_ARGS: list[str] = ["--worker-class", "gevent"]  # the slow-client setting (not yet the default)
 
 
 def _open_slow(port: int, n: int) -> socket.socket:

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0013_trust"
-down_revision = "0005_web"
+down_revision = "0012_people_wiring"
 branch_labels = None
 depends_on = None
 
