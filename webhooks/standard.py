@@ -27,7 +27,7 @@ from webhooks.intake import (
     require_secret,
     resolve_connection,
 )
-from webhooks.signatures import verify_standard
+from webhooks.signatures import standard_secret_problem, verify_standard
 
 blueprint = Blueprint("standard", __name__)
 WEBHOOK_SECRET = SecretSetting(
@@ -35,6 +35,7 @@ WEBHOOK_SECRET = SecretSetting(
     "/webhooks/standard",
     "the sender's whsec_ signing secret (`crm-approvals init` writes one for the sandbox)",
     several=True,
+    check=standard_secret_problem,
 )
 SECRETS = (WEBHOOK_SECRET,)
 

@@ -39,8 +39,7 @@ from connector.sandbox.store import (
     Store,
     spec_of,
 )
-from webhooks.errors import WebhookError
-from webhooks.signatures import constant_time_equals, decode_standard_secret, sign_standard
+from webhooks.signatures import constant_time_equals, sign_standard, standard_secret_problem
 
 log = logging.getLogger("sandbox")
 
@@ -113,12 +112,9 @@ def _webhook_secrets(connection: ConnectionConfig) -> tuple[str, ...]:
             f"connection {connection.name!r} needs {connection.env_prefix}WEBHOOK_SECRET; {hint}"
         )
     for secret in secrets:
-        try:
-            decode_standard_secret(secret)
-        except WebhookError:
-            raise ConfigError(
-                f"{connection.env_prefix}WEBHOOK_SECRET is not whsec_<base64>; {hint}"
-            ) from None
+        problem = standard_secret_problem(secret)
+        if problem is not None:
+            raise ConfigError(f"{connection.env_prefix}WEBHOOK_SECRET is malformed: {problem}; {hint}")
     return secrets
 
 
