@@ -53,7 +53,11 @@ def test_signed_delivery_becomes_a_canonical_event(harness: IntakeHarness, setup
     response = send(client, harness.signed_delivery(harness.record_id, "evt-1", int(time.time())))
     assert harness.accepted(response.status_code, response.data), response.data
     [row] = rows(runtime)
-    assert (row.source, row.record_id, row.object_type) == (harness.kind, harness.record_id, harness.object_type)
+    assert (row.source, row.record_id, row.object_type) == (
+        harness.kind,
+        harness.record_id,
+        harness.object_type,
+    )
     assert row.status == "pending"
 
 
