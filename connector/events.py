@@ -26,6 +26,9 @@ class RecordChangeEvent:
     changed_fields: tuple[str, ...] = ()  # CRM API names; empty = unknown (fetch everything)
     values: Mapping[str, Any] | None = field(default=None)  # API name -> value, when the payload has them
     origin: str | None = None  # who made the change, as the CRM says (CDC changeOrigin, HubSpot changeSource)
+    # SHA-256 of the delivery's body where its id must never come back with another body
+    # (Standard Webhooks); None where redeliveries may legitimately differ (HubSpot's attemptNumber).
+    content_hash: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -40,6 +43,7 @@ class RecordChangeEvent:
             "changed_fields": list(self.changed_fields),
             "values": dict(self.values) if self.values is not None else None,
             "origin": self.origin,
+            "content_hash": self.content_hash,
         }
 
     @classmethod
@@ -59,6 +63,7 @@ class RecordChangeEvent:
             changed_fields=tuple(row.changed_fields or ()),
             values=row.values,
             origin=row.origin,
+            content_hash=row.content_hash,
         )
 
 

@@ -25,6 +25,8 @@ from connector.crm.registry import CRMKind, crm_kind
 from connector.events import RecordChangeEvent
 from connector.metrics import WEBHOOK_EVENTS, WEBHOOKS_REJECTED
 from connector.runtime import Runtime
+from connector.storage import audit
+from connector.storage.db import transaction
 from connector.storage.inbox import AcceptResult, GroupCommitInbox
 from connector.storage.models import InboxEvent
 from connector.worker import Tasks
@@ -98,12 +100,38 @@ class Intake:
         return self.runtime.settings
 
     def store(self, events: Sequence[RecordChangeEvent]) -> AcceptResult:
-        """Durable first (one transaction), then the nudge; the caller acknowledges after this."""
+        """Durable first (one transaction), then the nudge; the caller acknowledges after this.
+        An id already stored with another content is audited and refused with 409."""
         result = self.inbox.accept(events)
         count_accepted(events, result)
         if result.accepted and self.tasks is not None:
             self.tasks.nudge()
+        if result.conflicts:
+            raise self._refuse_reused_ids(result.conflicts)
         return result
+
+    def _refuse_reused_ids(self, conflicts: Sequence[RecordChangeEvent]) -> WebhookError:
+        with transaction(self.runtime.sessions) as session:
+            for event in conflicts:
+                audit.record(
+                    session,
+                    "webhook_id_reused",
+                    connection=event.connection,
+                    object_type=event.object_type,
+                    record_id=event.record_id,
+                    source=event.source,
+                    event_id=event.event_id,
+                    content_hash=event.content_hash,
+                    remote_addr=request.remote_addr,
+                )
+        first = conflicts[0]
+        return WebhookError(
+            409,
+            "webhook_id_reused",
+            f"delivery id {first.event_id[:100]!r} was already received with a different body; "
+            "this one is refused, the first is kept",
+            "give every new message a new id; a retry must resend the same body",
+        )
 
 
 def intake() -> Intake:
@@ -210,6 +238,7 @@ def record_change(
     changed_fields: Sequence[str] = (),
     values: Mapping[str, Any] | None = None,
     origin: str | None = None,
+    content_hash: str | None = None,
 ) -> RecordChangeEvent:
     """The canonical event for one record change delivered to `connection`. `dedupe_id` is
     what stays the same when the CRM redelivers this change; the connection name is prefixed,
@@ -227,6 +256,7 @@ def record_change(
         changed_fields=tuple(changed_fields),
         values=values,
         origin=origin,
+        content_hash=content_hash,
     )
     check_storable(event)
     return event

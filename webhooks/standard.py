@@ -9,6 +9,7 @@ Body (ours, documented in docs/crms/sandbox.md):
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from flask import Blueprint, jsonify, request
@@ -53,7 +54,10 @@ def receive() -> ResponseReturnValue:
         request.get_data(cache=True),
         intake().settings.webhook_tolerance_seconds,
     )
-    event = parse_standard(connection, request.headers["webhook-id"], json_body())
+    body = request.get_data(cache=True)
+    event = parse_standard(
+        connection, request.headers["webhook-id"], json_body(), hashlib.sha256(body).hexdigest()
+    )
     result = intake().store([event])
     return jsonify(accepted=result.accepted, duplicates=result.duplicates), 202 if result.accepted else 200
 
@@ -63,7 +67,9 @@ def _connection() -> ConnectionConfig:
     return resolve_connection("sandbox")
 
 
-def parse_standard(connection: ConnectionConfig, msg_id: str, body: Any) -> RecordChangeEvent:
+def parse_standard(
+    connection: ConnectionConfig, msg_id: str, body: Any, content_hash: str | None = None
+) -> RecordChangeEvent:
     if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
         raise bad_request(
             "bad_payload", "expected an object with a `data` object", "see docs/crms/sandbox.md"
@@ -97,6 +103,8 @@ def parse_standard(connection: ConnectionConfig, msg_id: str, body: Any) -> Reco
         changed_fields=changed,
         values=values,
         origin=str(data["origin"]) if data.get("origin") is not None else None,
+        # The spec's id is unique per message: the same id with another body is no redelivery.
+        content_hash=content_hash,
     )
 
 

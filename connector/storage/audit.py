@@ -32,6 +32,7 @@ from connector.storage.models import AuditChainHead, AuditEntry
 
 KINDS = (
     "webhook_received",
+    "webhook_id_reused",
     "echo_ignored",
     "rule_matched",
     "transition",
