@@ -101,9 +101,31 @@ def store(config: SandboxConfig, clock: Clock) -> Iterator[Store]:
     store.close()
 
 
+class Browser(FlaskClient):
+    """Posts the sandbox's forms as a browser does: with the CSRF token of the page they are on."""
+
+    def post(self, *args: Any, **kwargs: Any) -> Any:
+        path = str(args[0] if args else kwargs.get("path", "/"))
+        data = kwargs.get("data")
+        if not path.startswith("/api/") and (data is None or isinstance(data, dict)):
+            kwargs["data"] = {**(data or {}), "csrf_token": self.csrf_token()}
+        return super().post(*args, **kwargs)
+
+    def csrf_token(self) -> str:
+        page = self.get("/deals/D-1001").get_data(as_text=True)
+        found = re.search(r'name="csrf_token" value="([^"]+)"', page)
+        assert found is not None, "the edit page has no CSRF token"
+        return found.group(1)
+
+
+def browser_app(app: Flask) -> Flask:
+    app.test_client_class = Browser
+    return app
+
+
 @pytest.fixture
 def app(config: SandboxConfig, store: Store) -> Flask:
-    app = create_sandbox_app(config, store=store, start_delivery=False)
+    app = browser_app(create_sandbox_app(config, store=store, start_delivery=False))
     app.testing = True
     return app
 
@@ -449,7 +471,7 @@ def test_background_thread_delivers_the_queue_after_retry_now(
     config: SandboxConfig, store: Store, receiver: responses.RequestsMock
 ) -> None:
     receiver.replace(responses.POST, WEBHOOK_URL, status=500)
-    app = create_sandbox_app(config, store=store, start_delivery=True)
+    app = browser_app(create_sandbox_app(config, store=store, start_delivery=True))
     try:
         client = app.test_client()
         client.post("/deals/D-1001", data=deal_form(store, amount="1"))
@@ -884,7 +906,7 @@ def test_end_to_end_edit_reaches_our_inbox_and_the_write_back_shows_on_the_sandb
     )
     runtime = runtime_factory(settings)
     ours = app_factory(runtime).test_client()
-    sandbox_app = create_sandbox_app(SandboxConfig.from_settings(settings), start_delivery=False)
+    sandbox_app = browser_app(create_sandbox_app(SandboxConfig.from_settings(settings), start_delivery=False))
     sandbox_web = sandbox_app.test_client()
     sandbox_store: Store = sandbox_app.extensions["sandbox"].store
 
