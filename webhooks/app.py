@@ -70,6 +70,7 @@ class BoundedChunkedBody:
             body = _read_at_most(environ["wsgi.input"], self.limit + 1)
             environ["wsgi.input"] = io.BytesIO(body if len(body) <= self.limit else b"")
             environ["CONTENT_LENGTH"] = str(len(body))
+            environ.pop("HTTP_TRANSFER_ENCODING", None)  # else werkzeug ignores CONTENT_LENGTH
         return self.app(environ, start_response)  # type: ignore[no-any-return]
 
 

@@ -45,3 +45,13 @@ def normalize_salesforce_id(value: str) -> str:
     if problem is not None:
         raise ValueError(problem)
     return value[:15] + checksum_suffix(value[:15])
+
+
+def id_spellings(record_id: str) -> set[str]:
+    """`record_id` and, when it is a valid Salesforce id, its 18-character form: what a lookup of
+    stored record ids (always the 18-character form for Salesforce) should match, whatever the
+    CRM. Harmless elsewhere: another CRM's id never equals a Salesforce 18-character form."""
+    try:
+        return {record_id, normalize_salesforce_id(record_id)}
+    except ValueError:
+        return {record_id}

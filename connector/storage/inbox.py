@@ -75,17 +75,10 @@ def _write_batch(
     engine = sessions.kw["bind"]
     with engine.begin() as conn:
         new_keys = insert_ignoring_conflicts(conn, table, rows, key="dedupe_key")
-        stored_hashes: dict[str, str | None] = (
-            dict(
-                conn.execute(
-                    select(table.c.dedupe_key, table.c.content_hash).where(table.c.dedupe_key.in_(hashed))
-                )
-                .tuples()
-                .all()
-            )
-            if hashed
-            else {}
-        )
+        stored_hashes: dict[str, str | None] = {}
+        if hashed:
+            query = select(table.c.dedupe_key, table.c.content_hash).where(table.c.dedupe_key.in_(hashed))
+            stored_hashes = {key: content_hash for key, content_hash in conn.execute(query)}
     results = []
     for events in deliveries:  # a key new in this batch counts for the first delivery carrying it
         mine = {e.dedupe_key for e in events} & new_keys
