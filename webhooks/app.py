@@ -71,7 +71,7 @@ class BoundedChunkedBody:
             environ["wsgi.input"] = io.BytesIO(body if len(body) <= self.limit else b"")
             environ["CONTENT_LENGTH"] = str(len(body))
             environ.pop("HTTP_TRANSFER_ENCODING", None)  # else werkzeug ignores CONTENT_LENGTH
-        return self.app(environ, start_response)  # type: ignore[no-any-return]
+        return self.app(environ, start_response)
 
 
 def _read_at_most(stream: Any, size: int) -> bytes:

@@ -270,7 +270,7 @@ def check_storable(event: RecordChangeEvent) -> None:
         text = getattr(event, name)
         if text is None:
             continue
-        limit = columns[name].type.length
+        limit = columns[name].type.length  # type: ignore[attr-defined]  # every one is a String(n)
         if len(text) > limit:
             raise bad_request(
                 "value_too_long",

@@ -178,11 +178,12 @@ def parse_notification(
         raise bad_request("missing_sobject", f"{where} has no <sObject>", "send it unmodified")
     object_type = check_object(connection, _sobject_type(sobject, where))
     values = sobject_values(sobject)
-    if not values.get("Id"):
+    sent_id = values.get("Id")
+    if not sent_id:
         raise bad_request(
             "missing_id", f"{where}: <sObject> has no <sf:Id>", "select the Id field in the Outbound Message"
         )
-    record_id = values["Id"] = record_id_of(values["Id"], f"{where}: <sf:Id>")
+    record_id = values["Id"] = record_id_of(sent_id, f"{where}: <sf:Id>")
     return record_change(
         connection,
         object_type=object_type,
