@@ -70,14 +70,21 @@ def _write_batch(
             unique.setdefault(e.dedupe_key, e)
     now = utcnow()
     rows = [{**e.to_row(), "received_at": now, "status": PENDING, "attempts": 0} for e in unique.values()]
-    hashed = [e.dedupe_key for events in deliveries for e in events if e.content_hash is not None]
     table = InboxEvent.__table__
     engine = sessions.kw["bind"]
     with engine.begin() as conn:
         new_keys = insert_ignoring_conflicts(conn, table, rows, key="dedupe_key")
+        # Hashed events whose own row was not just written: compare with the stored hash. (The
+        # usual case, a new id, needs no second query.)
+        unsure = [
+            e.dedupe_key
+            for events in deliveries
+            for e in events
+            if e.content_hash is not None and not (e.dedupe_key in new_keys and unique[e.dedupe_key] is e)
+        ]
         stored_hashes: dict[str, str | None] = {}
-        if hashed:
-            query = select(table.c.dedupe_key, table.c.content_hash).where(table.c.dedupe_key.in_(hashed))
+        if unsure:
+            query = select(table.c.dedupe_key, table.c.content_hash).where(table.c.dedupe_key.in_(unsure))
             stored_hashes = {key: content_hash for key, content_hash in conn.execute(query)}
     results = []
     for events in deliveries:  # a key new in this batch counts for the first delivery carrying it
