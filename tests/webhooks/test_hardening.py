@@ -37,12 +37,14 @@ from webhooks.hubspot import decode_for_signature, sign_v3
 from webhooks.signatures import sign_standard, sign_timestamped_hmac
 
 ORG_ID = "00D5e000000AbCdEAK"
+OUTBOUND_TOKEN = "obm-hardening-token"
 EVENTS_SECRET = "sf-events-hardening-secret"
 HUBSPOT_SECRET = "hubspot-hardening-secret"
 ENV = {
     "CRM_CONNECTIONS": "sandbox,salesforce,hubspot,zoho,bitrix24",
     "SANDBOX_WEBHOOK_SECRET": SANDBOX_SECRET,
     "SALESFORCE_ORG_IDS": ORG_ID,
+    "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN,
     "SALESFORCE_EVENTS_SECRET": EVENTS_SECRET,
     "HUBSPOT_CLIENT_SECRET": HUBSPOT_SECRET,
     "ZOHO_NOTIFY_TOKEN": "zoho-notify-token",
@@ -166,7 +168,9 @@ def outbound(
 
 def post_outbound(client: FlaskClient, body: bytes) -> Any:
     return client.post(
-        "/webhooks/salesforce/outbound", data=body, headers={"Content-Type": "text/xml; charset=utf-8"}
+        f"/webhooks/salesforce/outbound?token={OUTBOUND_TOKEN}",
+        data=body,
+        headers={"Content-Type": "text/xml; charset=utf-8"},
     )
 
 
@@ -541,7 +545,12 @@ def test_a_chunked_body_over_the_limit_is_413_not_malformed_json(small: tuple[Ru
         **{"webhook-id": "m", "webhook-timestamp": ts, "webhook-signature": "v1,AAAA"},
     )
     assert "2000 bytes" in refused(runtime, response, 413, "body_too_large")
-    fault = chunked(client, "/webhooks/salesforce/outbound", b"<a>" + b"x" * 3000 + b"</a>", "text/xml")
+    fault = chunked(
+        client,
+        f"/webhooks/salesforce/outbound?token={OUTBOUND_TOKEN}",
+        b"<a>" + b"x" * 3000 + b"</a>",
+        "text/xml",
+    )
     soap_fault(fault, 413, "body_too_large")
 
 
