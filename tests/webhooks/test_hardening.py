@@ -8,7 +8,10 @@ import hashlib
 import io
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import xml.etree.ElementTree as StdET
@@ -17,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
 from werkzeug.serving import make_server
 
 from connector.config import Settings
@@ -29,8 +33,11 @@ from connector.runtime import Runtime
 from connector.service.dead_letters import parse_age
 from connector.storage.db import Base, transaction
 from connector.storage.inbox import GroupCommitInbox
+from connector.storage.migrate import upgrade
 from connector.storage.models import AuditEntry, InboxEvent
 from connector.storage.tokens import create_token
+from tests.cli.test_serve import _wait_until_up as wait_until_up
+from tests.cli.test_serve import free_port
 from tests.conftest import SANDBOX_SECRET
 from tests.webhooks.test_api import World, build_world
 from webhooks.hubspot import decode_for_signature, sign_v3
@@ -763,3 +770,49 @@ def test_hubspot_signatures_still_verify_with_the_strict_timestamp(lite: Any) ->
         "X-HubSpot-Signature-v3": sign_v3(HUBSPOT_SECRET, "POST", uri, body, timestamp),
     }
     assert client.post("/webhooks/hubspot", data=body, headers=headers).status_code == 202
+
+
+@pytest.mark.slow
+def test_under_gunicorn_a_chunked_body_over_the_limit_is_413(tmp_path: Path) -> None:
+    """`crm-approvals serve` as deployed: gunicorn de-chunks and marks the input terminated."""
+    db = f"sqlite:///{tmp_path}/served.db"
+    upgrade(db)
+    env_file = tmp_path / "served.env"
+    env_file.write_text(
+        f"DATABASE_URL={db}\nQUEUE_URL=sqlite:///{tmp_path}/queue.db\nMAPPINGS_DIR={tmp_path}\n"
+        f"CRM_CONNECTIONS=sandbox\nSANDBOX_WEBHOOK_SECRET={SANDBOX_SECRET}\nWEBHOOK_MAX_BODY_BYTES=2000\n"
+    )
+    port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DATABASE_URL", "SANDBOX_", "CRM_", "WEBHOOK_"))
+    }
+    command = [sys.executable, "-m", "connector", "--env-file", str(env_file), "serve"]
+    server = subprocess.Popen(
+        [*command, "--bind", f"127.0.0.1:{port}", "--workers", "1"], cwd=tmp_path, env=env
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_up(base, server)
+        ts = int(time.time())
+        for body, status in (
+            (json.dumps(deal(values={"note": "x" * 3000})).encode(), 413),
+            (json.dumps(deal()).encode(), 202),
+        ):
+            headers = {
+                "Content-Type": "application/json",
+                "webhook-id": f"msg_{status}",
+                "webhook-timestamp": str(ts),
+                "webhook-signature": sign_standard(SANDBOX_SECRET, f"msg_{status}", ts, body),
+            }
+            pieces = iter([body[i : i + 500] for i in range(0, len(body), 500)])  # a generator: sent chunked
+            response = requests.post(f"{base}/webhooks/standard", data=pieces, headers=headers, timeout=10)
+            assert response.status_code == status, response.text
+            if status == 413:
+                assert response.json()["error"]["code"] == "body_too_large"
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    with create_engine(db).connect() as conn:
+        assert conn.execute(text("select record_id from inbox_events")).scalars().all() == ["D-1001"]
