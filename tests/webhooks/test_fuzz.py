@@ -77,6 +77,7 @@ class Target:
     world: World
     request_ids: list[str]
     settings: Settings
+    sent: int = 0  # requests sent, checked against the profile's budget
 
     def routes(self, prefix: str) -> list[tuple[str, str]]:
         """(rule, method) for every route under `prefix`, from the URL map."""
@@ -112,6 +113,7 @@ def row_counts(runtime: Runtime) -> dict[str, int]:
 
 def send(target: Target, method: str, path: str, body: bytes, headers: Mapping[str, str]) -> int:
     """One request, and the three promises about its answer; returns its status."""
+    target.sent += 1
     before = row_counts(target.world.runtime)
     response = target.world.client.open(path, method=method, data=body, headers=dict(headers))
     status = response.status_code
@@ -132,6 +134,13 @@ def send(target: Target, method: str, path: str, body: bytes, headers: Mapping[s
     changed = {t: (before[t], after[t]) for t in before if before[t] != after[t] and t not in allowed}
     assert not changed, f"{shown}\nrows written by a refused request: {changed}"
     return status
+
+
+def ran_the_budget(target: Target, record_property: Callable[[str, object], None]) -> None:
+    """Every example of the profile was sent (none filtered away), and the count is recorded
+    (`--junitxml` shows it as the property requests_sent)."""
+    record_property("requests_sent", target.sent)
+    assert target.sent >= settings().max_examples, (target.sent, settings().max_examples)
 
 
 def soap_client_fault_code(body: bytes, shown: str) -> str:
@@ -349,7 +358,9 @@ def random_request(draw: st.DrawFn, target: Target) -> tuple[str, str, bytes, di
     return method, path + query_string(query), draw(random_body()), headers
 
 
-def test_random_requests_to_every_route(target: Target) -> None:
+def test_random_requests_to_every_route(
+    target: Target, record_property: Callable[[str, object], None]
+) -> None:
     assert target.routes("/webhooks/") and target.routes("/api/")
 
     @given(request=random_request(target))
@@ -357,6 +368,7 @@ def test_random_requests_to_every_route(target: Target) -> None:
         send(target, *request)
 
     never_a_server_error()
+    ran_the_budget(target, record_property)
 
 
 # --- signed deliveries with hostile values --------------------------------------------------------
@@ -563,7 +575,9 @@ DELIVERIES: dict[str, Callable[[Target], st.SearchStrategy[Delivery]]] = {
 }
 
 
-def test_signed_deliveries_with_hostile_values_to_every_webhook_endpoint(target: Target) -> None:
+def test_signed_deliveries_with_hostile_values_to_every_webhook_endpoint(
+    target: Target, record_property: Callable[[str, object], None]
+) -> None:
     endpoints = {rule for rule, _method in target.routes("/webhooks/")}
     assert endpoints == set(DELIVERIES), "give every webhook endpoint a builder of signed deliveries"
     deliveries = st.one_of(*(build(target) for build in DELIVERIES.values()))
@@ -574,6 +588,7 @@ def test_signed_deliveries_with_hostile_values_to_every_webhook_endpoint(target:
         send(target, "POST", path, body, headers)
 
     never_a_server_error()
+    ran_the_budget(target, record_property)
 
 
 def test_the_signed_builders_without_hostile_values_are_accepted(
@@ -636,9 +651,12 @@ def api_call(draw: st.DrawFn, target: Target) -> tuple[str, str, bytes, dict[str
     return method, path + query_string(query), body, headers
 
 
-def test_api_calls_with_real_tokens_and_hostile_values(target: Target) -> None:
+def test_api_calls_with_real_tokens_and_hostile_values(
+    target: Target, record_property: Callable[[str, object], None]
+) -> None:
     @given(call=api_call(target))
     def never_a_server_error(call: tuple[str, str, bytes, dict[str, str]]) -> None:
         send(target, *call)
 
     never_a_server_error()
+    ran_the_budget(target, record_property)
