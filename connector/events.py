@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 CHANGE_TYPES = ("created", "updated", "deleted", "undeleted")
@@ -28,6 +29,9 @@ class RecordChangeEvent:
     # False when the delivery is not signed over its content (Outbound Messages, Zoho workflow
     # webhooks): its values are hints and the pipeline re-reads every mapped field from the CRM.
     values_signed: bool = True
+    # SHA-256 of the delivery's body where its id must never come back with another body
+    # (Standard Webhooks); None where redeliveries may legitimately differ (HubSpot's attemptNumber).
+    content_hash: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -43,6 +47,7 @@ class RecordChangeEvent:
             "values": dict(self.values) if self.values is not None else None,
             "origin": self.origin,
             "values_signed": self.values_signed,
+            "content_hash": self.content_hash,
         }
 
     @classmethod
@@ -63,20 +68,47 @@ class RecordChangeEvent:
             values=row.values,
             origin=row.origin,
             values_signed=row.values_signed,
+            content_hash=row.content_hash,
         )
 
 
+# Times outside this range are refused: no CRM change happens before the epoch or centuries
+# ahead, and a datetime near year 1 or 9999 overflows as soon as anything adds an offset to it.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(3000, 1, 1, tzinfo=UTC)
+_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,30}")  # ASCII only: int() also takes "²" or Arabic digits
+
+
 def parse_timestamp(value: Any) -> datetime:
-    """Epoch seconds/milliseconds or ISO 8601 -> aware UTC datetime. Raises ValueError."""
+    """Epoch seconds/milliseconds or ISO 8601 -> aware UTC datetime between EARLIEST and LATEST.
+    Raises ValueError for anything else (NaN, infinities, huge numbers, years out of range)."""
     if isinstance(value, bool):
         raise ValueError(f"not a timestamp: {value!r}")
-    if isinstance(value, int | float) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+    if isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()):
+        value = int(value.strip())
+    if isinstance(value, int) and abs(value) > 10**20:
+        raise ValueError("not a timestamp: a number of more than 20 digits")
+    if isinstance(value, int | float):
         number = float(value)
         if number > 1e11:  # milliseconds, as HubSpot and CDC send
             number /= 1000
-        return datetime.fromtimestamp(number, UTC)
+        if not EARLIEST.timestamp() <= number < LATEST.timestamp():  # also NaN and the infinities
+            raise ValueError(f"not a timestamp between {EARLIEST.year} and {LATEST.year - 1}: {value!r}")
+        return EARLIEST + timedelta(seconds=number)
     if isinstance(value, str):
         text = value.strip().replace("Z", "+00:00")
-        parsed = datetime.fromisoformat(text)
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-    raise ValueError(f"not a timestamp: {value!r}")
+        if not text.isascii():
+            raise ValueError(f"not an ISO 8601 timestamp: {value[:40]!r}")
+        try:
+            parsed = datetime.fromisoformat(text)
+            parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        except OverflowError:  # year 1 or 9999 moved across the date line
+            raise ValueError(f"timestamp out of range: {value[:40]!r}") from None
+        return _in_range(parsed)
+    raise ValueError(f"not a timestamp: a JSON {type(value).__name__}")
+
+
+def _in_range(moment: datetime) -> datetime:
+    if not EARLIEST <= moment < LATEST:
+        raise ValueError(f"timestamp {moment.isoformat()} is outside {EARLIEST.year}..{LATEST.year - 1}")
+    return moment

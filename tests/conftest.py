@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from connector.config import Settings, parse_connections
 from connector.runtime import Runtime
@@ -23,6 +25,22 @@ PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:54
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 SANDBOX_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+# Hypothesis budgets (tests/webhooks/test_fuzz.py). `ci` is loaded here, so `make test` stays
+# bounded; `pytest --hypothesis-profile=long` overrides it for the long run (docs/operations.md).
+# Tests that set max_examples themselves (test_openapi.py) keep their own.
+_FUZZ_CHECKS = dict(
+    deadline=None,  # a PostgreSQL round trip is not a slow example
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+    print_blob=True,  # a failure prints the @reproduce_failure line
+)
+hypothesis_settings.register_profile("ci", max_examples=250, **_FUZZ_CHECKS)
+hypothesis_settings.register_profile("long", max_examples=3500, **_FUZZ_CHECKS)
+hypothesis_settings.load_profile("ci")
 
 
 def _reachable(host: str, port: int) -> bool:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import logging
+from collections.abc import Iterable
+from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.wsgi import get_content_length
 
 from connector.config import Settings
 from connector.crm.registry import KINDS
@@ -30,6 +34,7 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
         tasks = Tasks(runtime, make_huey(runtime.settings.queue_url))
     app = Flask("crm_approvals")
     app.config["MAX_CONTENT_LENGTH"] = runtime.settings.webhook_max_body_bytes
+    app.wsgi_app = BoundedChunkedBody(app.wsgi_app, runtime.settings.webhook_max_body_bytes)  # type: ignore[method-assign]
     app.extensions["crm_approvals"] = Intake(runtime, tasks)
     # One intake blueprint per CRM kind (connector/crm/registry.py); a missing module fails here.
     for module in dict.fromkeys(intake_module(kind) for kind in KINDS.values()):
@@ -46,6 +51,40 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
             refresh_mappings(runtime.mappings)
 
     return app
+
+
+class BoundedChunkedBody:
+    """WSGI middleware: a body sent without Content-Length (chunked) is read here, at most one
+    byte past the limit. werkzeug would stop reading at the limit and hand on a body cut short
+    (answered `malformed_json`); instead the body is passed on with its real length, or, when
+    it is over the limit, with a length that makes werkzeug raise RequestEntityTooLarge, which
+    the endpoint answers with 413 in its own format (JSON, or a SOAP fault)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        # wsgi.input_terminated: the server ends the stream itself (gunicorn; werkzeug's
+        # server for chunked bodies), so reading to its end cannot hang.
+        if get_content_length(environ) is None and environ.get("wsgi.input_terminated"):
+            body = _read_at_most(environ["wsgi.input"], self.limit + 1)
+            environ["wsgi.input"] = io.BytesIO(body if len(body) <= self.limit else b"")
+            environ["CONTENT_LENGTH"] = str(len(body))
+            environ.pop("HTTP_TRANSFER_ENCODING", None)  # else werkzeug ignores CONTENT_LENGTH
+        return self.app(environ, start_response)
+
+
+def _read_at_most(stream: Any, size: int) -> bytes:
+    chunks: list[bytes] = []
+    left = size
+    while left > 0:
+        chunk = stream.read(min(left, 64 * 1024))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _register_error_handlers(app: Flask) -> None:

@@ -28,6 +28,7 @@ from webhooks.intake import (
     require_content_type,
     require_secret,
     resolve_connection,
+    whole_number,
 )
 from webhooks.signatures import check_timestamp, constant_time_equals
 
@@ -165,6 +166,7 @@ def required(form: MultiDict[str, str], key: str) -> str:
 
 def positive_int(form: MultiDict[str, str], key: str) -> str:
     value = required(form, key)
-    if not value.isdigit() or int(value) == 0:
+    number = whole_number(value)
+    if not number:
         raise bad_request("bad_payload", f"{key} must be a positive whole number, got {value[:40]!r}")
-    return str(int(value))
+    return str(number)

@@ -25,7 +25,7 @@ from connector.service.request_query import DEFAULT_LIMIT, MAX_LIMIT
 from connector.storage.dead_letters import KINDS, STATES, DeadLetterFilter
 from webhooks.api import authenticate, caller, nudge_write_back, on_api_error
 from webhooks.errors import WebhookError, bad_request
-from webhooks.intake import intake, json_body, require_content_type
+from webhooks.intake import intake, json_body, require_content_type, whole_number
 
 MAX_ID = 2**31 - 1  # the id column is a 32-bit integer: a larger number is no dead letter (404)
 blueprint = Blueprint("dead_letters_api", __name__, url_prefix="/api/v1/dead-letters")
@@ -91,9 +91,12 @@ def act_on_one(letter_id: int, verb: str) -> ResponseReturnValue:
 def act_on_many(verb: str) -> ResponseReturnValue:
     body = _body(BULK_FIELDS)
     ids = body.get("ids", [])
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    # Beyond the id column's range the database would refuse the query, not just find nothing.
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= MAX_ID for i in ids
+    ):
         raise bad_request(
-            "invalid_ids", "`ids` must be a list of dead-letter ids (numbers)", '{"ids": [3, 4]}'
+            "invalid_ids", f"`ids` must be a list of dead-letter ids (numbers 1..{MAX_ID})", '{"ids": [3, 4]}'
         )
     where = _filter(body, ids=tuple(ids))
     if not where.narrows and not _flag(body, "all"):
@@ -132,8 +135,10 @@ def _filter(source: Mapping[str, Any], *, ids: tuple[int, ...] = (), state: str 
     values: dict[str, Any] = {}
     for name in ("connection", "object", "code", "kind"):
         value = source.get(name)
-        if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise bad_request(f"invalid_{name}", f"`{name}` must be a non-empty string")
+        if value is not None and (not isinstance(value, str) or not value.strip() or "\x00" in value):
+            raise bad_request(
+                f"invalid_{name}", f"`{name}` must be a non-empty string without NUL characters"
+            )
         values[name] = value.strip() if value is not None else None
     if values["kind"] is not None and values["kind"] not in KINDS:
         raise bad_request("invalid_kind", f"kind must be one of {', '.join(KINDS)}, got {values['kind']!r}")
@@ -179,10 +184,11 @@ def _reject_unknown(given: Mapping[str, Any], allowed: tuple[str, ...], what: st
 def _whole(raw: str | None, name: str, default: int, low: int, high: int | None) -> int:
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) < low or (high is not None and int(raw) > high):
+    number = whole_number(raw)
+    if number is None or number < low or (high is not None and number > high):
         bounds = f"{low}..{high}" if high is not None else f">= {low}"
-        raise bad_request(f"invalid_{name}", f"{name} must be a whole number {bounds}, got {raw!r}")
-    return int(raw)
+        raise bad_request(f"invalid_{name}", f"{name} must be a whole number {bounds}, got {raw[:40]!r}")
+    return number
 
 
 def _flag(body: Mapping[str, Any], name: str) -> bool:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import ModuleType
@@ -23,11 +25,29 @@ from connector.crm.registry import CRMKind, crm_kind
 from connector.events import RecordChangeEvent
 from connector.metrics import WEBHOOK_EVENTS, WEBHOOKS_REJECTED
 from connector.runtime import Runtime
+from connector.storage import audit
+from connector.storage.db import transaction
 from connector.storage.inbox import AcceptResult, GroupCommitInbox
+from connector.storage.models import InboxEvent
 from connector.worker import Tasks
 from webhooks.errors import WebhookError, bad_request
 
 log = logging.getLogger("webhooks")
+
+MAX_JSON_DEPTH = 32  # no CRM payload nests deeper; deeper would only exhaust the stack later
+MAX_JSON_DIGITS = 100  # int() refuses 4,300+ digits anyway, and nothing we judge needs more
+# Lone UTF-16 surrogates (JSON "\ud800") are no Unicode text: no database can store them.
+SURROGATE = re.compile("[\ud800-\udfff]")
+ASCII_DIGITS = re.compile("[0-9]+")  # str.isdigit() is also true for "²", which int() refuses
+# What the inbox stores of each event, with its column width; the label names it in a refusal.
+STORED_TEXT = {
+    "record_id": "record id",
+    "object_type": "object type",
+    "event_id": "event id",
+    "dedupe_key": "delivery id (connection name and the CRM's id for this change)",
+    "change_type": "change type",
+    "origin": "change origin",
+}
 
 
 @dataclass(frozen=True)
@@ -46,21 +66,34 @@ class SecretSetting:
     def waived(self, connection: ConnectionConfig) -> bool:
         return self.waiver is not None and (connection.get(self.waiver) or "").strip().lower() == "true"
 
+    # What is wrong with one value (never quoting it), or None; e.g. a whsec_ key that is not base64.
+    check: Callable[[str], str | None] | None = None
+
     def values(self, connection: ConnectionConfig) -> tuple[str, ...]:
         if self.several:
             return connection.get_list(self.name)
         value = connection.get(self.name)
         return () if value is None else (value,)
 
-    def problem(self, connection: ConnectionConfig) -> WebhookError:
+    def problem(self, connection: ConnectionConfig, *, ignore_waiver: bool = False) -> WebhookError | None:
+        """The 503 its endpoint answers while the setting is missing or malformed; None if usable
+        (a missing one the connection waived is usable, unless `ignore_waiver`)."""
         variable = f"{connection.env_prefix}{self.name}"
-        return WebhookError(
-            503,
-            "not_configured",
-            f"{connection.kind} connection {connection.name!r} cannot verify deliveries to {self.endpoint}: "
-            f"{variable} is not set",
-            f"set {variable} to {self.what}, then restart (docs/crms/{connection.kind}.md)",
+        cannot = (
+            f"{connection.kind} connection {connection.name!r} cannot verify deliveries to {self.endpoint}"
         )
+        fix = f"set {variable} to {self.what}, then restart (docs/crms/{connection.kind}.md)"
+        values = self.values(connection)
+        if not values:
+            if self.waived(connection) and not ignore_waiver:
+                return None
+            return WebhookError(503, "not_configured", f"{cannot}: {variable} is not set", fix)
+        for position, value in enumerate(values, start=1):
+            wrong = self.check(value) if self.check is not None else None
+            if wrong is not None:
+                which = f"value {position} of {variable}" if len(values) > 1 else variable
+                return WebhookError(503, "bad_secret_config", f"{cannot}: {which} is malformed: {wrong}", fix)
+        return None
 
 
 @dataclass
@@ -77,12 +110,38 @@ class Intake:
         return self.runtime.settings
 
     def store(self, events: Sequence[RecordChangeEvent]) -> AcceptResult:
-        """Durable first (one transaction), then the nudge; the caller acknowledges after this."""
+        """Durable first (one transaction), then the nudge; the caller acknowledges after this.
+        An id already stored with another content is audited and refused with 409."""
         result = self.inbox.accept(events)
         count_accepted(events, result)
         if result.accepted and self.tasks is not None:
             self.tasks.nudge()
+        if result.conflicts:
+            raise self._refuse_reused_ids(result.conflicts)
         return result
+
+    def _refuse_reused_ids(self, conflicts: Sequence[RecordChangeEvent]) -> WebhookError:
+        with transaction(self.runtime.sessions) as session:
+            for event in conflicts:
+                audit.record(
+                    session,
+                    "webhook_id_reused",
+                    connection=event.connection,
+                    object_type=event.object_type,
+                    record_id=event.record_id,
+                    source=event.source,
+                    event_id=event.event_id,
+                    content_hash=event.content_hash,
+                    remote_addr=request.remote_addr,
+                )
+        first = conflicts[0]
+        return WebhookError(
+            409,
+            "webhook_id_reused",
+            f"delivery id {first.event_id[:100]!r} was already received with a different body; "
+            "this one is refused, the first is kept",
+            "give every new message a new id; a retry must resend the same body",
+        )
 
 
 def intake() -> Intake:
@@ -123,23 +182,21 @@ def resolve_connection(kind: str, name: str | None = None) -> ConnectionConfig:
 
 
 def require_secret(connection: ConnectionConfig, secret: SecretSetting) -> tuple[str, ...]:
-    """The setting's configured values, or a 503 naming the variable to set."""
+    """The setting's configured values, or a 503 naming the variable to set or fix."""
     return require_secrets(connection, secret)[0]
 
 
 def require_secrets(connection: ConnectionConfig, *secrets: SecretSetting) -> list[tuple[str, ...]]:
     """Each setting's configured values (() for a waived one), or one 503 naming every missing
-    variable, so that fixing the first does not just reveal the next."""
-    missing = [
-        s.problem(connection) for s in secrets if not s.values(connection) and not s.waived(connection)
-    ]
-    if missing:
-        first = missing[0]
+    or malformed variable, so that fixing the first does not just reveal the next."""
+    problems = [p for p in (s.problem(connection) for s in secrets) if p is not None]
+    if problems:
+        first = problems[0]
         raise WebhookError(
             first.status,
             first.code,
-            "; ".join(p.message for p in missing),
-            "; ".join(p.hint or "" for p in missing),
+            "; ".join(p.message for p in problems),
+            "; ".join(p.hint or "" for p in problems),
         )
     return [s.values(connection) for s in secrets]
 
@@ -156,25 +213,29 @@ def intake_module(kind: CRMKind) -> ModuleType:
 
 
 def unconfigured_secrets(settings: Settings) -> list[WebhookError]:
-    """Every secret setting a configured connection lacks, as the error its endpoint answers."""
-    return [problem for problem, waived in _missing_secrets(settings) if not waived]
+    """Every secret setting a configured connection lacks or has malformed, as the error its
+    endpoint answers (a waived one is not a problem: `report_unconfigured_secrets` warns)."""
+    return [problem for problem, waived in _secret_problems(settings) if not waived]
 
 
-def _missing_secrets(settings: Settings) -> list[tuple[WebhookError, bool]]:
-    """(the error, whether the connection waived that secret) for every missing secret setting."""
-    missing = []
+def _secret_problems(settings: Settings) -> list[tuple[WebhookError, bool]]:
+    """(the error, whether the connection waived that secret) for every missing or malformed
+    secret setting."""
+    found = []
     for connection in settings.connections.values():
         secrets: Sequence[SecretSetting] = intake_module(crm_kind(connection.kind)).SECRETS
-        missing += [
-            (s.problem(connection), s.waived(connection)) for s in secrets if not s.values(connection)
-        ]
-    return missing
+        for secret in secrets:
+            problem = secret.problem(connection, ignore_waiver=True)
+            if problem is not None:
+                found.append((problem, problem.code == "not_configured" and secret.waived(connection)))
+    return found
 
 
 def report_unconfigured_secrets(settings: Settings) -> None:
-    """At start-up: the endpoints of a connection that lacks a secret setting refuse every
-    delivery (503) until it is set; say so now, naming the variable."""
-    for problem, waived in _missing_secrets(settings):
+    """At start-up: the endpoints of a connection that lacks a secret setting, or has a
+    malformed one, refuse every delivery (503) until it is fixed; say so now, naming the
+    variable. A secret the connection opted out of is a warning."""
+    for problem, waived in _secret_problems(settings):
         if waived:
             log.warning(
                 "%s, and the connection opted out of it: that endpoint accepts deliveries without it, "
@@ -218,13 +279,16 @@ def record_change(
     values: Mapping[str, Any] | None = None,
     origin: str | None = None,
     values_signed: bool,
+    content_hash: str | None = None,
 ) -> RecordChangeEvent:
     """The canonical event for one record change delivered to `connection`. `dedupe_id` is
     what stays the same when the CRM redelivers this change; the connection name is prefixed,
     so one change seen through two connections is two events. `values_signed` says whether the
     channel authenticates the delivery's content (a signature over the body): when not, the
-    values are hints and the pipeline judges rules on values it reads from the CRM."""
-    return RecordChangeEvent(
+    values are hints and the pipeline judges rules on values it reads from the CRM. Refused
+    (400) unless the inbox can store every part as it is: texts within their column widths,
+    no NUL or lone surrogate."""
+    event = RecordChangeEvent(
         source=connection.kind,
         connection=connection.name,
         object_type=object_type,
@@ -237,7 +301,32 @@ def record_change(
         values=values,
         origin=origin,
         values_signed=values_signed,
+        content_hash=content_hash,
     )
+    check_storable(event)
+    return event
+
+
+def check_storable(event: RecordChangeEvent) -> None:
+    """Checked at intake so that a value PostgreSQL would refuse (too long for its column, a NUL)
+    is the sender's 400, not our 500, and SQLite, which would take it, stores nothing else."""
+    columns = InboxEvent.__table__.c
+    for name, label in STORED_TEXT.items():
+        text = getattr(event, name)
+        if text is None:
+            continue
+        limit = columns[name].type.length  # type: ignore[attr-defined]  # every one is a String(n)
+        if len(text) > limit:
+            raise bad_request(
+                "value_too_long",
+                f"the {label} is {len(text)} characters long; at most {limit} are accepted",
+                "send the CRM's own value unmodified",
+            )
+        if "\x00" in text or SURROGATE.search(text):
+            raise bad_request("invalid_characters", f"the {label} holds a NUL character or a lone surrogate")
+    problem = unstorable([list(event.changed_fields), event.values], nul=True)
+    if problem is not None:
+        raise bad_request("invalid_value", f"the changed fields or values cannot be stored: {problem}")
 
 
 def require_content_type(*allowed: str) -> None:
@@ -252,15 +341,82 @@ def require_content_type(*allowed: str) -> None:
 
 
 def json_body() -> Any:
+    """The request's JSON, refused with a clear 400 unless every value can be judged and stored:
+    no NaN or Infinity, no number past float range or MAX_JSON_DIGITS digits, nesting at most
+    MAX_JSON_DEPTH deep, no lone surrogates."""
     raw = request.get_data(cache=True)
     try:
-        return json.loads(raw)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise bad_request("malformed_json", "the body is not UTF-8 text") from None
+    try:
+        body = json.loads(
+            text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int
+        )
     except json.JSONDecodeError as exc:
         raise bad_request(
             "malformed_json", f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise bad_request("malformed_json", f"the JSON nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # from the hooks below
+        raise bad_request("malformed_json", f"the body is not usable JSON: {exc}") from None
+    problem = unstorable(body)
+    if problem is not None:
+        raise bad_request("malformed_json", f"the body is not usable JSON: {problem}")
+    return body
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return number
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_DIGITS:
+        raise ValueError(f"a number has more than {MAX_JSON_DIGITS} digits")
+    return int(text)
+
+
+def unstorable(value: Any, *, nul: bool = False) -> str | None:
+    """Why a JSON-like value cannot be stored, or None: nesting deeper than MAX_JSON_DEPTH, a
+    non-finite float, an int of more than MAX_JSON_DIGITS digits, a lone surrogate in a string
+    or key, and with `nul` a NUL character (PostgreSQL stores none). Iterative: depth is the
+    problem being looked for."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if SURROGATE.search(item):
+                return "a string holds a lone UTF-16 surrogate (not Unicode text)"
+            if nul and "\x00" in item:
+                return "a string holds a NUL character"
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "a number is NaN or infinite"
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) >= 10**MAX_JSON_DIGITS:
+            return f"a number has more than {MAX_JSON_DIGITS} digits"
+        elif isinstance(item, dict | list | tuple):
+            if depth > MAX_JSON_DEPTH:
+                return f"it nests deeper than {MAX_JSON_DEPTH} levels"
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def whole_number(value: Any, *, max_digits: int = 18) -> int | None:
+    """An int, or a string of ASCII digits (surrounding spaces allowed), as an int; None for
+    anything else, including bools, signs and numbers of more than `max_digits` digits."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if 0 <= value < 10**max_digits else None
+    if isinstance(value, str) and ASCII_DIGITS.fullmatch(value.strip()) and len(value.strip()) <= max_digits:
+        return int(value.strip())
+    return None
 
 
 def log_rejection(error: WebhookError) -> None:

@@ -30,6 +30,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from connector.clock import utcnow
 from connector.config import ConnectionConfig
+from connector.crm.salesforce_ids import HINT as ID_HINT
+from connector.crm.salesforce_ids import normalize_salesforce_id, salesforce_id_problem
 from connector.events import RecordChangeEvent, parse_timestamp
 from webhooks.errors import WebhookError, bad_request, unauthorized
 from webhooks.intake import (
@@ -43,6 +45,7 @@ from webhooks.intake import (
     require_secret,
     require_secrets,
     resolve_connection,
+    whole_number,
 )
 from webhooks.signatures import constant_time_equals, verify_timestamped_hmac
 from webhooks.soap import OUTBOUND_ACK, fault, is_nil, parse_xml, qname, soap_body_child
@@ -54,7 +57,6 @@ OUTBOUND_NS = "http://soap.sforce.com/2005/09/outbound"
 XSI_TYPE = qname("http://www.w3.org/2001/XMLSchema-instance", "type")
 MAX_NOTIFICATIONS = 100  # the WSDL's maxOccurs
 SIGNATURE_HEADER = "X-CRM-Approvals-Signature"
-SALESFORCE_ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
 # Pub/Sub API sends changedFields/nulledFields/diffFields as hex bitmaps until the client decodes them.
 UNDECODED_BITMAP = re.compile(r"(?:\d+-)?0x[0-9A-Fa-f]+")
 EMPTY_RECORD_ID = "000000000000000AAA"  # what overflow events carry instead of a record id
@@ -67,6 +69,7 @@ ORG_IDS = SecretSetting(
     "/webhooks/salesforce/outbound",
     "your Organization ID (Setup > Company Information; comma-separated for several orgs)",
     several=True,
+    check=salesforce_id_problem,
 )
 EVENTS_SECRET = SecretSetting(
     "EVENTS_SECRET",
@@ -138,12 +141,14 @@ def check_outbound_token(connection: ConnectionConfig, expected: tuple[str, ...]
 def check_organization(connection: ConnectionConfig, allowed: tuple[str, ...], org_id: str | None) -> None:
     """Outbound Messages are unsigned: only orgs on the connection's allow-list are trusted."""
     variable = f"{connection.env_prefix}{ORG_IDS.name}"
-    if not org_id or not SALESFORCE_ID.fullmatch(org_id):
+    problem = salesforce_id_problem(org_id) if org_id else "it is missing"
+    if problem is not None:
         raise bad_request(
             "bad_organization_id",
-            f"<OrganizationId> is missing or not a 15/18-character Salesforce id: {(org_id or '')[:40]!r}",
+            f"<OrganizationId> is not a Salesforce id: {problem}",
             "send an unmodified Salesforce Outbound Message",
         )
+    assert org_id is not None
     if not any(same_salesforce_id(org_id, candidate) for candidate in allowed):
         raise WebhookError(
             403,
@@ -154,9 +159,9 @@ def check_organization(connection: ConnectionConfig, allowed: tuple[str, ...], o
 
 
 def same_salesforce_id(a: str, b: str) -> bool:
-    """15- and 18-character forms name the same record when the first 15 characters are
-    equal, case-sensitively (the last 3 only encode the case of the first 15)."""
-    return len(a) >= 15 and len(b) >= 15 and constant_time_equals(a[:15], b[:15])
+    """Whether two valid ids, 15- or 18-character, name the same record (compared in their
+    18-character forms, so a wrong checksum suffix never matches)."""
+    return constant_time_equals(normalize_salesforce_id(a), normalize_salesforce_id(b))
 
 
 def parse_notifications(connection: ConnectionConfig, notifications: Element) -> list[RecordChangeEvent]:
@@ -185,11 +190,12 @@ def parse_notification(
         raise bad_request("missing_sobject", f"{where} has no <sObject>", "send it unmodified")
     object_type = check_object(connection, _sobject_type(sobject, where))
     values = sobject_values(sobject)
-    record_id = values.get("Id")
-    if not record_id:
+    sent_id = values.get("Id")
+    if not sent_id:
         raise bad_request(
             "missing_id", f"{where}: <sObject> has no <sf:Id>", "select the Id field in the Outbound Message"
         )
+    record_id = values["Id"] = record_id_of(sent_id, f"{where}: <sf:Id>")
     return record_change(
         connection,
         object_type=object_type,
@@ -206,6 +212,14 @@ def parse_notification(
         origin=None,  # no change origin in the message; the pipeline compares values instead
         values_signed=False,  # Outbound Messages are not signed: the worker re-reads the record
     )
+
+
+def record_id_of(raw: str, where: str) -> str:
+    """The record id in its 18-character form, or a 400 saying what is wrong with it."""
+    try:
+        return normalize_salesforce_id(raw)
+    except ValueError as exc:
+        raise bad_request("bad_record_id", f"{where} is not a Salesforce record id: {exc}", ID_HINT) from None
 
 
 def sobject_values(sobject: Element) -> dict[str, str | None]:
@@ -429,10 +443,8 @@ def _header_text(header: Mapping[str, Any], key: str, where: str) -> str:
 
 
 def _sequence_number(header: Mapping[str, Any], where: str) -> int:
-    value = header.get("sequenceNumber")
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
+    value = whole_number(header.get("sequenceNumber"))
+    if value is None:
         raise bad_request(
             "bad_payload",
             f"{where}: ChangeEventHeader.sequenceNumber is required (a whole number)",
@@ -453,12 +465,16 @@ def _commit_time(header: Mapping[str, Any], where: str) -> datetime:
 
 
 def _record_ids(header: Mapping[str, Any], where: str, *, allow_empty: bool) -> list[str]:
+    """The record ids in their 18-character form; wildcards ("001*") stay as sent."""
     ids = header.get("recordIds", [])
     if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
         raise bad_request("bad_payload", f"{where}: ChangeEventHeader.recordIds must be a list of record ids")
     if not ids and not allow_empty:
         raise bad_request("bad_payload", f"{where}: ChangeEventHeader.recordIds is empty")
-    return ids
+    return [
+        i if i.endswith("*") else record_id_of(i, f"{where}: ChangeEventHeader.recordIds[{n}]")
+        for n, i in enumerate(ids)
+    ]
 
 
 def _fetchable(record_ids: list[str]) -> bool:

@@ -4,11 +4,18 @@ timestamp window. The secret never appears in an error or a log line."""
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
+import re
 import time
 
-from webhooks.errors import WebhookError, unauthorized
+from connector.config import ConfigError
+from webhooks.errors import unauthorized
+
+# Whole or fractional seconds (or milliseconds), ASCII digits only: float() would also take
+# "inf", "1e400" or "nan", and int() takes "²"; 16 digits is past any real time in milliseconds.
+UNIX_TIME = re.compile(r"[0-9]{1,16}(?:\.[0-9]{1,9})?")
 
 
 def hmac_sha256(key: bytes, message: bytes) -> bytes:
@@ -27,10 +34,13 @@ def check_timestamp(raw: str | None, tolerance: int, now: float | None = None, *
         raise unauthorized(
             "missing_timestamp", f"the {header} header is missing", f"send {header} with every delivery"
         )
-    try:
-        value = int(float(raw))
-    except ValueError:
-        raise unauthorized("bad_timestamp", f"{header} is not a Unix timestamp: {raw[:40]!r}") from None
+    if not UNIX_TIME.fullmatch(raw):
+        raise unauthorized(
+            "bad_timestamp",
+            f"{header} is not a Unix timestamp: {raw[:40]!r}",
+            "send whole seconds since the epoch in ASCII digits",
+        )
+    value = int(float(raw))
     if value > 10**11:  # milliseconds (HubSpot sends those)
         value //= 1000
     skew = (time.time() if now is None else now) - value
@@ -45,17 +55,22 @@ def check_timestamp(raw: str | None, tolerance: int, now: float | None = None, *
 
 
 def decode_standard_secret(secret: str) -> bytes:
-    """Standard Webhooks secrets are `whsec_` + base64 of the key bytes."""
-    raw = secret.removeprefix("whsec_")
+    """Standard Webhooks secrets are `whsec_` + base64 of the key bytes. A malformed one is a
+    ConfigError; the intake checks configured secrets with `standard_secret_problem` first,
+    which names the variable (webhooks/intake.py SecretSetting.check)."""
+    problem = standard_secret_problem(secret)
+    if problem is not None:
+        raise ConfigError(f"a Standard Webhooks secret is malformed: {problem}")
+    return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+
+
+def standard_secret_problem(secret: str) -> str | None:
+    """What is wrong with a Standard Webhooks secret, or None. Never includes the secret."""
     try:
-        return base64.b64decode(raw, validate=True)
-    except ValueError:
-        raise WebhookError(
-            500,
-            "bad_secret_config",
-            "the configured webhook secret is not whsec_<base64>",
-            "fix the *_WEBHOOK_SECRET",
-        ) from None
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        return "it is not whsec_ followed by base64"
+    return None if key else "it holds no key bytes after whsec_"
 
 
 def sign_standard(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:

@@ -9,6 +9,7 @@ Body (ours, documented in docs/crms/sandbox.md):
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from flask import Blueprint, jsonify, request
@@ -27,7 +28,7 @@ from webhooks.intake import (
     require_secret,
     resolve_connection,
 )
-from webhooks.signatures import verify_standard
+from webhooks.signatures import standard_secret_problem, verify_standard
 
 blueprint = Blueprint("standard", __name__)
 WEBHOOK_SECRET = SecretSetting(
@@ -35,6 +36,7 @@ WEBHOOK_SECRET = SecretSetting(
     "/webhooks/standard",
     "the sender's whsec_ signing secret (`crm-approvals init` writes one for the sandbox)",
     several=True,
+    check=standard_secret_problem,
 )
 SECRETS = (WEBHOOK_SECRET,)
 
@@ -52,7 +54,10 @@ def receive() -> ResponseReturnValue:
         request.get_data(cache=True),
         intake().settings.webhook_tolerance_seconds,
     )
-    event = parse_standard(connection, request.headers["webhook-id"], json_body())
+    body = request.get_data(cache=True)
+    event = parse_standard(
+        connection, request.headers["webhook-id"], json_body(), hashlib.sha256(body).hexdigest()
+    )
     result = intake().store([event])
     return jsonify(accepted=result.accepted, duplicates=result.duplicates), 202 if result.accepted else 200
 
@@ -62,7 +67,9 @@ def _connection() -> ConnectionConfig:
     return resolve_connection("sandbox")
 
 
-def parse_standard(connection: ConnectionConfig, msg_id: str, body: Any) -> RecordChangeEvent:
+def parse_standard(
+    connection: ConnectionConfig, msg_id: str, body: Any, content_hash: str | None = None
+) -> RecordChangeEvent:
     if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
         raise bad_request(
             "bad_payload", "expected an object with a `data` object", "see docs/crms/sandbox.md"
@@ -97,6 +104,8 @@ def parse_standard(connection: ConnectionConfig, msg_id: str, body: Any) -> Reco
         values=values,
         origin=str(data["origin"]) if data.get("origin") is not None else None,
         values_signed=True,  # Standard Webhooks sign the id, timestamp and body
+        # The spec's id is unique per message: the same id with another body is no redelivery.
+        content_hash=content_hash,
     )
 
 

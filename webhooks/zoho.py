@@ -37,6 +37,7 @@ from webhooks.intake import (
     require_content_type,
     require_secret,
     resolve_connection,
+    whole_number,
 )
 from webhooks.signatures import check_timestamp, constant_time_equals
 
@@ -114,7 +115,7 @@ def check_token(
 
 def _server_time(body: dict[str, Any]) -> str:
     value = body.get("server_time")
-    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
+    if whole_number(value) is None:
         raise bad_request(
             "bad_payload", f"server_time must be milliseconds since the epoch, got {str(value)[:40]!r}", DOCS
         )
@@ -152,9 +153,9 @@ def parse_notification(connection: ConnectionConfig, body: dict[str, Any]) -> li
 
 
 def _change_type(operation: Any) -> str:
-    if operation not in OPERATIONS:
+    if not isinstance(operation, str) or operation not in OPERATIONS:
         raise bad_request(
-            "bad_payload", f"operation {operation!r} is not one of {', '.join(OPERATIONS)}", DOCS
+            "bad_payload", f"operation {str(operation)[:40]!r} is not one of {', '.join(OPERATIONS)}", DOCS
         )
     return OPERATIONS[operation]
 

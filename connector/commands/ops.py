@@ -95,6 +95,13 @@ def _fetch(ctx: Context, connection: str, object_type: str, record_id: str) -> d
     from connector.rules import MappingSet
     from connector.runtime import Runtime
 
+    if ctx.settings.connection(connection).kind == "salesforce":
+        from connector.crm.salesforce_ids import HINT, normalize_salesforce_id
+
+        try:
+            record_id = normalize_salesforce_id(record_id)
+        except ValueError as exc:
+            raise click.BadParameter(f"{exc}; {HINT}", param_hint="--record-id") from None
     runtime = Runtime.from_settings(ctx.settings)
     fields = sorted(
         {

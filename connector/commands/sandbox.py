@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 import click
@@ -35,6 +36,8 @@ def sandbox(ctx: Context, reset: bool, bind: str | None, connection_name: str | 
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     host, port = bind_address(bind or settings.sandbox_url)
+    # It answers to SANDBOX_URL's host and the loopback names; with --bind, to that host too.
+    config = replace(config, hosts=(*config.hosts, f"{host}:{port}".lower()))
     app = create_sandbox_app(config, reset=reset)
     click.echo(
         f"Sandbox CRM on http://{host}:{port}/ (data: {config.db_path}); webhooks go to {config.webhook_url}"

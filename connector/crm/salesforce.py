@@ -41,6 +41,7 @@ from connector.crm.errors import (
 )
 from connector.crm.http import STATUS_ERRORS, network_error
 from connector.crm.retry import RetryPolicy
+from connector.crm.salesforce_ids import normalize_salesforce_id
 from connector.events import RecordChangeEvent
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,17 @@ class SalesforceAdapter(CRMAdapter):
             object_name(object_type),
             list(ids),
         )
-        requested = {record_id[:15]: record_id for record_id in ids}  # 15- or 18-char ids alike
+        # Each record under every id it was asked for as (15 or 18 characters), matched by the
+        # 18-character form: ids that only share their first 15 characters are different records.
+        requested: dict[str, list[str]] = {}
+        for record_id in ids:
+            requested.setdefault(_id18(record_id), []).append(record_id)
         found: dict[str, dict[str, Any]] = {}
         for record in self._query_all(soql):
             returned = str(record.get("Id") or "")
-            found[requested.get(returned[:15], returned)] = pick(flatten(record), fields)
+            values = pick(flatten(record), fields)
+            for asked in requested.get(_id18(returned), [returned]):
+                found[asked] = values
         return found
 
     def _query_page(
@@ -415,6 +422,15 @@ def _needs(connection: ConnectionConfig, mode: str) -> str:
 
 
 # --- SOQL and record shapes ------------------------------------------------------------
+
+
+def _id18(record_id: str) -> str:
+    """The 18-character form of a valid id; anything else as it is (Salesforce finds no record
+    for it, and the quoted SOQL value keeps it harmless)."""
+    try:
+        return normalize_salesforce_id(record_id)
+    except ValueError:
+        return record_id
 
 
 def object_name(name: str) -> str:

@@ -1,12 +1,16 @@
 """The sandbox CRM's web app: a page to see and edit records, the REST API our adapter uses,
 and the sender of signed Standard Webhooks (a queue in the store plus a retry thread).
 
-Local only: the page has no login and no CSRF protection (docs/crms/sandbox.md says so);
-the API requires the connection's bearer token.
+Local only: the page has no login (docs/crms/sandbox.md says so). It answers only to its own
+host name (SANDBOX_URL's, or a loopback name), so a DNS-rebinding page cannot reach it; its
+forms carry a CSRF token and a form post from another origin is refused. The API requires the
+connection's bearer token instead.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
 import random
@@ -18,10 +22,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from flask import Blueprint, Flask, abort, current_app, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
+from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
 
 from connector.config import MAIL_CATCHER_HOST, ConfigError, ConnectionConfig, Settings
@@ -39,8 +45,7 @@ from connector.sandbox.store import (
     Store,
     spec_of,
 )
-from webhooks.errors import WebhookError
-from webhooks.signatures import constant_time_equals, decode_standard_secret, sign_standard
+from webhooks.signatures import constant_time_equals, sign_standard, standard_secret_problem
 
 log = logging.getLogger("sandbox")
 
@@ -52,6 +57,7 @@ MAX_PAGE_SIZE = 200
 SEND_TIMEOUT_SECONDS = 5.0
 LOCK_SECONDS = 60
 PAGE_OBJECTS = {"deals": "deal", "companies": "company"}
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -68,6 +74,8 @@ class SandboxConfig:
     send_timeout: float = SEND_TIMEOUT_SECONDS
     approver_app_url: str | None = None  # {PUBLIC_BASE_URL}/app/: where approvers sign in
     mail_catcher_url: str | None = None  # the caught mail, when `run` starts the mail catcher
+    # The host names (with port, as in a Host header) it answers to besides the loopback names.
+    hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_settings(cls, settings: Settings, connection_name: str | None = None) -> SandboxConfig:
@@ -87,7 +95,25 @@ class SandboxConfig:
                 if settings.notify.uses_mail_catcher
                 else None
             ),
+            hosts=(urlsplit(settings.sandbox_url).netloc.lower(),),
         )
+
+    def answers_to(self, host: str) -> bool:
+        """Whether a request's Host header names this sandbox: SANDBOX_URL's host and port, or a
+        loopback name (any port: the sandbox is local, and a rebinding page names its own host)."""
+        host = host.strip().lower()
+        if host in self.hosts:
+            return True
+        try:
+            return urlsplit(f"//{host}").hostname in LOOPBACK_NAMES  # port and IPv6 brackets dropped
+        except ValueError:
+            return False
+
+    @property
+    def csrf_key(self) -> bytes:
+        """The key that signs the page's session (its CSRF token): derived from the API token,
+        so it is secret, stable across restarts, and needs no setting of its own."""
+        return hmac.new(self.api_token.encode(), b"sandbox page session", hashlib.sha256).digest()
 
 
 def sandbox_connection(settings: Settings, name: str | None = None) -> ConnectionConfig:
@@ -121,12 +147,9 @@ def _webhook_secrets(connection: ConnectionConfig) -> tuple[str, ...]:
             f"connection {connection.name!r} needs {connection.env_prefix}WEBHOOK_SECRET; {hint}"
         )
     for secret in secrets:
-        try:
-            decode_standard_secret(secret)
-        except WebhookError:
-            raise ConfigError(
-                f"{connection.env_prefix}WEBHOOK_SECRET is not whsec_<base64>; {hint}"
-            ) from None
+        problem = standard_secret_problem(secret)
+        if problem is not None:
+            raise ConfigError(f"{connection.env_prefix}WEBHOOK_SECRET is malformed: {problem}; {hint}")
     return secrets
 
 
@@ -345,12 +368,16 @@ def create_sandbox_app(
     )
     state = Sandbox(config, store, sender, RateLimiter(config.rate_limit_per_second, rate_clock))
     app = Flask("crm_approvals_sandbox", template_folder=str(TEMPLATES))
+    app.secret_key = config.csrf_key
     app.extensions["sandbox"] = state
+    csrf = CSRFProtect(app)
+    csrf.exempt(api)  # bearer-token calls from our adapter, not a browser's cookies
     app.jinja_env.filters["when"] = _when
     app.jinja_env.filters["status_class"] = _status_class
     app.jinja_env.globals.update(
         approver_app_url=config.approver_app_url, mail_catcher_url=config.mail_catcher_url
     )
+    app.before_request(_check_host_and_origin)
     app.register_blueprint(pages)
     app.register_blueprint(api, url_prefix="/api/v1")
     _register_error_handlers(app)
@@ -360,7 +387,35 @@ def create_sandbox_app(
     return app
 
 
+def _check_host_and_origin() -> None:
+    """Refuse a Host the sandbox is not (DNS rebinding: another site's name pointing here) and,
+    on a form post, an Origin other than the page's own (a cross-site form). Both are 4xx
+    saying so; the CSRF token then covers browsers that send no Origin."""
+    config = sandbox().config
+    if not config.answers_to(request.host):
+        raise ApiError(
+            400,
+            "UNKNOWN_HOST",
+            f"this sandbox does not answer to Host {request.host[:100]!r}",
+            f"open it as {config.hosts[0] if config.hosts else 'http://127.0.0.1:<port>'} (SANDBOX_URL)",
+        )
+    if request.method not in ("GET", "HEAD", "OPTIONS") and not request.path.startswith("/api/"):
+        origin = request.headers.get("Origin")
+        if origin is not None and origin.rstrip("/").lower() != request.host_url.rstrip("/").lower():
+            raise ApiError(
+                403,
+                "CROSS_ORIGIN",
+                f"a form post from {origin[:100]!r} is refused: only the sandbox's own pages may post here",
+                "edit records on the sandbox page itself",
+            )
+
+
 def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(CSRFError)
+    def on_csrf_error(error: CSRFError) -> ResponseReturnValue:
+        message = f"{error.description} Reload the page and submit the form again."
+        return jsonify(error_body("CSRF_FAILED", message)), 400
+
     @app.errorhandler(ApiError)
     def on_api_error(error: ApiError) -> ResponseReturnValue:
         return jsonify(error_body(error.code, error.message, error.hint)), error.status, error.headers

@@ -359,8 +359,9 @@ def run_now(runtime: Runtime, event_ids: Sequence[int] = (), outbox_ids: Sequenc
 
 # --- reading arguments (shared by the CLI and the API) ------------------------------------
 
-_AGE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
-_AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_AGE = re.compile(r"^\s*([0-9]{1,12})\s*(s|m|h|d|w)\s*$")  # ASCII digits: \d also matches "²"
+MAX_AGE = timedelta(days=36525)  # a century; more would overflow a date subtracted from now
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 AGE_HINT = "an age such as 90s, 30m, 2h, 3d or 1w (m = minutes)"
 TIME_HINT = "an ISO date or time such as 2026-11-23 or 2026-11-23T10:00:00Z (UTC if no zone), or " + AGE_HINT
 
@@ -369,7 +370,10 @@ def parse_age(text: str) -> timedelta:
     match = _AGE.match(text)
     if not match:
         raise ValueError(f"{text!r} is not {AGE_HINT}")
-    return timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
+    seconds = int(match.group(1)) * _SECONDS[match.group(2)]
+    if seconds > MAX_AGE.total_seconds():
+        raise ValueError(f"{text.strip()!r} is more than a century; give a shorter age")
+    return timedelta(seconds=seconds)
 
 
 def parse_time(text: str, now: datetime | None = None) -> datetime:
@@ -378,9 +382,9 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
         return (now or utcnow()) - parse_age(text)
     try:
         parsed = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 moved across the date line
         raise ValueError(f"{text!r} is not {TIME_HINT}") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def parse_record(text: str) -> RecordKey:

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from connector.approvals.lifecycle import RequestStatus
 from connector.clock import utcnow
+from connector.crm.salesforce_ids import id_spellings
 from connector.rules.coerce import parse_duration
 from connector.storage import approval_store as store
 from connector.storage.approval_store import RecordKey, StoredRequest
@@ -235,7 +236,7 @@ def _conditions(
         conditions += [
             R.connection == filters.record.connection,
             func.lower(R.object_type) == filters.record.object_type.lower(),
-            R.record_id == filters.record.record_id,
+            R.record_id.in_(id_spellings(filters.record.record_id)),  # a Salesforce id as 15 or 18
         ]
     if filters.older_than is not None:
         conditions.append(R.submitted_at < filters.older_than)

@@ -33,6 +33,7 @@ from connector.storage.models import AuditChainHead, AuditEntry
 # Every kind of entry; `record` refuses others, so a typo cannot start a kind nobody queries.
 KINDS = (
     "webhook_received",
+    "webhook_id_reused",
     "echo_ignored",
     "rule_matched",
     "transition",

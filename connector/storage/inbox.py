@@ -46,6 +46,9 @@ class EventProcessor(Protocol):
 class AcceptResult:
     accepted: int
     duplicates: int
+    # Events whose dedupe key was already stored with another content_hash: not redeliveries
+    # but a sender reusing an id for new content. Nothing is stored for them.
+    conflicts: tuple[RecordChangeEvent, ...] = ()
 
 
 def accept(sessions: sessionmaker[Session], events: Sequence[RecordChangeEvent]) -> AcceptResult:
@@ -61,17 +64,40 @@ def _write_batch(
 
     This is the webhook hot path, so it uses a Core connection rather than an ORM session.
     """
-    unique = list({e.dedupe_key: e for events in deliveries for e in events}.values())
+    unique: dict[str, RecordChangeEvent] = {}
+    for events in deliveries:  # the first delivery carrying a key is the one stored
+        for e in events:
+            unique.setdefault(e.dedupe_key, e)
     now = utcnow()
-    rows = [{**e.to_row(), "received_at": now, "status": PENDING, "attempts": 0} for e in unique]
+    rows = [{**e.to_row(), "received_at": now, "status": PENDING, "attempts": 0} for e in unique.values()]
+    table = InboxEvent.__table__
     engine = sessions.kw["bind"]
     with engine.begin() as conn:
-        new_keys = insert_ignoring_conflicts(conn, InboxEvent.__table__, rows, key="dedupe_key")
+        new_keys = insert_ignoring_conflicts(conn, table, rows, key="dedupe_key")
+        # Hashed events whose own row was not just written: compare with the stored hash. (The
+        # usual case, a new id, needs no second query.)
+        unsure = [
+            e.dedupe_key
+            for events in deliveries
+            for e in events
+            if e.content_hash is not None and not (e.dedupe_key in new_keys and unique[e.dedupe_key] is e)
+        ]
+        stored_hashes: dict[str, str | None] = {}
+        if unsure:
+            query = select(table.c.dedupe_key, table.c.content_hash).where(table.c.dedupe_key.in_(unsure))
+            stored_hashes = {key: content_hash for key, content_hash in conn.execute(query)}
     results = []
     for events in deliveries:  # a key new in this batch counts for the first delivery carrying it
         mine = {e.dedupe_key for e in events} & new_keys
         new_keys -= mine
-        results.append(AcceptResult(accepted=len(mine), duplicates=len(events) - len(mine)))
+        # A row stored before hashes were kept (None) cannot be compared: a duplicate, as before.
+        conflicts = tuple(
+            e
+            for e in events
+            if e.dedupe_key not in mine and stored_hashes.get(e.dedupe_key) not in (None, e.content_hash)
+        )
+        duplicates = len(events) - len(mine) - len(conflicts)
+        results.append(AcceptResult(accepted=len(mine), duplicates=duplicates, conflicts=conflicts))
     return results
 
 

@@ -47,6 +47,9 @@ class InboxEvent(Base):
     # Set when ops re-ran the event (replay, dead-letter retry): it is then evaluated again
     # even if its values are already known, and rules with a request since it are left alone.
     replayed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # SHA-256 of the delivery's content, where the sender's id must never name two contents
+    # (Standard Webhooks): the same id with another hash is refused, not dropped as a duplicate.
+    content_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (
         Index("ix_inbox_status_id", "status", "id"),

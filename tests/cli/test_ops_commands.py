@@ -209,3 +209,16 @@ def test_audit_log_is_append_only_on_postgres(pg_url: str, runtime_factory: Any)
         audit.record(session, "vote", actor="u-mgr-boris")
     with pytest.raises(DatabaseError, match="append-only"), transaction(runtime.sessions) as session:
         session.execute(text("UPDATE audit_log SET kind = 'x'"))
+
+
+def test_explain_refuses_a_salesforce_record_id_with_a_wrong_checksum(tmp_path: Path) -> None:
+    """Read nothing from Salesforce for an id that names no record: a usage error saying why."""
+    env = tmp_path / ".env"
+    env.write_text(
+        f"DATABASE_URL=sqlite:///{tmp_path}/app.db\nQUEUE_URL=memory://\nMAPPINGS_DIR={tmp_path}\n"
+        "CRM_CONNECTIONS=salesforce\nSALESFORCE_ORG_IDS=00D5e000000AbCdEAK\n"
+    )
+    args = ["--record-id", "0065e00000R1001ZZZ", "--connection", "salesforce", "--object", "Opportunity"]
+    result = CliRunner().invoke(main, ["--env-file", str(env), "explain", *args])
+    assert result.exit_code == 2, result.output
+    assert "checksum suffix 'ZZZ'" in result.output and "--record-id" in result.output

@@ -97,6 +97,7 @@ class IntakeHarness(ABC):
     kind: str
     env: Mapping[str, str]
     object_type: str  # what the canonical event must say
+    record_id: str = "1001"  # a record id in the CRM's own shape (Salesforce: a valid 18-char id)
     tolerance_seconds: int = 300
 
     @abstractmethod

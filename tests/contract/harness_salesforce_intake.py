@@ -15,7 +15,7 @@ from tests.contract.harness import Delivery, IntakeHarness
 from webhooks.soap import OUTBOUND_ACK
 
 ORG_ID = "00D5e000000AbCdEAK"
-OTHER_ORG_ID = "00D5e000000XyZwEAC"
+OTHER_ORG_ID = "00D5e000000XyZwEAK"
 OUTBOUND_TOKEN = "obm-url-token-5c1e9a7d3f"  # SALESFORCE_OUTBOUND_TOKEN, required by default
 INSTANCE = "https://acme.my.salesforce.com"
 
@@ -77,6 +77,7 @@ class SalesforceOutboundIntakeHarness(IntakeHarness):
         "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN,
     }
     object_type = "Opportunity"
+    record_id = "0065e00000R1001AAB"  # 15 characters and their checksum suffix
 
     def signed_delivery(self, record_id: str, event_id: str, timestamp: int) -> Delivery:
         return self._delivery(record_id, event_id, ORG_ID)

@@ -50,18 +50,22 @@ def rows(runtime: Runtime) -> list[InboxEvent]:
 
 def test_signed_delivery_becomes_a_canonical_event(harness: IntakeHarness, setup: Any) -> None:
     runtime, client = setup
-    response = send(client, harness.signed_delivery("1001", "evt-1", int(time.time())))
+    response = send(client, harness.signed_delivery(harness.record_id, "evt-1", int(time.time())))
     assert harness.accepted(response.status_code, response.data), response.data
     [row] = rows(runtime)
-    assert (row.source, row.record_id, row.object_type) == (harness.kind, "1001", harness.object_type)
+    assert (row.source, row.record_id, row.object_type) == (
+        harness.kind,
+        harness.record_id,
+        harness.object_type,
+    )
     assert row.status == "pending"
 
 
 def test_redelivery_is_acknowledged_and_dropped(harness: IntakeHarness, setup: Any) -> None:
     runtime, client = setup
     now = int(time.time())
-    first = send(client, harness.signed_delivery("1001", "evt-1", now))
-    again = send(client, harness.signed_delivery("1001", "evt-1", now))
+    first = send(client, harness.signed_delivery(harness.record_id, "evt-1", now))
+    again = send(client, harness.signed_delivery(harness.record_id, "evt-1", now))
     assert harness.accepted(first.status_code, first.data)
     assert harness.accepted(again.status_code, again.data)
     assert len(rows(runtime)) == 1
@@ -69,14 +73,14 @@ def test_redelivery_is_acknowledged_and_dropped(harness: IntakeHarness, setup: A
 
 def test_forged_delivery_is_refused(harness: IntakeHarness, setup: Any) -> None:
     runtime, client = setup
-    response = send(client, harness.forged_delivery("1001", "evt-1", int(time.time())))
+    response = send(client, harness.forged_delivery(harness.record_id, "evt-1", int(time.time())))
     assert harness.rejected(response.status_code), response.status_code
     assert rows(runtime) == []
 
 
 def test_stale_delivery_is_refused(harness: IntakeHarness, setup: Any) -> None:
     runtime, client = setup
-    delivery = harness.stale_delivery("1001", "evt-1", int(time.time()))
+    delivery = harness.stale_delivery(harness.record_id, "evt-1", int(time.time()))
     if delivery is None:
         pytest.skip(f"{harness.kind} deliveries carry no signed timestamp")
     response = send(client, delivery)
@@ -90,7 +94,7 @@ def test_without_its_secret_setting_the_endpoint_answers_503(
     runtime_factory: Callable[[Settings], Runtime],
     app_factory: Callable[[Runtime], Flask],
 ) -> None:
-    delivery = harness.signed_delivery("1001", "evt-1", int(time.time()))
+    delivery = harness.signed_delivery(harness.record_id, "evt-1", int(time.time()))
     endpoint = delivery.path.partition("?")[0]
     [secret] = [s for s in intake_module(crm_kind(harness.kind)).SECRETS if s.endpoint == endpoint]
     [connection] = parse_connections(dict(harness.env)).values()

@@ -756,6 +756,20 @@ def test_a_15_character_id_gets_its_record_back_under_the_same_id(
     assert got == {"Name": "Acme"}
 
 
+def test_ids_sharing_their_first_15_characters_are_not_the_same_record(
+    rsps: responses.RequestsMock, make: MakeAdapter
+) -> None:
+    """The record comes back under the ids that name it (15 or 18 characters), never under an id
+    that only shares its first 15 characters (a wrong checksum suffix names no record)."""
+    forged = IDS[0][:15] + ("AAB" if not IDS[0].endswith("AAB") else "AAC")
+    mock_soap_login(rsps)
+    rsps.add(
+        responses.GET, QUERY_URL, json=query_body([soql_record("Opportunity", IDS[0], {"Name": "Acme"})])
+    )
+    got = make().get_records("Opportunity", [forged, IDS[0], IDS[0][:15]], ["Name"])
+    assert got == {IDS[0]: {"Name": "Acme"}, IDS[0][:15]: {"Name": "Acme"}}
+
+
 def test_reads_are_chunked_by_200_ids(rsps: responses.RequestsMock, make: MakeAdapter) -> None:
     ids = opportunity_ids(250)
     mock_soap_login(rsps)

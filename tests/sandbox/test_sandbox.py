@@ -101,9 +101,31 @@ def store(config: SandboxConfig, clock: Clock) -> Iterator[Store]:
     store.close()
 
 
+class Browser(FlaskClient):
+    """Posts the sandbox's forms as a browser does: with the CSRF token of the page they are on."""
+
+    def post(self, *args: Any, **kwargs: Any) -> Any:
+        path = str(args[0] if args else kwargs.get("path", "/"))
+        data = kwargs.get("data")
+        if not path.startswith("/api/") and (data is None or isinstance(data, dict)):
+            kwargs["data"] = {**(data or {}), "csrf_token": self.csrf_token()}
+        return super().post(*args, **kwargs)
+
+    def csrf_token(self) -> str:
+        page = self.get("/deals/D-1001").get_data(as_text=True)
+        found = re.search(r'name="csrf_token" value="([^"]+)"', page)
+        assert found is not None, "the edit page has no CSRF token"
+        return found.group(1)
+
+
+def browser_app(app: Flask) -> Flask:
+    app.test_client_class = Browser
+    return app
+
+
 @pytest.fixture
 def app(config: SandboxConfig, store: Store) -> Flask:
-    app = create_sandbox_app(config, store=store, start_delivery=False)
+    app = browser_app(create_sandbox_app(config, store=store, start_delivery=False))
     app.testing = True
     return app
 
@@ -449,7 +471,7 @@ def test_background_thread_delivers_the_queue_after_retry_now(
     config: SandboxConfig, store: Store, receiver: responses.RequestsMock
 ) -> None:
     receiver.replace(responses.POST, WEBHOOK_URL, status=500)
-    app = create_sandbox_app(config, store=store, start_delivery=True)
+    app = browser_app(create_sandbox_app(config, store=store, start_delivery=True))
     try:
         client = app.test_client()
         client.post("/deals/D-1001", data=deal_form(store, amount="1"))
@@ -884,7 +906,7 @@ def test_end_to_end_edit_reaches_our_inbox_and_the_write_back_shows_on_the_sandb
     )
     runtime = runtime_factory(settings)
     ours = app_factory(runtime).test_client()
-    sandbox_app = create_sandbox_app(SandboxConfig.from_settings(settings), start_delivery=False)
+    sandbox_app = browser_app(create_sandbox_app(SandboxConfig.from_settings(settings), start_delivery=False))
     sandbox_web = sandbox_app.test_client()
     sandbox_store: Store = sandbox_app.extensions["sandbox"].store
 
@@ -994,3 +1016,71 @@ def test_the_page_links_to_the_approver_app_and_the_mail_catcher_when_it_runs(tm
         assert 'href="http://127.0.0.1:9100/app/"' in page
         assert ('href="http://127.0.0.1:9125/"' in page) is catcher
         assert "boris.novak@sandbox.example" in page  # the address to sign in with
+
+
+# --- Host, Origin and CSRF -----------------------------------------------------------------------
+
+
+def test_a_form_post_without_the_csrf_token_is_refused_and_changes_nothing(app: Flask, store: Store) -> None:
+    plain = FlaskClient(app)  # posts the form without the page's token, as a cross-site form would
+    response = plain.post("/deals/D-1001", data=deal_form(store, amount="999999"))
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["code"] == "CSRF_FAILED" and "Reload the page" in error["message"]
+    assert store.get("deal", "D-1001")["amount"] == 185000
+    assert plain.post("/deliveries/retry").status_code == 400
+    assert plain.post("/deals/D-1001/lock").status_code == 400
+    assert store.locked_until("deal", "D-1001") is None
+
+
+def test_a_token_from_another_session_is_refused(app: Flask, store: Store) -> None:
+    token = app.test_client().csrf_token()  # type: ignore[attr-defined]
+    other = FlaskClient(app)
+    response = other.post("/deals/D-1001", data={**deal_form(store, amount="1"), "csrf_token": token})
+    assert response.status_code == 400
+    assert store.get("deal", "D-1001")["amount"] == 185000
+
+
+def test_every_form_on_the_pages_carries_the_token(web: FlaskClient, store: Store) -> None:
+    store.lock("deal", "D-1001", 60)
+    for path in ("/deals/D-1001", "/companies/C-100"):
+        page = web.get(path).get_data(as_text=True)
+        assert page.count("<form") == page.count('name="csrf_token"'), path
+
+
+@pytest.mark.parametrize("origin", ["http://evil.test", "null", "http://127.0.0.1:9999", "https://localhost"])
+def test_a_cross_origin_form_post_is_refused(web: FlaskClient, store: Store, origin: str) -> None:
+    response = web.post("/deals/D-1001", data=deal_form(store, amount="1"), headers={"Origin": origin})
+    assert response.status_code == 403
+    assert response.get_json()["error"]["code"] == "CROSS_ORIGIN"
+    assert store.get("deal", "D-1001")["amount"] == 185000
+
+
+def test_a_same_origin_form_post_is_accepted(web: FlaskClient, store: Store, receiver: Any) -> None:
+    response = web.post(
+        "/deals/D-1001", data=deal_form(store, amount="1"), headers={"Origin": "http://localhost"}
+    )
+    assert response.status_code == 303
+    assert store.get("deal", "D-1001")["amount"] == 1
+
+
+@pytest.mark.parametrize("host", ["evil.test", "evil.test:8001", "127.0.0.2:8001", "sandbox.local"])
+def test_an_unknown_host_header_is_refused_on_pages_and_api(web: FlaskClient, host: str) -> None:
+    for path, headers in (("/", {}), ("/api/v1/objects/deal/D-1001", AUTH)):
+        response = web.get(path, headers={**headers, "Host": host})
+        assert response.status_code == 400, (path, host)
+        error = response.get_json()["error"]
+        assert error["code"] == "UNKNOWN_HOST" and host in error["message"]
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1:8001", "localhost", "localhost:8001", "[::1]:8001", "LOCALHOST:8001"]
+)
+def test_its_own_and_loopback_hosts_are_answered(web: FlaskClient, host: str) -> None:
+    assert web.get("/", headers={"Host": host}).status_code == 200
+    assert web.get("/api/v1/objects/deal/D-1001", headers={**AUTH, "Host": host}).status_code == 200
+
+
+def test_the_api_needs_no_csrf_token(web: FlaskClient) -> None:
+    plain = FlaskClient(web.application)
+    assert api_update(plain, [{"id": "D-1001", "fields": {"stage": "Proposal"}}]).status_code == 200

@@ -177,6 +177,7 @@ def build_world(
     settings_factory: Callable[..., Settings],
     runtime_factory: Callable[[Settings], Runtime],
     tasks_factory: Callable[[Runtime], Tasks] | None = None,
+    env: dict[str, str] | None = None,
     **overrides: Any,
 ) -> World:
     mappings_dir = tmp_path / "mappings"
@@ -184,7 +185,9 @@ def build_world(
     mapping_file = mappings_dir / "deals.yaml"
     write_mapping(mapping_file, BIG_DEAL_RULE, BOARD_RULE)
     settings = settings_factory(
-        env={"SANDBOX_API_TOKEN": "sbx-test-token"}, mappings_dir=str(mappings_dir), **overrides
+        env={"SANDBOX_API_TOKEN": "sbx-test-token", **(env or {})},
+        mappings_dir=str(mappings_dir),
+        **overrides,
     )
     runtime = runtime_factory(settings)
     mappings = MappingSet.load(mappings_dir)

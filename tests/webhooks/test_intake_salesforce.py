@@ -22,6 +22,7 @@ from connector.crm.registry import adapter_class
 from connector.events import RecordChangeEvent
 from connector.runtime import Runtime
 from connector.storage.models import InboxEvent
+from tests.contract.harness_salesforce import sf18
 from tests.contract.harness_salesforce_intake import ORG_ID, OTHER_ORG_ID, Notification, outbound_message
 from webhooks.signatures import sign_timestamped_hmac
 
@@ -97,7 +98,7 @@ def fault_of(response: Any) -> tuple[str, str, str]:
 
 def opportunities(count: int, prefix: str = "04l5e00000N") -> list[Notification]:
     return [
-        Notification(f"{prefix}{i:07d}", f"0065e00000R{i:07d}", {"StageName": "Prospecting"})
+        Notification(f"{prefix}{i:07d}", sf18(f"0065e00000R{i:04d}"), {"StageName": "Prospecting"})
         for i in range(count)
     ]
 
@@ -112,14 +113,14 @@ def test_three_notifications_are_stored_as_three_events_and_get_the_exact_ack(sf
     assert response.mimetype == "text/xml"
     assert response.data.decode() == EXPECTED_ACK
     stored = rows(runtime)
-    assert [r.record_id for r in stored] == ["0065e00000AbCdEAAZ", "0065e00000AbCdFAAZ", "0065e00000AbCdGAAZ"]
+    assert [r.record_id for r in stored] == ["0065e00000AbCdEAAV", "0065e00000AbCdFAAV", "0065e00000AbCdGAAV"]
     first = stored[0]
     assert (first.source, first.connection, first.object_type) == ("salesforce", "salesforce", "Opportunity")
     assert first.event_id == "04l5e00000Gx7QzAAJ"
     assert first.dedupe_key == "salesforce:obm:04l5e00000Gx7QzAAJ"
     assert first.change_type == "updated"
     assert first.values == {
-        "Id": "0065e00000AbCdEAAZ",
+        "Id": "0065e00000AbCdEAAV",
         "Amount": "150000.0",
         "Approval_Status__c": None,
         "CloseDate": "2025-12-31",
@@ -179,8 +180,8 @@ def test_redelivered_notifications_are_acknowledged_and_dropped(sf: Any) -> None
 
 def test_a_retry_batched_with_new_notifications_stores_only_the_new_ones(sf: Any) -> None:
     runtime, client = sf
-    old = Notification("04l5e00000Gx7QzAAJ", "0065e00000AbCdEAAZ", {"StageName": "Prospecting"})
-    new = Notification("04l5e00000Gx7S9AAJ", "0065e00000AbCdHAAZ", {"StageName": "Prospecting"})
+    old = Notification("04l5e00000Gx7QzAAJ", "0065e00000AbCdEAAV", {"StageName": "Prospecting"})
+    new = Notification("04l5e00000Gx7S9AAJ", "0065e00000AbCdHAAV", {"StageName": "Prospecting"})
     assert post_xml(client, outbound_message([old])).status_code == 200
     assert post_xml(client, outbound_message([old, new])).status_code == 200
     assert [r.event_id for r in rows(runtime)] == ["04l5e00000Gx7QzAAJ", "04l5e00000Gx7S9AAJ"]
@@ -204,8 +205,8 @@ def test_an_org_that_is_not_allowed_gets_a_403_fault(sf: Any) -> None:
     [
         ("00D5e000000AbCdEAK", "00D5e000000AbCd", 200),  # 18 allowed, 15 sent
         ("00D5e000000AbCd", "00D5e000000AbCdEAK", 200),  # 15 allowed, 18 sent
-        ("00D5e000000XyZwEAC, 00D5e000000AbCd", "00D5e000000AbCdEAK", 200),  # any entry of the list
-        ("00D5e000000AbCdEAK", "00D5e000000ABCDEAK", 403),  # the first 15 are case-sensitive
+        ("00D5e000000XyZwEAK, 00D5e000000AbCd", "00D5e000000AbCdEAK", 200),  # any entry of the list
+        ("00D5e000000AbCdEAK", "00D5e000000ABCDEA4", 403),  # the first 15 are case-sensitive
         ("00D5e000000AbCd", "00D5e000000AbCe", 403),
     ],
 )
@@ -306,7 +307,7 @@ def test_wrong_content_type_is_a_415_fault(sf: Any) -> None:
 def test_oversize_body_is_a_413_soap_fault(make_app: AppMaker) -> None:
     runtime, client = make_app(webhook_max_body_bytes=2000)
     body = outbound_message(
-        [Notification("04l5e00000Gx7QzAAJ", "0065e00000AbCdEAAZ", {"Description": "x" * 3000})]
+        [Notification("04l5e00000Gx7QzAAJ", "0065e00000AbCdEAAV", {"Description": "x" * 3000})]
     )
     response = post_xml(client, body)
     assert response.status_code == 413
@@ -325,7 +326,7 @@ def test_unknown_connection_is_a_404_fault(sf: Any) -> None:
 
 def test_an_object_the_connection_does_not_accept_is_a_422_fault(sf: Any) -> None:
     runtime, client = sf
-    lead = Notification("04l5e00000Gx7QzAAJ", "00Q5e00000AbCdEAAZ", {"Status": "Open"}, object_type="Lead")
+    lead = Notification("04l5e00000Gx7QzAAJ", "00Q5e00000AbCdEEAV", {"Status": "Open"}, object_type="Lead")
     response = post_xml(client, outbound_message([*opportunities(1), lead]))
     assert response.status_code == 422
     faultcode, reason, code = fault_of(response)
@@ -335,7 +336,7 @@ def test_an_object_the_connection_does_not_accept_is_a_422_fault(sf: Any) -> Non
 
 def test_objects_listed_for_the_connection_are_accepted(make_app: AppMaker) -> None:
     runtime, client = make_app({"SALESFORCE_OBJECTS": "Opportunity,Lead"})
-    lead = Notification("04l5e00000Gx7QzAAJ", "00Q5e00000AbCdEAAZ", {"Status": "Open"}, object_type="Lead")
+    lead = Notification("04l5e00000Gx7QzAAJ", "00Q5e00000AbCdEEAV", {"Status": "Open"}, object_type="Lead")
     assert post_xml(client, outbound_message([lead])).status_code == 200
     assert rows(runtime)[0].object_type == "Lead"
 
@@ -343,7 +344,7 @@ def test_objects_listed_for_the_connection_are_accepted(make_app: AppMaker) -> N
 @pytest.mark.parametrize(
     ("mutate", "code"),
     [
-        (lambda xml: xml.replace("<sf:Id>0065e00000R0000000</sf:Id>", ""), "missing_id"),
+        (lambda xml: xml.replace("<sf:Id>0065e00000R0000AAB</sf:Id>", ""), "missing_id"),
         (lambda xml: xml.replace("<Id>04l5e00000N0000000</Id>", ""), "missing_id"),
         (lambda xml: xml.replace(' xsi:type="sf:Opportunity"', ""), "missing_object_type"),
         (
@@ -427,7 +428,7 @@ def test_a_cdc_update_becomes_one_canonical_event(sf: Any) -> None:
     assert response.status_code == 202, response.get_json()
     assert response.get_json() == {"accepted": 1, "duplicates": 0, "skipped": 0}
     [row] = rows(runtime)
-    assert (row.source, row.object_type, row.record_id) == ("salesforce", "Opportunity", "0065e00000AbCdEAAZ")
+    assert (row.source, row.object_type, row.record_id) == ("salesforce", "Opportunity", "0065e00000AbCdEAAV")
     assert row.change_type == "updated"
     assert row.changed_fields == ["StageName", "Amount", "LastModifiedDate"]
     assert row.values == {
@@ -436,7 +437,7 @@ def test_a_cdc_update_becomes_one_canonical_event(sf: Any) -> None:
         "LastModifiedDate": "2025-11-23T10:00:00.000Z",
     }
     assert row.event_id == "0001b6f4-9a3c-0611-9018-30a98446c9f2:1"
-    assert row.dedupe_key == "salesforce:cdc:0001b6f4-9a3c-0611-9018-30a98446c9f2:1:0065e00000AbCdEAAZ"
+    assert row.dedupe_key == "salesforce:cdc:0001b6f4-9a3c-0611-9018-30a98446c9f2:1:0065e00000AbCdEAAV"
     assert row.origin == "com/salesforce/api/soap/62.0;client=SfdcInternalAPI/"  # for echo detection
     assert row.occurred_at.replace(tzinfo=UTC) == datetime(2025, 11, 23, 10, 0, tzinfo=UTC)
 
@@ -471,7 +472,7 @@ def test_the_streaming_api_envelope_is_unwrapped(sf: Any) -> None:
     [row] = rows(runtime)
     assert (row.object_type, row.record_id, row.change_type) == (
         "Opportunity",
-        "0065e00000AbCdEAAZ",
+        "0065e00000AbCdEAAV",
         "created",
     )
     assert row.values["Name"] == "Acme - 500 widgets"
@@ -594,7 +595,7 @@ def bad_header(**changes: Any) -> dict[str, Any]:
         ({"body": bad_header(entityName="Lead")}, 422, "unknown_object"),
         ({"body": bad_header(changeType="EXPLODE")}, 400, "bad_payload"),
         ({"body": bad_header(recordIds=[])}, 400, "bad_payload"),
-        ({"body": bad_header(recordIds="0065e00000AbCdEAAZ")}, 400, "bad_payload"),
+        ({"body": bad_header(recordIds="0065e00000AbCdEAAV")}, 400, "bad_payload"),
         ({"body": bad_header(transactionKey=None)}, 400, "bad_payload"),
         ({"body": bad_header(sequenceNumber="one")}, 400, "bad_payload"),
         ({"body": bad_header(commitTimestamp=None)}, 400, "bad_payload"),
