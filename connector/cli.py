@@ -144,6 +144,11 @@ def init(ctx: Context, env_example: str) -> None:
     if target.exists():
         click.echo(f"{target} exists; leaving it as it is")
         return
+    if not Path(env_example).is_file():
+        raise click.ClickException(
+            f"{env_example} not found: run this in the project folder, or name the template "
+            "with --env-example PATH"
+        )
     write_env_file(Path(env_example), target)
     click.echo(f"wrote {target} with fresh secrets")
 

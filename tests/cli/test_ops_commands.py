@@ -222,3 +222,15 @@ def test_explain_refuses_a_salesforce_record_id_with_a_wrong_checksum(tmp_path: 
     result = CliRunner().invoke(main, ["--env-file", str(env), "explain", *args])
     assert result.exit_code == 2, result.output
     assert "checksum suffix 'ZZZ'" in result.output and "--record-id" in result.output
+
+
+def test_init_without_the_template_says_what_to_do(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from connector.cli import main
+
+    with CliRunner().isolated_filesystem(temp_dir=tmp_path):
+        result = CliRunner().invoke(main, ["--env-file", ".env", "init"])
+    assert result.exit_code == 1
+    assert ".env.example not found" in result.output and "--env-example" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
