@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from connector.clock import utcnow
 from connector.config import Settings
 from connector.crm.base import CRMAdapter
-from connector.crm.errors import CRMError
+from connector.crm.errors import CRMError, FatalError
 from connector.runtime import Runtime
 from connector.storage import audit, sync_state
 from connector.storage.db import transaction
@@ -253,7 +253,7 @@ def _requeue(
 RECONCILE_JOB = "reconcile"  # its rows in sync_checkpoints
 
 
-class ReconcileRefused(Exception):
+class ReconcileRefused(FatalError):
     """An unfinished run was started with other options: continuing it would mix selections."""
 
 
