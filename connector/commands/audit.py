@@ -29,10 +29,6 @@ class _ChainHeadParam(click.ParamType):
             self.fail(f"{exc}; use what `crm-approvals audit head` printed", param, ctx)
 
 
-class NotMigrated(click.ClickException):
-    exit_code = 2  # 1 means a broken chain
-
-
 @click.group()
 def audit() -> None:
     """The audit log: every webhook, rule match, vote, transition and write-back, hash-chained."""
@@ -92,9 +88,11 @@ def _sessions(ctx: Context) -> Iterator[sessionmaker[Session]]:
     except (OperationalError, ProgrammingError) as exc:
         if "audit_chain_head" not in str(exc) and "audit_log" not in str(exc):
             raise
-        raise NotMigrated(
+        error = click.ClickException(
             "the database has no hash-chained audit log yet; run `crm-approvals db upgrade`"
-        ) from None
+        )
+        error.exit_code = 2  # type: ignore[misc]  # 1 means a broken chain
+        raise error from None
     finally:
         engine.dispose()
 

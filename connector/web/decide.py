@@ -11,8 +11,9 @@ from flask import render_template, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import IntegrityError
 
-from connector.approvals.errors import ApprovalError
+from connector.approvals.errors import ApprovalError, NotAnApproverError
 from connector.approvals.lifecycle import current_step_state
+from connector.service.approval_service import RequestNotFoundError
 from connector.storage import approval_store as store
 from connector.web import i18n, links, present
 from connector.web.blueprint import after_change, approvals, blueprint, runtime, settings
@@ -80,22 +81,30 @@ def decide_by_link() -> ResponseReturnValue:
         )
     except links.LinkError as error:
         return _problem(error)
+    except RequestNotFoundError:  # the engine hides the request from whoever may not see it
+        return _refused(claim, token, comment, NotAnApproverError("this link's approver may not vote here"))
     except (ApprovalError, IntegrityError) as error:
-        message = (
-            i18n.explain_error(error)
-            if isinstance(error, ApprovalError)
-            else gettext(
-                "Someone acted on this request at the same moment; the page now shows where it stands."
-            )
-        )
-        with runtime().sessions() as session:
-            stored = store.load(session, claim.request_id)
-            if stored is None:
-                return _problem(links.LinkError("invalid"))
-            view = present.detail(session, stored, mappings(), claim.approver_id, False)
-        return render_template(
-            "decide.html", view=view, claim=claim, token=token, comment=comment or "", error=message
-        ), 409
+        return _refused(claim, token, comment, error)
     after_change()
     log.info("user %s decided %s on request %s by link", claim.approver_id, claim.decision, claim.request_id)
     return render_template("decided.html", decision=claim.decision, request_id=claim.request_id)
+
+
+def _refused(
+    claim: links.DecisionClaim, token: str, comment: str | None, error: Exception
+) -> ResponseReturnValue:
+    """The confirmation page again, saying why the vote was refused (409)."""
+
+    message = (
+        i18n.explain_error(error)
+        if isinstance(error, ApprovalError)
+        else gettext("Someone acted on this request at the same moment; the page now shows where it stands.")
+    )
+    with runtime().sessions() as session:
+        stored = store.load(session, claim.request_id)
+        if stored is None:
+            return _problem(links.LinkError("invalid"))
+        view = present.detail(session, stored, mappings(), claim.approver_id, False)
+    return render_template(
+        "decide.html", view=view, claim=claim, token=token, comment=comment or "", error=message
+    ), 409
