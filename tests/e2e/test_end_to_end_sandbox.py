@@ -22,7 +22,7 @@ from connector.storage.models import ApprovalRequestRow
 from connector.storage.outbox import flush
 from connector.storage.tokens import create_token
 from connector.wiring import attach_pipeline
-from tests.sandbox.test_sandbox import API_TOKEN, deal_form, forward_to
+from tests.sandbox.test_sandbox import API_TOKEN, browser_app, deal_form, forward_to
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,7 @@ def test_raise_amount_in_sandbox_then_approve_through_the_api(
     runtime = runtime_factory(settings)
     pipeline = attach_pipeline(runtime, MappingSet.load(mappings))
     ours = app_factory(runtime).test_client()
-    sandbox_app = create_sandbox_app(SandboxConfig.from_settings(settings), start_delivery=False)
+    sandbox_app = browser_app(create_sandbox_app(SandboxConfig.from_settings(settings), start_delivery=False))
     sandbox = sandbox_app.test_client()
     store = sandbox_app.extensions["sandbox"].store
     sender = sandbox_app.extensions["sandbox"].sender
