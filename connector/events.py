@@ -32,6 +32,9 @@ class RecordChangeEvent:
     # SHA-256 of the delivery's body where its id must never come back with another body
     # (Standard Webhooks); None where redeliveries may legitimately differ (HubSpot's attemptNumber).
     content_hash: str | None = None
+    # Set on an event read back from an inbox row that ops re-ran (replay, dead-letter retry):
+    # when it first arrived. Not stored: the row's replayed_at/received_at carry it.
+    replayed_since: datetime | None = field(default=None, compare=False)
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -69,7 +72,12 @@ class RecordChangeEvent:
             origin=row.origin,
             values_signed=row.values_signed,
             content_hash=row.content_hash,
+            replayed_since=_aware(row.received_at) if getattr(row, "replayed_at", None) is not None else None,
         )
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 # Times outside this range are refused: no CRM change happens before the epoch or centuries

@@ -56,11 +56,23 @@ class Tasks:
             raise ConfigError("this runtime has no event processor; the worker builds one at start-up")
         settings = self.runtime.settings
         report = process_pending(
-            self.runtime.sessions, self.runtime.processor, max_attempts=settings.inbox_max_attempts
+            self.runtime.sessions,
+            self.runtime.processor,
+            max_attempts=settings.inbox_max_attempts,
+            on_full_batch=self.nudge_now,  # a burst: let another worker claim the next share
         )
-        if report.done:
-            self.run_outbox()
+        if report.more:
+            self.nudge_now()  # work left behind goes on at once, not at the next sweep
+        elif report.done:
+            self.run_outbox()  # the burst is judged: its write-backs go out in full batches
         return vars(report)
+
+    def nudge_now(self) -> None:
+        """Enqueue an inbox pass at once (a burst in progress); losing it is harmless."""
+        try:
+            self.process_inbox()
+        except Exception as exc:
+            log.warning("could not enqueue the inbox nudge (the sweep will pick the events up): %s", exc)
 
     def run_outbox(self) -> dict[str, Any]:
         settings = self.runtime.settings

@@ -12,7 +12,7 @@ apply (inside the event's transaction):
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -61,21 +61,59 @@ class Pipeline:
         refresh_mappings(self.mappings, min_interval)
 
     def prepare(self, event: RecordChangeEvent) -> Prepared:
+        [prepared] = self.prepare_batch([event])
+        if isinstance(prepared, BaseException):
+            raise prepared
+        return prepared
+
+    def prepare_batch(self, events: Sequence[RecordChangeEvent]) -> list[Prepared | Exception]:
+        """Prepare a batch: every record it needs is read in one call per CRM batch limit
+        (records of one connection and object asking for the same fields share calls).
+        Returns, per event in order, its Prepared or the error that kept it from one."""
         self.refresh_mappings()
-        specs = tuple(self.mappings.for_object(event.connection, event.object_type))
-        if not specs or event.change_type == "deleted":
-            return Prepared(specs, dict(event.values or {}) or None, None)
-        adapter = self.runtime.adapter(event.connection)
-        values = dict(event.values or {})
-        needed = sorted({name for spec in specs for name in spec.api_fields()})
-        present = {k.lower() for k in values}
-        # An unsigned delivery's values are hints: anyone who knows the URL could have written them.
-        if not event.values_signed or any(name.lower() not in present for name in needed):
-            fetched = adapter.get_record(event.object_type, event.record_id, needed)
-            if fetched is None:
-                return Prepared(specs, None, None)
-            values.update(fetched)  # the CRM's current values win over the webhook's
-        return Prepared(specs, values, adapter.is_own_change(event))
+        out: list[Prepared | Exception | None] = [None] * len(events)
+        reads: dict[tuple[str, str, tuple[str, ...]], list[int]] = {}
+        specs_of: list[tuple[MappingSpec, ...]] = []
+        for i, event in enumerate(events):
+            specs = tuple(self.mappings.for_object(event.connection, event.object_type))
+            specs_of.append(specs)
+            if not specs or event.change_type == "deleted":
+                out[i] = Prepared(specs, dict(event.values or {}) or None, None)
+                continue
+            needed = tuple(sorted({name for spec in specs for name in spec.api_fields()}))
+            present = {k.lower() for k in event.values or {}}
+            # An unsigned delivery's values are hints: anyone who knows the URL could have written them.
+            if not event.values_signed or any(name.lower() not in present for name in needed):
+                reads.setdefault((event.connection, event.object_type, needed), []).append(i)
+        fetched: dict[int, dict[str, Any] | None] = {}
+        for (connection, object_type, needed), indexes in reads.items():
+            try:
+                found = self.runtime.adapter(connection).get_records(
+                    object_type, [events[i].record_id for i in indexes], needed
+                )
+            except Exception as exc:  # every event of the failed read gets its error
+                for i in indexes:
+                    out[i] = exc
+                continue
+            for i in indexes:
+                fetched[i] = found.get(events[i].record_id)
+        for i, event in enumerate(events):
+            if out[i] is not None:
+                continue
+            values = dict(event.values or {})
+            if i in fetched:
+                record = fetched[i]
+                if record is None:
+                    out[i] = Prepared(specs_of[i], None, None)
+                    continue
+                values.update(record)  # the CRM's current values win over the webhook's
+            try:
+                own = self.runtime.adapter(event.connection).is_own_change(event)
+            except Exception as exc:
+                out[i] = exc
+                continue
+            out[i] = Prepared(specs_of[i], values, own)
+        return [p for p in out if p is not None]
 
     def apply(self, session: Session, event: RecordChangeEvent, prepared: Prepared) -> str:
         if not prepared.specs:
@@ -83,7 +121,7 @@ class Pipeline:
         if prepared.values is None:
             return "record deleted or no longer readable; nothing to approve"
         record = RecordKey(event.connection, event.object_type, event.record_id)
-        replay_since = _replay_since(session, event)
+        replay_since = event.replayed_since  # read with the inbox row: no second select
         previous = _remember(session, record, prepared.values)
         backfill = event.change_type == BACKFILL
         if backfill:  # judged as if just created: no history, every field changed, not an echo
@@ -170,16 +208,6 @@ class CaseInsensitive(dict[str, Any]):
 
     def get(self, key: str, default: Any = None) -> Any:
         return super().get(key.lower(), default)
-
-
-def _replay_since(session: Session, event: RecordChangeEvent) -> datetime | None:
-    """For an event ops re-ran (replay, dead-letter retry): when it first arrived, else None."""
-    row = session.execute(
-        select(InboxEvent.replayed_at, InboxEvent.received_at).where(
-            InboxEvent.dedupe_key == event.dedupe_key
-        )
-    ).first()
-    return row.received_at if row is not None and row.replayed_at is not None else None
 
 
 def _remember(session: Session, record: RecordKey, values: dict[str, Any]) -> dict[str, Any] | None:

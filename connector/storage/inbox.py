@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.clock import utcnow
 from connector.errors import FatalError, RetriableError
 from connector.events import RecordChangeEvent
-from connector.metrics import INBOX_EVENTS
 from connector.storage import audit, dead_letters
 from connector.storage.db import insert_ignoring_conflicts, transaction
 from connector.storage.models import DEAD, DONE, PENDING, DeadLetter, InboxEvent
@@ -157,6 +156,7 @@ class ProcessReport:
     done: int = 0
     retried: int = 0
     dead: int = 0
+    more: bool = False  # due events may be left behind: process again at once
 
 
 def process_pending(
@@ -166,50 +166,57 @@ def process_pending(
     limit: int = 500,
     max_attempts: int = 10,
     now: datetime | None = None,
+    on_full_batch: Callable[[], None] | None = None,
 ) -> ProcessReport:
-    """Process due pending events, oldest first. Safe to run from any number of workers."""
-    report = ProcessReport()
-    for event_id in _due_ids(sessions, limit, now or utcnow()):
-        outcome = process_one(sessions, processor, event_id, max_attempts=max_attempts)
-        if outcome:
-            setattr(report, outcome, getattr(report, outcome) + 1)
-            INBOX_EVENTS.labels(outcome).inc()
-    return report
+    """Process due pending events, oldest first, in claimed batches (connector/storage/
+    inbox_batch.py). Safe to run from any number of workers. `report.more` says whether due
+    events may be left behind (the limit was reached): the caller should come back at once."""
+    from connector.storage.inbox_batch import process_in_batches
+
+    outcomes, more = process_in_batches(
+        sessions, processor, limit=limit, max_attempts=max_attempts, now=now or utcnow(),
+        on_full_batch=on_full_batch,
+    )  # fmt: skip
+    return ProcessReport(**outcomes, more=more)
 
 
-def _due_ids(sessions: sessionmaker[Session], limit: int, now: datetime) -> list[int]:
-    with sessions() as session:
-        query = (
-            select(InboxEvent.id)
-            .where(InboxEvent.status == PENDING)
-            .where(or_(InboxEvent.next_attempt_at.is_(None), InboxEvent.next_attempt_at <= now))
-            .order_by(InboxEvent.id)
-            .limit(limit)
-        )
-        return list(session.scalars(query))
+_UNPREPARED: Any = object()
 
 
 def process_one(
-    sessions: sessionmaker[Session], processor: EventProcessor, event_id: int, *, max_attempts: int = 10
+    sessions: sessionmaker[Session],
+    processor: EventProcessor,
+    event_id: int,
+    *,
+    max_attempts: int = 10,
+    prepared: Any = _UNPREPARED,
+    failure: BaseException | None = None,
 ) -> str | None:
-    """Returns "done", "retried", "dead", or None when another worker got there first."""
+    """Returns "done", "retried", "dead", or None when another worker got there first.
+
+    A batch passes what it already prepared for the event (`prepared`), or the error its
+    preparation raised (`failure`), so falling back to one by one reads the CRM no more."""
     with sessions() as session:
         row = session.get(InboxEvent, event_id)
         if row is None or row.status != PENDING:
             return None
         event = RecordChangeEvent.from_row(row)
     try:
-        prepared = processor.prepare(event)
+        if failure is not None:
+            raise failure
+        if prepared is _UNPREPARED:
+            prepared = processor.prepare(event)
         with transaction(sessions) as session:
             locked = session.execute(
                 select(InboxEvent).where(InboxEvent.id == event_id).with_for_update(skip_locked=True)
             ).scalar_one_or_none()
             if locked is None or locked.status != PENDING:
                 return None
-            _audit_received(session, locked)
+            audit_received(session, locked)
             summary = processor.apply(session, event, prepared)
             locked.status, locked.processed_at, locked.result = DONE, utcnow(), summary[:2000]
             locked.attempts += 1
+            locked.claimed_until = None
         return "done"
     except RetriableError as exc:
         return _record_failure(sessions, event_id, exc, max_attempts, retry_after=exc.retry_after)
@@ -231,12 +238,13 @@ def _record_failure(
         row = session.get(InboxEvent, event_id)
         assert row is not None
         row.attempts += 1
+        row.claimed_until = None  # its backoff, not the claim's lease, says when it is due again
         row.last_error = f"{type(exc).__name__}: {describe(exc)}"[:2000]
         if row.attempts < max_attempts:
             row.next_attempt_at = utcnow() + timedelta(seconds=retry_after or backoff_seconds(row.attempts))
             return "retried"
         row.status = DEAD
-        _audit_received(session, row)
+        audit_received(session, row)
         dead_letters.add(
             session,
             DeadLetter(
@@ -260,7 +268,7 @@ def describe(exc: BaseException) -> str:
     return "; ".join([str(exc), *getattr(exc, "__notes__", ())])
 
 
-def _audit_received(session: Session, row: InboxEvent) -> None:
+def audit_received(session: Session, row: InboxEvent) -> None:
     """Audited when the worker takes the event up, in its transaction: the webhook hot path
     then writes one row only, and the inbox row itself already proves receipt until then."""
     audit.record(

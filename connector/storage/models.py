@@ -50,6 +50,9 @@ class InboxEvent(Base):
     # SHA-256 of the delivery's content, where the sender's id must never name two contents
     # (Standard Webhooks): the same id with another hash is refused, not dropped as a duplicate.
     content_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # A worker's claim (connector/storage/inbox_claims.py): until then no other worker takes
+    # the event up, so no two prepare it (and read the CRM for it); expired = claimable again.
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (
         Index("ix_inbox_status_id", "status", "id"),

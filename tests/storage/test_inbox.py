@@ -25,6 +25,7 @@ from connector.events import RecordChangeEvent
 from connector.runtime import Runtime
 from connector.storage.approval_store import StaleRequestError
 from connector.storage.inbox import accept, backoff_seconds, process_pending
+from connector.storage.inbox_batch import LEASE_SECONDS
 from connector.storage.models import DeadLetter, InboxEvent, OutboxUpdate
 from connector.storage.outbox import enqueue_update
 from tests.processors import CountingProcessor
@@ -73,7 +74,8 @@ def test_each_event_is_processed_once_and_marked_done(runtime: Runtime) -> None:
 
 def test_a_processing_bug_rolls_back_and_retries_later(runtime: Runtime) -> None:
     accept(runtime.sessions, [event(1)])
-    processor = CountingProcessor(fail_times=1)
+    # Fails in the batch's transaction and again alone (the batch falls back to one by one).
+    processor = CountingProcessor(fail_times=2)
     assert process_pending(runtime.sessions, processor).retried == 1
     assert count(runtime, OutboxUpdate) == 0  # nothing half-written
     assert process_pending(runtime.sessions, processor).done == 0  # backing off
@@ -205,8 +207,9 @@ def test_worker_killed_mid_batch_loses_nothing_and_processes_each_event_exactly_
     done_at_kill = count(runtime, InboxEvent, status="done")
     assert 0 < done_at_kill < total, "the kill must land mid-batch"
 
-    # Restarting the worker: its start-up sweep re-drives what the killed one left.
-    process_pending(runtime.sessions, CountingProcessor(), limit=total)
+    # Restarting the worker: once the dead worker's claims expire, the sweep re-drives what it left.
+    after_lease = utcnow() + timedelta(seconds=LEASE_SECONDS + 1)
+    process_pending(runtime.sessions, CountingProcessor(), limit=total, now=after_lease)
 
     assert count(runtime, InboxEvent, status="done") == total
     with runtime.sessions() as session:

@@ -1,0 +1,183 @@
+"""Processing the inbox in claimed batches: several workers share a burst without
+touching each other's events, and each batch costs few statements and few CRM reads.
+
+claim (one short transaction):
+    take up to `batch_size` due events nobody holds (`FOR UPDATE SKIP LOCKED` on PostgreSQL;
+    on SQLite the write lock taken at BEGIN IMMEDIATE serialises claimers) and stamp
+    `claimed_until` = now + lease, so no other worker prepares them: without the claim
+    every worker read the CRM for the same events and all but one threw the reads away.
+prepare (no transaction):
+    the processor's `prepare_batch` reads every record the batch needs in as few CRM calls
+    as the CRM's batch limits allow.
+apply (one transaction for the whole batch):
+    each event's effects plus its DONE mark. A failing event must not poison its batch: on
+    any error the batch transaction is rolled back and its events are applied one by one,
+    each in its own transaction as `process_one` does, reusing what was prepared.
+
+A worker killed mid-batch leaves its events pending with a claim that expires after the
+lease: then another worker takes them up; nothing is half-done (the apply is one
+transaction) and nothing is done twice (apply re-checks the status under a row lock).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from connector.clock import utcnow
+from connector.events import RecordChangeEvent
+from connector.metrics import INBOX_EVENTS
+from connector.storage.db import transaction
+from connector.storage.models import DONE, PENDING, InboxEvent
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 200  # events per claim: Salesforce's SOQL `IN` limit, twice the others'
+LEASE_SECONDS = 120  # outlives a batch's prepare (reads with retries); a dead worker's events wait this long
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int  # the inbox row
+    event: RecordChangeEvent
+
+
+def claim(
+    sessions: sessionmaker[Session], limit: int, now: datetime, lease_seconds: int = LEASE_SECONDS
+) -> list[Claimed]:
+    """Claim up to `limit` due, unclaimed pending events, oldest first (two statements)."""
+    with transaction(sessions) as session:
+        query = (
+            select(InboxEvent)
+            .where(InboxEvent.status == PENDING)
+            .where(or_(InboxEvent.next_attempt_at.is_(None), InboxEvent.next_attempt_at <= now))
+            .where(or_(InboxEvent.claimed_until.is_(None), InboxEvent.claimed_until <= now))
+            .order_by(InboxEvent.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        rows = session.scalars(query).all()
+        if not rows:
+            return []
+        session.execute(
+            update(InboxEvent)
+            .where(InboxEvent.id.in_([r.id for r in rows]))
+            .values(claimed_until=now + timedelta(seconds=lease_seconds)),
+            execution_options={"synchronize_session": False},
+        )
+        return [Claimed(row.id, RecordChangeEvent.from_row(row)) for row in rows]
+
+
+def prepare_all(processor: Any, events: Sequence[RecordChangeEvent]) -> list[Any]:
+    """One prepared value or the exception per event, in order."""
+    batch = getattr(processor, "prepare_batch", None)
+    if batch is not None:
+        return list(batch(events))
+    results: list[Any] = []
+    for event in events:
+        try:
+            results.append(processor.prepare(event))
+        except Exception as exc:  # recorded per event by the caller
+            results.append(exc)
+    return results
+
+
+def process_claimed(
+    sessions: sessionmaker[Session],
+    processor: Any,
+    claimed: Sequence[Claimed],
+    *,
+    max_attempts: int,
+) -> dict[str, int]:
+    """Prepare and apply a claimed batch; returns outcome -> count."""
+    from connector.storage.inbox import process_one  # the one-by-one path and its error handling
+
+    outcomes: dict[str, int] = {}
+
+    def count(outcome: str | None) -> None:
+        if outcome:
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            INBOX_EVENTS.labels(outcome).inc()
+
+    prepared = prepare_all(processor, [c.event for c in claimed])
+    ready = [(c, p) for c, p in zip(claimed, prepared, strict=True) if not isinstance(p, BaseException)]
+    for item, failure in zip(claimed, prepared, strict=True):
+        if isinstance(failure, BaseException):
+            count(process_one(sessions, processor, item.id, max_attempts=max_attempts, failure=failure))
+    if not ready:
+        return outcomes
+    try:
+        applied = _apply_together(sessions, processor, ready)
+    except Exception as exc:  # one bad event: fall back to one transaction per event
+        log.info("batch of %d events failed (%s); applying them one by one", len(ready), exc)
+        for item, value in ready:
+            count(process_one(sessions, processor, item.id, max_attempts=max_attempts, prepared=value))
+        return outcomes
+    for _ in range(applied):
+        count(DONE)
+    return outcomes
+
+
+def _apply_together(
+    sessions: sessionmaker[Session], processor: Any, ready: list[tuple[Claimed, Any]]
+) -> int:
+    """Apply every event of the batch in ONE transaction; returns how many were applied."""
+    from connector.storage.inbox import audit_received
+
+    with transaction(sessions) as session:
+        locked = {
+            row.id: row
+            for row in session.scalars(
+                select(InboxEvent)
+                .where(InboxEvent.id.in_([c.id for c, _ in ready]))
+                .with_for_update(skip_locked=True)
+            )
+        }
+        applied = 0
+        now = utcnow()
+        for item, value in ready:
+            row = locked.get(item.id)
+            if row is None or row.status != PENDING:
+                continue  # another worker got there first (its claim had expired)
+            audit_received(session, row)
+            summary = processor.apply(session, item.event, value)
+            row.status, row.processed_at, row.result = DONE, now, summary[:2000]
+            row.attempts += 1
+            row.claimed_until = None
+            applied += 1
+    return applied
+
+
+def process_in_batches(
+    sessions: sessionmaker[Session],
+    processor: Any,
+    *,
+    limit: int,
+    max_attempts: int,
+    now: datetime,
+    batch_size: int = BATCH_SIZE,
+    on_full_batch: Callable[[], None] | None = None,
+) -> tuple[dict[str, int], bool]:
+    """Claim and process batches until `limit` events are handled or none is due.
+
+    Returns (outcome -> count, whether due events may be left). `on_full_batch` runs after
+    each full claim, before the batch is worked on: the worker uses it to nudge another
+    worker to claim the next share in parallel."""
+    outcomes: dict[str, int] = {}
+    handled = 0
+    while handled < limit:
+        events = claim(sessions, min(batch_size, limit - handled), now)
+        if not events:
+            return outcomes, False
+        if len(events) == min(batch_size, limit - handled) and on_full_batch is not None:
+            on_full_batch()
+        for outcome, n in process_claimed(sessions, processor, events, max_attempts=max_attempts).items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + n
+        handled += len(events)
+    return outcomes, True
