@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from connector.approvals.spec import EvalContext, MappingSpec
@@ -32,7 +32,7 @@ from connector.runtime import Runtime
 from connector.service.approval_service import ApprovalService
 from connector.storage import audit
 from connector.storage.approval_store import RecordKey
-from connector.storage.models import DONE, SENDING, InboxEvent, OutboxUpdate, RecordSnapshot
+from connector.storage.models import DONE, SENDING, OutboxUpdate, RecordSnapshot
 from connector.storage.outbox import norm_value
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,9 @@ class Pipeline:
                 continue
             out[i] = Prepared(specs_of[i], values, own)
         return [p for p in out if p is not None]
+
+    def preload(self, session: Session, events: Sequence[RecordChangeEvent]) -> None:
+        preload(session, events)
 
     def apply(self, session: Session, event: RecordChangeEvent, prepared: Prepared) -> str:
         if not prepared.specs:
@@ -210,11 +213,47 @@ class CaseInsensitive(dict[str, Any]):
         return super().get(key.lower(), default)
 
 
+_SNAPSHOTS = "pipeline_snapshots"  # Session.info: record key -> RecordSnapshot | None, preloaded
+_WRITTEN = "pipeline_written"  # Session.info: record key -> recent DONE/SENDING outbox rows, preloaded
+
+
+def preload(session: Session, events: Sequence[RecordChangeEvent]) -> None:
+    """Read the snapshots and recent write-backs of a batch's records in one select each,
+    so applying its events selects neither again (the inbox calls this per batch)."""
+    keys = {(e.connection, e.object_type, e.record_id) for e in events}
+    if not keys:
+        return
+    columns = (RecordSnapshot.connection, RecordSnapshot.object_type, RecordSnapshot.record_id)
+    snapshots: dict[tuple[str, str, str], RecordSnapshot | None] = dict.fromkeys(keys)
+    for row in session.scalars(select(RecordSnapshot).where(tuple_(*columns).in_(keys))):
+        snapshots[(row.connection, row.object_type, row.record_id)] = row
+    written: dict[tuple[str, str, str], list[OutboxUpdate]] = {key: [] for key in keys}
+    outbox_columns = (OutboxUpdate.connection, OutboxUpdate.object_type, OutboxUpdate.record_id)
+    for update in session.scalars(_recent_writes().where(tuple_(*outbox_columns).in_(keys))):
+        written[(update.connection, update.object_type, update.record_id)].append(update)
+    session.info[_SNAPSHOTS] = snapshots
+    session.info[_WRITTEN] = written
+
+
+def _recent_writes() -> Any:
+    return (
+        select(OutboxUpdate)
+        .where(OutboxUpdate.status.in_((DONE, SENDING)))
+        .where(OutboxUpdate.created_at >= utcnow() - ECHO_WINDOW)
+        .order_by(OutboxUpdate.id)
+    )
+
+
 def _remember(session: Session, record: RecordKey, values: dict[str, Any]) -> dict[str, Any] | None:
     """Store the record's values; return what we had seen before (None the first time)."""
-    row = session.get(RecordSnapshot, (record.connection, record.object_type, record.record_id))
+    key = (record.connection, record.object_type, record.record_id)
+    known = session.info.get(_SNAPSHOTS)
+    row = known[key] if known is not None and key in known else session.get(RecordSnapshot, key)
     if row is None:
-        session.add(RecordSnapshot(**vars(record), values=values, updated_at=utcnow()))
+        row = RecordSnapshot(**vars(record), values=values, updated_at=utcnow())
+        session.add(row)
+        if known is not None:
+            known[key] = row  # a later event of the batch for the same record sees it
         return None
     previous = dict(row.values)
     row.values, row.updated_at = {**previous, **values}, utcnow()
@@ -227,13 +266,19 @@ def _echoes_our_write(
     """True when every changed field holds exactly what our outbox recently wrote there."""
     if not changed:
         return False
-    rows = session.scalars(
-        select(OutboxUpdate)
-        .where(OutboxUpdate.connection == record.connection, OutboxUpdate.object_type == record.object_type)
-        .where(OutboxUpdate.record_id == record.record_id, OutboxUpdate.status.in_((DONE, SENDING)))
-        .where(OutboxUpdate.created_at >= utcnow() - ECHO_WINDOW)
-        .order_by(OutboxUpdate.id)
-    ).all()
+    key = (record.connection, record.object_type, record.record_id)
+    preloaded = session.info.get(_WRITTEN)
+    if preloaded is not None and key in preloaded:
+        rows = preloaded[key]
+    else:
+        rows = list(
+            session.scalars(
+                _recent_writes()
+                .where(OutboxUpdate.connection == record.connection)
+                .where(OutboxUpdate.object_type == record.object_type)
+                .where(OutboxUpdate.record_id == record.record_id)
+            )
+        )
     written: dict[str, Any] = {}
     for row in rows:
         written.update({k.lower(): v for k, v in row.fields.items()})

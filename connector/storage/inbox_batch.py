@@ -139,19 +139,27 @@ def _apply_together(
                 .with_for_update(skip_locked=True)
             )
         }
-        applied = 0
+        mine = [(item, value) for item, value in ready if _pending(locked.get(item.id))]
+        preload = getattr(processor, "preload", None)
+        if preload is not None:  # what the batch's events will look up, in a few selects
+            preload(session, [item.event for item, _ in mine])
         now = utcnow()
-        for item, value in ready:
-            row = locked.get(item.id)
-            if row is None or row.status != PENDING:
-                continue  # another worker got there first (its claim had expired)
+        marks = []
+        for item, value in mine:
+            row = locked[item.id]
             audit_received(session, row)
             summary = processor.apply(session, item.event, value)
-            row.status, row.processed_at, row.result = DONE, now, summary[:2000]
-            row.attempts += 1
-            row.claimed_until = None
-            applied += 1
-    return applied
+            marks.append(
+                {"id": row.id, "status": DONE, "processed_at": now, "result": summary[:2000],
+                 "attempts": row.attempts + 1, "claimed_until": None}
+            )  # fmt: skip
+        if marks:  # one executemany for the batch, not an UPDATE per event
+            session.execute(update(InboxEvent), marks)
+    return len(marks)
+
+
+def _pending(row: InboxEvent | None) -> bool:
+    return row is not None and row.status == PENDING  # else another worker got there first
 
 
 def process_in_batches(
