@@ -38,6 +38,14 @@ class AdapterHarness(ABC):
     # False where the CRM's documented rate-limit answer carries no Retry-After (Bitrix24):
     # the contract then expects the policy's own backoff instead of the hinted wait.
     sends_retry_after: bool = True
+    # The CRM's documented maximum of records one read call may fetch (Salesforce: ids in a
+    # SOQL IN list; HubSpot batch read; Zoho by ids; Bitrix24 commands in one `batch`).
+    read_batch_limit: int = 100
+
+    def is_read_call(self, request: Any) -> bool:
+        """Whether a call the read test saw fetched records (not a login or metadata call)."""
+        url = str(request.url or "")
+        return not any(part in url for part in ("oauth", "token", "login", "/Soap/", "/settings/"))
 
     def connection(self) -> ConnectionConfig:
         return next(iter(parse_connections(dict(self.env)).values()))

@@ -230,6 +230,7 @@ class Bitrix24AdapterHarness(AdapterHarness):
     kind = "bitrix24"
     object_type = "dynamic_1032"
     batch_limit = 50
+    read_batch_limit = 50  # commands per `batch` call
     fatal_code = "CRM_FIELD_ERROR_VALUE_NOT_VALID"
     env = OAUTH_ENV
 

@@ -154,6 +154,7 @@ class SalesforceAdapterHarness(AdapterHarness):
     kind = "salesforce"
     object_type = "Opportunity"
     batch_limit = 200
+    read_batch_limit = 200  # ids per SOQL `IN` list (connector/crm/salesforce.py READ_BATCH_LIMIT)
     fatal_code = "FIELD_CUSTOM_VALIDATION_EXCEPTION"
     env = {
         "CRM_CONNECTIONS": "salesforce",

@@ -136,3 +136,19 @@ def test_get_records_returns_requested_fields_by_api_name(
     for record_id, values in records.items():
         for name, value in values.items():
             assert got[record_id][name] == value, (record_id, name)
+
+
+def test_reading_many_records_uses_ceil_n_over_read_limit_calls(
+    harness: AdapterHarness, policy: RetryPolicy
+) -> None:
+    """What the worker does for a batch of events: one read call per CRM read limit."""
+    template = next(iter(harness.sample_records().values()))
+    plain = {name: value for name, value in template.items() if "." not in name}
+    total = math.ceil(harness.read_batch_limit * 2.5)
+    ids = harness.record_ids(total)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        harness.mock_records(rsps, {i: dict(plain) for i in ids})
+        got = harness.make_adapter(policy).get_records(harness.object_type, ids, sorted(plain))
+        reads = [c.request.url for c in rsps.calls if harness.is_read_call(c.request)]
+    assert set(got) == set(ids)
+    assert len(reads) == math.ceil(total / harness.read_batch_limit), reads[:5]
