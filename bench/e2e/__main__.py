@@ -1,0 +1,245 @@
+"""bench/e2e: a burst of N record changes, from signed webhooks to write-backs landed in a
+CRM stand-in, beside a direct batch write of the same records to the same stand-in.
+
+Starts a CRM stand-in (bench/e2e/crm_standin.py, each call taking --delay seconds), the web
+server (`crm-approvals serve`) and W worker processes (`crm-approvals worker --workers 1`)
+against a fresh database, posts N Standard Webhooks deliveries (the sandbox CRM's format,
+without the credit score the mapping needs, so every record is read once), and waits until
+every record's write-back has landed. Reports records/s from the first post to the last
+write, its ratio to the direct batch write (the ceiling: the adapter's `update_records` of
+the same N records), read and write calls against ceil(N/100), and duplicated writes.
+
+    .venv/bin/python -m bench.e2e                                  # SQLite, 1 worker, instant CRM
+    .venv/bin/python -m bench.e2e --database-url postgresql://postgres@127.0.0.1:5432/test \\
+        --redis-url redis://127.0.0.1:6379/5 --workers 1,2,4 --delay 0.2
+
+With --redis-url the given Redis database is the queue and is FLUSHED before each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from bench.ingest.__main__ import free_port
+from webhooks.signatures import sign_standard
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+LIMIT = 100  # the sandbox CRM's read and write batch limit
+
+
+def wait_http(url: str, seconds: float = 30) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            requests.get(url, timeout=2)
+            return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {seconds:.0f} s")
+
+
+def fresh_database(url: str | None, tmp: Path, run: str) -> tuple[str, str | None]:
+    """(DATABASE_URL, PostgreSQL schema to drop afterwards or None)."""
+    if url is None:
+        return f"sqlite:///{tmp}/{run}.db", None
+    import psycopg
+
+    schema = f"bench_e2e_{run}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}", schema
+
+
+def drop_schema(url: str, schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def post_all(url: str, total: int, concurrency: int) -> int:
+    def post(i: int) -> int:
+        body = json.dumps(
+            {
+                "type": "record.updated",
+                "timestamp": "2026-11-23T10:00:00Z",
+                "data": {
+                    "object": "deal",
+                    "id": f"D-{i}",
+                    "changed_fields": ["amount"],
+                    "values": {"amount": 150000 + i, "stage": "negotiation"},
+                },
+            }
+        ).encode()
+        msg_id, ts = f"msg_{uuid.uuid4().hex}", int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(ts),
+            "webhook-signature": sign_standard(SECRET, msg_id, ts, body),
+        }
+        return int(requests.post(url, data=body, headers=headers, timeout=60).status_code == 202)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return sum(pool.map(post, range(total)))
+
+
+def ceiling_seconds(standin: str, total: int) -> float:
+    """The same N records written straight through the sandbox adapter: ceil(N/100) calls."""
+    from connector.config import ConnectionConfig
+    from connector.crm.base import RecordUpdate
+    from connector.crm.sandbox import SandboxAdapter
+
+    adapter = SandboxAdapter(ConnectionConfig(name="sandbox", kind="sandbox"), base_url=standin, api_token="x")
+    updates = [RecordUpdate(f"D-{i}", {"approval_status": "Pending"}) for i in range(total)]
+    start = time.perf_counter()
+    results = adapter.update_records("deal", updates)
+    elapsed = time.perf_counter() - start
+    assert all(r.ok for r in results)
+    return elapsed
+
+
+def run_once(args: argparse.Namespace, tmp: Path, workers: int, standin: str) -> dict[str, Any]:
+    run = f"w{workers}"
+    database_url, schema = fresh_database(args.database_url, tmp, run)
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "QUEUE_URL": args.redis_url or f"sqlite:///{tmp}/{run}-queue.db",
+        "CRM_CONNECTIONS": "sandbox",
+        "SANDBOX_WEBHOOK_SECRET": SECRET,
+        "SANDBOX_URL": standin,
+        "SANDBOX_API_TOKEN": "bench",
+        "MAPPINGS_DIR": str(tmp / "mappings"),
+        "METRICS_DIR": str(tmp / f"{run}-metrics"),
+        "LOG_LEVEL": "WARNING",
+        "SECRET_KEY": "bench-e2e-" + "k" * 40,
+        "NOTIFY_EMAIL": "false",  # the record path only: no mail server in the bench
+        "PYTHONPATH": str(ROOT),
+    }
+    if args.redis_url:
+        import redis
+
+        redis.Redis.from_url(args.redis_url).flushdb()
+    connector = [sys.executable, "-m", "connector", "--env-file", "/dev/null"]
+    subprocess.run([*connector, "db", "upgrade"], cwd=ROOT, env=env, check=True, capture_output=True)
+    requests.post(f"{standin}/reset", timeout=5)
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [*connector, "serve", "--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "8"],
+            cwd=ROOT,
+            env=env,
+        )
+    ]
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        for _ in range(workers):
+            profile = ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]] if os.environ.get("BENCH_PROFILE") else []
+            worker = [sys.executable, *profile, "-m", "connector", "--env-file", "/dev/null", "worker"]
+            procs.append(subprocess.Popen([*worker, "--workers", "1"], cwd=ROOT, env=env))
+        time.sleep(3)  # the workers' start-up sweeps, on an empty inbox
+        start = time.time()
+        accepted = post_all(f"http://127.0.0.1:{port}/webhooks/standard", args.records, args.concurrency)
+        posted = time.time() - start
+        deadline = time.time() + args.timeout
+        stats: dict[str, Any] = {}
+        while time.time() < deadline:
+            stats = requests.get(f"{standin}/stats", timeout=5).json()
+            if stats["records_written"] >= args.records:
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)  # a straggling duplicate write would land now
+        stats = requests.get(f"{standin}/stats", timeout=5).json()
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if schema is not None:
+            drop_schema(args.database_url, schema)
+    done = stats.get("records_written", 0) >= args.records
+    elapsed = (stats["last_write"] - start) if done and stats.get("last_write") else float("nan")
+    return {
+        "workers": workers,
+        "accepted": accepted,
+        "post_s": posted,
+        "complete": done,
+        "seconds": elapsed,
+        "records_per_s": args.records / elapsed if done else 0.0,
+        **stats,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=2000, help="record changes in the burst")
+    parser.add_argument("--workers", default="1", help="worker process counts to run, e.g. 1,2,4")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds each stand-in CRM call takes")
+    parser.add_argument("--database-url", default=None, help="PostgreSQL URL; default: a fresh SQLite file")
+    parser.add_argument("--redis-url", default=None, help="queue on this Redis db (flushed); default: SQLite")
+    parser.add_argument("--concurrency", type=int, default=8, help="threads posting the webhooks")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the write-backs")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    (tmp / "mappings").mkdir()
+    shutil.copy(HERE / "mapping.yaml", tmp / "mappings" / "bench-deals.yaml")
+    port = free_port()
+    standin_proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.e2e.crm_standin", "--port", str(port), "--delay", str(args.delay)],
+        cwd=ROOT,
+    )
+    standin = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{standin}/stats")
+        ceiling = ceiling_seconds(standin, args.records)
+        rows = [run_once(args, tmp, int(w), standin) for w in args.workers.split(",")]
+    finally:
+        standin_proc.terminate()
+        standin_proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    minimum = math.ceil(args.records / LIMIT)
+    backend = "PostgreSQL" if args.database_url else "SQLite"
+    queue = "Redis" if args.redis_url else "SQLite"
+    print(f"bench/e2e: {args.records} records, {backend} + {queue} queue, CRM call {args.delay * 1000:.0f} ms")
+    print(f"ceiling (direct batch write, {minimum} calls): {ceiling:.2f} s = {args.records / ceiling:.0f} records/s")
+    print(f"{'workers':>7} {'done':>5} {'s':>7} {'rec/s':>7} {'ratio':>6} {'reads':>9} {'writes':>9} {'dup':>4}")
+    base = rows[0]["records_per_s"] or float("nan")
+    for row in rows:
+        ratio = row["records_per_s"] * ceiling / args.records
+        print(
+            f"{row['workers']:>7} {str(row['complete']):>5} {row['seconds']:7.2f} {row['records_per_s']:7.0f} "
+            f"{ratio:5.2f}x {row['read_calls']:>4}/{minimum:<4} {row['write_calls']:>4}/{minimum:<4} "
+            f"{row['duplicated_records']:>4}"
+        )
+    for row in rows:
+        print(f"{row['workers']} workers: posting took {row['post_s']:.2f} s; ids per read call {row['read_sizes']}")
+    if len(rows) > 1:
+        print("speed-up vs the first row: " + ", ".join(
+            f"{r['workers']} workers {r['records_per_s'] / base:.2f}x" for r in rows
+        ))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
