@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from connector.config import Settings
 from connector.crm.base import CRMAdapter
+from connector.crm.rate_limits import attach as attach_rate_limiter
 from connector.crm.registry import build_adapter, check_kinds
 from connector.storage.db import make_engine, make_session_factory
 
@@ -60,7 +61,9 @@ class Runtime:
         with self._lock:
             if connection_name not in self._adapters:
                 connection = self.settings.connection(connection_name)
-                self._adapters[connection_name] = build_adapter(connection, self.settings)
+                adapter = build_adapter(connection, self.settings)
+                attach_rate_limiter(adapter, self.settings.queue_url, self.sessions)  # shared by every process
+                self._adapters[connection_name] = adapter
             return self._adapters[connection_name]
 
     def set_adapter(self, connection_name: str, adapter: CRMAdapter) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 from flask.typing import ResponseReturnValue
 
+from connector.crm.rate_limits import BucketStore, BudgetCollector, bucket_store
 from connector.metrics import render
 from connector.service.health import Health, HealthCollector, check
 from webhooks.intake import intake
@@ -34,8 +35,13 @@ def healthz() -> ResponseReturnValue:
 
 @blueprint.get("/metrics")
 def metrics() -> ResponseReturnValue:
-    body, content_type = render([HealthCollector(_check)])
+    body, content_type = render([HealthCollector(_check), BudgetCollector(_budget_store)])
     return Response(body, 200, content_type=content_type)
+
+
+def _budget_store() -> BucketStore | None:
+    runtime = intake().runtime
+    return bucket_store(runtime.settings.queue_url, runtime.sessions) if runtime is not None else None
 
 
 def _check() -> Health:

@@ -11,13 +11,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from connector.config import ConnectionConfig, Settings
 from connector.crm.errors import AuthError, AuthExpiredError
 from connector.crm.retry import RetryPolicy
 from connector.events import RecordChangeEvent
 from connector.metrics import timed_crm_call
+
+if TYPE_CHECKING:
+    from connector.crm.rate_limits import RateLimiter
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ class CRMAdapter(ABC):
 
     kind: ClassVar[str]
     batch_limit: ClassVar[int]  # most records one update call may carry
+    # The connection's shared rate limits (connector/crm/rate_limits.py); the Runtime attaches it.
+    rate_limiter: RateLimiter | None = None
 
     def __init__(
         self, connection: ConnectionConfig, *, timeout: float = 30.0, retry: RetryPolicy | None = None
@@ -220,6 +225,11 @@ class CRMAdapter(ABC):
     def read_batch_limit(self) -> int:
         return self.batch_limit
 
+    def _observe_usage(self) -> None:
+        usage = self.api_usage
+        if self.rate_limiter is not None and usage is not None:
+            self.rate_limiter.observe_daily_usage(usage.used, usage.limit)
+
     def _call(self, fn: Any, *, idempotent: bool = True) -> Any:
         """Run one CRM call with the retry policy; on an expired session refresh once first.
         A write (`idempotent=False`) that times out is raised as InDoubtError, not repeated."""
@@ -227,8 +237,12 @@ class CRMAdapter(ABC):
         name = self.connection.name
 
         def attempt() -> Any:
+            if self.rate_limiter is not None:
+                self.rate_limiter.acquire()  # waits while the connection's shared budget is spent
             try:
-                return timed_crm_call(name, fn)
+                result = timed_crm_call(name, fn)
+                self._observe_usage()
+                return result
             except AuthExpiredError as exc:
                 if not self.refresh_auth():
                     raise AuthError(

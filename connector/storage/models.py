@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, CheckConstraint, Index, Integer, String, Text, UniqueConstraint, true
+from sqlalchemy import Boolean, CheckConstraint, Float, Index, Integer, String, Text, UniqueConstraint, true
 from sqlalchemy.orm import Mapped, mapped_column
 
 from connector.clock import utcnow
@@ -277,3 +277,16 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class RateBucket(Base):
+    """A CRM rate-limit token bucket shared by every process (connector/crm/rate_limits.py),
+    when the queue is not Redis."""
+
+    __tablename__ = "rate_buckets"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # connection:limit
+    tokens: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)  # epoch seconds of the last refill
+    capacity: Mapped[float] = mapped_column(Float)
+    rate: Mapped[float] = mapped_column(Float)  # tokens per second

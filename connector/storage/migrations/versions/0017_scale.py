@@ -24,6 +24,8 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=200), primary_key=True),
         sa.Column("tokens", sa.Float(), nullable=False),
         sa.Column("updated_at", sa.Float(), nullable=False),
+        sa.Column("capacity", sa.Float(), nullable=False),
+        sa.Column("rate", sa.Float(), nullable=False),
     )
 
 
