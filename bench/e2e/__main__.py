@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the write-backs")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     (tmp / "mappings").mkdir()
     shutil.copy(HERE / "mapping.yaml", tmp / "mappings" / "bench-deals.yaml")
@@ -225,6 +226,7 @@ def main() -> None:
     print(f"bench/e2e: {args.records} records, {backend} + {queue} queue, CRM call {args.delay * 1000:.0f} ms")
     print(f"ceiling (direct batch write, {minimum} calls): {ceiling:.2f} s = {args.records / ceiling:.0f} records/s")
     print(f"{'workers':>7} {'done':>5} {'s':>7} {'rec/s':>7} {'ratio':>6} {'reads':>9} {'writes':>9} {'dup':>4}")
+    print(f"{'':>7} {'':>5} {'':>7} {'':>7} {'':>6} {'(of min)':>9} {'(of min)':>9} {'':>4}")
     base = rows[0]["records_per_s"] or float("nan")
     for row in rows:
         ratio = row["records_per_s"] * ceiling / args.records
@@ -234,7 +236,11 @@ def main() -> None:
             f"{row['duplicated_records']:>4}"
         )
     for row in rows:
-        print(f"{row['workers']} workers: posting took {row['post_s']:.2f} s; ids per read call {row['read_sizes']}")
+        print(
+            f"{row['workers']} workers: posting took {row['post_s']:.2f} s; other reads (drift repair) "
+            f"{row['other_reads']}; ids per read call {row['read_sizes']}"
+        )
+    print(f"load average (1 min) at the start {load_before:.1f}, at the end {os.getloadavg()[0]:.1f}, on {os.cpu_count()} CPUs")
     if len(rows) > 1:
         print("speed-up vs the first row: " + ", ".join(
             f"{r['workers']} workers {r['records_per_s'] / base:.2f}x" for r in rows

@@ -19,8 +19,9 @@ from typing import Any
 class Stats:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.read_calls = 0
-        self.read_sizes: list[int] = []  # ids per read call
+        self.read_calls = 0  # reads of the record fields the mapping judges (the worker's)
+        self.read_sizes: list[int] = []  # ids per such read call
+        self.other_reads = 0  # other reads, e.g. drift repair re-reading what was written
         self.write_calls = 0
         self.writes: Counter[str] = Counter()  # record id -> write-backs received
         self.records: dict[str, dict[str, Any]] = {}  # what was written, as reads then answer
@@ -32,6 +33,7 @@ class Stats:
             return {
                 "read_calls": self.read_calls,
                 "read_sizes": list(self.read_sizes),
+                "other_reads": self.other_reads,
                 "write_calls": self.write_calls,
                 "records_written": len(self.writes),
                 "writes": sum(self.writes.values()),
@@ -74,8 +76,11 @@ def make_handler(stats: Stats, delay: float) -> type[BaseHTTPRequestHandler]:
             time.sleep(delay)
             if self.path.endswith("/batch-read"):
                 with stats.lock:
-                    stats.read_calls += 1
-                    stats.read_sizes.append(len(body["ids"]))
+                    if "company.credit_score" in body["fields"]:
+                        stats.read_calls += 1
+                        stats.read_sizes.append(len(body["ids"]))
+                    else:
+                        stats.other_reads += 1
                 fields = body["fields"]
                 with stats.lock:
                     records = [
