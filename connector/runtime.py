@@ -62,7 +62,9 @@ class Runtime:
             if connection_name not in self._adapters:
                 connection = self.settings.connection(connection_name)
                 adapter = build_adapter(connection, self.settings)
-                attach_rate_limiter(adapter, self.settings.queue_url, self.sessions)  # shared by every process
+                attach_rate_limiter(
+                    adapter, self.settings.queue_url, self.sessions
+                )  # shared by every process
                 self._adapters[connection_name] = adapter
             return self._adapters[connection_name]
 

@@ -106,7 +106,9 @@ def ceiling_seconds(standin: str, total: int) -> float:
     from connector.crm.base import RecordUpdate
     from connector.crm.sandbox import SandboxAdapter
 
-    adapter = SandboxAdapter(ConnectionConfig(name="sandbox", kind="sandbox"), base_url=standin, api_token="x")
+    adapter = SandboxAdapter(
+        ConnectionConfig(name="sandbox", kind="sandbox"), base_url=standin, api_token="x"
+    )
     updates = [RecordUpdate(f"D-{i}", {"approval_status": "Pending"}) for i in range(total)]
     start = time.perf_counter()
     results = adapter.update_records("deal", updates)
@@ -151,7 +153,11 @@ def run_once(args: argparse.Namespace, tmp: Path, workers: int, standin: str) ->
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         for _ in range(workers):
-            profile = ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]] if os.environ.get("BENCH_PROFILE") else []
+            profile = (
+                ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]]
+                if os.environ.get("BENCH_PROFILE")
+                else []
+            )
             worker = [sys.executable, *profile, "-m", "connector", "--env-file", "/dev/null", "worker"]
             procs.append(subprocess.Popen([*worker, "--workers", "1"], cwd=ROOT, env=env))
         time.sleep(3)  # the workers' start-up sweeps, on an empty inbox
@@ -191,7 +197,9 @@ def run_once(args: argparse.Namespace, tmp: Path, workers: int, standin: str) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--records", type=int, default=2000, help="record changes in the burst")
     parser.add_argument("--workers", default="1", help="worker process counts to run, e.g. 1,2,4")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds each stand-in CRM call takes")
@@ -223,15 +231,23 @@ def main() -> None:
     minimum = math.ceil(args.records / LIMIT)
     backend = "PostgreSQL" if args.database_url else "SQLite"
     queue = "Redis" if args.redis_url else "SQLite"
-    print(f"bench/e2e: {args.records} records, {backend} + {queue} queue, CRM call {args.delay * 1000:.0f} ms")
-    print(f"ceiling (direct batch write, {minimum} calls): {ceiling:.2f} s = {args.records / ceiling:.0f} records/s")
-    print(f"{'workers':>7} {'done':>5} {'s':>7} {'rec/s':>7} {'ratio':>6} {'reads':>9} {'writes':>9} {'dup':>4}")
+    print(
+        f"bench/e2e: {args.records} records, {backend} + {queue} queue, CRM call {args.delay * 1000:.0f} ms"
+    )
+    print(
+        f"ceiling (direct batch write, {minimum} calls): {ceiling:.2f} s "
+        f"= {args.records / ceiling:.0f} records/s"
+    )
+    print(
+        f"{'workers':>7} {'done':>5} {'s':>7} {'rec/s':>7} {'ratio':>6} {'reads':>9} {'writes':>9} {'dup':>4}"
+    )
     print(f"{'':>7} {'':>5} {'':>7} {'':>7} {'':>6} {'(of min)':>9} {'(of min)':>9} {'':>4}")
     base = rows[0]["records_per_s"] or float("nan")
     for row in rows:
         ratio = row["records_per_s"] * ceiling / args.records
         print(
-            f"{row['workers']:>7} {str(row['complete']):>5} {row['seconds']:7.2f} {row['records_per_s']:7.0f} "
+            f"{row['workers']:>7} {str(row['complete']):>5} {row['seconds']:7.2f} "
+            f"{row['records_per_s']:7.0f} "
             f"{ratio:5.2f}x {row['read_calls']:>4}/{minimum:<4} {row['write_calls']:>4}/{minimum:<4} "
             f"{row['duplicated_records']:>4}"
         )
@@ -240,7 +256,10 @@ def main() -> None:
             f"{row['workers']} workers: posting took {row['post_s']:.2f} s; other reads (drift repair) "
             f"{row['other_reads']}; ids per read call {row['read_sizes']}"
         )
-    print(f"load average (1 min) at the start {load_before:.1f}, at the end {os.getloadavg()[0]:.1f}, on {os.cpu_count()} CPUs")
+    print(
+        f"load average (1 min) at the start {load_before:.1f}, at the end "
+        f"{os.getloadavg()[0]:.1f}, on {os.cpu_count()} CPUs"
+    )
     if len(rows) > 1:
         print("speed-up vs the first row: " + ", ".join(
             f"{r['workers']} workers {r['records_per_s'] / base:.2f}x" for r in rows

@@ -61,13 +61,13 @@ def make_handler(stats: Stats, delay: float) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             return json.loads(self.rfile.read(length) or b"{}")
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if self.path.startswith("/stats"):
                 return self._answer(stats.snapshot())
             time.sleep(delay)
             return self._answer({"records": [], "next_cursor": None})  # users, queries: none
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             body = self._body()
             if self.path == "/reset":
                 with stats.lock:

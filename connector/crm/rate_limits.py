@@ -144,16 +144,21 @@ class RedisBuckets:
 
     def reset(self, key: str, limit: Limit, tokens: float) -> None:
         seconds, micros = self.client.time()
-        state = {"tokens": tokens, "updated": seconds + micros / 1e6, "capacity": limit.capacity, "rate": limit.rate}
+        state = {
+            "tokens": tokens,
+            "updated": seconds + micros / 1e6,
+            "capacity": limit.capacity,
+            "rate": limit.rate,
+        }
         self.client.hset(self.prefix + key, mapping=state)  # type: ignore[arg-type]
         self.client.expire(self.prefix + key, int(limit.seconds) + 60)
 
     def level(self, key: str, limit: Limit) -> float | None:
-        state = self.client.hmget(self.prefix + key, ["tokens", "updated"])
-        if state[0] is None:
+        tokens, updated = self.client.hmget(self.prefix + key, ["tokens", "updated"])
+        if tokens is None or updated is None:
             return None
         seconds, micros = self.client.time()
-        return _refill(float(state[0]), float(state[1]), seconds + micros / 1e6, limit)
+        return _refill(float(tokens), float(updated), seconds + micros / 1e6, limit)
 
     def levels(self) -> dict[str, float]:
         seconds, micros = self.client.time()
@@ -161,9 +166,10 @@ class RedisBuckets:
         out = {}
         for raw in self.client.scan_iter(match=self.prefix + "*"):
             state = self.client.hmget(raw, ["tokens", "updated", "capacity", "rate"])
-            if None in state:
+            values = [float(v) for v in state if v is not None]
+            if len(values) != 4:
                 continue
-            tokens, updated, capacity, rate = (float(v) for v in state)
+            tokens, updated, capacity, rate = values
             key = raw.decode()[len(self.prefix) :]
             out[key] = _refill(tokens, updated, now, Limit(key, capacity, capacity / rate))
         return out
@@ -193,7 +199,12 @@ class DatabaseBuckets:
     def reset(self, key: str, limit: Limit, tokens: float) -> None:
         with transaction(self.sessions) as session:
             row = self._row(session, key, limit)
-            row.tokens, row.updated_at, row.capacity, row.rate = tokens, self.clock(), limit.capacity, limit.rate
+            row.tokens, row.updated_at, row.capacity, row.rate = (
+                tokens,
+                self.clock(),
+                limit.capacity,
+                limit.rate,
+            )
 
     def level(self, key: str, limit: Limit) -> float | None:
         with self.sessions() as session:
@@ -271,7 +282,8 @@ class RateLimiter:
                 waited += wait
 
     def observe_daily_usage(self, used: int, limit: int) -> None:
-        """A CRM's own report (Salesforce's Sforce-Limit-Info): the daily bucket holds what it says is left."""
+        """A CRM's own report (Salesforce's Sforce-Limit-Info): the daily bucket holds what
+        it says is left."""
         daily = Limit("day", limit, DAY)
         with self._lock:
             self.limits["day"] = daily

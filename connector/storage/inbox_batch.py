@@ -124,9 +124,7 @@ def process_claimed(
     return outcomes
 
 
-def _apply_together(
-    sessions: sessionmaker[Session], processor: Any, ready: list[tuple[Claimed, Any]]
-) -> int:
+def _apply_together(sessions: sessionmaker[Session], processor: Any, ready: list[tuple[Claimed, Any]]) -> int:
     """Apply every event of the batch in ONE transaction; returns how many were applied."""
     from connector.storage.inbox import audit_received
 

@@ -94,10 +94,16 @@ def test_a_call_waits_for_the_shared_budget_before_it_goes_out(runtime: Runtime)
 
     def answer(request: Any) -> tuple[int, dict[str, str], str]:
         seen_at.append(fake.now)
-        return 200, {}, json.dumps({"records": [{"id": i, "fields": {}} for i in json.loads(request.body)["ids"]]})
+        return (
+            200,
+            {},
+            json.dumps({"records": [{"id": i, "fields": {}} for i in json.loads(request.body)["ids"]]}),
+        )
 
     with responses.RequestsMock() as rsps:
-        rsps.add_callback(responses.POST, "http://sandbox.test/api/v1/objects/deal/batch-read", callback=answer)
+        rsps.add_callback(
+            responses.POST, "http://sandbox.test/api/v1/objects/deal/batch-read", callback=answer
+        )
         for i in range(3):
             adapter.get_records("deal", [f"D-{i}"], ["amount"])
     assert fake.sleeps == [pytest.approx(0.5)]  # the third call waited for one token at 2/s
