@@ -25,6 +25,9 @@ from connector.storage.outbox import flush
 log = logging.getLogger(__name__)
 
 NUDGE_WINDOW = 0.25  # seconds: at most one inbox nudge per process per window
+# A partial batch whose events are still arriving waits this long to fill up: fewer CRM
+# reads for a burst, at most this much added latency (connector/storage/inbox_batch.py).
+INBOX_LINGER = 0.5
 
 
 def make_huey(queue_url: str, name: str = "crm-approvals") -> Huey:
@@ -60,6 +63,7 @@ class Tasks:
             self.runtime.processor,
             max_attempts=settings.inbox_max_attempts,
             on_full_batch=self.nudge_now,  # a burst: let another worker claim the next share
+            linger=INBOX_LINGER,
         )
         if report.more:
             self.nudge_now()  # work left behind goes on at once, not at the next sweep

@@ -218,3 +218,26 @@ def test_worker_killed_mid_batch_loses_nothing_and_processes_each_event_exactly_
         ).all()
     assert len(per_record) == total
     assert {n for _record, n in per_record} == {1}
+
+
+def test_a_partial_batch_lingers_for_events_still_arriving(runtime: Runtime) -> None:
+    """A burst trickling in is judged in one batch (one CRM read) rather than in many."""
+    import threading
+
+    from connector.storage.inbox_batch import process_in_batches
+
+    batches: list[int] = []
+
+    class Recording(CountingProcessor):
+        def prepare_batch(self, events: list[RecordChangeEvent]) -> list[Any]:
+            batches.append(len(events))
+            return [self.prepare(e) for e in events]
+
+    accept(runtime.sessions, [event(i) for i in range(3)])
+    later = threading.Timer(0.1, lambda: accept(runtime.sessions, [event(i) for i in range(3, 6)]))
+    later.start()
+    outcomes, more = process_in_batches(
+        runtime.sessions, Recording(), limit=500, max_attempts=3, now=utcnow(), linger=1.0
+    )
+    later.join()
+    assert (outcomes, more, batches) == ({"done": 6}, False, [6])
