@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from connector.config import Settings
 from connector.crm.base import CRMAdapter
 from connector.crm.rate_limits import attach as attach_rate_limiter
+from connector.crm.rate_limits import limits_for
 from connector.crm.registry import build_adapter, check_kinds
 from connector.storage.db import make_engine, make_session_factory
 
@@ -51,6 +52,8 @@ class Runtime:
     @classmethod
     def from_settings(cls, settings: Settings, processor: EventProcessor | None = None) -> Runtime:
         check_kinds(settings)
+        for connection in settings.connections.values():
+            limits_for(connection)  # a malformed NAME_RATE_LIMITS stops start-up, naming it
         engine = make_engine(settings.database_url)
         runtime = cls(settings=settings, engine=engine, sessions=make_session_factory(engine))
         runtime.processor = processor

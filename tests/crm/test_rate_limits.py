@@ -147,3 +147,11 @@ def test_metrics_show_the_remaining_budget(client: FlaskClient, runtime: Runtime
     [line] = [x for x in text.splitlines() if x.startswith("crm_approvals_rate_budget_remaining{")]
     assert 'connection="zoho"' in line and 'limit="day"' in line
     assert 47 <= float(line.rsplit(" ", 1)[1]) < 47.1  # 50 - 3, refilled by the moments since
+
+
+def test_a_malformed_limit_stops_start_up_naming_the_variable(settings_factory: Any) -> None:
+    from connector.config import parse_connections
+
+    env = {"CRM_CONNECTIONS": "hs=hubspot", "HS_ACCESS_TOKEN": "t", "HS_RATE_LIMITS": "lots"}
+    with pytest.raises(ConfigError, match="HS_RATE_LIMITS: 'lots' is not CALLS/PERIOD"):
+        Runtime.from_settings(settings_factory(connections=parse_connections(env)))
