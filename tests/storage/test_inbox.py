@@ -241,3 +241,18 @@ def test_a_partial_batch_lingers_for_events_still_arriving(runtime: Runtime) -> 
     )
     later.join()
     assert (outcomes, more, batches) == ({"done": 6}, False, [6])
+
+
+def test_claimed_events_are_not_claimed_again_until_the_lease_ends(runtime: Runtime) -> None:
+    from connector.storage.inbox_batch import claim
+
+    accept(runtime.sessions, [event(i) for i in range(5)])
+    now = utcnow()
+    first = claim(runtime.sessions, 3, now)
+    second = claim(runtime.sessions, 3, now)  # another worker: gets the rest, not the same
+    assert [c.event.record_id for c in first] == ["D-0", "D-1", "D-2"]
+    assert [c.event.record_id for c in second] == ["D-3", "D-4"]
+    assert claim(runtime.sessions, 3, now) == []
+    # A worker that died holding a claim: its events come back when the lease ends.
+    after = now + timedelta(seconds=LEASE_SECONDS + 1)
+    assert [c.event.record_id for c in claim(runtime.sessions, 10, after)] == [f"D-{i}" for i in range(5)]
