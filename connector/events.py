@@ -32,6 +32,10 @@ class RecordChangeEvent:
     # SHA-256 of the delivery's body where its id must never come back with another body
     # (Standard Webhooks); None where redeliveries may legitimately differ (HubSpot's attemptNumber).
     content_hash: str | None = None
+    # The CRM user who made the change (Salesforce commitUser / LastModifiedById, HubSpot
+    # sourceId userId / hs_updated_by_user_id, Zoho Modified_By, Bitrix24 MODIFY_BY_ID); None
+    # when the delivery does not say: the pipeline then reads the adapter's modified-by field.
+    modified_by: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -48,6 +52,7 @@ class RecordChangeEvent:
             "origin": self.origin,
             "values_signed": self.values_signed,
             "content_hash": self.content_hash,
+            "modified_by": self.modified_by,
         }
 
     @classmethod
@@ -69,6 +74,7 @@ class RecordChangeEvent:
             origin=row.origin,
             values_signed=row.values_signed,
             content_hash=row.content_hash,
+            modified_by=row.modified_by,
         )
 
 

@@ -44,6 +44,7 @@ class Prepared:
     specs: tuple[MappingSpec, ...]
     values: dict[str, Any] | None  # API name -> value; None when the record is gone
     own_change: bool | None  # the adapter's verdict; None = the CRM cannot tell
+    modified_by: str | None = None  # who made the change (CRM user id); None = unknown
 
 
 class Pipeline:
@@ -55,6 +56,7 @@ class Pipeline:
             people=Directory.from_runtime(runtime),
             notifications=NotificationQueue(runtime.settings),
             public_base_url=runtime.settings.public_base_url,
+            admins=frozenset(runtime.settings.admin_users),
         )
 
     def refresh_mappings(self, min_interval: float = 2.0) -> None:
@@ -67,15 +69,22 @@ class Pipeline:
             return Prepared(specs, dict(event.values or {}) or None, None)
         adapter = self.runtime.adapter(event.connection)
         values = dict(event.values or {})
-        needed = sorted({name for spec in specs for name in spec.api_fields()})
+        needed = {name for spec in specs for name in spec.api_fields()}
+        # Votes from the CRM and locked fields need to know who made the change; an unsigned
+        # delivery's word for it is a hint, so it is read from the record then.
+        modifier_field = adapter.modified_by_field(event.object_type) if needs_modifier(specs) else None
+        trusted_modifier = event.modified_by if event.values_signed else None
+        if modifier_field is not None and trusted_modifier is None:
+            needed.add(modifier_field)
         present = {k.lower() for k in values}
         # An unsigned delivery's values are hints: anyone who knows the URL could have written them.
         if not event.values_signed or any(name.lower() not in present for name in needed):
-            fetched = adapter.get_record(event.object_type, event.record_id, needed)
+            fetched = adapter.get_record(event.object_type, event.record_id, sorted(needed))
             if fetched is None:
                 return Prepared(specs, None, None)
             values.update(fetched)  # the CRM's current values win over the webhook's
-        return Prepared(specs, values, adapter.is_own_change(event))
+        modified_by = trusted_modifier or adapter.modified_by(event.object_type, values)
+        return Prepared(specs, values, adapter.is_own_change(event), modified_by)
 
     def apply(self, session: Session, event: RecordChangeEvent, prepared: Prepared) -> str:
         if not prepared.specs:
@@ -105,12 +114,17 @@ class Pipeline:
             ctx = build_context(spec, prepared.values, previous, changed)
             try:
                 summaries += self.approvals.on_record_change(
-                    session, record, spec, ctx, replay_since=replay_since
+                    session, record, spec, ctx, replay_since=replay_since, modified_by=prepared.modified_by
                 )
             except FatalError as exc:  # nobody to approve, a broken template: the inbox dead-letters it
                 exc.add_note(f"mapping file {spec.source_path}")  # so its message says which file to fix
                 raise
         return "; ".join(summaries) or "no rule matched"
+
+
+def needs_modifier(specs: tuple[MappingSpec, ...]) -> bool:
+    """Whether any rule votes from a CRM field or locks fields (both judge who made a change)."""
+    return any(rule.crm_vote is not None or rule.lock is not None for spec in specs for rule in spec.rules)
 
 
 def refresh_mappings(mappings: MappingSet, min_interval: float = 2.0) -> None:

@@ -50,6 +50,8 @@ class InboxEvent(Base):
     # SHA-256 of the delivery's content, where the sender's id must never name two contents
     # (Standard Webhooks): the same id with another hash is refused, not dropped as a duplicate.
     content_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Who made the change, as the delivery says (RecordChangeEvent.modified_by).
+    modified_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
     __table_args__ = (
         Index("ix_inbox_status_id", "status", "id"),
