@@ -122,7 +122,9 @@ def outbox(runtime: Runtime) -> list[dict[str, Any]]:
         return [r.fields for r in session.scalars(select(OutboxUpdate).order_by(OutboxUpdate.id))]
 
 
-def vote(pipeline: Any, runtime: Runtime, user: str, decision: str = "approve", comment: str | None = None) -> None:
+def vote(
+    pipeline: Any, runtime: Runtime, user: str, decision: str = "approve", comment: str | None = None
+) -> None:
     request_id = latest(runtime).request.id
     pipeline.approvals.vote(runtime.sessions, request_id, user=user, decision=decision, comment=comment)
 
@@ -165,7 +167,9 @@ def test_a_decision_set_by_someone_else_is_reverted_and_flagged(world: Any) -> N
     runtime, crm, _ = world
     open_request(runtime, crm)
     # The comment names the approver, but a colleague made the change: no vote, whatever the fields say.
-    result = edit(runtime, crm, "u-colleague", approval_decision="Approve", approval_decision_comment="u-legal ok")
+    result = edit(
+        runtime, crm, "u-colleague", approval_decision="Approve", approval_decision_comment="u-legal ok"
+    )
     assert "CRM vote refused" in result
     request = latest(runtime).request
     assert request.votes == [] and request.current_step == 0
@@ -251,7 +255,9 @@ def test_a_locked_restart_field_restarts_instead_of_reverting(world: Any) -> Non
     assert {"amount": 60000} not in outbox(runtime)
 
 
-def test_flag_lock_records_the_edit_for_the_approvers(make_world: Callable[..., Any], app_factory: Any) -> None:
+def test_flag_lock_records_the_edit_for_the_approvers(
+    make_world: Callable[..., Any], app_factory: Any
+) -> None:
     runtime, crm, _ = make_world("flag")
     stored = open_request(runtime, crm)
     writes = len(outbox(runtime))
@@ -328,7 +334,9 @@ def test_a_resubmitted_rejected_record_keeps_the_unchanged_approvals(world: Any)
     assert all(rejected.id in why for why in comments(runtime, "carried_over"))
 
 
-def test_without_smart_reapproval_a_restart_asks_everyone(make_world: Callable[..., Any], tmp_path: Path) -> None:
+def test_without_smart_reapproval_a_restart_asks_everyone(
+    make_world: Callable[..., Any], tmp_path: Path
+) -> None:
     runtime, crm, pipeline = make_world()
     path = tmp_path / "mappings" / "deals.yaml"
     path.write_text(path.read_text().replace("smart_reapproval: true", "smart_reapproval: false"))
