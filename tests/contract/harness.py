@@ -38,6 +38,9 @@ class AdapterHarness(ABC):
     # False where the CRM's documented rate-limit answer carries no Retry-After (Bitrix24):
     # the contract then expects the policy's own backoff instead of the hinted wait.
     sends_retry_after: bool = True
+    # The record's last-modified-by field as the CRM's read API returns it, and the user id the
+    # adapter must make of it; None where the CRM keeps no such field (the sandbox).
+    modified_by_sample: tuple[Any, str] | None = None
 
     def connection(self) -> ConnectionConfig:
         return next(iter(parse_connections(dict(self.env)).values()))
@@ -99,6 +102,9 @@ class IntakeHarness(ABC):
     object_type: str  # what the canonical event must say
     record_id: str = "1001"  # a record id in the CRM's own shape (Salesforce: a valid 18-char id)
     tolerance_seconds: int = 300
+    # Who made the change, as the canonical event of `signed_delivery` must say; None where the
+    # CRM's delivery does not tell (the worker then reads the adapter's last-modified-by field).
+    modified_by: str | None = None
 
     @abstractmethod
     def signed_delivery(self, record_id: str, event_id: str, timestamp: int) -> Delivery:

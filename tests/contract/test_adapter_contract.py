@@ -136,3 +136,20 @@ def test_get_records_returns_requested_fields_by_api_name(
     for record_id, values in records.items():
         for name, value in values.items():
             assert got[record_id][name] == value, (record_id, name)
+
+
+def test_last_modified_by_is_read_from_the_crms_own_field(harness: AdapterHarness, policy: RetryPolicy) -> None:
+    """Votes from the CRM and locked fields trust the CRM's word for who changed a record."""
+    adapter = harness.make_adapter(policy)
+    field = adapter.modified_by_field(harness.object_type)
+    if harness.modified_by_sample is None:
+        assert field is None, f"{harness.kind} names {field!r}: give the harness a modified_by_sample"
+        return
+    raw, expected = harness.modified_by_sample
+    assert field, f"{harness.kind} names no last-modified-by field"
+    record_id = next(iter(harness.sample_records()))
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        harness.mock_records(rsps, {record_id: {field: raw}})
+        got = adapter.get_records(harness.object_type, [record_id], [field])
+    assert adapter.modified_by(harness.object_type, got[record_id]) == expected
+    assert adapter.modified_by(harness.object_type, {}) is None
