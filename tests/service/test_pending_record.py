@@ -25,6 +25,7 @@ from connector.storage.outbox import flush
 from connector.storage.tokens import create_token
 from connector.wiring import attach_pipeline
 from tests.fakes import MemoryCRM
+from tests.web.helpers import SECRET
 
 MAPPING = Path(__file__).parents[1] / "data" / "pending" / "deals.yaml"
 RECORD = RecordKey("sandbox", "deal", "D-1")
@@ -58,7 +59,7 @@ def make_world(
         mappings_dir.mkdir()
         text = MAPPING.read_text().replace("mode: revert}", f"mode: {lock_mode}}}")
         (mappings_dir / "deals.yaml").write_text(text)
-        settings = settings_factory(mappings_dir=str(mappings_dir), admin_users=("u-admin",))
+        settings = settings_factory(mappings_dir=str(mappings_dir), admin_users=("u-admin",), secret_key=SECRET)
         runtime = runtime_factory(settings)
         crm = ModifierCRM(records={"D-1": dict(DEAL)})
         runtime.set_adapter("sandbox", crm)
@@ -276,6 +277,19 @@ def test_flag_lock_records_the_edit_for_the_approvers(
     detail = body.get_json()
     assert "lock_flagged" in [t["kind"] for t in detail["transitions"]]
     assert [f["comment"] for f in detail["flags"]] == [note]
+    # And the web request page, above the record, for the approver to read before deciding.
+    page = client_as(app_factory(runtime), "u-legal").get(f"/app/requests/{stored.request.id}")
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200
+    flags = html[html.index('id="flags-h"') : html.index('id="record-h"')]
+    assert "Locked field edited while pending" in flags and "negotiation" in flags and "closing" in flags
+
+
+def client_as(app: Any, user: str) -> Any:
+    client = app.test_client()
+    with client.session_transaction() as session:
+        session["uid"] = user
+    return client
 
 
 def runtime_token(runtime: Runtime, user: str) -> str:
