@@ -52,7 +52,9 @@ class LockPolicy:
         who = editor or "an unknown user (the CRM did not say)"
         changes = "; ".join(f"{e.field}: {_shown(e.opened_with)} -> {_shown(e.new)}" for e in edits)
         note = f"locked field(s) edited by {who} while pending ({changes}); {self.verb}"
-        return LockResponse(flag(request, self.kind, actor=editor, comment=note, now=now), self.write_back(edits))
+        return LockResponse(
+            flag(request, self.kind, actor=editor, comment=note, now=now), self.write_back(edits)
+        )
 
 
 class RevertLock(LockPolicy):

@@ -56,6 +56,7 @@ from connector.rules.errors import (
     format_path,
     one_of,
 )
+from connector.rules.pending_keys import build_crm_vote, build_lock, step_inputs
 from connector.rules.schema import (
     ApproverModel,
     MappingFileModel,
@@ -63,7 +64,6 @@ from connector.rules.schema import (
     StepModel,
     validate_document,
 )
-from connector.rules.pending_keys import build_crm_vote, build_lock, step_inputs
 from connector.rules.templating import TemplateCompileError, compile_value, is_template
 
 MAPPING_SUFFIXES = (".yaml", ".yml")

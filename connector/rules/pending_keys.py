@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from connector.approvals.spec import (
     ApproverSource,
-    CrmVoteSpec,
     Criterion,
+    CrmVoteSpec,
     FieldApprovers,
     LockSpec,
     ValueMapApprovers,
@@ -40,7 +40,8 @@ def build_crm_vote(builder: _SpecBuilder, rule: RuleModel, path: KeyPath) -> Crm
     if decision is not None and decision.is_related:
         builder.errors.add(
             where + ("decision",),
-            f"`{decision.name}` is a field of a related record ({decision.api_name}); it cannot be cleared after a vote",
+            f"`{decision.name}` is a field of a related record ({decision.api_name}); "
+            "it cannot be cleared after a vote",
             "use a field of the record itself, e.g. Approval_Decision__c",
         )
         ok = False

@@ -47,11 +47,11 @@ from connector.errors import CrmApprovalsError
 from connector.logs import log_event
 from connector.metrics import DECISION_SECONDS, REQUEST_EVENTS
 from connector.rules import MappingSet
+from connector.service.record_guard import guard_pending
 from connector.storage import approval_store as store
 from connector.storage import audit
 from connector.storage.approval_store import RecordKey, StaleRequestError, StoredRequest
 from connector.storage.db import after_commit, transaction
-from connector.service.record_guard import guard_pending
 from connector.storage.outbox import enqueue_update
 
 SUBMITTER_FIELDS = ("submitter", "owner")  # canonical fields naming who submitted, first found wins
@@ -155,7 +155,9 @@ class ApprovalService:
                 rule=rule.name,
                 mapping=spec.source_path,
             )
-            summaries.append(f"{rule.name}: {self._apply_rule(session, record, spec, rule, ctx, modified_by)}")
+            summaries.append(
+                f"{rule.name}: {self._apply_rule(session, record, spec, rule, ctx, modified_by)}"
+            )
         return summaries
 
     def _apply_rule(
@@ -173,7 +175,12 @@ class ApprovalService:
             active, notes = guard_pending(self, session, record, spec, rule, active, ctx, modified_by)
             before = active.request
             outcome = on_record_change(
-                before, rule, spec.roles, ctx, now, carried=lambda c: carried_steps(rule, before, c.values, spec.roles)
+                before,
+                rule,
+                spec.roles,
+                ctx,
+                now,
+                carried=lambda c: carried_steps(rule, before, c.values, spec.roles),
             )
             if outcome is None:
                 done = "; ".join(notes)

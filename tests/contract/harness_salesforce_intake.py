@@ -100,7 +100,17 @@ class SalesforceOutboundIntakeHarness(IntakeHarness):
 
     def _delivery(self, record_id: str, event_id: str, org_id: str) -> Delivery:
         message = outbound_message(
-            [Notification(event_id, record_id, {"StageName": "Negotiation/Review", "Amount": "150000.0", "LastModifiedById": MODIFIER[:15]})],
+            [
+                Notification(
+                    event_id,
+                    record_id,
+                    {
+                        "StageName": "Negotiation/Review",
+                        "Amount": "150000.0",
+                        "LastModifiedById": MODIFIER[:15],
+                    },
+                )
+            ],
             org_id=org_id,
         )
         return Delivery(

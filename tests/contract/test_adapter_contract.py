@@ -138,7 +138,9 @@ def test_get_records_returns_requested_fields_by_api_name(
             assert got[record_id][name] == value, (record_id, name)
 
 
-def test_last_modified_by_is_read_from_the_crms_own_field(harness: AdapterHarness, policy: RetryPolicy) -> None:
+def test_last_modified_by_is_read_from_the_crms_own_field(
+    harness: AdapterHarness, policy: RetryPolicy
+) -> None:
     """Votes from the CRM and locked fields trust the CRM's word for who changed a record."""
     adapter = harness.make_adapter(policy)
     field = adapter.modified_by_field(harness.object_type)

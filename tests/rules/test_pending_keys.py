@@ -22,13 +22,16 @@ TEXT = (
     .replace(
         "    expires_after: 180d\n",
         "    expires_after: 180d\n"
-        "    crm_vote: {decision: decision, comment: decision_comment, approve: [Approve, Approved], reject: Reject}\n"
+        "    crm_vote: {decision: decision, comment: decision_comment,"
+        " approve: [Approve, Approved], reject: Reject}\n"
         "    lock: {fields: [stage, close_date], mode: revert}\n"
         "    smart_reapproval: true\n",
     )
     .replace(
         "        approvers: [{field: owner_manager}]\n",
-        "        approvers: [{field: owner_manager}]\n        smart_reapproval: false\n        inputs: [close_date]\n",
+        "        approvers: [{field: owner_manager}]\n"
+        "        smart_reapproval: false\n"
+        "        inputs: [close_date]\n",
     )
 )
 

@@ -59,7 +59,9 @@ def make_world(
         mappings_dir.mkdir()
         text = MAPPING.read_text().replace("mode: revert}", f"mode: {lock_mode}}}")
         (mappings_dir / "deals.yaml").write_text(text)
-        settings = settings_factory(mappings_dir=str(mappings_dir), admin_users=("u-admin",), secret_key=SECRET)
+        settings = settings_factory(
+            mappings_dir=str(mappings_dir), admin_users=("u-admin",), secret_key=SECRET
+        )
         runtime = runtime_factory(settings)
         crm = ModifierCRM(records={"D-1": dict(DEAL)})
         runtime.set_adapter("sandbox", crm)

@@ -443,7 +443,9 @@ def test_a_cdc_update_becomes_one_canonical_event(sf: Any) -> None:
     assert row.occurred_at.replace(tzinfo=UTC) == datetime(2025, 11, 23, 10, 0, tzinfo=UTC)
 
 
-@pytest.mark.parametrize(("commit_user", "stored"), [("0055e000005mc66", "0055e000005mc66AAA"), ("nobody", None)])
+@pytest.mark.parametrize(
+    ("commit_user", "stored"), [("0055e000005mc66", "0055e000005mc66AAA"), ("nobody", None)]
+)
 def test_commit_user_is_stored_as_an_18_character_id_or_not_at_all(
     sf: Any, commit_user: str, stored: str | None
 ) -> None:
