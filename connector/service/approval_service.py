@@ -155,9 +155,36 @@ class ApprovalService:
                 rule=rule.name,
                 mapping=spec.source_path,
             )
+            # A replayed event's vote or locked-field edit was judged when it first came.
+            judged_by = modified_by if replay_since is None else None
+            guard = replay_since is None
             summaries.append(
-                f"{rule.name}: {self._apply_rule(session, record, spec, rule, ctx, modified_by)}"
+                f"{rule.name}: {self._apply_rule(session, record, spec, rule, ctx, judged_by, guard=guard)}"
             )
+        if replay_since is None:
+            unmatched = [r for r in spec.rules if r not in matched]
+            summaries += self._guard_unmatched(session, record, spec, unmatched, ctx, modified_by)
+        return summaries
+
+    def _guard_unmatched(
+        self,
+        session: Session,
+        record: RecordKey,
+        spec: MappingSpec,
+        rules: list[RuleSpec],
+        ctx: EvalContext,
+        modified_by: str | None,
+    ) -> list[str]:
+        """A pending request's locked fields and decision field count even when the edit makes
+        the record stop matching its rule (a locked stage moved to one the rule leaves out)."""
+        summaries = []
+        for rule in rules:
+            if rule.crm_vote is None and rule.lock is None:
+                continue
+            active = store.find_active(session, record, rule.name)
+            if active is not None:
+                _, notes = guard_pending(self, session, record, spec, rule, active, ctx, modified_by)
+                summaries += [f"{rule.name}: {note}" for note in notes]
         return summaries
 
     def _apply_rule(
@@ -168,11 +195,15 @@ class ApprovalService:
         rule: RuleSpec,
         ctx: EvalContext,
         modified_by: str | None = None,
+        *,
+        guard: bool = True,
     ) -> str:
         now = self.clock()
         active = store.find_active(session, record, rule.name)
         if active is not None:
-            active, notes = guard_pending(self, session, record, spec, rule, active, ctx, modified_by)
+            notes: list[str] = []
+            if guard:
+                active, notes = guard_pending(self, session, record, spec, rule, active, ctx, modified_by)
             before = active.request
             outcome = on_record_change(
                 before,

@@ -54,10 +54,11 @@ class ModifierCRM(MemoryCRM):
 def make_world(
     tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settings_factory: Any
 ) -> Callable[..., Any]:
-    def make(lock_mode: str = "revert") -> Any:
+    def make(lock_mode: str = "revert", when: str = "{amount: {gt: 1000}}") -> Any:
         mappings_dir = tmp_path / "mappings"
         mappings_dir.mkdir()
         text = MAPPING.read_text().replace("mode: revert}", f"mode: {lock_mode}}}")
+        text = text.replace("when: {amount: {gt: 1000}}", f"when: {when}")
         (mappings_dir / "deals.yaml").write_text(text)
         settings = settings_factory(
             mappings_dir=str(mappings_dir), admin_users=("u-admin",), secret_key=SECRET
@@ -239,6 +240,17 @@ def test_revert_lock_writes_back_the_value_the_request_was_opened_with(world: An
     assert "stage: 'negotiation' -> 'closing'" in note and "u-rep" in note
     flush(runtime.sessions, runtime.adapter)
     assert crm.records["D-1"]["stage"] == "negotiation"
+    assert latest(runtime).request.status == "pending"
+
+
+def test_a_locked_edit_that_makes_the_rule_stop_matching_is_still_reverted(
+    make_world: Callable[..., Any],
+) -> None:
+    runtime, crm, _ = make_world(when="{all: [{amount: {gt: 1000}}, {not: {stage: {eq: lost}}}]}")
+    open_request(runtime, crm)
+    result = edit(runtime, crm, "u-rep", stage="lost")
+    assert "locked field edit reverted" in result
+    assert outbox(runtime)[-1] == {"stage": "negotiation"}
     assert latest(runtime).request.status == "pending"
 
 
