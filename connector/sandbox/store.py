@@ -73,6 +73,7 @@ class ObjectSpec:
 
 CURRENCIES = ("EUR", "USD", "GBP")
 STAGES = ("Prospecting", "Qualification", "Proposal", "Negotiation", "Closed Won", "Closed Lost")
+DECISIONS = ("Approve", "Reject")  # what an approver may set on a pending deal (crm_vote)
 PRODUCT_LINES = ("Software", "Services", "Hardware", "Support", "Training")
 
 # Who changed a record last (as Salesforce's LastModifiedById): the user a page edit was made as,
@@ -111,6 +112,8 @@ DEAL = ObjectSpec(
         FieldSpec("approval_expires_on", "Approval expires on", "date"),
         FieldSpec("approval_comment", "Approval comment", "text"),
         FieldSpec("approval_progress", "Approval progress", "text"),
+        FieldSpec("approval_decision", "Approval decision", "picklist", values=DECISIONS),
+        FieldSpec("approval_decision_comment", "Approval decision comment", "text"),
         FieldSpec("modified_at", "Last modified", "datetime", updateable=False),
         MODIFIED_BY,
         FieldSpec("company.name", "Company name", "string", updateable=False, through=("company_id", "name")),
