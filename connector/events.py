@@ -35,6 +35,10 @@ class RecordChangeEvent:
     # Set on an event read back from an inbox row that ops re-ran (replay, dead-letter retry):
     # when it first arrived. Not stored: the row's replayed_at/received_at carry it.
     replayed_since: datetime | None = field(default=None, compare=False)
+    # The CRM user who made the change (Salesforce commitUser / LastModifiedById, HubSpot
+    # sourceId userId / hs_updated_by_user_id, Zoho Modified_By, Bitrix24 MODIFY_BY_ID); None
+    # when the delivery does not say: the pipeline then reads the adapter's modified-by field.
+    modified_by: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -51,6 +55,7 @@ class RecordChangeEvent:
             "origin": self.origin,
             "values_signed": self.values_signed,
             "content_hash": self.content_hash,
+            "modified_by": self.modified_by,
         }
 
     @classmethod
@@ -73,6 +78,7 @@ class RecordChangeEvent:
             values_signed=row.values_signed,
             content_hash=row.content_hash,
             replayed_since=_aware(row.received_at) if getattr(row, "replayed_at", None) is not None else None,
+            modified_by=row.modified_by,
         )
 
 

@@ -81,6 +81,7 @@ class HubSpotEvent:
     property_value: Any
     sensitive: bool
     origin: str | None
+    modified_by: str | None = None  # the HubSpot user id of sourceId `userId:123`
 
     @property
     def fingerprint(self) -> str:
@@ -184,6 +185,7 @@ def parse_event(connection: ConnectionConfig, index: int, item: Any) -> HubSpotE
         property_value=item.get("propertyValue"),
         sensitive=item.get("isSensitive") is True,
         origin=_origin(item),
+        modified_by=_user_id(item),
     )
 
 
@@ -208,6 +210,8 @@ def coalesce(connection: ConnectionConfig, events: Sequence[HubSpotEvent]) -> Re
         values=values or None,
         origin=origins.pop() if len(origins) == 1 else MIXED_ORIGIN,
         values_signed=True,  # the v3 signature covers the body
+        # The latest item's user; None when it does not name one (the worker reads hs_updated_by_user_id).
+        modified_by=latest.modified_by,
     )
 
 
@@ -216,6 +220,15 @@ def _object_name(item: dict[str, Any], prefix: str, where: str) -> str:
         return OBJECT_NAMES.get(prefix, prefix)
     type_id = _text(item, "objectTypeId", where)
     return OBJECT_TYPE_IDS.get(type_id, type_id)
+
+
+def _user_id(item: dict[str, Any]) -> str | None:
+    """The user of a change made in HubSpot's app: sourceId `userId:123` -> "123"."""
+    source_id = item.get("sourceId")
+    if isinstance(source_id, str) and source_id.startswith("userId:"):
+        user = source_id.removeprefix("userId:").strip()
+        return user if user.isdigit() else None
+    return None
 
 
 def _origin(item: dict[str, Any]) -> str | None:

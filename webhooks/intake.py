@@ -47,6 +47,7 @@ STORED_TEXT = {
     "dedupe_key": "delivery id (connection name and the CRM's id for this change)",
     "change_type": "change type",
     "origin": "change origin",
+    "modified_by": "user who made the change",
 }
 
 
@@ -280,6 +281,7 @@ def record_change(
     origin: str | None = None,
     values_signed: bool,
     content_hash: str | None = None,
+    modified_by: str | None = None,
 ) -> RecordChangeEvent:
     """The canonical event for one record change delivered to `connection`. `dedupe_id` is
     what stays the same when the CRM redelivers this change; the connection name is prefixed,
@@ -302,6 +304,7 @@ def record_change(
         origin=origin,
         values_signed=values_signed,
         content_hash=content_hash,
+        modified_by=(modified_by.strip() or None) if isinstance(modified_by, str) else None,
     )
     check_storable(event)
     return event

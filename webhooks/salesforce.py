@@ -211,7 +211,19 @@ def parse_notification(
         values=values,
         origin=None,  # no change origin in the message; the pipeline compares values instead
         values_signed=False,  # Outbound Messages are not signed: the worker re-reads the record
+        modified_by=_modifier(values.get("LastModifiedById")),  # when the message selects it
     )
+
+
+def _modifier(raw: Any) -> str | None:
+    """A user id (CDC commitUser, LastModifiedById) in its 18-character form; None if absent or
+    not an id (the worker then reads LastModifiedById)."""
+    if not isinstance(raw, str) or not raw.strip():
+        return None
+    try:
+        return normalize_salesforce_id(raw.strip())
+    except ValueError:
+        return None
 
 
 def record_id_of(raw: str, where: str) -> str:
@@ -379,6 +391,7 @@ def parse_change_event(
     diffed = _field_list(header, "diffFields", where)
     values = None if gap else change_event_values(payload, change, changed, diffed)
     origin = header.get("changeOrigin")
+    commit_user = _modifier(header.get("commitUser"))
     return [
         record_change(
             connection,
@@ -393,6 +406,7 @@ def parse_change_event(
             values=values,
             origin=origin if isinstance(origin, str) else None,
             values_signed=True,  # the relay signs the body (EVENTS_SECRET)
+            modified_by=commit_user,
         )
         for record_id in record_ids
     ]

@@ -103,6 +103,7 @@ def parse_standard(
         changed_fields=changed,
         values=values,
         origin=str(data["origin"]) if data.get("origin") is not None else None,
+        modified_by=str(data["modified_by"]) if data.get("modified_by") not in (None, "") else None,
         values_signed=True,  # Standard Webhooks sign the id, timestamp and body
         # The spec's id is unique per message: the same id with another body is no redelivery.
         content_hash=content_hash,

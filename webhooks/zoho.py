@@ -231,6 +231,8 @@ def parse_workflow(connection: ConnectionConfig, params: dict[str, Any]) -> Reco
         values=values,
         origin=str(modified_by).strip() if modified_by not in (None, "") else None,
         values_signed=False,  # a shared value in the body, no signature: the worker re-reads the record
+        # A hint only (unsigned): the worker reads Modified_By before trusting anyone's vote.
+        modified_by=str(modified_by) if modified_by not in (None, "") else None,
     )
 
 

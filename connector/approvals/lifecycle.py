@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from typing import Any, Literal, TypeGuard
@@ -117,7 +117,13 @@ TransitionKind = Literal[
     "expired",
     "restarted",  # a restart_on_change field changed; comment lists the fields
     "reassigned",  # an admin replaced an approver of the open step; comment says who by whom
+    "carried_over",  # smart re-approval kept an unchanged step's approval; comment says why
+    "crm_vote_refused",  # a decision field set in the CRM was not taken as a vote; comment says why
+    "lock_reverted",  # an edit of a locked field was written back; comment lists the fields
+    "lock_flagged",  # an edit of a locked field, recorded for the approvers; comment lists them
 ]
+# Kinds that record something about the request without changing its status (see `flag`).
+FLAG_KINDS: frozenset[TransitionKind] = frozenset({"crm_vote_refused", "lock_reverted", "lock_flagged"})
 Roles = Mapping[str, tuple[str, ...]]
 
 
@@ -300,8 +306,12 @@ def open_request(
     submitter: str,
     now: datetime,
     request_id: str | None = None,
+    carried: Mapping[int, str] | None = None,
 ) -> Outcome:
     """Submit a record to ``rule`` (the caller has already matched ``rule.when``).
+
+    ``carried`` (step index -> why; ``connector.approvals.reapproval``) names steps that keep
+    an earlier approval: they are recorded approved (``carried_over``) instead of opening.
 
     The whole chain is validated first (``ChainError`` if an applicable step has nobody to
     approve it), then the first applicable step opens. Fires ``submit`` (and ``approve``
@@ -326,7 +336,7 @@ def open_request(
     txn = _Txn(request, now)
     txn.transition("submitted", "submitted", step_index=None, actor=submitter)
     txn.fire("submit", submitter, None)
-    _advance(txn, rule, roles, ctx, start=0, actor=None)
+    _advance(txn, rule, roles, ctx, start=0, actor=None, carried=carried)
     return txn.outcome()
 
 
@@ -454,7 +464,12 @@ def expire(request: ApprovalRequest, now: datetime) -> Outcome | None:
 
 
 def on_record_change(
-    request: ApprovalRequest, rule: RuleSpec, roles: Roles, ctx: EvalContext, now: datetime
+    request: ApprovalRequest,
+    rule: RuleSpec,
+    roles: Roles,
+    ctx: EvalContext,
+    now: datetime,
+    carried: Callable[[EvalContext], Mapping[int, str]] | None = None,
 ) -> Outcome | None:
     """React to an edit of the record: restart when a restart field changed, else None.
 
@@ -474,9 +489,23 @@ def on_record_change(
     _cancel_open_step(txn)
     _replace_snapshot(txn.request, ctx)
     txn.request.current_step = None
+    kept = carried(ctx) if carried is not None else None  # smart re-approval, judged on the old request
     txn.transition("restarted", "submitted", step_index=None, actor=None, comment=_changed_note(changed))
     txn.fire("submit", None, None)
-    _advance(txn, rule, roles, ctx, start=0, actor=None)
+    _advance(txn, rule, roles, ctx, start=0, actor=None, carried=kept)
+    return txn.outcome()
+
+
+def flag(
+    request: ApprovalRequest, kind: TransitionKind, *, actor: str | None, comment: str, now: datetime
+) -> Outcome:
+    """Record something the approvers should see (a locked field edited, a refused vote from
+    the CRM) in the history, changing nothing else; ``kind`` is one of ``FLAG_KINDS``."""
+    if kind not in FLAG_KINDS:
+        raise ValueError(f"{kind!r} is not a flag; expected one of {sorted(FLAG_KINDS)}")
+    _require_active(request)
+    txn = _Txn(copy.deepcopy(request), now)
+    txn.transition(kind, txn.request.status, step_index=request.current_step, actor=actor, comment=comment)
     return txn.outcome()
 
 
@@ -581,16 +610,34 @@ def _applies(step: StepSpec, ctx: EvalContext) -> bool:
 
 
 def _advance(
-    txn: _Txn, rule: RuleSpec, roles: Roles, ctx: EvalContext, *, start: int, actor: str | None
+    txn: _Txn,
+    rule: RuleSpec,
+    roles: Roles,
+    ctx: EvalContext,
+    *,
+    start: int,
+    actor: str | None,
+    carried: Mapping[int, str] | None = None,
 ) -> None:
-    """Open the first applicable step from ``start``, recording skips; approve if none."""
+    """Open the first applicable step from ``start``, recording skips and carried-over
+    approvals; approve if none is left."""
     for index in range(start, len(rule.steps)):
         step = rule.steps[index]
-        if _applies(step, ctx):
+        if not _applies(step, ctx):
+            _skip_step(txn, step, index)
+        elif carried and index in carried:
+            _carry_step(txn, step, index, assign_step(step, txn.request.record, roles), carried[index])
+        else:
             _open_step(txn, rule, index, roles)
             return
-        _skip_step(txn, step, index)
     _approve_request(txn, rule, actor)
+
+
+def _carry_step(txn: _Txn, step: StepSpec, index: int, assignment: StepAssignment, why: str) -> None:
+    row = _new_row(txn, step, index, "approved", assignment)
+    row.left_at = txn.now
+    txn.add_step(row)
+    txn.transition("carried_over", txn.request.status, step_index=index, actor=None, comment=why)
 
 
 def _open_step(txn: _Txn, rule: RuleSpec, index: int, roles: Roles) -> None:

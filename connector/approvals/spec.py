@@ -115,6 +115,11 @@ class StepSpec:
     when: Criterion | None = None  # entry criteria: the step is skipped when false
     on_reject: RejectBehaviour = "reject"
     label: str | None = None  # shown to people ("Finance"); the name when unset
+    # Smart re-approval (connector.approvals.reapproval): None = the rule's setting.
+    smart_reapproval: bool | None = None
+    # Canonical fields the approval depends on: those its `when` and approvers read plus the
+    # step's own `inputs:`. A change of any of them means the step must be approved again.
+    inputs: frozenset[str] = frozenset()
 
     @property
     def title(self) -> str:
@@ -124,6 +129,39 @@ class StepSpec:
 @dataclass(frozen=True)
 class ActionSpec:
     set: Mapping[str, ValueRenderer]  # canonical field -> value renderer
+
+
+LockMode = Literal["revert", "flag"]
+
+
+@dataclass(frozen=True)
+class LockSpec:
+    """`lock:` of a rule: fields nobody but an admin may edit while a request is pending."""
+
+    fields: frozenset[str]  # canonical
+    mode: LockMode
+
+
+@dataclass(frozen=True)
+class CrmVoteSpec:
+    """`crm_vote:` of a rule: the current approver votes by setting a field in the CRM."""
+
+    decision: str  # canonical field the approver sets, e.g. approval_decision
+    comment: str | None  # canonical field read as the vote's comment
+    approve: tuple[str, ...] = ("Approve",)  # CRM values meaning approve (compared case-insensitively)
+    reject: tuple[str, ...] = ("Reject",)
+
+    def decision_for(self, raw: Any) -> Literal["approve", "reject"] | None:
+        text = str(raw).strip().casefold()
+        if text in {v.casefold() for v in self.approve}:
+            return "approve"
+        if text in {v.casefold() for v in self.reject}:
+            return "reject"
+        return None
+
+    @property
+    def fields(self) -> frozenset[str]:
+        return frozenset(f for f in (self.decision, self.comment) if f is not None)
 
 
 @dataclass(frozen=True)
@@ -141,6 +179,10 @@ class RuleSpec:
     bulk_approve: bool = False  # approvers may approve several requests of this rule at once
     # Whether the submitter may vote on their own request (an approver of a step); default no.
     allow_self_approval: bool = False
+    crm_vote: CrmVoteSpec | None = None  # voting from inside the CRM (connector.approvals.crm_vote)
+    lock: LockSpec | None = None  # record locking while pending (connector.approvals.locking)
+    # Keep approvals of unchanged steps on restart / resubmission (connector.approvals.reapproval).
+    smart_reapproval: bool = False
 
 
 @dataclass(frozen=True)

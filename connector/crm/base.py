@@ -102,6 +102,9 @@ class CRMAdapter(ABC):
     batch_limit: ClassVar[int]  # most records one update call may carry
     # The connection's shared rate limits (connector/crm/rate_limits.py); the Runtime attaches it.
     rate_limiter: RateLimiter | None = None
+    # The record field naming the user who changed it last (LastModifiedById, Modified_By...);
+    # None where the CRM keeps none. Read when a delivery does not say who made the change.
+    last_modified_by_field: ClassVar[str | None] = None
 
     def __init__(
         self, connection: ConnectionConfig, *, timeout: float = 30.0, retry: RetryPolicy | None = None
@@ -148,6 +151,23 @@ class CRMAdapter(ABC):
         changeOrigin naming our client id, HubSpot changeSource). None = the CRM cannot tell,
         and the pipeline compares values with what the outbox wrote instead."""
         return None
+
+    def modified_by_field(self, object_type: str) -> str | None:
+        """The API name of `object_type`'s last-modified-by field (see last_modified_by_field)."""
+        return self.last_modified_by_field
+
+    def modified_by(self, object_type: str, values: Mapping[str, Any]) -> str | None:
+        """The user id in a record's last-modified-by field as read by `get_record`: a plain id,
+        or a lookup object with an `id` (Zoho's Modified_By); None when absent."""
+        name = self.modified_by_field(object_type)
+        if name is None:
+            return None
+        raw = next((v for k, v in values.items() if k.lower() == name.lower()), None)
+        if isinstance(raw, Mapping):
+            raw = raw.get("id")
+        if isinstance(raw, bool) or not isinstance(raw, str | int) or not str(raw).strip():
+            return None
+        return str(raw).strip()
 
     def refresh_auth(self) -> bool:
         """Renew the session after a 401. Returns False where the auth mode cannot."""

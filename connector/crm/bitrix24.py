@@ -519,6 +519,10 @@ class Bitrix24Adapter(CRMAdapter):
 
     # --- echo prevention -----------------------------------------------------------
 
+    def modified_by_field(self, object_type: str) -> str | None:
+        """MODIFY_BY_ID on deals, leads, contacts, companies; updatedBy on smart-process items."""
+        return bitrix_object(object_type).modified_by_field
+
     def is_own_change(self, event: RecordChangeEvent) -> bool | None:
         """Bitrix events carry no author, so read who last modified the record and when.
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 import requests
@@ -73,6 +73,7 @@ class HubSpotTokenEndpoint(TokenEndpoint):
 class HubSpotAdapter(CRMAdapter):
     kind = "hubspot"
     batch_limit = BATCH_LIMIT
+    last_modified_by_field: ClassVar[str | None] = "hs_updated_by_user_id"
 
     def __init__(
         self,

@@ -88,6 +88,7 @@ CLIENT_ID = re.compile(r"[A-Za-z0-9_.\-/]{1,28}")
 class SalesforceAdapter(CRMAdapter):
     kind: ClassVar[str] = "salesforce"
     batch_limit: ClassVar[int] = 200  # sObject Collections takes up to 200 records a call
+    last_modified_by_field: ClassVar[str | None] = "LastModifiedById"
 
     def __init__(
         self, connection: ConnectionConfig, *, timeout: float = 30.0, retry: RetryPolicy | None = None

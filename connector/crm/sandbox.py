@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 import requests
@@ -38,6 +38,7 @@ def read_sandbox_error(response: requests.Response) -> tuple[str | None, str]:
 class SandboxAdapter(CRMAdapter):
     kind = "sandbox"
     batch_limit = 100
+    last_modified_by_field: ClassVar[str | None] = "modified_by_id"
     page_size = 200  # records per query page: the API's maximum
 
     def __init__(

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import requests
 
@@ -107,6 +107,7 @@ class NotificationChannel:
 class ZohoAdapter(CRMAdapter):
     kind = "zoho"
     batch_limit = 100  # "A maximum of 100 records can be updated per API call"
+    last_modified_by_field: ClassVar[str | None] = "Modified_By"
 
     def __init__(
         self,

@@ -176,6 +176,18 @@ class CompiledCriterion(partial):
         self._root.trace(ctx, out)
         return out
 
+    def fields_read(self) -> frozenset[str]:
+        """The canonical fields the criterion looks at (smart re-approval's step inputs)."""
+        found: set[str] = set()
+        pending: list[_Node] = [self._root]
+        while pending:
+            node = pending.pop()
+            if isinstance(node, _Leaf):
+                found.add(node.field)
+            else:
+                pending.extend(node.children)
+        return frozenset(found)
+
     def __repr__(self) -> str:
         return f"<CompiledCriterion {self._root.path}>"
 

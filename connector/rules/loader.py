@@ -56,6 +56,7 @@ from connector.rules.errors import (
     format_path,
     one_of,
 )
+from connector.rules.pending_keys import build_crm_vote, build_lock, step_inputs
 from connector.rules.schema import (
     ApproverModel,
     MappingFileModel,
@@ -343,6 +344,8 @@ class _SpecBuilder:
         )
         expires_after = self._expires_after(rule.expires_after, path + ("expires_after",))
         actions = self._actions(rule, path + ("on",))
+        crm_vote = build_crm_vote(self, rule, path) if rule.crm_vote is not None else None
+        lock = build_lock(self, rule, path) if rule.lock is not None else None
         if when is None or None in steps:
             return None
         return RuleSpec(
@@ -355,6 +358,9 @@ class _SpecBuilder:
             reject_comment=rule.reject_comment,
             bulk_approve=rule.bulk_approve,
             allow_self_approval=rule.allow_self_approval,
+            crm_vote=crm_vote,
+            lock=lock,
+            smart_reapproval=rule.smart_reapproval,
         )
 
     def _when(self, spec: Any, path: KeyPath) -> Criterion | None:
@@ -388,6 +394,7 @@ class _SpecBuilder:
         if None in approvers or (step.when is not None and when is None):
             return None
         label = step.label.strip() if step.label and step.label.strip() else None
+        inputs = step_inputs(self, step, path, when, approvers)  # type: ignore[arg-type]
         return StepSpec(
             step.name,
             step.mode,
@@ -397,6 +404,8 @@ class _SpecBuilder:
             when,
             step.on_reject,
             label,
+            smart_reapproval=step.smart_reapproval,
+            inputs=inputs,
         )
 
     def _approver(self, approver: ApproverModel, path: KeyPath) -> ApproverSource | None:

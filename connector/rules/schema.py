@@ -26,7 +26,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from connector.approvals.spec import FieldType, MatchMode, RejectBehaviour, RejectComment, StepMode
+from connector.approvals.spec import (
+    FieldType,
+    LockMode,
+    MatchMode,
+    RejectBehaviour,
+    RejectComment,
+    StepMode,
+)
 from connector.rules.errors import ErrorCollector, KeyPath, did_you_mean, one_of
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
@@ -49,6 +56,11 @@ def _user_ids(value: Any) -> tuple[str, ...]:
     if not ids:
         raise fail("expected at least one user id")
     return tuple(ids)
+
+
+def _as_text_list(value: Any) -> Any:
+    # `approve: Approve` reads as well as `approve: [Approve, Approved]`.
+    return [value] if isinstance(value, str) else value
 
 
 def _as_list(value: Any) -> Any:
@@ -113,6 +125,24 @@ class StepModel(_Model):
     quorum: Any = None  # int or "60%"; checked by the mode's policy, with the step's approvers
     when: Any = None  # compiled by connector.rules.criteria
     on_reject: RejectBehaviour = "reject"
+    smart_reapproval: bool | None = None  # None: the rule's setting
+    inputs: list[Name] = Field(default_factory=list)  # more fields the approval depends on
+
+
+class CrmVoteModel(_Model):
+    """`crm_vote: {decision: approval_decision, comment: approval_comment}`."""
+
+    decision: Name
+    comment: Name | None = None
+    approve: Annotated[list[Name], BeforeValidator(_as_text_list), Field(min_length=1)] = ["Approve"]
+    reject: Annotated[list[Name], BeforeValidator(_as_text_list), Field(min_length=1)] = ["Reject"]
+
+
+class LockModel(_Model):
+    """`lock: {fields: [amount, close_date], mode: revert}`."""
+
+    fields: Annotated[list[Name], BeforeValidator(_as_text_list), Field(min_length=1)]
+    mode: LockMode
 
 
 class ActionModel(_Model):
@@ -138,6 +168,9 @@ class RuleModel(_Model):
     reject_comment: RejectComment = "required"
     bulk_approve: bool = False
     allow_self_approval: bool = False
+    crm_vote: CrmVoteModel | None = None
+    lock: LockModel | None = None
+    smart_reapproval: bool = False
     on: OnModel = Field(default_factory=OnModel)
 
 
@@ -242,6 +275,10 @@ _KEY_ELSEWHERE: dict[str, str] = {
     "reject_comment": "`reject_comment` belongs to a rule",
     "bulk_approve": "`bulk_approve` belongs to a rule",
     "allow_self_approval": "`allow_self_approval` belongs to a rule",
+    "crm_vote": "`crm_vote` belongs to a rule",
+    "lock": "`lock` belongs to a rule",
+    "inputs": "`inputs` belongs to a step",
+    "decision": "`decision` goes under a rule's `crm_vote:`",
     "set": "`set` goes under an event: `on: {approve: {set: {...}}}`",
     "submit": "events go under `on:` in a rule",
     "approve": "events go under `on:` in a rule",

@@ -468,8 +468,11 @@ def edit(kind: str, record_id: str) -> ResponseReturnValue:
     if request.method == "GET":
         return _edit_page(kind, record_id)
     values = _form_values(spec_of(object_type))
+    editor = request.form.get("edited_by", "").strip() or None  # who the page edits as
     try:
-        change = state.store.update(object_type, record_id, values, ORIGIN_USER, from_form=True)
+        change = state.store.update(
+            object_type, record_id, values, ORIGIN_USER, from_form=True, modified_by=editor
+        )
     except InvalidFields as invalid:
         return _edit_page(kind, record_id, values=values, errors=invalid.errors), 422
     if change.msg_id is not None:
@@ -515,6 +518,8 @@ def _edit_page(
         delivery=state.store.delivery(saved) if saved and saved != "none" else None,
         locked_until=state.store.locked_until(object_type, record_id),
         options=_reference_options(),
+        # Edit as the user who edited last (else the owner): as a CRM would know who is signed in.
+        edited_by=request.form.get("edited_by") or record.get("modified_by_id") or record.get("owner_id"),
     )
 
 

@@ -73,8 +73,19 @@ class ObjectSpec:
 
 CURRENCIES = ("EUR", "USD", "GBP")
 STAGES = ("Prospecting", "Qualification", "Proposal", "Negotiation", "Closed Won", "Closed Lost")
+DECISIONS = ("Approve", "Reject")  # what an approver may set on a pending deal (crm_vote)
 PRODUCT_LINES = ("Software", "Services", "Hardware", "Support", "Training")
 
+# Who changed a record last (as Salesforce's LastModifiedById): the user a page edit was made as,
+# none for API writes (the connector's own). Votes from the CRM and locked fields read it.
+MODIFIED_BY = FieldSpec(
+    "modified_by_id",
+    "Last modified by",
+    "reference",
+    updateable=False,
+    reference_to="user",
+    relationship_name="modified_by",
+)
 DEAL = ObjectSpec(
     "deal",
     "Deal",
@@ -101,7 +112,10 @@ DEAL = ObjectSpec(
         FieldSpec("approval_expires_on", "Approval expires on", "date"),
         FieldSpec("approval_comment", "Approval comment", "text"),
         FieldSpec("approval_progress", "Approval progress", "text"),
+        FieldSpec("approval_decision", "Approval decision", "picklist", values=DECISIONS),
+        FieldSpec("approval_decision_comment", "Approval decision comment", "text"),
         FieldSpec("modified_at", "Last modified", "datetime", updateable=False),
+        MODIFIED_BY,
         FieldSpec("company.name", "Company name", "string", updateable=False, through=("company_id", "name")),
         FieldSpec(
             "company.credit_score",
@@ -121,6 +135,7 @@ COMPANY = ObjectSpec(
         FieldSpec("name", "Company name", "string", required=True),
         FieldSpec("credit_score", "Credit score", "integer"),
         FieldSpec("modified_at", "Last modified", "datetime", updateable=False),
+        MODIFIED_BY,
     ),
 )
 USER = ObjectSpec(
@@ -403,6 +418,7 @@ class Store:
         origin: str,
         *,
         from_form: bool = False,
+        modified_by: str | None = None,
     ) -> Change:
         """Validate and write one record; queue its webhook when anything changed.
         Raises RecordError (nothing written) for an unknown/locked record or any bad field."""
@@ -422,7 +438,13 @@ class Store:
                 db.execute(f"UPDATE {spec.table} SET last_write_back_at = ? WHERE id = ?", (now, record_id))
             if not changed:
                 return Change(object_type, record_id, (), None)
-            self._write(db, spec, record_id, {name: wanted[name] for name in changed}, now)
+            if modified_by is not None:
+                try:
+                    self._check_reference(db, MODIFIED_BY, modified_by)
+                except RecordError as exc:
+                    message = f"Edit as: there is no user {modified_by!r}; pick one from the list"
+                    raise InvalidFields([RecordError(exc.code, message, "edited_by")]) from None
+            self._write(db, spec, record_id, {name: wanted[name] for name in changed}, now, modified_by)
             record = self._get(db, spec, record_id)
             assert record is not None
             msg_id = self._enqueue(db, spec.name, record, changed, origin, now)
@@ -474,10 +496,17 @@ class Store:
             raise RecordError(INVALID_VALUE, f"{f.name}: there is no {f.reference_to} {target_id!r}", f.name)
 
     def _write(
-        self, db: sqlite3.Connection, spec: ObjectSpec, record_id: str, values: dict[str, Any], now: str
+        self,
+        db: sqlite3.Connection,
+        spec: ObjectSpec,
+        record_id: str,
+        values: dict[str, Any],
+        now: str,
+        modified_by: str | None = None,
     ) -> None:
         columns = {name: _to_column(spec.field(name), value) for name, value in values.items()}
         columns["modified_at"] = now
+        columns["modified_by_id"] = modified_by
         assignments = ", ".join(f'"{name}" = :{name}' for name in columns)
         db.execute(f"UPDATE {spec.table} SET {assignments} WHERE id = :_id", {**columns, "_id": record_id})
 
@@ -590,6 +619,7 @@ def webhook_body(
             "changed_fields": list(changed),
             "values": dict(record),
             "origin": origin,
+            "modified_by": record.get("modified_by_id"),
         },
     }
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()

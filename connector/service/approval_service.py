@@ -32,6 +32,7 @@ from connector.approvals.lifecycle import (
     Transition,
     cast_vote,
     expire,
+    is_active,
     may_see,
     on_record_change,
     open_request,
@@ -39,12 +40,14 @@ from connector.approvals.lifecycle import (
     recall,
     restart_fields,
 )
+from connector.approvals.reapproval import carried_steps
 from connector.approvals.spec import EvalContext, MappingSpec, RuleSpec
 from connector.clock import utcnow
 from connector.errors import CrmApprovalsError
 from connector.logs import log_event
 from connector.metrics import DECISION_SECONDS, REQUEST_EVENTS
 from connector.rules import MappingSet
+from connector.service.record_guard import guard_pending
 from connector.storage import approval_store as store
 from connector.storage import audit
 from connector.storage.approval_store import RecordKey, StaleRequestError, StoredRequest
@@ -111,6 +114,8 @@ class ApprovalService:
     people: PeopleLookup | None = None
     notifications: OutcomeListener | None = None
     public_base_url: str = ""
+    # CRM user ids who may edit locked fields of a pending record (ADMIN_USERS)
+    admins: frozenset[str] = frozenset()
 
     # --- record changes (called by the worker, inside the event's transaction) -------
 
@@ -122,11 +127,14 @@ class ApprovalService:
         ctx: EvalContext,
         *,
         replay_since: datetime | None = None,
+        modified_by: str | None = None,
     ) -> list[str]:
         """Open, restart or leave requests for the rules the change matches.
 
         `replay_since` (an event ops re-ran: when it first arrived) leaves alone every rule
-        that has a request submitted since then, so a replay never opens anything twice."""
+        that has a request submitted since then, so a replay never opens anything twice.
+        `modified_by` (the CRM user who made the change) casts votes from the CRM and judges
+        edits of locked fields (connector.service.record_guard)."""
         matched = [rule for rule in spec.rules if rule.when(ctx)]
         if spec.match == "first":
             matched = matched[:1]
@@ -147,18 +155,69 @@ class ApprovalService:
                 rule=rule.name,
                 mapping=spec.source_path,
             )
-            summaries.append(f"{rule.name}: {self._apply_rule(session, record, spec, rule, ctx)}")
+            # A replayed event's vote or locked-field edit was judged when it first came.
+            judged_by = modified_by if replay_since is None else None
+            guard = replay_since is None
+            summaries.append(
+                f"{rule.name}: {self._apply_rule(session, record, spec, rule, ctx, judged_by, guard=guard)}"
+            )
+        if replay_since is None:
+            unmatched = [r for r in spec.rules if r not in matched]
+            summaries += self._guard_unmatched(session, record, spec, unmatched, ctx, modified_by)
+        return summaries
+
+    def _guard_unmatched(
+        self,
+        session: Session,
+        record: RecordKey,
+        spec: MappingSpec,
+        rules: list[RuleSpec],
+        ctx: EvalContext,
+        modified_by: str | None,
+    ) -> list[str]:
+        """A pending request's locked fields and decision field count even when the edit makes
+        the record stop matching its rule (a locked stage moved to one the rule leaves out)."""
+        summaries = []
+        for rule in rules:
+            if rule.crm_vote is None and rule.lock is None:
+                continue
+            active = store.find_active(session, record, rule.name)
+            if active is not None:
+                _, notes = guard_pending(self, session, record, spec, rule, active, ctx, modified_by)
+                summaries += [f"{rule.name}: {note}" for note in notes]
         return summaries
 
     def _apply_rule(
-        self, session: Session, record: RecordKey, spec: MappingSpec, rule: RuleSpec, ctx: EvalContext
+        self,
+        session: Session,
+        record: RecordKey,
+        spec: MappingSpec,
+        rule: RuleSpec,
+        ctx: EvalContext,
+        modified_by: str | None = None,
+        *,
+        guard: bool = True,
     ) -> str:
         now = self.clock()
         active = store.find_active(session, record, rule.name)
         if active is not None:
-            outcome = on_record_change(active.request, rule, spec.roles, ctx, now)
+            notes: list[str] = []
+            if guard:
+                active, notes = guard_pending(self, session, record, spec, rule, active, ctx, modified_by)
+            before = active.request
+            outcome = on_record_change(
+                before,
+                rule,
+                spec.roles,
+                ctx,
+                now,
+                carried=lambda c: carried_steps(rule, before, c.values, spec.roles),
+            )
             if outcome is None:
-                return f"already pending as {active.request.id}"
+                done = "; ".join(notes)
+                if not is_active(before):
+                    return f"{done}: {before.id} is {before.status}"
+                return f"{done}; still pending as {before.id}" if done else f"already pending as {before.id}"
             actions = self._render(outcome, rule, record, session)
             self._commit(session, active, spec, rule, outcome, active.request.version, actions)
             return f"restarted {active.request.id}"
@@ -170,7 +229,15 @@ class ApprovalService:
         submitter = _submitter(ctx)
         if self.people is not None:  # e.g. HubSpot's hs_updated_by_user_id is a user id, not an owner id
             submitter = self.people.canonical_id(record.connection, submitter, session=session)
-        outcome = open_request(rule, spec.roles, ctx, record_ref=record.ref, submitter=submitter, now=now)
+        # Smart re-approval: a resubmitted rejected record keeps the approvals of unchanged steps.
+        carried = (
+            carried_steps(rule, latest.request, ctx.values, spec.roles)
+            if latest is not None and latest.request.status == "rejected"
+            else None
+        )
+        outcome = open_request(
+            rule, spec.roles, ctx, record_ref=record.ref, submitter=submitter, now=now, carried=carried
+        )
         stored = StoredRequest(outcome.request, record, spec.source_path, spec.content_hash)
         self._commit(session, stored, spec, rule, outcome, None, self._render(outcome, rule, record, session))
         if latest is not None and approved:

@@ -44,6 +44,7 @@ class Prepared:
     specs: tuple[MappingSpec, ...]
     values: dict[str, Any] | None  # API name -> value; None when the record is gone
     own_change: bool | None  # the adapter's verdict; None = the CRM cannot tell
+    modified_by: str | None = None  # who made the change (CRM user id); None = unknown
 
 
 class Pipeline:
@@ -55,6 +56,7 @@ class Pipeline:
             people=Directory.from_runtime(runtime),
             notifications=NotificationQueue(runtime.settings),
             public_base_url=runtime.settings.public_base_url,
+            admins=frozenset(runtime.settings.admin_users),
         )
 
     def refresh_mappings(self, min_interval: float = 2.0) -> None:
@@ -74,13 +76,27 @@ class Pipeline:
         out: list[Prepared | Exception | None] = [None] * len(events)
         reads: dict[tuple[str, str, tuple[str, ...]], list[int]] = {}
         specs_of: list[tuple[MappingSpec, ...]] = []
+        trusted_modifier: list[str | None] = []
         for i, event in enumerate(events):
             specs = tuple(self.mappings.for_object(event.connection, event.object_type))
             specs_of.append(specs)
+            trusted_modifier.append(event.modified_by if event.values_signed else None)
             if not specs or event.change_type == "deleted":
                 out[i] = Prepared(specs, dict(event.values or {}) or None, None)
                 continue
-            needed = tuple(sorted({name for spec in specs for name in spec.api_fields()}))
+            needed_set = {name for spec in specs for name in spec.api_fields()}
+            # Votes from the CRM and locked fields need to know who made the change; an unsigned
+            # delivery's word for it is a hint, so it is read from the record then.
+            if needs_modifier(specs) and trusted_modifier[i] is None:
+                try:
+                    adapter = self.runtime.adapter(event.connection)
+                    modifier_field = adapter.modified_by_field(event.object_type)
+                except Exception as exc:
+                    out[i] = exc
+                    continue
+                if modifier_field is not None:
+                    needed_set.add(modifier_field)
+            needed = tuple(sorted(needed_set))
             present = {k.lower() for k in event.values or {}}
             # An unsigned delivery's values are hints: anyone who knows the URL could have written them.
             if not event.values_signed or any(name.lower() not in present for name in needed):
@@ -108,11 +124,13 @@ class Pipeline:
                     continue
                 values.update(record)  # the CRM's current values win over the webhook's
             try:
-                own = self.runtime.adapter(event.connection).is_own_change(event)
+                adapter = self.runtime.adapter(event.connection)
+                own = adapter.is_own_change(event)
+                modified_by = trusted_modifier[i] or adapter.modified_by(event.object_type, values)
             except Exception as exc:
                 out[i] = exc
                 continue
-            out[i] = Prepared(specs_of[i], values, own)
+            out[i] = Prepared(specs_of[i], values, own, modified_by)
         return [p for p in out if p is not None]
 
     def preload(self, session: Session, events: Sequence[RecordChangeEvent]) -> None:
@@ -146,12 +164,17 @@ class Pipeline:
             ctx = build_context(spec, prepared.values, previous, changed)
             try:
                 summaries += self.approvals.on_record_change(
-                    session, record, spec, ctx, replay_since=replay_since
+                    session, record, spec, ctx, replay_since=replay_since, modified_by=prepared.modified_by
                 )
             except FatalError as exc:  # nobody to approve, a broken template: the inbox dead-letters it
                 exc.add_note(f"mapping file {spec.source_path}")  # so its message says which file to fix
                 raise
         return "; ".join(summaries) or "no rule matched"
+
+
+def needs_modifier(specs: tuple[MappingSpec, ...]) -> bool:
+    """Whether any rule votes from a CRM field or locks fields (both judge who made a change)."""
+    return any(rule.crm_vote is not None or rule.lock is not None for spec in specs for rule in spec.rules)
 
 
 def refresh_mappings(mappings: MappingSet, min_interval: float = 2.0) -> None:

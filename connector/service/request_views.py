@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, PlainSerializer, WithJsonSchema
 
 from connector.approvals.lifecycle import (
+    FLAG_KINDS,
     ApprovalRequest,
     RequestStatus,
     StepStatus,
@@ -156,6 +157,10 @@ class RequestDetail(RequestSummary):
     steps: list[Step]
     votes: list[Vote]
     transitions: list[Transition]
+    flags: list[Transition] = Field(
+        description="What the approvers should know: locked fields edited while pending, votes set in the "
+        "CRM by someone else (also in transitions)."
+    )
 
     @classmethod
     def of(cls, stored: StoredRequest) -> RequestDetail:
@@ -173,6 +178,7 @@ class RequestDetail(RequestSummary):
             steps=[Step.of(req, step) for step in req.steps],
             votes=[Vote.of(v) for v in req.votes],
             transitions=[Transition.of(t) for t in req.transitions],
+            flags=[Transition.of(t) for t in req.transitions if t.kind in FLAG_KINDS],
         )
 
 

@@ -53,6 +53,8 @@ class InboxEvent(Base):
     # A worker's claim (connector/storage/inbox_claims.py): until then no other worker takes
     # the event up, so no two prepare it (and read the CRM for it); expired = claimable again.
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Who made the change, as the delivery says (RecordChangeEvent.modified_by).
+    modified_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
     __table_args__ = (
         Index("ix_inbox_status_id", "status", "id"),

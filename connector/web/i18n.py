@@ -302,6 +302,10 @@ def event_text(kind: str) -> str:
         "expired": gettext("Approval expired"),
         "restarted": gettext("Restarted: the record changed"),
         "reassigned": gettext("Step reassigned"),
+        "carried_over": gettext("Step approved earlier and unchanged: approval kept"),
+        "crm_vote_refused": gettext("A decision set in the CRM was not taken as a vote"),
+        "lock_reverted": gettext("Locked field edited; the edit was undone"),
+        "lock_flagged": gettext("Locked field edited while pending"),
     }.get(kind, kind)
 
 

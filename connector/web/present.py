@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from connector.approvals.lifecycle import (
+    FLAG_KINDS,
     ApprovalRequest,
     StepState,
     Transition,
@@ -70,6 +71,9 @@ class RequestView:
     values: list[ValueRow] = field(default_factory=list)
     reasons: list[ConditionLine] = field(default_factory=list)
     history: list[Transition] = field(default_factory=list)
+    # What the approvers should know before deciding: locked fields edited while pending, votes
+    # set in the CRM by someone else (lifecycle.FLAG_KINDS), newest first.
+    flags: list[Transition] = field(default_factory=list)
     can_vote: bool = False
     can_recall: bool = False
     comment_required: bool = True
@@ -161,6 +165,7 @@ def detail(
             for c in explained.conditions
         ]
     view.history = list(req.transitions)
+    view.flags = [t for t in reversed(req.transitions) if t.kind in FLAG_KINDS]
     return view
 
 

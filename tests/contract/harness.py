@@ -47,6 +47,10 @@ class AdapterHarness(ABC):
         url = str(request.url or "")
         return not any(part in url for part in ("oauth", "token", "login", "/Soap/", "/settings/"))
 
+    # The record's last-modified-by field as the CRM's read API returns it, and the user id the
+    # adapter must make of it; None where the CRM keeps no such field (the sandbox).
+    modified_by_sample: tuple[Any, str] | None = None
+
     def connection(self) -> ConnectionConfig:
         return next(iter(parse_connections(dict(self.env)).values()))
 
@@ -107,6 +111,9 @@ class IntakeHarness(ABC):
     object_type: str  # what the canonical event must say
     record_id: str = "1001"  # a record id in the CRM's own shape (Salesforce: a valid 18-char id)
     tolerance_seconds: int = 300
+    # Who made the change, as the canonical event of `signed_delivery` must say; None where the
+    # CRM's delivery does not tell (the worker then reads the adapter's last-modified-by field).
+    modified_by: str | None = None
 
     @abstractmethod
     def signed_delivery(self, record_id: str, event_id: str, timestamp: int) -> Delivery:

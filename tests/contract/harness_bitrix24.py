@@ -229,6 +229,7 @@ class Bitrix24AdapterHarness(AdapterHarness):
     # crm.deal.update errors carry an empty code (tests/crm/test_bitrix24.py covers deals).
     kind = "bitrix24"
     object_type = "dynamic_1032"
+    modified_by_sample = ("7", "7")  # updatedBy of a smart-process item (MODIFY_BY_ID on deals)
     batch_limit = 50
     read_batch_limit = 50  # commands per `batch` call
     fatal_code = "CRM_FIELD_ERROR_VALUE_NOT_VALID"

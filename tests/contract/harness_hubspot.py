@@ -192,6 +192,7 @@ def signed_headers(
 class HubSpotAdapterHarness(AdapterHarness):
     kind = "hubspot"
     object_type = "deals"
+    modified_by_sample = ("882761034", "882761034")  # hs_updated_by_user_id: a HubSpot user id, as text
     batch_limit = 100
     fatal_code = "VALIDATION_ERROR"
     # OAuth mode, so that an expired access token can be renewed (a private-app token never expires).
@@ -321,6 +322,7 @@ class HubSpotIntakeHarness(IntakeHarness):
     kind = "hubspot"
     env = PRIVATE_APP_ENV
     object_type = "deals"
+    modified_by = "882761034"  # sourceId userId:882761034 of a change made in HubSpot
     path = "/webhooks/hubspot"
 
     def signed_delivery(self, record_id: str, event_id: str, timestamp: int) -> Delivery:

@@ -153,6 +153,7 @@ def soql_record(object_type: str, record_id: str, values: Mapping[str, Any]) -> 
 class SalesforceAdapterHarness(AdapterHarness):
     kind = "salesforce"
     object_type = "Opportunity"
+    modified_by_sample = ("0055e000001T7QxAAK", "0055e000001T7QxAAK")  # LastModifiedById
     batch_limit = 200
     read_batch_limit = 200  # ids per SOQL `IN` list (connector/crm/salesforce.py READ_BATCH_LIMIT)
     fatal_code = "FIELD_CUSTOM_VALIDATION_EXCEPTION"

@@ -69,6 +69,9 @@ def _field_xml(name: str, value: str | None) -> str:
     return f"     <sf:{name}>{escape(value)}</sf:{name}>\n"
 
 
+MODIFIER = "0055e000001T7QxAAK"  # a user id; messages may carry the 15-character form
+
+
 class SalesforceOutboundIntakeHarness(IntakeHarness):
     kind = "salesforce"
     env = {
@@ -77,6 +80,7 @@ class SalesforceOutboundIntakeHarness(IntakeHarness):
         "SALESFORCE_OUTBOUND_TOKEN": OUTBOUND_TOKEN,
     }
     object_type = "Opportunity"
+    modified_by = MODIFIER  # LastModifiedById, selected in the Outbound Message
     record_id = "0065e00000R1001AAB"  # 15 characters and their checksum suffix
 
     def signed_delivery(self, record_id: str, event_id: str, timestamp: int) -> Delivery:
@@ -96,7 +100,17 @@ class SalesforceOutboundIntakeHarness(IntakeHarness):
 
     def _delivery(self, record_id: str, event_id: str, org_id: str) -> Delivery:
         message = outbound_message(
-            [Notification(event_id, record_id, {"StageName": "Negotiation/Review", "Amount": "150000.0"})],
+            [
+                Notification(
+                    event_id,
+                    record_id,
+                    {
+                        "StageName": "Negotiation/Review",
+                        "Amount": "150000.0",
+                        "LastModifiedById": MODIFIER[:15],
+                    },
+                )
+            ],
             org_id=org_id,
         )
         return Delivery(

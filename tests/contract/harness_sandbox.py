@@ -68,6 +68,7 @@ def ids_in(request: PreparedRequest) -> list[str]:
 class SandboxAdapterHarness(AdapterHarness):
     kind = "sandbox"
     object_type = "deal"
+    modified_by_sample = ("u-mgr", "u-mgr")  # modified_by_id: a user id
     batch_limit = 100
     fatal_code = INVALID_VALUE
     env = ENV
@@ -152,6 +153,7 @@ def sandbox_delivery(record_id: str, event_id: str, timestamp: int, secret: str)
         "name": "Northwind ERP roll-out",
         "amount": 150000,
         "company.credit_score": 742,
+        "modified_by_id": "u-rep",  # the user the page edited as
     }
     body = webhook_body("deal", record, ["amount"], "user", "2026-11-23T10:00:00.000000Z")
     return Delivery("/webhooks/standard", body, signed_headers([secret], event_id, timestamp, body))
@@ -161,6 +163,7 @@ class SandboxIntakeHarness(IntakeHarness):
     kind = "sandbox"
     env = ENV
     object_type = "deal"
+    modified_by = "u-rep"  # data.modified_by: the user the sandbox page edited as
 
     def signed_delivery(self, record_id: str, event_id: str, timestamp: int) -> Delivery:
         return sandbox_delivery(record_id, event_id, timestamp, SANDBOX_SECRET)

@@ -256,6 +256,8 @@ def mock_module_records(
 class ZohoAdapterHarness(AdapterHarness):
     kind = "zoho"
     object_type = "Deals"
+    # Modified_By: a lookup object
+    modified_by_sample = ({"name": "Patricia Boyle", "id": "554023000000235011"}, "554023000000235011")
     batch_limit = 100
     fatal_code = "INVALID_DATA"
     env = ADAPTER_ENV

@@ -152,3 +152,22 @@ def test_reading_many_records_uses_ceil_n_over_read_limit_calls(
         reads = [c.request.url for c in rsps.calls if harness.is_read_call(c.request)]
     assert set(got) == set(ids)
     assert len(reads) == math.ceil(total / harness.read_batch_limit), reads[:5]
+
+
+def test_last_modified_by_is_read_from_the_crms_own_field(
+    harness: AdapterHarness, policy: RetryPolicy
+) -> None:
+    """Votes from the CRM and locked fields trust the CRM's word for who changed a record."""
+    adapter = harness.make_adapter(policy)
+    field = adapter.modified_by_field(harness.object_type)
+    if harness.modified_by_sample is None:
+        assert field is None, f"{harness.kind} names {field!r}: give the harness a modified_by_sample"
+        return
+    raw, expected = harness.modified_by_sample
+    assert field, f"{harness.kind} names no last-modified-by field"
+    record_id = next(iter(harness.sample_records()))
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        harness.mock_records(rsps, {record_id: {field: raw}})
+        got = adapter.get_records(harness.object_type, [record_id], [field])
+    assert adapter.modified_by(harness.object_type, got[record_id]) == expected
+    assert adapter.modified_by(harness.object_type, {}) is None

@@ -59,6 +59,8 @@ def test_signed_delivery_becomes_a_canonical_event(harness: IntakeHarness, setup
         harness.object_type,
     )
     assert row.status == "pending"
+    # Who made the change, where the delivery says (else the worker reads last-modified-by).
+    assert row.modified_by == harness.modified_by
 
 
 def test_redelivery_is_acknowledged_and_dropped(harness: IntakeHarness, setup: Any) -> None:

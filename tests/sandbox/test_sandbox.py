@@ -320,12 +320,13 @@ def test_list_page_shows_deals_companies_approval_values_and_last_write_back(
 def test_edit_sends_a_signed_standard_webhook_with_the_documented_body(
     web: FlaskClient, store: Store, receiver: responses.RequestsMock
 ) -> None:
-    response = web.post("/deals/D-1001", data=deal_form(store, amount="200000"))
+    response = web.post("/deals/D-1001", data=deal_form(store, amount="200000", edited_by="u-mgr-boris"))
     assert response.status_code == 303
     [call] = webhook_calls(receiver)
     body = assert_signed(call.request)
     deal = store.get("deal", "D-1001")
     assert deal is not None and deal["amount"] == 200000
+    assert deal["modified_by_id"] == "u-mgr-boris"  # who the page edited as: last modified by
     assert body == {
         "type": "record.updated",
         "timestamp": body["timestamp"],
@@ -335,6 +336,7 @@ def test_edit_sends_a_signed_standard_webhook_with_the_documented_body(
             "changed_fields": ["amount"],
             "values": deal,
             "origin": "user",
+            "modified_by": "u-mgr-boris",
         },
     }
     assert body["data"]["values"]["company.credit_score"] == 82
@@ -357,6 +359,16 @@ def test_each_edit_sends_only_the_fields_it_changed_and_a_new_webhook_id(
     assert second["data"]["changed_fields"] == ["approval_comment"]
     ids = {c.request.headers["webhook-id"] for c in webhook_calls(receiver)}
     assert len(ids) == 2
+
+
+def test_editing_as_someone_who_is_not_a_user_is_refused(
+    web: FlaskClient, store: Store, receiver: responses.RequestsMock
+) -> None:
+    response = web.post("/deals/D-1001", data=deal_form(store, amount="1", edited_by="u-nobody"))
+    assert response.status_code == 422
+    shown = response.get_data(as_text=True)
+    assert "Edit as: there is no user &#39;u-nobody&#39;; pick one from the list" in shown
+    assert webhook_calls(receiver) == [] and store.get("deal", "D-1001")["amount"] != 1  # type: ignore[index]
 
 
 def test_saving_without_changes_sends_nothing(web: FlaskClient, store: Store, receiver: Any) -> None:

@@ -44,6 +44,8 @@ DEAL = {
     "approval_expires_on": None,
     "approval_comment": "Non-valid company: old rejection",
     "approval_progress": None,
+    "approval_decision": None,  # the example's crm_vote fields
+    "approval_decision_comment": None,
 }
 
 

@@ -439,7 +439,21 @@ def test_a_cdc_update_becomes_one_canonical_event(sf: Any) -> None:
     assert row.event_id == "0001b6f4-9a3c-0611-9018-30a98446c9f2:1"
     assert row.dedupe_key == "salesforce:cdc:0001b6f4-9a3c-0611-9018-30a98446c9f2:1:0065e00000AbCdEAAV"
     assert row.origin == "com/salesforce/api/soap/62.0;client=SfdcInternalAPI/"  # for echo detection
+    assert row.modified_by == "0055e000005mc66AAA"  # commitUser: who made the change (votes, locks)
     assert row.occurred_at.replace(tzinfo=UTC) == datetime(2025, 11, 23, 10, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("commit_user", "stored"), [("0055e000005mc66", "0055e000005mc66AAA"), ("nobody", None)]
+)
+def test_commit_user_is_stored_as_an_18_character_id_or_not_at_all(
+    sf: Any, commit_user: str, stored: str | None
+) -> None:
+    runtime, client = sf
+    event = cdc("cdc_opportunity_update.json")
+    event["ChangeEventHeader"]["commitUser"] = commit_user
+    assert post_events(client, event).status_code == 202
+    assert rows(runtime)[0].modified_by == stored
 
 
 def test_merged_record_ids_become_one_event_each_with_the_same_values(sf: Any) -> None:
