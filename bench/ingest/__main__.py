@@ -37,6 +37,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The names `crm-approvals serve --worker-class` takes, and what gunicorn is given for each.
+WORKER_CLASSES = {
+    "waitress": "connector.waitress_worker.WaitressWorker",
+    "gthread": "gthread",
+    "gevent": "gevent",
+}
+
+
 def start_server(
     app_uri: str, port: int, env: dict[str, str], workers: int, threads: int, worker_class: str
 ) -> subprocess.Popen[bytes]:
@@ -52,7 +60,7 @@ def start_server(
         "--threads",
         str(threads),
         "--worker-class",
-        worker_class,
+        WORKER_CLASSES[worker_class],
         "--worker-connections",
         "1000",
         "--log-level",
@@ -131,8 +139,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8, help="threads per gunicorn worker for both apps")
     parser.add_argument(
         "--worker-class",
-        choices=("gevent", "gthread"),
-        default="gevent",
+        choices=tuple(WORKER_CLASSES),
+        default="waitress",
         help="gunicorn worker class for both apps (default: what `crm-approvals serve` uses)",
     )
     parser.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
