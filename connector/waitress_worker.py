@@ -47,7 +47,12 @@ class WaitressWorker(Worker):
             asyncore_use_poll=True,  # select() stops at 1024 descriptors
             expose_tracebacks=False,
             ident="crm-approvals",
+            send_bytes=int(os.environ.get("XX_SEND_BYTES", "18000")),
         )
+        if os.environ.get("XX_SWITCH"):
+            import sys
+
+            sys.setswitchinterval(float(os.environ["XX_SWITCH"]))
         listeners = [d for d in sockets.values() if getattr(d, "accepting", False)]
         while self.alive:
             self.notify()
