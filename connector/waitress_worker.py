@@ -47,12 +47,10 @@ class WaitressWorker(Worker):
             asyncore_use_poll=True,  # select() stops at 1024 descriptors
             expose_tracebacks=False,
             ident="crm-approvals",
-            send_bytes=int(os.environ.get("XX_SEND_BYTES", "18000")),
+            # The thread that made a response sends it at once, instead of queueing it for the
+            # event loop and waking it (measured: bench/ingest, docs/benchmarks.md).
+            send_bytes=1,
         )
-        if os.environ.get("XX_SWITCH"):
-            import sys
-
-            sys.setswitchinterval(float(os.environ["XX_SWITCH"]))
         listeners = [d for d in sockets.values() if getattr(d, "accepting", False)]
         while self.alive:
             self.notify()
