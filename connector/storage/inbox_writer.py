@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, select
+from sqlalchemy import Engine, bindparam, event, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from connector.storage.db import writer_lock
@@ -72,6 +72,8 @@ class InboxWriter:
         self._connection: Any = None
         self._connection_pid = 0
         self._pid_lock = threading.Lock()
+        # Runtime.close() disposes of the engine: the kept connection goes with it.
+        event.listen(engine, "engine_disposed", lambda _engine: self.close())
 
     def write(
         self, rows: Sequence[dict[str, Any]], hashes_of: Callable[[set[str]], set[str]]
@@ -141,15 +143,12 @@ class InboxWriter:
 
     def _drop(self) -> None:
         with self._pid_lock:
-            if self._connection is not None:
-                self._connection.invalidate()
-                self._connection = None
+            if self._connection is not None and self._connection_pid == os.getpid():
+                self._connection.invalidate()  # closes it; a parent's connection is left alone
+            self._connection = None
 
     def close(self) -> None:
-        with self._pid_lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
+        self._drop()
 
 
 class _Compiled:
