@@ -22,6 +22,7 @@ from gunicorn.workers.base import Worker
 
 # Seconds a connection may stay silent (no byte in or out) before waitress closes it.
 CHANNEL_TIMEOUT = 60
+DEFAULT_MAX_BODY = 4 * 1024 * 1024  # for an app that sets no MAX_CONTENT_LENGTH
 LOOP_TIMEOUT = 1.0  # seconds between heartbeats to the gunicorn arbiter
 
 access_log = logging.getLogger("gunicorn.access")
@@ -35,6 +36,10 @@ class WaitressWorker(Worker):
         from waitress import wasyncore
         from waitress.server import create_server
 
+        # Bodies are buffered whole before the app runs, so bound them: up to twice the app's
+        # MAX_CONTENT_LENGTH reaches the app, which refuses the excess with its own 413 in
+        # its own error format; beyond that waitress answers 413 itself without reading on.
+        app_limit = getattr(self.wsgi, "config", {}).get("MAX_CONTENT_LENGTH") or DEFAULT_MAX_BODY
         sockets: dict[int, Any] = {}
         server = create_server(
             _AccessLog(self.wsgi, self.log) if self.cfg.accesslog else self.wsgi,
@@ -44,6 +49,7 @@ class WaitressWorker(Worker):
             connection_limit=self.cfg.worker_connections,
             channel_timeout=CHANNEL_TIMEOUT,
             backlog=self.cfg.backlog,
+            max_request_body_size=2 * app_limit,
             asyncore_use_poll=True,  # select() stops at 1024 descriptors
             expose_tracebacks=False,
             ident="crm-approvals",

@@ -53,6 +53,8 @@ def test_serve_acknowledges_a_signed_webhook_into_the_database_named_by_the_env_
         ],
         cwd=tmp_path,
         env=env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -75,9 +77,18 @@ def test_serve_acknowledges_a_signed_webhook_into_the_database_named_by_the_env_
             requests.post(f"{base}/webhooks/standard", data=body, headers=headers, timeout=10).status_code
             == 202
         )
+        # A body far past WEBHOOK_MAX_BODY_BYTES is refused before it is buffered, not read to disk.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /webhooks/standard HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n{"
+            )
+            assert sock.recv(100).startswith(b"HTTP/1.1 413")
     finally:
         server.terminate()
-        server.wait(timeout=20)
+        out, _ = server.communicate(timeout=20)
+    # gunicorn's access log, path without the query string
+    assert '"POST /webhooks/standard" 202' in out
     with create_engine(db).connect() as conn:
         assert conn.execute(text("select record_id from inbox_events")).scalars().all() == ["D-7"]
 
