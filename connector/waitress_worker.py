@@ -58,12 +58,16 @@ class WaitressWorker(Worker):
             send_bytes=1,
         )
         listeners = [d for d in sockets.values() if getattr(d, "accepting", False)]
+        next_beat = 0.0
         while self.alive:
-            self.notify()
+            now = time.monotonic()
+            if now >= next_beat:  # not on every loop: under load the loop turns per request
+                self.notify()
+                next_beat = now + LOOP_TIMEOUT
+                if self.ppid != os.getppid():
+                    self.log.info("Parent changed, shutting down: %s", self)
+                    break
             wasyncore.loop(timeout=LOOP_TIMEOUT, map=sockets, use_poll=True, count=1)
-            if self.ppid != os.getppid():
-                self.log.info("Parent changed, shutting down: %s", self)
-                break
         # Graceful stop: accept nothing new, let the requests already read finish and flush.
         for listener in listeners:
             listener.accepting = False

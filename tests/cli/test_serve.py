@@ -77,6 +77,12 @@ def test_serve_acknowledges_a_signed_webhook_into_the_database_named_by_the_env_
             requests.post(f"{base}/webhooks/standard", data=body, headers=headers, timeout=10).status_code
             == 202
         )
+        # A chunked body over WEBHOOK_MAX_BODY_BYTES (1 MB): the app's own 413, in its JSON shape.
+        chunks = (b"x" * 65536 for _ in range(24))
+        too_long = requests.post(
+            f"{base}/webhooks/standard", data=chunks, headers={"content-type": "application/json"}, timeout=30
+        )
+        assert (too_long.status_code, too_long.json()["error"]["code"]) == (413, "body_too_large")
         # A body far past WEBHOOK_MAX_BODY_BYTES is refused before it is buffered, not read to disk.
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(
