@@ -42,7 +42,7 @@ class WaitressWorker(Worker):
         app_limit = getattr(self.wsgi, "config", {}).get("MAX_CONTENT_LENGTH") or DEFAULT_MAX_BODY
         sockets: dict[int, Any] = {}
         server = create_server(
-            _AccessLog(self.wsgi, self.log) if self.cfg.accesslog else self.wsgi,
+            _AccessLog(self.wsgi) if self.cfg.accesslog else self.wsgi,
             map=sockets,
             sockets=[listener.sock for listener in self.sockets],
             threads=self.cfg.threads,
@@ -56,6 +56,7 @@ class WaitressWorker(Worker):
             # The thread that made a response sends it at once, instead of queueing it for the
             # event loop and waking it (measured: bench/ingest, docs/benchmarks.md).
             send_bytes=1,
+            **_proxy_settings(self.cfg.forwarded_allow_ips),
         )
         listeners = [d for d in sockets.values() if getattr(d, "accepting", False)]
         next_beat = 0.0
@@ -80,6 +81,20 @@ class WaitressWorker(Worker):
         wasyncore.close_all(sockets)
 
 
+def _proxy_settings(forwarded_allow_ips: list[str]) -> dict[str, Any]:
+    """As gunicorn does for its own workers: X-Forwarded-Proto is believed from the addresses
+    in `--forwarded-allow-ips` (by default the local host, where a TLS proxy usually runs),
+    so that the app sees https behind it. waitress trusts one address or all."""
+    ips = [ip.strip() for ip in forwarded_allow_ips]
+    if "*" in ips or "127.0.0.1" in ips:
+        proxy = "*" if "*" in ips else "127.0.0.1"
+    elif len(ips) == 1:
+        proxy = ips[0]
+    else:
+        return {}
+    return {"trusted_proxy": proxy, "trusted_proxy_headers": {"x-forwarded-proto"}}
+
+
 def _busy(dispatcher: Any) -> bool:
     """A channel with a request in hand or a response still to send."""
     return bool(getattr(dispatcher, "requests", None)) or bool(getattr(dispatcher, "total_outbufs_len", 0))
@@ -89,9 +104,8 @@ class _AccessLog:
     """One access-log line per request through gunicorn's logger, as the gthread worker
     writes it (waitress itself logs no requests)."""
 
-    def __init__(self, app: Callable[..., Any], log: Any) -> None:
+    def __init__(self, app: Callable[..., Any]) -> None:
         self.app = app
-        self.log = log
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         started = time.monotonic()

@@ -203,3 +203,22 @@ def test_the_command_line_imports_no_metrics_before_a_command_runs() -> None:
         check=True,
     )
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("allowed", "trusted"),
+    [
+        (["127.0.0.1", "::1"], "127.0.0.1"),  # gunicorn's default: a TLS proxy on this host
+        (["*"], "*"),
+        (["10.0.0.5"], "10.0.0.5"),
+        (["10.0.0.5", "10.0.0.6"], None),  # waitress trusts one address or all: none then
+    ],
+)
+def test_the_waitress_worker_believes_x_forwarded_proto_from_gunicorns_allowed_addresses(
+    allowed: list[str], trusted: str | None
+) -> None:
+    from connector.waitress_worker import _proxy_settings
+
+    settings = _proxy_settings(allowed)
+    assert settings.get("trusted_proxy") == trusted
+    assert settings.get("trusted_proxy_headers", {"x-forwarded-proto"}) == {"x-forwarded-proto"}
