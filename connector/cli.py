@@ -65,7 +65,9 @@ def main(ctx: click.Context, env_file: str) -> None:
 @main.command()
 @click.option("--bind", default=None, help="HOST:PORT to listen on [default: HOST:PORT from settings].")
 @click.option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
-@click.option("--threads", default=4, show_default=True, help="Threads per worker process (gthread only).")
+@click.option(
+    "--threads", default=4, show_default=True, help="Threads per worker process (waitress, gthread)."
+)
 @click.option(
     "--worker-class",
     type=click.Choice(["waitress", "gthread", "gevent"]),
