@@ -79,7 +79,7 @@ def test_rows_read_back_as_the_orm_path_writes_them(any_runtime: Runtime) -> Non
     _write_batch(any_runtime.sessions, [[event(1)], [event(2, content_hash="a" * 64)]], writer)
     _write_batch(any_runtime.sessions, [[event(3)], [event(4, content_hash="a" * 64)]])  # Core path
     rows = stored(any_runtime)
-    own = ("event_id", "occurred_at", "values")  # what differs between events 1 and 3 by design
+    own = ("record_id", "event_id", "occurred_at", "values")  # differ between events 1 and 3 by design
     assert {k: v for k, v in rows["D-1"].items() if k not in own} == {
         k: v for k, v in rows["D-3"].items() if k not in own
     }
