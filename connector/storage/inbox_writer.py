@@ -71,6 +71,7 @@ class InboxWriter:
         self._writer = writer_lock(engine)
         self._connection: Any = None
         self._connection_pid = 0
+        self._inherited: list[Any] = []
         self._pid_lock = threading.Lock()
         # Runtime.close() disposes of the engine: the kept connection goes with it.
         event.listen(engine, "engine_disposed", lambda _engine: self.close())
@@ -134,7 +135,12 @@ class InboxWriter:
         # A connection opened before a fork belongs to the parent: open our own (gunicorn
         # builds the app after forking, but a test or a tool may not).
         with self._pid_lock:
-            if self._connection is None or self._connection_pid != os.getpid():
+            if self._connection is not None and self._connection_pid != os.getpid():
+                # Kept, never used or closed here: letting it be collected would have the pool
+                # roll it back, on a socket the parent still uses.
+                self._inherited.append(self._connection)
+                self._connection = None
+            if self._connection is None:
                 # From the engine's pool, so its connect-time settings apply (WAL, FULL sync,
                 # busy time-out on SQLite); kept checked out for the life of the process.
                 self._connection = self.engine.raw_connection()
@@ -144,7 +150,9 @@ class InboxWriter:
     def _drop(self) -> None:
         with self._pid_lock:
             if self._connection is not None and self._connection_pid == os.getpid():
-                self._connection.invalidate()  # closes it; a parent's connection is left alone
+                self._connection.invalidate()  # closes it
+            elif self._connection is not None:
+                self._inherited.append(self._connection)  # a parent's: left alone, as in _connect
             self._connection = None
 
     def close(self) -> None:

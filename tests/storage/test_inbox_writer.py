@@ -5,6 +5,7 @@ replaced, and a batch is committed (visible to another connection) once `write` 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -159,3 +160,26 @@ def test_a_lost_postgresql_connection_is_replaced_for_the_next_batch(
         inbox.accept([event(2)])  # this delivery is answered with an error: the CRM retries it
     assert inbox.accept([event(2)]).accepted == 1
     assert set(stored(runtime)) == {"D-1", "D-2"}
+
+
+def test_a_forked_process_writes_on_a_connection_of_its_own(
+    pg_url: str, runtime_factory: Callable[[Settings], Runtime]
+) -> None:
+    runtime = runtime_factory(Settings(database_url=pg_url))
+    inbox = GroupCommitInbox(runtime.sessions)
+    assert inbox.accept([event(1)]).accepted == 1
+    parent_backend = inbox.writer._connect().info.backend_pid
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through its exit code
+        code = 3
+        try:
+            accepted = inbox.accept([event(2)]).accepted
+            code = 0 if accepted == 1 and inbox.writer._connect().info.backend_pid != parent_backend else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's connection was neither used nor rolled back by the child: it still writes.
+    assert inbox.writer._connect().info.backend_pid == parent_backend
+    assert inbox.accept([event(3)]).accepted == 1
+    assert set(stored(runtime)) == {"D-1", "D-2", "D-3"}
