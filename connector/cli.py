@@ -65,15 +65,18 @@ def main(ctx: click.Context, env_file: str) -> None:
 @main.command()
 @click.option("--bind", default=None, help="HOST:PORT to listen on [default: HOST:PORT from settings].")
 @click.option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
-@click.option("--threads", default=4, show_default=True, help="Threads per worker process (gthread only).")
+@click.option(
+    "--threads", default=4, show_default=True, help="Threads per worker process (waitress, gthread)."
+)
 @click.option(
     "--worker-class",
-    type=click.Choice(["gthread", "gevent"]),
-    default="gthread",
+    type=click.Choice(["waitress", "gthread", "gevent"]),
+    default="waitress",
     show_default=True,
-    help="gunicorn worker class. gevent keeps answering while slow clients trickle their requests, "
-    "but today costs ingest throughput; gthread has one thread per request in progress "
-    "(docs/decisions.md, docs/benchmarks.md). Behind a buffering proxy, keep gthread.",
+    help="gunicorn worker class. waitress reads each request whole before a thread takes it, so "
+    "slow clients cannot starve the server; gthread gives a thread to each request while it is "
+    "still being read (fine behind a buffering proxy); gevent also survives slow clients but "
+    "costs ingest throughput (docs/decisions.md, docs/benchmarks.md).",
 )
 @pass_context
 def serve(ctx: Context, bind: str | None, workers: int, threads: int, worker_class: str) -> None:

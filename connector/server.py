@@ -27,24 +27,36 @@ class _App(BaseApplication):
         return self.load_app()
 
 
-# gevent: each connection is a greenlet, so a client that trickles its headers or body holds
-# nothing but its own socket; with gthread every slow client pins one of the few threads and
-# 200 of them starve /healthz (docs/decisions.md, "Serving slow clients").
-WORKER_CLASSES = ("gevent", "gthread")
-WORKER_CONNECTIONS = 1000  # per gevent worker: open connections, slow ones included
+# The worker classes `serve` offers, by the name it takes, and what gunicorn is given.
+# waitress (the default): each worker reads every connection in an event loop and hands a
+# thread only complete requests, so a client trickling its headers or body holds nothing but
+# its socket; gthread pins a thread per request being read, so 200 slow clients starve
+# /healthz; gevent survives them but blocks a worker during each commit (docs/decisions.md,
+# "Serving slow clients").
+WORKER_CLASSES = {
+    "waitress": "connector.waitress_worker.WaitressWorker",
+    "gthread": "gthread",
+    "gevent": "gevent",
+}
+DEFAULT_WORKER_CLASS = "waitress"
+WORKER_CONNECTIONS = 1000  # per worker process (waitress, gevent): open connections, slow ones included
 
 
 def serve_app(
-    load_app: Callable[[], Any], bind: str, workers: int, threads: int, worker_class: str = "gthread"
+    load_app: Callable[[], Any],
+    bind: str,
+    workers: int,
+    threads: int,
+    worker_class: str = DEFAULT_WORKER_CLASS,
 ) -> None:
-    """Serve the WSGI app `load_app()` returns, under gunicorn (`threads` only for gthread)."""
+    """Serve the WSGI app `load_app()` returns, under gunicorn (`threads`: not for gevent)."""
     if worker_class not in WORKER_CLASSES:
-        raise ValueError(f"worker class must be one of {WORKER_CLASSES}, got {worker_class!r}")
+        raise ValueError(f"worker class must be one of {tuple(WORKER_CLASSES)}, got {worker_class!r}")
     options = {
         "bind": bind,
         "workers": workers,
         "threads": threads,
-        "worker_class": worker_class,
+        "worker_class": WORKER_CLASSES[worker_class],
         "worker_connections": WORKER_CONNECTIONS,
         "timeout": 30,
         "graceful_timeout": 10,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,6 +89,7 @@ def _make_sqlite_transactions_immediate(engine: Engine) -> None:
         cursor.close()
 
     writer = WriterLock(_sqlite_path(str(engine.url)))
+    _WRITER_LOCKS[engine] = writer
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
@@ -102,6 +104,15 @@ def _make_sqlite_transactions_immediate(engine: Engine) -> None:
     @event.listens_for(engine, "rollback")
     def _on_end(_conn: Any) -> None:
         writer.release()
+
+
+_WRITER_LOCKS: weakref.WeakKeyDictionary[Engine, WriterLock] = weakref.WeakKeyDictionary()
+
+
+def writer_lock(engine: Engine) -> WriterLock | None:
+    """The lock every write transaction on this SQLite engine takes (None on PostgreSQL), for
+    code that writes on a driver connection of its own (connector/storage/inbox_writer.py)."""
+    return _WRITER_LOCKS.get(engine)
 
 
 class WriterLock:

@@ -23,6 +23,7 @@ from connector.errors import FatalError, RetriableError
 from connector.events import RecordChangeEvent
 from connector.storage import audit, dead_letters
 from connector.storage.db import insert_ignoring_conflicts, transaction
+from connector.storage.inbox_writer import InboxWriter
 from connector.storage.models import DEAD, DONE, PENDING, DeadLetter, InboxEvent
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,14 @@ def accept(sessions: sessionmaker[Session], events: Sequence[RecordChangeEvent])
 
 
 def _write_batch(
-    sessions: sessionmaker[Session], deliveries: list[list[RecordChangeEvent]]
+    sessions: sessionmaker[Session],
+    deliveries: list[list[RecordChangeEvent]],
+    writer: InboxWriter | None = None,
 ) -> list[AcceptResult]:
     """Several deliveries in ONE transaction (group commit); one result per delivery.
 
-    This is the webhook hot path, so it uses a Core connection rather than an ORM session.
+    This is the webhook hot path: with a `writer` (the group-commit inbox's) at the driver
+    level, else on a Core connection rather than an ORM session.
     """
     unique: dict[str, RecordChangeEvent] = {}
     for events in deliveries:  # the first delivery carrying a key is the one stored
@@ -69,22 +73,21 @@ def _write_batch(
             unique.setdefault(e.dedupe_key, e)
     now = utcnow()
     rows = [{**e.to_row(), "received_at": now, "status": PENDING, "attempts": 0} for e in unique.values()]
-    table = InboxEvent.__table__
-    engine = sessions.kw["bind"]
-    with engine.begin() as conn:
-        new_keys = insert_ignoring_conflicts(conn, table, rows, key="dedupe_key")
-        # Hashed events whose own row was not just written: compare with the stored hash. (The
-        # usual case, a new id, needs no second query.)
-        unsure = [
+
+    def unsure(new_keys: set[str]) -> set[str]:
+        """Hashed events whose own row was not just written: their stored hash is compared.
+        (The usual case, a new id, needs no second query.)"""
+        return {
             e.dedupe_key
             for events in deliveries
             for e in events
             if e.content_hash is not None and not (e.dedupe_key in new_keys and unique[e.dedupe_key] is e)
-        ]
-        stored_hashes: dict[str, str | None] = {}
-        if unsure:
-            query = select(table.c.dedupe_key, table.c.content_hash).where(table.c.dedupe_key.in_(unsure))
-            stored_hashes = {key: content_hash for key, content_hash in conn.execute(query)}
+        }
+
+    if writer is not None:
+        new_keys, stored_hashes = writer.write(rows, unsure)
+    else:
+        new_keys, stored_hashes = _write_rows(sessions, rows, unsure)
     results = []
     for events in deliveries:  # a key new in this batch counts for the first delivery carrying it
         mine = {e.dedupe_key for e in events} & new_keys
@@ -100,6 +103,21 @@ def _write_batch(
     return results
 
 
+def _write_rows(
+    sessions: sessionmaker[Session], rows: list[dict[str, Any]], unsure: Callable[[set[str]], set[str]]
+) -> tuple[set[str], dict[str, str | None]]:
+    table = InboxEvent.__table__
+    engine = sessions.kw["bind"]
+    with engine.begin() as conn:
+        new_keys = insert_ignoring_conflicts(conn, table, rows, key="dedupe_key")
+        keys = unsure(new_keys)
+        stored_hashes: dict[str, str | None] = {}
+        if keys:
+            query = select(table.c.dedupe_key, table.c.content_hash).where(table.c.dedupe_key.in_(keys))
+            stored_hashes = {key: content_hash for key, content_hash in conn.execute(query)}
+    return new_keys, stored_hashes
+
+
 class GroupCommitInbox:
     """Concurrent deliveries in one process share one transaction (leader/follower group
     commit): the first waiting thread writes everything queued so far and wakes the rest.
@@ -107,6 +125,7 @@ class GroupCommitInbox:
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
+        self.writer = InboxWriter(sessions.kw["bind"])
         self._cond = threading.Condition()
         self._queue: list[_Delivery] = []
         self._writing = False
@@ -122,7 +141,7 @@ class GroupCommitInbox:
             self._writing = True
             batch, self._queue = self._queue, []
         try:
-            results = _write_batch(self.sessions, [d.events for d in batch])
+            results = _write_batch(self.sessions, [d.events for d in batch], self.writer)
             for d, result in zip(batch, results, strict=True):
                 d.result = result
         except BaseException as exc:

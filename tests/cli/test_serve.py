@@ -53,6 +53,8 @@ def test_serve_acknowledges_a_signed_webhook_into_the_database_named_by_the_env_
         ],
         cwd=tmp_path,
         env=env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -75,9 +77,24 @@ def test_serve_acknowledges_a_signed_webhook_into_the_database_named_by_the_env_
             requests.post(f"{base}/webhooks/standard", data=body, headers=headers, timeout=10).status_code
             == 202
         )
+        # A chunked body over WEBHOOK_MAX_BODY_BYTES (1 MB): the app's own 413, in its JSON shape.
+        chunks = (b"x" * 65536 for _ in range(24))
+        too_long = requests.post(
+            f"{base}/webhooks/standard", data=chunks, headers={"content-type": "application/json"}, timeout=30
+        )
+        assert (too_long.status_code, too_long.json()["error"]["code"]) == (413, "body_too_large")
+        # A body far past WEBHOOK_MAX_BODY_BYTES is refused before it is buffered, not read to disk.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /webhooks/standard HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n{"
+            )
+            assert sock.recv(100).startswith(b"HTTP/1.1 413")
     finally:
         server.terminate()
-        server.wait(timeout=20)
+        out, _ = server.communicate(timeout=20)
+    # gunicorn's access log, path without the query string
+    assert '"POST /webhooks/standard" 202' in out
     with create_engine(db).connect() as conn:
         assert conn.execute(text("select record_id from inbox_events")).scalars().all() == ["D-7"]
 
@@ -186,3 +203,22 @@ def test_the_command_line_imports_no_metrics_before_a_command_runs() -> None:
         check=True,
     )
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("allowed", "trusted"),
+    [
+        (["127.0.0.1", "::1"], "127.0.0.1"),  # gunicorn's default: a TLS proxy on this host
+        (["*"], "*"),
+        (["10.0.0.5"], "10.0.0.5"),
+        (["10.0.0.5", "10.0.0.6"], None),  # waitress trusts one address or all: none then
+    ],
+)
+def test_the_waitress_worker_believes_x_forwarded_proto_from_gunicorns_allowed_addresses(
+    allowed: list[str], trusted: str | None
+) -> None:
+    from connector.waitress_worker import _proxy_settings
+
+    settings = _proxy_settings(allowed)
+    assert settings.get("trusted_proxy") == trusted
+    assert settings.get("trusted_proxy_headers", {"x-forwarded-proto"}) == {"x-forwarded-proto"}

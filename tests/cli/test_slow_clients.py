@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from tests.conftest import SANDBOX_SECRET
 
 SLOW_CLIENTS = 200
 BOUND_SECONDS = 1.0
-SERVE_ARGS: list[str] = ["--worker-class", "gevent"]  # the slow-client setting (not yet the default)
+SERVE_ARGS: list[str] = []  # the default server: what `serve` and `make run` use
 
 
 def _open_slow(port: int, n: int) -> socket.socket:
@@ -67,13 +68,24 @@ def test_200_slow_clients_leave_the_health_endpoints_answering_within_a_second(t
         socks.extend(_open_slow(port, n) for n in range(SLOW_CLIENTS))
         trickler.start()
         time.sleep(1.0)  # let every slow connection be accepted and stuck mid-request
-        for path in ("/livez", "/healthz", "/livez"):
+        # Several fresh connections: with 2 worker processes each probe may land on either, and
+        # under gthread one worker sometimes still has a thread free; six probes find the stall.
+        # A starved server answers none of them (each waits out its 5 s); the bound is on the
+        # median so that one probe delayed by a busy shared machine is not taken for a stall.
+        took: dict[str, float] = {}
+        for n, path in enumerate(("/livez", "/healthz") * 3):
             started = time.monotonic()
             with requests.Session() as fresh:
-                answer = fresh.get(f"{base}{path}", timeout=5)
-            took = time.monotonic() - started
+                answer = fresh.get(f"{base}{path}", timeout=5)  # no answer: ReadTimeout, a failure
+            took[f"{path} #{n // 2 + 1}"] = time.monotonic() - started
             assert answer.status_code in (200, 503), answer.text  # 503: healthz reports e.g. no worker
-            assert took < BOUND_SECONDS, f"{path} took {took:.2f} s with {SLOW_CLIENTS} slow clients"
+        timings = ", ".join(f"{probe} {seconds:.2f} s" for probe, seconds in took.items())
+        assert statistics.median(took.values()) < BOUND_SECONDS, (
+            f"with {SLOW_CLIENTS} slow clients: {timings}"
+        )
+        for path in ("/livez", "/healthz"):
+            mine = [seconds for probe, seconds in took.items() if probe.startswith(f"{path} ")]
+            assert min(mine) < BOUND_SECONDS, f"{path} never answered within 1 s: {timings}"
         assert server.poll() is None
     finally:
         stop.set()

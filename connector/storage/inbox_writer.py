@@ -1,0 +1,189 @@
+"""The webhook hot path's database write: one group-commit batch in one transaction, on a
+connection kept for it, at the driver level.
+
+Profiled (docs/benchmarks.md, bench/ingest), SQLAlchemy's per-statement machinery (pool
+checkout and pre-ping, events, execution context, result objects) cost more CPU than the
+rest of a delivery put together, and on PostgreSQL each step was its own round trip. Here
+the SQL is compiled by SQLAlchemy once per dialect, values go through the columns' own bind
+processors (so rows are stored exactly as the ORM stores them), and a batch is:
+
+- SQLite: the writer lock every SQLite writer takes (`db.writer_lock`), BEGIN IMMEDIATE, one
+  INSERT per event (in-process calls, no round trips), COMMIT (the WAL fsync);
+- PostgreSQL: the INSERTs pipelined (psycopg `executemany(returning=True)`) and COMMIT.
+
+Only the group-commit leader writes, one batch at a time, so one connection per process is
+enough. A commit still returns only once the database has made the batch durable
+(`synchronous=FULL` on SQLite, `synchronous_commit` on PostgreSQL): acknowledged means on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, event, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from connector.storage.db import writer_lock
+from connector.storage.models import InboxEvent
+
+COLUMNS = (
+    "dedupe_key",
+    "source",
+    "connection",
+    "object_type",
+    "record_id",
+    "event_id",
+    "change_type",
+    "changed_fields",
+    "values",
+    "origin",
+    "values_signed",
+    "occurred_at",
+    "received_at",
+    "status",
+    "attempts",
+    "content_hash",
+)
+
+
+class InboxWriter:
+    """Writes rows of `inbox_events` (dicts with every key of COLUMNS), ignoring those whose
+    dedupe_key is stored already; tells which keys were new and the stored content hashes of
+    the keys it is asked about. Not thread-safe: the group-commit leader is its only user."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect
+        self.postgres = self.dialect.name == "postgresql"
+        table = InboxEvent.__table__
+        module: Any = postgresql if self.postgres else sqlite
+        insert = module.insert(table).on_conflict_do_nothing(index_elements=["dedupe_key"])
+        self._insert = _Compiled(insert.returning(table.c.dedupe_key), self.dialect, COLUMNS)
+        self._lookup = _Compiled(
+            select(table.c.content_hash).where(table.c.dedupe_key == bindparam("dedupe_key")),
+            self.dialect,
+            ("dedupe_key",),
+        )
+        self._writer = writer_lock(engine)
+        self._connection: Any = None
+        self._connection_pid = 0
+        self._inherited: list[Any] = []
+        self._pid_lock = threading.Lock()
+        # Runtime.close() disposes of the engine: the kept connection goes with it.
+        event.listen(engine, "engine_disposed", lambda _engine: self.close())
+
+    def write(
+        self, rows: Sequence[dict[str, Any]], hashes_of: Callable[[set[str]], set[str]]
+    ) -> tuple[set[str], dict[str, str | None]]:
+        """Insert `rows` in one transaction. `hashes_of(new_keys)` names the keys whose stored
+        content hash the caller needs (asked inside the same transaction). Returns the new
+        keys and those hashes."""
+        connection = self._connect()
+        try:
+            if self._writer is not None:
+                self._writer.acquire()
+            try:
+                cursor = connection.cursor()
+                try:
+                    if not self.postgres:
+                        cursor.execute("BEGIN IMMEDIATE")
+                    new_keys = self._insert_rows(cursor, rows)
+                    stored: dict[str, str | None] = {}
+                    for key in hashes_of(new_keys):
+                        cursor.execute(self._lookup.sql, self._lookup.params({"dedupe_key": key}))
+                        found = cursor.fetchone()
+                        if found is not None:
+                            stored[key] = found[0]
+                    connection.commit()
+                finally:
+                    cursor.close()
+            except BaseException:
+                _rollback_quietly(connection)
+                raise
+            finally:
+                if self._writer is not None:
+                    self._writer.release()
+        except self.dialect.loaded_dbapi.Error as exc:
+            if self.dialect.is_disconnect(exc, connection, None):
+                self._drop()  # the next batch connects afresh (a restarted database)
+            raise
+        return new_keys, stored
+
+    def _insert_rows(self, cursor: Any, rows: Sequence[dict[str, Any]]) -> set[str]:
+        params = [self._insert.params(row) for row in rows]
+        if not params:
+            return set()
+        new_keys: set[str] = set()
+        if self.postgres:
+            # Pipelined: every INSERT goes before the first answer is awaited.
+            cursor.executemany(self._insert.sql, params, returning=True)
+            while True:
+                new_keys.update(key for (key,) in cursor.fetchall())
+                if not cursor.nextset():
+                    break
+            return new_keys
+        for one in params:  # sqlite3 runs these in-process: no round trips to save
+            cursor.execute(self._insert.sql, one)
+            new_keys.update(key for (key,) in cursor.fetchall())
+        return new_keys
+
+    def _connect(self) -> Any:
+        # A connection opened before a fork belongs to the parent: open our own (gunicorn
+        # builds the app after forking, but a test or a tool may not).
+        with self._pid_lock:
+            if self._connection is not None and self._connection_pid != os.getpid():
+                # Kept, never used or closed here: letting it be collected would have the pool
+                # roll it back, on a socket the parent still uses.
+                self._inherited.append(self._connection)
+                self._connection = None
+            if self._connection is None:
+                # From the engine's pool, so its connect-time settings apply (WAL, FULL sync,
+                # busy time-out on SQLite); kept checked out for the life of the process.
+                self._connection = self.engine.raw_connection()
+                self._connection_pid = os.getpid()
+            return self._connection.driver_connection
+
+    def _drop(self) -> None:
+        with self._pid_lock:
+            if self._connection is not None and self._connection_pid == os.getpid():
+                self._connection.invalidate()  # closes it
+            elif self._connection is not None:
+                self._inherited.append(self._connection)  # a parent's: left alone, as in _connect
+            self._connection = None
+
+    def close(self) -> None:
+        self._drop()
+
+
+class _Compiled:
+    """A statement compiled once for a dialect: its SQL and a function from a row (by column
+    name) to the driver's parameters, through each column type's bind processor."""
+
+    def __init__(self, statement: Any, dialect: Any, names: Sequence[str]) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=list(names))
+        self.sql = str(compiled)
+        table = InboxEvent.__table__
+        self._processors = {
+            name: table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
+        }
+        # qmark (sqlite3) takes a tuple in the compiled order; pyformat (psycopg) a dict.
+        self._positional = compiled.positiontup is not None and dialect.positional
+        self._order = list(compiled.positiontup or names)
+
+    def params(self, row: dict[str, Any]) -> Any:
+        processed = {}
+        for name, processor in self._processors.items():
+            value = row[name]
+            processed[name] = processor(value) if processor is not None else value
+        if self._positional:
+            return tuple(processed[name] for name in self._order)
+        return processed
+
+
+def _rollback_quietly(connection: Any) -> None:
+    with contextlib.suppress(Exception):  # the connection may be gone; the error raised says why
+        connection.rollback()

@@ -1,0 +1,185 @@
+"""The group-commit leader's driver-level write (connector/storage/inbox_writer.py), on SQLite
+and PostgreSQL: rows read back exactly as the ORM path writes them, redeliveries are
+ignored, a failed batch leaves nothing and no lock behind, a lost PostgreSQL connection is
+replaced, and a batch is committed (visible to another connection) once `write` returns."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, select, text
+
+from connector.config import Settings
+from connector.events import RecordChangeEvent
+from connector.runtime import Runtime
+from connector.storage.db import normalize_url, transaction
+from connector.storage.inbox import GroupCommitInbox, _write_batch
+from connector.storage.inbox_writer import InboxWriter
+from connector.storage.models import InboxEvent
+
+
+def event(i: int, *, content_hash: str | None = None, **values: Any) -> RecordChangeEvent:
+    return RecordChangeEvent(
+        source="sandbox",
+        connection="sandbox",
+        object_type="deal",
+        record_id=f"D-{i}",
+        event_id=f"msg-{i}",
+        occurred_at=datetime(2026, 11, 23, 10, 0, i, 123456, tzinfo=UTC),
+        dedupe_key=f"sandbox:std:msg-{i}",
+        changed_fields=("amount", "stage"),
+        values=values or {"amount": 1000 + i, "stage": "Négociation", "nested": {"list": [1, 2.5, None]}},
+        origin="api",
+        values_signed=bool(i % 2),
+        content_hash=content_hash,
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_runtime(
+    request: pytest.FixtureRequest, runtime_factory: Callable[[Settings], Runtime], tmp_path: Any
+) -> Runtime:
+    if request.param == "sqlite":
+        return runtime_factory(Settings(database_url=f"sqlite:///{tmp_path}/writer.db"))
+    return runtime_factory(Settings(database_url=request.getfixturevalue("pg_url")))
+
+
+COMPARED = (
+    "source",
+    "connection",
+    "object_type",
+    "record_id",
+    "event_id",
+    "change_type",
+    "changed_fields",
+    "values",
+    "origin",
+    "values_signed",
+    "occurred_at",
+    "status",
+    "attempts",
+    "content_hash",
+    "next_attempt_at",
+    "processed_at",
+)
+
+
+def stored(runtime: Runtime) -> dict[str, dict[str, Any]]:
+    with runtime.sessions() as session:
+        rows = session.scalars(select(InboxEvent).order_by(InboxEvent.id)).all()
+        return {row.record_id: {name: getattr(row, name) for name in COMPARED} for row in rows}
+
+
+def test_rows_read_back_as_the_orm_path_writes_them(any_runtime: Runtime) -> None:
+    writer = InboxWriter(any_runtime.engine)
+    _write_batch(any_runtime.sessions, [[event(1)], [event(2, content_hash="a" * 64)]], writer)
+    _write_batch(any_runtime.sessions, [[event(3)], [event(4, content_hash="a" * 64)]])  # Core path
+    rows = stored(any_runtime)
+    own = ("record_id", "event_id", "occurred_at", "values")  # differ between events 1 and 3 by design
+    assert {k: v for k, v in rows["D-1"].items() if k not in own} == {
+        k: v for k, v in rows["D-3"].items() if k not in own
+    }
+    assert rows["D-1"]["values"] == {
+        "amount": 1001,
+        "stage": "Négociation",
+        "nested": {"list": [1, 2.5, None]},
+    }
+    assert rows["D-1"]["occurred_at"] == datetime(2026, 11, 23, 10, 0, 1, 123456, tzinfo=UTC)
+    assert rows["D-2"]["content_hash"] == rows["D-4"]["content_hash"] == "a" * 64
+    assert (rows["D-2"]["values_signed"], rows["D-2"]["status"], rows["D-2"]["attempts"]) == (
+        False,
+        "pending",
+        0,
+    )
+
+
+def test_redeliveries_are_ignored_and_a_reused_id_with_another_body_is_a_conflict(
+    any_runtime: Runtime,
+) -> None:
+    inbox = GroupCommitInbox(any_runtime.sessions)
+    first = inbox.accept([event(1, content_hash="a" * 64), event(2)])
+    assert (first.accepted, first.duplicates, first.conflicts) == (2, 0, ())
+    again = inbox.accept([event(1, content_hash="a" * 64), event(2)])
+    assert (again.accepted, again.duplicates, again.conflicts) == (0, 2, ())
+    reused = event(1, content_hash="b" * 64, amount=5)
+    refused = inbox.accept([reused])
+    assert (refused.accepted, refused.duplicates, refused.conflicts) == (0, 0, (reused,))
+    assert stored(any_runtime)["D-1"]["values"]["amount"] == 1001
+
+
+def test_a_failed_batch_writes_nothing_and_leaves_the_writer_usable(any_runtime: Runtime) -> None:
+    writer = InboxWriter(any_runtime.engine)
+    good = {**event(1).to_row(), "received_at": datetime.now(UTC), "status": "pending", "attempts": 0}
+    broken = {**event(2).to_row(), "received_at": datetime.now(UTC), "status": "pending", "attempts": 0}
+    broken["source"] = None  # NOT NULL: the whole batch must fail
+    with pytest.raises(any_runtime.engine.dialect.loaded_dbapi.IntegrityError):
+        writer.write([good, broken], lambda _new: set())
+    assert stored(any_runtime) == {}
+    # No lock or open transaction left behind: the ORM path and the writer both write again.
+    with transaction(any_runtime.sessions) as session:
+        session.add(InboxEvent(**{**event(3).to_row(), "received_at": datetime.now(UTC)}))
+    assert writer.write([good], lambda _new: set()) == ({"sandbox:std:msg-1"}, {})
+    assert set(stored(any_runtime)) == {"D-1", "D-3"}
+
+
+def test_a_written_batch_is_committed_when_write_returns(any_runtime: Runtime) -> None:
+    inbox = GroupCommitInbox(any_runtime.sessions)
+    results: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda i=i: results.append(inbox.accept([event(i)]))) for i in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(r.accepted for r in results) == [1] * 8
+    # A separate engine (another process would see the same): every acknowledged row is there.
+    other = create_engine(normalize_url(str(any_runtime.engine.url.render_as_string(hide_password=False))))
+    try:
+        with other.connect() as conn:
+            assert conn.scalar(text("SELECT count(*) FROM inbox_events")) == 8
+    finally:
+        other.dispose()
+
+
+def test_a_lost_postgresql_connection_is_replaced_for_the_next_batch(
+    pg_url: str, runtime_factory: Callable[[Settings], Runtime]
+) -> None:
+    runtime = runtime_factory(Settings(database_url=pg_url))
+    inbox = GroupCommitInbox(runtime.sessions)
+    assert inbox.accept([event(1)]).accepted == 1
+    pid = inbox.writer._connect().info.backend_pid
+    with runtime.engine.connect() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    with pytest.raises(runtime.engine.dialect.loaded_dbapi.OperationalError):
+        inbox.accept([event(2)])  # this delivery is answered with an error: the CRM retries it
+    assert inbox.accept([event(2)]).accepted == 1
+    assert set(stored(runtime)) == {"D-1", "D-2"}
+
+
+def test_a_forked_process_writes_on_a_connection_of_its_own(
+    pg_url: str, runtime_factory: Callable[[Settings], Runtime]
+) -> None:
+    runtime = runtime_factory(Settings(database_url=pg_url))
+    inbox = GroupCommitInbox(runtime.sessions)
+    assert inbox.accept([event(1)]).accepted == 1
+    parent_backend = inbox.writer._connect().info.backend_pid
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through its exit code
+        code = 3
+        try:
+            accepted = inbox.accept([event(2)]).accepted
+            code = 0 if accepted == 1 and inbox.writer._connect().info.backend_pid != parent_backend else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's connection was neither used nor rolled back by the child: it still writes.
+    assert inbox.writer._connect().info.backend_pid == parent_backend
+    assert inbox.accept([event(3)]).accepted == 1
+    assert set(stored(runtime)) == {"D-1", "D-2", "D-3"}
