@@ -21,6 +21,9 @@ StepMode = Literal["one", "all", "any", "quorum"]
 RejectBehaviour = Literal["reject", "back"]
 MatchMode = Literal["first", "all"]
 RejectComment = Literal["required", "optional"]
+# A person on several steps of one request: asked once (later steps they hold are approved
+# automatically) or on each step. See docs/mappings.md#same-approver.
+SameApprover = Literal["ask_once", "ask_each_step"]
 FieldType = Literal["string", "number", "money", "date", "datetime", "boolean", "user", "list"]
 
 
@@ -102,7 +105,26 @@ class ValueMapApprovers:
     default: tuple[ApproverSource, ...] = ()
 
 
-ApproverSource = UserApprovers | RoleApprovers | FieldApprovers | ValueMapApprovers
+@dataclass(frozen=True)
+class ManagerApprovers:
+    """``{manager_of: owner, levels: 2}``: the first ``levels`` active managers above the user
+    in canonical field ``of``, up the directory's manager chain (inactive ones passed over)."""
+
+    of: str  # canonical field holding a user id
+    levels: int = 1
+
+
+@dataclass(frozen=True)
+class QueueApprovers:
+    """``{queue: Finance}``: the active members of a CRM queue/group/team/department, as
+    the directory last read them from the CRM."""
+
+    queue: str  # the CRM's name or id of the queue
+
+
+ApproverSource = (
+    UserApprovers | RoleApprovers | FieldApprovers | ValueMapApprovers | ManagerApprovers | QueueApprovers
+)
 
 
 @dataclass(frozen=True)
@@ -141,6 +163,7 @@ class RuleSpec:
     bulk_approve: bool = False  # approvers may approve several requests of this rule at once
     # Whether the submitter may vote on their own request (an approver of a step); default no.
     allow_self_approval: bool = False
+    same_approver: SameApprover = "ask_each_step"
 
 
 @dataclass(frozen=True)
