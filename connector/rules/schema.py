@@ -204,7 +204,8 @@ def _explain(error: Any, loc: KeyPath) -> tuple[str, str | None]:
 def _unknown_key(loc: KeyPath) -> tuple[str, str | None]:
     key = str(loc[-1])
     allowed = _model_keys(loc[:-1])
-    hint = did_you_mean(key, allowed) or _KEY_ELSEWHERE.get(key)
+    # a key valid elsewhere is better told where it goes than matched to a look-alike here
+    hint = _KEY_ELSEWHERE.get(key) or did_you_mean(key, allowed)
     if hint is None and allowed:
         hint = f"expected {one_of(allowed)}"
     return f"unknown key `{key}`", hint
