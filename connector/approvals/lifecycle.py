@@ -710,7 +710,15 @@ def repeat_approvals(txn: _Txn, rule: RuleSpec) -> str | None:
         if approver not in earlier:
             continue
         reason = f"same approver: {approver} approved step {earlier[approver]!r} of this request"
-        txn.vote(row, approver, "approve", None, False, on_behalf_of=row.on_behalf_of.get(approver), auto_reason=reason)
+        txn.vote(
+            row,
+            approver,
+            "approve",
+            None,
+            False,
+            on_behalf_of=row.on_behalf_of.get(approver),
+            auto_reason=reason,
+        )
         if _step_result(txn.request, row) == "approve":
             _close_step(txn, "approved", approver, reason, False)
             decided_by = approver

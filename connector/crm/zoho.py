@@ -15,12 +15,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
 from connector.config import ConfigError, ConnectionConfig, Settings
 from connector.crm.auth import OAuthTokens, TokenAnswer, TokenEndpoint, TokenRefused
-from connector.crm.base import CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
+from connector.crm.base import CRMAdapter, CRMQueue, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
 from connector.crm.errors import AuthError, FatalError, RateLimitedError, RetriableError
 from connector.crm.http import json_error_reader, raise_for_status, send
 from connector.crm.retry import RetryPolicy
@@ -310,6 +311,38 @@ class ZohoAdapter(CRMAdapter):
         info = body.get("info")
         more = isinstance(info, dict) and bool(info.get("more_records"))
         return users, (page + 1 if more else None)
+
+    def _queues(self) -> list[CRMQueue]:
+        """User groups (GET settings/user_groups) and each one's users (GET
+        settings/user_groups/{id}/actions/associated_users), both paged with page/per_page;
+        HTTP 204 means none."""
+        groups = self._pages("settings/user_groups", "user_groups")
+        return [
+            CRMQueue(
+                id=str(group["id"]),
+                name=str(group.get("name") or group["id"]),
+                members=tuple(
+                    str(user["id"])
+                    for user in self._pages(
+                        f"settings/user_groups/{quote(str(group['id']), safe='')}/actions/associated_users",
+                        "users",
+                    )
+                ),
+            )
+            for group in groups
+        ]
+
+    def _pages(self, path: str, key: str) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        page = 1
+        while True:
+            params = {"page": page, "per_page": USERS_PAGE_SIZE}
+            body = _json_object(self._checked(self._send("GET", path, params=params)))
+            rows.extend(r for r in body.get(key) or [] if isinstance(r, dict) and r.get("id"))
+            info = body.get("info")
+            if not (isinstance(info, dict) and info.get("more_records")):
+                return rows
+            page += 1
 
     # --- metadata, loop prevention ----------------------------------------------------
 

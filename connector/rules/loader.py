@@ -36,10 +36,10 @@ from connector.approvals.spec import (
     ApproverSource,
     Criterion,
     FieldApprovers,
-    ManagerApprovers,
-    QueueApprovers,
     FieldSpec,
+    ManagerApprovers,
     MappingSpec,
+    QueueApprovers,
     RoleApprovers,
     RuleSpec,
     StepSpec,
@@ -421,7 +421,9 @@ class _SpecBuilder:
     def _manager_of(self, name: str, levels: int, path: KeyPath) -> ManagerApprovers | None:
         if name == "approver":
             hint = "a step's approvers come before it; use `{manager_of: owner}` or a user field"
-            self.errors.add(path, "`manager_of: approver` is for escalation targets, not step approvers", hint)
+            self.errors.add(
+                path, "`manager_of: approver` is for escalation targets, not step approvers", hint
+            )
             return None
         spec = self.field_ref(name, path, types=("user", "string"))
         return ManagerApprovers(spec.name, levels) if spec else None

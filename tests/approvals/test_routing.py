@@ -29,7 +29,6 @@ from connector.approvals.routing import (
 from connector.approvals.spec import (
     ConditionTrace,
     EvalContext,
-    FieldApprovers,
     ManagerApprovers,
     QueueApprovers,
     RuleSpec,
@@ -86,7 +85,9 @@ def rule(*steps: StepSpec, same: SameApprover = "ask_each_step", name: str = "de
     return RuleSpec(name, Always(), steps, same_approver=same)
 
 
-def away(user: str, deputy: str, days: int = 10, *, rule_name: str | None = None, start: int = 0) -> Delegation:
+def away(
+    user: str, deputy: str, days: int = 10, *, rule_name: str | None = None, start: int = 0
+) -> Delegation:
     return Delegation(user, deputy, TODAY + timedelta(days=start), TODAY + timedelta(days=days), rule_name)
 
 
@@ -124,7 +125,9 @@ def test_deputies_chain_and_the_place_keeps_the_original_approver() -> None:
 
 def test_a_cycle_met_while_routing_keeps_the_step_with_its_approver_and_says_why() -> None:
     r = rule(step("manager", "a"))
-    out = open_request(r, routing(away("a", "b"), away("b", "a")), ctx(), record_ref="x", submitter="rep", now=T0)
+    out = open_request(
+        r, routing(away("a", "b"), away("b", "a")), ctx(), record_ref="x", submitter="rep", now=T0
+    )
     row = current_step_state(out.request)
     assert row is not None and row.approvers == ("a",) and row.on_behalf_of == {}
     notes = [t.comment for t in out.transitions if t.kind == "delegated"]
@@ -134,7 +137,9 @@ def test_a_cycle_met_while_routing_keeps_the_step_with_its_approver_and_says_why
 def test_delegations_count_only_within_their_dates_and_rule() -> None:
     r = rule(step("manager", "a"), name="deal")
     later = routing(away("a", "b", days=5, start=1))
-    assert current_step_state(open_request(r, later, ctx(), record_ref="x", submitter="rep", now=T0).request).approvers == ("a",)  # type: ignore[union-attr]
+    assert current_step_state(
+        open_request(r, later, ctx(), record_ref="x", submitter="rep", now=T0).request
+    ).approvers == ("a",)  # type: ignore[union-attr]
     other_rule = routing(away("a", "b", rule_name="quote"))
     out = open_request(r, other_rule, ctx(), record_ref="x", submitter="rep", now=T0)
     assert current_step_state(out.request).approvers == ("a",)  # type: ignore[union-attr]
@@ -176,7 +181,9 @@ def test_cycles_are_found_at_set_time_only_when_dates_and_rules_overlap() -> Non
     assert describe_cycle(cycle) == "b -> a (2026-12-05..2026-12-20) -> b (2026-12-01..2026-12-10)"
     assert find_cycle(existing, Delegation("b", "a", date(2026, 12, 11), date(2026, 12, 20))) is None
     scoped = [Delegation("a", "b", date(2026, 12, 1), date(2026, 12, 10), rule="deal", id=1)]
-    assert find_cycle(scoped, Delegation("b", "a", date(2026, 12, 1), date(2026, 12, 10), rule="quote")) is None
+    assert (
+        find_cycle(scoped, Delegation("b", "a", date(2026, 12, 1), date(2026, 12, 10), rule="quote")) is None
+    )
     assert find_cycle(scoped, Delegation("b", "a", date(2026, 12, 1), date(2026, 12, 10))) is not None
     longer = [*existing, Delegation("b", "c", date(2026, 12, 1), date(2026, 12, 31), id=2)]
     three = find_cycle(longer, Delegation("c", "a", date(2026, 12, 9), date(2026, 12, 9)))
@@ -272,6 +279,8 @@ def test_ask_once_never_clears_a_step_held_by_someone_else() -> None:
 def test_ask_once_does_not_count_an_admin_override_or_a_step_sent_back() -> None:
     r = rule(step("first", "a"), step("second", "a"), same="ask_once")
     out = open_request(r, routing(), ctx(), record_ref="x", submitter="rep", now=T0)
-    out = cast_vote(out.request, r, routing(), approver="root", decision="approve", step_index=0, now=T0, is_admin=True)
+    out = cast_vote(
+        out.request, r, routing(), approver="root", decision="approve", step_index=0, now=T0, is_admin=True
+    )
     row = current_step_state(out.request)
     assert row is not None and row.index == 1 and step_votes(out.request, row) == []

@@ -136,3 +136,12 @@ def test_get_records_returns_requested_fields_by_api_name(
     for record_id, values in records.items():
         for name, value in values.items():
             assert got[record_id][name] == value, (record_id, name)
+
+
+def test_queue_members_are_read_in_the_crms_own_format(harness: AdapterHarness, policy: RetryPolicy) -> None:
+    queues = harness.sample_queues()
+    assert len(queues) >= 2 and any(len(q.members) > 1 for q in queues) and any(not q.members for q in queues)
+    with responses.RequestsMock() as rsps:
+        harness.mock_queues(rsps, queues)
+        got = harness.make_adapter(policy).list_queues()
+    assert sorted(got, key=lambda q: q.id) == sorted(queues, key=lambda q: q.id)

@@ -15,8 +15,12 @@ MANAGER = "approvers: [{field: owner_manager}]"
 
 
 def test_new_keys_compile(tmp_path: Path) -> None:
-    text = BASE.replace(MANAGER, "approvers: [{manager_of: owner_manager, levels: 2}, {queue: Finance Queue}]")
-    text = text.replace("    restart_on_change: [amount]", "    restart_on_change: [amount]\n    same_approver: ask_once")
+    text = BASE.replace(
+        MANAGER, "approvers: [{manager_of: owner_manager, levels: 2}, {queue: Finance Queue}]"
+    )
+    text = text.replace(
+        "    restart_on_change: [amount]", "    restart_on_change: [amount]\n    same_approver: ask_once"
+    )
     spec = load_mapping_file(write(tmp_path, "opp.yaml", text))
     rule = spec.rules[0]
     assert rule.same_approver == "ask_once"
@@ -77,7 +81,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("new", "key", "message", "hint"), CASES)
-def test_mistakes_name_file_line_and_a_fix(tmp_path: Path, new: str, key: str, message: str, hint: str | None) -> None:
+def test_mistakes_name_file_line_and_a_fix(
+    tmp_path: Path, new: str, key: str, message: str, hint: str | None
+) -> None:
     text = BASE.replace(MANAGER, new, 1)
     path = write(tmp_path, "opp.yaml", text)
     errors = [e for e in load_errors(path) if e.key == key]
