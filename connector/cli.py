@@ -319,6 +319,7 @@ COMMAND_MODULES = (
     "connector.commands.sync",
     "connector.commands.requests",
     "connector.commands.people",
+    "connector.commands.delegation",
 )
 
 

@@ -55,7 +55,7 @@ class RefreshResult:
     def __str__(self) -> str:
         if not self.ok:
             return f"{self.connection}: directory refresh failed: {self.error}"
-        queues = f", {self.queues} queues" if self.queues is not None else f"; {self.error}"
+        queues = f"; {self.error}" if self.error else (f", {self.queues} queues" if self.queues else "")
         return f"{self.connection}: {self.people} people ({self.deactivated} no longer listed){queues}"
 
 

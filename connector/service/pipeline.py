@@ -30,6 +30,7 @@ from connector.notify.queue import NotificationQueue
 from connector.rules import MappingSet
 from connector.runtime import Runtime
 from connector.service.approval_service import ApprovalService
+from connector.service.delegation import RoutingSource
 from connector.storage import audit
 from connector.storage.approval_store import RecordKey
 from connector.storage.models import DONE, SENDING, InboxEvent, OutboxUpdate, RecordSnapshot
@@ -55,6 +56,7 @@ class Pipeline:
             people=Directory.from_runtime(runtime),
             notifications=NotificationQueue(runtime.settings),
             public_base_url=runtime.settings.public_base_url,
+            routing=RoutingSource(runtime.sessions),  # issue 11: org chart, queues, deputies
         )
 
     def refresh_mappings(self, min_interval: float = 2.0) -> None:
