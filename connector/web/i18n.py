@@ -186,6 +186,14 @@ def explain_error(error: ApprovalError) -> str:
         ),
         "reassign_not_allowed": gettext("Only an admin may reassign a step."),
         "invalid_reassign": gettext("Name someone who is not already an approver of this step."),
+        "delegation_cycle": gettext(
+            "Your deputy has chosen you as their own deputy for some of those days: choose someone else, "
+            "or ask them to cancel theirs (%(detail)s).",
+            detail=str(error),
+        ),
+        "invalid_delegation": gettext("That deputy cannot be set: %(reason)s", reason=str(error)),
+        "delegation_not_found": gettext("There is no such delegation."),
+        "delegation_not_allowed": gettext("You may set only your own deputy."),
         "rule_gone": gettext(
             "The rule of this request is no longer in the mapping files; an admin must restore it."
         ),
@@ -302,6 +310,7 @@ def event_text(kind: str) -> str:
         "expired": gettext("Approval expired"),
         "restarted": gettext("Restarted: the record changed"),
         "reassigned": gettext("Step reassigned"),
+        "delegated": gettext("Handed to a deputy"),
     }.get(kind, kind)
 
 
