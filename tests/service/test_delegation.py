@@ -285,3 +285,19 @@ def test_the_cli_refuses_a_date_it_cannot_read(cli: Callable[..., Result]) -> No
         "delegation", "set", "--user", "u-mgr", "--deputy", "u-gm", "--from", "tomorrow", "--until", "x"
     )
     assert result.exit_code == 2 and "'--from'" in result.output and "%Y-%m-%d" in result.output
+
+
+def test_the_deputy_is_told_of_a_step_handed_over_and_nobody_twice(world: World) -> None:
+    from connector.notify.models import Notification
+
+    request_id = world.submit()
+    assert away(world, "u-mgr", "u-board-1").status_code == 200
+    sweep(world.runtime)
+    with world.runtime.sessions() as session:
+        rows = session.scalars(
+            select(Notification).where(
+                Notification.request_id == request_id, Notification.template == "step_opened"
+            )
+        ).all()
+    told = sorted(row.user_id for row in rows)
+    assert told == ["u-board-1", "u-mgr"], told  # u-mgr when the step opened, the deputy when handed over

@@ -91,7 +91,10 @@ def test_cancel_from_the_page_and_only_ones_own(world: World) -> None:
 
 @pytest.mark.parametrize(
     ("accept", "words"),
-    [("pl-PL,pl;q=0.9", ("Nieobecność", "Ustaw zastępcę", "Do (włącznie)")), ("zh-CN,zh", ("外出", "设置代理人"))],
+    [
+        ("pl-PL,pl;q=0.9", ("Nieobecność", "Ustaw zastępcę", "Do (włącznie)")),
+        ("zh-CN,zh", ("外出", "设置代理人")),
+    ],
 )
 def test_the_page_speaks_polish_and_chinese(world: World, accept: str, words: tuple[str, ...]) -> None:
     page = text(signed_in(world, "u-mgr").get("/app/out-of-office", headers={"Accept-Language": accept}))
