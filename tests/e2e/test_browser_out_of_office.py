@@ -25,7 +25,7 @@ from tests.e2e.test_browser import (  # noqa: F401 (fixtures: stack, smtp)
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
 
-def test_a_deputy_set_in_the_web_app_approves_on_behalf_of_the_manager(stack: Stack) -> None:
+def test_a_deputy_set_in_the_web_app_approves_on_behalf_of_the_manager(stack: Stack) -> None:  # noqa: F811
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.select import Select
 
