@@ -160,7 +160,7 @@ def _queue_members(
         raise ChainError(step_name, describe_source(source), "needs the user directory (CRM queues)")
     members = active_queue_members(org, source.queue)
     if members is None:
-        known = ", ".join(org.queue_names()[:20]) or "none read yet; run `crm-approvals people refresh`"
+        known = ", ".join(org.queue_names()[:20]) or "none read yet; run `crm-approvals directory refresh`"
         raise ChainError(step_name, describe_source(source), f"the CRM has no such queue (known: {known})")
     return members
 

@@ -320,7 +320,7 @@ class DelegationService:
                     raise InvalidDelegationError(
                         f"{role} {who!r} is not a user of connection {connection!r}",
                         hint=did_you_mean(who, sorted(known))
-                        or "use the CRM user id (`crm-approvals people list`)",
+                        or "use the CRM user id (`crm-approvals directory list CONNECTION`)",
                     )
         if rule is not None and self.rule_names is not None:
             names = sorted(set(self.rule_names(connection)))
