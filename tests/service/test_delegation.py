@@ -301,3 +301,20 @@ def test_the_deputy_is_told_of_a_step_handed_over_and_nobody_twice(world: World)
         ).all()
     told = sorted(row.user_id for row in rows)
     assert told == ["u-board-1", "u-mgr"], told  # u-mgr when the step opened, the deputy when handed over
+
+
+def test_on_postgresql_too(
+    tmp_path: Path,
+    settings_factory: Callable[..., Settings],
+    runtime_factory: Callable[[Settings], Runtime],
+    pg_url: str,
+) -> None:
+    """JSONB on_behalf_of (visibility of the person away), the migration's columns, the hand-over."""
+    world = build_world(tmp_path, settings_factory, runtime_factory, database_url=pg_url)
+    request_id = world.submit()
+    assert away(world, "u-mgr", "u-board-1").status_code == 200
+    assert open_step(world, request_id)["on_behalf_of"] == {"u-board-1": "u-mgr"}
+    assert world.vote("u-board-1", request_id).get_json()["votes"][0]["on_behalf_of"] == "u-mgr"
+    assert world.get("u-mgr", f"/requests/{request_id}").status_code == 200
+    assert world.get("u-rep", "/requests?all=true").status_code == 200
+    error_of(away(world, "u-board-1", "u-mgr"), 400, "delegation_cycle")
