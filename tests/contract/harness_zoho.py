@@ -309,41 +309,44 @@ class ZohoAdapterHarness(AdapterHarness):
         ]
 
     def mock_queues(self, rsps: responses.RequestsMock, queues: Sequence[CRMQueue]) -> None:
-        """GET settings/user_groups, then settings/user_groups/{id}/actions/associated_users,
-        both paged with page/per_page and info.more_records; a group without users answers 204."""
+        """GET settings/user_groups, then settings/user_groups/{id}/sources?type=users (each
+        source `{"type": "users", "source": {"name", "id"}}`), both paged with page/per_page and
+        info.more_records; a group without users answers 204."""
         mock_token(rsps)
         per_page = 200
 
-        def page_of(request: PreparedRequest) -> int:
-            return int(parse_qs(urlsplit(request.url or "").query)["page"][0])
+        def query_of(request: PreparedRequest) -> dict[str, list[str]]:
+            return parse_qs(urlsplit(request.url or "").query)
 
         def info(page: int, count: int, more: bool) -> dict[str, Any]:
             return {"per_page": per_page, "count": count, "page": page, "more_records": more}
 
         def groups(request: PreparedRequest) -> tuple[int, dict[str, str], str]:
             rows = [{"id": q.id, "name": q.name, "description": None} for q in queues]
-            return (
-                200,
-                {},
-                json.dumps({"user_groups": rows, "info": info(page_of(request), len(rows), False)}),
-            )
+            page = int(query_of(request)["page"][0])
+            return 200, {}, json.dumps({"user_groups": rows, "info": info(page, len(rows), False)})
 
-        def users(request: PreparedRequest) -> tuple[int, dict[str, str], str]:
+        def sources(request: PreparedRequest) -> tuple[int, dict[str, str], str]:
+            query = query_of(request)
+            assert query["type"] == ["users"], query
             group_id = (request.url or "").split("/user_groups/")[1].split("/")[0]
             members = next(q.members for q in queues if q.id == group_id)
-            page = page_of(request)
+            page = int(query["page"][0])
             chunk = members[(page - 1) * per_page : page * per_page]
             if not chunk:
                 return 204, {}, ""
-            rows = [{"id": m, "name": f"User {m[-4:]}", "email": f"u{m[-4:]}@zylker.example"} for m in chunk]
+            rows = [
+                {"type": "users", "source": {"name": f"User {m[-4:]}", "id": m}, "subordinates": False}
+                for m in chunk
+            ]
             more = page * per_page < len(members)
-            return 200, {}, json.dumps({"users": rows, "info": info(page, len(rows), more)})
+            return 200, {}, json.dumps({"sources": rows, "info": info(page, len(rows), more)})
 
         rsps.add_callback(responses.GET, f"{API}/settings/user_groups", callback=groups)
         rsps.add_callback(
             responses.GET,
-            re.compile(re.escape(f"{API}/settings/user_groups/") + r"\d+/actions/associated_users"),
-            callback=users,
+            re.compile(re.escape(f"{API}/settings/user_groups/") + r"\d+/sources"),
+            callback=sources,
         )
 
     def sample_records(self) -> dict[str, dict[str, Any]]:
