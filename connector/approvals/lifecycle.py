@@ -54,6 +54,15 @@ recorded, ``submit`` fires again and the chain starts over from the first applic
 step with no votes. Other edits change nothing. Comparing against the snapshot (not the
 CRM's changed-field list) makes a redelivered webhook a no-op.
 
+Deputies and the same approver
+------------------------------
+With a ``routing.RoutingContext`` as ``roles``, a place on a step whose holder is away goes to
+their deputy when the step opens (``delegate_open_step`` moves places on a step already open):
+the row's ``on_behalf_of`` maps deputy -> approver, a ``delegated`` transition says so, and the
+deputy's vote records ``on_behalf_of``. ``same_approver: ask_once`` casts, when a step opens,
+an automatic approval (``auto_reason``) for each of its approvers who approved an earlier step
+of this pass; the step's mode still decides, so nobody else's place is ever cleared.
+
 Comments and reassignment
 -------------------------
 A rejection needs a comment when the rule says ``reject_comment: required`` (the default
@@ -633,43 +642,46 @@ def _open_step(txn: _Txn, rule: RuleSpec, index: int, roles: Roles) -> None:
     assignment = assign_step(step, txn.request.record, roles)
     _check_self_approval(rule, step, assignment, txn.request.submitter)
     row = _new_row(txn, step, index, "pending", assignment)
-    notes = _hand_to_deputies(row, rule, roles, txn.request.submitter)
+    handed, kept = _hand_to_deputies(row, rule, roles, txn.request.submitter)
     txn.add_step(row)
     txn.request.current_step = index
-    txn.transition("entered", "pending", step_index=index, actor=None)
-    for note in notes:
+    # why someone away kept their place (a deputy cycle, ...) is said on the step's opening
+    txn.transition("entered", "pending", step_index=index, actor=None, comment="; ".join(kept) or None)
+    for note in handed:
         txn.transition("delegated", "pending", step_index=index, actor=None, comment=note)
 
 
 def _hand_to_deputies(
     row: StepState, rule: RuleSpec, roles: Roles, submitter: str, voted: frozenset[str] = frozenset()
-) -> list[str]:
+) -> tuple[list[str], list[str]]:
     """Give each place on ``row`` whose holder is away (and has not voted) to their deputy
-    (``routing.route``); returns the notes for the history. A deputy who is the submitter (when
-    the rule forbids self-approval) or already on the step leaves the place where it was."""
+    (``routing.route``); returns the notes for the history: places handed over, and places
+    kept although their holder is away (a deputy cycle; a deputy who is the submitter, when the
+    rule forbids self-approval, or who is already on the step)."""
     notes: list[str] = []
+    kept: list[str] = []
     approvers = list(row.approvers)
     for i, holder in enumerate(approvers):
         if holder in voted:
             continue
         way = route(roles, holder, rule.name)
         if way.note is not None:
-            notes.append(way.note)
+            kept.append(way.note)
         if not way.delegated:
             continue
         principal = row.on_behalf_of.get(holder, holder)
         if way.deputy == submitter and not rule.allow_self_approval:
-            notes.append(f"{holder} is away, but their deputy {way.deputy} submitted this request: kept")
+            kept.append(f"{holder} is away, but their deputy {way.deputy} submitted this request: kept")
             continue
         if way.deputy in approvers:
-            notes.append(f"{holder} is away, but their deputy {way.deputy} already approves this step: kept")
+            kept.append(f"{holder} is away, but their deputy {way.deputy} already approves this step: kept")
             continue
         approvers[i] = way.deputy
         row.on_behalf_of = {k: v for k, v in row.on_behalf_of.items() if k != holder}
         row.on_behalf_of[way.deputy] = principal
         notes.append(f"{holder} -> {way.deputy}: deputy for {principal} (" + " -> ".join(way.chain) + ")")
     row.approvers = tuple(approvers)
-    return notes
+    return notes, kept
 
 
 def delegate_open_step(
@@ -687,7 +699,7 @@ def delegate_open_step(
     voted = frozenset(v.approver for v in step_votes(request, current))
     txn = _Txn(copy.deepcopy(request), now)
     row = txn.current_row()
-    notes = _hand_to_deputies(row, rule, roles, request.submitter, voted)
+    notes, _kept = _hand_to_deputies(row, rule, roles, request.submitter, voted)
     if row.approvers == current.approvers:
         return None
     txn.touch(row)
