@@ -318,3 +318,9 @@ def test_on_postgresql_too(
     assert world.get("u-mgr", f"/requests/{request_id}").status_code == 200
     assert world.get("u-rep", "/requests?all=true").status_code == 200
     error_of(away(world, "u-board-1", "u-mgr"), 400, "delegation_cycle")
+
+
+def test_a_delegation_without_a_body_is_400_naming_what_is_missing(world: World) -> None:
+    response = world.client.post("/api/v1/delegations", headers=world.auth("u-mgr"))
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert "deputy" in response.get_json()["error"]["message"]
