@@ -4,13 +4,18 @@ for admins (docs/operations.md#delegation). The logic is connector/service/deleg
 from __future__ import annotations
 
 from datetime import date
+from typing import TYPE_CHECKING
 
 import click
 
 from connector.cli import Context, pass_context
 from connector.errors import CrmApprovalsError
-from connector.runtime import Runtime
-from connector.service.delegation import DelegationService, DelegationView
+
+# Imported by the commands themselves: `crm-approvals` must import nothing that loads the
+# metrics before a command has prepared their directory (tests/cli/test_serve.py).
+if TYPE_CHECKING:
+    from connector.runtime import Runtime
+    from connector.service.delegation import DelegationService, DelegationView
 
 ADMIN = "cli"  # the actor recorded for changes made from the command line (an operator)
 
@@ -36,6 +41,12 @@ def _connection(ctx: Context, given: str | None) -> str:
             f"no connection {given!r}; one of {', '.join(configured) or 'none'}", param_hint="--connection"
         )
     return given
+
+
+def _service(ctx: Context) -> DelegationService:
+    from connector.service.delegation import DelegationService
+
+    return DelegationService.from_runtime(_runtime(ctx))
 
 
 def _fail(exc: CrmApprovalsError) -> click.ClickException:
@@ -76,7 +87,7 @@ def delegation_set(
 ) -> None:
     """Set USER's deputy from --from to --until. A deputy who is away too hands on to their own
     deputy; a deputy pointing back (A -> B -> A) is refused."""
-    service = DelegationService.from_runtime(_runtime(ctx))
+    service = _service(ctx)
     try:
         view = service.set(
             connection=_connection(ctx, connection),
@@ -100,7 +111,7 @@ def delegation_set(
 @pass_context
 def delegation_list(ctx: Context, user: str | None, include_past: bool) -> None:
     """List delegations (current and coming ones unless --all)."""
-    service = DelegationService.from_runtime(_runtime(ctx))
+    service = _service(ctx)
     views = service.find(user=user, include_past=include_past)
     if not views:
         click.echo(
@@ -122,7 +133,7 @@ def delegation_list(ctx: Context, user: str | None, include_past: bool) -> None:
 @pass_context
 def delegation_cancel(ctx: Context, delegation_id: int) -> None:
     """End delegation DELEGATION_ID now; steps already with the deputy stay there."""
-    service = DelegationService.from_runtime(_runtime(ctx))
+    service = _service(ctx)
     try:
         view = service.cancel(delegation_id, actor=ADMIN, is_admin=True)
     except CrmApprovalsError as exc:
