@@ -322,6 +322,7 @@ COMMAND_MODULES = (
     "connector.commands.sync",
     "connector.commands.requests",
     "connector.commands.people",
+    "connector.commands.delegation",
 )
 
 

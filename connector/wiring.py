@@ -10,6 +10,7 @@ from connector.notify.sender import send_now
 from connector.notify.sender import sweep as people_sweep
 from connector.rules import MappingSet
 from connector.runtime import Runtime, SweepJob
+from connector.service.delegation import sweep as delegation_sweep
 from connector.service.drift import DriftRepairJob
 from connector.service.pipeline import Pipeline, log_mapping_error, refresh_mappings
 from connector.service.zoho_channels import renew_due_channels
@@ -45,6 +46,7 @@ def attach_pipeline(runtime: Runtime, mappings: MappingSet) -> Pipeline:
         SweepJob("drift_repair", DriftRepairJob.from_settings(runtime.settings)),
         SweepJob("zoho_channels", renew_due_channels),
         SweepJob("people", people_sweep),  # directory refresh, expiry warnings, notifications
+        SweepJob("delegations", delegation_sweep),  # open steps of people away go to their deputies
     ]
     runtime.flush_jobs = [SweepJob("notifications", send_now)]  # queued notifications go out promptly
     # "A step opens for you" messages carry one-click Approve / Reject links to the web app.

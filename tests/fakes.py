@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from connector.config import ConnectionConfig
-from connector.crm.base import CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult
-from connector.crm.errors import RetriableError
+from connector.crm.base import CRMAdapter, CRMQueue, CRMUser, FieldInfo, RecordUpdate, UpdateResult
+from connector.crm.errors import CRMError, RetriableError
 from connector.crm.retry import NO_WAIT
 
 
@@ -26,6 +26,8 @@ class MemoryCRM(CRMAdapter):
         self.fail_calls = 0  # the next N update calls fail with a retriable error
         self.crash_after_apply = False  # apply the write, then "lose the connection"
         self.users: list[CRMUser] = []  # what list_users answers
+        self.queues: list[CRMQueue] = []  # what list_queues answers
+        self.queue_error: CRMError | None = None  # list_queues raises this instead
 
     def _fetch(
         self, object_type: str, ids: Sequence[str], fields: Sequence[str]
@@ -65,3 +67,8 @@ class MemoryCRM(CRMAdapter):
 
     def _users_page(self, cursor: Any) -> tuple[list[CRMUser], Any]:
         return list(self.users), None
+
+    def _queues(self) -> list[CRMQueue]:
+        if self.queue_error is not None:
+            raise self.queue_error
+        return list(self.queues)

@@ -40,6 +40,7 @@ def test_build_runtime_attaches_the_pipeline_and_its_collaborators(built: Runtim
         "drift_repair",
         "zoho_channels",
         "people",
+        "delegations",
     ]
     assert [job.name for job in built.flush_jobs] == ["notifications"]
 

@@ -14,7 +14,9 @@ from connector.approvals.errors import (
     ActionRenderError,
     ChainError,
     ConflictError,
+    DelegationNotFoundError,
     InvalidDecisionError,
+    InvalidDelegationError,
     PermissionDeniedError,
     RuleMismatchError,
 )
@@ -53,6 +55,8 @@ def unauthorized(code: str, message: str, hint: str | None = None) -> WebhookErr
 # (a mapping file, a setting) stops it until an admin fixes it, the message says what.
 ERROR_STATUS: tuple[tuple[type[CrmApprovalsError], int], ...] = (
     (InvalidDecisionError, 400),
+    (InvalidDelegationError, 400),  # with DelegationCycleError
+    (DelegationNotFoundError, 404),
     (PermissionDeniedError, 403),
     (ConflictError, 409),  # with StaleRequestError and RuleGoneError
     (RuleMismatchError, 409),

@@ -144,9 +144,10 @@ def _query_args(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _body(model: type[BaseModel]) -> BaseModel:
-    """The optional JSON object of a request; no body at all means every field's default."""
+    """The JSON object of a request; no body at all means every field's default (a model with
+    required fields then refuses it, naming them, as for `{}`)."""
     if not request.get_data(cache=True):
-        return model()
+        return _validate(model, {}, "body")
     require_content_type("application/json")
     data = json_body()
     if not isinstance(data, dict):

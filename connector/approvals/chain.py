@@ -41,9 +41,12 @@ from typing import Any
 
 from connector.approvals.errors import ChainError
 from connector.approvals.modes import policy_for
+from connector.approvals.routing import active_queue_members, managers_above, org_of
 from connector.approvals.spec import (
     ApproverSource,
     FieldApprovers,
+    ManagerApprovers,
+    QueueApprovers,
     RoleApprovers,
     StepSpec,
     UserApprovers,
@@ -92,6 +95,10 @@ def describe_source(source: ApproverSource) -> str:
         return f"role {source.role!r}"
     if isinstance(source, FieldApprovers):
         return f"field {source.field!r}"
+    if isinstance(source, ManagerApprovers):
+        return f"manager_of {source.of!r} ({source.levels} level(s))"
+    if isinstance(source, QueueApprovers):
+        return f"queue {source.queue!r}"
     return f"value map on field {source.field!r}"
 
 
@@ -117,6 +124,10 @@ def _from_source(
         yield from _role_members(source, roles, step_name)
     elif isinstance(source, FieldApprovers):
         yield from _atoms(values.get(source.field), step_name, source)
+    elif isinstance(source, ManagerApprovers):
+        yield from _managers(source, values, roles, step_name)
+    elif isinstance(source, QueueApprovers):
+        yield from _queue_members(source, roles, step_name)
     else:
         yield from _from_value_map(source, values, roles, step_name)
 
@@ -128,6 +139,30 @@ def _role_members(
         known = ", ".join(sorted(roles)) or "none"
         raise ChainError(step_name, describe_source(source), f"role is not defined (known roles: {known})")
     return roles[source.role]
+
+
+def _managers(
+    source: ManagerApprovers, values: Mapping[str, Any], roles: Mapping[str, tuple[str, ...]], step_name: str
+) -> Iterator[str]:
+    """Managers above each user in the field; a user without one contributes nobody."""
+    org = org_of(roles)
+    if org is None:
+        raise ChainError(step_name, describe_source(source), "needs the user directory (manager chain)")
+    for user in _atoms(values.get(source.of), step_name, source):
+        yield from managers_above(org, user, source.levels)
+
+
+def _queue_members(
+    source: QueueApprovers, roles: Mapping[str, tuple[str, ...]], step_name: str
+) -> tuple[str, ...]:
+    org = org_of(roles)
+    if org is None:
+        raise ChainError(step_name, describe_source(source), "needs the user directory (CRM queues)")
+    members = active_queue_members(org, source.queue)
+    if members is None:
+        known = ", ".join(org.queue_names()[:20]) or "none read yet; run `crm-approvals directory refresh`"
+        raise ChainError(step_name, describe_source(source), f"the CRM has no such queue (known: {known})")
+    return members
 
 
 def _from_value_map(

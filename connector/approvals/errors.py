@@ -134,3 +134,27 @@ class DuplicateVoteError(ConflictError):
     """The approver already voted on this round of this step."""
 
     code = "duplicate_vote"
+
+
+class InvalidDelegationError(ApprovalError, ValueError):
+    """A deputy setting that can't be kept: dates, unknown user or rule, a deputy of oneself."""
+
+    code = "invalid_delegation"
+
+
+class DelegationCycleError(InvalidDelegationError):
+    """The deputy would hand steps back to the user (A -> B -> A) on some day they share."""
+
+    code = "delegation_cycle"
+
+
+class DelegationNotAllowedError(PermissionDeniedError):
+    """Someone other than the user (or an admin) set or cancelled their deputy."""
+
+    code = "delegation_not_allowed"
+
+
+class DelegationNotFoundError(ApprovalError, LookupError):
+    """No delegation with that id (that the caller may see)."""
+
+    code = "delegation_not_found"

@@ -54,6 +54,15 @@ recorded, ``submit`` fires again and the chain starts over from the first applic
 step with no votes. Other edits change nothing. Comparing against the snapshot (not the
 CRM's changed-field list) makes a redelivered webhook a no-op.
 
+Deputies and the same approver
+------------------------------
+With a ``routing.RoutingContext`` as ``roles``, a place on a step whose holder is away goes to
+their deputy when the step opens (``delegate_open_step`` moves places on a step already open):
+the row's ``on_behalf_of`` maps deputy -> approver, a ``delegated`` transition says so, and the
+deputy's vote records ``on_behalf_of``. ``same_approver: ask_once`` casts, when a step opens,
+an automatic approval (``auto_reason``) for each of its approvers who approved an earlier step
+of this pass; the step's mode still decides, so nobody else's place is ever cleared.
+
 Comments and reassignment
 -------------------------
 A rejection needs a comment when the rule says ``reject_comment: required`` (the default
@@ -98,6 +107,7 @@ from connector.approvals.errors import (
     StepClosedError,
 )
 from connector.approvals.modes import DECISIONS, Decision, Tally, policy_for
+from connector.approvals.routing import route
 from connector.approvals.spec import ActionEvent, EvalContext, RuleSpec, StepMode, StepSpec
 
 RequestStatus = Literal["submitted", "pending", "approved", "rejected", "recalled", "expired"]
@@ -121,6 +131,7 @@ TransitionKind = Literal[
     "crm_vote_refused",  # a decision field set in the CRM was not taken as a vote; comment says why
     "lock_reverted",  # an edit of a locked field was written back; comment lists the fields
     "lock_flagged",  # an edit of a locked field, recorded for the approvers; comment lists them
+    "delegated",  # a deputy took an approver's place (out of office); comment: who for whom, why
 ]
 # Kinds that record something about the request without changing its status (see `flag`).
 FLAG_KINDS: frozenset[TransitionKind] = frozenset({"crm_vote_refused", "lock_reverted", "lock_flagged"})
@@ -141,6 +152,8 @@ class StepState:
     status: StepStatus
     entered_at: datetime
     left_at: datetime | None = None
+    # deputy -> the approver they stand in for (connector.approvals.routing); {} when nobody is away
+    on_behalf_of: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,8 @@ class Vote:
     comment: str | None
     at: datetime
     acting_admin: bool = False
+    on_behalf_of: str | None = None  # the voter is this approver's deputy
+    auto_reason: str | None = None  # cast by the engine (same_approver: ask_once), and why
 
 
 @dataclass(frozen=True)
@@ -273,7 +288,11 @@ def may_vote(
 
 def may_see(request: ApprovalRequest, user: str, is_admin: bool = False) -> bool:
     """Admins see every request; others those they submitted or approve (any step, any round)."""
-    return is_admin or user == request.submitter or any(user in step.approvers for step in request.steps)
+    return (
+        is_admin
+        or user == request.submitter
+        or any(user in step.approvers or user in step.on_behalf_of.values() for step in request.steps)
+    )
 
 
 def may_recall(request: ApprovalRequest, user: str, is_admin: bool = False) -> bool:
@@ -372,7 +391,8 @@ def cast_vote(
     if decision == "reject" and rule.reject_comment == "required" and not (comment or "").strip():
         raise CommentRequiredError(f"rule {rule.name!r} needs a comment with every rejection")
     txn = _Txn(copy.deepcopy(request), now)
-    txn.vote(step, approver, decision, comment, acting_admin)
+    behalf = None if acting_admin else step.on_behalf_of.get(approver)
+    txn.vote(step, approver, decision, comment, acting_admin, on_behalf_of=behalf)
     result = decision if acting_admin else _step_result(txn.request, txn.current_row())
     if result is None:
         return txn.outcome()
@@ -444,6 +464,7 @@ def reassign(
     txn = _Txn(copy.deepcopy(request), now)
     row = txn.current_row()
     row.approvers = tuple(new if approver == old else approver for approver in row.approvers)
+    row.on_behalf_of = {k: v for k, v in row.on_behalf_of.items() if k != old}
     txn.touch(row)
     note = f"{old} -> {new}" + (f": {comment}" if comment else "")
     txn.transition(
@@ -568,9 +589,28 @@ class _Txn:
         )
 
     def vote(
-        self, step: StepState, approver: str, decision: Decision, comment: str | None, admin: bool
+        self,
+        step: StepState,
+        approver: str,
+        decision: Decision,
+        comment: str | None,
+        admin: bool,
+        *,
+        on_behalf_of: str | None = None,
+        auto_reason: str | None = None,
     ) -> None:
-        row = Vote(self.request.id, step.index, step.round, approver, decision, comment, self.now, admin)
+        row = Vote(
+            self.request.id,
+            step.index,
+            step.round,
+            approver,
+            decision,
+            comment,
+            self.now,
+            admin,
+            on_behalf_of,
+            auto_reason,
+        )
         self.request.votes.append(row)
         self._votes.append(row)
 
@@ -625,11 +665,15 @@ def _advance(
         step = rule.steps[index]
         if not _applies(step, ctx):
             _skip_step(txn, step, index)
-        elif carried and index in carried:
+            continue
+        if carried and index in carried:
             _carry_step(txn, step, index, assign_step(step, txn.request.record, roles), carried[index])
-        else:
-            _open_step(txn, rule, index, roles)
+            continue
+        _open_step(txn, rule, index, roles)
+        decided_by = repeat_approvals(txn, rule)
+        if decided_by is None:
             return
+        actor = decided_by
     _approve_request(txn, rule, actor)
 
 
@@ -644,9 +688,114 @@ def _open_step(txn: _Txn, rule: RuleSpec, index: int, roles: Roles) -> None:
     step = rule.steps[index]
     assignment = assign_step(step, txn.request.record, roles)
     _check_self_approval(rule, step, assignment, txn.request.submitter)
-    txn.add_step(_new_row(txn, step, index, "pending", assignment))
+    row = _new_row(txn, step, index, "pending", assignment)
+    handed, kept = _hand_to_deputies(row, rule, roles, txn.request.submitter)
+    txn.add_step(row)
     txn.request.current_step = index
-    txn.transition("entered", "pending", step_index=index, actor=None)
+    # why someone away kept their place (a deputy cycle, ...) is said on the step's opening
+    txn.transition("entered", "pending", step_index=index, actor=None, comment="; ".join(kept) or None)
+    for note in handed:
+        txn.transition("delegated", "pending", step_index=index, actor=None, comment=note)
+
+
+def _hand_to_deputies(
+    row: StepState, rule: RuleSpec, roles: Roles, submitter: str, voted: frozenset[str] = frozenset()
+) -> tuple[list[str], list[str]]:
+    """Give each place on ``row`` whose holder is away (and has not voted) to their deputy
+    (``routing.route``); returns the notes for the history: places handed over, and places
+    kept although their holder is away (a deputy cycle; a deputy who is the submitter, when the
+    rule forbids self-approval, or who is already on the step)."""
+    notes: list[str] = []
+    kept: list[str] = []
+    approvers = list(row.approvers)
+    for i, holder in enumerate(approvers):
+        if holder in voted:
+            continue
+        way = route(roles, holder, rule.name)
+        if way.note is not None:
+            kept.append(way.note)
+        if not way.delegated:
+            continue
+        principal = row.on_behalf_of.get(holder, holder)
+        if way.deputy == submitter and not rule.allow_self_approval:
+            kept.append(f"{holder} is away, but their deputy {way.deputy} submitted this request: kept")
+            continue
+        if way.deputy in approvers:
+            kept.append(f"{holder} is away, but their deputy {way.deputy} already approves this step: kept")
+            continue
+        approvers[i] = way.deputy
+        row.on_behalf_of = {k: v for k, v in row.on_behalf_of.items() if k != holder}
+        row.on_behalf_of[way.deputy] = principal
+        notes.append(f"{holder} -> {way.deputy}: deputy for {principal} (" + " -> ".join(way.chain) + ")")
+    row.approvers = tuple(approvers)
+    return notes, kept
+
+
+def delegate_open_step(
+    request: ApprovalRequest, rule: RuleSpec, roles: Roles, now: datetime
+) -> Outcome | None:
+    """Hand places on the open step to the deputies of approvers who are away now and have not
+    voted (a delegation set after the step opened); None when nothing changes. Votes already
+    cast stay as they are."""
+    if not is_active(request):
+        return None
+    _check_rule_name(request, rule)
+    current = current_step_state(request)
+    if current is None or current.status != "pending":
+        return None
+    voted = frozenset(v.approver for v in step_votes(request, current))
+    txn = _Txn(copy.deepcopy(request), now)
+    row = txn.current_row()
+    notes, _kept = _hand_to_deputies(row, rule, roles, request.submitter, voted)
+    if row.approvers == current.approvers:
+        return None
+    txn.touch(row)
+    for note in notes:
+        txn.transition("delegated", txn.request.status, step_index=row.index, actor=None, comment=note)
+    return txn.outcome()
+
+
+def repeat_approvals(txn: _Txn, rule: RuleSpec) -> str | None:
+    """``same_approver: ask_once``: approvers of the step just opened who approved an earlier
+    step of this pass approve it too, automatically and recorded as such. Returns who decided
+    the step when those votes approve it (the caller moves on), else None. Only these people's
+    own votes are cast: a step that still needs someone else stays open for them."""
+    if rule.same_approver != "ask_once":
+        return None
+    row = txn.current_row()
+    earlier = _approvals_this_pass(txn.request, row.index)
+    decided_by = None
+    for approver in row.approvers:
+        if approver not in earlier:
+            continue
+        reason = f"same approver: {approver} approved step {earlier[approver]!r} of this request"
+        txn.vote(
+            row,
+            approver,
+            "approve",
+            None,
+            False,
+            on_behalf_of=row.on_behalf_of.get(approver),
+            auto_reason=reason,
+        )
+        if _step_result(txn.request, row) == "approve":
+            _close_step(txn, "approved", approver, reason, False)
+            decided_by = approver
+            break
+    return decided_by
+
+
+def _approvals_this_pass(request: ApprovalRequest, before: int) -> dict[str, str]:
+    """Who approved which earlier step whose latest round is approved: approver -> step name."""
+    found: dict[str, str] = {}
+    for index in range(before):
+        row = _latest_row(request, index)
+        if row is None or row.status != "approved":
+            continue
+        for vote in step_votes(request, row):
+            if vote.decision == "approve" and not vote.acting_admin:
+                found.setdefault(vote.approver, row.name)
+    return found
 
 
 def _check_self_approval(rule: RuleSpec, step: StepSpec, assignment: StepAssignment, submitter: str) -> None:

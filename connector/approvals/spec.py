@@ -21,6 +21,9 @@ StepMode = Literal["one", "all", "any", "quorum"]
 RejectBehaviour = Literal["reject", "back"]
 MatchMode = Literal["first", "all"]
 RejectComment = Literal["required", "optional"]
+# A person on several steps of one request: asked once (later steps they hold are approved
+# automatically) or on each step. See docs/mappings.md#same-approver.
+SameApprover = Literal["ask_once", "ask_each_step"]
 FieldType = Literal["string", "number", "money", "date", "datetime", "boolean", "user", "list"]
 
 
@@ -102,7 +105,26 @@ class ValueMapApprovers:
     default: tuple[ApproverSource, ...] = ()
 
 
-ApproverSource = UserApprovers | RoleApprovers | FieldApprovers | ValueMapApprovers
+@dataclass(frozen=True)
+class ManagerApprovers:
+    """``{manager_of: owner, levels: 2}``: the first ``levels`` active managers above the user
+    in canonical field ``of``, up the directory's manager chain (inactive ones passed over)."""
+
+    of: str  # canonical field holding a user id
+    levels: int = 1
+
+
+@dataclass(frozen=True)
+class QueueApprovers:
+    """``{queue: Finance}``: the active members of a CRM queue/group/team/department, as
+    the directory last read them from the CRM."""
+
+    queue: str  # the CRM's name or id of the queue
+
+
+ApproverSource = (
+    UserApprovers | RoleApprovers | FieldApprovers | ValueMapApprovers | ManagerApprovers | QueueApprovers
+)
 
 
 @dataclass(frozen=True)
@@ -183,6 +205,7 @@ class RuleSpec:
     lock: LockSpec | None = None  # record locking while pending (connector.approvals.locking)
     # Keep approvals of unchanged steps on restart / resubmission (connector.approvals.reapproval).
     smart_reapproval: bool = False
+    same_approver: SameApprover = "ask_each_step"
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,37 @@ def directory_list(ctx: Context, connection: str, inactive: bool) -> None:
         )
 
 
+@directory.command("queues")
+@click.argument("connection")
+@pass_context
+def directory_queues(ctx: Context, connection: str) -> None:
+    """List CONNECTION's approver queues as last read from the CRM (`{queue: NAME}` in mapping
+    files): Salesforce queues and groups, HubSpot teams, Zoho groups, Bitrix24 departments."""
+    from sqlalchemy import select
+
+    from connector.directory.models import DirectoryQueue
+
+    ctx.settings.connection(connection)
+    runtime = _runtime(ctx)
+    try:
+        with runtime.sessions() as session:
+            rows = list(
+                session.scalars(
+                    select(DirectoryQueue)
+                    .where(DirectoryQueue.connection == connection)
+                    .order_by(DirectoryQueue.name)
+                )
+            )
+    finally:
+        runtime.close()
+    if not rows:
+        click.echo(f"no queues cached for {connection}; run `crm-approvals directory refresh {connection}`")
+        return
+    click.echo(f"{'ID':<24} {'NAME':<32} MEMBERS")
+    for row in rows:
+        click.echo(f"{row.queue_id:<24} {row.name:<32} {', '.join(row.members) or '-'}")
+
+
 @click.group()
 def notifications() -> None:
     """The notification outbox: what was sent, what failed, resending."""

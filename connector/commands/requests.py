@@ -177,7 +177,10 @@ def _print_detail(detail: RequestDetail) -> None:
             _when(v.at),
             str(v.step_index + 1),
             str(v.round),
-            v.approver + (" (admin)" if v.acting_admin else ""),
+            v.approver
+            + (" (admin)" if v.acting_admin else "")
+            + (f" (deputy for {v.on_behalf_of})" if v.on_behalf_of else "")
+            + (" (automatic)" if v.auto_reason else ""),
             v.decision,
             v.comment or "",
         )

@@ -69,6 +69,16 @@ class CRMUser:
 
 
 @dataclass(frozen=True)
+class CRMQueue:
+    """A set of people the CRM groups work for (Salesforce Queue/Group, HubSpot team, Zoho
+    group, Bitrix24 department): approvers `{queue: ...}` in mapping files (by id or name)."""
+
+    id: str
+    name: str
+    members: tuple[str, ...]  # user ids, in the form records and mapping files use
+
+
+@dataclass(frozen=True)
 class FieldInfo:
     name: str  # API name
     label: str
@@ -145,6 +155,11 @@ class CRMAdapter(ABC):
     @abstractmethod
     def _users_page(self, cursor: Any) -> tuple[list[CRMUser], Any]:
         """One page of the CRM's users; returns (users, next cursor or None)."""
+
+    def _queues(self) -> list[CRMQueue]:
+        """Every queue/group/team/department with its members (one call or several: the
+        adapter's own paging); read with the directory."""
+        return []
 
     def is_own_change(self, event: RecordChangeEvent) -> bool | None:
         """Whether the CRM marks this change as made by our own write-back (e.g. Salesforce
@@ -240,6 +255,10 @@ class CRMAdapter(ABC):
             yield from page
             if cursor is None:
                 return
+
+    def list_queues(self) -> list[CRMQueue]:
+        """The CRM's queues of approvers with their members (connector.directory caches them)."""
+        return list(self._call(self._queues))
 
     @property
     def read_batch_limit(self) -> int:

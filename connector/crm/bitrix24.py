@@ -23,7 +23,7 @@ import requests
 
 from connector.config import ConfigError, ConnectionConfig
 from connector.crm.auth import OAuthTokens, TokenAnswer, TokenEndpoint, TokenRefused, mask
-from connector.crm.base import CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
+from connector.crm.base import CRMAdapter, CRMQueue, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
 from connector.crm.errors import (
     AuthError,
     AuthExpiredError,
@@ -465,6 +465,28 @@ class Bitrix24Adapter(CRMAdapter):
         rows = [row for row in body.get("result") or [] if isinstance(row, dict) and row.get("ID")]
         users = [bitrix_user(row, self._departments) for row in rows]
         return users, body.get("next")
+
+    def _queues(self) -> list[CRMQueue]:
+        """Departments (department.get) as queues; members are the users whose UF_DEPARTMENT
+        lists the department (user.get, paged with `start`)."""
+        names: dict[str, str] = {}
+        start: Any = 0
+        while start is not None:
+            body = self._call_method("department.get", {"sort": "ID", "order": "ASC", "start": start})
+            for row in body.get("result") or []:
+                if isinstance(row, dict) and row.get("ID"):
+                    names[str(row["ID"])] = str(row.get("NAME") or row["ID"])
+            start = body.get("next")
+        members: dict[str, list[str]] = {dept: [] for dept in names}
+        start = 0
+        while start is not None:
+            body = self._call_method("user.get", {"sort": "ID", "order": "ASC", "start": start})
+            for row in body.get("result") or []:
+                if isinstance(row, dict) and row.get("ID"):
+                    for dept in row.get("UF_DEPARTMENT") or []:
+                        members.setdefault(str(dept), []).append(str(row["ID"]))
+            start = body.get("next")
+        return [CRMQueue(id=dept, name=names[dept], members=tuple(members[dept])) for dept in names]
 
     def _all_departments(self) -> dict[str, tuple[str | None, str | None]]:
         """Department id -> (head user id, parent department id)."""

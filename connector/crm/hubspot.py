@@ -23,7 +23,7 @@ import requests
 
 from connector.config import ConfigError, ConnectionConfig, Settings
 from connector.crm.auth import OAuthTokens, TokenAnswer, TokenEndpoint, TokenRefused
-from connector.crm.base import CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
+from connector.crm.base import CRMAdapter, CRMQueue, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
 from connector.crm.errors import CRMError, FatalError, RateLimitedError, parse_retry_after
 from connector.crm.http import raise_for_status, send
 from connector.crm.retry import RetryPolicy
@@ -200,6 +200,24 @@ class HubSpotAdapter(CRMAdapter):
         if next_after:
             return users, (archived, next_after)
         return users, (None if archived else (True, None))
+
+    def _queues(self) -> list[CRMQueue]:
+        """Teams (GET /settings/v3/users/teams): members are user ids, primary and secondary;
+        the directory maps them to the owner ids records carry."""
+        answer = self._request("GET", "/settings/v3/users/teams")
+        return [
+            CRMQueue(
+                id=str(team["id"]),
+                name=str(team.get("name") or team["id"]),
+                members=tuple(
+                    dict.fromkeys(
+                        str(u) for u in [*(team.get("userIds") or []), *(team.get("secondaryUserIds") or [])]
+                    )
+                ),
+            )
+            for team in answer.get("results", [])
+            if team.get("id") is not None
+        ]
 
     def describe(self, object_type: str) -> list[FieldInfo]:
         """The object's properties, plus one entry per associable object type so that a related

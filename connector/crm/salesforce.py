@@ -29,7 +29,15 @@ from simple_salesforce import Salesforce, SalesforceLogin, format_soql
 from simple_salesforce.exceptions import SalesforceAuthenticationFailed, SalesforceError
 
 from connector.config import ConfigError, ConnectionConfig
-from connector.crm.base import ApiUsage, CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult
+from connector.crm.base import (
+    ApiUsage,
+    CRMAdapter,
+    CRMQueue,
+    CRMUser,
+    FieldInfo,
+    RecordUpdate,
+    UpdateResult,
+)
 from connector.crm.errors import (
     AuthError,
     AuthExpiredError,
@@ -163,6 +171,34 @@ class SalesforceAdapter(CRMAdapter):
                 page = self._client().query_more(cursor, identifier_is_url=True, timeout=self.timeout)
         users = [user_of(record) for record in page.get("records", [])]
         return users, (None if page.get("done", True) else page.get("nextRecordsUrl"))
+
+    def _queues(self) -> list[CRMQueue]:
+        """Queues and public groups (Group Type Queue / Regular) with their GroupMember users;
+        a group inside a group contributes its own users (role groups are not expanded)."""
+        groups = list(
+            self._query_all(
+                format_soql(
+                    "SELECT Id, Name, Type FROM Group WHERE Type IN {} ORDER BY Id", QUEUE_GROUP_TYPES
+                )
+            )
+        )
+        direct: dict[str, list[str]] = {str(g["Id"]): [] for g in groups}
+        ids = list(direct)
+        for start in range(0, len(ids), READ_BATCH_LIMIT):
+            soql = format_soql(
+                "SELECT GroupId, UserOrGroupId FROM GroupMember WHERE GroupId IN {} ORDER BY Id",
+                ids[start : start + READ_BATCH_LIMIT],
+            )
+            for member in self._query_all(soql):
+                direct.setdefault(str(member["GroupId"]), []).append(str(member["UserOrGroupId"]))
+        return [
+            CRMQueue(
+                id=str(g["Id"]),
+                name=str(g.get("Name") or g["Id"]),
+                members=_group_users(direct, str(g["Id"])),
+            )
+            for g in groups
+        ]
 
     def _query_all(self, soql: str) -> Iterator[Mapping[str, Any]]:
         with self._translated():
@@ -505,6 +541,29 @@ def pick(flat: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
     behind a null relationship is None."""
     by_lower = {key.lower(): value for key, value in flat.items()}
     return {name: by_lower.get(name.lower()) for name in fields}
+
+
+QUEUE_GROUP_TYPES = ["Queue", "Regular"]
+USER_ID_PREFIX = "005"
+
+
+def _group_users(direct: Mapping[str, list[str]], group_id: str) -> tuple[str, ...]:
+    """Users of a group, following nested groups (each once: Salesforce forbids loops, but
+    a half-read membership list must not hang us)."""
+    users: list[str] = []
+    seen: set[str] = set()
+    pending = [group_id]
+    while pending:
+        current = pending.pop(0)
+        if current in seen:
+            continue
+        seen.add(current)
+        for member in direct.get(current, []):
+            if member.startswith(USER_ID_PREFIX):
+                users.append(member)
+            elif member in direct:
+                pending.append(member)
+    return tuple(dict.fromkeys(users))
 
 
 def user_of(record: Mapping[str, Any]) -> CRMUser:

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import requests
 
 from connector.config import ConnectionConfig, Settings
-from connector.crm.base import CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult
+from connector.crm.base import CRMAdapter, CRMQueue, CRMUser, FieldInfo, RecordUpdate, UpdateResult
 from connector.crm.errors import FatalError
 from connector.crm.http import json_error_reader, raise_for_status, send
 from connector.crm.retry import RetryPolicy
@@ -126,6 +126,23 @@ class SandboxAdapter(CRMAdapter):
             for row in rows
         ]
         return users, next_cursor
+
+    def _queues(self) -> list[CRMQueue]:
+        """The sandbox's `queue` object (members: ;-separated user ids), every page."""
+        queues: list[CRMQueue] = []
+        cursor: Any = None
+        while True:
+            rows, cursor = self._query_page("queue", ["name", "members"], {}, cursor)
+            queues.extend(
+                CRMQueue(
+                    id=str(row["id"]),
+                    name=str(row.get("name") or row["id"]),
+                    members=tuple(m.strip() for m in str(row.get("members") or "").split(";") if m.strip()),
+                )
+                for row in rows
+            )
+            if cursor is None:
+                return queues
 
     def describe(self, object_type: str) -> list[FieldInfo]:
         body = self._call(lambda: self._request("GET", f"{self._objects(object_type)}/describe"))

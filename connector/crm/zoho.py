@@ -15,12 +15,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 import requests
 
 from connector.config import ConfigError, ConnectionConfig, Settings
 from connector.crm.auth import OAuthTokens, TokenAnswer, TokenEndpoint, TokenRefused
-from connector.crm.base import CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
+from connector.crm.base import CRMAdapter, CRMQueue, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
 from connector.crm.errors import AuthError, FatalError, RateLimitedError, RetriableError
 from connector.crm.http import json_error_reader, raise_for_status, send
 from connector.crm.retry import RetryPolicy
@@ -311,6 +312,40 @@ class ZohoAdapter(CRMAdapter):
         info = body.get("info")
         more = isinstance(info, dict) and bool(info.get("more_records"))
         return users, (page + 1 if more else None)
+
+    def _queues(self) -> list[CRMQueue]:
+        """User groups (GET settings/user_groups) and the users each one holds as sources (GET
+        settings/user_groups/{id}/sources?type=users: `{"type": "users", "source": {"id",
+        "name"}}`), both paged with page/per_page; HTTP 204 means none. Roles and territories
+        added to a group as sources are not expanded (docs/crms/zoho.md)."""
+        groups = self._pages("settings/user_groups", "user_groups", {})
+        queues = []
+        for group in groups:
+            path = f"settings/user_groups/{quote(str(group['id']), safe='')}/sources"
+            sources = self._pages(path, "sources", {"type": "users"}, has_id=False)
+            members = tuple(
+                str(item["source"]["id"])
+                for item in sources
+                if item.get("type") == "users"
+                and isinstance(item.get("source"), dict)
+                and item["source"].get("id")
+            )
+            queues.append(CRMQueue(str(group["id"]), str(group.get("name") or group["id"]), members))
+        return queues
+
+    def _pages(
+        self, path: str, key: str, params: Mapping[str, str], *, has_id: bool = True
+    ) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        page = 1
+        while True:
+            query = {**params, "page": page, "per_page": USERS_PAGE_SIZE}
+            body = _json_object(self._checked(self._send("GET", path, params=query)))
+            rows.extend(r for r in body.get(key) or [] if isinstance(r, dict) and (r.get("id") or not has_id))
+            info = body.get("info")
+            if not (isinstance(info, dict) and info.get("more_records")):
+                return rows
+            page += 1
 
     # --- metadata, loop prevention ----------------------------------------------------
 

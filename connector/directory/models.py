@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 
-from sqlalchemy import Index, Integer, String, Text
+from sqlalchemy import Date, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from connector.storage.db import Base, UTCDateTime
+from connector.storage.db import Base, JSONType, UTCDateTime
 
 
 class DirectoryPerson(Base):
@@ -49,3 +49,37 @@ class DirectoryRefresh(Base):
     refreshed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)  # last success
     people: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class DirectoryQueue(Base):
+    """A CRM queue or group of approvers (Salesforce Queue/Group, HubSpot team, Zoho group,
+    Bitrix24 department) and its members as last read, refreshed with the people."""
+
+    __tablename__ = "directory_queues"
+
+    connection: Mapped[str] = mapped_column(String(64), primary_key=True)
+    queue_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(300))
+    members: Mapped[list[str]] = mapped_column(JSONType, default=list)  # user ids
+    refreshed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class DelegationRow(Base):
+    """A user away from `starts_on` to `ends_on` (inclusive, UTC dates): `deputy_id` acts for
+    them, on every rule or on `rule_name` only. Cancelled rows stay, for the history."""
+
+    __tablename__ = "delegations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    connection: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str] = mapped_column(String(200))
+    deputy_id: Mapped[str] = mapped_column(String(200))
+    starts_on: Mapped[date] = mapped_column(Date)
+    ends_on: Mapped[date] = mapped_column(Date)
+    rule_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (Index("ix_delegations_user", "connection", "user_id", "ends_on"),)

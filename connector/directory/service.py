@@ -19,9 +19,9 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.clock import utcnow
-from connector.crm.base import CRMAdapter, CRMUser
+from connector.crm.base import CRMAdapter, CRMQueue, CRMUser
 from connector.crm.errors import CRMError
-from connector.directory.models import DirectoryAlias, DirectoryPerson, DirectoryRefresh
+from connector.directory.models import DirectoryAlias, DirectoryPerson, DirectoryQueue, DirectoryRefresh
 from connector.storage.db import transaction
 
 if TYPE_CHECKING:
@@ -50,11 +50,13 @@ class RefreshResult:
     people: int = 0  # listed by the CRM in this refresh
     deactivated: int = 0  # in the cache before, no longer listed: kept, marked inactive
     error: str | None = None
+    queues: int | None = None  # queues of approvers read; None when they could not be
 
     def __str__(self) -> str:
         if not self.ok:
             return f"{self.connection}: directory refresh failed: {self.error}"
-        return f"{self.connection}: {self.people} people ({self.deactivated} no longer listed)"
+        queues = f"; {self.error}" if self.error else (f", {self.queues} queues" if self.queues else "")
+        return f"{self.connection}: {self.people} people ({self.deactivated} no longer listed){queues}"
 
 
 class Directory:
@@ -153,15 +155,32 @@ class Directory:
     def refresh(self, connection: str) -> RefreshResult:
         """Read the connection's users from the CRM now and replace the cache with them."""
         now = self.clock()
+        adapter = self.adapters(connection)
         try:
-            users = list(self.adapters(connection).list_users())
+            users = list(adapter.list_users())
         except CRMError as exc:
             self._record_failure(connection, now, str(exc))
             return RefreshResult(connection, ok=False, error=str(exc))
+        queues: list[CRMQueue] | None
+        queue_error = None
+        try:  # queues of approvers; without them (e.g. a missing scope) the people still refresh
+            queues = adapter.list_queues()
+        except CRMError as exc:
+            queues, queue_error = None, str(exc)
+            log.warning("directory %s: cannot read queues, keeping the cached ones: %s", connection, exc)
         with transaction(self.sessions) as session:
             deactivated = store_users(session, connection, users, now)
+            if queues is not None:
+                store_queues(session, connection, queues, now)
         log.info("directory %s: %d people read from the CRM", connection, len(users))
-        return RefreshResult(connection, ok=True, people=len(users), deactivated=deactivated)
+        return RefreshResult(
+            connection,
+            ok=True,
+            people=len(users),
+            deactivated=deactivated,
+            queues=None if queues is None else len(queues),
+            error=queue_error and f"queues not read: {queue_error}",
+        )
 
     def ensure_loaded(self, connection: str) -> RefreshResult | None:
         """Refresh a connection that was never read; None when it already was."""
@@ -271,6 +290,22 @@ def store_users(session: Session, connection: str, users: list[CRMUser], now: da
         refresh.attempted_at = refresh.refreshed_at = now
         refresh.people, refresh.last_error = len(listed), None
     return len(gone)
+
+
+def store_queues(session: Session, connection: str, queues: list[CRMQueue], now: datetime) -> None:
+    """Replace the connection's queues with the ones the CRM listed now."""
+    session.execute(delete(DirectoryQueue).where(DirectoryQueue.connection == connection))
+    session.flush()
+    session.add_all(
+        DirectoryQueue(
+            connection=connection,
+            queue_id=q.id,
+            name=q.name[:300],
+            members=list(dict.fromkeys(q.members)),
+            refreshed_at=now,
+        )
+        for q in queues
+    )
 
 
 def _person(row: DirectoryPerson) -> Person:

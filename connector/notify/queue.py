@@ -93,6 +93,9 @@ def queue_message(
     return row.id
 
 
+STEP_HOLDER_EVENTS = ("entered", "delegated", "reassigned")
+
+
 class NotificationQueue:
     """Turns approval outcomes into queued notifications (called by the ApprovalService)."""
 
@@ -113,7 +116,9 @@ class NotificationQueue:
         request = outcome.request
         added = 0
         for transition in outcome.transitions:
-            if transition.kind == "entered" and transition.step_index is not None:
+            # a step opened, or someone new holds a place on it (a deputy, an admin's reassignment):
+            # everyone on it now is told once (the dedupe key is per step round and person)
+            if transition.kind in STEP_HOLDER_EVENTS and transition.step_index is not None:
                 rows = [s for s in request.steps if s.index == transition.step_index]
                 step = max(rows, key=lambda s: s.round)
                 facts = {

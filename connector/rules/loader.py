@@ -37,7 +37,9 @@ from connector.approvals.spec import (
     Criterion,
     FieldApprovers,
     FieldSpec,
+    ManagerApprovers,
     MappingSpec,
+    QueueApprovers,
     RoleApprovers,
     RuleSpec,
     StepSpec,
@@ -361,6 +363,7 @@ class _SpecBuilder:
             crm_vote=crm_vote,
             lock=lock,
             smart_reapproval=rule.smart_reapproval,
+            same_approver=rule.same_approver,
         )
 
     def _when(self, spec: Any, path: KeyPath) -> Criterion | None:
@@ -418,7 +421,21 @@ class _SpecBuilder:
         if approver.field is not None:
             spec = self.field_ref(approver.field, path + ("field",), types=("user", "list", "string"))
             return FieldApprovers(spec.name) if spec else None
+        if approver.manager_of is not None:
+            return self._manager_of(approver.manager_of, approver.levels or 1, path + ("manager_of",))
+        if approver.queue is not None:
+            return QueueApprovers(approver.queue)
         return self._value_map(approver, path)
+
+    def _manager_of(self, name: str, levels: int, path: KeyPath) -> ManagerApprovers | None:
+        if name == "approver":
+            hint = "a step's approvers come before it; use `{manager_of: owner}` or a user field"
+            self.errors.add(
+                path, "`manager_of: approver` is for escalation targets, not step approvers", hint
+            )
+            return None
+        spec = self.field_ref(name, path, types=("user", "string"))
+        return ManagerApprovers(spec.name, levels) if spec else None
 
     def _role(
         self, name: str, path: KeyPath, pool: Mapping[str, Any], kind: str, other: Mapping[str, Any]

@@ -32,12 +32,13 @@ from connector.approvals.spec import (
     MatchMode,
     RejectBehaviour,
     RejectComment,
+    SameApprover,
     StepMode,
 )
 from connector.rules.errors import ErrorCollector, KeyPath, did_you_mean, one_of
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
-APPROVER_KINDS: tuple[str, ...] = ("user", "role", "group", "field", "from_field")
+APPROVER_KINDS: tuple[str, ...] = ("user", "role", "group", "field", "from_field", "manager_of", "queue")
 
 
 def fail(message: str, hint: str | None = None) -> PydanticCustomError:
@@ -97,6 +98,9 @@ class ApproverModel(_Model):
     from_field: Name | None = None
     map: dict[str, ApproverList] | None = None
     default: ApproverList | None = None
+    manager_of: Name | None = None  # a user field (owner), or `approver` in escalation targets
+    levels: int | None = None  # with manager_of: how many active managers up the chain
+    queue: Name | None = None  # a CRM queue / group / team / department, by name or id
 
     @model_validator(mode="after")
     def _one_kind(self) -> ApproverModel:
@@ -108,10 +112,15 @@ class ApproverModel(_Model):
             raise fail("`map` and `default` only go with `from_field`")
         if self.from_field is not None and not self.map:
             raise fail("`from_field` needs a `map` of value -> approvers", _FROM_FIELD_HINT)
+        if self.levels is not None and self.manager_of is None:
+            raise fail("`levels` only goes with `manager_of`", _MANAGER_HINT)
+        if self.levels is not None and not 1 <= self.levels <= 10:
+            raise fail(f"`levels` must be 1 to 10, got {self.levels}", _MANAGER_HINT)
         return self
 
 
 _APPROVER_HINT = "e.g. `- {user: 005XX0000012345}`, `- {group: finance}` or `- {field: owner_manager}`"
+_MANAGER_HINT = "e.g. `- {manager_of: owner, levels: 2}` (the owner's manager and theirs)"
 _FROM_FIELD_HINT = "e.g. `{from_field: product_lines, map: {Hardware: [{user: 005XX}]}}`"
 ApproverList = Annotated[list[ApproverModel], BeforeValidator(_as_list), Field(min_length=1)]
 
@@ -171,6 +180,7 @@ class RuleModel(_Model):
     crm_vote: CrmVoteModel | None = None
     lock: LockModel | None = None
     smart_reapproval: bool = False
+    same_approver: SameApprover = "ask_each_step"
     on: OnModel = Field(default_factory=OnModel)
 
 
@@ -221,7 +231,8 @@ def _explain(error: Any, loc: KeyPath) -> tuple[str, str | None]:
 def _unknown_key(loc: KeyPath) -> tuple[str, str | None]:
     key = str(loc[-1])
     allowed = _model_keys(loc[:-1])
-    hint = did_you_mean(key, allowed) or _KEY_ELSEWHERE.get(key)
+    # a key valid elsewhere is better told where it goes than matched to a look-alike here
+    hint = _KEY_ELSEWHERE.get(key) or did_you_mean(key, allowed)
     if hint is None and allowed:
         hint = f"expected {one_of(allowed)}"
     return f"unknown key `{key}`", hint
@@ -279,6 +290,8 @@ _KEY_ELSEWHERE: dict[str, str] = {
     "lock": "`lock` belongs to a rule",
     "inputs": "`inputs` belongs to a step",
     "decision": "`decision` goes under a rule's `crm_vote:`",
+    "same_approver": "`same_approver` belongs to a rule",
+    "levels": "`levels` goes with `manager_of` in an approver: `{manager_of: owner, levels: 2}`",
     "set": "`set` goes under an event: `on: {approve: {set: {...}}}`",
     "submit": "events go under `on:` in a rule",
     "approve": "events go under `on:` in a rule",

@@ -24,6 +24,12 @@ USERS: list[dict[str, Any]] = [
      "email": "eva.lindqvist@sandbox.example", "locale": "pl_PL", "manager_id": "u-gm-carla"},
 ]  # fmt: skip
 
+# Queues of approvers ({queue: Finance desk} in a mapping file): members are user ids.
+QUEUES: list[dict[str, Any]] = [
+    {"id": "q-finance", "name": "Finance desk", "members": "u-fin-dmitri;u-gm-carla"},
+    {"id": "q-legal", "name": "Legal", "members": "u-legal-eva"},
+]
+
 COMPANIES: list[dict[str, Any]] = [
     {"id": "C-100", "name": "Northwind Traders GmbH", "credit_score": 82},
     {"id": "C-200", "name": "Contoso Retail Ltd", "credit_score": 64},
@@ -77,6 +83,8 @@ def seed(store: Store, today: date | None = None) -> None:
     today = today or store.clock().date()
     for user in USERS:
         store.insert("user", {**user, "active": True})
+    for queue in QUEUES:
+        store.insert("queue", queue)
     for company in COMPANIES:
         store.insert("company", company)
     for deal in deals(today):
@@ -90,6 +98,9 @@ def ensure_seeded(store: Store, *, reset: bool = False) -> bool:
     if not store.is_empty():
         for user in USERS:  # a store seeded by an older version lacks e-mail, locale and manager
             store.fill_blanks("user", user["id"], {**user, "active": True})
+        for queue in QUEUES:  # nor queues
+            if store.get("queue", queue["id"]) is None:
+                store.insert("queue", queue)
         return False
     seed(store)
     return True

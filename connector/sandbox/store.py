@@ -160,7 +160,18 @@ USER = ObjectSpec(
         FieldSpec("modified_at", "Last modified", "datetime", updateable=False),
     ),
 )
-OBJECTS: dict[str, ObjectSpec] = {spec.name: spec for spec in (DEAL, COMPANY, USER)}
+QUEUE = ObjectSpec(
+    "queue",
+    "Queue",
+    "queues",
+    (
+        FieldSpec("id", "Queue ID", "string", updateable=False),
+        FieldSpec("name", "Name", "string", required=True),
+        FieldSpec("members", "Members (user ids, ;-separated)", "text"),
+        FieldSpec("modified_at", "Last modified", "datetime", updateable=False),
+    ),
+)
+OBJECTS: dict[str, ObjectSpec] = {spec.name: spec for spec in (DEAL, COMPANY, USER, QUEUE)}
 
 _SQL_TYPES = {"number": "REAL", "integer": "INTEGER", "boolean": "INTEGER"}
 _OUTGOING_SQL = """

@@ -31,6 +31,7 @@ from connector.approvals.lifecycle import (
     Outcome,
     Transition,
     cast_vote,
+    delegate_open_step,
     expire,
     is_active,
     may_see,
@@ -91,6 +92,20 @@ class PeopleLookup(Protocol):
     def canonical_id(self, connection: str, user_id: str, *, session: Session | None = None) -> str: ...
 
 
+class RoutingProvider(Protocol):
+    """The org chart, queues and deputies for approver resolution
+    (connector.service.delegation.RoutingSource)."""
+
+    def context(
+        self,
+        connection: str,
+        roles: Mapping[str, tuple[str, ...]],
+        today: date,
+        *,
+        session: Session | None = None,
+    ) -> Mapping[str, tuple[str, ...]]: ...
+
+
 class OutcomeListener(Protocol):
     """Told of every committed change, in its transaction (connector.notify queues messages)."""
 
@@ -116,6 +131,15 @@ class ApprovalService:
     public_base_url: str = ""
     # CRM user ids who may edit locked fields of a pending record (ADMIN_USERS)
     admins: frozenset[str] = frozenset()
+    # issue 11: manager_of / queue approvers and deputies; None = the mapping's roles only
+    routing: RoutingProvider | None = None
+
+    def _roles(
+        self, connection: str, spec: MappingSpec, session: Session | None = None
+    ) -> Mapping[str, tuple[str, ...]]:
+        if self.routing is None:
+            return spec.roles
+        return self.routing.context(connection, spec.roles, self.clock().date(), session=session)
 
     # --- record changes (called by the worker, inside the event's transaction) -------
 
@@ -201,6 +225,7 @@ class ApprovalService:
         now = self.clock()
         active = store.find_active(session, record, rule.name)
         if active is not None:
+            roles = self._roles(record.connection, spec, session)
             notes: list[str] = []
             if guard:
                 active, notes = guard_pending(self, session, record, spec, rule, active, ctx, modified_by)
@@ -208,10 +233,10 @@ class ApprovalService:
             outcome = on_record_change(
                 before,
                 rule,
-                spec.roles,
+                roles,
                 ctx,
                 now,
-                carried=lambda c: carried_steps(rule, before, c.values, spec.roles),
+                carried=lambda c: carried_steps(rule, before, c.values, roles),
             )
             if outcome is None:
                 done = "; ".join(notes)
@@ -229,14 +254,15 @@ class ApprovalService:
         submitter = _submitter(ctx)
         if self.people is not None:  # e.g. HubSpot's hs_updated_by_user_id is a user id, not an owner id
             submitter = self.people.canonical_id(record.connection, submitter, session=session)
+        roles = self._roles(record.connection, spec, session)
         # Smart re-approval: a resubmitted rejected record keeps the approvals of unchanged steps.
         carried = (
-            carried_steps(rule, latest.request, ctx.values, spec.roles)
+            carried_steps(rule, latest.request, ctx.values, roles)
             if latest is not None and latest.request.status == "rejected"
             else None
         )
         outcome = open_request(
-            rule, spec.roles, ctx, record_ref=record.ref, submitter=submitter, now=now, carried=carried
+            rule, roles, ctx, record_ref=record.ref, submitter=submitter, now=now, carried=carried
         )
         stored = StoredRequest(outcome.request, record, spec.source_path, spec.content_hash)
         self._commit(session, stored, spec, rule, outcome, None, self._render(outcome, rule, record, session))
@@ -269,7 +295,7 @@ class ApprovalService:
             return cast_vote(
                 request,
                 rule,
-                spec.roles,
+                self._roles(spec.connection, spec),
                 approver=user,
                 decision=decision,
                 step_index=-1 if index is None else index,  # closed: the engine says so
@@ -324,6 +350,16 @@ class ApprovalService:
             )
 
         return _decided(self._decide_and_save(sessions, request_id, decide))
+
+    def delegate(self, sessions: sessionmaker[Session], request_id: str) -> StoredRequest | None:
+        """Hand places on the open step to deputies of approvers away today (None: nothing to
+        hand over), saved like a vote (connector.service.delegation)."""
+
+        def decide(request: ApprovalRequest, spec: MappingSpec, rule: RuleSpec) -> Outcome | None:
+            roles = self._roles(spec.connection, spec)
+            return delegate_open_step(request, rule, roles, self.clock())
+
+        return self._decide_and_save(sessions, request_id, decide)
 
     # --- expiry (periodic job and `crm-approvals sync expire`) -------------------------
 
@@ -443,6 +479,8 @@ class ApprovalService:
                 step_index=v.step_index,
                 comment=v.comment,
                 acting_admin=v.acting_admin,
+                on_behalf_of=v.on_behalf_of,
+                auto_reason=v.auto_reason,
             )
         for n, action in enumerate(actions):
             fields = {name: to_wire(value) for name, value in spec.to_api(action.values).items()}

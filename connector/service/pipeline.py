@@ -30,6 +30,7 @@ from connector.notify.queue import NotificationQueue
 from connector.rules import MappingSet
 from connector.runtime import Runtime
 from connector.service.approval_service import ApprovalService
+from connector.service.delegation import RoutingSource
 from connector.storage import audit
 from connector.storage.approval_store import RecordKey
 from connector.storage.models import DONE, SENDING, OutboxUpdate, RecordSnapshot
@@ -57,6 +58,7 @@ class Pipeline:
             notifications=NotificationQueue(runtime.settings),
             public_base_url=runtime.settings.public_base_url,
             admins=frozenset(runtime.settings.admin_users),
+            routing=RoutingSource(runtime.sessions),  # issue 11: org chart, queues, deputies
         )
 
     def refresh_mappings(self, min_interval: float = 2.0) -> None:

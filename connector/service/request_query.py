@@ -258,7 +258,15 @@ def _visible_to(session: Session, user_id: str) -> ColumnElement[bool]:
     assigned = select(ApprovalStepRow.request_id).where(
         _approvers_include(session, ApprovalStepRow.approvers, user_id)
     )
-    return or_(ApprovalRequestRow.submitter == user_id, ApprovalRequestRow.id.in_(assigned))
+    # a deputy took their place while they were away (issue 11): they still see it
+    stood_in_for = select(ApprovalStepRow.request_id).where(
+        _object_values_include(session, ApprovalStepRow.on_behalf_of, user_id)
+    )
+    return or_(
+        ApprovalRequestRow.submitter == user_id,
+        ApprovalRequestRow.id.in_(assigned),
+        ApprovalRequestRow.id.in_(stood_in_for),
+    )
 
 
 def _pending_for(session: Session, user_id: str) -> ColumnElement[bool]:
@@ -283,3 +291,12 @@ def _approvers_include(session: Session, approvers: Any, user_id: str) -> Column
         return type_coerce(approvers, JSONB).contains(type_coerce([user_id], JSONB))
     member = func.json_each(approvers).table_valued("value")
     return exists().select_from(member).where(member.c.value == user_id)
+
+
+def _object_values_include(session: Session, mapping: Any, user_id: str) -> ColumnElement[bool]:
+    """A value of a JSON object column is ``user_id`` (deputy -> approver maps)."""
+    if session.get_bind().dialect.name == "postgresql":
+        entry = func.jsonb_each_text(type_coerce(mapping, JSONB)).table_valued("key", "value")
+    else:
+        entry = func.json_each(mapping).table_valued("value")
+    return exists().select_from(entry).where(entry.c.value == user_id)

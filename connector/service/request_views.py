@@ -53,6 +53,10 @@ class Vote(BaseModel):
     comment: str | None
     acting_admin: bool
     at: Timestamp
+    on_behalf_of: str | None = Field(None, description="The approver the voter stood in for as their deputy.")
+    auto_reason: str | None = Field(
+        None, description="Cast by the engine (same_approver: ask_once), and why; null for a person's vote."
+    )
 
     @classmethod
     def of(cls, vote: VoteRow) -> Vote:
@@ -64,6 +68,8 @@ class Vote(BaseModel):
             comment=vote.comment,
             acting_admin=vote.acting_admin,
             at=vote.at,
+            on_behalf_of=vote.on_behalf_of,
+            auto_reason=vote.auto_reason,
         )
 
 
@@ -75,6 +81,9 @@ class Step(BaseModel):
     name: str
     mode: StepMode
     approvers: list[str] = Field(description="Assigned user ids.")
+    on_behalf_of: dict[str, str] = Field(
+        default_factory=dict, description="Deputy user id -> the approver they stand in for (out of office)."
+    )
     required: int = Field(description="Approvals that approve the step.")
     status: StepStatus
     entered_at: Timestamp
@@ -89,6 +98,7 @@ class Step(BaseModel):
             name=step.name,
             mode=step.mode,
             approvers=list(step.approvers),
+            on_behalf_of=dict(step.on_behalf_of),
             required=step.required,
             status=step.status,
             entered_at=step.entered_at,

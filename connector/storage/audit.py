@@ -44,6 +44,8 @@ KINDS = (
     "writeback_in_doubt",
     "drift_repaired",
     "expired",
+    "delegation_set",
+    "delegation_cancelled",
 )
 
 GENESIS_HASH = "0" * 64  # the prev_hash of the first row

@@ -47,6 +47,7 @@ COLUMNS = (
     "status",
     "attempts",
     "content_hash",
+    "modified_by",
 )
 
 

@@ -174,6 +174,8 @@ class ApprovalStepRow(Base):
     status: Mapped[str] = mapped_column(String(16))
     entered_at: Mapped[datetime] = mapped_column(UTCDateTime)
     left_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # deputy -> approver they stand in for (delegation, connector.approvals.routing)
+    on_behalf_of: Mapped[dict[str, str]] = mapped_column(JSONType, default=dict, server_default="{}")
 
     # Who is assigned where (visibility, pending_for): `approvers @> '["user"]'` on PostgreSQL.
     __table_args__ = (
@@ -198,6 +200,8 @@ class ApprovalVoteRow(Base):
     comment: Mapped[str | None] = mapped_column(Text, nullable=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     acting_admin: Mapped[bool] = mapped_column(default=False)
+    on_behalf_of: Mapped[str | None] = mapped_column(String(200), nullable=True)  # voter is their deputy
+    auto_reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # cast by the engine, and why
 
     __table_args__ = (UniqueConstraint("request_id", "step_index", "round", "approver", name="uq_vote_once"),)
 

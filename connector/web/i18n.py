@@ -186,6 +186,14 @@ def explain_error(error: ApprovalError) -> str:
         ),
         "reassign_not_allowed": gettext("Only an admin may reassign a step."),
         "invalid_reassign": gettext("Name someone who is not already an approver of this step."),
+        "delegation_cycle": gettext(
+            "Your deputy has chosen you as their own deputy for some of those days: choose someone else, "
+            "or ask them to cancel theirs (%(detail)s).",
+            detail=str(error),
+        ),
+        "invalid_delegation": gettext("That deputy cannot be set: %(reason)s", reason=str(error)),
+        "delegation_not_found": gettext("There is no such delegation."),
+        "delegation_not_allowed": gettext("You may set only your own deputy."),
         "rule_gone": gettext(
             "The rule of this request is no longer in the mapping files; an admin must restore it."
         ),
@@ -306,6 +314,7 @@ def event_text(kind: str) -> str:
         "crm_vote_refused": gettext("A decision set in the CRM was not taken as a vote"),
         "lock_reverted": gettext("Locked field edited; the edit was undone"),
         "lock_flagged": gettext("Locked field edited while pending"),
+        "delegated": gettext("Handed to a deputy"),
     }.get(kind, kind)
 
 

@@ -10,14 +10,14 @@ docs/crms/adding-a-crm.md walks through the whole of a new CRM.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import responses
 
 from connector.config import ConnectionConfig, Settings, parse_connections
-from connector.crm.base import CRMAdapter
+from connector.crm.base import CRMAdapter, CRMQueue
 from connector.crm.registry import adapter_class
 from connector.crm.retry import RetryPolicy
 
@@ -96,6 +96,16 @@ class AdapterHarness(ABC):
     @abstractmethod
     def sample_records(self) -> dict[str, dict[str, Any]]:
         """Two or three records as get_records must return them (id -> API field -> value)."""
+
+    @abstractmethod
+    def sample_queues(self) -> list[CRMQueue]:
+        """Queues as list_queues must return them, ids in the CRM's shape: at least two, one
+        with several members and one with none."""
+
+    @abstractmethod
+    def mock_queues(self, rsps: responses.RequestsMock, queues: Sequence[CRMQueue]) -> None:
+        """Register the CRM's queue/group/team/department endpoints answering, in its documented
+        format, with these queues and their members."""
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import responses
 
+from connector.crm.base import CRMQueue
 from tests.contract.harness import AdapterHarness, CallLog, Delivery, IntakeHarness
 
 PORTAL = "example.bitrix24.com"
@@ -272,6 +273,47 @@ class Bitrix24AdapterHarness(AdapterHarness):
                     )
                     company[name.partition(".")[2]] = value
         portal.register(rsps)
+
+    def sample_queues(self) -> list[CRMQueue]:
+        return [
+            CRMQueue("1", "Company", ("1",)),
+            CRMQueue("5", "Sales", tuple(str(n) for n in range(2, 60))),  # more than one page of users
+            CRMQueue("9", "Sales EU", ("7", "12")),
+            CRMQueue("11", "Empty", ()),
+        ]
+
+    def mock_queues(self, rsps: responses.RequestsMock, queues: Sequence[CRMQueue]) -> None:
+        """department.get (ID, NAME, PARENT, UF_HEAD) and user.get (UF_DEPARTMENT: ids), each
+        paged 50 at a time with `start` / `next`."""
+        departments = [{"ID": q.id, "NAME": q.name, "SORT": 500, "UF_HEAD": "0"} for q in queues]
+        user_ids = sorted({m for q in queues for m in q.members}, key=int)
+        users = [
+            {"ID": u, "ACTIVE": True, "NAME": f"User {u}", "LAST_NAME": "",
+             "UF_DEPARTMENT": [int(q.id) for q in queues if u in q.members]}
+            for u in user_ids
+        ]  # fmt: skip
+
+        def paged(rows: list[dict[str, Any]], start: int) -> dict[str, Any]:
+            body: dict[str, Any] = {"result": rows[start : start + 50], "total": len(rows), "time": TIME}
+            if start + 50 < len(rows):
+                body["next"] = start + 50
+            return body
+
+        def answer(request: Any) -> tuple[int, dict[str, str], str]:
+            method = request.url.removeprefix(REST)
+            form = form_of(request.body)
+            start = int(form.get("start") or 0)
+            if method == "department.get":
+                return 200, {}, json.dumps(paged(departments, start))
+            if method == "user.get":
+                return 200, {}, json.dumps(paged(users, start))
+            return (
+                404,
+                {},
+                json.dumps({"error": "ERROR_METHOD_NOT_FOUND", "error_description": "Method not found!"}),
+            )
+
+        rsps.add_callback(responses.POST, re.compile(re.escape(REST) + r"[\w.]+$"), callback=answer)
 
     def sample_records(self) -> dict[str, dict[str, Any]]:
         return {

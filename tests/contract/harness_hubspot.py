@@ -16,6 +16,7 @@ import responses
 from requests import PreparedRequest
 
 from connector.config import Settings
+from connector.crm.base import CRMQueue
 from tests.contract.harness import AdapterHarness, CallLog, Delivery, IntakeHarness
 from webhooks.hubspot import sign_v3
 
@@ -267,6 +268,29 @@ class HubSpotAdapterHarness(AdapterHarness):
             "1002": {"dealname": "Globex expansion", "amount": "98000", "companies.credit_score": "640"},
             "1003": {"dealname": "Initech pilot", "amount": "12000", "companies.credit_score": None},
         }
+
+    def sample_queues(self) -> list[CRMQueue]:
+        return [
+            CRMQueue("368389", "Sales Team", ("9586504", "9586505", "9586506")),
+            CRMQueue("368390", "Empty Team", ()),
+        ]
+
+    def mock_queues(self, rsps: responses.RequestsMock, queues: Sequence[CRMQueue]) -> None:
+        """GET /settings/v3/users/teams: primary members in userIds, others in secondaryUserIds."""
+        rsps.get(
+            f"{API}/settings/v3/users/teams",
+            json={
+                "results": [
+                    {
+                        "id": q.id,
+                        "name": q.name,
+                        "userIds": list(q.members[:2]),
+                        "secondaryUserIds": list(q.members[2:]),
+                    }
+                    for q in queues
+                ]
+            },
+        )
 
 
 def oauth_token_response() -> dict[str, Any]:

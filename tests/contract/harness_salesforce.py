@@ -8,13 +8,14 @@ Collections PATCHes; reads are SOQL queries. The intake harness lives in harness
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import requests
 import responses
 
+from connector.crm.base import CRMQueue
 from tests.contract.harness import AdapterHarness, CallLog
 
 API_VERSION = "62.0"
@@ -241,6 +242,40 @@ class SalesforceAdapterHarness(AdapterHarness):
                 "Owner.ManagerId": "005Dn000001Qx9ZIAS",
             },
         }
+
+    def sample_queues(self) -> list[CRMQueue]:
+        return [
+            CRMQueue("00GDn000000QueA1MAC", "Finance Queue", ("005Dn000001Qx8WIAS", "005Dn000001Qx9ZIAS")),
+            CRMQueue("00GDn000000GrpB2MAC", "Legal Group", ("005Dn000001QxALIA0",)),  # through a nested group
+            CRMQueue("00GDn000000GrpC3MAC", "Legal Core", ("005Dn000001QxALIA0",)),
+            CRMQueue("00GDn000000EmpD4MAC", "Empty Queue", ()),
+        ]
+
+    def mock_queues(self, rsps: responses.RequestsMock, queues: Sequence[CRMQueue]) -> None:
+        """Group rows by SOQL (Type IN ('Queue', 'Regular')), then GroupMember rows; Legal Group
+        holds Legal Core (a group id) rather than its user, as Salesforce allows."""
+        mock_soap_login(rsps)
+        nested = {"00GDn000000GrpB2MAC": ["00GDn000000GrpC3MAC"]}
+
+        def answer(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
+            soql = parse_qs(urlparse(request.url or "").query)["q"][0]
+            if soql.startswith("SELECT Id, Name, Type FROM Group WHERE Type IN ('Queue','Regular')"):
+                rows = [
+                    {"attributes": {"type": "Group"}, "Id": q.id, "Name": q.name, "Type": "Queue"}
+                    for q in queues
+                ]
+            elif soql.startswith("SELECT GroupId, UserOrGroupId FROM GroupMember WHERE GroupId IN ("):
+                rows = [
+                    {"attributes": {"type": "GroupMember"}, "GroupId": q.id, "UserOrGroupId": member}
+                    for q in queues
+                    if f"'{q.id}'" in soql
+                    for member in nested.get(q.id, list(q.members))
+                ]
+            else:
+                return 400, {}, json.dumps([{"errorCode": "MALFORMED_QUERY", "message": soql}])
+            return 200, {}, json.dumps({"totalSize": len(rows), "done": True, "records": rows})
+
+        rsps.add_callback(responses.GET, QUERY_URL, callback=answer, content_type="application/json")
 
     def _first_fails(
         self, rsps: responses.RequestsMock, status: int, body: str, headers: dict[str, str]

@@ -8,13 +8,15 @@ tests/sandbox/test_sandbox.py checks the real app answers in exactly these shape
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import responses
 from requests import PreparedRequest
 
+from connector.crm.base import CRMQueue
 from connector.sandbox.app import error_body, result_item, signed_headers
 from connector.sandbox.store import INVALID_VALUE, RECORD_LOCKED, RecordError, webhook_body
 from tests.conftest import SANDBOX_SECRET
@@ -116,6 +118,25 @@ class SandboxAdapterHarness(AdapterHarness):
             return 200, JSON, json.dumps({"records": found, "not_found": missing})
 
         rsps.add_callback(responses.POST, READ_URL, callback=answer)
+
+    def sample_queues(self) -> list[CRMQueue]:
+        return [
+            CRMQueue("q-finance", "Finance desk", ("u-fin-dmitri", "u-gm-carla")),
+            CRMQueue("q-empty", "Nobody yet", ()),
+        ]
+
+    def mock_queues(self, rsps: responses.RequestsMock, queues: Sequence[CRMQueue]) -> None:
+        """The sandbox's object query (GET /api/v1/objects/queue), one record per page to page."""
+
+        def answer(request: PreparedRequest) -> Answer:
+            cursor = parse_qs(urlsplit(request.url or "").query).get("cursor", ["0"])[0]
+            index = int(cursor)
+            q = queues[index]
+            record = {"id": q.id, "fields": {"name": q.name, "members": ";".join(q.members) or None}}
+            next_cursor = str(index + 1) if index + 1 < len(queues) else None
+            return 200, JSON, json.dumps({"records": [record], "next_cursor": next_cursor})
+
+        rsps.add_callback(responses.GET, f"{SANDBOX_URL}/api/v1/objects/queue", callback=answer)
 
     def sample_records(self) -> dict[str, dict[str, Any]]:
         return {

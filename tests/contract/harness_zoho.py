@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import responses
 from requests import PreparedRequest
 
+from connector.crm.base import CRMQueue
 from tests.contract.harness import AdapterHarness, CallLog, Delivery, IntakeHarness
 
 ACCOUNTS_URL = "https://accounts.zoho.eu"
@@ -300,6 +302,54 @@ class ZohoAdapterHarness(AdapterHarness):
             }
         mock_module_records(rsps, "Deals", deals)
         mock_module_records(rsps, "Accounts", accounts)
+
+    def sample_queues(self) -> list[CRMQueue]:
+        members = tuple(f"55402300000023{n:04d}" for n in range(201))  # two pages of associated users
+        return [
+            CRMQueue("5725767000000623001", "Deal desk", members),
+            CRMQueue("5725767000000623002", "Nobody yet", ()),
+        ]
+
+    def mock_queues(self, rsps: responses.RequestsMock, queues: Sequence[CRMQueue]) -> None:
+        """GET settings/user_groups, then settings/user_groups/{id}/sources?type=users (each
+        source `{"type": "users", "source": {"name", "id"}}`), both paged with page/per_page and
+        info.more_records; a group without users answers 204."""
+        mock_token(rsps)
+        per_page = 200
+
+        def query_of(request: PreparedRequest) -> dict[str, list[str]]:
+            return parse_qs(urlsplit(request.url or "").query)
+
+        def info(page: int, count: int, more: bool) -> dict[str, Any]:
+            return {"per_page": per_page, "count": count, "page": page, "more_records": more}
+
+        def groups(request: PreparedRequest) -> tuple[int, dict[str, str], str]:
+            rows = [{"id": q.id, "name": q.name, "description": None} for q in queues]
+            page = int(query_of(request)["page"][0])
+            return 200, {}, json.dumps({"user_groups": rows, "info": info(page, len(rows), False)})
+
+        def sources(request: PreparedRequest) -> tuple[int, dict[str, str], str]:
+            query = query_of(request)
+            assert query["type"] == ["users"], query
+            group_id = (request.url or "").split("/user_groups/")[1].split("/")[0]
+            members = next(q.members for q in queues if q.id == group_id)
+            page = int(query["page"][0])
+            chunk = members[(page - 1) * per_page : page * per_page]
+            if not chunk:
+                return 204, {}, ""
+            rows = [
+                {"type": "users", "source": {"name": f"User {m[-4:]}", "id": m}, "subordinates": False}
+                for m in chunk
+            ]
+            more = page * per_page < len(members)
+            return 200, {}, json.dumps({"sources": rows, "info": info(page, len(rows), more)})
+
+        rsps.add_callback(responses.GET, f"{API}/settings/user_groups", callback=groups)
+        rsps.add_callback(
+            responses.GET,
+            re.compile(re.escape(f"{API}/settings/user_groups/") + r"\d+/sources"),
+            callback=sources,
+        )
 
     def sample_records(self) -> dict[str, dict[str, Any]]:
         return {

@@ -171,3 +171,12 @@ def test_last_modified_by_is_read_from_the_crms_own_field(
         got = adapter.get_records(harness.object_type, [record_id], [field])
     assert adapter.modified_by(harness.object_type, got[record_id]) == expected
     assert adapter.modified_by(harness.object_type, {}) is None
+
+
+def test_queue_members_are_read_in_the_crms_own_format(harness: AdapterHarness, policy: RetryPolicy) -> None:
+    queues = harness.sample_queues()
+    assert len(queues) >= 2 and any(len(q.members) > 1 for q in queues) and any(not q.members for q in queues)
+    with responses.RequestsMock() as rsps:
+        harness.mock_queues(rsps, queues)
+        got = harness.make_adapter(policy).list_queues()
+    assert sorted(got, key=lambda q: q.id) == sorted(queues, key=lambda q: q.id)
