@@ -117,6 +117,10 @@ TransitionKind = Literal[
     "expired",
     "restarted",  # a restart_on_change field changed; comment lists the fields
     "reassigned",  # an admin replaced an approver of the open step; comment says who by whom
+    # step timing (connector.approvals.timers); actor None, comment says what and why
+    "reminded",  # the open step's waiting approvers were reminded
+    "escalated",  # approvers were added to (or replaced on) the open step
+    "timed_out",  # the open step's time-out acted; its action's transitions follow
 ]
 Roles = Mapping[str, tuple[str, ...]]
 

@@ -14,6 +14,8 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal, Protocol
 
+from connector.approvals.timing import StepTiming
+
 # "step": a step opened (the request is waiting for someone new); see actions.render_outcome_actions
 ActionEvent = Literal["submit", "step", "approve", "reject", "recall", "expire"]
 ACTION_EVENTS: tuple[ActionEvent, ...] = ("submit", "step", "approve", "reject", "recall", "expire")
@@ -115,6 +117,7 @@ class StepSpec:
     when: Criterion | None = None  # entry criteria: the step is skipped when false
     on_reject: RejectBehaviour = "reject"
     label: str | None = None  # shown to people ("Finance"); the name when unset
+    timing: StepTiming | None = None  # reminders, escalation, time-out (connector.approvals.timers)
 
     @property
     def title(self) -> str:

@@ -64,6 +64,7 @@ from connector.rules.schema import (
     validate_document,
 )
 from connector.rules.templating import TemplateCompileError, compile_value, is_template
+from connector.rules.timing import step_timing
 
 MAPPING_SUFFIXES = (".yaml", ".yml")
 _FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -388,6 +389,7 @@ class _SpecBuilder:
         if None in approvers or (step.when is not None and when is None):
             return None
         label = step.label.strip() if step.label and step.label.strip() else None
+        timing = step_timing(step, path, self)
         return StepSpec(
             step.name,
             step.mode,
@@ -397,6 +399,7 @@ class _SpecBuilder:
             when,
             step.on_reject,
             label,
+            timing=timing,
         )
 
     def _approver(self, approver: ApproverModel, path: KeyPath) -> ApproverSource | None:
@@ -410,6 +413,11 @@ class _SpecBuilder:
             spec = self.field_ref(approver.field, path + ("field",), types=("user", "list", "string"))
             return FieldApprovers(spec.name) if spec else None
         return self._value_map(approver, path)
+
+    def role_ref(self, name: str, path: KeyPath, kind: str) -> RoleApprovers | None:
+        """A role (kind "role") or group named somewhere else than an approver list."""
+        pool, other = (self.roles, self.groups) if kind == "role" else (self.groups, self.roles)
+        return self._role(name, path, pool, kind, other)
 
     def _role(
         self, name: str, path: KeyPath, pool: Mapping[str, Any], kind: str, other: Mapping[str, Any]
