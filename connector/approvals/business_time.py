@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+from connector.errors import FatalError
+
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_DAYS_WITHOUT_WORK = 370  # a calendar with no working day for a year is a configuration mistake
 
 
-class NoWorkingDaysError(ValueError):
+class NoWorkingDaysError(FatalError, ValueError):
     """The calendar has no working time to count in (e.g. every day a holiday)."""
 
 
@@ -107,4 +109,3 @@ class BusinessTime:
 
 
 WorkingCalendar = CalendarTime | BusinessTime
-

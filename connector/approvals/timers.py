@@ -9,8 +9,9 @@ nothing due: each due moment acts exactly once.
 
 Due moments, counted on the connection's calendar (``business_time``) from when the step opened:
 
-* reminder k: ``remind_every`` after the previous reminder (the first: after the step opened),
-  at most ``remind_max`` of them; a sweep that was down sends one reminder, not a burst;
+* reminder k: ``remind_every`` after the previous reminder or escalation (the first: after the
+  step opened), at most ``remind_max`` of them; a sweep that was down sends one reminder, not a
+  burst;
 * escalation: ``escalate_after`` after the step opened, once;
 * time-out: ``timeout.after`` after the step opened, once.
 
@@ -63,6 +64,7 @@ class TimerState:
     last_reminder_at: datetime | None
     escalated: bool
     timed_out: bool
+    escalated_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -106,11 +108,13 @@ def timer_state(request: ApprovalRequest, row: StepState) -> TimerState:
     since = max(entered, default=0)
     mine = [t for t in request.transitions if t.seq > since and t.step_index == row.index]
     reminders = [t for t in mine if t.kind == "reminded"]
+    escalations = [t for t in mine if t.kind == "escalated"]
     return TimerState(
         reminders=len(reminders),
         last_reminder_at=reminders[-1].at if reminders else None,
-        escalated=any(t.kind == "escalated" for t in mine),
+        escalated=bool(escalations),
         timed_out=any(t.kind == "timed_out" for t in mine),
+        escalated_at=escalations[-1].at if escalations else None,
     )
 
 
@@ -177,7 +181,8 @@ def _candidates(request: ApprovalRequest, rule: RuleSpec, calendar: WorkingCalen
         out.append(due("escalate", row.entered_at, timing.escalation.after.length(calendar)))
     reminders = timing.reminders
     if reminders is not None and (reminders.max is None or state.reminders < reminders.max):
-        start = state.last_reminder_at or row.entered_at
+        # an escalation's notice counts as a reminder: the next one is `every` after it
+        start = max(t for t in (row.entered_at, state.last_reminder_at, state.escalated_at) if t is not None)
         out.append(due("remind", start, reminders.every.length(calendar)))
     return out
 

@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Literal
 
 from connector.approvals.business_time import BusinessTime, WorkingCalendar
+from connector.errors import FatalError
 
 TimerUnit = Literal["min", "h", "d", "w"]
 TIMER_UNITS: tuple[TimerUnit, ...] = ("min", "h", "d", "w")
@@ -25,7 +26,7 @@ MANAGER_OF: tuple[ManagerOf, ...] = ("approver", "owner")
 _DURATION = re.compile(r"^\s*([0-9]+)\s*(min|h|d|w)\s*$")
 
 
-class TimerDurationError(ValueError):
+class TimerDurationError(FatalError, ValueError):
     """Text that is not a timer duration; the message says the expected form."""
 
 

@@ -38,6 +38,9 @@ SUBMITTER_EVENTS = {  # transition kind -> event told to the submitter
     "expired": "expired",
 }
 EVENTS = ("step_opened", *SUBMITTER_EVENTS.values(), "expiring")
+# events about an open step still waiting for the recipient: sent only while it waits for them,
+# with one-click Approve / Reject links (connector/notify/timer_notices.py queues the last two)
+WAITING_EVENTS = frozenset({"step_opened", "reminder", "escalated_to_you"})
 CHANNELS = ("email", "chat")
 
 
@@ -161,6 +164,21 @@ class NotificationQueue:
                     session, row.connection, row.submitter, "expiring", key, facts, {}, row.id
                 )
         return added
+
+    def queue_event(
+        self,
+        session: Session,
+        connection: str,
+        user_id: str,
+        event: str,
+        event_key: str,
+        facts: Mapping[str, Any],
+        roles: Mapping[str, tuple[str, ...]],
+        request_id: str,
+    ) -> int:
+        """Queue `event` (its template has the same name) for one user on each of their channels;
+        `event_key` plus the recipient and channel make each row's dedupe key."""
+        return self._queue(session, connection, user_id, event, event_key, facts, roles, request_id)
 
     def _queue(
         self,

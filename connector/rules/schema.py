@@ -126,7 +126,10 @@ class EscalateToModel(_Model):
         kinds = [k for k in ("manager_of", "role", "group") if getattr(self, k) is not None]
         if len(kinds) != 1:
             got = f"got {one_of(kinds)}" if kinds else "got none of them"
-            raise fail(f"`escalate_to` needs exactly one of `manager_of`, `role` or `group`; {got}", _ESCALATE_TO_HINT)
+            raise fail(
+                f"`escalate_to` needs exactly one of `manager_of`, `role` or `group`; {got}",
+                _ESCALATE_TO_HINT,
+            )
         return self
 
 

@@ -24,7 +24,9 @@ from connector.approvals.timing import (
 from connector.rules.errors import ErrorCollector, KeyPath
 from connector.rules.schema import EscalateToModel, StepModel
 
-_DURATION_HINT = "e.g. `{key}: 24h` (units: min, h, d, w; business time when the connection sets working hours)"
+_DURATION_HINT = (
+    "e.g. `{key}: 24h` (units: min, h, d, w; business time when the connection sets working hours)"
+)
 
 
 class _Builder(Protocol):
@@ -84,12 +86,16 @@ def _escalation(step: StepModel, path: KeyPath, builder: _Builder) -> Escalation
             hint = "add `escalate_after: 48h` (when), or `timeout: {after: 5d, action: escalate}`"
             errors.add(path + ("escalate_to",), "`escalate_to` needs `escalate_after`", hint)
         if "escalate_mode" in step.model_fields_set and not timeout_escalates:
-            errors.add(path + ("escalate_mode",), "`escalate_mode` needs `escalate_after`", "add `escalate_after`")
+            errors.add(
+                path + ("escalate_mode",), "`escalate_mode` needs `escalate_after`", "add `escalate_after`"
+            )
         return None
     after = _duration(step.escalate_after, path + ("escalate_after",), errors, "escalate_after")
     if step.escalate_to is None:
         hint = "add e.g. `escalate_to: {manager_of: approver}` (or owner, a role or a group)"
-        errors.add(path + ("escalate_after",), "`escalate_after` needs `escalate_to`: whom to escalate to", hint)
+        errors.add(
+            path + ("escalate_after",), "`escalate_after` needs `escalate_to`: whom to escalate to", hint
+        )
         return None
     target = _target(step.escalate_to, path + ("escalate_to",), builder)
     if after is None or target is None:
@@ -120,12 +126,19 @@ def _timeout(
         return None
     if after is None or (model.to is not None and target is None):
         return None
-    if model.action == "escalate" and model.to is None and escalation is None and step.escalate_to is not None:
+    if (
+        model.action == "escalate"
+        and model.to is None
+        and escalation is None
+        and step.escalate_to is not None
+    ):
         target = _target(step.escalate_to, path + ("escalate_to",), builder)
         if target is None:
             return None
     reason = model.reason.strip() if model.reason and model.reason.strip() else None
-    return Timeout(after, model.action, reason, target, model.mode if model.to is not None else step.escalate_mode)
+    return Timeout(
+        after, model.action, reason, target, model.mode if model.to is not None else step.escalate_mode
+    )
 
 
 def _check_order(

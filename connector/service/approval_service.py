@@ -103,6 +103,13 @@ class OutcomeListener(Protocol):
     ) -> int: ...
 
 
+class TimerSchedule(Protocol):
+    """Keeps each open step's next due moment (connector.service.timers.StepTimers), in the
+    transaction that saves the request."""
+
+    def schedule(self, session: Session, stored: StoredRequest, rule: RuleSpec, outcome: Outcome) -> None: ...
+
+
 @dataclass
 class ApprovalService:
     mappings: MappingSet
@@ -111,6 +118,7 @@ class ApprovalService:
     people: PeopleLookup | None = None
     notifications: OutcomeListener | None = None
     public_base_url: str = ""
+    timers: TimerSchedule | None = None  # issue 11: reminders, escalation, time-outs
 
     # --- record changes (called by the worker, inside the event's transaction) -------
 
@@ -277,6 +285,23 @@ class ApprovalService:
 
     # --- shared ---------------------------------------------------------------------
 
+    def load_with_rule(
+        self, session: Session, request_id: str
+    ) -> tuple[StoredRequest, MappingSpec, RuleSpec]:
+        """The request with its mapping and rule (RequestNotFoundError, RuleGoneError)."""
+        return self._load(session, request_id)
+
+    def decide_and_save(
+        self,
+        sessions: sessionmaker[Session],
+        request_id: str,
+        decide: Decision,
+        also: Callable[[Session], None] | None = None,
+    ) -> StoredRequest | None:
+        """Read, decide, render and save as votes are (`_decide_and_save`), for other use cases
+        (step timers); None when `decide` finds nothing to do."""
+        return self._decide_and_save(sessions, request_id, decide, also)
+
     def _load(self, session: Session, request_id: str) -> tuple[StoredRequest, MappingSpec, RuleSpec]:
         stored = store.load(session, request_id)
         if stored is None:
@@ -348,6 +373,8 @@ class ApprovalService:
     ) -> StoredRequest:
         store.save(session, stored, outcome, seen_version)
         record = stored.record
+        if self.timers is not None:
+            self.timers.schedule(session, stored, rule, outcome)
         for t in outcome.transitions:
             if t.kind in BUSINESS_EVENTS:
                 after_commit(session, partial(_announce, outcome.request, record, t))

@@ -44,6 +44,7 @@ KINDS = (
     "writeback_in_doubt",
     "drift_repaired",
     "expired",
+    "timer_fired",  # a step's reminder, escalation or time-out acted (connector/service/timers.py)
 )
 
 GENESIS_HASH = "0" * 64  # the prev_hash of the first row

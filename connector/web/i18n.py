@@ -302,6 +302,9 @@ def event_text(kind: str) -> str:
         "expired": gettext("Approval expired"),
         "restarted": gettext("Restarted: the record changed"),
         "reassigned": gettext("Step reassigned"),
+        "reminded": gettext("Reminder sent"),
+        "escalated": gettext("Escalated"),
+        "timed_out": gettext("Step timed out"),
     }.get(kind, kind)
 
 
