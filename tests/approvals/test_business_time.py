@@ -20,7 +20,11 @@ def warsaw(year: int, month: int, day: int, hour: int, minute: int = 0) -> datet
 
 def polish_office(**overrides: object) -> BusinessTime:
     values: dict[str, object] = dict(
-        zone=WARSAW, opens=time(9), closes=time(17), holidays=holidays.country_holidays("PL"), holiday_name="PL"
+        zone=WARSAW,
+        opens=time(9),
+        closes=time(17),
+        holidays=holidays.country_holidays("PL"),
+        holiday_name="PL",
     )
     values.update(overrides)
     return BusinessTime(**values)  # type: ignore[arg-type]
@@ -70,7 +74,9 @@ def test_start_outside_working_hours_counts_from_the_next_opening() -> None:
     office = polish_office()
     assert office.add(warsaw(2026, 11, 4, 6), timedelta(hours=1)) == warsaw(2026, 11, 4, 10)
     assert office.add(warsaw(2026, 11, 4, 20), timedelta(hours=1)) == warsaw(2026, 11, 5, 10)
-    assert office.add(warsaw(2026, 11, 7, 12), timedelta(minutes=30)) == warsaw(2026, 11, 9, 9, 30)  # Saturday
+    assert office.add(warsaw(2026, 11, 7, 12), timedelta(minutes=30)) == warsaw(
+        2026, 11, 9, 9, 30
+    )  # Saturday
     assert office.add(warsaw(2026, 11, 7, 12), timedelta(0)) == warsaw(2026, 11, 9, 9)
 
 

@@ -26,6 +26,7 @@ from connector.approvals.timing import (
 )
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)  # a Monday
+CALENDAR = CalendarTime()
 ROLES: dict[str, tuple[str, ...]] = {"directors": ("dir1", "dir2")}
 MANAGERS = {"a": "boss-a", "b": "boss-b", "owner1": "boss-owner"}
 ALWAYS: Any = type("Always", (), {"__call__": lambda self, ctx: True, "explain": lambda self, ctx: []})()
@@ -43,14 +44,18 @@ def rule(timing: StepTiming, *, approvers: tuple[str, ...] = ("a",), mode: Any =
             StepSpec("first", mode, (UserApprovers(approvers),), timing=timing),
             StepSpec("second", "one", (UserApprovers(("z",)),)),
         ),
-        actions={"approve": ActionSpec({"status": lambda v: "Approved"}),
-                 "reject": ActionSpec({"status": lambda v: "Rejected"}),
-                 "step": ActionSpec({"progress": lambda v: "moved"})},  # fmt: skip
+        actions={
+            "approve": ActionSpec({"status": lambda v: "Approved"}),
+            "reject": ActionSpec({"status": lambda v: "Rejected"}),
+            "step": ActionSpec({"progress": lambda v: "moved"}),
+        },  # fmt: skip
     )
 
 
 def opened(spec: RuleSpec) -> ApprovalRequest:
-    ctx = EvalContext(values={"owner": "owner1"}, previous=None, changed_fields=frozenset(), today=T0.date(), now=T0)
+    ctx = EvalContext(
+        values={"owner": "owner1"}, previous=None, changed_fields=frozenset(), today=T0.date(), now=T0
+    )
     return open_request(spec, ROLES, ctx, record_ref="sandbox:deal:1", submitter="owner1", now=T0).request
 
 
@@ -69,7 +74,7 @@ def resolve(target: EscalationTarget, request: ApprovalRequest, row: Any) -> Res
 class Clock:
     """Runs the sweep at `step` intervals and records what fired when."""
 
-    def __init__(self, spec: RuleSpec, request: ApprovalRequest, calendar: WorkingCalendar = CalendarTime()):
+    def __init__(self, spec: RuleSpec, request: ApprovalRequest, calendar: WorkingCalendar = CALENDAR):
         self.spec, self.request, self.calendar = spec, request, calendar
         self.fired: list[tuple[datetime, TimerResult]] = []
 
@@ -181,14 +186,18 @@ def test_escalation_to_the_owners_manager_and_to_a_role() -> None:
 
 
 def test_escalation_that_finds_nobody_says_so_and_changes_no_approver() -> None:
-    spec = rule(StepTiming(escalation=Escalation(hours(1), ManagerTarget("approver"))), approvers=("nomanager",))
+    spec = rule(
+        StepTiming(escalation=Escalation(hours(1), ManagerTarget("approver"))), approvers=("nomanager",)
+    )
     result = fire_due(opened(spec), spec, ROLES, CalendarTime(), T0 + timedelta(hours=1), resolve)
     assert result is not None and result.added == ()
     row = current_step_state(result.outcome.request)
     assert row is not None and row.approvers == ("nomanager",)
     [note] = [t.comment for t in result.outcome.request.transitions if t.kind == "escalated"]
     assert "found nobody new (no manager)" in (note or "")
-    assert fire_due(result.outcome.request, spec, ROLES, CalendarTime(), T0 + timedelta(days=3), resolve) is None
+    assert (
+        fire_due(result.outcome.request, spec, ROLES, CalendarTime(), T0 + timedelta(days=3), resolve) is None
+    )
 
 
 @pytest.mark.parametrize(
@@ -227,7 +236,14 @@ def test_timeout_approve_on_the_last_step_approves_the_request_and_fires_the_wri
     spec = RuleSpec(
         "r",
         ALWAYS,
-        (StepSpec("only", "one", (UserApprovers(("a",)),), timing=StepTiming(timeout=Timeout(hours(1), "approve"))),),
+        (
+            StepSpec(
+                "only",
+                "one",
+                (UserApprovers(("a",)),),
+                timing=StepTiming(timeout=Timeout(hours(1), "approve")),
+            ),
+        ),
         actions={"approve": ActionSpec({"status": lambda v: "Approved"})},
     )
     result = fire_due(opened(spec), spec, ROLES, CalendarTime(), T0 + timedelta(hours=1), resolve)
@@ -236,7 +252,9 @@ def test_timeout_approve_on_the_last_step_approves_the_request_and_fires_the_wri
     assert approved.actor is None
     rendered = render_outcome_actions(result.outcome, spec, T0.date(), T0)
     assert [a.values for a in rendered if a.event == "approve"] == [{"status": "Approved"}]
-    assert [t.comment for t in result.outcome.transitions if t.kind == "step_approved"] == ["no decision within 1h"]
+    assert [t.comment for t in result.outcome.transitions if t.kind == "step_approved"] == [
+        "no decision within 1h"
+    ]
 
 
 def test_timeout_escalate_uses_the_steps_target_once() -> None:
@@ -254,7 +272,10 @@ def test_timeout_escalate_uses_the_steps_target_once() -> None:
 
 def test_business_hours_across_a_weekend_and_a_holiday() -> None:
     office = BusinessTime(
-        zone=ZoneInfo("Europe/Warsaw"), opens=time(9), closes=time(17), holidays=holidays.country_holidays("PL")
+        zone=ZoneInfo("Europe/Warsaw"),
+        opens=time(9),
+        closes=time(17),
+        holidays=holidays.country_holidays("PL"),
     )
     timing = StepTiming(reminders=Reminders(TimerDuration(1, "d"), max=3))
     spec = rule(timing)

@@ -69,12 +69,24 @@ def test_escalation_targets(tmp_path: Path, lines: str, target: object, timeout:
 
 ERRORS = [
     ("remind_every: 24m", "remind_every: 24m", "steps[0].remind_every", "write minutes as `min`", "24h"),
-    ("remind_every: soon", "remind_every: soon", "steps[0].remind_every", "expected a duration", "units: min"),
+    (
+        "remind_every: soon",
+        "remind_every: soon",
+        "steps[0].remind_every",
+        "expected a duration",
+        "units: min",
+    ),
     ("remind_every: 0h", "remind_every: 0h", "steps[0].remind_every", "longer than zero", None),
     ("remind_max: 2", "remind_max: 2", "steps[0].remind_max", "needs `remind_every`", "remind_every: 24h"),
     ("remind_every: 1h\nremind_max: 0", "remind_max: 0", "steps[0].remind_max", "at least 1", None),
     ("remind_every: 1h\nremind_max: lots", "remind_max: lots", "steps[0].remind_max", "whole number", None),
-    ("escalate_after: 2d", "escalate_after: 2d", "steps[0].escalate_after", "needs `escalate_to`", "manager_of"),
+    (
+        "escalate_after: 2d",
+        "escalate_after: 2d",
+        "steps[0].escalate_after",
+        "needs `escalate_to`",
+        "manager_of",
+    ),
     ("escalate_to: owner_manager", "escalate_to", "steps[0].escalate_to", "needs `escalate_after`", None),
     (
         "escalate_after: 2d\nescalate_to: boss",

@@ -142,7 +142,10 @@ class World:
 
     def sender(self) -> NotificationSender:
         return NotificationSender(
-            self.runtime.sessions, self.runtime.settings, Directory.from_runtime(self.runtime), clock=lambda: self.now
+            self.runtime.sessions,
+            self.runtime.settings,
+            Directory.from_runtime(self.runtime),
+            clock=lambda: self.now,
         )
 
 
@@ -167,7 +170,10 @@ def make_world(
 
 @pytest.fixture
 def world_factory(
-    tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settings_factory: Any, smtp: Any  # noqa: F811
+    tmp_path: Path,
+    runtime_factory: Callable[[Settings], Runtime],
+    settings_factory: Any,
+    smtp: Any,  # noqa: F811
 ) -> Callable[..., World]:
     def make(timing: str = REMIND_AND_ESCALATE, env: dict[str, str] | None = None) -> World:
         settings = settings_factory(env=env, public_base_url="https://approvals.acme.example")
@@ -178,20 +184,31 @@ def world_factory(
 
 
 def test_reminders_then_escalation_to_the_approvers_manager_with_emails(
-    world_factory: Callable[..., World], smtp: Any  # noqa: F811
+    world_factory: Callable[..., World],
+    smtp: Any,  # noqa: F811
 ) -> None:
     inbox: Inbox = smtp[0]
     world = world_factory()
     request_id = world.submit()
     timer = world.timer(request_id)
-    assert timer is not None and (timer.kind, timer.due_at, timer.step_index) == ("remind", T0 + timedelta(hours=24), 0)
+    assert timer is not None and (timer.kind, timer.due_at, timer.step_index) == (
+        "remind",
+        T0 + timedelta(hours=24),
+        0,
+    )
 
-    assert vars(world.sweep(T0 + timedelta(hours=23, minutes=59))) == vars(type(world.sweep())())  # nothing due
+    assert vars(world.sweep(T0 + timedelta(hours=23, minutes=59))) == vars(
+        type(world.sweep())()
+    )  # nothing due
     report = world.sweep(T0 + timedelta(hours=24))
     assert (report.reminded, report.notices) == (1, 1)
     assert world.sweep().reminded == 0  # the same due moment never acts twice
     [reminder] = world.notifications(event="reminder")
-    assert (reminder.user_id, reminder.context["step_index"], reminder.context["round"]) == ("u-mgr-piotr", 0, 1)
+    assert (reminder.user_id, reminder.context["step_index"], reminder.context["round"]) == (
+        "u-mgr-piotr",
+        0,
+        1,
+    )
     world.sender().send_due()
     [mail] = inbox.to("piotr@acme.example")[-1:]
     assert mail["Subject"] == "Przypomnienie: Contoso refresh czeka na Twoją akceptację (Sales manager)"
@@ -204,7 +221,9 @@ def test_reminders_then_escalation_to_the_approvers_manager_with_emails(
     text = to_carla.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
     assert "no decision within 48h" in text
     # the earlier approver and the submitter are told too
-    assert [m["Subject"] for m in inbox.to("wang.fang@acme.example")] == ["已升级：Contoso refresh（Sales manager）"]
+    assert [m["Subject"] for m in inbox.to("wang.fang@acme.example")] == [
+        "已升级：Contoso refresh（Sales manager）"
+    ]
     assert "Eskalacja" in inbox.to("piotr@acme.example")[-1]["Subject"]
 
     history = world.history(request_id)
@@ -215,7 +234,10 @@ def test_reminders_then_escalation_to_the_approvers_manager_with_emails(
     ) in history
     with world.runtime.sessions() as session:
         fired = session.scalars(select(AuditEntry).where(AuditEntry.kind == "timer_fired")).all()
-        assert [(e.detail["timer"], e.detail["added"]) for e in fired] == [("remind", []), ("escalate", ["u-gm-carla"])]
+        assert [(e.detail["timer"], e.detail["added"]) for e in fired] == [
+            ("remind", []),
+            ("escalate", ["u-gm-carla"]),
+        ]
     assert verify(world.runtime.sessions).ok
 
     # Carla may now decide; the step's timer row goes with the step
@@ -240,9 +262,11 @@ def test_reminders_stop_at_remind_max_and_when_someone_votes(world_factory: Call
 
 @pytest.mark.parametrize(
     ("action", "status", "written"),
-    [("reject", "rejected", {"approval_status": "Rejected", "approval_comment": "Nobody answered"}),
-     ("approve", "pending", None),
-     ("skip", "pending", None)],  # fmt: skip
+    [
+        ("reject", "rejected", {"approval_status": "Rejected", "approval_comment": "Nobody answered"}),
+        ("approve", "pending", None),
+        ("skip", "pending", None),
+    ],  # fmt: skip
 )
 def test_timeout_actions_write_their_reason_and_write_back_like_any_decision(
     world_factory: Callable[..., World], action: str, status: str, written: dict[str, str] | None
@@ -314,7 +338,9 @@ def test_two_racing_sweeps_remind_each_request_once_on_postgres(
     racing_sweeps(world, 12)
 
 
-def test_a_claimed_row_is_not_claimed_again_until_its_lease_runs_out(world_factory: Callable[..., World]) -> None:
+def test_a_claimed_row_is_not_claimed_again_until_its_lease_runs_out(
+    world_factory: Callable[..., World],
+) -> None:
     world = world_factory("remind_every: 1h")
     request_id = world.submit()
     now = T0 + timedelta(hours=2)
@@ -333,7 +359,9 @@ def test_a_claimed_row_is_not_claimed_again_until_its_lease_runs_out(world_facto
         timer_rows.release(session, request_id, second)
 
 
-def test_a_vote_while_a_timer_is_claimed_wins_and_the_timer_does_not_act(world_factory: Callable[..., World]) -> None:
+def test_a_vote_while_a_timer_is_claimed_wins_and_the_timer_does_not_act(
+    world_factory: Callable[..., World],
+) -> None:
     world = world_factory("remind_every: 1h")
     request_id = world.submit()
     world.now = T0 + timedelta(hours=1)
@@ -343,13 +371,19 @@ def test_a_vote_while_a_timer_is_claimed_wins_and_the_timer_does_not_act(world_f
     from connector.service.timers import SweepReport
 
     report = SweepReport()
-    world.timers._fire(world.pipeline.approvals, world.runtime.sessions, request_id, claim_id, world.now, report)
+    world.timers._fire(
+        world.pipeline.approvals, world.runtime.sessions, request_id, claim_id, world.now, report
+    )
     assert (report.reminded, report.lost + report.rescheduled) == (0, 1)
     assert "reminded" not in [k for k, _ in world.history(request_id)]
 
 
 def test_business_hours_from_the_connection_settings(world_factory: Callable[..., World]) -> None:
-    env = {"SANDBOX_WORKING_HOURS": "09:00-17:00", "SANDBOX_TIME_ZONE": "Europe/Warsaw", "SANDBOX_HOLIDAYS": "PL"}
+    env = {
+        "SANDBOX_WORKING_HOURS": "09:00-17:00",
+        "SANDBOX_TIME_ZONE": "Europe/Warsaw",
+        "SANDBOX_HOLIDAYS": "PL",
+    }
     world = world_factory("remind_every: 8h", env=env)
     world.now = datetime(2026, 11, 10, 15, tzinfo=UTC)  # Tuesday 16:00 in Warsaw
     request_id = world.submit()
@@ -363,11 +397,22 @@ def test_business_hours_from_the_connection_settings(world_factory: Callable[...
     [
         ({"X_WORKING_HOURS": "09:00-17:00"}, "also set X_TIME_ZONE, X_HOLIDAYS"),
         ({"X_WORKING_HOURS": "9-5", "X_TIME_ZONE": "UTC", "X_HOLIDAYS": "PL"}, "must look like 09:00-17:00"),
-        ({"X_WORKING_HOURS": "09:00-17:00", "X_TIME_ZONE": "Mars/Base", "X_HOLIDAYS": "PL"}, "unknown time zone"),
-        ({"X_WORKING_HOURS": "09:00-17:00", "X_TIME_ZONE": "UTC", "X_HOLIDAYS": "XX"}, "not a country"),
-        ({"X_WORKING_HOURS": "09:00-17:00", "X_TIME_ZONE": "UTC", "X_HOLIDAYS": "US-ZZ"}, "no subdivision 'ZZ'"),
         (
-            {"X_WORKING_HOURS": "09:00-17:00", "X_TIME_ZONE": "UTC", "X_HOLIDAYS": "PL", "X_WORKING_DAYS": "fri-mon"},
+            {"X_WORKING_HOURS": "09:00-17:00", "X_TIME_ZONE": "Mars/Base", "X_HOLIDAYS": "PL"},
+            "unknown time zone",
+        ),
+        ({"X_WORKING_HOURS": "09:00-17:00", "X_TIME_ZONE": "UTC", "X_HOLIDAYS": "XX"}, "not a country"),
+        (
+            {"X_WORKING_HOURS": "09:00-17:00", "X_TIME_ZONE": "UTC", "X_HOLIDAYS": "US-ZZ"},
+            "no subdivision 'ZZ'",
+        ),
+        (
+            {
+                "X_WORKING_HOURS": "09:00-17:00",
+                "X_TIME_ZONE": "UTC",
+                "X_HOLIDAYS": "PL",
+                "X_WORKING_DAYS": "fri-mon",
+            },
             "runs backwards",
         ),
     ],
@@ -379,9 +424,19 @@ def test_a_bad_business_calendar_is_a_clear_config_error(env: dict[str, str], me
 
 
 def test_business_calendar_variants() -> None:
-    env = {"CRM_CONNECTIONS": "x=sandbox", "X_WORKING_HOURS": "08:30-16:30", "X_TIME_ZONE": "America/Los_Angeles",
-           "X_HOLIDAYS": "us-ca", "X_WORKING_DAYS": "mon-thu"}  # fmt: skip
+    env = {
+        "CRM_CONNECTIONS": "x=sandbox",
+        "X_WORKING_HOURS": "08:30-16:30",
+        "X_TIME_ZONE": "America/Los_Angeles",
+        "X_HOLIDAYS": "us-ca",
+        "X_WORKING_DAYS": "mon-thu",
+    }
     calendar = working_calendar(parse_connections(env)["x"])
-    assert calendar.describe() == "business time (mon,tue,wed,thu 08:30-16:30 America/Los_Angeles, holidays of US-CA)"
-    assert working_calendar(parse_connections({"CRM_CONNECTIONS": "x=sandbox"})["x"]).describe() == "calendar time"
-
+    assert (
+        calendar.describe()
+        == "business time (mon,tue,wed,thu 08:30-16:30 America/Los_Angeles, holidays of US-CA)"
+    )
+    assert (
+        working_calendar(parse_connections({"CRM_CONNECTIONS": "x=sandbox"})["x"]).describe()
+        == "calendar time"
+    )
