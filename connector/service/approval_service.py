@@ -285,22 +285,29 @@ class ApprovalService:
 
     # --- shared ---------------------------------------------------------------------
 
-    def load_with_rule(
-        self, session: Session, request_id: str
-    ) -> tuple[StoredRequest, MappingSpec, RuleSpec]:
-        """The request with its mapping and rule (RequestNotFoundError, RuleGoneError)."""
-        return self._load(session, request_id)
+    # for use cases that save outcomes in their own transactions (step timers)
 
-    def decide_and_save(
+    def rule_of(self, stored: StoredRequest) -> tuple[MappingSpec, RuleSpec]:
+        """The request's mapping and rule (RuleGoneError when the rule is no longer loaded)."""
+        return self._rule_of(stored)
+
+    def render_actions(self, outcome: Outcome, rule: RuleSpec, record: RecordKey) -> list[RenderedAction]:
+        """The outcome's write-back actions, rendered (call with no transaction open)."""
+        return self._render(outcome, rule, record)
+
+    def commit_outcome(
         self,
-        sessions: sessionmaker[Session],
-        request_id: str,
-        decide: Decision,
-        also: Callable[[Session], None] | None = None,
-    ) -> StoredRequest | None:
-        """Read, decide, render and save as votes are (`_decide_and_save`), for other use cases
-        (step timers); None when `decide` finds nothing to do."""
-        return self._decide_and_save(sessions, request_id, decide, also)
+        session: Session,
+        stored: StoredRequest,
+        spec: MappingSpec,
+        rule: RuleSpec,
+        outcome: Outcome,
+        actions: list[RenderedAction],
+    ) -> StoredRequest:
+        """Save an outcome decided on `stored` as a vote's is saved (history, audit, write-back,
+        notifications, next timer), in the caller's transaction; StaleRequestError when the
+        request changed since it was read."""
+        return self._commit(session, stored, spec, rule, outcome, stored.request.version, actions)
 
     def _load(self, session: Session, request_id: str) -> tuple[StoredRequest, MappingSpec, RuleSpec]:
         stored = store.load(session, request_id)

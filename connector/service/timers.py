@@ -15,11 +15,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from connector.approvals.errors import ChainError
+from connector.approvals.actions import RenderedAction
+from connector.approvals.errors import ActionRenderError, ChainError
 from connector.approvals.lifecycle import ApprovalRequest, Outcome
 from connector.approvals.spec import MappingSpec, RuleSpec
 from connector.approvals.timers import TimerResult, fire_due, next_timer
@@ -27,15 +29,15 @@ from connector.clock import utcnow
 from connector.config import ConfigError
 from connector.notify.queue import NotificationQueue
 from connector.notify.timer_notices import queue_timer_notices
+from connector.service.approval_service import ApprovalService, RuleGoneError
 from connector.service.escalation import ManagerDirectory, target_resolver
 from connector.service.timer_calendars import CalendarLookup
+from connector.storage import approval_store as store
 from connector.storage import audit
 from connector.storage import timers as timer_rows
 from connector.storage.approval_store import StaleRequestError, StoredRequest
 from connector.storage.db import transaction
-
-if TYPE_CHECKING:
-    from connector.service.approval_service import ApprovalService
+from connector.storage.models import ApprovalRequestRow
 
 log = logging.getLogger(__name__)
 
@@ -80,71 +82,102 @@ class StepTimers:
     # --- the sweep -------------------------------------------------------------------------
 
     def sweep(self, service: ApprovalService, sessions: sessionmaker[Session]) -> SweepReport:
-        """Act on every timer due now; safe to run in any number of workers at once."""
+        """Act on every timer due now; safe to run in any number of workers at once.
+
+        Per claimed batch: the requests are read in one go and decided (and any write-back
+        rendered) with no transaction open, then saved in ONE transaction, each request in its
+        own savepoint, so a request changed meanwhile is skipped without undoing the others."""
         now = self.clock()
         report = SweepReport()
         while True:
             with transaction(sessions) as session:
                 claim_id, ids = timer_rows.claim_due(session, now, limit=self.batch, lease=self.lease)
-            for request_id in ids:
-                self._fire(service, sessions, request_id, claim_id, now, report)
+            if ids:
+                self._fire_batch(service, sessions, ids, claim_id, now, report)
             if len(ids) < self.batch:
                 return report
 
-    def _fire(
+    def _fire_batch(
         self,
         service: ApprovalService,
         sessions: sessionmaker[Session],
-        request_id: str,
+        ids: list[str],
         claim_id: str,
         now: datetime,
         report: SweepReport,
     ) -> None:
-        fired: list[TimerResult] = []
+        with sessions() as session:
+            rows = session.scalars(select(ApprovalRequestRow).where(ApprovalRequestRow.id.in_(ids))).all()
+            loaded = {stored.request.id: stored for stored in store.load_rows(session, rows)}
+        decided: list[_Decided] = []
+        idle: list[tuple[str, StoredRequest | None, RuleSpec | None]] = []  # nothing due: reschedule
+        for request_id in ids:
+            stored = loaded.get(request_id)
+            if stored is None:
+                idle.append((request_id, None, None))
+                continue
+            try:
+                spec, rule = service.rule_of(stored)
+            except RuleGoneError:
+                idle.append((request_id, None, None))
+                continue
+            try:
+                resolver = target_resolver(self.directory, spec.connection, spec.roles)
+                calendar = self.calendars(spec.connection)
+                result = fire_due(stored.request, rule, spec.roles, calendar, now, resolver)
+                if result is None:
+                    idle.append((request_id, stored, rule))
+                    continue
+                actions = service.render_actions(result.outcome, rule, stored.record)
+            except (ChainError, ActionRenderError, ConfigError) as exc:
+                self._failed(sessions, request_id, claim_id, now, report, str(exc))
+                continue
+            decided.append(_Decided(stored, spec, rule, result, actions))
+        with transaction(sessions) as session:
+            for item in decided:
+                self._save(session, service, item, claim_id, report)
+            for request_id, idle_stored, idle_rule in idle:
+                try:
+                    with session.begin_nested():
+                        timer_rows.release(session, request_id, claim_id)
+                        if idle_stored is None or idle_rule is None:  # the request or its rule is gone
+                            timer_rows.schedule(session, request_id, None)
+                        else:
+                            self.schedule(session, idle_stored, idle_rule, _as_outcome(idle_stored.request))
+                    report.rescheduled += 1
+                except timer_rows.LostClaimError:
+                    report.lost += 1
 
-        def decide(request: ApprovalRequest, spec: MappingSpec, rule: RuleSpec) -> Outcome | None:
-            fired.clear()
-            resolver = target_resolver(self.directory, spec.connection, spec.roles)
-            result = fire_due(request, rule, spec.roles, self.calendars(spec.connection), now, resolver)
-            if result is None:
-                return None
-            fired.append(result)
-            return result.outcome
-
-        def also(session: Session) -> None:
-            timer_rows.release(session, request_id, claim_id)
-            self._record(session, service, fired[0], report)
-
+    def _save(
+        self, session: Session, service: ApprovalService, item: _Decided, claim_id: str, report: SweepReport
+    ) -> None:
+        request_id = item.stored.request.id
         try:
-            stored = service.decide_and_save(sessions, request_id, decide, also)
+            with session.begin_nested():
+                timer_rows.release(session, request_id, claim_id)
+                service.commit_outcome(
+                    session, item.stored, item.spec, item.rule, item.result.outcome, item.actions
+                )
+                self._record(session, item, report)
         except (timer_rows.LostClaimError, StaleRequestError):
-            report.lost += 1
+            report.lost += 1  # changed meanwhile (a vote): its save wrote the next due moment
             return
-        except ChainError as exc:  # the time-out moved on to a step nobody can approve
-            self._failed(sessions, request_id, claim_id, now, report, str(exc))
-            return
-        except Exception as exc:  # one request must not stop the sweep; its lease lets it retry later
+        except Exception as exc:  # one request must not undo the batch; its lease retries it later
             log.exception("step timer of request %s failed", request_id)
             report.failed += 1
             report.errors.append(f"{request_id}: {exc}")
             return
-        if stored is None:
-            self._reschedule(service, sessions, request_id, claim_id, report)
-            return
-        kind = fired[0].due.kind
-        if kind == "remind":
+        result = item.result
+        if result.due.kind == "remind":
             report.reminded += 1
-        elif kind == "escalate" or fired[0].action == "escalate":
+        elif result.due.kind == "escalate" or result.action == "escalate":
             report.escalated += 1
         else:
             report.timed_out += 1
 
-    def _record(
-        self, session: Session, service: ApprovalService, result: TimerResult, report: SweepReport
-    ) -> None:
+    def _record(self, session: Session, item: _Decided, report: SweepReport) -> None:
+        result, record, spec, rule = item.result, item.stored.record, item.spec, item.rule
         request = result.outcome.request
-        stored, spec, rule = service.load_with_rule(session, request.id)
-        record = stored.record
         notices = 0
         if self.notifications is not None:
             notices = queue_timer_notices(
@@ -177,30 +210,6 @@ class StepTimers:
             notices=notices,
         )
 
-    def _reschedule(
-        self,
-        service: ApprovalService,
-        sessions: sessionmaker[Session],
-        request_id: str,
-        claim_id: str,
-        report: SweepReport,
-    ) -> None:
-        """Nothing was due (the row was early, or the mapping changed): write the real next moment."""
-        try:
-            with transaction(sessions) as session:
-                timer_rows.release(session, request_id, claim_id)
-                stored, _spec, rule = service.load_with_rule(session, request_id)
-                self.schedule(session, stored, rule, _as_outcome(stored.request))
-        except timer_rows.LostClaimError:
-            report.lost += 1
-            return
-        except Exception as exc:  # the rule is gone, the request is gone: nothing will ever be due
-            with transaction(sessions) as session:
-                timer_rows.release(session, request_id, claim_id)
-                timer_rows.schedule(session, request_id, None)
-            log.warning("step timer of request %s dropped: %s", request_id, exc)
-        report.rescheduled += 1
-
     def _failed(
         self,
         sessions: sessionmaker[Session],
@@ -210,7 +219,7 @@ class StepTimers:
         report: SweepReport,
         error: str,
     ) -> None:
-        """Keep the row, leased for a while, so the sweep does not retry it every minute."""
+        """Keep the row, leased for an hour, so the sweep does not retry it every minute."""
         report.failed += 1
         report.errors.append(f"{request_id}: {error}")
         log.error("step timer of request %s cannot act: %s", request_id, error)
@@ -218,6 +227,15 @@ class StepTimers:
             row = session.get(timer_rows.ApprovalTimerRow, request_id)
             if row is not None and row.claim_id == claim_id:
                 row.lease_until = now + timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class _Decided:
+    stored: StoredRequest
+    spec: MappingSpec
+    rule: RuleSpec
+    result: TimerResult
+    actions: list[RenderedAction]
 
 
 def _as_outcome(request: ApprovalRequest) -> Outcome:

@@ -371,8 +371,8 @@ def test_a_vote_while_a_timer_is_claimed_wins_and_the_timer_does_not_act(
     from connector.service.timers import SweepReport
 
     report = SweepReport()
-    world.timers._fire(
-        world.pipeline.approvals, world.runtime.sessions, request_id, claim_id, world.now, report
+    world.timers._fire_batch(
+        world.pipeline.approvals, world.runtime.sessions, [request_id], claim_id, world.now, report
     )
     assert (report.reminded, report.lost + report.rescheduled) == (0, 1)
     assert "reminded" not in [k for k, _ in world.history(request_id)]
