@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal
 
@@ -149,9 +149,9 @@ def fire_due(
     row, spec = found
     timing = spec.timing
     assert timing is not None  # a due timer needs timing
+    if due.kind == "remind":  # adds one history row and changes nothing else: no deep copy needed
+        return _remind(_Txn(replace(request, transitions=list(request.transitions)), now), due, row, timing)
     txn = _Txn(copy.deepcopy(request), now)
-    if due.kind == "remind":
-        return _remind(txn, due, row, timing)
     if due.kind == "escalate":
         assert timing.escalation is not None
         reason = f"no decision within {timing.escalation.after}"
