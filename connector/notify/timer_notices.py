@@ -11,6 +11,7 @@ transaction that saves it:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -31,6 +32,36 @@ def queue_timer_notices(
     step_labels: Mapping[int, str],
     step_count: int,
 ) -> int:
+    """Queue the notices of one timer result in the caller's transaction; returns rows added."""
+    request_id = result.outcome.request.id
+    added = 0
+    for user, event, key, facts in timer_notices(result, step_labels, step_count):
+        added += queue.queue_event(session, connection, user, event, key, facts, roles, request_id)
+    return added
+
+
+def timer_notice_rows(
+    queue: NotificationQueue,
+    *,
+    connection: str,
+    result: TimerResult,
+    roles: Mapping[str, tuple[str, ...]],
+    step_labels: Mapping[int, str],
+    step_count: int,
+) -> list[dict[str, Any]]:
+    """The same notices as notification rows, for a bulk insert (the sweep's reminders)."""
+    request_id = result.outcome.request.id
+    return [
+        row
+        for user, event, key, facts in timer_notices(result, step_labels, step_count)
+        for row in queue.event_rows(connection, user, event, key, facts, roles, request_id)
+    ]
+
+
+def timer_notices(
+    result: TimerResult, step_labels: Mapping[int, str], step_count: int
+) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(recipient, event, event key, facts) for each notice a timer result sends."""
     request, due = result.outcome.request, result.due
     seq = next(t.seq for t in result.outcome.transitions if t.kind in TIMER_TRANSITIONS)
     facts = {
@@ -45,19 +76,14 @@ def queue_timer_notices(
         ),
     }
 
-    def tell(users: tuple[str, ...] | list[str], event: str) -> int:
-        key = f"{request.id}:{event}:{seq}"
-        return sum(
-            queue.queue_event(session, connection, user, event, key, facts, roles, request.id)
-            for user in users
-        )
+    def tell(users: tuple[str, ...] | list[str], event: str) -> list[tuple[str, str, str, dict[str, Any]]]:
+        return [(user, event, f"{request.id}:{event}:{seq}", facts) for user in users]
 
     if due.kind == "remind":
         return tell(result.waiting, "reminder")
-    if result.added or result.removed or (due.kind == "escalate" or result.action == "escalate"):
-        added = tell(result.added, "escalated_to_you")
+    if result.added or result.removed or due.kind == "escalate" or result.action == "escalate":
         others = [u for u in (*result.previous, request.submitter) if u not in result.added]
-        return added + tell(list(dict.fromkeys(others)), "escalated")
+        return tell(result.added, "escalated_to_you") + tell(list(dict.fromkeys(others)), "escalated")
     voted = {v.approver for v in request.votes if v.step_index == due.step_index and v.round == due.round}
     row = next(s for s in request.steps if s.index == due.step_index and s.round == due.round)
     return tell([a for a in row.approvers if a not in voted], "timed_out")

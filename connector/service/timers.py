@@ -15,9 +15,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.approvals.actions import RenderedAction
@@ -27,8 +27,9 @@ from connector.approvals.spec import MappingSpec, RuleSpec
 from connector.approvals.timers import TimerResult, fire_due, next_timer
 from connector.clock import utcnow
 from connector.config import ConfigError
+from connector.notify.models import Notification
 from connector.notify.queue import NotificationQueue
-from connector.notify.timer_notices import queue_timer_notices
+from connector.notify.timer_notices import queue_timer_notices, timer_notice_rows
 from connector.service.approval_service import ApprovalService, RuleGoneError
 from connector.service.escalation import ManagerDirectory, target_resolver
 from connector.service.timer_calendars import CalendarLookup
@@ -36,8 +37,8 @@ from connector.storage import approval_store as store
 from connector.storage import audit
 from connector.storage import timers as timer_rows
 from connector.storage.approval_store import StaleRequestError, StoredRequest
-from connector.storage.db import transaction
-from connector.storage.models import ApprovalRequestRow
+from connector.storage.db import insert_ignoring_conflicts, transaction
+from connector.storage.models import ApprovalRequestRow, ApprovalTransitionRow
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,7 @@ class StepTimers:
         report: SweepReport,
     ) -> None:
         with sessions() as session:
-            rows = session.scalars(select(ApprovalRequestRow).where(ApprovalRequestRow.id.in_(ids))).all()
-            loaded = {stored.request.id: stored for stored in store.load_rows(session, rows)}
+            loaded = {stored.request.id: stored for stored in store.load_many(session, ids)}
         decided: list[_Decided] = []
         idle: list[tuple[str, StoredRequest | None, RuleSpec | None]] = []  # nothing due: reschedule
         for request_id in ids:
@@ -134,8 +134,11 @@ class StepTimers:
                 continue
             decided.append(_Decided(stored, spec, rule, result, actions))
         with transaction(sessions) as session:
+            reminders = [item for item in decided if item.result.due.kind == "remind"]
+            self._save_reminders(session, reminders, claim_id, report)
             for item in decided:
-                self._save(session, service, item, claim_id, report)
+                if item.result.due.kind != "remind":
+                    self._save(session, service, item, claim_id, report)
             for request_id, idle_stored, idle_rule in idle:
                 try:
                     with session.begin_nested():
@@ -147,6 +150,126 @@ class StepTimers:
                     report.rescheduled += 1
                 except timer_rows.LostClaimError:
                     report.lost += 1
+
+    def _save_reminders(
+        self, session: Session, items: list[_Decided], claim_id: str, report: SweepReport
+    ) -> None:
+        """Reminders in bulk: they change nothing but the request's version and history, so what
+        `ApprovalService.commit_outcome` writes for them (version-checked request row, history
+        row, its audit entry; no write-back, no business event) is written with one statement
+        per table for the whole batch, plus the reminder notices, the `timer_fired` audit entry
+        and the next due moment. Requests changed since they were read (a vote) or whose claim
+        was taken over are left out, as `_save` would."""
+        if not items:
+            return
+        ids = [item.stored.request.id for item in items]
+        requests = cast(Table, ApprovalRequestRow.__table__)
+        timers = cast(Table, timer_rows.ApprovalTimerRow.__table__)
+        # lock the rows (PostgreSQL; SQLite's write transaction already holds the database)
+        versions = dict(
+            session.execute(
+                select(requests.c.id, requests.c.version).where(requests.c.id.in_(ids)).with_for_update()
+            ).all()
+        )
+        claims = dict(
+            session.execute(
+                select(timers.c.request_id, timers.c.claim_id)
+                .where(timers.c.request_id.in_(ids))
+                .with_for_update()
+            ).all()
+        )
+        fresh = []
+        for item in items:
+            request_id = item.stored.request.id
+            if versions.get(request_id) == item.stored.request.version and claims.get(request_id) == claim_id:
+                fresh.append(item)
+            else:
+                report.lost += 1
+        if not fresh:
+            return
+        session.execute(
+            update(requests)
+            .where(requests.c.id == bindparam("request_id"), requests.c.version == bindparam("seen"))
+            .values(version=bindparam("new_version"), updated_at=bindparam("now")),
+            [
+                {
+                    "request_id": i.stored.request.id,
+                    "seen": i.stored.request.version,
+                    "new_version": i.result.outcome.request.version,
+                    "now": i.result.outcome.request.updated_at,
+                }
+                for i in fresh
+            ],
+            execution_options={"synchronize_session": False},
+        )
+        session.execute(
+            insert(cast(Table, ApprovalTransitionRow.__table__)),
+            [store.transition_values(t) for i in fresh for t in i.result.outcome.transitions],
+        )
+        notices: list[dict[str, Any]] = []
+        for item in fresh:
+            record, spec, rule = item.stored.record, item.spec, item.rule
+            for t in item.result.outcome.transitions:  # as ApprovalService._commit records them
+                audit.record(
+                    session,
+                    "transition",
+                    connection=record.connection,
+                    object_type=record.object_type,
+                    record_id=record.record_id,
+                    request_id=t.request_id,
+                    actor=t.actor,
+                    mapping_hash=spec.content_hash,
+                    transition=t.kind,
+                    from_status=t.from_status,
+                    to_status=t.to_status,
+                    step_index=t.step_index,
+                    comment=t.comment,
+                )
+            if self.notifications is not None:
+                notices += timer_notice_rows(
+                    self.notifications,
+                    connection=record.connection,
+                    result=item.result,
+                    roles=spec.roles,
+                    step_labels={n: step.title for n, step in enumerate(rule.steps)},
+                    step_count=len(rule.steps),
+                )
+        added = insert_ignoring_conflicts(session, Notification.__table__, notices, key="dedupe_key")
+        per_request: dict[str, int] = {}
+        for row in notices:
+            if row["dedupe_key"] in added:
+                per_request[row["request_id"]] = per_request.get(row["request_id"], 0) + 1
+        report.notices += len(added)
+        moved, gone = [], []
+        for item in fresh:
+            request = item.result.outcome.request
+            self._audit_fired(session, item, per_request.get(request.id, 0))
+            due = next_timer(request, item.rule, self.calendars(item.stored.record.connection))
+            if due is None:
+                gone.append(request.id)
+            else:
+                moved.append(
+                    {"rid": request.id, "step_index": due.step_index, "round": due.round, "kind": due.kind,
+                     "due_at": due.at}
+                )  # fmt: skip
+        if moved:
+            session.execute(
+                update(timers)
+                .where(timers.c.request_id == bindparam("rid"))
+                .values(
+                    step_index=bindparam("step_index"),
+                    round=bindparam("round"),
+                    kind=bindparam("kind"),
+                    due_at=bindparam("due_at"),
+                    claim_id=None,
+                    lease_until=None,
+                ),
+                moved,
+                execution_options={"synchronize_session": False},
+            )
+        if gone:
+            session.execute(delete(timers).where(timers.c.request_id.in_(gone)))
+        report.reminded += len(fresh)
 
     def _save(
         self, session: Session, service: ApprovalService, item: _Decided, claim_id: str, report: SweepReport
@@ -177,7 +300,6 @@ class StepTimers:
 
     def _record(self, session: Session, item: _Decided, report: SweepReport) -> None:
         result, record, spec, rule = item.result, item.stored.record, item.spec, item.rule
-        request = result.outcome.request
         notices = 0
         if self.notifications is not None:
             notices = queue_timer_notices(
@@ -190,6 +312,11 @@ class StepTimers:
                 step_count=len(rule.steps),
             )
         report.notices += notices
+        self._audit_fired(session, item, notices)
+
+    def _audit_fired(self, session: Session, item: _Decided, notices: int) -> None:
+        result, record, spec = item.result, item.stored.record, item.spec
+        request = result.outcome.request
         audit.record(
             session,
             "timer_fired",
