@@ -96,7 +96,12 @@ def seed(runtime: Runtime, mappings: MappingSet, count: int, opened_at: datetime
                 batch[key].clear()
 
     for n in range(count):
-        values = {"name": f"Deal {n}", "amount": 150000, "owner": f"rep-{n % 50}", "owner_manager": f"mgr-{n % 10}"}
+        values = {
+            "name": f"Deal {n}",
+            "amount": 150000,
+            "owner": f"rep-{n % 50}",
+            "owner_manager": f"mgr-{n % 10}",
+        }
         ctx = EvalContext(values, None, frozenset(values), opened_at.date(), opened_at)
         record = RecordKey("sandbox", "deal", f"D-{n}")
         outcome = open_request(
@@ -140,7 +145,9 @@ def ceiling(runtime: Runtime, now: datetime) -> tuple[float, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.timers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100_000, help="open requests with a due reminder")
-    parser.add_argument("--database-url", default="", help="default: a new SQLite file in a temporary directory")
+    parser.add_argument(
+        "--database-url", default="", help="default: a new SQLite file in a temporary directory"
+    )
     parser.add_argument("--batch", type=int, default=500, help="rows claimed per round trip (as the worker)")
     args = parser.parse_args()
 
@@ -157,7 +164,9 @@ def main() -> int:
     runtime = Runtime.from_settings(settings)
     mappings = MappingSet.load(workdir / "mappings")
     now = datetime.now(UTC)
-    print(f"seeding {args.requests:,} pending requests with a due reminder ({runtime.engine.dialect.name})...")
+    print(
+        f"seeding {args.requests:,} pending requests with a due reminder ({runtime.engine.dialect.name})..."
+    )
     seed(runtime, mappings, args.requests, now - timedelta(hours=2))
 
     select_seconds, found = ceiling(runtime, now)
@@ -178,9 +187,13 @@ def main() -> int:
 
     with runtime.sessions() as session:
         reminders = session.scalar(
-            select(func.count()).select_from(ApprovalTransitionRow).where(ApprovalTransitionRow.kind == "reminded")
+            select(func.count())
+            .select_from(ApprovalTransitionRow)
+            .where(ApprovalTransitionRow.kind == "reminded")
         )
-        mails = session.scalar(select(func.count()).select_from(Notification).where(Notification.event == "reminder"))
+        mails = session.scalar(
+            select(func.count()).select_from(Notification).where(Notification.event == "reminder")
+        )
         still_due = session.scalar(select(func.count()).where(ApprovalTimerRow.due_at <= now))
     assert report.reminded == reminders == mails == args.requests, (report, reminders, mails)
     assert still_due == 0, still_due
