@@ -68,6 +68,8 @@ class StepTimers:
     clock: Callable[[], datetime] = utcnow
     batch: int = BATCH
     lease: timedelta = LEASE
+    # the mapping files' content hashes the open requests' due moments were last computed for
+    _computed_for: tuple[str, ...] | None = field(default=None, init=False, repr=False)
 
     # --- keeping the next due moment (called by ApprovalService._commit) -------------------
 
@@ -90,6 +92,7 @@ class StepTimers:
         own savepoint, so a request changed meanwhile is skipped without undoing the others."""
         now = self.clock()
         report = SweepReport()
+        report.rescheduled += self.reschedule_after_mapping_change(service, sessions)
         while True:
             with transaction(sessions) as session:
                 claim_id, ids = timer_rows.claim_due(session, now, limit=self.batch, lease=self.lease)
@@ -97,6 +100,48 @@ class StepTimers:
                 self._fire_batch(service, sessions, ids, claim_id, now, report)
             if len(ids) < self.batch:
                 return report
+
+    def reschedule_after_mapping_change(
+        self, service: ApprovalService, sessions: sessionmaker[Session]
+    ) -> int:
+        """When the mapping files changed (and at the worker's first sweep), compute the next due
+        moment afresh for every open request of a rule with step timing: a step that gained
+        `remind_every`, or whose interval changed, acts on the new setting. Returns how many."""
+        specs = service.mappings.mappings
+        key = tuple(sorted(spec.content_hash for spec in specs))
+        if key == self._computed_for:
+            return 0
+        timed = {
+            (spec.connection, spec.object_type, rule.name)
+            for spec in specs
+            for rule in spec.rules
+            if any(step.timing is not None for step in rule.steps)
+        }
+        ids: list[str] = []
+        if timed:
+            with sessions() as session:
+                ids = list(
+                    session.scalars(
+                        select(ApprovalRequestRow.id)
+                        .where(ApprovalRequestRow.active_key.is_not(None))
+                        .where(ApprovalRequestRow.rule_name.in_({name for _c, _o, name in timed}))
+                    )
+                )
+        count = 0
+        for start in range(0, len(ids), self.batch):
+            with transaction(sessions) as session:
+                for stored in store.load_many(session, ids[start : start + self.batch]):
+                    record = stored.record
+                    if (record.connection, record.object_type, stored.request.rule_name) not in timed:
+                        continue
+                    try:
+                        _spec, rule = service.rule_of(stored)
+                    except RuleGoneError:
+                        continue
+                    self.schedule(session, stored, rule, _as_outcome(stored.request))
+                    count += 1
+        self._computed_for = key
+        return count
 
     def _fire_batch(
         self,

@@ -197,9 +197,8 @@ def test_reminders_then_escalation_to_the_approvers_manager_with_emails(
         0,
     )
 
-    assert vars(world.sweep(T0 + timedelta(hours=23, minutes=59))) == vars(
-        type(world.sweep())()
-    )  # nothing due
+    early = world.sweep(T0 + timedelta(hours=23, minutes=59))
+    assert (early.reminded, early.escalated, early.timed_out, early.notices) == (0, 0, 0, 0)  # nothing due
     report = world.sweep(T0 + timedelta(hours=24))
     assert (report.reminded, report.notices) == (1, 1)
     assert world.sweep().reminded == 0  # the same due moment never acts twice
@@ -440,3 +439,18 @@ def test_business_calendar_variants() -> None:
         working_calendar(parse_connections({"CRM_CONNECTIONS": "x=sandbox"})["x"]).describe()
         == "calendar time"
     )
+
+
+def test_a_step_that_gains_timing_in_the_mapping_file_acts_on_it_for_open_requests(
+    world_factory: Callable[..., World], tmp_path: Path
+) -> None:
+    world = world_factory("description: no timing yet")
+    request_id = world.submit()
+    assert world.sweep(T0 + timedelta(days=3)).reminded == 0 and world.timer(request_id) is None
+    mapping = tmp_path / "mappings" / "deals.yaml"
+    mapping.write_text(mapping.read_text().replace("description: no timing yet", "remind_every: 1h"))
+    world.pipeline.mappings.reload()
+    report = world.sweep(T0 + timedelta(days=3))
+    assert (report.rescheduled, report.reminded) == (1, 1)  # opened three days ago: due at once
+    assert world.sweep(T0 + timedelta(days=3, minutes=30)).reminded == 0  # the next one is an hour later
+    assert world.sweep(T0 + timedelta(days=3, hours=1)).reminded == 1
