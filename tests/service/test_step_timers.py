@@ -291,7 +291,10 @@ def test_timeout_actions_write_their_reason_and_write_back_like_any_decision(
     assert timed_out.user_id == "u-mgr-piotr"
 
 
-def racing_sweeps(world: World, requests: int) -> None:
+ESCALATE_ONLY = "escalate_after: 24h\n        escalate_to: {manager_of: approver}"
+
+
+def racing_sweeps(world: World, requests: int, kind: str = "reminded", event: str = "reminder") -> None:
     ids = [world.submit(f"D-{n}") for n in range(requests)]
     world.now = T0 + timedelta(hours=24)
     barrier = threading.Barrier(2)
@@ -311,10 +314,10 @@ def racing_sweeps(world: World, requests: int) -> None:
     for thread in threads:
         thread.join(60)
     assert errors == []
-    assert sum(r.reminded for r in reports) == requests
+    assert sum(getattr(r, kind) for r in reports) == requests
     for request_id in ids:
-        assert [k for k, _ in world.history(request_id)].count("reminded") == 1
-    assert len(world.notifications(event="reminder")) == requests
+        assert [k for k, _ in world.history(request_id)].count(kind) == 1
+    assert len(world.notifications(event=event)) == requests
     with world.runtime.sessions() as session:
         fired = session.scalar(select(func.count()).where(AuditEntry.kind == "timer_fired"))
         assert fired == requests
@@ -327,14 +330,29 @@ def test_two_racing_sweeps_remind_each_request_once_on_sqlite(world_factory: Cal
     racing_sweeps(world, 12)
 
 
-def test_two_racing_sweeps_remind_each_request_once_on_postgres(
-    tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], pg_url: str
+def test_two_racing_sweeps_escalate_each_request_once_on_sqlite(world_factory: Callable[..., World]) -> None:
+    world = world_factory(ESCALATE_ONLY)
+    world.timers.batch = 3
+    racing_sweeps(world, 8, "escalated", "escalated_to_you")
+
+
+RACES = [("remind_every: 24h", "reminded", "reminder"), (ESCALATE_ONLY, "escalated", "escalated_to_you")]
+
+
+@pytest.mark.parametrize(("timing", "kind", "event"), RACES)
+def test_two_racing_sweeps_act_once_per_request_on_postgres(
+    tmp_path: Path,
+    runtime_factory: Callable[[Settings], Runtime],
+    pg_url: str,
+    timing: str,
+    kind: str,
+    event: str,
 ) -> None:
     env = {"CRM_CONNECTIONS": "sandbox"}
     settings = Settings(database_url=pg_url, connections=parse_connections(env), queue_url="memory://")
-    world = make_world(tmp_path, runtime_factory, settings, "remind_every: 24h")
+    world = make_world(tmp_path, runtime_factory, settings, timing)
     world.timers.batch = 3
-    racing_sweeps(world, 12)
+    racing_sweeps(world, 12, kind, event)
 
 
 def test_a_claimed_row_is_not_claimed_again_until_its_lease_runs_out(
