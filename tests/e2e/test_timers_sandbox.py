@@ -67,7 +67,8 @@ def test_an_ignored_step_reminds_then_escalates_to_the_approvers_manager(
     assert pipeline.approvals.timers is not None
     pipeline.approvals.timers.clock = lambda: now[0]  # type: ignore[attr-defined]
     worker = Tasks(runtime, make_huey("memory://"))
-    ours = app_factory(runtime).test_client()
+    our_app = app_factory(runtime)
+    ours = our_app.test_client()
     sandbox_app = create_sandbox_app(SandboxConfig.from_settings(settings), start_delivery=False)
     sandbox_app.test_client_class = Browser
     sandbox = sandbox_app.test_client()
@@ -139,6 +140,15 @@ def test_an_ignored_step_reminds_then_escalates_to_the_approvers_manager(
             # sweep queued it after this sweep's outbox flush: the next one sends it)
             sweep(timedelta(seconds=10))
             assert "Carla Rossi" in _row(sandbox, "D-1002")
+
+            # and on the request's page in the web app
+            browser = our_app.test_client()
+            with browser.session_transaction() as session:
+                session["uid"] = "u-gm-carla"  # signed in (the sign-in flow: tests/web/test_sign_in.py)
+            page = " ".join(browser.get(f"/app/requests/{request['id']}").get_data(as_text=True).split())
+            # in Carla's language (zh_CN): "reminder sent", "escalated"
+            assert "已发送提醒" in page and "reminder 1 of 3: waiting for u-mgr-boris" in page
+            assert "已升级" in page and "escalated to the approver&#39;s manager: added u-gm-carla" in page
 
             # Carla approves the manager step from the API; the next steps go on as usual
             answer = ours.post(
