@@ -9,7 +9,8 @@ Timed, on the same database:
 
 * ceiling - `SELECT request_id, due_at FROM approval_timers WHERE due_at <= now ORDER BY due_at`
   (the `ix_timers_due` index), every row fetched: the least any sweep must do to find the work;
-* ours    - `StepTimers.sweep` exactly as the worker runs it: claims the due rows in batches,
+* ours    - `StepTimers.sweep` exactly as the worker runs it every minute (after the start-up
+  sweep, which also recomputes every open request's due moment: timed and shown separately): claims the due rows in batches,
   decides each reminder from the request's history, saves it (request version check, history
   row, audit entries, the reminder e-mail queued in the notification outbox, the next due
   moment) and releases the claim.
@@ -181,6 +182,11 @@ def main() -> int:
     )
     pipeline.approvals.timers = timers
     pipeline.approvals.clock = lambda: now
+    # a worker computes every open request's due moment afresh once, at start (and after a
+    # mapping change); the periodic sweep after it is what is measured, this is shown beside it
+    started = time.perf_counter()
+    recomputed = timers.reschedule_after_mapping_change(pipeline.approvals, runtime.sessions)
+    startup_seconds = time.perf_counter() - started
     started, cpu_started = time.perf_counter(), time.process_time()
     report = timers.sweep(pipeline.approvals, runtime.sessions)
     sweep_seconds, sweep_cpu = time.perf_counter() - started, time.process_time() - cpu_started
@@ -204,6 +210,9 @@ def main() -> int:
           f"({report.reminded / sweep_seconds:,.0f} reminders/s)")  # fmt: skip
     print(f"         (of which this process's CPU time: {sweep_cpu:.3f} s; the rest is waiting for the "
           "database and for the machine's other processes)")  # fmt: skip
+    print(
+        f"(once at worker start: due moments of {recomputed:,} open requests recomputed in {startup_seconds:.3f} s)"
+    )
     print(f"ratio ours / ceiling: {sweep_seconds / select_seconds:,.0f}x; under 10 s: {sweep_seconds < 10}")
     runtime.close()
     return 0

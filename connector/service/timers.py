@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.approvals.actions import RenderedAction
 from connector.approvals.errors import ActionRenderError, ChainError
 from connector.approvals.lifecycle import ApprovalRequest, Outcome
 from connector.approvals.spec import MappingSpec, RuleSpec
-from connector.approvals.timers import TimerResult, fire_due, next_timer
+from connector.approvals.timers import DueTimer, TimerResult, fire_due, next_timer
 from connector.clock import utcnow
 from connector.config import ConfigError
 from connector.notify.models import Notification
@@ -130,16 +130,20 @@ class StepTimers:
         count = 0
         for start in range(0, len(ids), self.batch):
             with transaction(sessions) as session:
+                dues: dict[str, DueTimer | None] = {}
                 for stored in store.load_many(session, ids[start : start + self.batch]):
                     record = stored.record
                     if (record.connection, record.object_type, stored.request.rule_name) not in timed:
                         continue
                     try:
                         _spec, rule = service.rule_of(stored)
-                    except RuleGoneError:
+                        dues[stored.request.id] = next_timer(
+                            stored.request, rule, self.calendars(record.connection)
+                        )
+                    except (RuleGoneError, ConfigError):
                         continue
-                    self.schedule(session, stored, rule, _as_outcome(stored.request))
-                    count += 1
+                timer_rows.schedule_many(session, dues)
+                count += len(dues)
         self._computed_for = key
         return count
 
@@ -285,35 +289,12 @@ class StepTimers:
             if row["dedupe_key"] in added:
                 per_request[row["request_id"]] = per_request.get(row["request_id"], 0) + 1
         report.notices += len(added)
-        moved, gone = [], []
+        dues: dict[str, DueTimer | None] = {}
         for item in fresh:
             request = item.result.outcome.request
             self._audit_fired(session, item, per_request.get(request.id, 0))
-            due = next_timer(request, item.rule, self.calendars(item.stored.record.connection))
-            if due is None:
-                gone.append(request.id)
-            else:
-                moved.append(
-                    {"rid": request.id, "step_index": due.step_index, "round": due.round, "kind": due.kind,
-                     "due_at": due.at}
-                )  # fmt: skip
-        if moved:
-            session.execute(
-                update(timers)
-                .where(timers.c.request_id == bindparam("rid"))
-                .values(
-                    step_index=bindparam("step_index"),
-                    round=bindparam("round"),
-                    kind=bindparam("kind"),
-                    due_at=bindparam("due_at"),
-                    claim_id=None,
-                    lease_until=None,
-                ),
-                moved,
-                execution_options={"synchronize_session": False},
-            )
-        if gone:
-            session.execute(delete(timers).where(timers.c.request_id.in_(gone)))
+            dues[request.id] = next_timer(request, item.rule, self.calendars(item.stored.record.connection))
+        timer_rows.schedule_many(session, dues)
         report.reminded += len(fresh)
 
     def _save(

@@ -15,9 +15,11 @@ did releases the claim in the same transaction, and only if the claim is still o
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import Index, Integer, String, delete, or_, select, update
+from sqlalchemy import Index, Integer, String, Table, bindparam, delete, insert, or_, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from connector.approvals.timers import DueTimer
@@ -66,6 +68,42 @@ def schedule(session: Session, request_id: str, due: DueTimer | None) -> None:
     row.step_index, row.round, row.kind, row.due_at = due.step_index, due.round, due.kind, due.at
     row.claim_id = row.lease_until = None
     session.flush()
+
+
+def schedule_many(session: Session, dues: Mapping[str, DueTimer | None]) -> None:
+    """`schedule` for many requests at once: one statement per kind of change."""
+    if not dues:
+        return
+    table = cast(Table, ApprovalTimerRow.__table__)
+    existing = set(session.scalars(select(table.c.request_id).where(table.c.request_id.in_(list(dues)))))
+
+    def values(request_id: str, due: DueTimer) -> dict[str, object]:
+        return {"rid": request_id, "step_index": due.step_index, "round": due.round, "kind": due.kind,
+                "due_at": due.at}  # fmt: skip
+
+    moved = [values(rid, due) for rid, due in dues.items() if due is not None and rid in existing]
+    added = [values(rid, due) for rid, due in dues.items() if due is not None and rid not in existing]
+    gone = [rid for rid, due in dues.items() if due is None and rid in existing]
+    if moved:
+        session.execute(
+            update(table)
+            .where(table.c.request_id == bindparam("rid"))
+            .values(
+                step_index=bindparam("step_index"),
+                round=bindparam("round"),
+                kind=bindparam("kind"),
+                due_at=bindparam("due_at"),
+                claim_id=None,
+                lease_until=None,
+            ),
+            moved,
+            execution_options={"synchronize_session": False},
+        )
+    if added:
+        rows = [{"request_id": v.pop("rid"), **v} for v in added]
+        session.execute(insert(table), rows)
+    if gone:
+        session.execute(delete(table).where(table.c.request_id.in_(gone)))
 
 
 def claim_due(session: Session, now: datetime, *, limit: int, lease: timedelta) -> tuple[str, list[str]]:
