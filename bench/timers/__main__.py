@@ -10,10 +10,10 @@ Timed, on the same database:
 * ceiling - `SELECT request_id, due_at FROM approval_timers WHERE due_at <= now ORDER BY due_at`
   (the `ix_timers_due` index), every row fetched: the least any sweep must do to find the work;
 * ours    - `StepTimers.sweep` exactly as the worker runs it every minute (after the start-up
-  sweep, which also recomputes every open request's due moment: timed and shown separately): claims the due rows in batches,
-  decides each reminder from the request's history, saves it (request version check, history
-  row, audit entries, the reminder e-mail queued in the notification outbox, the next due
-  moment) and releases the claim.
+  sweep, which also recomputes every open request's due moment: timed and shown separately):
+  claims the due rows in batches, decides each reminder from the request's history, saves
+  it (request version check, history row, audit entries, the reminder e-mail queued in the
+  notification outbox, the next due moment) and releases the claim.
 
 Afterwards every request must have exactly one reminder (checked). Not a test. Usage:
 
@@ -211,7 +211,8 @@ def main() -> int:
     print(f"         (of which this process's CPU time: {sweep_cpu:.3f} s; the rest is waiting for the "
           "database and for the machine's other processes)")  # fmt: skip
     print(
-        f"(once at worker start: due moments of {recomputed:,} open requests recomputed in {startup_seconds:.3f} s)"
+        f"(once at worker start: due moments of {recomputed:,} open requests recomputed "
+        f"in {startup_seconds:.3f} s)"
     )
     print(f"ratio ours / ceiling: {sweep_seconds / select_seconds:,.0f}x; under 10 s: {sweep_seconds < 10}")
     runtime.close()
