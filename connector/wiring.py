@@ -6,13 +6,19 @@ from __future__ import annotations
 import logging
 
 from connector.config import Settings
+from connector.directory.org import DirectoryOrg
+from connector.notify.queue import NotificationQueue
 from connector.notify.sender import send_now
 from connector.notify.sender import sweep as people_sweep
 from connector.rules import MappingSet
 from connector.runtime import Runtime, SweepJob
+from connector.service.approval_service import ApprovalService
 from connector.service.delegation import sweep as delegation_sweep
 from connector.service.drift import DriftRepairJob
 from connector.service.pipeline import Pipeline, log_mapping_error, refresh_mappings
+from connector.service.timer_calendars import calendar_lookup
+from connector.service.timers import StepTimers
+from connector.service.timers import summary as timer_summary
 from connector.service.zoho_channels import renew_due_channels
 from connector.web.links import decision_link_provider
 
@@ -37,12 +43,14 @@ def attach_pipeline(runtime: Runtime, mappings: MappingSet) -> Pipeline:
     """Make `runtime` judge events against `mappings`: the pipeline processes the inbox, the
     API votes through its approval service, and the sweep reloads mappings and expires approvals."""
     pipeline = Pipeline(runtime, mappings)
+    timers = attach_step_timers(runtime, pipeline.approvals)
     runtime.processor = pipeline
     runtime.mappings = mappings
     runtime.approvals = pipeline.approvals
     runtime.sweep_jobs = [
         SweepJob("reload_mappings", lambda _rt: refresh_mappings(mappings)),
         SweepJob("expire", lambda rt: pipeline.approvals.expire_due(rt.sessions)),
+        SweepJob("step_timers", lambda rt: timer_summary(timers.sweep(pipeline.approvals, rt.sessions))),
         SweepJob("drift_repair", DriftRepairJob.from_settings(runtime.settings)),
         SweepJob("zoho_channels", renew_due_channels),
         SweepJob("people", people_sweep),  # directory refresh, expiry warnings, notifications
@@ -52,3 +60,16 @@ def attach_pipeline(runtime: Runtime, mappings: MappingSet) -> Pipeline:
     # "A step opens for you" messages carry one-click Approve / Reject links to the web app.
     runtime.link_providers = [decision_link_provider(runtime.settings)]
     return pipeline
+
+
+def attach_step_timers(runtime: Runtime, approvals: ApprovalService) -> StepTimers:
+    """Reminders, escalation and time-outs of open steps: scheduled with every saved request,
+    acted on by the worker's sweep (connector/service/timers.py)."""
+    timers = StepTimers(
+        calendars=calendar_lookup(runtime.settings),
+        orgs=lambda connection: DirectoryOrg(runtime.sessions, connection),
+        notifications=NotificationQueue(runtime.settings),
+        clock=approvals.clock,
+    )
+    approvals.timers = timers
+    return timers

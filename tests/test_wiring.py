@@ -37,11 +37,13 @@ def test_build_runtime_attaches_the_pipeline_and_its_collaborators(built: Runtim
     assert [job.name for job in built.sweep_jobs] == [
         "reload_mappings",
         "expire",
+        "step_timers",  # before "people", which sends the reminders it queued in the same sweep
         "drift_repair",
         "zoho_channels",
         "people",
         "delegations",
     ]
+    assert built.approvals is not None and built.approvals.timers is not None
     assert [job.name for job in built.flush_jobs] == ["notifications"]
 
 

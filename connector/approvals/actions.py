@@ -52,7 +52,7 @@ from connector.approvals.lifecycle import ApprovalRequest, Outcome, current_step
 from connector.approvals.spec import ActionEvent, ActionSpec, RuleSpec
 
 # Transitions that change where a request waits: they fire the ``step`` event.
-STEP_EVENT_TRANSITIONS = frozenset({"entered", "approved", "rejected", "recalled"})
+STEP_EVENT_TRANSITIONS = frozenset({"entered", "escalated", "approved", "rejected", "recalled"})
 TEMPLATE_VARIABLES: tuple[str, ...] = (
     "today",
     "now",

@@ -132,6 +132,10 @@ TransitionKind = Literal[
     "lock_reverted",  # an edit of a locked field was written back; comment lists the fields
     "lock_flagged",  # an edit of a locked field, recorded for the approvers; comment lists them
     "delegated",  # a deputy took an approver's place (out of office); comment: who for whom, why
+    # step timing (connector.approvals.timers); actor None, comment says what and why
+    "reminded",  # the open step's waiting approvers were reminded
+    "escalated",  # approvers were added to (or replaced on) the open step
+    "timed_out",  # the open step's time-out acted; its action's transitions follow
 ]
 # Kinds that record something about the request without changing its status (see `flag`).
 FLAG_KINDS: frozenset[TransitionKind] = frozenset({"crm_vote_refused", "lock_reverted", "lock_flagged"})

@@ -14,6 +14,8 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal, Protocol
 
+from connector.approvals.timing import StepTiming
+
 # "step": a step opened (the request is waiting for someone new); see actions.render_outcome_actions
 ActionEvent = Literal["submit", "step", "approve", "reject", "recall", "expire"]
 ACTION_EVENTS: tuple[ActionEvent, ...] = ("submit", "step", "approve", "reject", "recall", "expire")
@@ -142,6 +144,7 @@ class StepSpec:
     # Canonical fields the approval depends on: those its `when` and approvers read plus the
     # step's own `inputs:`. A change of any of them means the step must be approved again.
     inputs: frozenset[str] = frozenset()
+    timing: StepTiming | None = None  # reminders, escalation, time-out (connector.approvals.timers)
 
     @property
     def title(self) -> str:

@@ -38,6 +38,9 @@ SUBMITTER_EVENTS = {  # transition kind -> event told to the submitter
     "expired": "expired",
 }
 EVENTS = ("step_opened", *SUBMITTER_EVENTS.values(), "expiring")
+# events about an open step still waiting for the recipient: sent only while it waits for them,
+# with one-click Approve / Reject links (connector/notify/timer_notices.py queues the last two)
+WAITING_EVENTS = frozenset({"step_opened", "reminder", "escalated_to_you"})
 CHANNELS = ("email", "chat")
 
 
@@ -166,6 +169,55 @@ class NotificationQueue:
                     session, row.connection, row.submitter, "expiring", key, facts, {}, row.id
                 )
         return added
+
+    def queue_event(
+        self,
+        session: Session,
+        connection: str,
+        user_id: str,
+        event: str,
+        event_key: str,
+        facts: Mapping[str, Any],
+        roles: Mapping[str, tuple[str, ...]],
+        request_id: str,
+    ) -> int:
+        """Queue `event` (its template has the same name) for one user on each of their channels;
+        `event_key` plus the recipient and channel make each row's dedupe key."""
+        return self._queue(session, connection, user_id, event, event_key, facts, roles, request_id)
+
+    def event_rows(
+        self,
+        connection: str,
+        user_id: str,
+        event: str,
+        event_key: str,
+        facts: Mapping[str, Any],
+        roles: Mapping[str, tuple[str, ...]],
+        request_id: str,
+    ) -> list[dict[str, Any]]:
+        """The rows `queue_event` would add, as column values, for a bulk INSERT that ignores
+        dedupe keys already queued (connector.storage.db.insert_ignoring_conflicts)."""
+        rows = []
+        for channel, target in self.channels_for(connection, user_id, roles):
+            recipient = target if channel == "chat" and not target.startswith("user:") else f"user:{user_id}"
+            rows.append(
+                {
+                    "dedupe_key": f"{event_key}:{recipient}:{channel}"[:400],
+                    "event": event,
+                    "template": event,
+                    "channel": channel,
+                    "connection": connection,
+                    "user_id": user_id,
+                    "email": None,
+                    "target": target or None,
+                    "request_id": request_id,
+                    "context": dict(facts),
+                    "status": PENDING,
+                    "attempts": 0,
+                    "created_at": utcnow(),
+                }
+            )
+        return rows
 
     def _queue(
         self,

@@ -39,7 +39,7 @@ from connector.notify.channels import (
     build_email,
 )
 from connector.notify.models import DEAD, DONE, PENDING, SENDING, SKIPPED, Notification
-from connector.notify.queue import NotificationQueue
+from connector.notify.queue import WAITING_EVENTS, NotificationQueue
 from connector.notify.render import LinkProvider, RenderedMessage, TemplateProblem, Templates
 from connector.storage import approval_store
 from connector.storage.approval_store import StoredRequest
@@ -205,7 +205,7 @@ class NotificationSender:
         person = self.directory.get(row.connection, row.user_id) if row.connection and row.user_id else None
         if row.user_id and person is not None and not person.active and row.target is None:
             raise Skip(f"{row.user_id} is inactive in the CRM")
-        if row.event == "step_opened" and stored is not None:
+        if row.event in WAITING_EVENTS and stored is not None:
             self._check_still_waiting(row, stored)
         rendered = self.render(row, stored, person)
         if row.channel == "email":
@@ -261,7 +261,7 @@ class NotificationSender:
             variables["request"] = self._request_variables(stored, facts, name)
             variables["record"] = dict(stored.request.record)
             if (
-                row.event == "step_opened"
+                row.event in WAITING_EVENTS
                 and row.user_id
                 and row.target in (None, f"user:{_env(row.user_id)}")
             ):
@@ -298,6 +298,7 @@ class NotificationSender:
             "approved_at": request.approved_at,
             "expires_at": request.expires_at,
             "step_label": facts.get("step_label") or (current.name if current is not None else None),
+            "step_since": current.entered_at if current is not None else None,
             "step_number": index + 1 if isinstance(index, int) else None,
             "step_count": facts.get("step_count"),
             "waiting_for": [name(user) for user in waiting],

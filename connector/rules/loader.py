@@ -67,6 +67,7 @@ from connector.rules.schema import (
     validate_document,
 )
 from connector.rules.templating import TemplateCompileError, compile_value, is_template
+from connector.rules.timing import step_timing
 
 MAPPING_SUFFIXES = (".yaml", ".yml")
 _FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -398,6 +399,7 @@ class _SpecBuilder:
             return None
         label = step.label.strip() if step.label and step.label.strip() else None
         inputs = step_inputs(self, step, path, when, approvers)  # type: ignore[arg-type]
+        timing = step_timing(step, path, self)
         return StepSpec(
             step.name,
             step.mode,
@@ -409,6 +411,7 @@ class _SpecBuilder:
             label,
             smart_reapproval=step.smart_reapproval,
             inputs=inputs,
+            timing=timing,
         )
 
     def _approver(self, approver: ApproverModel, path: KeyPath) -> ApproverSource | None:
@@ -436,6 +439,11 @@ class _SpecBuilder:
             return None
         spec = self.field_ref(name, path, types=("user", "string"))
         return ManagerApprovers(spec.name, levels) if spec else None
+
+    def role_ref(self, name: str, path: KeyPath, kind: str) -> RoleApprovers | None:
+        """A role (kind "role") or group named somewhere else than an approver list."""
+        pool, other = (self.roles, self.groups) if kind == "role" else (self.groups, self.roles)
+        return self._role(name, path, pool, kind, other)
 
     def _role(
         self, name: str, path: KeyPath, pool: Mapping[str, Any], kind: str, other: Mapping[str, Any]

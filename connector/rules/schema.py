@@ -125,6 +125,52 @@ _FROM_FIELD_HINT = "e.g. `{from_field: product_lines, map: {Hardware: [{user: 00
 ApproverList = Annotated[list[ApproverModel], BeforeValidator(_as_list), Field(min_length=1)]
 
 
+class EscalateToModel(_Model):
+    """Whom a step escalates to: exactly one of manager_of / role / group."""
+
+    manager_of: Literal["approver", "owner"] | None = None
+    role: Name | None = None
+    group: Name | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        # `escalate_to: approver_manager` reads as well as `{manager_of: approver}`
+        if isinstance(value, str) and value.strip() in _MANAGER_SHORTHANDS:
+            return {"manager_of": _MANAGER_SHORTHANDS[value.strip()]}
+        if isinstance(value, str):
+            raise fail(f"unknown escalation target {value!r}", _ESCALATE_TO_HINT)
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> EscalateToModel:
+        kinds = [k for k in ("manager_of", "role", "group") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            got = f"got {one_of(kinds)}" if kinds else "got none of them"
+            raise fail(
+                f"`escalate_to` needs exactly one of `manager_of`, `role` or `group`; {got}",
+                _ESCALATE_TO_HINT,
+            )
+        return self
+
+
+_MANAGER_SHORTHANDS = {"approver_manager": "approver", "owner_manager": "owner"}
+_ESCALATE_TO_HINT = (
+    "e.g. `escalate_to: {manager_of: approver}`, `{manager_of: owner}`, `{role: general_manager}` "
+    "or `{group: finance}`"
+)
+
+
+class TimeoutModel(_Model):
+    """`timeout: {after: 5d, action: approve | reject | skip | escalate, reason: ...}`."""
+
+    after: Any = None  # a timer duration, checked by the loader (with its line)
+    action: Literal["approve", "reject", "skip", "escalate"]
+    reason: str | None = None
+    to: EscalateToModel | None = None  # action escalate; default: the step's escalate_to
+    mode: Literal["add", "replace"] = "add"
+
+
 class StepModel(_Model):
     name: Name
     label: str | None = None  # what people read: "Finance" for the step `finance`
@@ -136,6 +182,13 @@ class StepModel(_Model):
     on_reject: RejectBehaviour = "reject"
     smart_reapproval: bool | None = None  # None: the rule's setting
     inputs: list[Name] = Field(default_factory=list)  # more fields the approval depends on
+    # timing (connector.approvals.timing); durations are checked by the loader, with their line
+    remind_every: Any = None
+    remind_max: int | None = None
+    escalate_after: Any = None
+    escalate_to: EscalateToModel | None = None
+    escalate_mode: Literal["add", "replace"] = "add"
+    timeout: TimeoutModel | None = None
 
 
 class CrmVoteModel(_Model):
@@ -292,6 +345,12 @@ _KEY_ELSEWHERE: dict[str, str] = {
     "decision": "`decision` goes under a rule's `crm_vote:`",
     "same_approver": "`same_approver` belongs to a rule",
     "levels": "`levels` goes with `manager_of` in an approver: `{manager_of: owner, levels: 2}`",
+    "remind_every": "`remind_every` belongs to a step",
+    "remind_max": "`remind_max` belongs to a step",
+    "escalate_after": "`escalate_after` belongs to a step",
+    "escalate_to": "`escalate_to` belongs to a step",
+    "escalate_mode": "`escalate_mode` belongs to a step",
+    "timeout": "`timeout` belongs to a step",
     "set": "`set` goes under an event: `on: {approve: {set: {...}}}`",
     "submit": "events go under `on:` in a rule",
     "approve": "events go under `on:` in a rule",

@@ -121,6 +121,13 @@ class OutcomeListener(Protocol):
     ) -> int: ...
 
 
+class TimerSchedule(Protocol):
+    """Keeps each open step's next due moment (connector.service.timers.StepTimers), in the
+    transaction that saves the request."""
+
+    def schedule(self, session: Session, stored: StoredRequest, rule: RuleSpec, outcome: Outcome) -> None: ...
+
+
 @dataclass
 class ApprovalService:
     mappings: MappingSet
@@ -140,6 +147,8 @@ class ApprovalService:
         if self.routing is None:
             return spec.roles
         return self.routing.context(connection, spec.roles, self.clock().date(), session=session)
+
+    timers: TimerSchedule | None = None  # issue 11: reminders, escalation, time-outs
 
     # --- record changes (called by the worker, inside the event's transaction) -------
 
@@ -380,6 +389,30 @@ class ApprovalService:
 
     # --- shared ---------------------------------------------------------------------
 
+    # for use cases that save outcomes in their own transactions (step timers)
+
+    def rule_of(self, stored: StoredRequest) -> tuple[MappingSpec, RuleSpec]:
+        """The request's mapping and rule (RuleGoneError when the rule is no longer loaded)."""
+        return self._rule_of(stored)
+
+    def render_actions(self, outcome: Outcome, rule: RuleSpec, record: RecordKey) -> list[RenderedAction]:
+        """The outcome's write-back actions, rendered (call with no transaction open)."""
+        return self._render(outcome, rule, record)
+
+    def commit_outcome(
+        self,
+        session: Session,
+        stored: StoredRequest,
+        spec: MappingSpec,
+        rule: RuleSpec,
+        outcome: Outcome,
+        actions: list[RenderedAction],
+    ) -> StoredRequest:
+        """Save an outcome decided on `stored` as a vote's is saved (history, audit, write-back,
+        notifications, next timer), in the caller's transaction; StaleRequestError when the
+        request changed since it was read."""
+        return self._commit(session, stored, spec, rule, outcome, stored.request.version, actions)
+
     def _load(self, session: Session, request_id: str) -> tuple[StoredRequest, MappingSpec, RuleSpec]:
         stored = store.load(session, request_id)
         if stored is None:
@@ -451,6 +484,8 @@ class ApprovalService:
     ) -> StoredRequest:
         store.save(session, stored, outcome, seen_version)
         record = stored.record
+        if self.timers is not None:
+            self.timers.schedule(session, stored, rule, outcome)
         for t in outcome.transitions:
             if t.kind in BUSINESS_EVENTS:
                 after_commit(session, partial(_announce, outcome.request, record, t))

@@ -2,5 +2,5 @@
 
 from connector.directory import models as directory_models  # noqa: F401
 from connector.notify import models as notify_models  # noqa: F401
-from connector.storage import models, sync_state  # noqa: F401
+from connector.storage import models, sync_state, timers  # noqa: F401
 from connector.web import models as web_models  # noqa: F401

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.orm import Session
 
 from connector.approvals.errors import ConflictError
@@ -182,13 +182,20 @@ def _save_children(
     session.flush()
 
 
+def transition_values(transition: Transition) -> dict[str, Any]:
+    """A history row's column values (for bulk inserts)."""
+    return _as_row(transition)
+
+
 def _as_row(item: Any) -> dict[str, Any]:
     """A lifecycle dataclass as column values: the names are the same by design."""
     return {f.name: _jsonable(getattr(item, f.name)) for f in fields(item)}
 
 
 def _from_row(cls: type[T], row: Any) -> T:
-    return cls(**{f.name: _from_json(getattr(row, f.name)) for f in fields(cls)})  # type: ignore[arg-type]
+    # a Core Row is read by key: `row.index` would be tuple.index, not the column
+    values = row._mapping if isinstance(row, Row) else {f.name: getattr(row, f.name) for f in fields(cls)}  # type: ignore[arg-type]
+    return cls(**{f.name: _from_json(values[f.name]) for f in fields(cls)})  # type: ignore[arg-type]
 
 
 def _jsonable(value: Any) -> Any:
@@ -225,6 +232,45 @@ def load_rows(session: Session, rows: Sequence[ApprovalRequestRow]) -> list[Stor
     )
     return [
         _stored(row, steps.get(row.id, []), votes.get(row.id, []), transitions.get(row.id, []))
+        for row in rows
+    ]
+
+
+def load_many(session: Session, ids: Sequence[str]) -> list[StoredRequest]:
+    """The requests with these ids (those that exist), read as plain rows rather than ORM
+    objects: for sweeps over many requests (step timers), where the ORM's bookkeeping costs
+    more than the reading."""
+    if not ids:
+        return []
+    requests = ApprovalRequestRow.__table__
+    steps, votes, transitions = (
+        ApprovalStepRow.__table__,
+        ApprovalVoteRow.__table__,
+        ApprovalTransitionRow.__table__,
+    )
+    rows = session.execute(select(requests).where(requests.c.id.in_(ids))).all()
+    by_steps = _by_request(
+        session.execute(
+            select(steps)
+            .where(steps.c.request_id.in_(ids))
+            .order_by(steps.c.entered_at, steps.c.index, steps.c.round)
+        )
+    )
+    by_votes = _by_request(
+        session.execute(select(votes).where(votes.c.request_id.in_(ids)).order_by(votes.c.id))
+    )
+    by_transitions = _by_request(
+        session.execute(
+            select(transitions).where(transitions.c.request_id.in_(ids)).order_by(transitions.c.seq)
+        )
+    )
+    return [
+        _stored(
+            row,  # type: ignore[arg-type]  # a Row has the same attributes as ApprovalRequestRow
+            by_steps.get(row.id, []),
+            by_votes.get(row.id, []),
+            by_transitions.get(row.id, []),
+        )
         for row in rows
     ]
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, insert, select
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from connector.clock import utcnow
@@ -46,6 +46,7 @@ KINDS = (
     "expired",
     "delegation_set",
     "delegation_cancelled",
+    "timer_fired",  # a step's reminder, escalation or time-out acted (connector/service/timers.py)
 )
 
 GENESIS_HASH = "0" * 64  # the prev_hash of the first row
@@ -150,9 +151,10 @@ def _within(owner: SessionTransaction | None, ended: SessionTransaction) -> bool
     return False
 
 
-def append(session: Session, entries: Sequence[Mapping[str, Any]]) -> list[AuditEntry]:
+def append(session: Session, entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Append entries to the chain now. Locks the chain head (FOR UPDATE on PostgreSQL;
-    SQLite's writer lock already serialises writers) so concurrent writers cannot fork it."""
+    SQLite's writer lock already serialises writers) so concurrent writers cannot fork it.
+    One INSERT statement for all of them (no ORM objects: a sweep may append thousands)."""
     head = session.execute(
         select(AuditChainHead.last_id, AuditChainHead.last_hash)
         .where(AuditChainHead.id == HEAD_ID)
@@ -167,11 +169,14 @@ def append(session: Session, entries: Sequence[Mapping[str, Any]]) -> list[Audit
     rows = []
     for entry in entries:
         values = {**entry, "at": entry["at"].astimezone(UTC), "id": last_id + 1, "prev_hash": last_hash}
-        row = AuditEntry(**values, row_hash=row_hash(values))
-        rows.append(row)
-        last_id, last_hash = row.id, row.row_hash
-    session.add_all(rows)
-    session.flush()  # the insert triggers advance audit_chain_head
+        values["row_hash"] = row_hash(values)
+        rows.append(values)
+        last_id, last_hash = values["id"], values["row_hash"]
+    if rows:
+        session.flush()  # the session's pending rows first, as an ORM flush would order them
+        # Core, not ORM bulk insert: the ORM splits rows by which values are None, one
+        # statement per shape; Core sends them all as one executemany.
+        session.execute(insert(AuditEntry.__table__), rows)  # type: ignore[arg-type]  # the insert triggers advance the head
     return rows
 
 

@@ -315,6 +315,9 @@ def event_text(kind: str) -> str:
         "lock_reverted": gettext("Locked field edited; the edit was undone"),
         "lock_flagged": gettext("Locked field edited while pending"),
         "delegated": gettext("Handed to a deputy"),
+        "reminded": gettext("Reminder sent"),
+        "escalated": gettext("Escalated"),
+        "timed_out": gettext("Step timed out"),
     }.get(kind, kind)
 
 

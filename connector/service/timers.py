@@ -1,0 +1,409 @@
+"""Step timers over the database: keeping each open step's next due moment, and the worker's
+sweep that acts on the due ones (reminders, escalation, time-outs).
+
+Never in-memory timers: `schedule` writes the next due moment (connector/storage/timers.py) in
+every transaction that saves a request, and `sweep` (a job of the worker's periodic sweep)
+claims the due rows, decides with the pure core (connector/approvals/timers.py) and saves each
+outcome like any decision (history, audit, write-back through the outbox, notifications through
+the notification outbox) in one transaction that also releases its claim. Exactly once per due
+moment: see connector/storage/timers.py and connector/approvals/timers.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from connector.approvals.actions import RenderedAction
+from connector.approvals.errors import ActionRenderError, ChainError
+from connector.approvals.lifecycle import ApprovalRequest, Outcome
+from connector.approvals.routing import Org
+from connector.approvals.spec import MappingSpec, RuleSpec
+from connector.approvals.timers import DueTimer, TimerResult, fire_due, next_timer
+from connector.clock import utcnow
+from connector.config import ConfigError
+from connector.notify.models import Notification
+from connector.notify.queue import NotificationQueue
+from connector.notify.timer_notices import queue_timer_notices, timer_notice_rows
+from connector.service.approval_service import ApprovalService, RuleGoneError
+from connector.service.escalation import target_resolver
+from connector.service.timer_calendars import CalendarLookup
+from connector.storage import approval_store as store
+from connector.storage import audit
+from connector.storage import timers as timer_rows
+from connector.storage.approval_store import StaleRequestError, StoredRequest
+from connector.storage.db import insert_ignoring_conflicts, transaction
+from connector.storage.models import ApprovalRequestRow, ApprovalTransitionRow
+
+log = logging.getLogger(__name__)
+
+BATCH = 500  # rows claimed per round trip
+LEASE = timedelta(minutes=5)  # a claimed row another worker may take over after this
+
+
+@dataclass
+class SweepReport:
+    reminded: int = 0
+    escalated: int = 0
+    timed_out: int = 0
+    rescheduled: int = 0  # nothing was due after all (e.g. the mapping changed): next moment written
+    lost: int = 0  # the request changed meanwhile, or another worker holds it: the next sweep looks
+    failed: int = 0
+    notices: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepTimers:
+    """Attached to the ApprovalService (its `timers`): it schedules, the worker sweeps."""
+
+    calendars: CalendarLookup
+    orgs: Callable[[str], Org]  # a connection's org chart (connector.directory.org.DirectoryOrg)
+    notifications: NotificationQueue | None = None
+    clock: Callable[[], datetime] = utcnow
+    batch: int = BATCH
+    lease: timedelta = LEASE
+    # the mapping files' content hashes the open requests' due moments were last computed for
+    _computed_for: tuple[str, ...] | None = field(default=None, init=False, repr=False)
+
+    # --- keeping the next due moment (called by ApprovalService._commit) -------------------
+
+    def schedule(self, session: Session, stored: StoredRequest, rule: RuleSpec, outcome: Outcome) -> None:
+        request = outcome.request
+        if not has_timing(rule):
+            # No row to keep (a stale one, left by a mapping change, is dropped by the sweep).
+            return
+        try:
+            due = next_timer(request, rule, self.calendars(stored.record.connection))
+        except ConfigError as exc:  # a half-set business calendar: say so, fall back to no timer
+            log.error("step timers of connection %s are off: %s", stored.record.connection, exc)
+            due = None
+        timer_rows.schedule(session, request.id, due)
+
+    # --- the sweep -------------------------------------------------------------------------
+
+    def sweep(self, service: ApprovalService, sessions: sessionmaker[Session]) -> SweepReport:
+        """Act on every timer due now; safe to run in any number of workers at once.
+
+        Per claimed batch: the requests are read in one go and decided (and any write-back
+        rendered) with no transaction open, then saved in ONE transaction, each request in its
+        own savepoint, so a request changed meanwhile is skipped without undoing the others."""
+        now = self.clock()
+        report = SweepReport()
+        report.rescheduled += self.reschedule_after_mapping_change(service, sessions)
+        while True:
+            with transaction(sessions) as session:
+                claim_id, ids = timer_rows.claim_due(session, now, limit=self.batch, lease=self.lease)
+            if ids:
+                self._fire_batch(service, sessions, ids, claim_id, now, report)
+            if len(ids) < self.batch:
+                return report
+
+    def reschedule_after_mapping_change(
+        self, service: ApprovalService, sessions: sessionmaker[Session]
+    ) -> int:
+        """When the mapping files changed (and at the worker's first sweep), compute the next due
+        moment afresh for every open request of a rule with step timing: a step that gained
+        `remind_every`, or whose interval changed, acts on the new setting. Returns how many."""
+        specs = service.mappings.mappings
+        key = tuple(sorted(spec.content_hash for spec in specs))
+        if key == self._computed_for:
+            return 0
+        timed = {
+            (spec.connection, spec.object_type, rule.name)
+            for spec in specs
+            for rule in spec.rules
+            if has_timing(rule)
+        }
+        ids: list[str] = []
+        if timed:
+            with sessions() as session:
+                ids = list(
+                    session.scalars(
+                        select(ApprovalRequestRow.id)
+                        .where(ApprovalRequestRow.active_key.is_not(None))
+                        .where(ApprovalRequestRow.rule_name.in_({name for _c, _o, name in timed}))
+                    )
+                )
+        count = 0
+        for start in range(0, len(ids), self.batch):
+            with transaction(sessions) as session:
+                dues: dict[str, DueTimer | None] = {}
+                for stored in store.load_many(session, ids[start : start + self.batch]):
+                    record = stored.record
+                    if (record.connection, record.object_type, stored.request.rule_name) not in timed:
+                        continue
+                    try:
+                        _spec, rule = service.rule_of(stored)
+                        dues[stored.request.id] = next_timer(
+                            stored.request, rule, self.calendars(record.connection)
+                        )
+                    except (RuleGoneError, ConfigError):
+                        continue
+                timer_rows.schedule_many(session, dues)
+                count += len(dues)
+        self._computed_for = key
+        return count
+
+    def _fire_batch(
+        self,
+        service: ApprovalService,
+        sessions: sessionmaker[Session],
+        ids: list[str],
+        claim_id: str,
+        now: datetime,
+        report: SweepReport,
+    ) -> None:
+        with sessions() as session:
+            loaded = {stored.request.id: stored for stored in store.load_many(session, ids)}
+        decided: list[_Decided] = []
+        idle: list[tuple[str, StoredRequest | None, RuleSpec | None]] = []  # nothing due: reschedule
+        for request_id in ids:
+            stored = loaded.get(request_id)
+            if stored is None:
+                idle.append((request_id, None, None))
+                continue
+            try:
+                spec, rule = service.rule_of(stored)
+            except RuleGoneError:
+                idle.append((request_id, None, None))
+                continue
+            try:
+                resolver = target_resolver(self.orgs(spec.connection), spec.roles)
+                calendar = self.calendars(spec.connection)
+                result = fire_due(stored.request, rule, spec.roles, calendar, now, resolver)
+                if result is None:
+                    idle.append((request_id, stored, rule))
+                    continue
+                actions = service.render_actions(result.outcome, rule, stored.record)
+            except (ChainError, ActionRenderError, ConfigError) as exc:
+                self._failed(sessions, request_id, claim_id, now, report, str(exc))
+                continue
+            decided.append(_Decided(stored, spec, rule, result, actions))
+        with transaction(sessions) as session:
+            reminders = [item for item in decided if item.result.due.kind == "remind"]
+            self._save_reminders(session, reminders, claim_id, report)
+            for item in decided:
+                if item.result.due.kind != "remind":
+                    self._save(session, service, item, claim_id, report)
+            for request_id, idle_stored, idle_rule in idle:
+                try:
+                    with session.begin_nested():
+                        timer_rows.release(session, request_id, claim_id)
+                        if idle_stored is None or idle_rule is None or not has_timing(idle_rule):
+                            # the request or its rule is gone, or the rule has no timing any more
+                            timer_rows.schedule(session, request_id, None)
+                        else:
+                            self.schedule(session, idle_stored, idle_rule, _as_outcome(idle_stored.request))
+                    report.rescheduled += 1
+                except timer_rows.LostClaimError:
+                    report.lost += 1
+
+    def _save_reminders(
+        self, session: Session, items: list[_Decided], claim_id: str, report: SweepReport
+    ) -> None:
+        """Reminders in bulk: they change nothing but the request's version and history, so what
+        `ApprovalService.commit_outcome` writes for them (version-checked request row, history
+        row, its audit entry; no write-back, no business event) is written with one statement
+        per table for the whole batch, plus the reminder notices, the `timer_fired` audit entry
+        and the next due moment. Requests changed since they were read (a vote) or whose claim
+        was taken over are left out, as `_save` would."""
+        if not items:
+            return
+        ids = [item.stored.request.id for item in items]
+        requests = cast(Table, ApprovalRequestRow.__table__)
+        timers = cast(Table, timer_rows.ApprovalTimerRow.__table__)
+        # lock the rows (PostgreSQL; SQLite's write transaction already holds the database)
+        versions = dict(
+            session.execute(
+                select(requests.c.id, requests.c.version).where(requests.c.id.in_(ids)).with_for_update()
+            ).all()
+        )
+        claims = dict(
+            session.execute(
+                select(timers.c.request_id, timers.c.claim_id)
+                .where(timers.c.request_id.in_(ids))
+                .with_for_update()
+            ).all()
+        )
+        fresh = []
+        for item in items:
+            request_id = item.stored.request.id
+            if versions.get(request_id) == item.stored.request.version and claims.get(request_id) == claim_id:
+                fresh.append(item)
+            else:
+                report.lost += 1
+        if not fresh:
+            return
+        session.execute(
+            update(requests)
+            .where(requests.c.id == bindparam("request_id"), requests.c.version == bindparam("seen"))
+            .values(version=bindparam("new_version"), updated_at=bindparam("now")),
+            [
+                {
+                    "request_id": i.stored.request.id,
+                    "seen": i.stored.request.version,
+                    "new_version": i.result.outcome.request.version,
+                    "now": i.result.outcome.request.updated_at,
+                }
+                for i in fresh
+            ],
+            execution_options={"synchronize_session": False},
+        )
+        session.execute(
+            insert(cast(Table, ApprovalTransitionRow.__table__)),
+            [store.transition_values(t) for i in fresh for t in i.result.outcome.transitions],
+        )
+        notices: list[dict[str, Any]] = []
+        for item in fresh:
+            record, spec, rule = item.stored.record, item.spec, item.rule
+            for t in item.result.outcome.transitions:  # as ApprovalService._commit records them
+                audit.record(
+                    session,
+                    "transition",
+                    connection=record.connection,
+                    object_type=record.object_type,
+                    record_id=record.record_id,
+                    request_id=t.request_id,
+                    actor=t.actor,
+                    mapping_hash=spec.content_hash,
+                    transition=t.kind,
+                    from_status=t.from_status,
+                    to_status=t.to_status,
+                    step_index=t.step_index,
+                    comment=t.comment,
+                )
+            if self.notifications is not None:
+                notices += timer_notice_rows(
+                    self.notifications,
+                    connection=record.connection,
+                    result=item.result,
+                    roles=spec.roles,
+                    step_labels={n: step.title for n, step in enumerate(rule.steps)},
+                    step_count=len(rule.steps),
+                )
+        added = insert_ignoring_conflicts(session, Notification.__table__, notices, key="dedupe_key")
+        per_request: dict[str, int] = {}
+        for row in notices:
+            if row["dedupe_key"] in added:
+                per_request[row["request_id"]] = per_request.get(row["request_id"], 0) + 1
+        report.notices += len(added)
+        dues: dict[str, DueTimer | None] = {}
+        for item in fresh:
+            request = item.result.outcome.request
+            self._audit_fired(session, item, per_request.get(request.id, 0))
+            dues[request.id] = next_timer(request, item.rule, self.calendars(item.stored.record.connection))
+        timer_rows.schedule_many(session, dues)
+        report.reminded += len(fresh)
+
+    def _save(
+        self, session: Session, service: ApprovalService, item: _Decided, claim_id: str, report: SweepReport
+    ) -> None:
+        request_id = item.stored.request.id
+        try:
+            with session.begin_nested():
+                timer_rows.release(session, request_id, claim_id)
+                service.commit_outcome(
+                    session, item.stored, item.spec, item.rule, item.result.outcome, item.actions
+                )
+                self._record(session, item, report)
+        except (timer_rows.LostClaimError, StaleRequestError):
+            report.lost += 1  # changed meanwhile (a vote): its save wrote the next due moment
+            return
+        except Exception as exc:  # one request must not undo the batch; its lease retries it later
+            log.exception("step timer of request %s failed", request_id)
+            report.failed += 1
+            report.errors.append(f"{request_id}: {exc}")
+            return
+        result = item.result
+        if result.due.kind == "remind":
+            report.reminded += 1
+        elif result.due.kind == "escalate" or result.action == "escalate":
+            report.escalated += 1
+        else:
+            report.timed_out += 1
+
+    def _record(self, session: Session, item: _Decided, report: SweepReport) -> None:
+        result, record, spec, rule = item.result, item.stored.record, item.spec, item.rule
+        notices = 0
+        if self.notifications is not None:
+            notices = queue_timer_notices(
+                self.notifications,
+                session,
+                connection=record.connection,
+                result=result,
+                roles=spec.roles,
+                step_labels={i: step.title for i, step in enumerate(rule.steps)},
+                step_count=len(rule.steps),
+            )
+        report.notices += notices
+        self._audit_fired(session, item, notices)
+
+    def _audit_fired(self, session: Session, item: _Decided, notices: int) -> None:
+        result, record, spec = item.result, item.stored.record, item.spec
+        request = result.outcome.request
+        audit.record(
+            session,
+            "timer_fired",
+            connection=record.connection,
+            object_type=record.object_type,
+            record_id=record.record_id,
+            request_id=request.id,
+            mapping_hash=spec.content_hash,
+            timer=result.due.kind,
+            due_at=result.due.at.isoformat(),
+            step_index=result.due.step_index,
+            round=result.due.round,
+            action=result.action,
+            reason=result.reason,
+            added=list(result.added),
+            removed=list(result.removed),
+            waiting=list(result.waiting),
+            notices=notices,
+        )
+
+    def _failed(
+        self,
+        sessions: sessionmaker[Session],
+        request_id: str,
+        claim_id: str,
+        now: datetime,
+        report: SweepReport,
+        error: str,
+    ) -> None:
+        """Keep the row, leased for an hour, so the sweep does not retry it every minute."""
+        report.failed += 1
+        report.errors.append(f"{request_id}: {error}")
+        log.error("step timer of request %s cannot act: %s", request_id, error)
+        with transaction(sessions) as session:
+            row = session.get(timer_rows.ApprovalTimerRow, request_id)
+            if row is not None and row.claim_id == claim_id:
+                row.lease_until = now + timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class _Decided:
+    stored: StoredRequest
+    spec: MappingSpec
+    rule: RuleSpec
+    result: TimerResult
+    actions: list[RenderedAction]
+
+
+def _as_outcome(request: ApprovalRequest) -> Outcome:
+    return Outcome(request=request, transitions=(), votes=(), steps=(), actions=())
+
+
+def summary(report: SweepReport) -> dict[str, Any]:
+    return {k: v for k, v in vars(report).items() if v}
+
+
+def has_timing(rule: RuleSpec) -> bool:
+    """Whether any step of the rule reminds, escalates or times out."""
+    return any(step.timing is not None for step in rule.steps)
