@@ -45,6 +45,7 @@ from connector.approvals.spec import (
     ValueMapApprovers,
 )
 from connector.errors import CrmApprovalsError
+from connector.rules import company_rules
 from connector.rules.coerce import CoercionError, coerce, parse_duration
 from connector.rules.criteria import COMBINATORS, always, compile_criterion
 from connector.rules.errors import (
@@ -268,6 +269,7 @@ class _SpecBuilder:
         self.errors = errors
         self.fields = self._fields()
         self.roles, self.groups = self._roles()
+        self.related = company_rules.related_specs(self)  # issue 12: adds `<related>.approval` fields
 
     # -- fields, roles --
 
@@ -322,6 +324,7 @@ class _SpecBuilder:
             roles={**self.roles, **self.groups},
             rules=rules,  # type: ignore[arg-type]  # None only when errors were reported
             match=self.model.match,
+            related=self.related,
         )
 
     def _unique(self, names: Sequence[str], path: KeyPath, what: str) -> None:
@@ -334,7 +337,9 @@ class _SpecBuilder:
 
     def _rule(self, rule: RuleModel, path: KeyPath) -> RuleSpec | None:
         when = self._when(rule.when, path + ("when",))
+        self._step_names = [step.name for step in rule.steps]
         steps = tuple(self._step(step, path + ("steps", i), i) for i, step in enumerate(rule.steps))
+        requires = company_rules.requirements(self, rule, path, self.related)
         self._unique([step.name for step in rule.steps], path + ("steps",), "step")
         restart = frozenset(
             name
@@ -355,6 +360,7 @@ class _SpecBuilder:
             reject_comment=rule.reject_comment,
             bulk_approve=rule.bulk_approve,
             allow_self_approval=rule.allow_self_approval,
+            requires=requires,
         )
 
     def _when(self, spec: Any, path: KeyPath) -> Criterion | None:
@@ -379,9 +385,12 @@ class _SpecBuilder:
     # -- steps and approvers --
 
     def _step(self, step: StepModel, path: KeyPath, index: int) -> StepSpec | None:
-        approvers = tuple(self._approver(a, path + ("approvers", i)) for i, a in enumerate(step.approvers))
+        service = company_rules.service_step(self, step, path, self._step_names)
+        if service is False:
+            return None
+        approvers = tuple(self._approver(a, path + ("approvers", i)) for i, a in enumerate(step.approvers or ()))
         when = None if step.when is None else self._when(step.when, path + ("when",))
-        settings = self._mode_settings(step, path, approvers)
+        settings = StepSettings() if service is not None else self._mode_settings(step, path, approvers)
         if step.on_reject == "back" and index == 0:
             hint = "use `on_reject: reject` (the default) on the first step"
             self.errors.add(path + ("on_reject",), "the first step has no previous step to go back to", hint)
@@ -390,13 +399,14 @@ class _SpecBuilder:
         label = step.label.strip() if step.label and step.label.strip() else None
         return StepSpec(
             step.name,
-            step.mode,
+            step.mode or "one",  # a service step has no mode; "one" keeps its row readable
             approvers,  # type: ignore[arg-type]  # no None: checked above
             settings.quorum_count,
             settings.quorum_percent,
             when,
             step.on_reject,
             label,
+            service=service,  # type: ignore[arg-type]  # False returned above
         )
 
     def _approver(self, approver: ApproverModel, path: KeyPath) -> ApproverSource | None:
@@ -441,6 +451,7 @@ class _SpecBuilder:
 
     def _mode_settings(self, step: StepModel, path: KeyPath, approvers: Sequence[Any]) -> StepSettings:
         """The step mode's settings (``quorum``), checked by the mode's policy."""
+        assert step.mode is not None  # company_rules.service_step reports a people step without one
         settings = policy_for(step.mode).settings(step.quorum, self._static_approver_count(approvers))
         if isinstance(settings, SettingsProblem):
             self.errors.add(path + (settings.key,), settings.message, settings.hint)
