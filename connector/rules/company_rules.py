@@ -110,7 +110,7 @@ def _http_check(builder: _SpecBuilder, model: CheckModel, path: KeyPath, step_na
         response[name] = FieldSpec(name, field_model.api, field_model.type)
     body = None
     if model.body is not None:
-        body = _template(builder, model.body, path + ("body",), builder.fields)
+        body = _template(builder, model.body, path + ("body",))
     routes = []
     for i, item in enumerate(model.routes):
         where = path + ("routes", i)
@@ -119,10 +119,10 @@ def _http_check(builder: _SpecBuilder, model: CheckModel, path: KeyPath, step_na
             if item.when is None
             else compile_criterion(item.when, response, path=where + ("when",), errors=builder.errors)
         )
-        route = _route(builder, item.then, where + ("then",), step_names, response)
+        route = _route(builder, item.then, where + ("then",), step_names)
         if when is not None and route is not None:
             routes.append(RouteRule(when, route))
-    on_failure = _route(builder, model.on_failure, path + ("on_failure",), step_names, {})
+    on_failure = _route(builder, model.on_failure, path + ("on_failure",), step_names)
     if timeout is None or wait is None or on_failure is None:
         return None
     return HttpCheck(
@@ -146,19 +146,18 @@ def _duplicate(builder: _SpecBuilder, model: DuplicateModel, path: KeyPath, step
     if spec is not None and (spec.is_related or spec.is_virtual):
         builder.errors.add(path + ("field",), f"`{model.field}` is not a field of the object itself", "check a field of this object, e.g. contract_number")
         spec = None
-    variables = {"value": None, "other": None, "other_name": None}
-    message = None if model.message is None else _template(builder, model.message, path + ("message",), variables)
-    on_failure = _route(builder, model.on_failure, path + ("on_failure",), step_names, {})
+    message = None if model.message is None else _template(builder, model.message, path + ("message",))
+    on_failure = _route(builder, model.on_failure, path + ("on_failure",), step_names)
     if spec is None or on_failure is None:
         return None
     return DuplicateCheck(spec.name, message, on_failure)
 
 
-def _route(builder: _SpecBuilder, model: RouteModel, path: KeyPath, step_names: list[str], variables: Mapping[str, Any]) -> Route | None:
+def _route(builder: _SpecBuilder, model: RouteModel, path: KeyPath, step_names: list[str]) -> Route | None:
     text = model.message if model.back is not None else model.reject
     message = None
     if text:
-        message = _template(builder, text, path + ("message" if model.back is not None else "reject",), variables)
+        message = _template(builder, text, path + ("message" if model.back is not None else "reject",))
     if model.continue_ is not None:
         return Route("continue")
     if model.back is not None:
@@ -170,11 +169,12 @@ def _route(builder: _SpecBuilder, model: RouteModel, path: KeyPath, step_names: 
     return Route("reject", None, message)
 
 
-def _template(builder: _SpecBuilder, text: str, path: KeyPath, variables: Mapping[str, Any]) -> Any:
+def _template(builder: _SpecBuilder, text: str, path: KeyPath) -> Any:
+    """A message or body: `record.<field>`, `answer.<field>`, `duplicate.other_name`, ..."""
     location = f"{builder.errors.file}:{builder.errors.line_of(path)}: {format_path(path)}"
     try:
         if is_template(text):
-            return compile_value(text, record_fields=list(variables), location=location)
+            return compile_value(text, record_fields=builder.fields, location=location)
         return compile_value(text)
     except TemplateCompileError as exc:
         for message, hint in exc.problems:
