@@ -10,6 +10,7 @@ from connector.notify.sender import send_now
 from connector.notify.sender import sweep as people_sweep
 from connector.rules import MappingSet
 from connector.runtime import Runtime, SweepJob
+from connector.service import service_steps
 from connector.service.drift import DriftRepairJob
 from connector.service.pipeline import Pipeline, log_mapping_error, refresh_mappings
 from connector.service.zoho_channels import renew_due_channels
@@ -45,8 +46,12 @@ def attach_pipeline(runtime: Runtime, mappings: MappingSet) -> Pipeline:
         SweepJob("drift_repair", DriftRepairJob.from_settings(runtime.settings)),
         SweepJob("zoho_channels", renew_due_channels),
         SweepJob("people", people_sweep),  # directory refresh, expiry warnings, notifications
+        SweepJob("service_steps", service_steps.run_due),  # issue 12: checks retried, callbacks timed out
     ]
-    runtime.flush_jobs = [SweepJob("notifications", send_now)]  # queued notifications go out promptly
+    runtime.flush_jobs = [
+        SweepJob("notifications", send_now),  # queued notifications go out promptly
+        SweepJob("service_steps", service_steps.run_due),  # checks and duplicate checks just opened
+    ]
     # "A step opens for you" messages carry one-click Approve / Reject links to the web app.
     runtime.link_providers = [decision_link_provider(runtime.settings)]
     return pipeline

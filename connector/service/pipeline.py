@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,6 +29,7 @@ from connector.logs import log_event
 from connector.notify.queue import NotificationQueue
 from connector.rules import MappingSet
 from connector.runtime import Runtime
+from connector.service import dependencies, service_steps
 from connector.service.approval_service import ApprovalService
 from connector.storage import audit
 from connector.storage.approval_store import RecordKey
@@ -44,6 +45,8 @@ class Prepared:
     specs: tuple[MappingSpec, ...]
     values: dict[str, Any] | None  # API name -> value; None when the record is gone
     own_change: bool | None  # the adapter's verdict; None = the CRM cannot tell
+    # issue 12: related records (`requires:`) read through the adapter: (object, id) -> values
+    related: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -56,6 +59,10 @@ class Pipeline:
             notifications=NotificationQueue(runtime.settings),
             public_base_url=runtime.settings.public_base_url,
         )
+        # issue 12: requests that wait for a related approval, and the steps the service runs
+        self.approvals.gate = dependencies.Gate(mappings, build_context, self.approvals)
+        self.approvals.after_save.append(self.approvals.gate.release)
+        self.approvals.after_save.append(service_steps.queue_jobs)
 
     def refresh_mappings(self, min_interval: float = 2.0) -> None:
         refresh_mappings(self.mappings, min_interval)
@@ -75,7 +82,8 @@ class Pipeline:
             if fetched is None:
                 return Prepared(specs, None, None)
             values.update(fetched)  # the CRM's current values win over the webhook's
-        return Prepared(specs, values, adapter.is_own_change(event))
+        related = dependencies.read_related(adapter, self.mappings, specs, values)
+        return Prepared(specs, values, adapter.is_own_change(event), related)
 
     def apply(self, session: Session, event: RecordChangeEvent, prepared: Prepared) -> str:
         if not prepared.specs:
@@ -102,10 +110,10 @@ class Pipeline:
             return "echo of our own write-back; ignored"
         summaries = []
         for spec in prepared.specs:
-            ctx = build_context(spec, prepared.values, previous, changed)
+            ctx = dependencies.with_states(session, record, spec, build_context(spec, prepared.values, previous, changed))
             try:
                 summaries += self.approvals.on_record_change(
-                    session, record, spec, ctx, replay_since=replay_since
+                    session, record, spec, ctx, replay_since=replay_since, related=prepared.related
                 )
             except FatalError as exc:  # nobody to approve, a broken template: the inbox dead-letters it
                 exc.add_note(f"mapping file {spec.source_path}")  # so its message says which file to fix
