@@ -235,9 +235,9 @@ class RouteRule:
 class HttpCheck:
     """`kind: check`: ask an external service; its answer picks a route."""
 
-    url: str
+    url: str  # ${NAME} is the environment variable NAME
     method: str
-    headers: Mapping[str, str]  # header -> environment variable holding its value
+    headers: Mapping[str, str]  # header -> value; ${NAME} is the environment variable NAME
     body: ValueRenderer | None  # JSON text template over the record's fields
     timeout: timedelta  # one call
     retries: int  # further attempts after a 429/5xx/time-out, with back-off

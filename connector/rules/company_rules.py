@@ -30,6 +30,7 @@ from connector.rules.templating import TemplateCompileError, compile_value, is_t
 if TYPE_CHECKING:
     from connector.rules.loader import _SpecBuilder
 
+_LOOKS_SECRET = re.compile(r"auth|key|token|secret", re.IGNORECASE)
 _APPROVERS_HINT = "e.g. `approvers: [{group: finance}]`"
 APPROVAL_FIELD = "approval"  # `<related>.approval`: the related record's approval state
 RESPONSE_STATUS = "status"  # every check answer has its HTTP status under this name
@@ -99,8 +100,13 @@ def service_step(builder: _SpecBuilder, step: StepModel, path: KeyPath, step_nam
 
 
 def _http_check(builder: _SpecBuilder, model: CheckModel, path: KeyPath, step_names: list[str]) -> HttpCheck | None:
-    if not model.url.startswith(("http://", "https://", "env:")):
-        builder.errors.add(path + ("url",), f"`url` must start with http://, https:// or env:, got {model.url!r}", "e.g. `url: env:SECURITY_CHECK_URL`")
+    if not model.url.startswith(("http://", "https://", "${")):
+        hint = "e.g. `url: https://verify.example/v1/check` or `url: ${SECURITY_CHECK_URL}/check`"
+        builder.errors.add(path + ("url",), f"`url` must start with http://, https:// or ${{NAME}}, got {model.url!r}", hint)
+    for name, value in model.headers.items():
+        if _LOOKS_SECRET.search(name) and "${" not in value:
+            hint = f'keep secrets in the environment: `{name}: "Bearer ${{SECURITY_CHECK_TOKEN}}"`'
+            builder.errors.add(path + ("headers", name), f"header `{name}` holds a literal secret", hint)
     timeout = _duration(builder, model.timeout, path + ("timeout",))
     wait = _duration(builder, model.wait, path + ("wait",))
     if model.answer == "callback" and model.callback_secret_env is None:

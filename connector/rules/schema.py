@@ -147,7 +147,7 @@ class CheckModel(_Model):
 
     url: Name
     method: Literal["GET", "POST", "PUT", "PATCH"] = "POST"
-    headers: dict[str, Name] = Field(default_factory=dict)  # header -> environment variable name
+    headers: dict[str, str] = Field(default_factory=dict)  # header -> value; ${NAME}: an environment variable
     body: str | None = None  # a template rendering JSON text
     timeout: str = "10s"
     retries: int = Field(default=3, ge=0, le=10)

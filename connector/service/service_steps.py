@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -294,10 +295,10 @@ def call_service(step: HttpCheck, request: ApprovalRequest, *, callback_url: str
     """One call: the answer (JSON object + `status`), or RetryLater for a failure worth retrying.
     A 4xx other than 408/429 is the service's final word: it is classified like any answer."""
     url = _resolve_url(step.url)
-    headers = {"Accept": "application/json", **{name: _secret(env) for name, env in step.headers.items()}}
+    headers = {"Accept": "application/json", **{name: expand(value) for name, value in step.headers.items()}}
     body: bytes | None = None
     if step.body is not None:
-        rendered = step.body({"record": dict(request.record), "request": {"id": request.id}, "callback_url": callback_url})
+        rendered = step.body({"record": dict(request.record), "request": {"id": request.id, "record_ref": request.record_ref}})
         text = rendered if isinstance(rendered, str) else json.dumps(rendered, default=str)
         body = text.encode()
         headers["Content-Type"] = "application/json"
@@ -372,16 +373,25 @@ def _retry_after(response: requests.Response) -> float | None:
 
 
 def _resolve_url(url: str) -> str:
-    if url.startswith("env:"):
-        return _secret(url[4:])
-    return url
+    return expand(url)
 
 
-def _secret(env: str) -> str:
-    value = os.environ.get(env)
-    if not value:
-        raise ConfigError(f"environment variable {env} is not set; a check step's mapping names it")
-    return value
+def expand(text: str) -> str:
+    """`${NAME}` -> the environment variable's value: secrets live in env/.env, never in mappings."""
+
+    def value(match: re.Match[str]) -> str:
+        found = os.environ.get(match.group(1))
+        if not found:
+            raise ConfigError(
+                f"environment variable {match.group(1)} is not set; a check step's mapping uses it "
+                "(set it in the environment or .env)"
+            )
+        return found
+
+    return ENV_REFERENCE.sub(value, text)
+
+
+ENV_REFERENCE = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
 
 
 def _host(url: str) -> str:
