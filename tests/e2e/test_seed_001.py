@@ -72,9 +72,18 @@ def test_seed_001_company_dependency_security_check_and_duplicate(
                 break
 
     def request_of(record_id: str, token: dict[str, str]) -> dict[str, Any]:
-        found = ours.get("/api/v1/requests", headers=token).get_json()["requests"]
-        [match] = [r for r in found if r["record"]["id"] == record_id]
-        return ours.get(f"/api/v1/requests/{match['id']}", headers=token).get_json()  # type: ignore[no-any-return]
+        from connector.storage.models import ApprovalRequestRow
+
+        with runtime.sessions() as session:
+            request_id = session.scalar(
+                select(ApprovalRequestRow.id)
+                .where(ApprovalRequestRow.record_id == record_id)
+                .order_by(ApprovalRequestRow.submitted_at.desc())
+                .limit(1)
+            )
+        answer = ours.get(f"/api/v1/requests/{request_id}", headers=token)
+        assert answer.status_code == 200, answer.get_json()
+        return answer.get_json()  # type: ignore[no-any-return]
 
     def approve_current(request: dict[str, Any]) -> dict[str, Any]:
         voter = _token(runtime, request["current_step"]["approvers"][0])
