@@ -109,14 +109,14 @@ def test_seed_001_company_dependency_security_check_and_duplicate(
         admin = _admin(runtime)
         contract = request_of("K-9001", admin)
         assert contract["status"] == "waiting"
-        assert "company-approval of company C-500" in contract["history"][-1]["comment"]
+        assert "company-approval of company C-500" in contract["transitions"][-1]["comment"]
         company = request_of("C-500", admin)
         assert company["status"] == "pending" and company["current_step"]["name"] == "documents"
 
         # 2. Documents confirmed -> the security check asks for more -> back to documents.
         company = approve_current(company)
         assert company["current_step"]["name"] == "documents"
-        sent_back = [t for t in company["history"] if t["kind"] == "sent_back"]
+        sent_back = [t for t in company["transitions"] if t["kind"] == "sent_back"]
         assert "more documents" in sent_back[0]["comment"]
         # 3. Documents again -> the check clears -> the cascade.
         company = approve_current(company)
@@ -130,7 +130,7 @@ def test_seed_001_company_dependency_security_check_and_duplicate(
 
         # 4. The contract was released: unique number, product owners, lawyer.
         contract = request_of_id(contract["id"])
-        assert any(t["kind"] == "resumed" for t in contract["history"])
+        assert any(t["kind"] == "resumed" for t in contract["transitions"])
         steps = []
         while contract["status"] == "pending":
             steps.append(contract["current_step"]["name"])
@@ -144,7 +144,7 @@ def test_seed_001_company_dependency_security_check_and_duplicate(
         work()
         second = request_of("K-9002", admin)
         assert second["status"] == "rejected"
-        assert "2026/001 is already used by contract Adventure Works supply agreement (K-9001)" in second["history"][-1]["comment"]
+        assert "2026/001 is already used by contract Adventure Works supply agreement (K-9001)" in second["transitions"][-1]["comment"]
         assert store.get("contract", "K-9002")["approval_status"] == "Rejected"
 
     with runtime.sessions() as session:
