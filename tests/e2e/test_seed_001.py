@@ -72,17 +72,13 @@ def test_seed_001_company_dependency_security_check_and_duplicate(
                 break
 
     def request_of(record_id: str, token: dict[str, str]) -> dict[str, Any]:
-        from connector.storage.models import ApprovalRequestRow
-
-        with runtime.sessions() as session:
-            request_id = session.scalar(
-                select(ApprovalRequestRow.id)
-                .where(ApprovalRequestRow.record_id == record_id)
-                .order_by(ApprovalRequestRow.submitted_at.desc())
-                .limit(1)
-            )
-        answer = ours.get(f"/api/v1/requests/{request_id}", headers=token)
+        """The record's newest request as the API lists it (status `waiting` included), in full."""
+        kind = "contract" if record_id.startswith("K-") else "company"
+        listed = ours.get(f"/api/v1/requests?record=sandbox:{kind}:{record_id}", headers=token).get_json()
+        newest = listed["requests"][0]
+        answer = ours.get(f"/api/v1/requests/{newest['id']}", headers=token)
         assert answer.status_code == 200, answer.get_json()
+        assert answer.get_json()["status"] == newest["status"]
         return answer.get_json()  # type: ignore[no-any-return]
 
     def approve_current(request: dict[str, Any]) -> dict[str, Any]:
