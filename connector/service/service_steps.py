@@ -285,7 +285,7 @@ def _await(sessions: sessionmaker[Session], job_id: int, wait: timedelta) -> Non
 
 def _callback_url(runtime: Runtime, callback_id: str) -> str:
     base = runtime.settings.public_base_url.rstrip("/")
-    return f"{base}/api/v1/checks/{callback_id}"
+    return f"{base}/webhooks/checks/{callback_id}"
 
 
 # --- the external call --------------------------------------------------------------------------
@@ -424,3 +424,51 @@ def check_duplicate(runtime: Runtime, stored: StoredRequest, spec: MappingSpec, 
     route = Route("reject", None, step.message)
     message = _message(route, stored.request, {}, details) or default
     return Verdict(route, message, default)
+
+
+# --- asynchronous answers (the signed callback endpoint, webhooks/checks.py) -----------------
+
+
+@dataclass(frozen=True)
+class PendingCallback:
+    """What the endpoint needs to verify a callback before reading it."""
+
+    job_id: int
+    request_id: str
+    step_index: int
+    round: int
+    secret_env: str
+    step: HttpCheck
+
+
+def pending_callback(runtime: Runtime, callback_id: str) -> PendingCallback:
+    """The job awaiting this callback; CallbackRefused when there is none (or it is finished)."""
+    approvals = runtime.approvals
+    if approvals is None:
+        raise CallbackRefused("this server does not run approvals")
+    with runtime.sessions() as session:
+        job = session.scalar(select(ServiceStepJob).where(ServiceStepJob.callback_id == callback_id))
+        if job is None or job.status == JOB_DONE:
+            raise CallbackRefused("no check is waiting for this answer (unknown, answered or timed out)")
+        stored, _spec, rule = approvals._load(session, job.request_id)
+    step = rule.steps[job.step_index].service if job.step_index < len(rule.steps) else None
+    if not isinstance(step, HttpCheck) or step.answer != "callback" or step.callback_secret_env is None:
+        raise CallbackRefused("this check does not take answers by callback")
+    return PendingCallback(job.id, job.request_id, job.step_index, job.round, step.callback_secret_env, step)
+
+
+def accept_callback(runtime: Runtime, pending: PendingCallback, answer: Mapping[str, Any]) -> str:
+    """Classify a verified answer and apply it; returns what happened."""
+    approvals = runtime.approvals
+    assert approvals is not None
+    with runtime.sessions() as session:
+        stored, _spec, _rule = approvals._load(session, pending.request_id)
+    if not _is_open(stored.request, pending.step_index, pending.round):
+        _finish(runtime.sessions, pending.job_id, "the step was decided meanwhile; answer not needed")
+        return "the step was already decided; answer recorded as not needed"
+    verdict = classify(pending.step, {"status": 200, **answer}, stored.request)
+    apply_verdict(
+        approvals, runtime.sessions, pending.job_id, pending.request_id, pending.step_index, pending.round,
+        verdict, answer,
+    )
+    return verdict.note
