@@ -96,7 +96,7 @@ NAME_FIELDS: dict[str, tuple[str, ...]] = {
     "salesforce": ("Name",),
     "hubspot": (),
     "zoho": (),
-    "bitrix24": ("TITLE",),
+    "bitrix24": ("TITLE", "title"),  # classic objects, smart-process items
     "sandbox": ("name",),
 }
 
