@@ -6,7 +6,7 @@ calls these with its error collector, so every problem names file:line with a su
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +23,12 @@ from connector.approvals.spec import (
     ServiceStep,
 )
 from connector.rules.criteria import always, compile_criterion
-from connector.rules.errors import KeyPath, did_you_mean, format_path, one_of
+from connector.rules.errors import KeyPath, MappingError, did_you_mean, format_path, one_of
 from connector.rules.schema import CheckModel, DuplicateModel, RouteModel, StepModel
 from connector.rules.templating import TemplateCompileError, compile_value, is_template
 
 if TYPE_CHECKING:
-    from connector.rules.loader import _SpecBuilder
+    from connector.rules.loader import LoadedMapping, _SpecBuilder
 
 _LOOKS_SECRET = re.compile(r"auth|key|token|secret", re.IGNORECASE)
 _APPROVERS_HINT = "e.g. `approvers: [{group: finance}]`"
@@ -202,3 +202,30 @@ def _duration(builder: _SpecBuilder, text: str, path: KeyPath) -> timedelta | No
 
 
 STATES_HINT = f"an approval state is one of {one_of(APPROVAL_STATES)}"
+
+
+def check_requirements(loaded: Sequence[LoadedMapping]) -> list[MappingError]:
+    """Across files: every `requires:` names a rule that a mapping of the related object has."""
+    rules_of: dict[tuple[str, str], list[str]] = {}
+    for item in loaded:
+        key = (item.spec.connection, item.spec.object_type.lower())
+        rules_of.setdefault(key, []).extend(rule.name for rule in item.spec.rules)
+    errors = []
+    for item in loaded:
+        spec = item.spec
+        for i, rule in enumerate(spec.rules):
+            for j, requirement in enumerate(rule.requires):
+                related = spec.related[requirement.related]
+                known = rules_of.get((spec.connection, related.object_type.lower()))
+                if known is not None and requirement.rule in known:
+                    continue
+                path: KeyPath = ("rules", i, "requires", j, "rule")
+                line = item.lines.get(path) or item.lines.get(path[:-1], 1)
+                if known is None:
+                    message = f"no mapping file maps {spec.connection} `{related.object_type}`, so rule `{requirement.rule}` cannot be found"
+                    hint = f"add a mapping file for object `{related.object_type}` with a rule named `{requirement.rule}`"
+                else:
+                    message = f"no rule `{requirement.rule}` in the mapping of {spec.connection} `{related.object_type}`"
+                    hint = did_you_mean(requirement.rule, known) or f"expected {one_of(known)}"
+                errors.append(MappingError(spec.source_path, line, format_path(path), message, hint))
+    return errors

@@ -591,7 +591,8 @@ def load_mappings_detailed(files: Iterable[str | Path]) -> tuple[list[LoadedMapp
             loaded.append(_load_file(Path(path)))
         except MappingLoadError as exc:
             errors.extend(exc.errors)
-    return _without_duplicates(loaded, errors)
+    kept, errors = _without_duplicates(loaded, errors)
+    return kept, errors + company_rules.check_requirements(kept)  # issue 12: `requires:` across files
 
 
 def _without_duplicates(
