@@ -269,6 +269,7 @@ def status_text(status: str) -> str:
     return {
         "submitted": gettext("Submitted"),
         "pending": gettext("Pending"),
+        "waiting": gettext("Waiting for a related approval"),
         "approved": gettext("Approved"),
         "rejected": gettext("Rejected"),
         "recalled": gettext("Withdrawn"),
@@ -302,6 +303,8 @@ def event_text(kind: str) -> str:
         "expired": gettext("Approval expired"),
         "restarted": gettext("Restarted: the record changed"),
         "reassigned": gettext("Step reassigned"),
+        "waiting": gettext("Waiting for a related approval"),
+        "resumed": gettext("Resumed: the related approval was granted"),
     }.get(kind, kind)
 
 
