@@ -10,7 +10,6 @@ same helpers as every webhook intake. The callback id is unguessable and single-
 from __future__ import annotations
 
 import json
-import os
 
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
@@ -37,7 +36,7 @@ def check_answer(callback_id: str) -> ResponseReturnValue:
         pending = service_steps.pending_callback(runtime, callback_id[:100])
     except service_steps.CallbackRefused as exc:
         raise WebhookError(404, "no_such_check", exc.message, "use the callback URL the request carried") from exc
-    secret = os.environ.get(pending.secret_env, "")
+    secret = runtime.settings.variables.get(pending.secret_env, "")
     if not secret:
         raise WebhookError(
             503, "callback_secret_missing", f"the secret variable {pending.secret_env} is not set",

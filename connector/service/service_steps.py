@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import secrets
 from collections.abc import Mapping
@@ -172,7 +171,9 @@ def _run_one(runtime: Runtime, approvals: ApprovalService, job_id: int) -> None:
         verdict = _settle(runtime, job_id, verdict_or_retry, attempts, 5, step.on_failure, stored.request)  # type: ignore[assignment]
     else:
         assert isinstance(step, HttpCheck)
-        result = call_service(step, stored.request, callback_url=_callback_url(runtime, callback_id))
+        result = call_service(
+            step, stored.request, runtime.settings.variables, callback_url=_callback_url(runtime, callback_id)
+        )
         if step.answer == "callback" and isinstance(result, dict):
             _await(runtime.sessions, job_id, step.wait)
             return
@@ -291,11 +292,13 @@ def _callback_url(runtime: Runtime, callback_id: str) -> str:
 # --- the external call --------------------------------------------------------------------------
 
 
-def call_service(step: HttpCheck, request: ApprovalRequest, *, callback_url: str = "") -> dict[str, Any] | RetryLater:
+def call_service(
+    step: HttpCheck, request: ApprovalRequest, variables: Mapping[str, str], *, callback_url: str = ""
+) -> dict[str, Any] | RetryLater:
     """One call: the answer (JSON object + `status`), or RetryLater for a failure worth retrying.
     A 4xx other than 408/429 is the service's final word: it is classified like any answer."""
-    url = _resolve_url(step.url)
-    headers = {"Accept": "application/json", **{name: expand(value) for name, value in step.headers.items()}}
+    url = expand(step.url, variables)
+    headers = {"Accept": "application/json", **{n: expand(v, variables) for n, v in step.headers.items()}}
     body: bytes | None = None
     if step.body is not None:
         rendered = step.body({"record": dict(request.record), "request": {"id": request.id, "record_ref": request.record_ref}})
@@ -372,15 +375,12 @@ def _retry_after(response: requests.Response) -> float | None:
         return None
 
 
-def _resolve_url(url: str) -> str:
-    return expand(url)
-
-
-def expand(text: str) -> str:
-    """`${NAME}` -> the environment variable's value: secrets live in env/.env, never in mappings."""
+def expand(text: str, variables: Mapping[str, str]) -> str:
+    """`${NAME}` -> the variable's value (Settings.variables: the environment over .env), so
+    secrets live in env/.env, never in mapping files."""
 
     def value(match: re.Match[str]) -> str:
-        found = os.environ.get(match.group(1))
+        found = variables.get(match.group(1))
         if not found:
             raise ConfigError(
                 f"environment variable {match.group(1)} is not set; a check step's mapping uses it "

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
 import responses
 from sqlalchemy import select
 
@@ -41,7 +40,7 @@ def contract_form(store: Store, contract_id: str, **changes: Any) -> dict[str, A
 
 
 def test_seed_001_company_dependency_security_check_and_duplicate(
-    tmp_path: Path, settings_factory: Any, runtime_factory: Any, app_factory: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, settings_factory: Any, runtime_factory: Any, app_factory: Any
 ) -> None:
     mappings = tmp_path / "mappings"
     mappings.mkdir()
@@ -50,9 +49,9 @@ def test_seed_001_company_dependency_security_check_and_duplicate(
     settings = settings_factory(
         env={"SANDBOX_API_TOKEN": API_TOKEN, "SANDBOX_DB_PATH": str(tmp_path / "sandbox.db")},
         mappings_dir=str(mappings),
+        # the check step's ${SANDBOX_URL} and ${SANDBOX_API_TOKEN}, as Settings.from_env reads them
+        variables={"SANDBOX_URL": "http://127.0.0.1:8001", "SANDBOX_API_TOKEN": API_TOKEN},
     )
-    monkeypatch.setenv("SANDBOX_URL", settings.sandbox_url)  # the check step's ${SANDBOX_URL}
-    monkeypatch.setenv("SANDBOX_API_TOKEN", API_TOKEN)
     runtime = runtime_factory(settings)
     pipeline = attach_pipeline(runtime, MappingSet.load(mappings))
     ours = app_factory(runtime).test_client()

@@ -75,13 +75,14 @@ def world(tmp_path: Path, settings_factory: Any, runtime_factory: Any, monkeypat
     return make_world(tmp_path, settings_factory, runtime_factory, monkeypatch, "sync")
 
 
-def make_world(tmp_path: Path, settings_factory: Any, runtime_factory: Any, monkeypatch: Any, answer: str) -> Any:
-    monkeypatch.setenv("VERIFY_TOKEN", "tok-123")
-    monkeypatch.setenv("VERIFY_CALLBACK_SECRET", "cb-secret")
+def make_world(tmp_path: Path, settings_factory: Any, runtime_factory: Any, monkeypatch: Any, answer: str,
+               variables: dict[str, str] | None = None) -> Any:
+    if variables is None:
+        variables = {"VERIFY_TOKEN": "tok-123", "VERIFY_CALLBACK_SECRET": "cb-secret"}
     mappings = tmp_path / "mappings"
     mappings.mkdir()
     (mappings / "company.yaml").write_text(MAPPING.replace("ANSWER", answer))
-    runtime = runtime_factory(settings_factory(mappings_dir=str(mappings)))
+    runtime = runtime_factory(settings_factory(mappings_dir=str(mappings), variables=variables))
     loaded = MappingSet.load(mappings)
     assert not loaded.errors, loaded.errors
     attach_pipeline(runtime, loaded)
@@ -209,14 +210,18 @@ def test_backoff_honours_retry_after_and_caps() -> None:
     assert service_steps.backoff(0, 30) == 30 and service_steps.backoff(20, None) == 3600
 
 
-def test_a_missing_secret_names_the_variable_and_never_calls(world: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("VERIFY_TOKEN")
+def test_a_missing_secret_names_the_variable_and_never_calls(
+    tmp_path: Path, settings_factory: Any, runtime_factory: Any, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    world = make_world(tmp_path, settings_factory, runtime_factory, monkeypatch, "sync", variables={})
     submit(world)
     with responses.RequestsMock() as rsps:  # any call would fail the test: none is registered
         service_steps.run_due(world)
         assert len(rsps.calls) == 0
     [job] = jobs(world)
     assert job.status == "due" and job.lease_until is not None  # left for the sweep after its lease
+    assert "environment variable VERIFY_TOKEN is not set" in caplog.text
 
 
 @responses.activate
@@ -263,3 +268,17 @@ def test_a_silent_callback_takes_on_failure_after_the_wait(tmp_path: Path, setti
     request = load(runtime, request_id)
     assert request.status == "rejected"
     assert jobs(runtime)[0].outcome == "no answer before the deadline"
+
+
+def test_check_variables_come_from_the_environment_over_dotenv(tmp_path: Path) -> None:
+    from connector.config import Settings
+
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("VERIFY_TOKEN=from-dotenv\nVERIFY_URL=https://verify.example\n")
+    settings = Settings.from_env(environ={"VERIFY_TOKEN": "from-env"}, dotenv_path=str(dotenv))
+    assert service_steps.expand("${VERIFY_URL}/v1 ${VERIFY_TOKEN}", settings.variables) == (
+        "https://verify.example/v1 from-env"
+    )
+    assert "from-env" not in repr(settings)  # never in logs or error pages
+    with pytest.raises(Exception, match="environment variable NOPE is not set"):
+        service_steps.expand("${NOPE}", settings.variables)
