@@ -35,21 +35,28 @@ def check_answer(callback_id: str) -> ResponseReturnValue:
     try:
         pending = service_steps.pending_callback(runtime, callback_id[:100])
     except service_steps.CallbackRefused as exc:
-        raise WebhookError(404, "no_such_check", exc.message, "use the callback URL the request carried") from exc
+        raise WebhookError(
+            404, "no_such_check", exc.message, "use the callback URL the request carried"
+        ) from exc
     secret = runtime.settings.variables.get(pending.secret_env, "")
     if not secret:
         raise WebhookError(
-            503, "callback_secret_missing", f"the secret variable {pending.secret_env} is not set",
+            503,
+            "callback_secret_missing",
+            f"the secret variable {pending.secret_env} is not set",
             "set it in the environment or .env of this server",
         )
     body = request.get_data(cache=True)
     timestamp = check_timestamp(
-        request.headers.get(TIMESTAMP_HEADER), runtime.settings.webhook_tolerance_seconds, header=TIMESTAMP_HEADER
+        request.headers.get(TIMESTAMP_HEADER),
+        runtime.settings.webhook_tolerance_seconds,
+        header=TIMESTAMP_HEADER,
     )
     given = request.headers.get(SIGNATURE_HEADER, "")
     if not constant_time_equals(given, sign_callback(secret, timestamp, body)):
         raise unauthorized(
-            "bad_signature", f"{SIGNATURE_HEADER} does not match the body",
+            "bad_signature",
+            f"{SIGNATURE_HEADER} does not match the body",
             "sign `<timestamp>.<body>` with HMAC-SHA256 and the shared secret; send sha256=<hex>",
         )
     try:

@@ -193,7 +193,15 @@ class MappingSpec:
 
 # The approval state of a related record, as `<related>.approval` criteria see it.
 ApprovalState = Literal["none", "waiting", "pending", "approved", "rejected", "expired", "recalled"]
-APPROVAL_STATES: tuple[str, ...] = ("none", "waiting", "pending", "approved", "rejected", "expired", "recalled")
+APPROVAL_STATES: tuple[str, ...] = (
+    "none",
+    "waiting",
+    "pending",
+    "approved",
+    "rejected",
+    "expired",
+    "recalled",
+)
 
 
 @dataclass(frozen=True)

@@ -53,26 +53,35 @@ def related_specs(builder: _SpecBuilder) -> dict[str, RelatedSpec]:
     return related
 
 
-def requirements(builder: _SpecBuilder, rule_model: Any, path: KeyPath, related: Mapping[str, RelatedSpec]) -> tuple[Requirement, ...]:
+def requirements(
+    builder: _SpecBuilder, rule_model: Any, path: KeyPath, related: Mapping[str, RelatedSpec]
+) -> tuple[Requirement, ...]:
     found = []
     for i, item in enumerate(rule_model.requires):
         if item.related not in related:
             hint = did_you_mean(item.related, related) or (
-                "declare it at the top of the file: `related: {company: {field: company_id, object: company}}`"
+                "declare it at the top of the file: "
+                "`related: {company: {field: company_id, object: company}}`"
             )
-            builder.errors.add(path + ("requires", i, "related"), f"unknown related record `{item.related}`", hint)
+            builder.errors.add(
+                path + ("requires", i, "related"), f"unknown related record `{item.related}`", hint
+            )
             continue
         found.append(Requirement(item.related, item.rule))
     return tuple(found)
 
 
-def service_step(builder: _SpecBuilder, step: StepModel, path: KeyPath, step_names: list[str]) -> ServiceStep | None | bool:
+def service_step(
+    builder: _SpecBuilder, step: StepModel, path: KeyPath, step_names: list[str]
+) -> ServiceStep | None | bool:
     """The step's service settings; None for a people step; False when it has errors."""
     errors_before = len(builder.errors.errors)
     if step.kind == "approval":
         for key in ("check", "duplicate"):
             if getattr(step, key) is not None:
-                builder.errors.add(path + (key,), f"`{key}` needs `kind: {key}` on the step", f"add `kind: {key}`")
+                builder.errors.add(
+                    path + (key,), f"`{key}` needs `kind: {key}` on the step", f"add `kind: {key}`"
+                )
         if step.mode is None:
             builder.errors.add(path + ("mode",), "missing required key `mode`", "e.g. `mode: one`")
         if step.approvers is None:
@@ -82,16 +91,26 @@ def service_step(builder: _SpecBuilder, step: StepModel, path: KeyPath, step_nam
         return None if len(builder.errors.errors) == errors_before else False
     for key in ("mode", "approvers", "quorum"):
         if getattr(step, key) is not None:
-            builder.errors.add(path + (key,), f"a `kind: {step.kind}` step has no `{key}`", "the service decides it; remove the key")
+            builder.errors.add(
+                path + (key,),
+                f"a `kind: {step.kind}` step has no `{key}`",
+                "the service decides it; remove the key",
+            )
     result: ServiceStep | None = None
     if step.kind == "check":
         if step.check is None:
-            builder.errors.add(path, "a `kind: check` step needs `check:`", "see docs/mappings.md#service-steps")
+            builder.errors.add(
+                path, "a `kind: check` step needs `check:`", "see docs/mappings.md#service-steps"
+            )
         else:
             result = _http_check(builder, step.check, path + ("check",), step_names)
     else:
         if step.duplicate is None:
-            builder.errors.add(path, "a `kind: duplicate` step needs `duplicate:`", "e.g. `duplicate: {field: contract_number}`")
+            builder.errors.add(
+                path,
+                "a `kind: duplicate` step needs `duplicate:`",
+                "e.g. `duplicate: {field: contract_number}`",
+            )
         else:
             result = _duplicate(builder, step.duplicate, path + ("duplicate",), step_names)
     if len(builder.errors.errors) != errors_before or result is None:
@@ -99,10 +118,14 @@ def service_step(builder: _SpecBuilder, step: StepModel, path: KeyPath, step_nam
     return result
 
 
-def _http_check(builder: _SpecBuilder, model: CheckModel, path: KeyPath, step_names: list[str]) -> HttpCheck | None:
+def _http_check(
+    builder: _SpecBuilder, model: CheckModel, path: KeyPath, step_names: list[str]
+) -> HttpCheck | None:
     if not model.url.startswith(("http://", "https://", "${")):
         hint = "e.g. `url: https://verify.example/v1/check` or `url: ${SECURITY_CHECK_URL}/check`"
-        builder.errors.add(path + ("url",), f"`url` must start with http://, https:// or ${{NAME}}, got {model.url!r}", hint)
+        builder.errors.add(
+            path + ("url",), f"`url` must start with http://, https:// or ${{NAME}}, got {model.url!r}", hint
+        )
     for name, value in model.headers.items():
         if _LOOKS_SECRET.search(name) and "${" not in value:
             hint = f'keep secrets in the environment: `{name}: "Bearer ${{SECURITY_CHECK_TOKEN}}"`'
@@ -110,7 +133,11 @@ def _http_check(builder: _SpecBuilder, model: CheckModel, path: KeyPath, step_na
     timeout = _duration(builder, model.timeout, path + ("timeout",))
     wait = _duration(builder, model.wait, path + ("wait",))
     if model.answer == "callback" and model.callback_secret_env is None:
-        builder.errors.add(path, "`answer: callback` needs `callback_secret_env`", "name the variable holding the HMAC secret, e.g. SECURITY_CHECK_SECRET")
+        builder.errors.add(
+            path,
+            "`answer: callback` needs `callback_secret_env`",
+            "name the variable holding the HMAC secret, e.g. SECURITY_CHECK_SECRET",
+        )
     response = {RESPONSE_STATUS: FieldSpec(RESPONSE_STATUS, RESPONSE_STATUS, "number")}
     for name, field_model in model.response.items():
         response[name] = FieldSpec(name, field_model.api, field_model.type)
@@ -147,10 +174,16 @@ def _http_check(builder: _SpecBuilder, model: CheckModel, path: KeyPath, step_na
     )
 
 
-def _duplicate(builder: _SpecBuilder, model: DuplicateModel, path: KeyPath, step_names: list[str]) -> DuplicateCheck | None:
+def _duplicate(
+    builder: _SpecBuilder, model: DuplicateModel, path: KeyPath, step_names: list[str]
+) -> DuplicateCheck | None:
     spec = builder.field_ref(model.field, path + ("field",))
     if spec is not None and (spec.is_related or spec.is_virtual):
-        builder.errors.add(path + ("field",), f"`{model.field}` is not a field of the object itself", "check a field of this object, e.g. contract_number")
+        builder.errors.add(
+            path + ("field",),
+            f"`{model.field}` is not a field of the object itself",
+            "check a field of this object, e.g. contract_number",
+        )
         spec = None
     message = None if model.message is None else _template(builder, model.message, path + ("message",))
     on_failure = _route(builder, model.on_failure, path + ("on_failure",), step_names)
@@ -196,7 +229,11 @@ def _duration(builder: _SpecBuilder, text: str, path: KeyPath) -> timedelta | No
     """`10s`, `5min`, `2h`, `2d` (a month has no fixed length, so `m` is not offered here)."""
     match = _SHORT_DURATION.match(text)
     if match is None or int(match.group(1)) == 0:
-        builder.errors.add(path, f"expected a duration such as 10s, 5min, 2h or 2d, got {text!r}", "write a whole number and s, min, h or d")
+        builder.errors.add(
+            path,
+            f"expected a duration such as 10s, 5min, 2h or 2d, got {text!r}",
+            "write a whole number and s, min, h or d",
+        )
         return None
     return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 
@@ -222,10 +259,12 @@ def check_requirements(loaded: Sequence[LoadedMapping]) -> list[MappingError]:
                 path: KeyPath = ("rules", i, "requires", j, "rule")
                 line = item.lines.get(path) or item.lines.get(path[:-1], 1)
                 if known is None:
-                    message = f"no mapping file maps {spec.connection} `{related.object_type}`, so rule `{requirement.rule}` cannot be found"
-                    hint = f"add a mapping file for object `{related.object_type}` with a rule named `{requirement.rule}`"
+                    what = f"{spec.connection} `{related.object_type}`"
+                    message = f"no mapping file maps {what}, so rule `{requirement.rule}` cannot be found"
+                    hint = f"add a mapping file for `{related.object_type}` with a rule `{requirement.rule}`"
                 else:
-                    message = f"no rule `{requirement.rule}` in the mapping of {spec.connection} `{related.object_type}`"
+                    what = f"{spec.connection} `{related.object_type}`"
+                    message = f"no rule `{requirement.rule}` in the mapping of {what}"
                     hint = did_you_mean(requirement.rule, known) or f"expected {one_of(known)}"
                 errors.append(MappingError(spec.source_path, line, format_path(path), message, hint))
     return errors

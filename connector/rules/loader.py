@@ -388,7 +388,9 @@ class _SpecBuilder:
         service = company_rules.service_step(self, step, path, self._step_names)
         if service is False:
             return None
-        approvers = tuple(self._approver(a, path + ("approvers", i)) for i, a in enumerate(step.approvers or ()))
+        approvers = tuple(
+            self._approver(a, path + ("approvers", i)) for i, a in enumerate(step.approvers or ())
+        )
         when = None if step.when is None else self._when(step.when, path + ("when",))
         settings = StepSettings() if service is not None else self._mode_settings(step, path, approvers)
         if step.on_reject == "back" and index == 0:

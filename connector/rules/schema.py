@@ -134,7 +134,10 @@ class RouteModel(_Model):
         return self
 
 
-_ROUTE_HINT = 'e.g. `then: continue`, `then: {back: documents, message: "Send the registry extract"}` or `then: {reject: "{{ reason }}"}`'
+_ROUTE_HINT = (
+    'e.g. `then: continue`, `then: {back: documents, message: "Send the registry extract"}` '
+    'or `then: {reject: "{{ answer.reason }}"}`'
+)
 
 
 class RouteRuleModel(_Model):

@@ -19,7 +19,6 @@ from typing import Any
 from flask import Blueprint, abort, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
-
 VERDICTS = ("clear", "more_documents", "reject")
 REASONS = {
     "clear": "no findings",
@@ -59,8 +58,10 @@ class VerdictBook:
 def book() -> VerdictBook:
     found = current_app.extensions.get("security_check")
     if found is None:
-        found = current_app.extensions["security_check"] = VerdictBook(os.environ.get("SANDBOX_SECURITY_VERDICTS", ""))
-    return found  # type: ignore[no-any-return]
+        found = current_app.extensions["security_check"] = VerdictBook(
+            os.environ.get("SANDBOX_SECURITY_VERDICTS", "")
+        )
+    return found
 
 
 def _authorised() -> None:

@@ -36,14 +36,26 @@ COMPANIES: list[dict[str, Any]] = [
     {"id": "C-200", "name": "Contoso Retail Ltd", "credit_score": 64},
     {"id": "C-300", "name": "Fabrikam Industries AG", "credit_score": 91},
     {"id": "C-400", "name": "Tailspin Logistics BV", "credit_score": 58},
-    {"id": "C-500", "name": "Adventure Works Sp. z o.o.", "credit_score": 73, "tax_id": "PL5260250274",
-     "owner_id": "u-rep-anna"},
+    {
+        "id": "C-500",
+        "name": "Adventure Works Sp. z o.o.",
+        "credit_score": 73,
+        "tax_id": "PL5260250274",
+        "owner_id": "u-rep-anna",
+    },
 ]
 # Seed 001: contracts of a company that has no approval yet (the first one waits for it).
 CONTRACTS: list[dict[str, Any]] = [
-    {"id": "K-9001", "name": "Adventure Works supply agreement", "contract_number": "2026/001",
-     "contract_type": "Supply", "amount": 120000, "company_id": "C-500", "owner_id": "u-rep-anna",
-     "product_lines": ["Hardware", "Support"]},
+    {
+        "id": "K-9001",
+        "name": "Adventure Works supply agreement",
+        "contract_number": "2026/001",
+        "contract_type": "Supply",
+        "amount": 120000,
+        "company_id": "C-500",
+        "owner_id": "u-rep-anna",
+        "product_lines": ["Hardware", "Support"],
+    },
 ]
 
 # (id, name, amount, currency, stage, owner, company, product lines, term, days until close)

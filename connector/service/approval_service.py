@@ -155,7 +155,9 @@ class ApprovalService:
                 rule=rule.name,
                 mapping=spec.source_path,
             )
-            summaries.append(f"{rule.name}: {self._apply_rule(session, record, spec, rule, ctx, related or {})}")
+            summaries.append(
+                f"{rule.name}: {self._apply_rule(session, record, spec, rule, ctx, related or {})}"
+            )
         return summaries
 
     def _apply_rule(
@@ -184,7 +186,9 @@ class ApprovalService:
         gate = None
         if self.gate is not None and rule.requires:
             gate = self.gate.check(session, record, spec, rule, ctx, related or {})
-        stored = self.open_for(session, record, spec, rule, ctx, hold=gate.hold or gate.reject if gate else None)
+        stored = self.open_for(
+            session, record, spec, rule, ctx, hold=gate.hold or gate.reject if gate else None
+        )
         if gate is not None and (gate.hold or gate.reject):
             self.gate.after_open(session, stored, gate, spec, rule)
         if latest is not None and approved:

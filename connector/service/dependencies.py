@@ -94,11 +94,12 @@ def approval_state(stored: StoredRequest | None, now: datetime) -> str:
     return request.status
 
 
-def latest_for(session: Session, record: RecordKey, rule_names: tuple[str, ...] | None) -> StoredRequest | None:
+def latest_for(
+    session: Session, record: RecordKey, rule_names: tuple[str, ...] | None
+) -> StoredRequest | None:
     """The newest request of the related record (for the given rules, or any)."""
     candidates = [
-        store.find_latest(session, record, name)
-        for name in (rule_names or _rule_names_of(session, record))
+        store.find_latest(session, record, name) for name in (rule_names or _rule_names_of(session, record))
     ]
     present = [c for c in candidates if c is not None]
     return max(present, key=lambda s: s.request.submitted_at) if present else None
@@ -169,17 +170,24 @@ class Gate:
             if state not in ("pending", "waiting"):  # none, expired, recalled: ask for it now
                 latest = self._open(session, other, their_spec, their_rule, related_values, ctx)
                 if latest is None:
-                    return GateResult(reject=f"{related.object_type} {other.record_id} could not be read from the CRM")
+                    return GateResult(
+                        reject=f"{related.object_type} {other.record_id} could not be read from the CRM"
+                    )
                 if approval_state(latest, ctx.now) == "approved":
                     continue
             assert latest is not None
-            holds.append(f"waiting for {requirement.rule} of {related.object_type} {other.record_id} (request {latest.request.id})")
+            holds.append(
+                f"waiting for {requirement.rule} of {related.object_type} {other.record_id} "
+                f"(request {latest.request.id})"
+            )
             waits.append(latest.request.id)
         if not waits:
             return GateResult()
         return GateResult(hold="; ".join(holds), depends_on=tuple(waits))
 
-    def after_open(self, session: Session, stored: StoredRequest, gate: GateResult, spec: MappingSpec, rule: RuleSpec) -> None:
+    def after_open(
+        self, session: Session, stored: StoredRequest, gate: GateResult, spec: MappingSpec, rule: RuleSpec
+    ) -> None:
         """Link a held request to what it waits for, or reject it straight away."""
         assert self.service is not None
         now = self.service.clock()
@@ -189,10 +197,14 @@ class Gate:
                 self.service.save_outcome(session, stored, spec, rule, outcome)
             return
         for request_id in gate.depends_on:
-            session.add(RequestDependency(request_id=stored.request.id, depends_on=request_id, created_at=now))
+            session.add(
+                RequestDependency(request_id=stored.request.id, depends_on=request_id, created_at=now)
+            )
         session.flush()
 
-    def release(self, session: Session, stored: StoredRequest, spec: MappingSpec, rule: RuleSpec, outcome: Outcome) -> None:
+    def release(
+        self, session: Session, stored: StoredRequest, spec: MappingSpec, rule: RuleSpec, outcome: Outcome
+    ) -> None:
         """After-save hook: a closed request releases the requests waiting for it."""
         request = outcome.request
         if request.status not in ("approved", "rejected", "expired", "recalled"):
@@ -200,11 +212,15 @@ class Gate:
         if not any(t.kind in ("approved", "rejected", "expired", "recalled") for t in outcome.transitions):
             return
         assert self.service is not None
-        waiting_ids = session.scalars(select(RequestDependency.request_id).where(RequestDependency.depends_on == request.id))
+        waiting_ids = session.scalars(
+            select(RequestDependency.request_id).where(RequestDependency.depends_on == request.id)
+        )
         for waiting_id in list(waiting_ids):
             self._release_one(session, waiting_id, request, stored.record)
 
-    def _release_one(self, session: Session, waiting_id: str, decided: ApprovalRequest, where: RecordKey) -> None:
+    def _release_one(
+        self, session: Session, waiting_id: str, decided: ApprovalRequest, where: RecordKey
+    ) -> None:
         assert self.service is not None
         waiting = store.load(session, waiting_id)
         if waiting is None or waiting.request.status != "waiting":
@@ -217,7 +233,9 @@ class Gate:
             others = session.scalars(
                 select(RequestDependency.depends_on).where(RequestDependency.request_id == waiting_id)
             )
-            pending = [rid for rid in others if rid != decided.id and _status(session, rid) not in ("approved",)]
+            pending = [
+                rid for rid in others if rid != decided.id and _status(session, rid) not in ("approved",)
+            ]
             if pending:
                 return  # still waiting for another dependency
             updates = {
@@ -226,8 +244,12 @@ class Gate:
                 if str(waiting.request.record.get(related.field)) == where.record_id
             }
             outcome = resume(
-                waiting.request, their_rule, their_spec.roles, now=now,
-                comment=f"{decided.rule_name} of {what} approved (request {decided.id})", values=updates,
+                waiting.request,
+                their_rule,
+                their_spec.roles,
+                now=now,
+                comment=f"{decided.rule_name} of {what} approved (request {decided.id})",
+                values=updates,
             )
         else:
             reason = decided.transitions[-1].comment if decided.transitions else None
@@ -236,7 +258,9 @@ class Gate:
         if outcome is not None:
             self.service.save_outcome(session, waiting, their_spec, their_rule, outcome)
 
-    def _rule(self, connection: str, related: RelatedSpec, requirement: Requirement) -> tuple[MappingSpec, RuleSpec]:
+    def _rule(
+        self, connection: str, related: RelatedSpec, requirement: Requirement
+    ) -> tuple[MappingSpec, RuleSpec]:
         for spec in self.mappings.for_object(connection, related.object_type):
             for rule in spec.rules:
                 if rule.name == requirement.rule:
@@ -276,5 +300,6 @@ def _status(session: Session, request_id: str) -> str | None:
 
 
 def _rejected(requirement: Requirement, other: RecordKey, latest: StoredRequest, reason: str | None) -> str:
-    text = f"{requirement.rule} of {other.object_type} {other.record_id} was rejected (request {latest.request.id})"
+    what = f"{requirement.rule} of {other.object_type} {other.record_id}"
+    text = f"{what} was rejected (request {latest.request.id})"
     return text + (f": {reason}" if reason else "")

@@ -110,7 +110,9 @@ class Pipeline:
             return "echo of our own write-back; ignored"
         summaries = []
         for spec in prepared.specs:
-            ctx = dependencies.with_states(session, record, spec, build_context(spec, prepared.values, previous, changed))
+            ctx = dependencies.with_states(
+                session, record, spec, build_context(spec, prepared.values, previous, changed)
+            )
             try:
                 summaries += self.approvals.on_record_change(
                     session, record, spec, ctx, replay_since=replay_since, related=prepared.related

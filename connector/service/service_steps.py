@@ -20,9 +20,10 @@ import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import requests
 from sqlalchemy import or_, select, update
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 LEASE = timedelta(minutes=5)  # a worker that dies mid-call leaves the job to another after this
 BACKOFF_BASE = 2.0  # seconds: 2, 4, 8, ... between attempts
 BACKOFF_MAX = 3600.0
+DUPLICATE_RETRIES = 4  # a CRM that cannot be asked: 5 attempts in all, then on_failure
 MAX_ANSWER_BYTES = 256 * 1024
 
 
@@ -78,7 +80,9 @@ class RetryLater:
 # --- queueing (after-save hook, in the request's transaction) -----------------------------
 
 
-def queue_jobs(session: Session, stored: StoredRequest, spec: MappingSpec, rule: RuleSpec, outcome: Outcome) -> None:
+def queue_jobs(
+    session: Session, stored: StoredRequest, spec: MappingSpec, rule: RuleSpec, outcome: Outcome
+) -> None:
     """A service step that just opened gets its job row, in the same transaction."""
     for row in outcome.steps:
         if row.status != "pending" or row.index >= len(rule.steps):
@@ -163,21 +167,29 @@ def _run_one(runtime: Runtime, approvals: ApprovalService, job_id: int) -> None:
         _finish(runtime.sessions, job_id, "the step was decided meanwhile; answer not needed")
         return
     step = rule.steps[index].service
+    verdict: Verdict | None
     if status == JOB_AWAITING:  # the callback never came
         assert isinstance(step, HttpCheck)
-        verdict = Verdict(step.on_failure, _message(step.on_failure, stored.request, {}), "no answer before the deadline")
+        note = "no answer before the deadline"
+        verdict = Verdict(step.on_failure, _message(step.on_failure, stored.request, {}), note)
     elif isinstance(step, DuplicateCheck):
-        verdict_or_retry = check_duplicate(runtime, stored, spec, step)
-        verdict = _settle(runtime, job_id, verdict_or_retry, attempts, 5, step.on_failure, stored.request)  # type: ignore[assignment]
+        found = check_duplicate(runtime, stored, spec, step)
+        verdict = _settle(
+            runtime, job_id, found, attempts, DUPLICATE_RETRIES, step.on_failure, stored.request
+        )
     else:
         assert isinstance(step, HttpCheck)
-        result = call_service(
-            step, stored.request, runtime.settings.variables, callback_url=_callback_url(runtime, callback_id)
-        )
-        if step.answer == "callback" and isinstance(result, dict):
+        callback_url = _callback_url(runtime, callback_id)
+        answer = call_service(step, stored.request, runtime.settings.variables, callback_url=callback_url)
+        if isinstance(answer, RetryLater):
+            verdict = _settle(
+                runtime, job_id, answer, attempts, step.retries, step.on_failure, stored.request
+            )
+        elif step.answer == "callback" and answer["status"] < 400:  # accepted; the verdict comes later
             _await(runtime.sessions, job_id, step.wait)
             return
-        verdict = _settle(runtime, job_id, result if not isinstance(result, dict) else classify(step, result, stored.request), attempts, step.retries, step.on_failure, stored.request)  # type: ignore[assignment]
+        else:
+            verdict = classify(step, answer, stored.request)
     if verdict is None:
         return
     apply_verdict(approvals, runtime.sessions, job_id, request_id, index, round_, verdict)
@@ -269,7 +281,12 @@ def _finish(sessions: sessionmaker[Session], job_id: int, note: str) -> None:
 
 
 def _mark_done(session: Session, job_id: int, note: str, answer: Mapping[str, Any] | None) -> None:
-    values: dict[str, Any] = {"status": JOB_DONE, "outcome": note[:2000], "lease_until": None, "updated_at": utcnow()}
+    values: dict[str, Any] = {
+        "status": JOB_DONE,
+        "outcome": note[:2000],
+        "lease_until": None,
+        "updated_at": utcnow(),
+    }
     if answer is not None:
         values["answer"] = dict(answer)
     session.execute(update(ServiceStepJob).where(ServiceStepJob.id == job_id).values(**values))
@@ -301,7 +318,9 @@ def call_service(
     headers = {"Accept": "application/json", **{n: expand(v, variables) for n, v in step.headers.items()}}
     body: bytes | None = None
     if step.body is not None:
-        rendered = step.body({"record": dict(request.record), "request": {"id": request.id, "record_ref": request.record_ref}})
+        rendered = step.body(
+            {"record": dict(request.record), "request": {"id": request.id, "record_ref": request.record_ref}}
+        )
         text = rendered if isinstance(rendered, str) else json.dumps(rendered, default=str)
         body = text.encode()
         headers["Content-Type"] = "application/json"
@@ -309,7 +328,12 @@ def call_service(
         headers["X-Callback-Url"] = callback_url
     try:
         response = requests.request(
-            step.method, url, data=body, headers=headers, timeout=step.timeout.total_seconds(), allow_redirects=False
+            step.method,
+            url,
+            data=body,
+            headers=headers,
+            timeout=step.timeout.total_seconds(),
+            allow_redirects=False,
         )
     except requests.Timeout:
         return RetryLater(f"no answer from {_host(url)} within {step.timeout.total_seconds():g} s", None)
@@ -337,10 +361,17 @@ def _describe(route: Route, values: Mapping[str, Any]) -> str:
     return f"{route.action}{where} (answer {json.dumps(values, default=str)[:300]})"
 
 
-def _message(route: Route, request: ApprovalRequest, answer: Mapping[str, Any], duplicate: Mapping[str, Any] | None = None) -> str | None:
+def _message(
+    route: Route,
+    request: ApprovalRequest,
+    answer: Mapping[str, Any],
+    duplicate: Mapping[str, Any] | None = None,
+) -> str | None:
     if route.message is None:
         return None
-    value = route.message({"record": dict(request.record), "answer": dict(answer), "duplicate": dict(duplicate or {})})
+    value = route.message(
+        {"record": dict(request.record), "answer": dict(answer), "duplicate": dict(duplicate or {})}
+    )
     return None if value is None else str(value)
 
 
@@ -395,28 +426,39 @@ ENV_REFERENCE = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
 
 
 def _host(url: str) -> str:
-    return requests.utils.urlparse(url).netloc or "the service"
+    return urlsplit(url).netloc or "the service"
 
 
 # --- duplicates ---------------------------------------------------------------------------------
 
 
-def check_duplicate(runtime: Runtime, stored: StoredRequest, spec: MappingSpec, step: DuplicateCheck) -> Verdict | RetryLater:
+def check_duplicate(
+    runtime: Runtime, stored: StoredRequest, spec: MappingSpec, step: DuplicateCheck
+) -> Verdict | RetryLater:
     value = stored.request.record.get(step.field)
     if value in (None, ""):
         return Verdict(Route("continue"), None, f"`{step.field}` is empty; nothing to compare")
     api_name = spec.fields[step.field].api_name
     adapter = runtime.adapter(stored.record.connection)
     try:
-        others = adapter.find_duplicates(stored.record.object_type, api_name, value, exclude_id=stored.record.record_id)
+        others = adapter.find_duplicates(
+            stored.record.object_type, api_name, value, exclude_id=stored.record.record_id
+        )
     except FatalError:
         raise
     except Exception as exc:
         return RetryLater(f"the CRM could not be asked for duplicates: {exc}", None)
     if not others:
-        return Verdict(Route("continue"), None, f"no other {stored.record.object_type} has {step.field} {value}")
+        return Verdict(
+            Route("continue"), None, f"no other {stored.record.object_type} has {step.field} {value}"
+        )
     other = others[0]
-    details = {"value": value, "field": step.field, "other": other.record_id, "other_name": other.name or other.record_id}
+    details = {
+        "value": value,
+        "field": step.field,
+        "other": other.record_id,
+        "other_name": other.name or other.record_id,
+    }
     default = (
         f"{step.field} {value} is already used by {stored.record.object_type} "
         f"{other.name + ' ' if other.name else ''}({other.record_id})"
@@ -468,7 +510,13 @@ def accept_callback(runtime: Runtime, pending: PendingCallback, answer: Mapping[
         return "the step was already decided; answer recorded as not needed"
     verdict = classify(pending.step, {"status": 200, **answer}, stored.request)
     apply_verdict(
-        approvals, runtime.sessions, pending.job_id, pending.request_id, pending.step_index, pending.round,
-        verdict, answer,
+        approvals,
+        runtime.sessions,
+        pending.job_id,
+        pending.request_id,
+        pending.step_index,
+        pending.round,
+        verdict,
+        answer,
     )
     return verdict.note

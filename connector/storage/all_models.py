@@ -2,6 +2,9 @@
 
 from connector.directory import models as directory_models  # noqa: F401
 from connector.notify import models as notify_models  # noqa: F401
-from connector.storage import models, sync_state  # noqa: F401
+from connector.storage import (  # noqa: F401
+    company_models,
+    models,
+    sync_state,
+)
 from connector.web import models as web_models  # noqa: F401
-from connector.storage import company_models  # noqa: F401,E402  (issue 12)

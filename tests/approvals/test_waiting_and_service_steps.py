@@ -22,19 +22,29 @@ from connector.approvals.lifecycle import (
 from connector.approvals.spec import DuplicateCheck, FieldApprovers, Route, RuleSpec, StepSpec
 from tests.approvals.test_lifecycle import ROLES, T0, FieldEquals, make_ctx, make_rule, one, vote
 
-CHECK = StepSpec(name="check", mode="one", approvers=(), service=DuplicateCheck("number", None, Route("reject")))
+CHECK = StepSpec(
+    name="check", mode="one", approvers=(), service=DuplicateCheck("number", None, Route("reject"))
+)
 
 
 def held(rule: RuleSpec, values: dict[str, Any] | None = None) -> Any:
     return open_request(
-        rule, ROLES, make_ctx(values), record_ref="contract-1", submitter="sub", now=T0,
-        request_id="r1", hold="waiting for company-approval of company C-1",
+        rule,
+        ROLES,
+        make_ctx(values),
+        record_ref="contract-1",
+        submitter="sub",
+        now=T0,
+        request_id="r1",
+        hold="waiting for company-approval of company C-1",
     ).request
 
 
 def test_a_held_request_waits_with_no_open_step_and_says_why() -> None:
     rule = make_rule(one("lawyer", "eva"))
-    outcome = open_request(rule, ROLES, make_ctx(), record_ref="c", submitter="sub", now=T0, hold="waiting for X")
+    outcome = open_request(
+        rule, ROLES, make_ctx(), record_ref="c", submitter="sub", now=T0, hold="waiting for X"
+    )
     request = outcome.request
     assert (request.status, request.current_step, request.steps) == ("waiting", None, [])
     assert [t.kind for t in outcome.transitions] == ["submitted", "waiting"]
@@ -45,8 +55,14 @@ def test_a_held_request_waits_with_no_open_step_and_says_why() -> None:
 
 def test_resume_starts_the_chain_with_the_updated_snapshot() -> None:
     rule = make_rule(one("lawyer", "eva"))
-    outcome = resume(held(rule), rule, ROLES, now=T0 + timedelta(days=1), comment="company approved",
-                     values={"company.approval": "approved"})
+    outcome = resume(
+        held(rule),
+        rule,
+        ROLES,
+        now=T0 + timedelta(days=1),
+        comment="company approved",
+        values={"company.approval": "approved"},
+    )
     assert outcome is not None
     request = outcome.request
     assert (request.status, request.current_step) == ("pending", 0)
@@ -66,8 +82,12 @@ def test_resume_and_fail_do_nothing_unless_waiting() -> None:
 
 def test_resume_checks_the_chain_and_changes_nothing_when_nobody_can_approve() -> None:
     # the step applies only once the company is approved, and then nobody is in `manager`
-    boss = StepSpec(name="boss", mode="one", approvers=(FieldApprovers("manager"),),
-                    when=FieldEquals("company.approval", "approved"))
+    boss = StepSpec(
+        name="boss",
+        mode="one",
+        approvers=(FieldApprovers("manager"),),
+        when=FieldEquals("company.approval", "approved"),
+    )
     rule = make_rule(boss)
     request = held(rule, {"company.approval": "pending", "manager": None})
     with pytest.raises(ChainError):
@@ -76,11 +96,15 @@ def test_resume_checks_the_chain_and_changes_nothing_when_nobody_can_approve() -
 
 
 def test_fail_waiting_rejects_with_the_dependency_reason_and_fires_reject() -> None:
-    outcome = fail_waiting(held(make_rule(one("lawyer", "eva"))), reason="company C-1 was rejected: sanctions", now=T0)
+    outcome = fail_waiting(
+        held(make_rule(one("lawyer", "eva"))), reason="company C-1 was rejected: sanctions", now=T0
+    )
     assert outcome is not None
     assert outcome.request.status == "rejected" and outcome.request.closed_at == T0
     assert outcome.transitions[-1].comment == "company C-1 was rejected: sanctions"
-    assert [(a.event, a.comment) for a in outcome.actions] == [("reject", "company C-1 was rejected: sanctions")]
+    assert [(a.event, a.comment) for a in outcome.actions] == [
+        ("reject", "company C-1 was rejected: sanctions")
+    ]
 
 
 def test_a_restart_field_change_while_waiting_keeps_waiting_with_the_new_values() -> None:
@@ -115,11 +139,23 @@ def test_a_service_step_opens_with_nobody_assigned_and_people_cannot_vote() -> N
 def test_route_step_continue_and_reject(route: Route, status: str, step: int | None, tail: list[str]) -> None:
     rule = make_rule(CHECK, one("lawyer", "eva"))
     request = open_request(rule, ROLES, make_ctx(), record_ref="c", submitter="sub", now=T0).request
-    outcome = route_step(request, rule, ROLES, step_index=0, step_round=1, route=route,
-                         message="why", actor="service:check", now=T0)
+    outcome = route_step(
+        request,
+        rule,
+        ROLES,
+        step_index=0,
+        step_round=1,
+        route=route,
+        message="why",
+        actor="service:check",
+        now=T0,
+    )
     assert (outcome.request.status, outcome.request.current_step) == (status, step)
     assert [t.kind for t in outcome.transitions] == tail
-    assert outcome.transitions[0].actor == "service:check" and outcome.transitions[-1].comment in ("why", None)
+    assert outcome.transitions[0].actor == "service:check" and outcome.transitions[-1].comment in (
+        "why",
+        None,
+    )
 
 
 def test_route_step_back_reopens_the_named_step_as_a_new_round_with_the_message() -> None:
@@ -127,8 +163,17 @@ def test_route_step_back_reopens_the_named_step_as_a_new_round_with_the_message(
     request = open_request(rule, ROLES, make_ctx(), record_ref="c", submitter="sub", now=T0).request
     request = vote(request, rule, "anna").request
     assert request.current_step == 1
-    outcome = route_step(request, rule, ROLES, step_index=1, step_round=1, route=Route("back", "documents"),
-                         message="send the registry extract", actor="service:check", now=T0)
+    outcome = route_step(
+        request,
+        rule,
+        ROLES,
+        step_index=1,
+        step_round=1,
+        route=Route("back", "documents"),
+        message="send the registry extract",
+        actor="service:check",
+        now=T0,
+    )
     assert [t.kind for t in outcome.transitions] == ["sent_back", "entered"]
     assert outcome.transitions[0].comment == "send the registry extract"
     assert (outcome.request.current_step, outcome.request.steps[-1].round) == (0, 2)
@@ -139,8 +184,26 @@ def test_route_step_back_reopens_the_named_step_as_a_new_round_with_the_message(
 def test_a_verdict_for_a_step_no_longer_open_is_refused() -> None:
     rule = make_rule(CHECK, one("lawyer", "eva"))
     request = open_request(rule, ROLES, make_ctx(), record_ref="c", submitter="sub", now=T0).request
-    moved = route_step(request, rule, ROLES, step_index=0, step_round=1, route=Route("continue"),
-                       message=None, actor="service:check", now=T0).request
+    moved = route_step(
+        request,
+        rule,
+        ROLES,
+        step_index=0,
+        step_round=1,
+        route=Route("continue"),
+        message=None,
+        actor="service:check",
+        now=T0,
+    ).request
     with pytest.raises(StepClosedError):
-        route_step(moved, rule, ROLES, step_index=0, step_round=1, route=Route("reject"),
-                   message=None, actor="service:check", now=T0)
+        route_step(
+            moved,
+            rule,
+            ROLES,
+            step_index=0,
+            step_round=1,
+            route=Route("reject"),
+            message=None,
+            actor="service:check",
+            now=T0,
+        )

@@ -262,7 +262,9 @@ class HubSpotAdapterHarness(AdapterHarness):
 
     unique_field = "contract_number"
 
-    def mock_duplicate_query(self, rsps: responses.RequestsMock, value: str, rows: Mapping[str, str]) -> list[str]:
+    def mock_duplicate_query(
+        self, rsps: responses.RequestsMock, value: str, rows: Mapping[str, str]
+    ) -> list[str]:
         seen: list[str] = []
 
         def search(request: PreparedRequest) -> Answer:
@@ -272,8 +274,13 @@ class HubSpotAdapterHarness(AdapterHarness):
             ], body
             seen.append(json.dumps(body))
             results = [
-                {"id": i, "properties": {"contract_number": value, "hs_object_id": i}, "archived": False,
-                 "createdAt": "2026-01-05T10:00:00Z", "updatedAt": "2026-01-06T10:00:00Z"}
+                {
+                    "id": i,
+                    "properties": {"contract_number": value, "hs_object_id": i},
+                    "archived": False,
+                    "createdAt": "2026-01-05T10:00:00Z",
+                    "updatedAt": "2026-01-06T10:00:00Z",
+                }
                 for i in rows
             ]
             return reply(200, {"total": len(results), "results": results})

@@ -223,7 +223,9 @@ class SalesforceAdapterHarness(AdapterHarness):
 
     unique_field = "Contract_Number__c"
 
-    def mock_duplicate_query(self, rsps: responses.RequestsMock, value: str, rows: Mapping[str, str]) -> list[str]:
+    def mock_duplicate_query(
+        self, rsps: responses.RequestsMock, value: str, rows: Mapping[str, str]
+    ) -> list[str]:
         mock_soap_login(rsps)
         seen: list[str] = []
 
@@ -235,8 +237,15 @@ class SalesforceAdapterHarness(AdapterHarness):
             ), soql
             seen.append(soql)
             found = [
-                {"attributes": {"type": "Opportunity", "url": f"/services/data/v59.0/sobjects/Opportunity/{i}"},
-                 "Id": i, "Contract_Number__c": value, "Name": name}
+                {
+                    "attributes": {
+                        "type": "Opportunity",
+                        "url": f"/services/data/v59.0/sobjects/Opportunity/{i}",
+                    },
+                    "Id": i,
+                    "Contract_Number__c": value,
+                    "Name": name,
+                }
                 for i, name in rows.items()
             ]
             return 200, {}, json.dumps({"totalSize": len(found), "done": True, "records": found})

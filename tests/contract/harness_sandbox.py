@@ -8,9 +8,9 @@ tests/sandbox/test_sandbox.py checks the real app answers in exactly these shape
 from __future__ import annotations
 
 import json
-from urllib.parse import parse_qs, urlparse
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 import responses
@@ -119,7 +119,9 @@ class SandboxAdapterHarness(AdapterHarness):
 
     unique_field = "name"
 
-    def mock_duplicate_query(self, rsps: responses.RequestsMock, value: str, rows: Mapping[str, str]) -> list[str]:
+    def mock_duplicate_query(
+        self, rsps: responses.RequestsMock, value: str, rows: Mapping[str, str]
+    ) -> list[str]:
         seen: list[str] = []
 
         def answer(request: PreparedRequest) -> Answer:

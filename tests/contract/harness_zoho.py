@@ -301,7 +301,9 @@ class ZohoAdapterHarness(AdapterHarness):
 
     unique_field = "Contract_Number"
 
-    def mock_duplicate_query(self, rsps: responses.RequestsMock, value: str, rows: Mapping[str, str]) -> list[str]:
+    def mock_duplicate_query(
+        self, rsps: responses.RequestsMock, value: str, rows: Mapping[str, str]
+    ) -> list[str]:
         mock_token(rsps)
         seen: list[str] = []
 
@@ -312,8 +314,13 @@ class ZohoAdapterHarness(AdapterHarness):
             data = [{"id": i, "Contract_Number": value} for i in rows]
             if not data:
                 return 204, {}, ""
-            return json_reply(200, {"data": data, "info": {"per_page": 200, "count": len(data), "page": 1,
-                                                          "more_records": False}})
+            return json_reply(
+                200,
+                {
+                    "data": data,
+                    "info": {"per_page": 200, "count": len(data), "page": 1, "more_records": False},
+                },
+            )
 
         rsps.add_callback(responses.GET, f"{API}/Deals/search", callback=search)
         return seen

@@ -147,7 +147,9 @@ def test_find_duplicates_asks_the_crm_in_its_own_query_language_and_skips_this_r
     first, this, third = harness.record_ids(3)
     value = "2026/001"
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        seen = harness.mock_duplicate_query(rsps, value, {first: "First contract", this: "This one", third: "Third"})
+        seen = harness.mock_duplicate_query(
+            rsps, value, {first: "First contract", this: "This one", third: "Third"}
+        )
         adapter = harness.make_adapter(NO_WAIT)
         found = adapter.find_duplicates(harness.object_type, harness.unique_field, value, exclude_id=this)
     assert [d.record_id for d in found] == [first, third]
@@ -161,4 +163,7 @@ def test_find_duplicates_with_no_other_record_is_empty(harness: AdapterHarness) 
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
         harness.mock_duplicate_query(rsps, "2026/002", {this: "This one"})
         adapter = harness.make_adapter(NO_WAIT)
-        assert adapter.find_duplicates(harness.object_type, harness.unique_field, "2026/002", exclude_id=this) == []
+        assert (
+            adapter.find_duplicates(harness.object_type, harness.unique_field, "2026/002", exclude_id=this)
+            == []
+        )

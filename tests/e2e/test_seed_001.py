@@ -18,11 +18,11 @@ from sqlalchemy import select
 from connector.rules import MappingSet
 from connector.sandbox.app import SandboxConfig, create_sandbox_app
 from connector.sandbox.store import CONTRACT, Store
+from connector.service import service_steps
 from connector.storage.company_models import ServiceStepJob
 from connector.storage.inbox import process_pending
 from connector.storage.outbox import flush
 from connector.wiring import attach_pipeline
-from connector.service import service_steps
 from tests.e2e.test_end_to_end_sandbox import _token
 from tests.sandbox.test_sandbox import API_TOKEN, Browser, forward_to
 
@@ -34,7 +34,9 @@ def contract_form(store: Store, contract_id: str, **changes: Any) -> dict[str, A
     form: dict[str, Any] = {}
     for f in CONTRACT.editable:
         value = record.get(f.name)
-        form[f.name] = list(value or []) if f.type == "multipicklist" else ("" if value is None else str(value))
+        form[f.name] = (
+            list(value or []) if f.type == "multipicklist" else ("" if value is None else str(value))
+        )
     form.update(changes)
     return form
 
@@ -91,15 +93,34 @@ def test_seed_001_company_dependency_security_check_and_duplicate(
         return ours.get(f"/api/v1/requests/{request_id}", headers=admin).get_json()  # type: ignore[no-any-return]
 
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        rsps.add_callback(responses.POST, f"{settings.public_base_url}/webhooks/standard", callback=forward_to(ours))
+        rsps.add_callback(
+            responses.POST, f"{settings.public_base_url}/webhooks/standard", callback=forward_to(ours)
+        )
         for method in (responses.GET, responses.POST):
-            rsps.add_callback(method, re.compile(re.escape(settings.sandbox_url) + "/(api|security-check).*"), forward_to(sandbox))
+            rsps.add_callback(
+                method,
+                re.compile(re.escape(settings.sandbox_url) + "/(api|security-check).*"),
+                forward_to(sandbox),
+            )
         # The security check will ask for more documents once, then clear the company.
         verdicts = {"company_id": "C-500", "verdicts": ["more_documents", "clear"]}
-        assert sandbox.post("/security-check/verdicts", data=json.dumps(verdicts), content_type="application/json", headers=auth).status_code == 200
+        assert (
+            sandbox.post(
+                "/security-check/verdicts",
+                data=json.dumps(verdicts),
+                content_type="application/json",
+                headers=auth,
+            ).status_code
+            == 200
+        )
 
         # 1. A rep submits contract K-9001: its company C-500 has no approval yet.
-        assert sandbox.post("/contracts/K-9001", data=contract_form(store, "K-9001", amount="125000")).status_code == 303
+        assert (
+            sandbox.post(
+                "/contracts/K-9001", data=contract_form(store, "K-9001", amount="125000")
+            ).status_code
+            == 303
+        )
         work()
         admin = _admin(runtime)
         contract = request_of("K-9001", admin)
@@ -134,17 +155,39 @@ def test_seed_001_company_dependency_security_check_and_duplicate(
         assert store.get("contract", "K-9001")["approval_status"] == "Approved"
 
         # 5. A second contract with the same number is rejected as a duplicate, naming the first.
-        store.insert("contract", {"id": "K-9002", "name": "Second supply agreement", "company_id": "C-500", "owner_id": "u-rep-anna", "product_lines": ["Hardware"]})
-        assert sandbox.post("/contracts/K-9002", data=contract_form(store, "K-9002", contract_number="2026/001")).status_code == 303
+        store.insert(
+            "contract",
+            {
+                "id": "K-9002",
+                "name": "Second supply agreement",
+                "company_id": "C-500",
+                "owner_id": "u-rep-anna",
+                "product_lines": ["Hardware"],
+            },
+        )
+        assert (
+            sandbox.post(
+                "/contracts/K-9002", data=contract_form(store, "K-9002", contract_number="2026/001")
+            ).status_code
+            == 303
+        )
         work()
         second = request_of("K-9002", admin)
         assert second["status"] == "rejected"
-        assert "2026/001 is already used by contract Adventure Works supply agreement (K-9001)" in second["transitions"][-1]["comment"]
+        assert (
+            "2026/001 is already used by contract Adventure Works supply agreement (K-9001)"
+            in second["transitions"][-1]["comment"]
+        )
         assert store.get("contract", "K-9002")["approval_status"] == "Rejected"
 
     with runtime.sessions() as session:
         jobs = session.scalars(select(ServiceStepJob).order_by(ServiceStepJob.id)).all()
-        assert [(j.kind, j.status) for j in jobs] == [("check", "done"), ("check", "done"), ("duplicate", "done"), ("duplicate", "done")]
+        assert [(j.kind, j.status) for j in jobs] == [
+            ("check", "done"),
+            ("check", "done"),
+            ("duplicate", "done"),
+            ("duplicate", "done"),
+        ]
 
 
 def _admin(runtime: Any) -> dict[str, str]:

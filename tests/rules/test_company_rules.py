@@ -79,7 +79,9 @@ def test_the_keys_compile_to_the_spec(tmp_path: Path) -> None:
     assert spec.fields["company.approval"].is_virtual and "@company.approval" not in spec.api_fields()
     rule = spec.rules[0]
     assert [(r.related, r.rule) for r in rule.requires] == [("company", "company-approval")]
-    assert rule.when(ctx({"company.approval": "approved"})) and not rule.when(ctx({"company.approval": "pending"}))
+    assert rule.when(ctx({"company.approval": "approved"})) and not rule.when(
+        ctx({"company.approval": "pending"})
+    )
     duplicate, check, lawyer = rule.steps
     assert isinstance(duplicate.service, DuplicateCheck) and duplicate.service.field == "number"
     assert isinstance(check.service, HttpCheck) and lawyer.service is None
@@ -92,7 +94,10 @@ def test_the_keys_compile_to_the_spec(tmp_path: Path) -> None:
 
 
 def test_the_shipped_seed_001_examples_load_together() -> None:
-    files = [ROOT / "mappings/examples/sandbox-company.yaml", ROOT / "mappings/examples/sandbox-contract.yaml"]
+    files = [
+        ROOT / "mappings/examples/sandbox-company.yaml",
+        ROOT / "mappings/examples/sandbox-contract.yaml",
+    ]
     loaded, errors = load_mappings_detailed(files)
     assert errors == [] and len(loaded) == 2
 
@@ -100,19 +105,41 @@ def test_the_shipped_seed_001_examples_load_together() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "line", "message", "hint"),
     [
-        ("{related: company, rule", "{related: compny, rule", 14, "unknown related record `compny`", "company"),
+        (
+            "{related: company, rule",
+            "{related: compny, rule",
+            14,
+            "unknown related record `compny`",
+            "company",
+        ),
         ("{is: approved}", "{is: aproved}", 12, "is an approval state", "approved"),
         ("field: number\n", "field: numbr\n", 19, "unknown field `numbr`", "number"),
         ("then: {back: lawyer,", "then: {back: lawyr,", 34, "no step named `lawyr`", "lawyer"),
         ("timeout: 5s", "timeout: 5 months", 27, "expected a duration such as 10s", "s, min, h or d"),
         ("url: ${VERIFY_URL}/check", "url: ftp://x", 24, "`url` must start with", "${SECURITY_CHECK_URL}"),
-        ('Authorization: "Bearer ${VERIFY_TOKEN}"', 'Authorization: "Bearer abc123"', 25,
-         "holds a literal secret", "keep secrets in the environment"),
+        (
+            'Authorization: "Bearer ${VERIFY_TOKEN}"',
+            'Authorization: "Bearer abc123"',
+            25,
+            "holds a literal secret",
+            "keep secrets in the environment",
+        ),
         ("then: continue", "then: proceed", 32, "unknown route 'proceed'", "then: continue"),
-        ("        kind: duplicate\n", "        kind: duplicat\n", 17, "'duplicat' is not allowed", "duplicate"),
+        (
+            "        kind: duplicate\n",
+            "        kind: duplicat\n",
+            17,
+            "'duplicat' is not allowed",
+            "duplicate",
+        ),
         ("        mode: one\n", "", 37, "missing required key `mode`", "mode: one"),
-        ("          message: \"{{ duplicate.value }}", "          message: \"{{ duplicate.valu }}", 20,
-         "`duplicate` has no attribute `valu`", "value"),
+        (
+            '          message: "{{ duplicate.value }}',
+            '          message: "{{ duplicate.valu }}',
+            20,
+            "`duplicate` has no attribute `valu`",
+            "value",
+        ),
     ],
 )
 def test_mistakes_name_the_line_with_a_hint(
@@ -132,7 +159,9 @@ def test_a_check_step_without_check_settings_and_a_people_step_with_them(tmp_pat
 
 def test_requires_names_a_rule_some_mapping_file_has(tmp_path: Path) -> None:
     contract = write(tmp_path, "contract.yaml", CONTRACT)
-    company = write(tmp_path, "company.yaml", COMPANY.replace("name: company-approval", "name: company-check"))
+    company = write(
+        tmp_path, "company.yaml", COMPANY.replace("name: company-approval", "name: company-check")
+    )
     _loaded, errors = load_mappings_detailed([contract, company])
     [error] = errors
     assert (error.line, error.key) == (14, "rules[0].requires[0].rule")

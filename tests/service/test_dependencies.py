@@ -100,12 +100,21 @@ class World:
     def event(self, object_type: str, record_id: str) -> RecordChangeEvent:
         key = uuid.uuid4().hex
         return RecordChangeEvent(
-            source="sandbox", connection="sandbox", object_type=object_type, record_id=record_id,
-            event_id=key, occurred_at=datetime.now(UTC), dedupe_key=key, changed_fields=("name",),
-            values=None, values_signed=False,
+            source="sandbox",
+            connection="sandbox",
+            object_type=object_type,
+            record_id=record_id,
+            event_id=key,
+            occurred_at=datetime.now(UTC),
+            dedupe_key=key,
+            changed_fields=("name",),
+            values=None,
+            values_signed=False,
         )
 
-    def change(self, object_type: str, record_id: str, hold: float = 0.0, ready: threading.Event | None = None) -> str:
+    def change(
+        self, object_type: str, record_id: str, hold: float = 0.0, ready: threading.Event | None = None
+    ) -> str:
         event = self.event(object_type, record_id)
         prepared = self.pipeline.prepare(event)
         with transaction(self.runtime.sessions) as session:
@@ -120,13 +129,20 @@ class World:
             return store.find_latest(session, RecordKey("sandbox", object_type, record_id), rule)
 
     def vote(self, request_id: str, user: str, decision: str = "approve", comment: str = "ok") -> Any:
-        return self.approvals.vote(self.runtime.sessions, request_id, user=user, decision=decision, comment=comment)
+        return self.approvals.vote(
+            self.runtime.sessions, request_id, user=user, decision=decision, comment=comment
+        )
 
     def count(self, rule: str) -> int:
         with self.runtime.sessions() as session:
-            return session.scalar(
-                select(func.count()).select_from(ApprovalRequestRow).where(ApprovalRequestRow.rule_name == rule)
-            ) or 0
+            return (
+                session.scalar(
+                    select(func.count())
+                    .select_from(ApprovalRequestRow)
+                    .where(ApprovalRequestRow.rule_name == rule)
+                )
+                or 0
+            )
 
 
 @pytest.fixture
@@ -169,7 +185,9 @@ def test_approving_the_company_releases_every_waiting_contract(world: World) -> 
     assert world.vote(contract.id, "u-lawyer").request.status == "approved"
 
 
-def test_a_rejected_company_rejects_waiting_contracts_with_its_reason_and_is_marked_non_valid(world: World) -> None:
+def test_a_rejected_company_rejects_waiting_contracts_with_its_reason_and_is_marked_non_valid(
+    world: World,
+) -> None:
     world.change("contract", "K-1")
     company = world.latest("company", "C-1", "company-approval").request
     world.vote(company.id, "u-cfo", "reject", "on a sanctions list")
@@ -179,7 +197,9 @@ def test_a_rejected_company_rejects_waiting_contracts_with_its_reason_and_is_mar
         "company-approval of company C-1 was rejected: on a sanctions list"
     )
     with world.runtime.sessions() as session:
-        writes = {(o.record_id, o.fields.get("approval_status")) for o in session.scalars(select(OutboxUpdate))}
+        writes = {
+            (o.record_id, o.fields.get("approval_status")) for o in session.scalars(select(OutboxUpdate))
+        }
     assert ("C-1", "Non-valid company") in writes and ("K-1", "Rejected") in writes
     # a later contract of that company cannot proceed either, and opens no new company approval
     world.change("contract", "K-2")

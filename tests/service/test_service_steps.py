@@ -71,12 +71,20 @@ rules:
 
 
 @pytest.fixture
-def world(tmp_path: Path, settings_factory: Any, runtime_factory: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+def world(
+    tmp_path: Path, settings_factory: Any, runtime_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> Any:
     return make_world(tmp_path, settings_factory, runtime_factory, monkeypatch, "sync")
 
 
-def make_world(tmp_path: Path, settings_factory: Any, runtime_factory: Any, monkeypatch: Any, answer: str,
-               variables: dict[str, str] | None = None) -> Any:
+def make_world(
+    tmp_path: Path,
+    settings_factory: Any,
+    runtime_factory: Any,
+    monkeypatch: Any,
+    answer: str,
+    variables: dict[str, str] | None = None,
+) -> Any:
     if variables is None:
         variables = {"VERIFY_TOKEN": "tok-123", "VERIFY_CALLBACK_SECRET": "cb-secret"}
     mappings = tmp_path / "mappings"
@@ -93,7 +101,9 @@ def submit(runtime: Any) -> str:
     [spec] = runtime.mappings.for_object("sandbox", "company")
     values = {"name": "Acme", "tax_id": "PL123", "owner_id": "u-rep"}
     with transaction(runtime.sessions) as session:
-        stored = runtime.approvals.open_for(session, COMPANY, spec, spec.rules[0], build_context(spec, values, None, set(values)))
+        stored = runtime.approvals.open_for(
+            session, COMPANY, spec, spec.rules[0], build_context(spec, values, None, set(values))
+        )
     return stored.request.id  # type: ignore[no-any-return]
 
 
@@ -115,7 +125,13 @@ def make_due(runtime: Any) -> None:
 def test_opening_a_check_step_queues_one_job_in_the_same_transaction(world: Any) -> None:
     request_id = submit(world)
     [job] = jobs(world)
-    assert (job.request_id, job.step_index, job.round, job.kind, job.status) == (request_id, 0, 1, "check", "due")
+    assert (job.request_id, job.step_index, job.round, job.kind, job.status) == (
+        request_id,
+        0,
+        1,
+        "check",
+        "due",
+    )
     assert load(world, request_id).current_step == 0
 
 
@@ -211,7 +227,10 @@ def test_backoff_honours_retry_after_and_caps() -> None:
 
 
 def test_a_missing_secret_names_the_variable_and_never_calls(
-    tmp_path: Path, settings_factory: Any, runtime_factory: Any, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    settings_factory: Any,
+    runtime_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     world = make_world(tmp_path, settings_factory, runtime_factory, monkeypatch, "sync", variables={})
@@ -225,15 +244,22 @@ def test_a_missing_secret_names_the_variable_and_never_calls(
 
 
 @responses.activate
-def test_callback_answer_is_verified_and_applied(tmp_path: Path, settings_factory: Any, runtime_factory: Any,
-                                                 app_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_callback_answer_is_verified_and_applied(
+    tmp_path: Path,
+    settings_factory: Any,
+    runtime_factory: Any,
+    app_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     runtime = make_world(tmp_path, settings_factory, runtime_factory, monkeypatch, "callback")
     responses.post(VERIFY, status=202, json={"queued": True})
     request_id = submit(runtime)
     service_steps.run_due(runtime)
     [job] = jobs(runtime)
     assert job.status == "awaiting" and job.deadline_at is not None
-    assert responses.calls[0].request.headers["X-Callback-Url"].endswith(f"/webhooks/checks/{job.callback_id}")
+    assert (
+        responses.calls[0].request.headers["X-Callback-Url"].endswith(f"/webhooks/checks/{job.callback_id}")
+    )
     client = app_factory(runtime).test_client()
     body = json.dumps({"verdict": "clear"}).encode()
     now = int(time.time())
@@ -255,8 +281,9 @@ def test_callback_answer_is_verified_and_applied(tmp_path: Path, settings_factor
 
 
 @responses.activate
-def test_a_silent_callback_takes_on_failure_after_the_wait(tmp_path: Path, settings_factory: Any,
-                                                           runtime_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_silent_callback_takes_on_failure_after_the_wait(
+    tmp_path: Path, settings_factory: Any, runtime_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runtime = make_world(tmp_path, settings_factory, runtime_factory, monkeypatch, "callback")
     responses.post(VERIFY, status=202)
     request_id = submit(runtime)
