@@ -452,6 +452,7 @@ def index() -> ResponseReturnValue:
         "index.html",
         deals=state.store.records("deal"),
         companies=state.store.records("company"),
+        contracts=state.store.records("contract"),
         users={u["id"]: u for u in state.store.records("user")},
         write_backs=write_backs,
         last_write_back=max(write_backs.values(), default=None),
@@ -542,7 +543,8 @@ def _when(value: str | None) -> str:
 
 def _status_class(status: str | None) -> str:
     text = (status or "").lower()
-    for word, css in (("approv", "ok"), ("reject", "bad"), ("expire", "bad"), ("pend", "wait")):
+    checks = (("non-valid", "bad"), ("approv", "ok"), ("reject", "bad"), ("expire", "bad"), ("pend", "wait"))
+    for word, css in checks:
         if word in text:
             return css
     return "none"

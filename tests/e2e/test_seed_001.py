@@ -179,6 +179,13 @@ def test_seed_001_company_dependency_security_check_and_duplicate(
             in second["transitions"][-1]["comment"]
         )
         assert store.get("contract", "K-9002")["approval_status"] == "Rejected"
+        # the sandbox page lists contracts with their approval
+        page = sandbox.get("/").get_data(as_text=True)
+        contracts = page[page.index('id="contracts"') :]
+        assert re.search(r'K-9001</a>.*?class="badge ok">Approved<', contracts, re.S)
+        assert re.search(
+            r'K-9002</a>.*?class="badge bad">Rejected<.*?already used by contract', contracts, re.S
+        )
 
     with runtime.sessions() as session:
         jobs = session.scalars(select(ServiceStepJob).order_by(ServiceStepJob.id)).all()
