@@ -17,6 +17,7 @@ import responses
 from sqlalchemy import select, update
 
 from connector.clock import utcnow
+from connector.notify.models import Notification
 from connector.rules import MappingSet
 from connector.service import service_steps
 from connector.service.pipeline import build_context
@@ -161,6 +162,9 @@ def test_more_documents_sends_back_with_the_message_and_reruns_the_check(world: 
     sent_back = [t for t in request.transitions if t.kind == "sent_back"]
     assert sent_back[0].comment == "More documents: registry extract"
     assert (request.current_step, request.steps[-1].round) == (0, 2)
+    with world.sessions() as session:  # the submitter is told, with the message
+        [told] = session.scalars(select(Notification).where(Notification.event == "sent_back")).all()
+    assert (told.user_id, told.context["comment"]) == ("u-rep", "More documents: registry extract")
     service_steps.run_due(world)  # the re-opened round has its own job
     assert load(world, request_id).current_step == 1
     assert [(j.round, j.status) for j in jobs(world)] == [(1, "done"), (2, "done")]
