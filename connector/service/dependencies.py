@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from connector.approvals.lifecycle import ApprovalRequest, Outcome, fail_waiting, resume
 from connector.approvals.spec import EvalContext, MappingSpec, RelatedSpec, Requirement, RuleSpec
 from connector.crm.base import CRMAdapter
-from connector.errors import FatalError
+from connector.errors import CrmApprovalsError, FatalError
 from connector.rules import MappingSet
 from connector.rules.company_rules import approval_field
 from connector.storage import approval_store as store
@@ -216,7 +216,36 @@ class Gate:
             select(RequestDependency.request_id).where(RequestDependency.depends_on == request.id)
         )
         for waiting_id in list(waiting_ids):
-            self._release_one(session, waiting_id, request, stored.record)
+            self._release_safely(session, waiting_id, request, stored.record)
+
+    def _release_safely(
+        self, session: Session, waiting_id: str, decided: ApprovalRequest, where: RecordKey
+    ) -> None:
+        """A dependent that cannot start (nobody to approve its first step, a broken template, its
+        rule gone) must not undo the decision that released it: it is rejected saying why, or,
+        if even that fails, left waiting and logged (admins see it under status `waiting`)."""
+        try:
+            with session.begin_nested():
+                self._release_one(session, waiting_id, decided, where)
+            return
+        except CrmApprovalsError as exc:
+            problem = exc
+        log.warning("request %s could not be released by %s: %s", waiting_id, decided.id, problem)
+        try:
+            with session.begin_nested():
+                self._reject(session, waiting_id, f"could not start after {decided.rule_name}: {problem}")
+        except CrmApprovalsError:
+            log.exception("request %s stays waiting: it could not be rejected either", waiting_id)
+
+    def _reject(self, session: Session, waiting_id: str, reason: str) -> None:
+        assert self.service is not None
+        waiting = store.load(session, waiting_id)
+        if waiting is None:
+            return
+        their_spec, their_rule = self.service.rule_of(waiting)
+        outcome = fail_waiting(waiting.request, reason=reason, now=self.service.clock())
+        if outcome is not None:
+            self.service.save_outcome(session, waiting, their_spec, their_rule, outcome)
 
     def _release_one(
         self, session: Session, waiting_id: str, decided: ApprovalRequest, where: RecordKey

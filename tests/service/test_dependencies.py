@@ -84,11 +84,11 @@ RECORDS = {
 
 
 class World:
-    def __init__(self, runtime: Any, tmp_path: Path) -> None:
+    def __init__(self, runtime: Any, tmp_path: Path, contract_yaml: str = CONTRACT_YAML) -> None:
         mappings = tmp_path / "mappings"
         mappings.mkdir(exist_ok=True)
         (mappings / "company.yaml").write_text(COMPANY_YAML)
-        (mappings / "contract.yaml").write_text(CONTRACT_YAML)
+        (mappings / "contract.yaml").write_text(contract_yaml)
         loaded = MappingSet.load(mappings)
         assert not loaded.errors, loaded.errors
         self.runtime = runtime
@@ -285,3 +285,26 @@ def test_concurrent_contracts_open_the_company_approval_once_on_postgresql(
     concurrent_openers(World(runtime_factory(settings_factory(database_url=pg_url)), tmp_path))
     # PostgreSQL let both transactions run: the second insert met the unique active key
     assert "was opened concurrently" in caplog.text
+
+
+def test_a_contract_that_cannot_start_is_rejected_saying_why_and_the_company_vote_stands(
+    tmp_path: Path, settings_factory: Callable[..., Any], runtime_factory: Callable[..., Any]
+) -> None:
+    # the contract's first step applies only for approved companies, and its approver is empty
+    broken = CONTRACT_YAML.replace(
+        "  owner: {api: owner_id, type: user}\n",
+        "  owner: {api: owner_id, type: user}\n  manager: {api: manager_id, type: user}\n",
+    ).replace(
+        "      - name: lawyer\n        mode: one\n        approvers: [{role: lawyer}]",
+        "      - name: lawyer\n        when: {company.approval: {is: approved}}\n        mode: one\n"
+        "        approvers: [{field: manager}]",
+    )
+    assert broken.count("manager") == 3
+    world = World(runtime_factory(settings_factory()), tmp_path, contract_yaml=broken)
+    world.change("contract", "K-1")
+    company = world.latest("company", "C-1", "company-approval").request
+    assert world.vote(company.id, "u-cfo").request.status == "approved"
+    contract = world.latest("contract", "K-1", "contract-approval").request
+    assert contract.status == "rejected"
+    assert "could not start after company-approval" in (contract.transitions[-1].comment or "")
+    assert "resolved to nobody" in (contract.transitions[-1].comment or "")
