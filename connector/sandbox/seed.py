@@ -41,7 +41,7 @@ COMPANIES: list[dict[str, Any]] = [
         "name": "Adventure Works Sp. z o.o.",
         "credit_score": 73,
         "tax_id": "PL5260250274",
-        "owner_id": "u-rep-anna",
+        "owner_id": "u-rep-felix",
     },
 ]
 # Seed 001: contracts of a company that has no approval yet (the first one waits for it).
@@ -53,7 +53,7 @@ CONTRACTS: list[dict[str, Any]] = [
         "contract_type": "Supply",
         "amount": 120000,
         "company_id": "C-500",
-        "owner_id": "u-rep-anna",
+        "owner_id": "u-rep-felix",
         "product_lines": ["Hardware", "Support"],
     },
 ]

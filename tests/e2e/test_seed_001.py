@@ -161,7 +161,7 @@ def test_seed_001_company_dependency_security_check_and_duplicate(
                 "id": "K-9002",
                 "name": "Second supply agreement",
                 "company_id": "C-500",
-                "owner_id": "u-rep-anna",
+                "owner_id": "u-rep-felix",
                 "product_lines": ["Hardware"],
             },
         )
