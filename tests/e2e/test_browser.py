@@ -132,7 +132,7 @@ def make_stack(
     settings_factory: Callable[..., Any],
     runtime_factory: Callable[[Any], Runtime],
     app_factory: Callable[[Runtime], Any],
-    smtp: tuple[Inbox, int],
+    mail: tuple[Inbox, int],
     example_files: tuple[str, ...],
 ) -> Iterator[Stack]:
     """Our server, the sandbox and a worker thread on real ports, serving these example files."""
@@ -152,7 +152,7 @@ def make_stack(
         public_base_url=f"http://127.0.0.1:{ours_port}",
         sandbox_url=f"http://127.0.0.1:{sandbox_port}",
         secret_key=SECRET,
-        notify=notify_settings(smtp[1]),
+        notify=notify_settings(mail[1]),
         # what a check step's ${SANDBOX_URL} and ${SANDBOX_API_TOKEN} read, as from .env
         variables={"SANDBOX_URL": f"http://127.0.0.1:{sandbox_port}", "SANDBOX_API_TOKEN": token},
     )
@@ -190,7 +190,7 @@ def make_stack(
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     driver.implicitly_wait(5)
     try:
-        yield Stack(runtime, settings.public_base_url, settings.sandbox_url, driver, smtp[0])
+        yield Stack(runtime, settings.public_base_url, settings.sandbox_url, driver, mail[0])
     finally:
         driver.quit()
         stop.set()
