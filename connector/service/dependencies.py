@@ -34,6 +34,7 @@ from connector.rules.company_rules import approval_field
 from connector.storage import approval_store as store
 from connector.storage.approval_store import RecordKey, StoredRequest
 from connector.storage.company_models import RequestDependency
+from connector.storage.models import ApprovalRequestRow
 
 if TYPE_CHECKING:
     from connector.service.approval_service import ApprovalService
@@ -106,8 +107,6 @@ def latest_for(
 
 
 def _rule_names_of(session: Session, record: RecordKey) -> tuple[str, ...]:
-    from connector.storage.models import ApprovalRequestRow
-
     rows = session.scalars(
         select(ApprovalRequestRow.rule_name)
         .where(ApprovalRequestRow.connection == record.connection)
@@ -323,8 +322,6 @@ class Gate:
 
 
 def _status(session: Session, request_id: str) -> str | None:
-    from connector.storage.models import ApprovalRequestRow
-
     return session.scalar(select(ApprovalRequestRow.status).where(ApprovalRequestRow.id == request_id))
 
 
