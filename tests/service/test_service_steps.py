@@ -85,13 +85,14 @@ def make_world(
     monkeypatch: Any,
     answer: str,
     variables: dict[str, str] | None = None,
+    **overrides: Any,
 ) -> Any:
     if variables is None:
         variables = {"VERIFY_TOKEN": "tok-123", "VERIFY_CALLBACK_SECRET": "cb-secret"}
     mappings = tmp_path / "mappings"
     mappings.mkdir()
     (mappings / "company.yaml").write_text(MAPPING.replace("ANSWER", answer))
-    runtime = runtime_factory(settings_factory(mappings_dir=str(mappings), variables=variables))
+    runtime = runtime_factory(settings_factory(mappings_dir=str(mappings), variables=variables, **overrides))
     loaded = MappingSet.load(mappings)
     assert not loaded.errors, loaded.errors
     attach_pipeline(runtime, loaded)

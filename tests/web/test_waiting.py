@@ -37,6 +37,7 @@ def test_a_waiting_contract_shows_what_it_waits_for_and_then_its_release(world: 
     page = text(signed_in(world, "u-rep").get(f"/app/requests/{contract.id}"))
     assert "Waiting for a related approval" in page
     assert f"waiting for company-approval of company C-1 (request {company.id})" in page
+    assert "The chain starts when the related approval it waits for is granted" in page
     mine = text(signed_in(world, "u-rep").get("/app/mine"))
     assert "Waiting for a related approval" in mine, mine
     admin = signed_in(world, ADMIN)
@@ -48,3 +49,27 @@ def test_a_waiting_contract_shows_what_it_waits_for_and_then_its_release(world: 
     assert "Resumed: the related approval was granted" in page
     assert f"company-approval of company C-1 approved (request {company.id})" in page
     assert "lawyer" in page
+
+
+def test_an_open_service_step_says_the_service_decides_it(
+    tmp_path: Path,
+    settings_factory: Callable[..., Settings],
+    runtime_factory: Callable[[Settings], Runtime],
+    app_factory: Callable[[Runtime], Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.service.test_service_steps import make_world, submit
+
+    runtime = make_world(
+        tmp_path,
+        settings_factory,
+        runtime_factory,
+        monkeypatch,
+        "sync",
+        secret_key=SECRET,
+        admin_users=(ADMIN,),
+    )
+    request_id = submit(runtime)  # the check step is open; no worker has run it yet
+    world = SimpleNamespace(runtime=runtime, app=app_factory(runtime))
+    page = text(signed_in(world, ADMIN).get(f"/app/requests/{request_id}"))
+    assert "decided by the service (an automatic check)" in page
