@@ -41,7 +41,7 @@ from connector.approvals.spec import (
 )
 from connector.clock import utcnow
 from connector.config import ConfigError
-from connector.errors import FatalError
+from connector.errors import CrmApprovalsError, FatalError
 from connector.storage.approval_store import StoredRequest
 from connector.storage.company_models import JOB_AWAITING, JOB_DONE, JOB_DUE, ServiceStepJob
 from connector.storage.db import transaction
@@ -121,8 +121,9 @@ def run_due(runtime: Runtime, limit: int = 20) -> dict[str, int]:
         try:
             _run_one(runtime, approvals, job_id)
             done += 1
-        except Exception:  # one broken job must not stop the others; its lease lapses, it runs again
+        except Exception as exc:  # one broken job must not stop the others; its lease lapses, it runs again
             log.exception("service step job %s failed", job_id)
+            _note_error(runtime.sessions, job_id, exc)
     return {"ran": done}
 
 
@@ -273,6 +274,18 @@ def apply_verdict(
 def _is_open(request: ApprovalRequest, index: int, round_: int) -> bool:
     row = current_step_state(request)
     return request.status == "pending" and row is not None and row.index == index and row.round == round_
+
+
+def _note_error(sessions: sessionmaker[Session], job_id: int, exc: Exception) -> None:
+    """Keep why the job is stuck on its row (e.g. a variable not set), for people to read."""
+    text = f"{type(exc).__name__}: {exc}" if isinstance(exc, CrmApprovalsError) else type(exc).__name__
+    try:
+        with transaction(sessions) as session:
+            session.execute(
+                update(ServiceStepJob).where(ServiceStepJob.id == job_id).values(last_error=text[:2000])
+            )
+    except Exception:  # the database itself is down: the log line above is what remains
+        log.exception("could not record the error of service step job %s", job_id)
 
 
 def _finish(sessions: sessionmaker[Session], job_id: int, note: str) -> None:

@@ -246,6 +246,7 @@ def test_a_missing_secret_names_the_variable_and_never_calls(
     [job] = jobs(world)
     assert job.status == "due" and job.lease_until is not None  # left for the sweep after its lease
     assert "environment variable VERIFY_TOKEN is not set" in caplog.text
+    assert "ConfigError: environment variable VERIFY_TOKEN is not set" in (job.last_error or "")
 
 
 @responses.activate
