@@ -4,7 +4,8 @@
 The body is a JSON object; `X-Check-Timestamp` (Unix seconds) and `X-Check-Signature`
 (`sha256=` + hex HMAC-SHA256 over `<timestamp>.<body>` with the secret in the step's
 `callback_secret_env`) are verified in constant time within the timestamp window, with the
-same helpers as every webhook intake. The callback id is unguessable and single-use.
+same helpers as every webhook intake. The callback id is unguessable; the first verified answer
+decides, and a verified redelivery of an answered check gets 200 and changes nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def check_answer(callback_id: str) -> ResponseReturnValue:
             f"{SIGNATURE_HEADER} does not match the body",
             "sign `<timestamp>.<body>` with HMAC-SHA256 and the shared secret; send sha256=<hex>",
         )
+    if pending.done:  # the service sent it again (it missed our answer): nothing changes
+        return jsonify(accepted=False, outcome="this check was answered already; nothing changed"), 200
     try:
         answer = json.loads(body)
     except ValueError as exc:

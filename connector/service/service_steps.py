@@ -494,22 +494,25 @@ class PendingCallback:
     round: int
     secret_env: str
     step: HttpCheck
+    done: bool = False  # answered (or timed out) already: a verified redelivery changes nothing
 
 
 def pending_callback(runtime: Runtime, callback_id: str) -> PendingCallback:
-    """The job awaiting this callback; CallbackRefused when there is none (or it is finished)."""
+    """The job this callback answers; CallbackRefused when there is none."""
     approvals = runtime.approvals
     if approvals is None:
         raise CallbackRefused("this server does not run approvals")
     with runtime.sessions() as session:
         job = session.scalar(select(ServiceStepJob).where(ServiceStepJob.callback_id == callback_id))
-        if job is None or job.status == JOB_DONE:
-            raise CallbackRefused("no check is waiting for this answer (unknown, answered or timed out)")
+        if job is None:
+            raise CallbackRefused("no check has this callback id")
         stored, _spec, rule = approvals._load(session, job.request_id)
     step = rule.steps[job.step_index].service if job.step_index < len(rule.steps) else None
     if not isinstance(step, HttpCheck) or step.answer != "callback" or step.callback_secret_env is None:
         raise CallbackRefused("this check does not take answers by callback")
-    return PendingCallback(job.id, job.request_id, job.step_index, job.round, step.callback_secret_env, step)
+    return PendingCallback(
+        job.id, job.request_id, job.step_index, job.round, step.callback_secret_env, step, job.status == JOB_DONE
+    )
 
 
 def accept_callback(runtime: Runtime, pending: PendingCallback, answer: Mapping[str, Any]) -> str:

@@ -282,7 +282,11 @@ def test_callback_answer_is_verified_and_applied(
     answer = post(sign_callback("cb-secret", now, body))
     assert answer.status_code == 202, answer.get_json()
     assert load(runtime, request_id).current_step == 1
-    assert post(sign_callback("cb-secret", now, body)).status_code == 404  # single use
+    reject = b'{"verdict": "reject"}'
+    again = post(sign_callback("cb-secret", now, reject), data=reject)  # a redelivery decides nothing
+    assert (again.status_code, again.get_json().get("accepted")) == (200, False), again.get_json()
+    assert load(runtime, request_id).status == "pending"
+    assert post(sign_callback("wrong", now, body)).status_code == 401  # still verified first
     assert client.post("/webhooks/checks/nope", data=body).status_code == 404
 
 
