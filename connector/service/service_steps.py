@@ -511,7 +511,13 @@ def pending_callback(runtime: Runtime, callback_id: str) -> PendingCallback:
     if not isinstance(step, HttpCheck) or step.answer != "callback" or step.callback_secret_env is None:
         raise CallbackRefused("this check does not take answers by callback")
     return PendingCallback(
-        job.id, job.request_id, job.step_index, job.round, step.callback_secret_env, step, job.status == JOB_DONE
+        job.id,
+        job.request_id,
+        job.step_index,
+        job.round,
+        step.callback_secret_env,
+        step,
+        job.status == JOB_DONE,
     )
 
 
