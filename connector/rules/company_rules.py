@@ -11,7 +11,6 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from connector.approvals.spec import (
-    APPROVAL_STATES,
     VIRTUAL_PREFIX,
     DuplicateCheck,
     FieldSpec,
@@ -236,9 +235,6 @@ def _duration(builder: _SpecBuilder, text: str, path: KeyPath) -> timedelta | No
         )
         return None
     return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
-
-
-STATES_HINT = f"an approval state is one of {one_of(APPROVAL_STATES)}"
 
 
 def check_requirements(loaded: Sequence[LoadedMapping]) -> list[MappingError]:
