@@ -182,6 +182,9 @@ class Settings:
     oidc_client_secret: str = field(default="", repr=False)
     sign_in_link_minutes: int = 15
     decision_link_hours: int = 72
+    # issue 12: every variable (environment over .env), for `${NAME}` in check steps' URLs,
+    # headers and callback secrets: their secrets stay out of the mapping files
+    variables: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def connection(self, name: str) -> ConnectionConfig:
         try:
@@ -233,6 +236,7 @@ class Settings:
             oidc_client_secret=env.get("OIDC_CLIENT_SECRET") or "",
             sign_in_link_minutes=_int(env, "SIGN_IN_LINK_MINUTES", 15),
             decision_link_hours=_int(env, "DECISION_LINK_HOURS", 72),
+            variables=dict(env),
         )
 
 

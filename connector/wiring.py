@@ -12,6 +12,7 @@ from connector.notify.sender import send_now
 from connector.notify.sender import sweep as people_sweep
 from connector.rules import MappingSet
 from connector.runtime import Runtime, SweepJob
+from connector.service import service_steps
 from connector.service.approval_service import ApprovalService
 from connector.service.delegation import sweep as delegation_sweep
 from connector.service.drift import DriftRepairJob
@@ -55,8 +56,12 @@ def attach_pipeline(runtime: Runtime, mappings: MappingSet) -> Pipeline:
         SweepJob("zoho_channels", renew_due_channels),
         SweepJob("people", people_sweep),  # directory refresh, expiry warnings, notifications
         SweepJob("delegations", delegation_sweep),  # open steps of people away go to their deputies
+        SweepJob("service_steps", service_steps.run_due),  # issue 12: checks retried, callbacks timed out
     ]
-    runtime.flush_jobs = [SweepJob("notifications", send_now)]  # queued notifications go out promptly
+    runtime.flush_jobs = [
+        SweepJob("notifications", send_now),  # queued notifications go out promptly
+        SweepJob("service_steps", service_steps.run_due),  # checks and duplicate checks just opened
+    ]
     # "A step opens for you" messages carry one-click Approve / Reject links to the web app.
     runtime.link_providers = [decision_link_provider(runtime.settings)]
     return pipeline

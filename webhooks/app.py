@@ -20,7 +20,7 @@ from connector.service.pipeline import refresh_mappings
 from connector.web import app as web_app
 from connector.wiring import build_runtime
 from connector.worker import Tasks, make_huey
-from webhooks import api, dead_letters_api, delegations_api, ops
+from webhooks import api, checks, dead_letters_api, delegations_api, ops
 from webhooks.errors import WebhookError, refusal
 from webhooks.intake import Intake, intake_module, log_rejection, report_unconfigured_secrets
 
@@ -48,6 +48,7 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
         web_app.blueprint,
     ):
         app.register_blueprint(blueprint)
+    app.register_blueprint(checks.blueprint)  # issue 12: signed answers of external checks
     report_unconfigured_secrets(runtime.settings)
     _register_error_handlers(app)
 

@@ -108,10 +108,11 @@ from connector.approvals.errors import (
 )
 from connector.approvals.modes import DECISIONS, Decision, Tally, policy_for
 from connector.approvals.routing import route
-from connector.approvals.spec import ActionEvent, EvalContext, RuleSpec, StepMode, StepSpec
+from connector.approvals.spec import ActionEvent, EvalContext, Route, RuleSpec, StepMode, StepSpec
 
-RequestStatus = Literal["submitted", "pending", "approved", "rejected", "recalled", "expired"]
-ACTIVE_STATUSES: frozenset[RequestStatus] = frozenset({"submitted", "pending"})
+RequestStatus = Literal["submitted", "waiting", "pending", "approved", "rejected", "recalled", "expired"]
+# waiting (issue 12): held until an approval of a related record it `requires` is decided
+ACTIVE_STATUSES: frozenset[RequestStatus] = frozenset({"submitted", "waiting", "pending"})
 # pending: open for votes; cancelled: closed without a decision (recall, restart).
 StepStatus = Literal["pending", "approved", "rejected", "skipped", "cancelled"]
 TransitionKind = Literal[
@@ -136,6 +137,8 @@ TransitionKind = Literal[
     "reminded",  # the open step's waiting approvers were reminded
     "escalated",  # approvers were added to (or replaced on) the open step
     "timed_out",  # the open step's time-out acted; its action's transitions follow
+    "waiting",  # held for a related record's approval; comment names it
+    "resumed",  # the related approval was granted; the chain starts
 ]
 # Kinds that record something about the request without changing its status (see `flag`).
 FLAG_KINDS: frozenset[TransitionKind] = frozenset({"crm_vote_refused", "lock_reverted", "lock_flagged"})
@@ -312,9 +315,14 @@ def plan_chain(
     Raises ``ChainError`` for the first applicable step that can't be assigned; useful
     for previews (``crm-approvals explain``) and used to validate a chain up front.
     """
-    return [
-        (step, assign_step(step, ctx.values, roles) if _applies(step, ctx) else None) for step in rule.steps
-    ]
+    return [(step, _assign(step, ctx.values, roles) if _applies(step, ctx) else None) for step in rule.steps]
+
+
+def _assign(step: StepSpec, values: Mapping[str, Any], roles: Roles) -> StepAssignment:
+    """People steps resolve their approvers; a service step has none (the service decides it)."""
+    if step.is_automatic:
+        return StepAssignment(approvers=(), required=0)
+    return assign_step(step, values, roles)
 
 
 # --- operations ----------------------------------------------------------------
@@ -330,11 +338,14 @@ def open_request(
     now: datetime,
     request_id: str | None = None,
     carried: Mapping[int, str] | None = None,
+    hold: str | None = None,
 ) -> Outcome:
     """Submit a record to ``rule`` (the caller has already matched ``rule.when``).
 
     ``carried`` (step index -> why; ``connector.approvals.reapproval``) names steps that keep
     an earlier approval: they are recorded approved (``carried_over``) instead of opening.
+    ``hold`` (issue 12) keeps the request ``waiting`` instead of opening a step: the text says
+    what it waits for; ``resume`` or ``fail_waiting`` move it on.
 
     The whole chain is validated first (``ChainError`` if an applicable step has nobody to
     approve it), then the first applicable step opens. Fires ``submit`` (and ``approve``
@@ -359,6 +370,9 @@ def open_request(
     txn = _Txn(request, now)
     txn.transition("submitted", "submitted", step_index=None, actor=submitter)
     txn.fire("submit", submitter, None)
+    if hold is not None:
+        txn.transition("waiting", "waiting", step_index=None, actor=None, comment=hold)
+        return txn.outcome()
     _advance(txn, rule, roles, ctx, start=0, actor=None, carried=carried)
     return txn.outcome()
 
@@ -510,6 +524,11 @@ def on_record_change(
         return None
     ctx = _merged_ctx(request, ctx)
     plan_chain(rule, roles, ctx)
+    if request.status == "waiting":  # still held: take the new values, start when released
+        txn = _Txn(copy.deepcopy(request), now)
+        _replace_snapshot(txn.request, ctx)
+        txn.transition("restarted", "waiting", step_index=None, actor=None, comment=_changed_note(changed))
+        return txn.outcome()
     txn = _Txn(copy.deepcopy(request), now)
     _cancel_open_step(txn)
     _replace_snapshot(txn.request, ctx)
@@ -690,7 +709,7 @@ def _carry_step(txn: _Txn, step: StepSpec, index: int, assignment: StepAssignmen
 
 def _open_step(txn: _Txn, rule: RuleSpec, index: int, roles: Roles) -> None:
     step = rule.steps[index]
-    assignment = assign_step(step, txn.request.record, roles)
+    assignment = _assign(step, txn.request.record, roles)
     _check_self_approval(rule, step, assignment, txn.request.submitter)
     row = _new_row(txn, step, index, "pending", assignment)
     handed, kept = _hand_to_deputies(row, rule, roles, txn.request.submitter)
@@ -993,3 +1012,81 @@ def _replace_snapshot(request: ApprovalRequest, ctx: EvalContext) -> None:
 
 def _changed_note(changed: frozenset[str]) -> str:
     return "changed: " + ", ".join(sorted(changed))
+
+
+# --- issue 12: waiting for a related approval, and steps the service decides ------------------
+
+
+def resume(
+    request: ApprovalRequest,
+    rule: RuleSpec,
+    roles: Roles,
+    *,
+    now: datetime,
+    comment: str | None = None,
+    values: Mapping[str, Any] | None = None,
+    today: date | None = None,
+) -> Outcome | None:
+    """A ``waiting`` request's dependency was approved: start its chain (None if not waiting).
+
+    ``values`` update the snapshot first (e.g. ``company.approval: approved``), so step
+    criteria see the dependency as it now is."""
+    if request.status != "waiting":
+        return None
+    _check_rule_name(request, rule)
+    txn = _Txn(copy.deepcopy(request), now)
+    if values:
+        txn.request.record = {**txn.request.record, **values}
+    ctx = _snapshot_ctx(txn.request, now, today)
+    plan_chain(rule, roles, ctx)
+    txn.transition("resumed", "submitted", step_index=None, actor=None, comment=comment)
+    _advance(txn, rule, roles, ctx, start=0, actor=None)
+    return txn.outcome()
+
+
+def fail_waiting(request: ApprovalRequest, *, reason: str, now: datetime) -> Outcome | None:
+    """A ``waiting`` request's dependency was rejected or lapsed: reject it with that reason."""
+    if request.status != "waiting":
+        return None
+    txn = _Txn(copy.deepcopy(request), now)
+    txn.close("rejected", "rejected", actor=None, comment=reason)
+    txn.fire("reject", None, reason)
+    return txn.outcome()
+
+
+def route_step(
+    request: ApprovalRequest,
+    rule: RuleSpec,
+    roles: Roles,
+    *,
+    step_index: int,
+    step_round: int,
+    route: Route,
+    message: str | None,
+    actor: str,
+    now: datetime,
+    today: date | None = None,
+) -> Outcome:
+    """Apply a service step's verdict: continue, send back to a named step, or reject.
+
+    Raises ``StepClosedError``/``StaleStepError`` when that round of the step is no longer the
+    open one (an admin decided it meanwhile): the verdict is then moot."""
+    _require_active(request)
+    step = _check_step(request, rule, step_index, step_round)
+    txn = _Txn(copy.deepcopy(request), now)
+    if route.action == "continue":
+        _close_step(txn, "approved", actor, message, False)
+        _advance(txn, rule, roles, _snapshot_ctx(txn.request, now, today), start=step.index + 1, actor=None)
+        return txn.outcome()
+    if route.action == "reject":
+        _close_step(txn, "rejected", actor, message, False)
+        txn.close("rejected", "rejected", actor=actor, comment=message)
+        txn.fire("reject", actor, message)
+        return txn.outcome()
+    target = next(i for i, s in enumerate(rule.steps) if s.name == route.to)
+    row = txn.current_row()
+    row.status, row.left_at = "rejected", now
+    txn.touch(row)
+    txn.transition("sent_back", "pending", step_index=step.index, actor=actor, comment=message)
+    _open_step(txn, rule, target, roles)
+    return txn.outcome()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from connector.approvals.timing import StepTiming
 
@@ -74,6 +74,14 @@ class FieldSpec:
     @property
     def is_related(self) -> bool:
         return "." in self.api_name
+
+    @property
+    def is_virtual(self) -> bool:
+        """A value the service computes, never read from the CRM (`company.approval`)."""
+        return self.api_name.startswith(VIRTUAL_PREFIX)
+
+
+VIRTUAL_PREFIX = "@"  # api_name of a computed field: "@company.approval"
 
 
 # --- approver sources -------------------------------------------------------
@@ -145,10 +153,16 @@ class StepSpec:
     # step's own `inputs:`. A change of any of them means the step must be approved again.
     inputs: frozenset[str] = frozenset()
     timing: StepTiming | None = None  # reminders, escalation, time-out (connector.approvals.timers)
+    # issue 12: a step the service runs itself (an external check, a duplicate check); None = people vote
+    service: ServiceStep | None = None
 
     @property
     def title(self) -> str:
         return self.label or self.name
+
+    @property
+    def is_automatic(self) -> bool:
+        return self.service is not None
 
 
 @dataclass(frozen=True)
@@ -209,6 +223,8 @@ class RuleSpec:
     # Keep approvals of unchanged steps on restart / resubmission (connector.approvals.reapproval).
     smart_reapproval: bool = False
     same_approver: SameApprover = "ask_each_step"
+    # issue 12: approvals of related records that must be in force before this one starts
+    requires: tuple[Requirement, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -221,10 +237,12 @@ class MappingSpec:
     roles: Mapping[str, tuple[str, ...]]  # role/group name -> user ids
     rules: tuple[RuleSpec, ...]
     match: MatchMode = "first"
+    # issue 12: related records by lookup field (`related:`), e.g. company -> company_id
+    related: Mapping[str, RelatedSpec] = field(default_factory=dict)
 
     def api_fields(self) -> list[str]:
         """CRM API names to fetch when reading a record for this mapping."""
-        return [f.api_name for f in self.fields.values()]
+        return [f.api_name for f in self.fields.values() if not f.is_virtual]
 
     def to_canonical(self, api_values: Mapping[str, Any]) -> dict[str, Any]:
         """CRM values keyed by API name (dotted for related fields) -> canonical names."""
@@ -237,3 +255,87 @@ class MappingSpec:
     def canonical_names(self, api_names: frozenset[str] | set[str]) -> frozenset[str]:
         lowered = {n.lower() for n in api_names}
         return frozenset(n for n, f in self.fields.items() if f.api_name.lower() in lowered)
+
+
+# --- issue 12: cross-record dependencies and service steps ------------------------------------
+
+# The approval state of a related record, as `<related>.approval` criteria see it.
+ApprovalState = Literal["none", "waiting", "pending", "approved", "rejected", "expired", "recalled"]
+APPROVAL_STATES: tuple[str, ...] = (
+    "none",
+    "waiting",
+    "pending",
+    "approved",
+    "rejected",
+    "expired",
+    "recalled",
+)
+
+
+@dataclass(frozen=True)
+class RelatedSpec:
+    """`related: {company: {field: company_id, object: company}}`: the record the lookup field names."""
+
+    name: str
+    field: str  # canonical lookup field of this object holding the related record's id
+    object_type: str  # the related record's object on the same connection
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """`requires: [{related: company, rule: company-approval}]` on a rule."""
+
+    related: str  # a key of MappingSpec.related
+    rule: str  # the rule (of the related object's mapping files) that must have approved it
+
+
+RouteAction = Literal["continue", "back", "reject"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a service step's answer sends the request."""
+
+    action: RouteAction
+    to: str | None = None  # action == "back": the step to re-open
+    message: ValueRenderer | None = None  # told to the submitter (back) or the rejection reason
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    when: Criterion  # over the answer's fields (`response:`) plus `status`
+    route: Route
+
+
+@dataclass(frozen=True)
+class HttpCheck:
+    """`kind: check`: ask an external service; its answer picks a route."""
+
+    url: str  # ${NAME} is the environment variable NAME
+    method: str
+    headers: Mapping[str, str]  # header -> value; ${NAME} is the environment variable NAME
+    body: ValueRenderer | None  # JSON text template over the record's fields
+    timeout: timedelta  # one call
+    retries: int  # further attempts after a 429/5xx/time-out, with back-off
+    answer: Literal["sync", "callback"]  # callback: the service posts its answer later
+    wait: timedelta  # callback: how long to wait for it before on_failure
+    callback_secret_env: str | None  # callback: variable holding the HMAC secret
+    response: Mapping[str, FieldSpec]  # answer field -> JSON path (api_name) + type
+    routes: tuple[RouteRule, ...]
+    on_failure: Route  # a failing, silent or unclassified service
+
+    kind: ClassVar[str] = "check"
+
+
+@dataclass(frozen=True)
+class DuplicateCheck:
+    """`kind: duplicate`: no other record of the object may hold the same value."""
+
+    field: str  # canonical field whose value must be unique
+    message: ValueRenderer | None  # rejection reason; variables: value, other (id), other_name
+    on_failure: Route  # the CRM cannot be asked
+
+    kind: ClassVar[str] = "duplicate"
+
+
+ServiceStep = HttpCheck | DuplicateCheck

@@ -96,6 +96,24 @@ class QueryPage:
     next_cursor: Any  # None on the last page
 
 
+@dataclass(frozen=True)
+class DuplicateRecord:
+    """Another record holding a value that must be unique (`kind: duplicate` steps)."""
+
+    record_id: str
+    name: str | None  # what people call it, where the CRM's query returned a name
+
+
+# Fields naming a record, asked for with a duplicate query so the message can name the other one.
+NAME_FIELDS: dict[str, tuple[str, ...]] = {
+    "salesforce": ("Name",),
+    "hubspot": (),
+    "zoho": (),
+    "bitrix24": ("TITLE", "title"),  # classic objects, smart-process items
+    "sandbox": ("name",),
+}
+
+
 def query_record_id(record: Mapping[str, Any]) -> str:
     """The id of a record `query` returned: every adapter puts it under "id" in its CRM's own
     letter case (id, Salesforce Id, Bitrix24 ID)."""
@@ -246,6 +264,25 @@ class CRMAdapter(ABC):
             if next_cursor is None:
                 return
             cursor = next_cursor
+
+    def find_duplicates(
+        self, object_type: str, field: str, value: Any, *, exclude_id: str, limit: int = 5
+    ) -> list[DuplicateRecord]:
+        """Other records of `object_type` whose `field` (API name) equals `value` (issue 12).
+
+        Runs through each CRM's own equality query (`_query_page`: SOQL built with
+        format_soql, HubSpot's search API, Zoho's search, Bitrix24's list filter, the
+        sandbox's filter), so every adapter answers in its CRM's terms."""
+        found: list[DuplicateRecord] = []
+        for record in self.query(object_type, [field, *NAME_FIELDS.get(self.kind, ())], {field: value}):
+            record_id = query_record_id(record)
+            if record_id == str(exclude_id):
+                continue
+            names = [record.get(n) for n in NAME_FIELDS.get(self.kind, ()) if record.get(n)]
+            found.append(DuplicateRecord(record_id, str(names[0]) if names else None))
+            if len(found) >= limit:
+                break
+        return found
 
     def list_users(self) -> Iterator[CRMUser]:
         """Every user of the CRM, active or not where the CRM lists both, page by page."""

@@ -68,7 +68,7 @@ KINDS: dict[str, CRMKind] = {
             name="sandbox",
             adapter="connector.crm.sandbox:SandboxAdapter",
             intake="webhooks.standard",  # the sandbox sends Standard Webhooks (standardwebhooks.com)
-            default_objects=("deal", "company"),
+            default_objects=("deal", "company", "contract"),
         ),
     )
 }

@@ -27,7 +27,7 @@ from decimal import Decimal
 from functools import partial
 from typing import Any
 
-from connector.approvals.spec import ConditionTrace, EvalContext, FieldSpec
+from connector.approvals.spec import APPROVAL_STATES, ConditionTrace, EvalContext, FieldSpec
 from connector.errors import CrmApprovalsError
 from connector.rules.coerce import (
     COERCERS,
@@ -74,6 +74,7 @@ OPERATORS: tuple[str, ...] = (
     "newer_than",
     "within_last",
     "within_next",
+    "is",  # issue 12: `company.approval: {is: approved}`; `eq` under a readable name
 )
 MODIFIERS: tuple[str, ...] = ("ignore_case",)
 
@@ -91,6 +92,7 @@ OPERATOR_TYPES: dict[str, frozenset[str]] = {
     **{op: _DATES for op in ("older_than", "newer_than", "within_last", "within_next")},
     "contains": _TEXT | {"list"},
     "starts_with": _TEXT,
+    "is": _TEXT,
 }
 _CASE_OPERATORS = frozenset(
     {"eq", "ne", "in", "not_in", "contains", "starts_with", "changed_from", "changed_to"}
@@ -643,6 +645,12 @@ LeafParts = tuple[Predicate, Any, Callable[[EvalContext], Any], Predicate | None
 
 
 def _build_leaf(field: FieldSpec, op: str, literal: Any, ignore_case: bool) -> LeafParts:
+    if field.is_virtual and literal not in APPROVAL_STATES and op in ("is", "eq", "ne"):
+        raise _LiteralError(
+            f"`{field.name}` is an approval state; {literal!r} is not one",
+            f"expected {one_of(APPROVAL_STATES)}",
+        )
+    op = "eq" if op == "is" else op
     coerce = _folding(COERCERS[field.type]) if ignore_case else COERCERS[field.type]
     name = field.name
     if op in ("is_blank", "is_not_blank"):

@@ -47,6 +47,7 @@ from connector.approvals.spec import (
     ValueMapApprovers,
 )
 from connector.errors import CrmApprovalsError
+from connector.rules import company_rules
 from connector.rules.coerce import CoercionError, coerce, parse_duration
 from connector.rules.criteria import COMBINATORS, always, compile_criterion
 from connector.rules.errors import (
@@ -272,6 +273,7 @@ class _SpecBuilder:
         self.errors = errors
         self.fields = self._fields()
         self.roles, self.groups = self._roles()
+        self.related = company_rules.related_specs(self)  # issue 12: adds `<related>.approval` fields
 
     # -- fields, roles --
 
@@ -326,6 +328,7 @@ class _SpecBuilder:
             roles={**self.roles, **self.groups},
             rules=rules,  # type: ignore[arg-type]  # None only when errors were reported
             match=self.model.match,
+            related=self.related,
         )
 
     def _unique(self, names: Sequence[str], path: KeyPath, what: str) -> None:
@@ -338,7 +341,9 @@ class _SpecBuilder:
 
     def _rule(self, rule: RuleModel, path: KeyPath) -> RuleSpec | None:
         when = self._when(rule.when, path + ("when",))
+        self._step_names = [step.name for step in rule.steps]
         steps = tuple(self._step(step, path + ("steps", i), i) for i, step in enumerate(rule.steps))
+        requires = company_rules.requirements(self, rule, path, self.related)
         self._unique([step.name for step in rule.steps], path + ("steps",), "step")
         restart = frozenset(
             name
@@ -365,6 +370,7 @@ class _SpecBuilder:
             lock=lock,
             smart_reapproval=rule.smart_reapproval,
             same_approver=rule.same_approver,
+            requires=requires,
         )
 
     def _when(self, spec: Any, path: KeyPath) -> Criterion | None:
@@ -389,9 +395,14 @@ class _SpecBuilder:
     # -- steps and approvers --
 
     def _step(self, step: StepModel, path: KeyPath, index: int) -> StepSpec | None:
-        approvers = tuple(self._approver(a, path + ("approvers", i)) for i, a in enumerate(step.approvers))
+        service = company_rules.service_step(self, step, path, self._step_names)
+        if service is False:
+            return None
+        approvers = tuple(
+            self._approver(a, path + ("approvers", i)) for i, a in enumerate(step.approvers or ())
+        )
         when = None if step.when is None else self._when(step.when, path + ("when",))
-        settings = self._mode_settings(step, path, approvers)
+        settings = StepSettings() if service is not None else self._mode_settings(step, path, approvers)
         if step.on_reject == "back" and index == 0:
             hint = "use `on_reject: reject` (the default) on the first step"
             self.errors.add(path + ("on_reject",), "the first step has no previous step to go back to", hint)
@@ -402,7 +413,7 @@ class _SpecBuilder:
         timing = step_timing(step, path, self)
         return StepSpec(
             step.name,
-            step.mode,
+            step.mode or "one",  # a service step has no mode; "one" keeps its row readable
             approvers,  # type: ignore[arg-type]  # no None: checked above
             settings.quorum_count,
             settings.quorum_percent,
@@ -412,6 +423,7 @@ class _SpecBuilder:
             smart_reapproval=step.smart_reapproval,
             inputs=inputs,
             timing=timing,
+            service=service,  # type: ignore[arg-type]  # False returned above
         )
 
     def _approver(self, approver: ApproverModel, path: KeyPath) -> ApproverSource | None:
@@ -475,6 +487,7 @@ class _SpecBuilder:
 
     def _mode_settings(self, step: StepModel, path: KeyPath, approvers: Sequence[Any]) -> StepSettings:
         """The step mode's settings (``quorum``), checked by the mode's policy."""
+        assert step.mode is not None  # company_rules.service_step reports a people step without one
         settings = policy_for(step.mode).settings(step.quorum, self._static_approver_count(approvers))
         if isinstance(settings, SettingsProblem):
             self.errors.add(path + (settings.key,), settings.message, settings.hint)
@@ -614,7 +627,8 @@ def load_mappings_detailed(files: Iterable[str | Path]) -> tuple[list[LoadedMapp
             loaded.append(_load_file(Path(path)))
         except MappingLoadError as exc:
             errors.extend(exc.errors)
-    return _without_duplicates(loaded, errors)
+    kept, errors = _without_duplicates(loaded, errors)
+    return kept, errors + company_rules.check_requirements(kept)  # issue 12: `requires:` across files
 
 
 def _without_duplicates(

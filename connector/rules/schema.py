@@ -171,12 +171,81 @@ class TimeoutModel(_Model):
     mode: Literal["add", "replace"] = "add"
 
 
+StepKind = Literal["approval", "check", "duplicate"]
+
+
+class RouteModel(_Model):
+    """`continue`, `{back: step, message: ...}` or `{reject: "reason"}` (a bare word is the action)."""
+
+    continue_: bool | None = Field(default=None, alias="continue")
+    back: Name | None = None
+    reject: str | None = None
+    message: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.strip() == "continue":
+                return {"continue": True}
+            if value.strip() == "reject":
+                return {"reject": ""}
+            raise fail(f"unknown route {value!r}", _ROUTE_HINT)
+        return value
+
+    @model_validator(mode="after")
+    def _one_action(self) -> RouteModel:
+        chosen = [v for v in (self.continue_, self.back, self.reject) if v is not None]
+        if len(chosen) != 1:
+            raise fail("a route needs exactly one of `continue`, `back`, `reject`", _ROUTE_HINT)
+        return self
+
+
+_ROUTE_HINT = (
+    'e.g. `then: continue`, `then: {back: documents, message: "Send the registry extract"}` '
+    'or `then: {reject: "{{ answer.reason }}"}`'
+)
+
+
+class RouteRuleModel(_Model):
+    when: Any = None  # compiled against the answer's fields; absent = always
+    then: RouteModel
+
+
+class CheckModel(_Model):
+    """`check:` of a step with `kind: check` (docs/mappings.md#service-steps)."""
+
+    url: Name
+    method: Literal["GET", "POST", "PUT", "PATCH"] = "POST"
+    headers: dict[str, str] = Field(default_factory=dict)  # header -> value; ${NAME}: an environment variable
+    body: str | None = None  # a template rendering JSON text
+    timeout: str = "10s"
+    retries: int = Field(default=3, ge=0, le=10)
+    answer: Literal["sync", "callback"] = "sync"
+    wait: str = "2d"
+    callback_secret_env: Name | None = None
+    response: dict[str, FieldModel] = Field(default_factory=dict)
+    routes: list[RouteRuleModel] = Field(min_length=1)
+    on_failure: RouteModel
+
+
+class DuplicateModel(_Model):
+    """`duplicate:` of a step with `kind: duplicate`."""
+
+    field: Name
+    message: str | None = None
+    on_failure: RouteModel = Field(default_factory=lambda: RouteModel.model_validate("reject"))
+
+
 class StepModel(_Model):
     name: Name
     label: str | None = None  # what people read: "Finance" for the step `finance`
     description: str | None = None
-    mode: StepMode  # every value has a policy in connector.approvals.modes.STEP_MODES
-    approvers: list[ApproverModel] = Field(min_length=1)
+    kind: StepKind = "approval"  # check / duplicate: the service runs the step itself
+    mode: StepMode | None = None  # every value has a policy in connector.approvals.modes.STEP_MODES
+    approvers: list[ApproverModel] | None = None
+    check: CheckModel | None = None
+    duplicate: DuplicateModel | None = None
     quorum: Any = None  # int or "60%"; checked by the mode's policy, with the step's approvers
     when: Any = None  # compiled by connector.rules.criteria
     on_reject: RejectBehaviour = "reject"
@@ -235,6 +304,21 @@ class RuleModel(_Model):
     smart_reapproval: bool = False
     same_approver: SameApprover = "ask_each_step"
     on: OnModel = Field(default_factory=OnModel)
+    requires: list[RequirementModel] = Field(default_factory=list)
+
+
+class RequirementModel(_Model):
+    """`requires: [{related: company, rule: company-approval}]`."""
+
+    related: Name
+    rule: Name
+
+
+class RelatedModel(_Model):
+    """`related: {company: {field: company_id, object: company}}`."""
+
+    field: Name
+    object_type: Name = Field(alias="object")
 
 
 class MappingFileModel(_Model):
@@ -246,9 +330,11 @@ class MappingFileModel(_Model):
     roles: dict[str, UserIds] = Field(default_factory=dict)
     groups: dict[str, UserIds] = Field(default_factory=dict)
     rules: list[RuleModel] = Field(min_length=1)
+    related: dict[str, RelatedModel] = Field(default_factory=dict)
 
 
 ApproverModel.model_rebuild()
+RuleModel.model_rebuild()
 
 
 # --- error translation -------------------------------------------------------------------
@@ -357,6 +443,11 @@ _KEY_ELSEWHERE: dict[str, str] = {
     "reject": "events go under `on:` in a rule",
     "expire": "events go under `on:` in a rule",
     "recall": "events go under `on:` in a rule",
+    "requires": "`requires` belongs to a rule",
+    "related": "`related` goes at the top of the file, beside `fields:`",
+    "check": "`check` belongs to a step with `kind: check`",
+    "duplicate": "`duplicate` belongs to a step with `kind: duplicate`",
+    "routes": "`routes` goes under a step's `check:`",
 }
 
 

@@ -66,6 +66,9 @@ TEMPLATE_VARIABLES: dict[str, frozenset[str] | None] = {
         }
     ),
     "rule": frozenset({"name", "steps", "expires_after"}),
+    # issue 12, in the messages of service steps only: a check's answer fields, a duplicate found
+    "answer": None,
+    "duplicate": frozenset({"value", "other", "other_name", "field"}),
     # where the request waits (connector.approvals.actions documents each one)
     "progress": frozenset(
         {"step", "step_number", "step_count", "since", "waiting_for", "waiting_for_ids"}

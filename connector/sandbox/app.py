@@ -33,6 +33,7 @@ from werkzeug.exceptions import HTTPException
 from connector.config import MAIL_CATCHER_HOST, ConfigError, ConnectionConfig, Settings
 from connector.errors import CrmApprovalsError
 from connector.events import parse_timestamp
+from connector.sandbox.security_check import security
 from connector.sandbox.seed import ensure_seeded
 from connector.sandbox.store import (
     NOT_FOUND,
@@ -56,7 +57,7 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 200
 SEND_TIMEOUT_SECONDS = 5.0
 LOCK_SECONDS = 60
-PAGE_OBJECTS = {"deals": "deal", "companies": "company"}
+PAGE_OBJECTS = {"deals": "deal", "companies": "company", "contracts": "contract"}
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
@@ -372,6 +373,7 @@ def create_sandbox_app(
     app.extensions["sandbox"] = state
     csrf = CSRFProtect(app)
     csrf.exempt(api)  # bearer-token calls from our adapter, not a browser's cookies
+    csrf.exempt(security)  # the security-check service: bearer-token calls from our worker
     app.jinja_env.filters["when"] = _when
     app.jinja_env.filters["status_class"] = _status_class
     app.jinja_env.globals.update(
@@ -380,6 +382,7 @@ def create_sandbox_app(
     app.before_request(_check_host_and_origin)
     app.register_blueprint(pages)
     app.register_blueprint(api, url_prefix="/api/v1")
+    app.register_blueprint(security)
     _register_error_handlers(app)
     if start_delivery:
         state.loop = DeliveryLoop(sender)
@@ -449,6 +452,7 @@ def index() -> ResponseReturnValue:
         "index.html",
         deals=state.store.records("deal"),
         companies=state.store.records("company"),
+        contracts=state.store.records("contract"),
         users={u["id"]: u for u in state.store.records("user")},
         write_backs=write_backs,
         last_write_back=max(write_backs.values(), default=None),
@@ -460,6 +464,7 @@ def index() -> ResponseReturnValue:
 
 @pages.route("/deals/<record_id>", methods=["GET", "POST"], defaults={"kind": "deals"})
 @pages.route("/companies/<record_id>", methods=["GET", "POST"], defaults={"kind": "companies"})
+@pages.route("/contracts/<record_id>", methods=["GET", "POST"], defaults={"kind": "contracts"})
 def edit(kind: str, record_id: str) -> ResponseReturnValue:
     state = sandbox()
     object_type = PAGE_OBJECTS[kind]
@@ -543,7 +548,8 @@ def _when(value: str | None) -> str:
 
 def _status_class(status: str | None) -> str:
     text = (status or "").lower()
-    for word, css in (("approv", "ok"), ("reject", "bad"), ("expire", "bad"), ("pend", "wait")):
+    checks = (("non-valid", "bad"), ("approv", "ok"), ("reject", "bad"), ("expire", "bad"), ("pend", "wait"))
+    for word, css in checks:
         if word in text:
             return css
     return "none"

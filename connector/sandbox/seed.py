@@ -22,6 +22,13 @@ USERS: list[dict[str, Any]] = [
      "email": "dmitri.volkov@sandbox.example", "locale": "en_US", "manager_id": "u-gm-carla"},
     {"id": "u-legal-eva", "name": "Eva Lindqvist", "role": "Legal counsel",
      "email": "eva.lindqvist@sandbox.example", "locale": "pl_PL", "manager_id": "u-gm-carla"},
+    # seed 001's company cascade: Chief Accountant -> Lawyer -> Commercial Director -> CFO
+    {"id": "u-acc-greta", "name": "Greta Hansen", "role": "Chief Accountant",
+     "email": "greta.hansen@sandbox.example", "locale": "en_GB", "manager_id": "u-cfo-hugo"},
+    {"id": "u-com-ivan", "name": "Ivan Petrov", "role": "Commercial Director",
+     "email": "ivan.petrov@sandbox.example", "locale": "en_US", "manager_id": "u-gm-carla"},
+    {"id": "u-cfo-hugo", "name": "Hugo Martin", "role": "Chief Financial Officer",
+     "email": "hugo.martin@sandbox.example", "locale": "en_US", "manager_id": "u-gm-carla"},
 ]  # fmt: skip
 
 # Queues of approvers ({queue: Finance desk} in a mapping file): members are user ids.
@@ -35,6 +42,26 @@ COMPANIES: list[dict[str, Any]] = [
     {"id": "C-200", "name": "Contoso Retail Ltd", "credit_score": 64},
     {"id": "C-300", "name": "Fabrikam Industries AG", "credit_score": 91},
     {"id": "C-400", "name": "Tailspin Logistics BV", "credit_score": 58},
+    {
+        "id": "C-500",
+        "name": "Adventure Works Sp. z o.o.",
+        "credit_score": 73,
+        "tax_id": "PL5260250274",
+        "owner_id": "u-rep-felix",
+    },
+]
+# Seed 001: contracts of a company that has no approval yet (the first one waits for it).
+CONTRACTS: list[dict[str, Any]] = [
+    {
+        "id": "K-9001",
+        "name": "Adventure Works supply agreement",
+        "contract_number": "2026/001",
+        "contract_type": "Supply",
+        "amount": 120000,
+        "company_id": "C-500",
+        "owner_id": "u-rep-felix",
+        "product_lines": ["Hardware", "Support"],
+    },
 ]
 
 # (id, name, amount, currency, stage, owner, company, product lines, term, days until close)
@@ -89,6 +116,8 @@ def seed(store: Store, today: date | None = None) -> None:
         store.insert("company", company)
     for deal in deals(today):
         store.insert("deal", deal)
+    for contract in CONTRACTS:
+        store.insert("contract", contract)
 
 
 def ensure_seeded(store: Store, *, reset: bool = False) -> bool:

@@ -134,8 +134,36 @@ COMPANY = ObjectSpec(
         FieldSpec("id", "Company ID", "string", updateable=False),
         FieldSpec("name", "Company name", "string", required=True),
         FieldSpec("credit_score", "Credit score", "integer"),
+        FieldSpec("tax_id", "Tax ID", "string"),
+        FieldSpec("owner_id", "Account manager", "reference", reference_to="user", relationship_name="owner"),
+        FieldSpec("approval_status", "Approval status", "string"),
+        FieldSpec("approval_expires_on", "Approval expires on", "date"),
+        FieldSpec("approval_comment", "Approval comment", "text"),
         FieldSpec("modified_at", "Last modified", "datetime", updateable=False),
         MODIFIED_BY,
+    ),
+)
+# Seed 001: a contract belongs to a company, whose approval must be in force first.
+CONTRACT_TYPES = ("Supply", "Services", "Licence", "Framework")
+CONTRACT = ObjectSpec(
+    "contract",
+    "Contract",
+    "contracts",
+    (
+        FieldSpec("id", "Contract ID", "string", updateable=False),
+        FieldSpec("name", "Contract name", "string", required=True),
+        FieldSpec("contract_number", "Contract number", "string"),
+        FieldSpec("contract_type", "Contract type", "picklist", values=CONTRACT_TYPES),
+        FieldSpec("amount", "Amount", "number"),
+        FieldSpec("company_id", "Company", "reference", reference_to="company", relationship_name="company"),
+        FieldSpec("owner_id", "Owner", "reference", reference_to="user", relationship_name="owner"),
+        FieldSpec("product_lines", "Product lines", "multipicklist", values=PRODUCT_LINES),
+        FieldSpec("approval_status", "Approval status", "string"),
+        FieldSpec("approval_comment", "Approval comment", "text"),
+        FieldSpec("approval_progress", "Approval progress", "text"),
+        FieldSpec("modified_at", "Last modified", "datetime", updateable=False),
+        MODIFIED_BY,
+        FieldSpec("company.name", "Company name", "string", updateable=False, through=("company_id", "name")),
     ),
 )
 USER = ObjectSpec(
@@ -171,7 +199,7 @@ QUEUE = ObjectSpec(
         FieldSpec("modified_at", "Last modified", "datetime", updateable=False),
     ),
 )
-OBJECTS: dict[str, ObjectSpec] = {spec.name: spec for spec in (DEAL, COMPANY, USER, QUEUE)}
+OBJECTS: dict[str, ObjectSpec] = {spec.name: spec for spec in (DEAL, COMPANY, USER, QUEUE, CONTRACT)}
 
 _SQL_TYPES = {"number": "REAL", "integer": "INTEGER", "boolean": "INTEGER"}
 _OUTGOING_SQL = """

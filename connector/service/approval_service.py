@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from functools import partial
@@ -150,6 +150,14 @@ class ApprovalService:
 
     timers: TimerSchedule | None = None  # issue 11: reminders, escalation, time-outs
 
+    # issue 12: the dependency gate (connector.service.dependencies) and hooks told of every
+    # saved outcome in its transaction (dependents released, service step jobs queued, and the
+    # approval sheet regenerated after each vote: docs' engineer hooks in here)
+    gate: Any = None
+    after_save: list[Callable[[Session, StoredRequest, MappingSpec, RuleSpec, Outcome], None]] = field(
+        default_factory=list
+    )
+
     # --- record changes (called by the worker, inside the event's transaction) -------
 
     def on_record_change(
@@ -161,6 +169,7 @@ class ApprovalService:
         *,
         replay_since: datetime | None = None,
         modified_by: str | None = None,
+        related: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
     ) -> list[str]:
         """Open, restart or leave requests for the rules the change matches.
 
@@ -191,9 +200,8 @@ class ApprovalService:
             # A replayed event's vote or locked-field edit was judged when it first came.
             judged_by = modified_by if replay_since is None else None
             guard = replay_since is None
-            summaries.append(
-                f"{rule.name}: {self._apply_rule(session, record, spec, rule, ctx, judged_by, guard=guard)}"
-            )
+            done = self._apply_rule(session, record, spec, rule, ctx, judged_by, related or {}, guard=guard)
+            summaries.append(f"{rule.name}: {done}")
         if replay_since is None:
             unmatched = [r for r in spec.rules if r not in matched]
             summaries += self._guard_unmatched(session, record, spec, unmatched, ctx, modified_by)
@@ -228,6 +236,7 @@ class ApprovalService:
         rule: RuleSpec,
         ctx: EvalContext,
         modified_by: str | None = None,
+        related: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
         *,
         guard: bool = True,
     ) -> str:
@@ -260,6 +269,33 @@ class ApprovalService:
         if latest is not None and approved and not restart_fields(latest.request, rule, ctx):
             until = latest.request.expires_at or "no expiry"
             return f"already approved by {latest.request.id} until {until}"
+        gate = None
+        if self.gate is not None and rule.requires:
+            gate = self.gate.check(session, record, spec, rule, ctx, related or {})
+        stored = self.open_for(
+            session, record, spec, rule, ctx, hold=gate.hold or gate.reject if gate else None, latest=latest
+        )
+        status = stored.request.status
+        if gate is not None and (gate.hold or gate.reject):
+            self.gate.after_open(session, stored, gate, spec, rule)
+            reloaded = store.load(session, stored.request.id)  # the gate may have decided it
+            status = reloaded.request.status if reloaded else status
+        if latest is not None and approved:
+            store.supersede(session, latest.request.id, stored.request.id)
+        return f"opened {stored.request.id} ({status})"
+
+    def open_for(
+        self,
+        session: Session,
+        record: RecordKey,
+        spec: MappingSpec,
+        rule: RuleSpec,
+        ctx: EvalContext,
+        hold: str | None = None,
+        latest: StoredRequest | None = None,
+    ) -> StoredRequest:
+        """Open a request of `rule` for the record, in the caller's transaction (`hold`: waiting;
+        `latest`: the record's previous request of the rule, for smart re-approval)."""
         submitter = _submitter(ctx)
         if self.people is not None:  # e.g. HubSpot's hs_updated_by_user_id is a user id, not an owner id
             submitter = self.people.canonical_id(record.connection, submitter, session=session)
@@ -271,13 +307,26 @@ class ApprovalService:
             else None
         )
         outcome = open_request(
-            rule, roles, ctx, record_ref=record.ref, submitter=submitter, now=now, carried=carried
+            rule,
+            roles,
+            ctx,
+            record_ref=record.ref,
+            submitter=submitter,
+            now=self.clock(),
+            carried=carried,
+            hold=hold,
         )
         stored = StoredRequest(outcome.request, record, spec.source_path, spec.content_hash)
-        self._commit(session, stored, spec, rule, outcome, None, self._render(outcome, rule, record, session))
-        if latest is not None and approved:
-            store.supersede(session, latest.request.id, outcome.request.id)
-        return f"opened {outcome.request.id} ({outcome.request.status})"
+        return self._commit(
+            session, stored, spec, rule, outcome, None, self._render(outcome, rule, record, session)
+        )
+
+    def save_outcome(
+        self, session: Session, stored: StoredRequest, spec: MappingSpec, rule: RuleSpec, outcome: Outcome
+    ) -> StoredRequest:
+        """Save an outcome decided on `stored` in the caller's transaction (rendered there)."""
+        actions = self._render(outcome, rule, stored.record, session)
+        return self._commit(session, stored, spec, rule, outcome, stored.request.version, actions)
 
     # --- people acting on a request (called by the API) -------------------------------
 
@@ -546,9 +595,12 @@ class ApprovalService:
                 step_labels={i: step.title for i, step in enumerate(rule.steps)},
                 step_count=len(rule.steps),
             )
-        return StoredRequest(
+        saved = StoredRequest(
             outcome.request, record, stored.mapping_path, stored.mapping_hash, stored.superseded_by
         )
+        for hook in self.after_save:
+            hook(session, saved, spec, rule, outcome)
+        return saved
 
 
 def _announce(request: ApprovalRequest, record: RecordKey, t: Transition) -> None:

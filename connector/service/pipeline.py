@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -29,6 +29,7 @@ from connector.logs import log_event
 from connector.notify.queue import NotificationQueue
 from connector.rules import MappingSet
 from connector.runtime import Runtime
+from connector.service import dependencies, service_steps
 from connector.service.approval_service import ApprovalService
 from connector.service.delegation import RoutingSource
 from connector.storage import audit
@@ -46,6 +47,8 @@ class Prepared:
     values: dict[str, Any] | None  # API name -> value; None when the record is gone
     own_change: bool | None  # the adapter's verdict; None = the CRM cannot tell
     modified_by: str | None = None  # who made the change (CRM user id); None = unknown
+    # issue 12: related records (`requires:`) read through the adapter: (object, id) -> values
+    related: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -60,6 +63,10 @@ class Pipeline:
             admins=frozenset(runtime.settings.admin_users),
             routing=RoutingSource(runtime.sessions),  # issue 11: org chart, queues, deputies
         )
+        # issue 12: requests that wait for a related approval, and the steps the service runs
+        self.approvals.gate = dependencies.Gate(mappings, build_context, self.approvals)
+        self.approvals.after_save.append(self.approvals.gate.release)
+        self.approvals.after_save.append(service_steps.queue_jobs)
 
     def refresh_mappings(self, min_interval: float = 2.0) -> None:
         refresh_mappings(self.mappings, min_interval)
@@ -129,10 +136,11 @@ class Pipeline:
                 adapter = self.runtime.adapter(event.connection)
                 own = adapter.is_own_change(event)
                 modified_by = trusted_modifier[i] or adapter.modified_by(event.object_type, values)
+                related = dependencies.read_related(adapter, self.mappings, specs_of[i], values)
             except Exception as exc:
                 out[i] = exc
                 continue
-            out[i] = Prepared(specs_of[i], values, own, modified_by)
+            out[i] = Prepared(specs_of[i], values, own, modified_by, related)
         return [p for p in out if p is not None]
 
     def preload(self, session: Session, events: Sequence[RecordChangeEvent]) -> None:
@@ -163,10 +171,18 @@ class Pipeline:
             return "echo of our own write-back; ignored"
         summaries = []
         for spec in prepared.specs:
-            ctx = build_context(spec, prepared.values, previous, changed)
+            ctx = dependencies.with_states(
+                session, record, spec, build_context(spec, prepared.values, previous, changed)
+            )
             try:
                 summaries += self.approvals.on_record_change(
-                    session, record, spec, ctx, replay_since=replay_since, modified_by=prepared.modified_by
+                    session,
+                    record,
+                    spec,
+                    ctx,
+                    replay_since=replay_since,
+                    modified_by=prepared.modified_by,
+                    related=prepared.related,
                 )
             except FatalError as exc:  # nobody to approve, a broken template: the inbox dead-letters it
                 exc.add_note(f"mapping file {spec.source_path}")  # so its message says which file to fix

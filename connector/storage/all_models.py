@@ -2,5 +2,10 @@
 
 from connector.directory import models as directory_models  # noqa: F401
 from connector.notify import models as notify_models  # noqa: F401
-from connector.storage import models, sync_state, timers  # noqa: F401
+from connector.storage import (  # noqa: F401
+    company_models,
+    models,
+    sync_state,
+    timers,
+)
 from connector.web import models as web_models  # noqa: F401

@@ -277,6 +277,7 @@ def status_text(status: str) -> str:
     return {
         "submitted": gettext("Submitted"),
         "pending": gettext("Pending"),
+        "waiting": gettext("Waiting for a related approval"),
         "approved": gettext("Approved"),
         "rejected": gettext("Rejected"),
         "recalled": gettext("Withdrawn"),
@@ -318,6 +319,8 @@ def event_text(kind: str) -> str:
         "reminded": gettext("Reminder sent"),
         "escalated": gettext("Escalated"),
         "timed_out": gettext("Step timed out"),
+        "waiting": gettext("Waiting for a related approval"),
+        "resumed": gettext("Resumed: the related approval was granted"),
     }.get(kind, kind)
 
 

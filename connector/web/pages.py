@@ -43,7 +43,7 @@ from connector.web.i18n import gettext
 log = logging.getLogger("web.pages")
 MAX_COMMENT_CHARS = 4000  # as the REST API
 LIST_LIMIT = 200
-STATUSES = ("submitted", "pending", "approved", "rejected", "recalled", "expired")
+STATUSES = ("submitted", "waiting", "pending", "approved", "rejected", "recalled", "expired")
 OVERDUE_DAYS = (1, 3, 7, 14)
 
 

@@ -107,6 +107,16 @@ class AdapterHarness(ABC):
         """Register the CRM's queue/group/team/department endpoints answering, in its documented
         format, with these queues and their members."""
 
+    unique_field: str = "name"  # a field of `object_type` a duplicate check asks about (issue 12)
+
+    @abstractmethod
+    def mock_duplicate_query(
+        self, rsps: responses.RequestsMock, value: str, rows: Mapping[str, str]
+    ) -> list[str]:
+        """Register the CRM's documented query/search endpoint answering `rows` (id -> name) for
+        an equality filter on `unique_field` == `value`; it must check the filter is written in
+        the CRM's query language and append one entry per call to the returned list."""
+
 
 @dataclass(frozen=True)
 class Delivery:

@@ -315,6 +315,26 @@ class Bitrix24AdapterHarness(AdapterHarness):
 
         rsps.add_callback(responses.POST, re.compile(re.escape(REST) + r"[\w.]+$"), callback=answer)
 
+    unique_field = "ufCrm5_ContractNumber"  # a smart-process field (crm.item.*: camelCase names)
+
+    def mock_duplicate_query(
+        self, rsps: responses.RequestsMock, value: str, rows: Mapping[str, str]
+    ) -> list[str]:
+        seen: list[str] = []
+
+        def listing(request: Any) -> tuple[int, dict[str, str], str]:
+            form = form_of(request.body)  # crm.item.list: entityTypeId, filter[field]=value, select[], start
+            assert (form["entityTypeId"], form["filter[ufCrm5_ContractNumber]"]) == ("1032", value), form
+            seen.append(request.url)
+            items = [
+                {"id": int(i), "title": name, "ufCrm5_ContractNumber": value} for i, name in rows.items()
+            ]
+            answer = {"result": {"items": items}, "total": len(items), "time": TIME}
+            return 200, {"Content-Type": "application/json"}, json.dumps(answer)
+
+        rsps.add_callback(responses.POST, f"{REST}crm.item.list", callback=listing)
+        return seen
+
     def sample_records(self) -> dict[str, dict[str, Any]]:
         return {
             "1001": {

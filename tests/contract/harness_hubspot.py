@@ -262,6 +262,34 @@ class HubSpotAdapterHarness(AdapterHarness):
     def mock_records(self, rsps: responses.RequestsMock, records: Mapping[str, Mapping[str, Any]]) -> None:
         mock_deals_with_companies(rsps, records)
 
+    unique_field = "contract_number"
+
+    def mock_duplicate_query(
+        self, rsps: responses.RequestsMock, value: str, rows: Mapping[str, str]
+    ) -> list[str]:
+        seen: list[str] = []
+
+        def search(request: PreparedRequest) -> Answer:
+            body = json_of(request)  # CRM search API: POST /crm/v3/objects/{object}/search
+            assert body["filterGroups"] == [
+                {"filters": [{"propertyName": "contract_number", "operator": "EQ", "value": value}]}
+            ], body
+            seen.append(json.dumps(body))
+            results = [
+                {
+                    "id": i,
+                    "properties": {"contract_number": value, "hs_object_id": i},
+                    "archived": False,
+                    "createdAt": "2026-01-05T10:00:00Z",
+                    "updatedAt": "2026-01-06T10:00:00Z",
+                }
+                for i in rows
+            ]
+            return reply(200, {"total": len(results), "results": results})
+
+        rsps.add_callback(responses.POST, f"{API}/crm/v3/objects/deals/search", search)
+        return seen
+
     def sample_records(self) -> dict[str, dict[str, Any]]:
         return {
             "1001": {"dealname": "Acme renewal", "amount": "150000", "companies.credit_score": "712"},

@@ -224,6 +224,38 @@ class SalesforceAdapterHarness(AdapterHarness):
 
         rsps.add_callback(responses.GET, QUERY_URL, callback=answer, content_type="application/json")
 
+    unique_field = "Contract_Number__c"
+
+    def mock_duplicate_query(
+        self, rsps: responses.RequestsMock, value: str, rows: Mapping[str, str]
+    ) -> list[str]:
+        mock_soap_login(rsps)
+        seen: list[str] = []
+
+        def answer(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
+            soql = parse_qs(urlparse(request.url or "").query)["q"][0]
+            # format_soql quotes and escapes the value: O'Brien -> 'O\'Brien'
+            assert soql == (
+                f"SELECT Id, Contract_Number__c, Name FROM Opportunity WHERE Contract_Number__c = '{value}'"
+            ), soql
+            seen.append(soql)
+            found = [
+                {
+                    "attributes": {
+                        "type": "Opportunity",
+                        "url": f"/services/data/v59.0/sobjects/Opportunity/{i}",
+                    },
+                    "Id": i,
+                    "Contract_Number__c": value,
+                    "Name": name,
+                }
+                for i, name in rows.items()
+            ]
+            return 200, {}, json.dumps({"totalSize": len(found), "done": True, "records": found})
+
+        rsps.add_callback(responses.GET, QUERY_URL, callback=answer, content_type="application/json")
+        return seen
+
     def sample_records(self) -> dict[str, dict[str, Any]]:
         first, second = opportunity_ids(2)
         return {

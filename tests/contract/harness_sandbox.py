@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlparse, urlsplit
 
 import pytest
 import responses
@@ -137,6 +137,23 @@ class SandboxAdapterHarness(AdapterHarness):
             return 200, JSON, json.dumps({"records": [record], "next_cursor": next_cursor})
 
         rsps.add_callback(responses.GET, f"{SANDBOX_URL}/api/v1/objects/queue", callback=answer)
+
+    unique_field = "name"
+
+    def mock_duplicate_query(
+        self, rsps: responses.RequestsMock, value: str, rows: Mapping[str, str]
+    ) -> list[str]:
+        seen: list[str] = []
+
+        def answer(request: PreparedRequest) -> Answer:
+            params = parse_qs(urlparse(request.url or "").query)  # GET /api/v1/objects/deal?filter[f]=v
+            assert params["filter[name]"] == [value], params
+            seen.append(request.url or "")
+            records = [{"id": i, "fields": {"name": name}} for i, name in rows.items()]
+            return 200, JSON, json.dumps({"records": records, "next_cursor": None})
+
+        rsps.add_callback(responses.GET, f"{SANDBOX_URL}/api/v1/objects/deal", callback=answer)
+        return seen
 
     def sample_records(self) -> dict[str, dict[str, Any]]:
         return {

@@ -351,6 +351,32 @@ class ZohoAdapterHarness(AdapterHarness):
             callback=sources,
         )
 
+    unique_field = "Contract_Number"
+
+    def mock_duplicate_query(
+        self, rsps: responses.RequestsMock, value: str, rows: Mapping[str, str]
+    ) -> list[str]:
+        mock_token(rsps)
+        seen: list[str] = []
+
+        def search(request: PreparedRequest) -> Reply:
+            params = query(request)  # Search API: GET /crm/v{n}/{module}/search?criteria=...
+            assert params["criteria"] == f"(Contract_Number:equals:{value})", params
+            seen.append(params["criteria"])
+            data = [{"id": i, "Contract_Number": value} for i in rows]
+            if not data:
+                return 204, {}, ""
+            return json_reply(
+                200,
+                {
+                    "data": data,
+                    "info": {"per_page": 200, "count": len(data), "page": 1, "more_records": False},
+                },
+            )
+
+        rsps.add_callback(responses.GET, f"{API}/Deals/search", callback=search)
+        return seen
+
     def sample_records(self) -> dict[str, dict[str, Any]]:
         return {
             "5725767000000524157": {

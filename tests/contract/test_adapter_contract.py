@@ -12,6 +12,8 @@ from connector.crm.retry import RetryPolicy
 from tests.contract.discover import adapter_harnesses
 from tests.contract.harness import AdapterHarness
 
+NO_WAIT = RetryPolicy(attempts=1, sleep=lambda _s: None)
+
 HARNESSES = adapter_harnesses()
 
 
@@ -180,3 +182,32 @@ def test_queue_members_are_read_in_the_crms_own_format(harness: AdapterHarness, 
         harness.mock_queues(rsps, queues)
         got = harness.make_adapter(policy).list_queues()
     assert sorted(got, key=lambda q: q.id) == sorted(queues, key=lambda q: q.id)
+
+
+def test_find_duplicates_asks_the_crm_in_its_own_query_language_and_skips_this_record(
+    harness: AdapterHarness,
+) -> None:
+    """issue 12: `kind: duplicate` steps ask whether another record holds the same value."""
+    first, this, third = harness.record_ids(3)
+    value = "2026/001"
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        seen = harness.mock_duplicate_query(
+            rsps, value, {first: "First contract", this: "This one", third: "Third"}
+        )
+        adapter = harness.make_adapter(NO_WAIT)
+        found = adapter.find_duplicates(harness.object_type, harness.unique_field, value, exclude_id=this)
+    assert [d.record_id for d in found] == [first, third]
+    assert len(seen) == 1
+    names = [d.name for d in found]
+    assert names in (["First contract", "Third"], [None, None])  # where the query can return names
+
+
+def test_find_duplicates_with_no_other_record_is_empty(harness: AdapterHarness) -> None:
+    [this] = harness.record_ids(1)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        harness.mock_duplicate_query(rsps, "2026/002", {this: "This one"})
+        adapter = harness.make_adapter(NO_WAIT)
+        assert (
+            adapter.find_duplicates(harness.object_type, harness.unique_field, "2026/002", exclude_id=this)
+            == []
+        )

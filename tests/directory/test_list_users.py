@@ -283,6 +283,9 @@ def test_sandbox_lists_the_seeded_users_with_email_locale_and_manager(tmp_path: 
         "u-gm-carla",
         "u-fin-dmitri",
         "u-legal-eva",
+        "u-acc-greta",  # seed 001's company cascade
+        "u-com-ivan",
+        "u-cfo-hugo",
     }
     assert users["u-mgr-boris"] == CRMUser(
         "u-mgr-boris", "Boris Novak", "boris.novak@sandbox.example", "en_US", "u-gm-carla", True

@@ -122,21 +122,39 @@ def stack(
     app_factory: Callable[[Runtime], Any],
     smtp: tuple[Inbox, int],  # noqa: F811
 ) -> Iterator[Stack]:
+    yield from make_stack(
+        tmp_path, settings_factory, runtime_factory, app_factory, smtp, ("sandbox-deals.yaml",)
+    )
+
+
+def make_stack(
+    tmp_path: Path,
+    settings_factory: Callable[..., Any],
+    runtime_factory: Callable[[Any], Runtime],
+    app_factory: Callable[[Runtime], Any],
+    mail: tuple[Inbox, int],
+    example_files: tuple[str, ...],
+) -> Iterator[Stack]:
+    """Our server, the sandbox and a worker thread on real ports, serving these example files."""
     require_chromium()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     mappings = tmp_path / "mappings"
     mappings.mkdir()
-    shutil.copy(ROOT / "mappings/examples/sandbox-deals.yaml", mappings)
+    for name in example_files:
+        shutil.copy(ROOT / "mappings/examples" / name, mappings)
     ours_port, sandbox_port = free_port(), free_port()
+    token = "sbx-browser-token"
     settings = settings_factory(
-        env={"SANDBOX_API_TOKEN": "sbx-browser-token", "SANDBOX_DB_PATH": str(tmp_path / "sandbox.db")},
+        env={"SANDBOX_API_TOKEN": token, "SANDBOX_DB_PATH": str(tmp_path / "sandbox.db")},
         mappings_dir=str(mappings),
         public_base_url=f"http://127.0.0.1:{ours_port}",
         sandbox_url=f"http://127.0.0.1:{sandbox_port}",
         secret_key=SECRET,
-        notify=notify_settings(smtp[1]),
+        notify=notify_settings(mail[1]),
+        # what a check step's ${SANDBOX_URL} and ${SANDBOX_API_TOKEN} read, as from .env
+        variables={"SANDBOX_URL": f"http://127.0.0.1:{sandbox_port}", "SANDBOX_API_TOKEN": token},
     )
     runtime = runtime_factory(settings)
     pipeline = attach_pipeline(runtime, MappingSet.load(mappings))
@@ -172,7 +190,7 @@ def stack(
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     driver.implicitly_wait(5)
     try:
-        yield Stack(runtime, settings.public_base_url, settings.sandbox_url, driver, smtp[0])
+        yield Stack(runtime, settings.public_base_url, settings.sandbox_url, driver, mail[0])
     finally:
         driver.quit()
         stop.set()

@@ -235,7 +235,9 @@ def test_first_start_seeds_deals_companies_and_users(app: Flask, store: Store) -
         "C-200": 64,
         "C-300": 91,
         "C-400": 58,
+        "C-500": 73,  # seed 001's company: no approval yet
     }
+    assert [c["company_id"] for c in store.records("contract")] == ["C-500"]
     user_ids = {u["id"] for u in store.records("user")}
     assert {"u-rep-anna", "u-mgr-boris", "u-gm-carla", "u-fin-dmitri", "u-legal-eva"} <= user_ids
     assert all(u["name"] for u in store.records("user"))
@@ -989,6 +991,9 @@ def test_seed_users_have_the_documented_ids() -> None:
         "u-gm-carla",
         "u-fin-dmitri",
         "u-legal-eva",
+        "u-acc-greta",
+        "u-com-ivan",
+        "u-cfo-hugo",
     ]
 
 

@@ -78,6 +78,7 @@ class Target:
     request_ids: list[str]
     settings: Settings
     sent: int = 0  # requests sent, checked against the profile's budget
+    callback_id: str = ""  # a check step awaiting its answer on /webhooks/checks/<id> (issue 12)
 
     def routes(self, prefix: str) -> list[tuple[str, str]]:
         """(rule, method) for every route under `prefix`, from the URL map."""
@@ -98,10 +99,68 @@ def target(
     runtime_factory: Callable[[Settings], Runtime],
 ) -> Target:
     overrides = {"database_url": request.getfixturevalue("pg_url")} if request.param == "postgresql" else {}
-    world = build_world(tmp_path, settings_factory, runtime_factory, env=FUZZ_ENV, **overrides)
+    (tmp_path / "mappings").mkdir(exist_ok=True)
+    (tmp_path / "mappings" / "company.yaml").write_text(CALLBACK_CHECK_MAPPING)
+    world = build_world(
+        tmp_path, settings_factory, runtime_factory, env=FUZZ_ENV, variables=CHECK_VARIABLES, **overrides
+    )
     request_ids = [world.submit("D-1"), world.submit("D-2", amount=60000), world.submit("D-3")]
     world.vote("u-mgr", request_ids[2], comment="ok")
-    return Target(world, request_ids, world.runtime.settings)
+    return Target(world, request_ids, world.runtime.settings, callback_id=awaiting_check(world))
+
+
+# A company approval whose first step waits for an external check's signed callback.
+CHECK_CALLBACK_SECRET = "check-fuzz-callback-secret"
+CHECK_VARIABLES = {"CHECK_CALLBACK_SECRET": CHECK_CALLBACK_SECRET}
+CALLBACK_CHECK_MAPPING = """\
+connection: sandbox
+object: company
+fields: {name: name, owner: {api: owner_id, type: user}}
+roles: {cfo: [u-gm]}
+rules:
+  - name: company-approval
+    when: {name: {eq: never}}
+    steps:
+      - name: security-check
+        kind: check
+        check:
+          url: https://verify.example/v1/check
+          answer: callback
+          callback_secret_env: CHECK_CALLBACK_SECRET
+          response: {verdict: verdict, score: {api: result.score, type: number}}
+          routes:
+            - {when: {verdict: clear}, then: continue}
+            - {when: {score: {lt: 50}}, then: {back: security-check, message: "low {{ answer.score }}"}}
+            - {when: {verdict: reject}, then: {reject: "{{ answer.reason }}"}}
+          on_failure: reject
+      - {name: cfo, mode: one, approvers: [{role: cfo}]}
+"""
+
+
+def awaiting_check(world: World) -> str:
+    """Open the company approval and let the worker call the check (mocked): it awaits its answer."""
+    import responses as mocked
+
+    from connector.service import service_steps
+    from connector.service.pipeline import build_context
+    from connector.storage.approval_store import RecordKey
+    from connector.storage.company_models import ServiceStepJob
+    from connector.storage.db import transaction
+
+    [spec] = world.runtime.mappings.for_object("sandbox", "company")
+    values = {"name": "Acme", "owner_id": "u-rep"}
+    with transaction(world.runtime.sessions) as session:
+        context = build_context(spec, values, None, set(values))
+        world.runtime.approvals.open_for(
+            session, RecordKey("sandbox", "company", "C-1"), spec, spec.rules[0], context
+        )
+    with mocked.RequestsMock() as rsps:
+        rsps.post("https://verify.example/v1/check", status=202, json={"queued": True})
+        service_steps.run_due(world.runtime)
+    with world.runtime.sessions() as session:
+        [job] = session.scalars(select(ServiceStepJob)).all()
+    assert job.status == "awaiting"
+    return job.callback_id
 
 
 def row_counts(runtime: Runtime) -> dict[str, int]:
@@ -254,6 +313,30 @@ def maybe(draw: st.DrawFn, valid: Any, hostile: st.SearchStrategy[Any] = HOSTILE
     # sampled_from, not integers(): Hypothesis favours the bounds of a range of integers.
     hostile_now = HOSTILE_ODDS and draw(st.sampled_from(range(HOSTILE_ODDS))) == HOSTILE_ODDS - 1
     return draw(hostile) if hostile_now else valid
+
+
+@st.composite
+def check_callback(draw: st.DrawFn, target: Target) -> Delivery:
+    """An external check's signed answer (issue 12); after the first one decides, the others are
+    verified redeliveries (200, nothing changes)."""
+    from webhooks.checks import sign_callback
+
+    answer = {
+        "verdict": maybe(draw, draw(st.sampled_from(["clear", "reject", "more_documents"]))),
+        "reason": maybe(draw, "no findings"),
+        "result": maybe(draw, {"score": maybe(draw, 80)}),
+    }
+    raw = utf8(to_json(answer))
+    timestamp = maybe(draw, int(time.time()), st.integers(min_value=-(2**40), max_value=2**40))
+    secret = maybe(draw, CHECK_CALLBACK_SECRET, header_text(40))
+    headers = {
+        "Content-Type": "application/json",
+        "X-Check-Timestamp": str(timestamp),
+        "X-Check-Signature": maybe(draw, sign_callback(secret, int(timestamp), raw), header_text(100)),
+    }
+    callback_id = maybe(draw, target.callback_id, header_text(80).map(lambda t: quote(t, safe="")))
+    path = f"/webhooks/checks/{callback_id}"
+    return path, raw, headers
 
 
 def form_body(pairs: list[tuple[str, Any]]) -> bytes:
@@ -572,6 +655,7 @@ DELIVERIES: dict[str, Callable[[Target], st.SearchStrategy[Delivery]]] = {
     "/webhooks/zoho/notify": zoho_notification,
     "/webhooks/zoho/workflow": zoho_workflow,
     "/webhooks/bitrix24": bitrix24_event,
+    "/webhooks/checks/<callback_id>": check_callback,
 }
 
 

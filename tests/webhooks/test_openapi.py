@@ -90,6 +90,7 @@ def test_the_document_is_valid_openapi_and_lists_every_api_route(
     parameters = {p["name"]: p for p in listing["parameters"]}
     assert parameters["status"]["schema"]["items"]["enum"] == [
         "submitted",
+        "waiting",  # issue 12: held for a related record's approval
         "pending",
         "approved",
         "rejected",
