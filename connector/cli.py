@@ -319,6 +319,8 @@ COMMAND_MODULES = (
     "connector.commands.sync",
     "connector.commands.requests",
     "connector.commands.people",
+    "connector.commands.report",
+    "connector.commands.simulate",
 )
 
 
