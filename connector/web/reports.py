@@ -37,7 +37,7 @@ class Chart:
     title: str
     bars: list[Bar]
     height: int
-    width: int = CHART_WIDTH + LABEL_WIDTH + 120
+    width: int = CHART_WIDTH + LABEL_WIDTH + 220  # room for the value text after the longest bar
     label_width: int = LABEL_WIDTH
 
 
