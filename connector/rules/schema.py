@@ -13,7 +13,8 @@ error, never silently ignored.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from contextvars import ContextVar
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -152,6 +153,28 @@ class MappingFileModel(_Model):
     rules: list[RuleModel] = Field(min_length=1)
 
 
+class ConnectionMapModel(_Model):
+    """One connection's side of a file shared by several CRMs (`connections:`): the object
+    as that CRM names it, its field map, and ids of shared roles/groups on that CRM."""
+
+    object_type: Name = Field(alias="object")
+    fields: dict[str, FieldModel] = Field(min_length=1)
+    roles: dict[str, UserIds] = Field(default_factory=dict)
+    groups: dict[str, UserIds] = Field(default_factory=dict)
+
+
+class SharedMappingFileModel(_Model):
+    """One business object on several connections: a field map per connection, and one set
+    of roles, groups and rules for all of them (docs/mappings.md#one-rule-set-for-several-crms)."""
+
+    connections: dict[str, ConnectionMapModel] = Field(min_length=1)
+    description: str | None = None
+    match: MatchMode = "first"
+    roles: dict[str, UserIds] = Field(default_factory=dict)
+    groups: dict[str, UserIds] = Field(default_factory=dict)
+    rules: list[RuleModel] = Field(min_length=1)
+
+
 ApproverModel.model_rebuild()
 
 
@@ -160,14 +183,43 @@ ApproverModel.model_rebuild()
 
 def validate_document(data: Any, errors: ErrorCollector) -> MappingFileModel | None:
     """Validate the YAML data; on failure add readable errors and return None."""
+    return _validate(MappingFileModel, data, errors)
+
+
+SINGLE_CONNECTION_KEYS = ("connection", "object", "fields")
+
+
+def is_shared_document(data: Any) -> bool:
+    """A file with `connections:` maps one business object on several connections."""
+    return isinstance(data, dict) and "connections" in data
+
+
+def validate_shared_document(data: Any, errors: ErrorCollector) -> SharedMappingFileModel | None:
+    """Validate a `connections:` file; on failure add readable errors and return None."""
+    mixed = [key for key in SINGLE_CONNECTION_KEYS if key in data]
+    for key in mixed:
+        errors.add(
+            (key,),
+            f"`{key}` is not used in a file with `connections:`",
+            "move it under each connection: `connections: {salesforce: {object: ..., fields: ...}}`, "
+            "or drop `connections:` for a file of one connection",
+        )
+    model = _validate(SharedMappingFileModel, {k: v for k, v in data.items() if k not in mixed}, errors)
+    return None if mixed else model
+
+
+def _validate(root: type[_M], data: Any, errors: ErrorCollector) -> _M | None:
+    token = _ROOT.set(root)  # which model the error hints walk
     try:
-        return MappingFileModel.model_validate(data)
+        return root.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             loc = tuple(part for part in error["loc"] if part != "[key]")
             message, hint = _explain(error, loc)
             errors.add(loc, message, hint)
         return None
+    finally:
+        _ROOT.reset(token)
 
 
 def _explain(error: Any, loc: KeyPath) -> tuple[str, str | None]:
@@ -256,7 +308,7 @@ _KEY_ELSEWHERE: dict[str, str] = {
 
 def _annotation_at(loc: KeyPath) -> Any:
     """The type annotation describing the value at ``loc`` (None if it cannot be followed)."""
-    annotation: Any = MappingFileModel
+    annotation: Any = _ROOT.get()
     for part in loc:
         annotation = _unwrap(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -305,3 +357,7 @@ def _literal_values(loc: KeyPath) -> list[str]:
     if get_origin(annotation) is Literal:
         return [str(arg) for arg in get_args(annotation)]
     return []
+
+
+_M = TypeVar("_M", bound=BaseModel)
+_ROOT: ContextVar[type[BaseModel]] = ContextVar("mapping_root", default=MappingFileModel)

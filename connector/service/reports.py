@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import ColumnElement, func, select
@@ -167,9 +168,11 @@ def build_report(session: Session, filters: ReportFilters, now: datetime) -> Rep
         .where(*scope, *_period(V.at, filters))
     ).all()
     step_entered = {
-        (row.request_id, row.index, row.round): row.entered_at
+        (row.request_id, row.step_index, row.round): row.entered_at
         for row in session.execute(
-            select(S.request_id, S.index, S.round, S.entered_at).join(R, R.id == S.request_id).where(*scope)
+            select(S.request_id, S.index.label("step_index"), S.round, S.entered_at)
+            .join(R, R.id == S.request_id)
+            .where(*scope)
         )
     }
 
@@ -200,12 +203,12 @@ def _request_scope(filters: ReportFilters) -> list[ColumnElement[bool]]:
     return scope
 
 
-def _period(column: ColumnElement[datetime] | object, filters: ReportFilters) -> list[ColumnElement[bool]]:
+def _period(column: Any, filters: ReportFilters) -> list[ColumnElement[bool]]:
     bounds: list[ColumnElement[bool]] = []
     if filters.since is not None:
-        bounds.append(column >= filters.since)  # type: ignore[operator]
+        bounds.append(column >= filters.since)
     if filters.until is not None:
-        bounds.append(column < filters.until)  # type: ignore[operator]
+        bounds.append(column < filters.until)
     return bounds
 
 
@@ -239,7 +242,7 @@ def _rule_figures(rows: Sequence[object]) -> list[RuleFigures]:
 def _step_figures(rows: Sequence[object]) -> list[StepFigures]:
     by_step: dict[tuple[str, int, str], list[object]] = defaultdict(list)
     for row in rows:
-        by_step[(row.rule_name, row.index, row.name)].append(row)  # type: ignore[attr-defined]
+        by_step[(row.rule_name, row.step_index, row.name)].append(row)  # type: ignore[attr-defined]
     figures = []
     for (rule, _index, name), items in sorted(by_step.items()):
         statuses = [i.status for i in items]  # type: ignore[attr-defined]
@@ -282,7 +285,7 @@ def _approver_figures(
         if step.status != "pending":  # type: ignore[attr-defined]
             continue
         for approver in step.approvers or []:  # type: ignore[attr-defined]
-            if (step.request_id, step.index, step.round, approver) not in voted:  # type: ignore[attr-defined]
+            if (step.request_id, step.step_index, step.round, approver) not in voted:  # type: ignore[attr-defined]
                 waiting_now[approver] += 1
     people = set(decisions) | set(waiting_now)
     if only is not None:

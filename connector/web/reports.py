@@ -3,6 +3,7 @@ server-rendered SVG bar charts (no script, printable, readable without colours).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -41,7 +42,7 @@ class Chart:
     label_width: int = LABEL_WIDTH
 
 
-def _bars(items: list[tuple[str, float, float | None, str]], scale: float | None = None) -> Chart | None:
+def _bars(items: Sequence[tuple[str, float, float | None, str]], scale: float | None = None) -> Chart | None:
     """Bars scaled to `scale` (default: the largest value, whose bar fills CHART_WIDTH)."""
     if not items:
         return None
@@ -111,7 +112,7 @@ def reports() -> ResponseReturnValue:
         where = str(first["loc"][0]) if first["loc"] else "since"
         message = first["msg"].removeprefix("Value error, ")
         error = gettext("%(field)s: %(message)s", field=where, message=message)
-        filters = ReportFilters()
+        filters = ReportFilters.model_validate({})
     with runtime().sessions() as session:
         result = build_report(session, filters, utcnow())
         rules = sorted(set(session.scalars(select(ApprovalRequestRow.rule_name).distinct())))
