@@ -151,7 +151,7 @@ def build_report(session: Session, filters: ReportFilters, now: datetime) -> Rep
         select(
             R.rule_name,
             S.request_id,
-            S.index,
+            S.index.label("step_index"),  # not `index`: a Row is a tuple, and has .index()
             S.round,
             S.name,
             S.status,
