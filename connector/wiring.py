@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from connector.config import Settings
+from connector.documents.service import DocumentJob
 from connector.notify.sender import send_now
 from connector.notify.sender import sweep as people_sweep
 from connector.rules import MappingSet
@@ -47,6 +48,8 @@ def attach_pipeline(runtime: Runtime, mappings: MappingSet) -> Pipeline:
         SweepJob("people", people_sweep),  # directory refresh, expiry warnings, notifications
     ]
     runtime.flush_jobs = [SweepJob("notifications", send_now)]  # queued notifications go out promptly
+    # Approval sheets and generated documents: rendered after each vote, attached to the record.
+    runtime.flush_jobs.append(SweepJob("documents", DocumentJob(runtime.settings.documents_templates_dir)))
     # "A step opens for you" messages carry one-click Approve / Reject links to the web app.
     runtime.link_providers = [decision_link_provider(runtime.settings)]
     return pipeline

@@ -127,6 +127,21 @@ class ActionSpec:
 
 
 @dataclass(frozen=True)
+class DocumentSpec:
+    """A document a rule produces from an admin template (connector/documents/): rendered
+    again on each of `on` (transition kinds of the request), stored, attached to the record."""
+
+    name: str  # unique in the rule; also the file name's stem
+    template: str  # file name in DOCUMENTS_TEMPLATES_DIR
+    on: frozenset[str]  # transition kinds (connector.approvals.lifecycle.TransitionKind)
+    title: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.title or self.name
+
+
+@dataclass(frozen=True)
 class RuleSpec:
     name: str
     when: Criterion
@@ -141,6 +156,7 @@ class RuleSpec:
     bulk_approve: bool = False  # approvers may approve several requests of this rule at once
     # Whether the submitter may vote on their own request (an approver of a step); default no.
     allow_self_approval: bool = False
+    documents: tuple[DocumentSpec, ...] = ()  # approval sheets and generated documents
 
 
 @dataclass(frozen=True)

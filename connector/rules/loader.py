@@ -35,6 +35,7 @@ from connector.approvals.spec import (
     ActionSpec,
     ApproverSource,
     Criterion,
+    DocumentSpec,
     FieldApprovers,
     FieldSpec,
     MappingSpec,
@@ -57,6 +58,7 @@ from connector.rules.errors import (
     one_of,
 )
 from connector.rules.schema import (
+    DOCUMENT_EVENTS,
     ApproverModel,
     MappingFileModel,
     RuleModel,
@@ -357,6 +359,19 @@ class _SpecBuilder:
             reject_comment=rule.reject_comment,
             bulk_approve=rule.bulk_approve,
             allow_self_approval=rule.allow_self_approval,
+            documents=self._documents(rule, path + ("documents",)),
+        )
+
+    def _documents(self, rule: RuleModel, path: KeyPath) -> tuple[DocumentSpec, ...]:
+        self._unique([d.name for d in rule.documents], path, "document")
+        return tuple(
+            DocumentSpec(
+                d.name,
+                d.template,
+                frozenset(kind for event in d.on for kind in DOCUMENT_EVENTS[event]),
+                d.title,
+            )
+            for d in rule.documents
         )
 
     def _when(self, spec: Any, path: KeyPath) -> Criterion | None:

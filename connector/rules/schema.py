@@ -129,6 +129,51 @@ class OnModel(_Model):
     expire: ActionModel | None = None
 
 
+DOCUMENT_EVENTS: dict[str, tuple[str, ...]] = {
+    # what `on:` of a document may say -> the request's transitions that (re)render it
+    "every_change": (
+        "submitted",
+        "step_approved",
+        "step_rejected",
+        "sent_back",
+        "approved",
+        "rejected",
+        "recalled",
+        "expired",
+        "restarted",
+        "reassigned",
+    ),
+    "submit": ("submitted", "restarted"),
+    "step": ("step_approved",),
+    "approve": ("approved",),
+    "reject": ("rejected",),
+    "recall": ("recalled",),
+    "expire": ("expired",),
+}
+DocumentEvent = Literal["every_change", "submit", "step", "approve", "reject", "recall", "expire"]
+TemplateName = Annotated[
+    str, StringConstraints(strip_whitespace=True, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}\.html$")
+]
+
+
+class DocumentModel(_Model):
+    """`- {name: approval-sheet, template: approval_sheet.html, on: every_change}`."""
+
+    name: Annotated[
+        str, StringConstraints(strip_whitespace=True, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    ]
+    template: TemplateName
+    on: list[DocumentEvent] = Field(default_factory=lambda: list[DocumentEvent](["every_change"]), min_length=1)
+    title: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_event(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("on"), str):
+            return {**value, "on": [value["on"]]}  # `on: approve` as well as `on: [approve]`
+        return value
+
+
 class RuleModel(_Model):
     name: Name
     description: str | None = None
@@ -140,6 +185,7 @@ class RuleModel(_Model):
     bulk_approve: bool = False
     allow_self_approval: bool = False
     on: OnModel = Field(default_factory=OnModel)
+    documents: list[DocumentModel] = Field(default_factory=list)
 
 
 class MappingFileModel(_Model):
@@ -267,7 +313,18 @@ def _too_short(error: Any, value: Any) -> tuple[str, str | None]:
     return "needs at least one entry", None
 
 
+def _pattern(error: Any, value: Any) -> tuple[str, str | None]:
+    if str((error.get("ctx") or {}).get("pattern", "")).endswith("\\.html$"):
+        return (
+            f"expected a template file name ending in .html, got {_short(value)}",
+            "a file in the documents templates folder (DOCUMENTS_TEMPLATES_DIR), e.g. approval_sheet.html; "
+            "no folders",
+        )
+    return f"expected a name of letters, digits, _ and -, got {_short(value)}", "e.g. approval-sheet"
+
+
 _TYPE_MESSAGES: dict[str, Any] = {
+    "string_pattern_mismatch": _pattern,
     "string_type": _expected("text"),
     "string_too_short": _expected("non-empty text"),
     "dict_type": _expected("a mapping (`key: value` lines)"),
