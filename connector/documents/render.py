@@ -33,12 +33,23 @@ class DocumentTemplateError(FatalError):
     code = "document_template_error"
 
 
+class DocumentTree(BoundedTree):
+    """BoundedTree for HTML: the template's own text stays markup (it is the admin's HTML),
+    while every value put into it is escaped."""
+
+    def visit_Output(self, node: nodes.Output) -> nodes.Node:
+        for n, child in enumerate(node.nodes):
+            if isinstance(child, nodes.TemplateData):
+                node.nodes[n] = nodes.MarkSafe(nodes.Const(child.data), lineno=child.lineno)
+        return super().visit_Output(node)
+
+
 class DocumentSandbox(BoundedSandbox):
     """The bounded sandbox for whole template files: every file it loads (includes and
-    extends too) is rewritten by BoundedTree before compiling."""
+    extends too) is rewritten by DocumentTree before compiling."""
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
-        tree = BoundedTree().visit(super()._parse(source, name, filename))
+        tree = DocumentTree().visit(super()._parse(source, name, filename))
         tree.set_environment(self)
         return tree
 

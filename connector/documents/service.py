@@ -112,7 +112,6 @@ def document_variables(stored: StoredRequest, document: DocumentSpec, version: i
             "object": stored.record.object_type,
             "id": stored.record.record_id,
             "title": str(title),
-            "values": values,
             "fields": [{"name": k, "value": _text(v)} for k, v in values.items()],
         },
         "steps": [
@@ -142,6 +141,7 @@ def document_variables(stored: StoredRequest, document: DocumentSpec, version: i
         "history": [
             {"at": t.at, "kind": t.kind, "actor": t.actor, "comment": t.comment} for t in request.transitions
         ],
+        "values": values,  # the record's fields by canonical name: {{ values.amount }}
         "approvers": approvers,
     }
 

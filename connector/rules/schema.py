@@ -163,7 +163,9 @@ class DocumentModel(_Model):
         str, StringConstraints(strip_whitespace=True, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
     ]
     template: TemplateName
-    on: list[DocumentEvent] = Field(default_factory=lambda: list[DocumentEvent](["every_change"]), min_length=1)
+    on: list[DocumentEvent] = Field(
+        default_factory=lambda: list[DocumentEvent](["every_change"]), min_length=1
+    )
     title: str | None = None
 
     @model_validator(mode="before")

@@ -741,3 +741,7 @@ def _limit(raw: str | None) -> int:
 
 def _split(raw: str | None) -> list[str] | None:
     return [part.strip() for part in raw.split(",") if part.strip()] if raw else None
+
+
+# Files on records add their routes to the blueprints above (before any app registers them).
+from connector.sandbox import attachments  # noqa: E402, F401
