@@ -100,6 +100,7 @@ class FileUpload:
     title: str  # what people see in the CRM, e.g. "Approval sheet"
     content: bytes
     content_type: str = "application/pdf"
+    document: str = ""  # the document's name in the mapping file, e.g. approval-sheet
 
 
 class AttachmentsUnsupported(FatalError):

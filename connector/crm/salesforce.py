@@ -15,6 +15,7 @@ every CRM, and a session-id connection can say that it cannot renew.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import threading
@@ -29,7 +30,15 @@ from simple_salesforce import Salesforce, SalesforceLogin, format_soql
 from simple_salesforce.exceptions import SalesforceAuthenticationFailed, SalesforceError
 
 from connector.config import ConfigError, ConnectionConfig
-from connector.crm.base import ApiUsage, CRMAdapter, CRMUser, FieldInfo, RecordUpdate, UpdateResult
+from connector.crm.base import (
+    ApiUsage,
+    CRMAdapter,
+    CRMUser,
+    FieldInfo,
+    FileUpload,
+    RecordUpdate,
+    UpdateResult,
+)
 from connector.crm.errors import (
     AuthError,
     AuthExpiredError,
@@ -204,6 +213,40 @@ class SalesforceAdapter(CRMAdapter):
                 "cannot tell which result belongs to which record"
             )
         return [record_result(update, result) for update, result in zip(updates, results, strict=True)]
+
+    def attach_file(self, object_type: str, record_id: str, file: FileUpload, replaces: str | None) -> str:
+        """Salesforce Files: the first version is a ContentVersion published to the record
+        (FirstPublishLocationId links it); later ones are new ContentVersions of the same
+        ContentDocument, so the record shows one file with a version history. Returns the
+        ContentDocumentId."""
+        body: dict[str, Any] = {
+            "Title": file.title,
+            "PathOnClient": file.filename,
+            "VersionData": base64.b64encode(file.content).decode("ascii"),
+        }
+        if replaces is None:
+            body["FirstPublishLocationId"] = record_id
+        else:
+            body["ContentDocumentId"] = replaces
+            body["ReasonForChange"] = "Regenerated after the approval moved on"
+        with self._translated():
+            created = self._client().restful(
+                "sobjects/ContentVersion",
+                method="POST",
+                json=body,
+                headers=self._call_options(),
+                timeout=self.timeout,
+            )
+        if not isinstance(created, dict) or not created.get("id"):
+            raise FatalError(f"Salesforce answered the ContentVersion insert with {str(created)[:200]}")
+        if replaces is not None:
+            return replaces
+        soql = format_soql("SELECT ContentDocumentId FROM ContentVersion WHERE Id = {}", str(created["id"]))
+        with self._translated():
+            rows = self._client().query(soql, timeout=self.timeout).get("records", [])
+        if not rows:
+            raise FatalError(f"Salesforce created ContentVersion {created['id']} but cannot find it")
+        return str(rows[0]["ContentDocumentId"])
 
     def _call_options(self) -> dict[str, str]:
         # Names us in CDC's changeOrigin ("...;client=<id>"), which is_own_change looks for.

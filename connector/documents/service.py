@@ -246,7 +246,7 @@ class DocumentJob:
                 return
             version, replaces = row.version, row.crm_ref
             where = (row.connection, row.object_type, row.record_id)
-            upload = FileUpload(row.filename, row.title, row.pdf)
+            upload = FileUpload(row.filename, row.title, row.pdf, document=row.name)
         try:
             ref = runtime.adapter(where[0]).attach_file(where[1], where[2], upload, replaces)
         except (AttachmentsUnsupported, FatalError, RetriableError) as exc:
