@@ -20,7 +20,7 @@ from connector.service.pipeline import refresh_mappings
 from connector.web import app as web_app
 from connector.wiring import build_runtime
 from connector.worker import Tasks, make_huey
-from webhooks import api, dead_letters_api, ops
+from webhooks import api, dead_letters_api, documents_api, ops
 from webhooks.errors import WebhookError, refusal
 from webhooks.intake import Intake, intake_module, log_rejection, report_unconfigured_secrets
 
@@ -40,7 +40,13 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
     for module in dict.fromkeys(intake_module(kind) for kind in KINDS.values()):
         app.register_blueprint(module.blueprint)
     # ops: /livez, /healthz, /metrics; the web app for people under /app (connector/web)
-    for blueprint in (api.blueprint, dead_letters_api.blueprint, ops.blueprint, web_app.blueprint):
+    for blueprint in (
+        api.blueprint,
+        dead_letters_api.blueprint,
+        documents_api.blueprint,
+        ops.blueprint,
+        web_app.blueprint,
+    ):
         app.register_blueprint(blueprint)
     report_unconfigured_secrets(runtime.settings)
     _register_error_handlers(app)

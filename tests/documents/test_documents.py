@@ -28,7 +28,8 @@ from connector.sandbox.store import Store
 from connector.storage.inbox import accept
 from tests.sandbox.test_sandbox import forward_to
 from tests.service.test_approval_service import webhook
-from tests.webhooks.test_api import BIG_DEAL_RULE, BOARD_RULE, World, build_world, write_mapping
+from tests.web.helpers import ADMIN, signed_in, text, web_world
+from tests.webhooks.test_api import BIG_DEAL_RULE, BOARD_RULE, World, write_mapping
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "templates" / "documents"
@@ -46,7 +47,7 @@ def pdf_text(pdf: bytes) -> str:
 def world(
     tmp_path: Path, settings_factory: Callable[..., Settings], runtime_factory: Callable[[Settings], Runtime]
 ) -> World:
-    world = build_world(
+    world = web_world(
         tmp_path,
         settings_factory,
         runtime_factory,
@@ -217,3 +218,39 @@ def test_pdfs_read_no_file_outside_the_templates_folder(tmp_path: Path) -> None:
         rendered = DocumentRenderer(folder).render("t.html", {})
     assert "Hello PDF" in pdf_text(rendered.pdf)
     assert fetched and "outside the templates folder" in fetched[0]
+
+
+# --- downloads ------------------------------------------------------------------------------------
+
+
+def test_documents_are_listed_and_downloaded_by_who_may_see_the_request(
+    world: World, sandbox_crm: Store
+) -> None:
+    request_id = world.submit("D-1001")
+    world.vote("u-mgr", request_id)
+    run_job(world)
+    sheet = document(world, request_id, "approval-sheet")
+
+    listing = world.get("u-mgr", f"/requests/{request_id}/documents")
+    assert listing.status_code == 200, listing.get_json()
+    (item,) = listing.get_json()["documents"]
+    # submitted and voted on before the worker ran: one render shows both
+    assert (item["name"], item["version"], item["crm"]["status"]) == ("approval-sheet", 1, "attached")
+    pdf = world.client.get(item["pdf"], headers=world.auth("u-rep"))  # the submitter
+    assert pdf.status_code == 200 and pdf.mimetype == "application/pdf" and pdf.data == sheet.pdf
+    html = world.client.get(item["html"], headers=world.auth("u-admin"))
+    assert "u-mgr" in html.get_data(as_text=True) and "sandbox" in html.headers["Content-Security-Policy"]
+    assert world.get("u-nobody", f"/requests/{request_id}/documents").status_code == 404
+    missing = world.get("u-mgr", f"/requests/{request_id}/documents/contract.pdf")
+    assert missing.status_code == 404 and missing.get_json()["error"]["code"] == "document_not_found"
+
+    page = signed_in(world, "u-mgr").get(f"/app/requests/{request_id}")
+    assert "Approval sheet" in text(page) and "version 1" in text(page) and "on the CRM record" in text(page)
+    web_pdf = signed_in(world, ADMIN).get(f"/app/requests/{request_id}/documents/approval-sheet.pdf")
+    assert web_pdf.status_code == 200 and web_pdf.data == sheet.pdf
+    assert (
+        signed_in(world, "u-nobody")
+        .get(f"/app/requests/{request_id}/documents/approval-sheet.pdf")
+        .status_code
+        == 404
+    )
