@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,6 +77,32 @@ def sandbox_crm(world: World, tmp_path: Path) -> Iterator[Store]:
     store.close()
 
 
+def save_first_page(pdf: bytes, name: str, tmp_path: Path) -> None:
+    """The PDF's first page as docs/screenshots/<name> (poppler's pdftoppm, `make pdf-deps`)."""
+    if shutil.which("pdftoppm") is None:
+        return
+    source = tmp_path / "page.pdf"
+    source.write_bytes(pdf)
+    target = ROOT / "docs" / "screenshots" / name
+    subprocess.run(
+        [
+            "pdftoppm",
+            "-png",
+            "-r",
+            "80",
+            "-f",
+            "1",
+            "-l",
+            "1",
+            "-singlefile",
+            str(source),
+            str(target.with_suffix("")),
+        ],
+        check=True,
+        timeout=60,
+    )
+
+
 def run_job(world: World) -> dict[str, int]:
     return DocumentJob(str(TEMPLATES))(world.runtime)
 
@@ -92,7 +120,7 @@ def document(world: World, request_id: str, name: str) -> RequestDocument:
 
 
 def test_the_sheet_is_regenerated_after_each_vote_and_replaces_its_crm_file(
-    world: World, sandbox_crm: Store
+    world: World, sandbox_crm: Store, tmp_path: Path
 ) -> None:
     request_id = world.submit("D-1001")
     assert run_job(world) == {"rendered": 1, "attached": 1, "failed": 0}
@@ -117,6 +145,8 @@ def test_the_sheet_is_regenerated_after_each_vote_and_replaces_its_crm_file(
     assert "Status: APPROVED" in text and "u-gm" in text and "u-fin-2" in text
     contract = pdf_text(document(world, request_id, "contract").pdf)
     assert "STANDARD CONTRACT" in contract and "150000" in contract and "u-fin-2" in contract
+
+    save_first_page(sheet.pdf, "approval-sheet.png", tmp_path)
 
     on_record = {a["title"]: a for a in latest_attachments(sandbox_crm, "deal", "D-1001")}
     assert set(on_record) == {"Approval sheet", "Standard contract"}  # one file each, not one per vote
