@@ -150,3 +150,52 @@ def test_the_same_object_in_a_shared_file_and_another_file_is_a_duplicate(tmp_pa
     )
     errors = [str(e) for e in MappingSet.load(tmp_path).errors]
     assert errors and "b.yaml:2: object: hubspot `deals` is already mapped in" in errors[0]
+
+
+# --- documents: (approval sheets and generated documents) ---------------------------------------
+
+DOCUMENT_RULE = """\
+connection: sandbox
+object: deal
+fields: {amount: {api: amount, type: money}}
+rules:
+  - name: big
+    steps: [{name: s, mode: one, approvers: [{user: u1}]}]
+    documents:
+{documents}
+"""
+
+
+def test_documents_compile_to_their_transitions() -> None:
+    text = DOCUMENT_RULE.replace(
+        "{documents}",
+        "      - {name: approval-sheet, template: approval_sheet.html}\n"
+        "      - {name: contract, template: standard_contract.html, on: [approve, step], title: Contract}",
+    )
+    (loaded,) = load(text)
+    sheet, contract = loaded.spec.rules[0].documents
+    assert "submitted" in sheet.on and "step_approved" in sheet.on and "rejected" in sheet.on
+    assert contract.on == frozenset({"approved", "step_approved"}) and contract.label == "Contract"
+
+
+@pytest.mark.parametrize(
+    ("documents", "expected"),
+    [
+        (
+            "      - {name: sheet, template: ../secrets.html}\n",
+            "documents[0].template: expected a template file name ending in .html, got '../secrets.html'",
+        ),
+        (
+            "      - {name: sheet, template: sheet.html, on: aprove}\n",
+            "documents[0].on[0]: 'aprove' is not allowed; expected `every_change`, `submit`",
+        ),
+        (
+            "      - {name: sheet, template: a.html}\n      - {name: sheet, template: b.html}\n",
+            "documents[1].name: duplicate document name `sheet`",
+        ),
+        ("      - {name: 'two words', template: a.html}\n", "documents[0].name: expected a name of letters"),
+    ],
+)
+def test_bad_documents_say_where_and_how_to_fix(documents: str, expected: str) -> None:
+    errors = errors_of(DOCUMENT_RULE.replace("{documents}", documents.rstrip("\n")))
+    assert any(f"rules[0].{expected}" in e for e in errors), errors
