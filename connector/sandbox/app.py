@@ -515,6 +515,7 @@ def _edit_page(
         delivery=state.store.delivery(saved) if saved and saved != "none" else None,
         locked_until=state.store.locked_until(object_type, record_id),
         options=_reference_options(),
+        files=attachments.latest_attachments(state.store, object_type, record_id),
     )
 
 
@@ -744,4 +745,4 @@ def _split(raw: str | None) -> list[str] | None:
 
 
 # Files on records add their routes to the blueprints above (before any app registers them).
-from connector.sandbox import attachments  # noqa: E402, F401
+from connector.sandbox import attachments  # noqa: E402

@@ -10,11 +10,13 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import responses
+from flask import Flask
 from pypdf import PdfReader
 from sqlalchemy import select
 
@@ -63,8 +65,14 @@ def world(
     return world
 
 
+@dataclass
+class SandboxCRM:
+    store: Store
+    app: Flask
+
+
 @pytest.fixture
-def sandbox_crm(world: World, tmp_path: Path) -> Iterator[Store]:
+def sandbox_crm(world: World, tmp_path: Path) -> Iterator[SandboxCRM]:
     """The sandbox CRM's real API, behind `responses` (what the adapter calls)."""
     config = SandboxConfig.from_settings(world.runtime.settings)
     store = Store(config.db_path)
@@ -73,7 +81,7 @@ def sandbox_crm(world: World, tmp_path: Path) -> Iterator[Store]:
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
         attachments = re.compile(rf"{re.escape(base)}/api/v1/objects/deal/[^/]+/attachments(/.*)?$")
         rsps.add_callback(responses.POST, attachments, callback=forward_to(app.test_client()))
-        yield store
+        yield SandboxCRM(store, app)
     store.close()
 
 
@@ -120,7 +128,7 @@ def document(world: World, request_id: str, name: str) -> RequestDocument:
 
 
 def test_the_sheet_is_regenerated_after_each_vote_and_replaces_its_crm_file(
-    world: World, sandbox_crm: Store, tmp_path: Path
+    world: World, sandbox_crm: SandboxCRM, tmp_path: Path
 ) -> None:
     request_id = world.submit("D-1001")
     assert run_job(world) == {"rendered": 1, "attached": 1, "failed": 0}
@@ -148,13 +156,17 @@ def test_the_sheet_is_regenerated_after_each_vote_and_replaces_its_crm_file(
 
     save_first_page(sheet.pdf, "approval-sheet.png", tmp_path)
 
-    on_record = {a["title"]: a for a in latest_attachments(sandbox_crm, "deal", "D-1001")}
+    on_record = {a["title"]: a for a in latest_attachments(sandbox_crm.store, "deal", "D-1001")}
     assert set(on_record) == {"Approval sheet", "Standard contract"}  # one file each, not one per vote
     assert on_record["Approval sheet"]["version"] == sheet.version
     assert on_record["Approval sheet"]["size"] == len(sheet.pdf)
+    page = sandbox_crm.app.test_client().get("/deals/D-1001").get_data(as_text=True)
+    assert "Approval sheet" in page and f"version {sheet.version}" in page
+    download = sandbox_crm.app.test_client().get(f"/files/{on_record['Approval sheet']['id']}")
+    assert download.status_code == 200 and download.data == sheet.pdf
 
 
-def test_the_contract_waits_for_its_event(world: World, sandbox_crm: Store) -> None:
+def test_the_contract_waits_for_its_event(world: World, sandbox_crm: SandboxCRM) -> None:
     request_id = world.submit("D-1001")
     world.vote("u-mgr", request_id)
     run_job(world)
@@ -178,7 +190,7 @@ def test_a_crm_outage_leaves_the_version_pending_for_the_next_run(world: World) 
 
 
 def test_rendering_holds_no_database_write_lock(
-    world: World, sandbox_crm: Store, monkeypatch: pytest.MonkeyPatch
+    world: World, sandbox_crm: SandboxCRM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While the PDF is made, another writer stores a webhook (SQLite: any open transaction
     would hold the write lock and block it)."""
@@ -254,7 +266,7 @@ def test_pdfs_read_no_file_outside_the_templates_folder(tmp_path: Path) -> None:
 
 
 def test_documents_are_listed_and_downloaded_by_who_may_see_the_request(
-    world: World, sandbox_crm: Store
+    world: World, sandbox_crm: SandboxCRM
 ) -> None:
     request_id = world.submit("D-1001")
     world.vote("u-mgr", request_id)
