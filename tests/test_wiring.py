@@ -41,7 +41,7 @@ def test_build_runtime_attaches_the_pipeline_and_its_collaborators(built: Runtim
         "zoho_channels",
         "people",
     ]
-    assert [job.name for job in built.flush_jobs] == ["notifications"]
+    assert [job.name for job in built.flush_jobs] == ["notifications", "documents"]
 
 
 def test_each_runtime_sweeps_only_its_own_jobs(
