@@ -296,3 +296,35 @@ def test_documents_are_listed_and_downloaded_by_who_may_see_the_request(
         .status_code
         == 404
     )
+
+
+def test_on_postgresql_too(
+    tmp_path: Path,
+    settings_factory: Callable[..., Settings],
+    runtime_factory: Callable[[Settings], Runtime],
+    pg_url: str,
+) -> None:
+    world = web_world(
+        tmp_path,
+        settings_factory,
+        runtime_factory,
+        env={"SANDBOX_DB_PATH": str(tmp_path / "sandbox.db")},
+        documents_templates_dir=str(TEMPLATES),
+        database_url=pg_url,
+    )
+    write_mapping(
+        world.mapping_file, BIG_DEAL_RULE.replace("    on:\n", DOCUMENTS + "    on:\n", 1), BOARD_RULE
+    )
+    world.pipeline.mappings.reload()
+    request_id = world.submit("D-1001")
+    world.vote("u-mgr", request_id, comment="Checked on PostgreSQL")
+    with responses.RequestsMock() as rsps:  # the CRM is down: the document is kept, pending
+        rsps.add(responses.POST, re.compile(r".*/attachments$"), status=503)
+        assert run_job(world)["rendered"] == 1
+    sheet = document(world, request_id, "approval-sheet")
+    assert "Checked on PostgreSQL" in pdf_text(sheet.pdf) and sheet.crm_status == "pending"
+    world.vote("u-gm", request_id)
+    with responses.RequestsMock() as rsps:
+        rsps.add(responses.POST, re.compile(r".*/attachments$"), status=503)
+        assert run_job(world)["rendered"] == 1
+    assert document(world, request_id, "approval-sheet").version == 2

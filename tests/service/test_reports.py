@@ -3,11 +3,13 @@ figures are computed from rows written with known times, so each number is check
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydantic import ValidationError
 
+from connector.config import Settings
 from connector.runtime import Runtime
 from connector.service.reports import Durations, ReportFilters, build_report, format_duration
 from connector.storage.db import transaction
@@ -77,8 +79,20 @@ def add_request(
         )
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(
+    request: pytest.FixtureRequest,
+    settings_factory: Callable[..., Settings],
+    runtime_factory: Callable[[Settings], Runtime],
+) -> Runtime:
+    if request.param == "sqlite":
+        return runtime_factory(settings_factory())
+    return runtime_factory(settings_factory(database_url=request.getfixturevalue("pg_url")))
+
+
 @pytest.fixture
-def history(runtime: Runtime) -> Runtime:
+def history(database: Runtime) -> Runtime:
+    runtime = database
     with transaction(runtime.sessions) as s:
         # manager took 1h, 2h, 10h; finance 4h then open; one rejection at the manager
         add_request(
