@@ -13,6 +13,7 @@ lock); each write is one short transaction that re-checks what it is about to re
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,6 +38,7 @@ from connector.storage.models import ApprovalRequestRow, ApprovalTransitionRow
 log = logging.getLogger(__name__)
 BATCH = 20  # documents rendered or attached per run; the next run takes the rest
 MAX_BACKOFF = timedelta(hours=1)
+RENDER_RETRY_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -164,8 +166,12 @@ class RunReport:
 class DocumentJob:
     """The flush/sweep job (connector/wiring.py): render what is due, attach what is pending."""
 
-    def __init__(self, templates_dir: str) -> None:
+    def __init__(self, templates_dir: str, clock: Any = time.monotonic) -> None:
         self.renderer = DocumentRenderer(templates_dir)
+        self.clock = clock
+        # A broken template fails again until an admin fixes it: try each such render again
+        # after RENDER_RETRY_SECONDS, not on every flush (the log says it once per try).
+        self._render_failures: dict[tuple[str, str, int], float] = {}
 
     def __call__(self, runtime: Any) -> dict[str, int]:
         report = RunReport()
@@ -181,6 +187,9 @@ class DocumentJob:
             self._render_one(runtime, item, report)
 
     def _render_one(self, runtime: Any, item: DueDocument, report: RunReport) -> None:
+        key = (item.request_id, item.document.name, item.seq)
+        if self.clock() < self._render_failures.get(key, 0.0):
+            return
         with runtime.sessions() as session:
             stored = store.load(session, item.request_id)
             row = _row(session, item.request_id, item.document.name)
@@ -192,6 +201,7 @@ class DocumentJob:
                 item.document.template, document_variables(stored, item.document, version)
             )
         except DocumentTemplateError as exc:
+            self._render_failures[key] = self.clock() + RENDER_RETRY_SECONDS
             report.failed += 1
             log_event(log, logging.ERROR, "document_render_failed", "%s", exc, request_id=item.request_id)
             return

@@ -328,3 +328,24 @@ def test_on_postgresql_too(
         rsps.add(responses.POST, re.compile(r".*/attachments$"), status=503)
         assert run_job(world)["rendered"] == 1
     assert document(world, request_id, "approval-sheet").version == 2
+
+
+def test_a_broken_template_is_logged_and_tried_again_later_not_on_every_flush(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "broken-templates"
+    folder.mkdir()
+    (folder / "approval_sheet.html").write_text("<p>{{ request.nope.deeper }}</p>")
+    (folder / "standard_contract.html").write_text("<p>fine</p>")
+    now = [1000.0]
+    job = DocumentJob(str(folder), clock=lambda: now[0])
+    request_id = world.submit("D-1001")
+    assert job(world.runtime)["failed"] == 1
+    assert "approval_sheet.html" in caplog.text and "nope" in caplog.text
+    assert job(world.runtime)["failed"] == 0  # not again at once
+    (folder / "approval_sheet.html").write_text("<p>{{ request.id }}</p>")  # the admin fixes it
+    now[0] += 601
+    with responses.RequestsMock() as rsps:
+        rsps.add(responses.POST, re.compile(r".*/attachments$"), status=503)
+        assert job(world.runtime)["rendered"] == 1
+    assert request_id in pdf_text(document(world, request_id, "approval-sheet").pdf)
