@@ -229,14 +229,19 @@ class SalesforceAdapter(CRMAdapter):
         else:
             body["ContentDocumentId"] = replaces
             body["ReasonForChange"] = "Regenerated after the approval moved on"
-        with self._translated():
-            created = self._client().restful(
-                "sobjects/ContentVersion",
-                method="POST",
-                json=body,
-                headers=self._call_options(),
-                timeout=self.timeout,
-            )
+        try:
+            with self._translated():
+                created = self._client().restful(
+                    "sobjects/ContentVersion",
+                    method="POST",
+                    json=body,
+                    headers=self._call_options(),
+                    timeout=self.timeout,
+                )
+        except FatalError as exc:
+            if replaces is None or exc.code not in FILE_GONE_CODES:
+                raise
+            return self.attach_file(object_type, record_id, file, None)  # deleted in Salesforce: anew
         if not isinstance(created, dict) or not created.get("id"):
             raise FatalError(f"Salesforce answered the ContentVersion insert with {str(created)[:200]}")
         if replaces is not None:
@@ -429,6 +434,10 @@ def login_domain(connection: ConnectionConfig, mode: str) -> str:
             f"(e.g. acme.my or acme--uat.sandbox.my), not {domain!r}"
         )
     return domain
+
+
+# A ContentDocument someone deleted (or emptied from the recycle bin): the next version starts anew.
+FILE_GONE_CODES = frozenset({"INVALID_CROSS_REFERENCE_KEY", "ENTITY_IS_DELETED"})
 
 
 def api_version(connection: ConnectionConfig) -> str:
