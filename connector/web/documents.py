@@ -16,6 +16,8 @@ HTML_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; san
 
 
 def visible_document(request_id: str, name: str) -> RequestDocument:
+    if "\x00" in request_id or "\x00" in name:  # no such request (and PostgreSQL refuses NUL)
+        raise NotFound()
     with runtime().sessions() as session:
         load_visible(session, request_id)  # 404 for whoever may not see the request
         for document in documents_of(session, request_id):
