@@ -3,6 +3,8 @@ with the stored record changes, beside what happened (connector/service/simulate
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 from rich import box
 from rich.console import Console
@@ -12,7 +14,11 @@ from rich.text import Text
 from connector.cli import Context, pass_context
 from connector.commands.database import command_session
 from connector.service.request_query import MOMENT_FORMS, parse_moment
-from connector.service.simulate import EXAMPLES_SHOWN, RuleImpact, Simulation, simulate
+
+if TYPE_CHECKING:  # the service imports the pipeline and so the metrics: not at start-up
+    from connector.service.simulate import RuleImpact, Simulation
+
+EXAMPLES_SHOWN = 5  # records shown per difference
 
 
 @click.command("simulate")
@@ -40,6 +46,7 @@ def simulate_command(ctx: Context, mappings_dir: str, since: str, examples: int)
     """
     from connector.clock import utcnow
     from connector.rules import MappingSet
+    from connector.service.simulate import simulate
 
     try:
         start = parse_moment(since, utcnow())

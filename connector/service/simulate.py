@@ -29,7 +29,6 @@ from connector.service.pipeline import CaseInsensitive, effective_changes
 from connector.storage.approval_store import RecordKey
 from connector.storage.models import DONE, ApprovalRequestRow, ApprovalStepRow, InboxEvent
 
-EXAMPLES_SHOWN = 5
 PAGE = 1000  # inbox rows read at a time: memory stays flat on a long history
 
 Chain = tuple[str, ...]  # "step: approver, approver" per step that applies
