@@ -32,7 +32,13 @@ EXAMPLES_SHOWN = 5  # records shown per difference
 @click.option(
     "--since", default="90d", show_default=True, help=f"Replay changes received since: {MOMENT_FORMS}."
 )
-@click.option("--examples", default=EXAMPLES_SHOWN, show_default=True, help="Records shown per difference.")
+@click.option(
+    "--examples",
+    type=click.IntRange(0, 1000),
+    default=EXAMPLES_SHOWN,
+    show_default=True,
+    help="Records shown per difference.",
+)
 @pass_context
 def simulate_command(ctx: Context, mappings_dir: str, since: str, examples: int) -> None:
     """Replay the stored record changes through proposed mapping files, and compare.
@@ -42,7 +48,7 @@ def simulate_command(ctx: Context, mappings_dir: str, since: str, examples: int)
     is written: no request, no write-back, no audit entry.
 
     The replay starts each record empty at --since and keeps a request open once sent
-    (votes are not replayed); docs/reports.md#simulate explains the rules.
+    (votes are not replayed); docs/reports.md#impact-simulation explains the rules.
     """
     from connector.clock import utcnow
     from connector.rules import MappingSet
