@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from connector.approvals.spec import DocumentSpec, MappingSpec, RuleSpec
 from connector.clock import utcnow
 from connector.crm.base import AttachmentsUnsupported, FileUpload
+from connector.directory.service import find_person
 from connector.documents.models import ATTACHED, FAILED, PENDING, UNSUPPORTED, RequestDocument
 from connector.documents.render import DocumentRenderer, DocumentTemplateError, file_name
 from connector.errors import FatalError, RetriableError
@@ -83,13 +84,33 @@ def _documents(mappings: MappingSet) -> Iterator[tuple[MappingSpec, RuleSpec, Do
                 yield spec, rule, document
 
 
-def document_variables(stored: StoredRequest, document: DocumentSpec, version: int) -> dict[str, Any]:
-    """What a document template sees (docs/documents.md#variables): plain values only."""
+def _names(session: Session, stored: StoredRequest) -> dict[str, str]:
+    """Display names from the user directory for everyone the request names."""
+    request = stored.request
+    ids = {
+        request.submitter,
+        *(a for s in request.steps for a in s.approvers),
+        *(v.approver for v in request.votes),
+    }
+    found = {}
+    for user_id in ids:
+        person = find_person(session, stored.record.connection, user_id)
+        if person is not None and person.name:
+            found[user_id] = person.name
+    return found
+
+
+def document_variables(
+    stored: StoredRequest, document: DocumentSpec, version: int, names: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """What a document template sees (docs/documents.md#variables): plain values only. People
+    are named by the user directory where it knows them, else by their CRM user id."""
+    names = names or {}
     request = stored.request
     values = dict(request.record)
     steps = sorted(request.steps, key=lambda s: (s.entered_at, s.index, s.round))
     step_names = {(s.index, s.round): s.name for s in request.steps}
-    approvers = sorted({v.approver for v in request.votes if v.decision == "approve"})
+    approvers = sorted({names.get(v.approver, v.approver) for v in request.votes if v.decision == "approve"})
     title = values.get("name") or values.get("title") or stored.record.ref
     return {
         "document": {
@@ -102,7 +123,7 @@ def document_variables(stored: StoredRequest, document: DocumentSpec, version: i
             "id": request.id,
             "rule": request.rule_name,
             "status": request.status,
-            "submitter": request.submitter,
+            "submitter": names.get(request.submitter, request.submitter),
             "submitted_at": request.submitted_at,
             "approved_at": request.approved_at,
             "closed_at": request.closed_at,
@@ -122,7 +143,7 @@ def document_variables(stored: StoredRequest, document: DocumentSpec, version: i
                 "round": s.round,
                 "name": s.name,
                 "mode": s.mode,
-                "approvers": list(s.approvers),
+                "approvers": [names.get(a, a) for a in s.approvers],
                 "status": s.status,
                 "entered_at": s.entered_at,
                 "left_at": s.left_at,
@@ -133,7 +154,8 @@ def document_variables(stored: StoredRequest, document: DocumentSpec, version: i
             {
                 "at": v.at,
                 "step": step_names.get((v.step_index, v.round), str(v.step_index + 1)),
-                "approver": v.approver,
+                "approver": names.get(v.approver, v.approver),
+                "approver_id": v.approver,
                 "decision": v.decision,
                 "comment": v.comment,
                 "acting_admin": v.acting_admin,
@@ -141,7 +163,13 @@ def document_variables(stored: StoredRequest, document: DocumentSpec, version: i
             for v in sorted(request.votes, key=lambda v: v.at)
         ],
         "history": [
-            {"at": t.at, "kind": t.kind, "actor": t.actor, "comment": t.comment} for t in request.transitions
+            {
+                "at": t.at,
+                "kind": t.kind,
+                "actor": names.get(t.actor, t.actor) if t.actor else None,
+                "comment": t.comment,
+            }
+            for t in request.transitions
         ],
         "values": values,  # the record's fields by canonical name: {{ values.amount }}
         "approvers": approvers,
@@ -194,11 +222,12 @@ class DocumentJob:
             stored = store.load(session, item.request_id)
             row = _row(session, item.request_id, item.document.name)
             version = (row.version if row is not None else 0) + 1
+            names = _names(session, stored) if stored is not None else {}
         if stored is None:
             return
         try:
             rendered = self.renderer.render(
-                item.document.template, document_variables(stored, item.document, version)
+                item.document.template, document_variables(stored, item.document, version, names)
             )
         except DocumentTemplateError as exc:
             self._render_failures[key] = self.clock() + RENDER_RETRY_SECONDS

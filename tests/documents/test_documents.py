@@ -21,6 +21,7 @@ from pypdf import PdfReader
 from sqlalchemy import select
 
 from connector.config import Settings
+from connector.crm.base import CRMUser
 from connector.documents import render as render_module
 from connector.documents.models import RequestDocument
 from connector.documents.render import DocumentRenderer, DocumentTemplateError
@@ -32,7 +33,7 @@ from connector.sandbox.store import Store
 from connector.storage.inbox import accept
 from tests.sandbox.test_sandbox import forward_to
 from tests.service.test_approval_service import webhook
-from tests.web.helpers import ADMIN, signed_in, text, web_world
+from tests.web.helpers import ADMIN, seed_directory, signed_in, text, web_world
 from tests.webhooks.test_api import BIG_DEAL_RULE, BOARD_RULE, World, write_mapping
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -349,3 +350,14 @@ def test_a_broken_template_is_logged_and_tried_again_later_not_on_every_flush(
         rsps.add(responses.POST, re.compile(r".*/attachments$"), status=503)
         assert job(world.runtime)["rendered"] == 1
     assert request_id in pdf_text(document(world, request_id, "approval-sheet").pdf)
+
+
+def test_people_are_named_by_the_user_directory(world: World) -> None:
+    seed_directory(world.runtime, [CRMUser("u-mgr", "Boris Novak", email="boris@example.com")])
+    request_id = world.submit("D-1001")
+    world.vote("u-mgr", request_id, comment="ok")
+    with responses.RequestsMock() as rsps:
+        rsps.add(responses.POST, re.compile(r".*/attachments$"), status=503)
+        run_job(world)
+    text_of_pdf = pdf_text(document(world, request_id, "approval-sheet").pdf)
+    assert "Boris Novak" in text_of_pdf and "u-rep" in text_of_pdf  # u-rep: the directory's name is the id
