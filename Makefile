@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CATALOGUES := $(wildcard connector/web/translations/*/LC_MESSAGES/messages.po)
 COMPILED := $(CATALOGUES:.po=.mo)
 
-.PHONY: run test lint bench clean messages browser
+.PHONY: run test lint bench clean messages browser pdf-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ run: $(STAMP) $(COMPILED) .env
 	$(BIN)/crm-approvals run
 
 ## test: install the dev extras and run the whole suite
-test: $(STAMP) $(COMPILED) browser
+test: $(STAMP) $(COMPILED) browser pdf-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -46,6 +46,13 @@ browser:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	else echo "chromium/chromedriver not found and cannot install them: the browser tests will skip"; fi
+
+## pdf-deps: pango for WeasyPrint (PDF documents) and poppler-utils (pdftoppm, the docs' page image)
+pdf-deps:
+	@if ldconfig -p 2>/dev/null | grep -q libpango-1.0 && command -v pdftoppm >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core poppler-utils; \
+	else echo "pango/poppler-utils not found and cannot install them: the document tests will skip"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

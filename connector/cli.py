@@ -323,6 +323,8 @@ COMMAND_MODULES = (
     "connector.commands.requests",
     "connector.commands.people",
     "connector.commands.delegation",
+    "connector.commands.report",
+    "connector.commands.simulate",
 )
 
 

@@ -156,6 +156,7 @@ class Settings:
     queue_url: str = DEFAULT_QUEUE_URL
     connections: Mapping[str, ConnectionConfig] = field(default_factory=dict)
     mappings_dir: str = "mappings"
+    documents_templates_dir: str = "templates/documents"  # approval sheets, generated documents
     public_base_url: str = "http://127.0.0.1:8000"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -212,6 +213,7 @@ class Settings:
             queue_url=env.get("QUEUE_URL") or DEFAULT_QUEUE_URL,
             connections=parse_connections(env),
             mappings_dir=env.get("MAPPINGS_DIR") or "mappings",
+            documents_templates_dir=env.get("DOCUMENTS_TEMPLATES_DIR") or "templates/documents",
             public_base_url=(env.get("PUBLIC_BASE_URL") or "http://127.0.0.1:8000").rstrip("/"),
             host=env.get("HOST") or "127.0.0.1",
             port=_int(env, "PORT", 8000),

@@ -7,6 +7,7 @@ import logging
 
 from connector.config import Settings
 from connector.directory.org import DirectoryOrg
+from connector.documents.service import DocumentJob
 from connector.notify.queue import NotificationQueue
 from connector.notify.sender import send_now
 from connector.notify.sender import sweep as people_sweep
@@ -61,6 +62,8 @@ def attach_pipeline(runtime: Runtime, mappings: MappingSet) -> Pipeline:
     runtime.flush_jobs = [
         SweepJob("notifications", send_now),  # queued notifications go out promptly
         SweepJob("service_steps", service_steps.run_due),  # checks and duplicate checks just opened
+        # Approval sheets and generated documents: rendered after each vote, attached to the record.
+        SweepJob("documents", DocumentJob(runtime.settings.documents_templates_dir)),
     ]
     # "A step opens for you" messages carry one-click Approve / Reject links to the web app.
     runtime.link_providers = [decision_link_provider(runtime.settings)]

@@ -45,7 +45,7 @@ def test_build_runtime_attaches_the_pipeline_and_its_collaborators(built: Runtim
         "service_steps",  # issue 12: checks retried, callbacks timed out
     ]
     assert built.approvals is not None and built.approvals.timers is not None
-    assert [job.name for job in built.flush_jobs] == ["notifications", "service_steps"]
+    assert [job.name for job in built.flush_jobs] == ["notifications", "service_steps", "documents"]
 
 
 def test_each_runtime_sweeps_only_its_own_jobs(

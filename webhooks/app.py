@@ -20,7 +20,7 @@ from connector.service.pipeline import refresh_mappings
 from connector.web import app as web_app
 from connector.wiring import build_runtime
 from connector.worker import Tasks, make_huey
-from webhooks import api, checks, dead_letters_api, delegations_api, ops
+from webhooks import api, checks, dead_letters_api, delegations_api, documents_api, ops
 from webhooks.errors import WebhookError, refusal
 from webhooks.intake import Intake, intake_module, log_rejection, report_unconfigured_secrets
 
@@ -44,6 +44,7 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
         api.blueprint,
         delegations_api.blueprint,
         dead_letters_api.blueprint,
+        documents_api.blueprint,
         ops.blueprint,
         web_app.blueprint,
     ):

@@ -204,6 +204,21 @@ class CrmVoteSpec:
 
 
 @dataclass(frozen=True)
+class DocumentSpec:
+    """A document a rule produces from an admin template (connector/documents/): rendered
+    again on each of `on` (transition kinds of the request), stored, attached to the record."""
+
+    name: str  # unique in the rule; also the file name's stem
+    template: str  # file name in DOCUMENTS_TEMPLATES_DIR
+    on: frozenset[str]  # transition kinds (connector.approvals.lifecycle.TransitionKind)
+    title: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.title or self.name
+
+
+@dataclass(frozen=True)
 class RuleSpec:
     name: str
     when: Criterion
@@ -225,6 +240,7 @@ class RuleSpec:
     same_approver: SameApprover = "ask_each_step"
     # issue 12: approvals of related records that must be in force before this one starts
     requires: tuple[Requirement, ...] = ()
+    documents: tuple[DocumentSpec, ...] = ()  # approval sheets and generated documents
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,11 @@ def _approver_ids(item: LoadedMapping) -> list[tuple[str, KeyPath]]:
     found: list[tuple[str, KeyPath]] = []
     for name, members in spec.roles.items():
         section = "roles" if ("roles", name) in item.lines else "groups"
-        found += [(user, (section, name, i)) for i, user in enumerate(members)]
+        where: KeyPath = (section, name)
+        for own in ((*item.prefix, "roles", name), (*item.prefix, "groups", name)):
+            if item.prefix and own in item.lines:  # this connection's own ids in a shared file
+                where = own
+        found += [(user, (*where, i)) for i, user in enumerate(members)]
     for r, rule in enumerate(spec.rules):
         for s_, step in enumerate(rule.steps):
             for a, source in enumerate(step.approvers):
@@ -124,7 +128,8 @@ def check_api_fields(item: LoadedMapping, describe: DescribeFn) -> list[MappingE
     except Exception as exc:  # a CRM outage must not hide the other files' results
         message = f"could not describe {spec.connection} `{spec.object_type}`: {exc}"
         hint = "is the CRM reachable with the configured credentials? --no-crm checks the files only"
-        return [MappingError(spec.source_path, item.lines.get(("object",), 1), "object", message, hint)]
+        key = format_path((*item.prefix, "object"))
+        return [MappingError(spec.source_path, item.line_of("object"), key, message, hint)]
     if described is None:
         return []
     names = set(described)
@@ -135,8 +140,9 @@ def check_api_fields(item: LoadedMapping, describe: DescribeFn) -> list[MappingE
             continue
         problem = _api_problem(field, names, lowered)
         if problem is not None:
-            line = item.lines.get(("fields", field.name), 1)
-            errors.append(MappingError(spec.source_path, line, f"fields.{field.name}", *problem))
+            line = item.line_of("fields", field.name)
+            key = format_path((*item.prefix, "fields", field.name))
+            errors.append(MappingError(spec.source_path, line, key, *problem))
     return errors
 
 

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from connector.config import ConnectionConfig, Settings
-from connector.crm.errors import AuthError, AuthExpiredError
+from connector.crm.errors import AuthError, AuthExpiredError, FatalError
 from connector.crm.retry import RetryPolicy
 from connector.events import RecordChangeEvent
 from connector.metrics import timed_crm_call
@@ -123,6 +123,21 @@ def query_record_id(record: Mapping[str, Any]) -> str:
     raise KeyError(f"a queried record carries no id: {sorted(record)}")
 
 
+@dataclass(frozen=True)
+class FileUpload:
+    """A document to attach to a record (connector/documents/)."""
+
+    filename: str  # e.g. "approval-sheet v3.pdf"
+    title: str  # what people see in the CRM, e.g. "Approval sheet"
+    content: bytes
+    content_type: str = "application/pdf"
+    document: str = ""  # the document's name in the mapping file, e.g. approval-sheet
+
+
+class AttachmentsUnsupported(FatalError):
+    """This CRM connection cannot hold files for the record (or is not configured to)."""
+
+
 class CRMAdapter(ABC):
     """Reads and writes records of one CRM connection."""
 
@@ -205,6 +220,12 @@ class CRMAdapter(ABC):
     def refresh_auth(self) -> bool:
         """Renew the session after a 401. Returns False where the auth mode cannot."""
         return False
+
+    def attach_file(self, object_type: str, record_id: str, file: FileUpload, replaces: str | None) -> str:
+        """Put `file` on the record as the new version of `replaces` (the reference this method
+        returned for the previous version; None for the first), so one file per document
+        stays on the record. Returns the reference of what the CRM now holds."""
+        raise AttachmentsUnsupported(f"{self.kind} connections cannot attach files to records yet")
 
     @property
     def api_usage(self) -> ApiUsage | None:

@@ -10,6 +10,7 @@ halt=0, each command's result or error mapped back to its record.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,7 +24,17 @@ import requests
 
 from connector.config import ConfigError, ConnectionConfig
 from connector.crm.auth import OAuthTokens, TokenAnswer, TokenEndpoint, TokenRefused, mask
-from connector.crm.base import CRMAdapter, CRMQueue, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
+from connector.crm.base import (
+    AttachmentsUnsupported,
+    CRMAdapter,
+    CRMQueue,
+    CRMUser,
+    FieldInfo,
+    FileUpload,
+    RecordUpdate,
+    UpdateResult,
+    chunked,
+)
 from connector.crm.errors import (
     AuthError,
     AuthExpiredError,
@@ -516,6 +527,28 @@ class Bitrix24Adapter(CRMAdapter):
         return [
             refused.get(i) or self._command_result(u, f"u{i}", done, failed) for i, u in enumerate(updates)
         ]
+
+    def attach_file(self, object_type: str, record_id: str, file: FileUpload, replaces: str | None) -> str:
+        """Into the record's "File" user field named by <NAME>_FILE_FIELD_<DOCUMENT> (e.g.
+        `B24_FILE_FIELD_APPROVAL_SHEET=UF_CRM_1712345678`): uploading a new file into a
+        single-file field replaces the old one. Returns the field's name."""
+        variable = "FILE_FIELD_" + re.sub(r"[^A-Z0-9]+", "_", file.document.upper()).strip("_")
+        field = self.connection.get(variable)
+        if not field:
+            raise AttachmentsUnsupported(
+                f"Bitrix24 connection {self.connection.name!r} has no file field for document "
+                f"{file.document!r}: create a single-file user field of type File on the {object_type} "
+                f"and set {self.connection.env_prefix}{variable} to its code (e.g. UF_CRM_1712345678)"
+            )
+        target = bitrix_object(object_type)
+        encoded = base64.b64encode(file.content).decode("ascii")
+        update = RecordUpdate(record_id, {field: {"fileData": [file.filename, encoded]}})
+        result = self._call(
+            lambda: self._call_method(target.method("update"), target.update_params(update)), idempotent=False
+        )
+        if result.get("result") in (None, False):
+            raise FatalError(f"{target.method('update')} did not store {file.filename}: {str(result)[:200]}")
+        return field
 
     def _command_result(
         self, update: RecordUpdate, key: str, done: Mapping[str, Any], failed: Mapping[str, Any]

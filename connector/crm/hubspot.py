@@ -21,10 +21,21 @@ from urllib.parse import quote
 
 import requests
 
+from connector.clock import utcnow
 from connector.config import ConfigError, ConnectionConfig, Settings
 from connector.crm.auth import OAuthTokens, TokenAnswer, TokenEndpoint, TokenRefused
-from connector.crm.base import CRMAdapter, CRMQueue, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
-from connector.crm.errors import CRMError, FatalError, RateLimitedError, parse_retry_after
+from connector.crm.base import (
+    AttachmentsUnsupported,
+    CRMAdapter,
+    CRMQueue,
+    CRMUser,
+    FieldInfo,
+    FileUpload,
+    RecordUpdate,
+    UpdateResult,
+    chunked,
+)
+from connector.crm.errors import CRMError, FatalError, NotFoundError, RateLimitedError, parse_retry_after
 from connector.crm.http import raise_for_status, send
 from connector.crm.retry import RetryPolicy
 from connector.events import RecordChangeEvent
@@ -35,6 +46,9 @@ BATCH_LIMIT = 100  # batch read/update inputs per call
 SEARCH_PAGE_SIZE = 100  # the search API allows up to 200
 OWNERS_PAGE_SIZE = 100  # GET /crm/v3/owners takes limit up to 100
 OK_OR_MULTI_STATUS = (200, 207)
+DOCUMENTS_FOLDER = "/crm-approvals"  # file manager folder of approval sheets and documents
+# HubSpot-defined association type ids, note -> record (docs: associations v4 type ids)
+NOTE_ASSOCIATIONS = {"contacts": 202, "companies": 190, "deals": 214, "tickets": 228}
 # Error categories of a per-record failure that may succeed on a later attempt.
 RETRIABLE_CATEGORIES = frozenset({"RATE_LIMITS", "INTERNAL_ERROR", "TIMEOUT"})
 # Contacts name their modification date differently from every other object.
@@ -270,6 +284,77 @@ class HubSpotAdapter(CRMAdapter):
     def _authorization(self) -> dict[str, str]:
         token = self.oauth_tokens.current().value if self.oauth_tokens else self._private_app_token
         return {"Authorization": f"Bearer {token}"}
+
+    # --- documents ----------------------------------------------------------------------
+
+    def attach_file(self, object_type: str, record_id: str, file: FileUpload, replaces: str | None) -> str:
+        """A private file in the file manager, shown on the record by one note that carries it
+        (hs_attachment_ids). A new version: upload it, point the same note at it, delete the
+        old file. Returns `<note id>/<file id>`."""
+        association = NOTE_ASSOCIATIONS.get(object_type.lower())
+        if association is None:
+            raise AttachmentsUnsupported(
+                f"HubSpot notes cannot be associated with {object_type!r} here; "
+                f"documents attach to {', '.join(sorted(NOTE_ASSOCIATIONS))}"
+            )
+        file_id = self._upload_file(file)
+        body = f"{file.title}: {file.filename}"
+        properties = {"hs_attachment_ids": file_id, "hs_note_body": body}
+        if replaces is not None:
+            note_id, _, old_file = replaces.partition("/")
+            try:
+                self._call(
+                    lambda: self._request(
+                        "PATCH", f"/crm/v3/objects/notes/{note_id}", {"properties": properties}
+                    )
+                )
+            except NotFoundError:
+                pass  # someone deleted the note: make a new one below
+            else:
+                if old_file:
+                    self._call(lambda: self._request("DELETE", f"/files/v3/files/{old_file}"))
+                return f"{note_id}/{file_id}"
+        note = self._call(
+            lambda: self._request(
+                "POST",
+                "/crm/v3/objects/notes",
+                {
+                    "properties": {**properties, "hs_timestamp": utcnow().isoformat()},
+                    "associations": [
+                        {
+                            "to": {"id": record_id},
+                            "types": [
+                                {"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": association}
+                            ],
+                        }
+                    ],
+                },
+            ),
+            idempotent=False,
+        )
+        return f"{note['id']}/{file_id}"
+
+    def _upload_file(self, file: FileUpload) -> str:
+        def upload() -> Any:
+            response = send(
+                self.session,
+                "POST",
+                self.base_url + "/files/v3/files",
+                self.timeout,
+                headers=self._authorization(),
+                files={"file": (file.filename, file.content, file.content_type)},
+                data={
+                    "folderPath": DOCUMENTS_FOLDER,
+                    "fileName": file.filename.removesuffix(".pdf"),
+                    "options": json.dumps({"access": "PRIVATE", "overwrite": False}),
+                },
+            )
+            if response.status_code == 429:
+                raise rate_limited(response)
+            raise_for_status(response, read_hubspot_error)
+            return response.json()
+
+        return str(self._call(upload, idempotent=False)["id"])
 
     # --- HTTP ---------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ every CRM, and a session-id connection can say that it cannot renew.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import threading
@@ -35,6 +36,7 @@ from connector.crm.base import (
     CRMQueue,
     CRMUser,
     FieldInfo,
+    FileUpload,
     RecordUpdate,
     UpdateResult,
 )
@@ -242,6 +244,45 @@ class SalesforceAdapter(CRMAdapter):
             )
         return [record_result(update, result) for update, result in zip(updates, results, strict=True)]
 
+    def attach_file(self, object_type: str, record_id: str, file: FileUpload, replaces: str | None) -> str:
+        """Salesforce Files: the first version is a ContentVersion published to the record
+        (FirstPublishLocationId links it); later ones are new ContentVersions of the same
+        ContentDocument, so the record shows one file with a version history. Returns the
+        ContentDocumentId."""
+        body: dict[str, Any] = {
+            "Title": file.title,
+            "PathOnClient": file.filename,
+            "VersionData": base64.b64encode(file.content).decode("ascii"),
+        }
+        if replaces is None:
+            body["FirstPublishLocationId"] = record_id
+        else:
+            body["ContentDocumentId"] = replaces
+            body["ReasonForChange"] = "Regenerated after the approval moved on"
+        try:
+            with self._translated():
+                created = self._client().restful(
+                    "sobjects/ContentVersion",
+                    method="POST",
+                    json=body,
+                    headers=self._call_options(),
+                    timeout=self.timeout,
+                )
+        except FatalError as exc:
+            if replaces is None or exc.code not in FILE_GONE_CODES:
+                raise
+            return self.attach_file(object_type, record_id, file, None)  # deleted in Salesforce: anew
+        if not isinstance(created, dict) or not created.get("id"):
+            raise FatalError(f"Salesforce answered the ContentVersion insert with {str(created)[:200]}")
+        if replaces is not None:
+            return replaces
+        soql = format_soql("SELECT ContentDocumentId FROM ContentVersion WHERE Id = {}", str(created["id"]))
+        with self._translated():
+            rows = self._client().query(soql, timeout=self.timeout).get("records", [])
+        if not rows:
+            raise FatalError(f"Salesforce created ContentVersion {created['id']} but cannot find it")
+        return str(rows[0]["ContentDocumentId"])
+
     def _call_options(self) -> dict[str, str]:
         # Names us in CDC's changeOrigin ("...;client=<id>"), which is_own_change looks for.
         return {"Sforce-Call-Options": f"client={self.client_id}"} if self.client_id else {}
@@ -423,6 +464,10 @@ def login_domain(connection: ConnectionConfig, mode: str) -> str:
             f"(e.g. acme.my or acme--uat.sandbox.my), not {domain!r}"
         )
     return domain
+
+
+# A ContentDocument someone deleted (or emptied from the recycle bin): the next version starts anew.
+FILE_GONE_CODES = frozenset({"INVALID_CROSS_REFERENCE_KEY", "ENTITY_IS_DELETED"})
 
 
 def api_version(connection: ConnectionConfig) -> str:

@@ -16,8 +16,16 @@ from urllib.parse import quote
 import requests
 
 from connector.config import ConnectionConfig, Settings
-from connector.crm.base import CRMAdapter, CRMQueue, CRMUser, FieldInfo, RecordUpdate, UpdateResult
-from connector.crm.errors import FatalError
+from connector.crm.base import (
+    CRMAdapter,
+    CRMQueue,
+    CRMUser,
+    FieldInfo,
+    FileUpload,
+    RecordUpdate,
+    UpdateResult,
+)
+from connector.crm.errors import FatalError, NotFoundError
 from connector.crm.http import json_error_reader, raise_for_status, send
 from connector.crm.retry import RetryPolicy
 from connector.events import RecordChangeEvent
@@ -158,6 +166,30 @@ class SandboxAdapter(CRMAdapter):
             )
             for f in body["fields"]
         ]
+
+    def attach_file(self, object_type: str, record_id: str, file: FileUpload, replaces: str | None) -> str:
+        """A new version of the same attachment when there is one (a version history, as
+        Salesforce Files); a new attachment the first time or when someone deleted it."""
+        base = f"{self._objects(object_type)}/{quote(record_id, safe='')}/attachments"
+        upload = {"file": (file.filename, file.content, file.content_type)}
+        if replaces is not None:
+            try:
+                body = self._call(
+                    lambda: self._request(
+                        "POST",
+                        f"{base}/{quote(replaces, safe='')}/versions",
+                        files=upload,
+                        data={"title": file.title},
+                    ),
+                    idempotent=False,
+                )
+                return str(body["id"])
+            except NotFoundError:
+                pass  # deleted in the CRM: start a new one
+        body = self._call(
+            lambda: self._request("POST", base, files=upload, data={"title": file.title}), idempotent=False
+        )
+        return str(body["id"])
 
     def _objects(self, object_type: str) -> str:
         return f"{self.base_url}/api/v1/objects/{quote(object_type, safe='')}"

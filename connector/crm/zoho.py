@@ -9,6 +9,7 @@ Search API (equality filters) or the list API with `If-Modified-Since` (everythi
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,8 +22,17 @@ import requests
 
 from connector.config import ConfigError, ConnectionConfig, Settings
 from connector.crm.auth import OAuthTokens, TokenAnswer, TokenEndpoint, TokenRefused
-from connector.crm.base import CRMAdapter, CRMQueue, CRMUser, FieldInfo, RecordUpdate, UpdateResult, chunked
-from connector.crm.errors import AuthError, FatalError, RateLimitedError, RetriableError
+from connector.crm.base import (
+    CRMAdapter,
+    CRMQueue,
+    CRMUser,
+    FieldInfo,
+    FileUpload,
+    RecordUpdate,
+    UpdateResult,
+    chunked,
+)
+from connector.crm.errors import AuthError, FatalError, NotFoundError, RateLimitedError, RetriableError
 from connector.crm.http import json_error_reader, raise_for_status, send
 from connector.crm.retry import RetryPolicy
 from connector.events import RecordChangeEvent, parse_timestamp
@@ -260,6 +270,29 @@ class ZohoAdapter(CRMAdapter):
                 "cannot map them back to records"
             )
         return [record_result(u.record_id, item) for u, item in zip(updates, items, strict=True)]
+
+    # --- documents --------------------------------------------------------------------
+
+    def attach_file(self, object_type: str, record_id: str, file: FileUpload, replaces: str | None) -> str:
+        """Upload the file to the record's Attachments, then delete the one it replaces, so
+        the record lists one file per document. Returns the new attachment's id."""
+        path = f"{object_type}/{record_id}/Attachments"
+
+        def upload() -> Any:
+            files = {"file": (file.filename, file.content, file.content_type)}
+            return self._checked(self._send("POST", path, files=files)).json()
+
+        answer = self._call(upload, idempotent=False)
+        items = answer.get("data") if isinstance(answer, dict) else None
+        item = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
+        if str(item.get("status", "")).lower() != "success" or not (item.get("details") or {}).get("id"):
+            code, message = item.get("code"), item.get("message") or str(answer)[:200]
+            raise FatalError(f"Zoho did not attach {file.filename}: {message}", code=code)
+        new_id = str(item["details"]["id"])
+        if replaces is not None:
+            with contextlib.suppress(NotFoundError):  # someone removed it already
+                self._call(lambda: self._checked(self._send("DELETE", f"{path}/{replaces}")))
+        return new_id
 
     # --- queries ----------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from connector.approvals.spec import (
     ActionSpec,
     ApproverSource,
     Criterion,
+    DocumentSpec,
     FieldApprovers,
     FieldSpec,
     ManagerApprovers,
@@ -61,12 +62,15 @@ from connector.rules.errors import (
 )
 from connector.rules.pending_keys import build_crm_vote, build_lock, step_inputs
 from connector.rules.schema import (
+    DOCUMENT_EVENTS,
     ApproverModel,
     MappingFileModel,
     RuleModel,
     StepModel,
+    is_shared_document,
     validate_document,
 )
+from connector.rules.shared import load_shared
 from connector.rules.templating import TemplateCompileError, compile_value, is_template
 from connector.rules.timing import step_timing
 
@@ -371,6 +375,19 @@ class _SpecBuilder:
             smart_reapproval=rule.smart_reapproval,
             same_approver=rule.same_approver,
             requires=requires,
+            documents=self._documents(rule, path + ("documents",)),
+        )
+
+    def _documents(self, rule: RuleModel, path: KeyPath) -> tuple[DocumentSpec, ...]:
+        self._unique([d.name for d in rule.documents], path, "document")
+        return tuple(
+            DocumentSpec(
+                d.name,
+                d.template,
+                frozenset(kind for event in d.on for kind in DOCUMENT_EVENTS[event]),
+                d.title,
+            )
+            for d in rule.documents
         )
 
     def _when(self, spec: Any, path: KeyPath) -> Criterion | None:
@@ -565,6 +582,11 @@ class LoadedMapping:
 
     spec: MappingSpec
     lines: Mapping[KeyPath, int]
+    prefix: KeyPath = ()  # where its connection's keys are: ("connections", name) in a shared file
+
+    def line_of(self, *path: str | int) -> int:
+        """The line of a connection key (`object`, `fields`...) wherever the file keeps it."""
+        return self.lines.get((*self.prefix, *path)) or self.lines.get(self.prefix, 1)
 
 
 @dataclass(frozen=True)
@@ -590,19 +612,31 @@ def load_mapping_text(data: bytes, file: str) -> LoadedMapping:
     return LoadedMapping(spec, lines)
 
 
+def load_mapping_texts(data: bytes, file: str) -> list[LoadedMapping]:
+    """Every mapping in one file: one, or one per connection of a `connections:` file
+    (connector/rules/shared.py). Raises MappingLoadError with every problem found."""
+    try:
+        document, lines = read_yaml(data.decode("utf-8-sig"), file)
+    except UnicodeDecodeError:
+        document = None
+    if is_shared_document(document):
+        return load_shared(document, lines, file, hashlib.sha256(data).hexdigest())
+    return [load_mapping_text(data, file)]
+
+
 def load_mapping_file(path: str | Path) -> MappingSpec:
     """Load and compile one mapping file; raises MappingLoadError (``.errors``) if invalid."""
-    return _load_file(Path(path)).spec
+    return _load_file(Path(path))[0].spec
 
 
-def _load_file(path: Path) -> LoadedMapping:
+def _load_file(path: Path) -> list[LoadedMapping]:
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise MappingLoadError(
             [MappingError(str(path), 0, "", f"cannot read file: {exc.strerror or exc}")]
         ) from None
-    return load_mapping_text(data, str(path))
+    return load_mapping_texts(data, str(path))
 
 
 def mapping_files(directory: str | Path) -> list[Path]:
@@ -624,7 +658,7 @@ def load_mappings_detailed(files: Iterable[str | Path]) -> tuple[list[LoadedMapp
     errors: list[MappingError] = []
     for path in files:
         try:
-            loaded.append(_load_file(Path(path)))
+            loaded.extend(_load_file(Path(path)))
         except MappingLoadError as exc:
             errors.extend(exc.errors)
     kept, errors = _without_duplicates(loaded, errors)
@@ -645,7 +679,7 @@ def _without_duplicates(
         other = first[key].spec.source_path
         message = f"{key[0]} `{item.spec.object_type}` is already mapped in {other}"
         hint = "one file per connection and object: merge the rules into one file or delete one"
-        line = item.lines.get(("object",), 1)
+        line = item.line_of("object")
         errors.append(MappingError(item.spec.source_path, line, "object", message, hint))
     return kept, errors
 

@@ -13,7 +13,8 @@ error, never silently ignored.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from contextvars import ContextVar
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -289,6 +290,53 @@ class OnModel(_Model):
     expire: ActionModel | None = None
 
 
+DOCUMENT_EVENTS: dict[str, tuple[str, ...]] = {
+    # what `on:` of a document may say -> the request's transitions that (re)render it
+    "every_change": (
+        "submitted",
+        "step_approved",
+        "step_rejected",
+        "sent_back",
+        "approved",
+        "rejected",
+        "recalled",
+        "expired",
+        "restarted",
+        "reassigned",
+    ),
+    "submit": ("submitted", "restarted"),
+    "step": ("step_approved",),
+    "approve": ("approved",),
+    "reject": ("rejected",),
+    "recall": ("recalled",),
+    "expire": ("expired",),
+}
+DocumentEvent = Literal["every_change", "submit", "step", "approve", "reject", "recall", "expire"]
+TemplateName = Annotated[
+    str, StringConstraints(strip_whitespace=True, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}\.html$")
+]
+
+
+class DocumentModel(_Model):
+    """`- {name: approval-sheet, template: approval_sheet.html, on: every_change}`."""
+
+    name: Annotated[
+        str, StringConstraints(strip_whitespace=True, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    ]
+    template: TemplateName
+    on: list[DocumentEvent] = Field(
+        default_factory=lambda: list[DocumentEvent](["every_change"]), min_length=1
+    )
+    title: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_event(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("on"), str):
+            return {**value, "on": [value["on"]]}  # `on: approve` as well as `on: [approve]`
+        return value
+
+
 class RuleModel(_Model):
     name: Name
     description: str | None = None
@@ -305,6 +353,7 @@ class RuleModel(_Model):
     same_approver: SameApprover = "ask_each_step"
     on: OnModel = Field(default_factory=OnModel)
     requires: list[RequirementModel] = Field(default_factory=list)
+    documents: list[DocumentModel] = Field(default_factory=list)
 
 
 class RequirementModel(_Model):
@@ -333,6 +382,28 @@ class MappingFileModel(_Model):
     related: dict[str, RelatedModel] = Field(default_factory=dict)
 
 
+class ConnectionMapModel(_Model):
+    """One connection's side of a file shared by several CRMs (`connections:`): the object
+    as that CRM names it, its field map, and ids of shared roles/groups on that CRM."""
+
+    object_type: Name = Field(alias="object")
+    fields: dict[str, FieldModel] = Field(min_length=1)
+    roles: dict[str, UserIds] = Field(default_factory=dict)
+    groups: dict[str, UserIds] = Field(default_factory=dict)
+
+
+class SharedMappingFileModel(_Model):
+    """One business object on several connections: a field map per connection, and one set
+    of roles, groups and rules for all of them (docs/mappings.md#one-rule-set-for-several-crms)."""
+
+    connections: dict[str, ConnectionMapModel] = Field(min_length=1)
+    description: str | None = None
+    match: MatchMode = "first"
+    roles: dict[str, UserIds] = Field(default_factory=dict)
+    groups: dict[str, UserIds] = Field(default_factory=dict)
+    rules: list[RuleModel] = Field(min_length=1)
+
+
 ApproverModel.model_rebuild()
 RuleModel.model_rebuild()
 
@@ -342,14 +413,43 @@ RuleModel.model_rebuild()
 
 def validate_document(data: Any, errors: ErrorCollector) -> MappingFileModel | None:
     """Validate the YAML data; on failure add readable errors and return None."""
+    return _validate(MappingFileModel, data, errors)
+
+
+SINGLE_CONNECTION_KEYS = ("connection", "object", "fields")
+
+
+def is_shared_document(data: Any) -> bool:
+    """A file with `connections:` maps one business object on several connections."""
+    return isinstance(data, dict) and "connections" in data
+
+
+def validate_shared_document(data: Any, errors: ErrorCollector) -> SharedMappingFileModel | None:
+    """Validate a `connections:` file; on failure add readable errors and return None."""
+    mixed = [key for key in SINGLE_CONNECTION_KEYS if key in data]
+    for key in mixed:
+        errors.add(
+            (key,),
+            f"`{key}` is not used in a file with `connections:`",
+            "move it under each connection: `connections: {salesforce: {object: ..., fields: ...}}`, "
+            "or drop `connections:` for a file of one connection",
+        )
+    model = _validate(SharedMappingFileModel, {k: v for k, v in data.items() if k not in mixed}, errors)
+    return None if mixed else model
+
+
+def _validate(root: type[_M], data: Any, errors: ErrorCollector) -> _M | None:
+    token = _ROOT.set(root)  # which model the error hints walk
     try:
-        return MappingFileModel.model_validate(data)
+        return root.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             loc = tuple(part for part in error["loc"] if part != "[key]")
             message, hint = _explain(error, loc)
             errors.add(loc, message, hint)
         return None
+    finally:
+        _ROOT.reset(token)
 
 
 def _explain(error: Any, loc: KeyPath) -> tuple[str, str | None]:
@@ -398,7 +498,18 @@ def _too_short(error: Any, value: Any) -> tuple[str, str | None]:
     return "needs at least one entry", None
 
 
+def _pattern(error: Any, value: Any) -> tuple[str, str | None]:
+    if str((error.get("ctx") or {}).get("pattern", "")).endswith("\\.html$"):
+        return (
+            f"expected a template file name ending in .html, got {_short(value)}",
+            "a file in the documents templates folder (DOCUMENTS_TEMPLATES_DIR), e.g. approval_sheet.html; "
+            "no folders",
+        )
+    return f"expected a name of letters, digits, _ and -, got {_short(value)}", "e.g. approval-sheet"
+
+
 _TYPE_MESSAGES: dict[str, Any] = {
+    "string_pattern_mismatch": _pattern,
     "string_type": _expected("text"),
     "string_too_short": _expected("non-empty text"),
     "dict_type": _expected("a mapping (`key: value` lines)"),
@@ -456,7 +567,7 @@ _KEY_ELSEWHERE: dict[str, str] = {
 
 def _annotation_at(loc: KeyPath) -> Any:
     """The type annotation describing the value at ``loc`` (None if it cannot be followed)."""
-    annotation: Any = MappingFileModel
+    annotation: Any = _ROOT.get()
     for part in loc:
         annotation = _unwrap(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -505,3 +616,7 @@ def _literal_values(loc: KeyPath) -> list[str]:
     if get_origin(annotation) is Literal:
         return [str(arg) for arg in get_args(annotation)]
     return []
+
+
+_M = TypeVar("_M", bound=BaseModel)
+_ROOT: ContextVar[type[BaseModel]] = ContextVar("mapping_root", default=MappingFileModel)

@@ -525,6 +525,7 @@ def _edit_page(
         options=_reference_options(),
         # Edit as the user who edited last (else the owner): as a CRM would know who is signed in.
         edited_by=request.form.get("edited_by") or record.get("modified_by_id") or record.get("owner_id"),
+        files=attachments.latest_attachments(state.store, object_type, record_id),
     )
 
 
@@ -752,3 +753,7 @@ def _limit(raw: str | None) -> int:
 
 def _split(raw: str | None) -> list[str] | None:
     return [part.strip() for part in raw.split(",") if part.strip()] if raw else None
+
+
+# Files on records add their routes to the blueprints above (before any app registers them).
+from connector.sandbox import attachments  # noqa: E402

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from connector.web import admin_tokens, auth, decide, delegations, pages  # noqa: F401  (they add their routes)
+from connector.web import (  # noqa: F401  (they add their routes)
+    admin_tokens,
+    auth,
+    decide,
+    delegations,
+    documents,
+    pages,
+    reports,
+)
 from connector.web.blueprint import blueprint
 
 __all__ = ["blueprint"]

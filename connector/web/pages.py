@@ -21,6 +21,7 @@ from werkzeug.exceptions import NotFound
 from connector.approvals.errors import ApprovalError
 from connector.approvals.lifecycle import DECISIONS, may_see
 from connector.clock import utcnow
+from connector.documents.service import documents_of
 from connector.rules import MappingSet
 from connector.service.request_query import ids_pending_for
 from connector.storage import approval_store as store
@@ -141,8 +142,9 @@ def _render_request(request_id: str, status: int = 200, **extra: Any) -> Respons
     with runtime().sessions() as session:
         stored = load_visible(session, request_id)
         view = present.detail(session, stored, mappings(), me.user_id, me.is_admin)
+        documents = documents_of(session, request_id)  # approval sheet, generated documents
     template = "_request_main.html" if is_htmx() else "request.html"
-    return render_template(template, view=view, **extra), status
+    return render_template(template, view=view, documents=documents, **extra), status
 
 
 @blueprint.post("/requests/<request_id>/<decision>")

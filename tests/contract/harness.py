@@ -29,6 +29,43 @@ class CallLog:
     calls: list[list[str]] = field(default_factory=list)
 
 
+@dataclass
+class FilesOnRecord:
+    """What the mocked CRM shows on the record after the calls: file reference -> content of
+    its latest version (computed from the mock's state each time it is read)."""
+
+    view: Any
+
+    @property
+    def files(self) -> dict[str, bytes]:
+        return dict(self.view())
+
+
+def multipart_file(request: Any, field_name: str = "file") -> tuple[str, bytes]:
+    """(filename, content) of one part of a multipart/form-data request, as the CRM reads it."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    head = f"Content-Type: {request.headers['Content-Type']}\r\n\r\n".encode()
+    message = BytesParser(policy=HTTP).parsebytes(head + request.body)
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == field_name:
+            return str(part.get_filename()), bytes(part.get_payload(decode=True))
+    raise AssertionError(f"no multipart part named {field_name!r}")
+
+
+def multipart_value(request: Any, field_name: str) -> str | None:
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    head = f"Content-Type: {request.headers['Content-Type']}\r\n\r\n".encode()
+    message = BytesParser(policy=HTTP).parsebytes(head + request.body)
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == field_name:
+            return str(part.get_content())
+    return None
+
+
 class AdapterHarness(ABC):
     kind: str
     object_type: str  # an object the adapter writes, as the CRM names it
@@ -92,6 +129,11 @@ class AdapterHarness(ABC):
     def read_fields(self) -> list[str]:
         """Fields the read test asks for, including a related one where the CRM has them."""
         return sorted({name for values in self.sample_records().values() for name in values})
+
+    @abstractmethod
+    def mock_files(self, rsps: responses.RequestsMock, record_id: str) -> FilesOnRecord:
+        """Register the CRM's documented file endpoints for documents on `record_id` (upload,
+        new version or replacement, link to the record) as a small stateful fake."""
 
     @abstractmethod
     def sample_records(self) -> dict[str, dict[str, Any]]:

@@ -9,6 +9,7 @@ an empty PHP array arrives as []. Events are form posts with PHP-style keys.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,7 @@ from urllib.parse import parse_qsl, urlencode
 import responses
 
 from connector.crm.base import CRMQueue
-from tests.contract.harness import AdapterHarness, CallLog, Delivery, IntakeHarness
+from tests.contract.harness import AdapterHarness, CallLog, Delivery, FilesOnRecord, IntakeHarness
 
 PORTAL = "example.bitrix24.com"
 REST = f"https://{PORTAL}/rest/"
@@ -41,7 +42,9 @@ OAUTH_ENV = {
     "BITRIX24_REFRESH_TOKEN": REFRESH_TOKEN,
     "BITRIX24_ACCESS_TOKEN": ACCESS_TOKEN,
     "BITRIX24_APPLICATION_TOKEN": APPLICATION_TOKEN,
+    "BITRIX24_FILE_FIELD_APPROVAL_SHEET": "UF_CRM_10_SHEET",
 }
+FILE_FIELD = "UF_CRM_10_SHEET"
 WEBHOOK_ENV = {
     "CRM_CONNECTIONS": "bitrix24",
     "BITRIX24_WEBHOOK_URL": WEBHOOK_URL,
@@ -259,6 +262,20 @@ class Bitrix24AdapterHarness(AdapterHarness):
         portal.register(rsps)
         register_token_endpoint(rsps, REFRESH_TOKEN, "renewed-access-token", "renewed-refresh-token")
         return portal.batch_log
+
+    def mock_files(self, rsps: responses.RequestsMock, record_id: str) -> FilesOnRecord:
+        """A single-file "File" user field: crm.item.update with fields[UF][fileData] = [name,
+        base64] stores the new file and drops the old one (the documented behaviour)."""
+        portal = FakePortal(access_token=ACCESS_TOKEN)
+        portal.records.setdefault(self.object_type, {})[record_id] = {"title": "Acme renewal"}
+        portal.register(rsps)
+        key = f"fields[{FILE_FIELD}][fileData][1]"
+
+        def shown() -> dict[str, bytes]:
+            stored = [form[key] for form in portal.forms if key in form and form.get("id") == record_id]
+            return {FILE_FIELD: base64.b64decode(stored[-1])} if stored else {}
+
+        return FilesOnRecord(shown)
 
     def mock_records(self, rsps: responses.RequestsMock, records: Mapping[str, Mapping[str, Any]]) -> None:
         portal = FakePortal(access_token=ACCESS_TOKEN)

@@ -6,7 +6,9 @@ sources); the builders here are shared with tests/crm/test_hubspot.py.
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +19,15 @@ from requests import PreparedRequest
 
 from connector.config import Settings
 from connector.crm.base import CRMQueue
-from tests.contract.harness import AdapterHarness, CallLog, Delivery, IntakeHarness
+from tests.contract.harness import (
+    AdapterHarness,
+    CallLog,
+    Delivery,
+    FilesOnRecord,
+    IntakeHarness,
+    multipart_file,
+    multipart_value,
+)
 from webhooks.hubspot import sign_v3
 
 Answer = tuple[int, dict, str]  # what a `responses` callback returns: status, headers, body
@@ -258,6 +268,83 @@ class HubSpotAdapterHarness(AdapterHarness):
         )
         rsps.add(responses.POST, f"{API}/oauth/v1/token", json=oauth_token_response())
         return log
+
+    def mock_files(self, rsps: responses.RequestsMock, record_id: str) -> FilesOnRecord:
+        """Files v3 (multipart upload with `options` access PRIVATE, 201 with the file's id;
+        DELETE) and notes v3 (hs_attachment_ids, created with a HUBSPOT_DEFINED note->deal
+        association 214; PATCH properties). The record shows the files its notes carry."""
+        uploaded: dict[str, bytes] = {}
+        notes: dict[str, dict[str, Any]] = {}  # note id -> properties, for notes on the record
+        numbers = itertools.count(1)
+
+        def upload(request: PreparedRequest) -> Answer:
+            options = json.loads(multipart_value(request, "options") or "{}")
+            assert options.get("access") == "PRIVATE", "an approval document must not be public"
+            name, content = multipart_file(request)
+            file_id = str(180000000000 + next(numbers))
+            uploaded[file_id] = content
+            return (
+                201,
+                {},
+                json.dumps(
+                    {
+                        "id": file_id,
+                        "name": name,
+                        "access": "PRIVATE",
+                        "archived": False,
+                        "createdAt": "2026-11-30T10:00:00Z",
+                        "updatedAt": "2026-11-30T10:00:00Z",
+                        "parentFolderId": "1778",
+                        "path": f"/crm-approvals/{name}",
+                        "size": len(content),
+                        "type": "DOCUMENT",
+                        "extension": "pdf",
+                    }
+                ),
+            )
+
+        def delete_file(request: PreparedRequest) -> Answer:
+            file_id = (request.url or "").rsplit("/", 1)[1]
+            if uploaded.pop(file_id, None) is None:
+                return 404, {}, json.dumps(standard_error("OBJECT_NOT_FOUND", "File not found", []))
+            return 204, {}, ""
+
+        def create_note(request: PreparedRequest) -> Answer:
+            body = json_of(request)
+            (association,) = body["associations"]
+            assert association["to"]["id"] == record_id
+            assert association["types"] == [
+                {"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": 214}
+            ]
+            note_id = str(71000000000 + next(numbers))
+            notes[note_id] = dict(body["properties"])
+            return 201, {}, json.dumps(simple_object(note_id, notes[note_id]))
+
+        def update_note(request: PreparedRequest) -> Answer:
+            note_id = (request.url or "").rsplit("/", 1)[1]
+            if note_id not in notes:
+                return 404, {}, json.dumps(standard_error("OBJECT_NOT_FOUND", "Object not found.", []))
+            notes[note_id].update(json_of(request)["properties"])
+            return 200, {}, json.dumps(simple_object(note_id, notes[note_id]))
+
+        rsps.add_callback(responses.POST, f"{API}/files/v3/files", callback=upload)
+        rsps.add_callback(
+            responses.DELETE, re.compile(re.escape(f"{API}/files/v3/files/") + r"\d+$"), callback=delete_file
+        )
+        rsps.add_callback(responses.POST, f"{API}/crm/v3/objects/notes", callback=create_note)
+        rsps.add_callback(
+            responses.PATCH,
+            re.compile(re.escape(f"{API}/crm/v3/objects/notes/") + r"\d+$"),
+            callback=update_note,
+        )
+
+        def shown() -> dict[str, bytes]:
+            ids = [
+                i for note in notes.values() for i in str(note.get("hs_attachment_ids", "")).split(";") if i
+            ]
+            return {i: uploaded[i] for i in ids if i in uploaded}
+
+        return FilesOnRecord(shown)
 
     def mock_records(self, rsps: responses.RequestsMock, records: Mapping[str, Mapping[str, Any]]) -> None:
         mock_deals_with_companies(rsps, records)

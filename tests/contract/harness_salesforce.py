@@ -7,6 +7,7 @@ Collections PATCHes; reads are SOQL queries. The intake harness lives in harness
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ import requests
 import responses
 
 from connector.crm.base import CRMQueue
-from tests.contract.harness import AdapterHarness, CallLog
+from tests.contract.harness import AdapterHarness, CallLog, FilesOnRecord
 
 API_VERSION = "62.0"
 INSTANCE = "https://acme.my.salesforce.com"
@@ -255,6 +256,60 @@ class SalesforceAdapterHarness(AdapterHarness):
 
         rsps.add_callback(responses.GET, QUERY_URL, callback=answer, content_type="application/json")
         return seen
+
+    def mock_files(self, rsps: responses.RequestsMock, record_id: str) -> FilesOnRecord:
+        """Salesforce Files: POST sobjects/ContentVersion (JSON, VersionData base64) answers
+        {"id", "success", "errors"}; FirstPublishLocationId makes a new ContentDocument linked
+        to the record, ContentDocumentId adds a version to that one; SOQL on ContentVersion
+        gives its ContentDocumentId."""
+        mock_soap_login(rsps)
+        documents: dict[str, bytes] = {}  # ContentDocumentId -> latest VersionData
+        versions: dict[str, str] = {}  # ContentVersion Id -> ContentDocumentId
+
+        def insert(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
+            body = json.loads(request.body or b"{}")
+            content = base64.b64decode(body["VersionData"])
+            version_id = f"0684x00000{len(versions) + 1:05d}AAA"
+            if "FirstPublishLocationId" in body:
+                assert body["FirstPublishLocationId"] == record_id and "ContentDocumentId" not in body
+                document = f"0694x00000{len(documents) + 1:05d}AAA"
+            else:
+                document = body["ContentDocumentId"]
+                if document not in documents:
+                    errors = [
+                        {
+                            "message": "invalid cross reference id",
+                            "errorCode": "INVALID_CROSS_REFERENCE_KEY",
+                            "fields": ["ContentDocumentId"],
+                        }
+                    ]
+                    return 400, {}, json.dumps(errors)
+            documents[document], versions[version_id] = content, document
+            return 201, {}, json.dumps({"id": version_id, "success": True, "errors": []})
+
+        def query(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
+            soql = parse_qs(urlparse(request.url or "").query)["q"][0]
+            found = [
+                {
+                    "attributes": {
+                        "type": "ContentVersion",
+                        "url": f"/services/data/v{API_VERSION}/sobjects/ContentVersion/{v}",
+                    },
+                    "ContentDocumentId": d,
+                }
+                for v, d in versions.items()
+                if f"'{v}'" in soql and "FROM ContentVersion" in soql
+            ]
+            return 200, {}, json.dumps({"totalSize": len(found), "done": True, "records": found})
+
+        rsps.add_callback(
+            responses.POST,
+            f"{DATA}/sobjects/ContentVersion",
+            callback=insert,
+            content_type="application/json",
+        )
+        rsps.add_callback(responses.GET, QUERY_URL, callback=query, content_type="application/json")
+        return FilesOnRecord(lambda: documents)
 
     def sample_records(self) -> dict[str, dict[str, Any]]:
         first, second = opportunity_ids(2)

@@ -8,6 +8,7 @@ tests/sandbox/test_sandbox.py checks the real app answers in exactly these shape
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlparse, urlsplit
@@ -20,7 +21,14 @@ from connector.crm.base import CRMQueue
 from connector.sandbox.app import error_body, result_item, signed_headers
 from connector.sandbox.store import INVALID_VALUE, RECORD_LOCKED, RecordError, webhook_body
 from tests.conftest import SANDBOX_SECRET
-from tests.contract.harness import AdapterHarness, CallLog, Delivery, IntakeHarness
+from tests.contract.harness import (
+    AdapterHarness,
+    CallLog,
+    Delivery,
+    FilesOnRecord,
+    IntakeHarness,
+    multipart_file,
+)
 
 SANDBOX_URL = "http://127.0.0.1:8001"
 API_TOKEN = "sandbox-test-token-5b0e1c"
@@ -105,6 +113,30 @@ class SandboxAdapterHarness(AdapterHarness):
             "the sandbox's API token is static and cannot be refreshed: a 401 means "
             "SANDBOX_API_TOKEN differs from the sandbox's (refresh_auth returns False)"
         )
+
+    def mock_files(self, rsps: responses.RequestsMock, record_id: str) -> FilesOnRecord:
+        """The sandbox's files (connector/sandbox/attachments.py): POST .../attachments makes one
+        (201 {"id", "version": 1}); POST .../attachments/<id>/versions adds a version."""
+        latest: dict[str, bytes] = {}
+        base = f"{SANDBOX_URL}/api/v1/objects/deal/{record_id}/attachments"
+
+        def create(request: PreparedRequest) -> Answer:
+            attachment_id = f"ATT-{len(latest) + 1:012x}"  # never deleted here: the count is unique
+            latest[attachment_id] = multipart_file(request)[1]
+            return 201, JSON, json.dumps({"id": attachment_id, "version": 1})
+
+        def version(request: PreparedRequest) -> Answer:
+            attachment_id = (request.url or "").split("/attachments/")[1].split("/")[0]
+            if attachment_id not in latest:
+                return error_answer(
+                    404, "NOT_FOUND", f"deal {record_id!r} has no attachment {attachment_id!r}"
+                )
+            latest[attachment_id] = multipart_file(request)[1]
+            return 201, JSON, json.dumps({"id": attachment_id, "version": 2})
+
+        rsps.add_callback(responses.POST, base, callback=create)
+        rsps.add_callback(responses.POST, re.compile(re.escape(base) + r"/[^/]+/versions$"), callback=version)
+        return FilesOnRecord(lambda: latest)
 
     def mock_records(self, rsps: responses.RequestsMock, records: Mapping[str, Mapping[str, Any]]) -> None:
         def answer(request: PreparedRequest) -> Answer:

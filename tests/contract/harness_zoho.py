@@ -18,8 +18,16 @@ import responses
 from requests import PreparedRequest
 
 from connector.crm.base import CRMQueue
-from tests.contract.harness import AdapterHarness, CallLog, Delivery, IntakeHarness
+from tests.contract.harness import (
+    AdapterHarness,
+    CallLog,
+    Delivery,
+    FilesOnRecord,
+    IntakeHarness,
+    multipart_file,
+)
 
+Answer = tuple[int, dict[str, str], str]  # a `responses` callback's status, headers, body
 ACCOUNTS_URL = "https://accounts.zoho.eu"
 API_DOMAIN = "https://www.zohoapis.eu"
 API = f"{API_DOMAIN}/crm/v6"
@@ -287,6 +295,66 @@ class ZohoAdapterHarness(AdapterHarness):
         return mock_update_endpoint(
             rsps, first_then_ok(401, error_body("INVALID_TOKEN", "invalid oauth token"))
         )
+
+    def mock_files(self, rsps: responses.RequestsMock, record_id: str) -> FilesOnRecord:
+        """Zoho Attachments: POST /{module}/{id}/Attachments (multipart `file`) answers
+        {"data": [{"code": "SUCCESS", "details": {"id", ...}, "message", "status"}]};
+        DELETE /{module}/{id}/Attachments/{attachment id} removes one."""
+        mock_token(rsps)
+        attachments: dict[str, bytes] = {}
+        numbers = itertools.count(1)
+        base = f"{API}/{self.object_type}/{record_id}/Attachments"
+
+        def upload(request: Any) -> Answer:
+            _name, content = multipart_file(request)
+            attachment_id = f"41508680000{next(numbers):08d}"
+            attachments[attachment_id] = content
+            details = {
+                "Modified_Time": "2026-11-30T10:00:00+01:00",
+                "Modified_By": {"name": "Integration", "id": "4150868000000225013"},
+                "Created_Time": "2026-11-30T10:00:00+01:00",
+                "id": attachment_id,
+                "Created_By": {"name": "Integration", "id": "4150868000000225013"},
+            }
+            item = {
+                "code": "SUCCESS",
+                "details": details,
+                "message": "attachment uploaded successfully",
+                "status": "success",
+            }
+            return 200, {}, json.dumps({"data": [item]})
+
+        def delete(request: Any) -> Answer:
+            attachment_id = (request.url or "").rsplit("/", 1)[1]
+            if attachments.pop(attachment_id, None) is None:
+                return (
+                    400,
+                    {},
+                    json.dumps(
+                        {
+                            "code": "INVALID_DATA",
+                            "details": {},
+                            "message": "the related id given seems to be invalid",
+                            "status": "error",
+                        }
+                    ),
+                )
+            item = {
+                "code": "SUCCESS",
+                "details": {"id": attachment_id},
+                "message": "record deleted",
+                "status": "success",
+            }
+            return 200, {}, json.dumps({"data": [item]})
+
+        rsps.add_callback(responses.POST, base, callback=upload, content_type="application/json")
+        rsps.add_callback(
+            responses.DELETE,
+            re.compile(re.escape(base) + r"/\d+$"),
+            callback=delete,
+            content_type="application/json",
+        )
+        return FilesOnRecord(lambda: attachments)
 
     def mock_records(self, rsps: responses.RequestsMock, records: Mapping[str, Mapping[str, Any]]) -> None:
         mock_token(rsps)

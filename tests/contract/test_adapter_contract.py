@@ -211,3 +211,44 @@ def test_find_duplicates_with_no_other_record_is_empty(harness: AdapterHarness) 
             adapter.find_duplicates(harness.object_type, harness.unique_field, "2026/002", exclude_id=this)
             == []
         )
+
+
+def test_a_documents_new_version_replaces_the_old_one_on_the_record(
+    harness: AdapterHarness, policy: RetryPolicy
+) -> None:
+    """Approval sheets are attached after every vote: the record must show one file per
+    document, with the latest content, never a pile of versions (connector/documents/)."""
+    from connector.crm.base import FileUpload
+
+    record = harness.record_ids(1)[0]
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        shown = harness.mock_files(rsps, record)
+        adapter = harness.make_adapter(policy)
+        first = adapter.attach_file(
+            harness.object_type,
+            record,
+            FileUpload(
+                "approval-sheet v1.pdf", "Approval sheet", b"%PDF-1.7 sheet v1", document="approval-sheet"
+            ),
+            None,
+        )
+        assert list(shown.files.values()) == [b"%PDF-1.7 sheet v1"]
+        second = adapter.attach_file(
+            harness.object_type,
+            record,
+            FileUpload(
+                "approval-sheet v2.pdf", "Approval sheet", b"%PDF-1.7 sheet v2", document="approval-sheet"
+            ),
+            first,
+        )
+        assert list(shown.files.values()) == [b"%PDF-1.7 sheet v2"]
+        third = adapter.attach_file(
+            harness.object_type,
+            record,
+            FileUpload(
+                "approval-sheet v3.pdf", "Approval sheet", b"%PDF-1.7 sheet v3", document="approval-sheet"
+            ),
+            second,
+        )
+    assert list(shown.files.values()) == [b"%PDF-1.7 sheet v3"]
+    assert first and second and third
