@@ -173,6 +173,55 @@ def append(session: Session, entries: Sequence[Mapping[str, Any]]) -> list[Audit
     return rows
 
 
+def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: int = 1000) -> int:
+    """`append` for thousands of entries (set-based expiry): hashes chained in Python as
+    `append` does, written as multi-row INSERTs of plain tuples (no ORM object per row), in
+    id order so the insert triggers accept each row. The caller's transaction holds the
+    head lock from here to its commit; call this last, as the commit hook does. Returns
+    how many rows were appended."""
+    head = session.execute(
+        select(AuditChainHead.last_id, AuditChainHead.last_hash)
+        .where(AuditChainHead.id == HEAD_ID)
+        .with_for_update()
+    ).one_or_none()
+    if head is None:
+        raise RuntimeError(
+            "the audit chain head row is missing: run `crm-approvals db upgrade`; if the database is "
+            "migrated, someone deleted it, and `crm-approvals audit verify` tells what else changed"
+        )
+    last_id, last_hash = head
+    table = AuditEntry.__table__
+    written = 0
+    rows: list[dict[str, Any]] = []
+    for entry in entries:
+        values = {
+            "at": entry["at"].astimezone(UTC),
+            "kind": entry["kind"],
+            "connection": entry.get("connection"),
+            "object_type": entry.get("object_type"),
+            "record_id": entry.get("record_id"),
+            "request_id": entry.get("request_id"),
+            "actor": entry.get("actor"),
+            "mapping_hash": entry.get("mapping_hash"),
+            "detail": _jsonable(entry.get("detail") or {}),
+            "id": last_id + 1,
+            "prev_hash": last_hash,
+        }
+        if values["kind"] not in KINDS:
+            raise ValueError(f"unknown audit entry kind {values['kind']!r}: add it to KINDS")
+        values["row_hash"] = last_hash = row_hash(values)
+        last_id += 1
+        rows.append(values)
+        if len(rows) >= batch:
+            session.execute(table.insert(), rows)  # type: ignore[attr-defined]
+            written += len(rows)
+            rows = []
+    if rows:
+        session.execute(table.insert(), rows)  # type: ignore[attr-defined]
+        written += len(rows)
+    return written
+
+
 # --- verification -----------------------------------------------------------------------
 
 
