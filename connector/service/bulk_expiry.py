@@ -87,7 +87,7 @@ def expire_due(
     service: ApprovalService,
     sessions: sessionmaker[Session],
     *,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
     on_expired: Callable[[Expired], None] | None = None,
 ) -> ExpiryReport:
     """Expire every approved, not superseded request with `expires_at <= service.clock()`,
@@ -95,6 +95,7 @@ def expire_due(
     files are left alone (the sweep cannot render their actions); `sync expire --dry-run`
     lists them. Safe to run at any time and concurrently."""
     now = service.clock()
+    chunk = chunk or CHUNK
     report = ExpiryReport()
     for spec, rule in _rules(service, sessions, now):
         expirer = _RuleExpiry(service, spec, rule, now)
@@ -401,7 +402,8 @@ def _fixed_fields(
             continue
         if not isinstance(renderer, TemplateValue):
             return None  # a renderer we cannot see into: render per request
-        if not meta.find_undeclared_variables(ENVIRONMENT.parse(renderer.source)) <= PER_SWEEP_VARIABLES:
+        read = meta.find_undeclared_variables(ENVIRONMENT.parse(renderer.source)) - set(ENVIRONMENT.globals)
+        if not read <= PER_SWEEP_VARIABLES:
             return None
     variables = {
         "today": now.date(),
