@@ -23,6 +23,7 @@ out through the outbox's flush, at the CRM's batch limit.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from connector.notify.queue import NotificationQueue
 from connector.rules.templating import ENVIRONMENT, LiteralValue, TemplateValue
 from connector.storage import approval_store as store
 from connector.storage import audit
+from connector.storage.bulk import insert_rows
 from connector.storage.db import transaction
 from connector.storage.models import (
     PENDING,
@@ -66,6 +68,10 @@ REQUESTS = ApprovalRequestRow.__table__
 TRANSITIONS = ApprovalTransitionRow.__table__
 OUTBOX = OutboxUpdate.__table__
 NOTIFICATIONS = Notification.__table__
+NOTIFICATION_COLUMNS = (
+    "dedupe_key", "event", "template", "channel", "connection", "user_id", "target", "request_id",
+    "context", "status", "attempts", "created_at",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,17 @@ class _RuleExpiry:
         notify = service.notifications
         self.notify = notify if isinstance(notify, NotificationQueue) else None
         self._channels: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        # one detail object for every entry that says the same: audit.append_many hashes it once
+        self.transition_detail = {
+            "transition": "expired",
+            "from_status": "approved",
+            "to_status": "expired",
+            "step_index": None,
+            "comment": None,
+        }
+        self.fixed_detail = (
+            {"event": "expire", "fields": self.fixed_fields} if self.fixed_fields else None
+        )
 
     def chunk(self, session: Session, size: int) -> list[tuple[Any, ...]]:
         """Expire up to `size` due approvals in the caller's transaction; their rows
@@ -323,30 +340,21 @@ class _RuleExpiry:
             "step_count": self.step_count,
             "at": at,
         }
+        context = json.dumps(facts)
         created = utcnow()
-        values = []
+        rows = []
         for request_id, connection, _object_type, _record_id, _version, submitter in done:
             key = f"{request_id}:expired:{seqs[request_id]}"
             for channel, target in self._channels_for(connection, submitter):
                 recipient = target if channel == "chat" and not target.startswith("user:") else f"user:{submitter}"
-                values.append(
-                    {
-                        "dedupe_key": f"{key}:{recipient}:{channel}"[:400],
-                        "event": "expired",
-                        "template": "expired",
-                        "channel": channel,
-                        "connection": connection,
-                        "user_id": submitter,
-                        "target": target or None,
-                        "request_id": request_id,
-                        "context": facts,
-                        "status": NOTIFY_PENDING,
-                        "attempts": 0,
-                        "created_at": created,
-                    }
+                rows.append(
+                    (
+                        f"{key}:{recipient}:{channel}"[:400], "expired", "expired", channel, connection,
+                        submitter, target or None, request_id, context, NOTIFY_PENDING, 0, created,
+                    )  # fmt: skip
                 )
-        if values:  # new transitions make new keys: nothing can be queued already
-            session.execute(insert(NOTIFICATIONS), values)
+        # new transitions make new keys: nothing can be queued already
+        insert_rows(session, NOTIFICATIONS, NOTIFICATION_COLUMNS, rows, json_text=("context",))
 
     def _channels_for(self, connection: str, user_id: str) -> list[tuple[str, str]]:
         key = (connection, user_id)
@@ -361,30 +369,28 @@ class _RuleExpiry:
     ) -> Iterator[dict[str, Any]]:
         at = utcnow()
         for request_id, connection, object_type, record_id, _version, _submitter in done:
-            where = {"connection": connection, "object_type": object_type, "record_id": record_id}
             yield {
                 "at": at,
                 "kind": "transition",
-                **where,
+                "connection": connection,
+                "object_type": object_type,
+                "record_id": record_id,
                 "request_id": request_id,
-                "actor": None,
                 "mapping_hash": self.spec.content_hash,
-                "detail": {
-                    "transition": "expired",
-                    "from_status": "approved",
-                    "to_status": "expired",
-                    "step_index": None,
-                    "comment": None,
-                },
+                "detail": self.transition_detail,
             }
             fields = queued.get(request_id)
             if fields is not None:
                 yield {
                     "at": at,
                     "kind": "action_queued",
-                    **where,
+                    "connection": connection,
+                    "object_type": object_type,
+                    "record_id": record_id,
                     "request_id": request_id,
-                    "detail": {"event": "expire", "fields": fields},
+                    "detail": self.fixed_detail
+                    if fields is self.fixed_fields
+                    else {"event": "expire", "fields": fields},
                 }
 
 

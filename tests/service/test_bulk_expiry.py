@@ -243,3 +243,33 @@ def test_the_cli_prints_each_expired_approval_from_the_bulk_path(tmp_path: Path)
     assert result.exit_code == 0, result.output
     assert sum(line.startswith("expired sandbox:deal:D-cli-") for line in result.output.splitlines()) == 7
     assert "7 approval(s) expired; write-back: 7 sent" in result.output
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ("u-1", "sandbox", "a" * 64, "deal", "D-1", "req-1"),
+        (None, None, None, None, None, None),
+        ('quote " back\\slash', "żółw 中文", None, "obj\n", "\x01ctl", "€"),
+    ],
+)
+def test_the_bulk_hash_is_the_row_hash_that_verify_recomputes(values: tuple[str | None, ...]) -> None:
+    actor, connection, mapping_hash, object_type, record_id, request_id = values
+    detail = {"fields": {"b": 1.0, "a": [1.5, None, "ü"]}, "event": "expire"}
+    row = {
+        "id": 7,
+        "at": NOW,
+        "kind": "action_queued",
+        "connection": connection,
+        "object_type": object_type,
+        "record_id": record_id,
+        "request_id": request_id,
+        "actor": actor,
+        "mapping_hash": mapping_hash,
+        "detail": detail,
+        "prev_hash": "f" * 64,
+    }
+    fast = audit._fast_hash(
+        7, NOW.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "action_queued", audit._canonical_text(detail), "f" * 64, values
+    )
+    assert fast == audit.row_hash(row)
