@@ -25,6 +25,7 @@ from connector.approvals.lifecycle import (
     Vote,
 )
 from connector.errors import RetriableError
+from connector.storage import assignments
 from connector.storage.models import (
     ApprovalRequestRow,
     ApprovalStepRow,
@@ -136,6 +137,7 @@ def save(session: Session, stored: StoredRequest, outcome: Outcome, seen_version
                 "the request changed while you were looking at it; reload it and try again"
             )
     _save_children(session, outcome.steps, outcome.votes, outcome.transitions)
+    assignments.record(session, outcome, request.submitted_at)
 
 
 def supersede(session: Session, old_id: str, new_id: str) -> None:

@@ -153,6 +153,8 @@ class ApprovalRequestRow(Base):
         Index("ix_requests_rule_submitted", "rule_name", "submitted_at", "id"),
         Index("ix_requests_connection_submitted", "connection", "submitted_at", "id"),
         Index("ix_requests_submitter_submitted", "submitter", "submitted_at", "id"),
+        # set-based expiry takes the due approvals of one rule, soonest first
+        Index("ix_requests_status_rule_expires", "status", "rule_name", "expires_at"),
     )
 
 
@@ -194,7 +196,10 @@ class ApprovalVoteRow(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     acting_admin: Mapped[bool] = mapped_column(default=False)
 
-    __table_args__ = (UniqueConstraint("request_id", "step_index", "round", "approver", name="uq_vote_once"),)
+    __table_args__ = (
+        UniqueConstraint("request_id", "step_index", "round", "approver", name="uq_vote_once"),
+        Index("ix_votes_approver", "approver", "request_id"),  # a person's decisions
+    )
 
 
 class ApprovalTransitionRow(Base):
@@ -274,3 +279,28 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ApprovalAssigneeRow(Base):
+    """Who was ever assigned to a step of a request (any round): who may see it, by index
+    (connector/service/request_query.py). Kept by connector/storage/assignments.py."""
+
+    __tablename__ = "approval_assignees"
+
+    approver: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+
+
+class ApprovalWaitingRow(Base):
+    """One row per approver whose vote the open step of a pending request still awaits: the
+    approver's pending list, newest or oldest first, straight from one index."""
+
+    __tablename__ = "approval_waiting"
+
+    request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    approver: Mapped[str] = mapped_column(String(200), primary_key=True)
+    step_index: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
+    submitted_at: Mapped[datetime] = mapped_column(UTCDateTime)  # the request's, for the page order
+
+    __table_args__ = (Index("ix_waiting_approver_submitted", "approver", "submitted_at", "request_id"),)
