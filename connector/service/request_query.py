@@ -237,7 +237,8 @@ def _conditions(
 ) -> Sequence[ColumnElement[bool]]:
     R = ApprovalRequestRow
     conditions: list[ColumnElement[bool]] = []
-    if viewer is not None and not viewer.is_admin:
+    # one's own pending list needs no visibility check: waiting for you means assigned to you
+    if viewer is not None and not viewer.is_admin and filters.pending_for != viewer.user_id:
         conditions.append(_visible_to(session, viewer.user_id))
     if filters.status:
         conditions.append(R.status.in_(filters.status))
