@@ -36,6 +36,7 @@ from connector.storage.models import (
 )
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 500
+COLUMNS = tuple(ApprovalRequestRow.__table__.c)  # a page is read as plain rows
 MAX_AGE = timedelta(days=366 * 100)  # further back than any request; keeps date arithmetic in range
 # The durations of mapping files (connector/rules/coerce.py: d, w, m, y) and hours.
 _DURATION = re.compile(r"^(\d{1,9})([hdwmy])$")
@@ -195,18 +196,18 @@ def find_requests(session: Session, filters: RequestFilters, viewer: Viewer | No
     if filters.pending_for is not None:
         order_at, order_id = W.submitted_at, W.request_id
         waits = [W.approver == filters.pending_for, R.status == "pending"]
-        base = select(R).join(W, W.request_id == R.id).where(*waits, *conditions)
+        base = select(*COLUMNS).join(W, W.request_id == R.id).where(*waits, *conditions)
         counted = select(func.count()).select_from(W).join(R, R.id == W.request_id).where(*waits, *conditions)
     else:
         order_at, order_id = R.submitted_at, R.id
-        base = select(R).where(*conditions)
+        base = select(*COLUMNS).where(*conditions)
         counted = select(func.count()).select_from(R).where(*conditions)
     total = session.scalar(counted) or 0
     query = base
     if filters.cursor is not None:
         query = query.where(_after(filters.cursor, order_at, order_id))
     query = query.order_by(order_at.desc(), order_id.desc())
-    rows = list(session.scalars(query.limit(filters.limit + 1)))
+    rows = list(session.execute(query.limit(filters.limit + 1)))  # plain rows: no ORM objects
     shown = rows[: filters.limit]
     next_cursor = None
     if len(rows) > filters.limit:

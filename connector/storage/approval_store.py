@@ -189,8 +189,9 @@ def _as_row(item: Any) -> dict[str, Any]:
     return {f.name: _jsonable(getattr(item, f.name)) for f in fields(item)}
 
 
-def _from_row(cls: type[T], row: Any) -> T:
-    return cls(**{f.name: _from_json(getattr(row, f.name)) for f in fields(cls)})  # type: ignore[arg-type]
+def _from_row(cls: type[T], values: Any) -> T:
+    """A lifecycle dataclass from a row's column mapping (the names are the same)."""
+    return cls(**{f.name: _from_json(values[f.name]) for f in fields(cls)})  # type: ignore[arg-type]
 
 
 def _jsonable(value: Any) -> Any:
@@ -201,30 +202,19 @@ def _from_json(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def load_rows(session: Session, rows: Sequence[ApprovalRequestRow]) -> list[StoredRequest]:
-    """The requests of these rows, in the same order; their children in one query per table."""
+def load_rows(session: Session, rows: Sequence[Any]) -> list[StoredRequest]:
+    """The requests of these rows (ORM rows or Core rows of approval_requests), in the same
+    order; their children in one query per table, read as plain rows (no ORM objects: a page
+    of 50 requests is hundreds of children)."""
     ids = [row.id for row in rows]
     if not ids:
         return []
+    S, V, T = ApprovalStepRow.__table__.c, ApprovalVoteRow.__table__.c, ApprovalTransitionRow.__table__.c
     steps = _by_request(
-        session.scalars(
-            select(ApprovalStepRow)
-            .where(ApprovalStepRow.request_id.in_(ids))
-            .order_by(ApprovalStepRow.entered_at, ApprovalStepRow.index, ApprovalStepRow.round)
-        )
+        session.execute(select(*S).where(S.request_id.in_(ids)).order_by(S.entered_at, S.index, S.round))
     )
-    votes = _by_request(
-        session.scalars(
-            select(ApprovalVoteRow).where(ApprovalVoteRow.request_id.in_(ids)).order_by(ApprovalVoteRow.id)
-        )
-    )
-    transitions = _by_request(
-        session.scalars(
-            select(ApprovalTransitionRow)
-            .where(ApprovalTransitionRow.request_id.in_(ids))
-            .order_by(ApprovalTransitionRow.seq)
-        )
-    )
+    votes = _by_request(session.execute(select(*V).where(V.request_id.in_(ids)).order_by(V.id)))
+    transitions = _by_request(session.execute(select(*T).where(T.request_id.in_(ids)).order_by(T.seq)))
     return [
         _stored(row, steps.get(row.id, []), votes.get(row.id, []), transitions.get(row.id, []))
         for row in rows
@@ -234,16 +224,12 @@ def load_rows(session: Session, rows: Sequence[ApprovalRequestRow]) -> list[Stor
 def _by_request(rows: Iterable[Any]) -> dict[str, list[Any]]:
     grouped: dict[str, list[Any]] = {}
     for row in rows:
-        grouped.setdefault(row.request_id, []).append(row)
+        values = row._mapping  # by name: a Row's own .index and .count would shadow columns
+        grouped.setdefault(values["request_id"], []).append(values)
     return grouped
 
 
-def _stored(
-    row: ApprovalRequestRow,
-    steps: Sequence[ApprovalStepRow],
-    votes: Sequence[ApprovalVoteRow],
-    transitions: Sequence[ApprovalTransitionRow],
-) -> StoredRequest:
+def _stored(row: Any, steps: Sequence[Any], votes: Sequence[Any], transitions: Sequence[Any]) -> StoredRequest:
     request = ApprovalRequest(
         id=row.id,
         rule_name=row.rule_name,
