@@ -43,7 +43,7 @@ class StandIn(BaseHTTPRequestHandler):
     calls = 0
     lock = threading.Lock()
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         ids = [record["id"] for record in body["records"]]
         with self.lock:
@@ -88,7 +88,9 @@ def test_two_worker_processes_on_one_postgresql_and_redis_expire_and_write_each_
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{n}")}
         command = [sys.executable, "-m", "connector", "--env-file", str(env_file), "worker", "--workers", "2"]
         log = (tmp_path / f"worker-{n}.log").open("w")
-        workers.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        workers.append(
+            (subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        )
     runtime = Runtime.from_settings(Settings.from_env({}, dotenv_path=str(env_file)))
     tasks = Tasks(runtime, make_huey(redis_url))
     try:
@@ -96,7 +98,9 @@ def test_two_worker_processes_on_one_postgresql_and_redis_expire_and_write_each_
         while time.monotonic() < deadline:
             with runtime.sessions() as session:
                 left = session.scalar(
-                    select(func.count()).select_from(ApprovalRequestRow).where(ApprovalRequestRow.status == "approved")
+                    select(func.count())
+                    .select_from(ApprovalRequestRow)
+                    .where(ApprovalRequestRow.status == "approved")
                 )
                 unsent = session.scalar(
                     select(func.count()).select_from(OutboxUpdate).where(OutboxUpdate.status != "done")
@@ -129,9 +133,12 @@ def test_two_worker_processes_on_one_postgresql_and_redis_expire_and_write_each_
                 )
             )
             assert len(per_request) == COUNT and set(per_request.values()) == {1}
-            assert session.scalar(
-                select(func.count()).select_from(OutboxUpdate).where(OutboxUpdate.status == PENDING)
-            ) == 0
+            assert (
+                session.scalar(
+                    select(func.count()).select_from(OutboxUpdate).where(OutboxUpdate.status == PENDING)
+                )
+                == 0
+            )
         assert audit.verify(runtime.sessions).ok
     finally:
         runtime.close()

@@ -41,8 +41,12 @@ SUBMITTERS = 100
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.api", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100_000, help="requests in the database")
-    parser.add_argument("--database-url", default="", help="PostgreSQL URL (default: a temporary SQLite file)")
-    parser.add_argument("--samples", type=int, default=200, help="calls per endpoint (votes: at most the pending)")
+    parser.add_argument(
+        "--database-url", default="", help="PostgreSQL URL (default: a temporary SQLite file)"
+    )
+    parser.add_argument(
+        "--samples", type=int, default=200, help="calls per endpoint (votes: at most the pending)"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
     args = parser.parse_args(argv)
@@ -89,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run(base: str, tokens: dict[str, str], pending: list[str], samples: int) -> dict[str, tuple[float, float]]:
+def run(
+    base: str, tokens: dict[str, str], pending: list[str], samples: int
+) -> dict[str, tuple[float, float]]:
     http = requests.Session()
 
     def get(token: str, path: str) -> Callable[[int], requests.Response]:
@@ -173,8 +179,9 @@ def seed(url: str, count: int) -> tuple[dict[str, str], list[str]]:
     statements = [
         text(
             "INSERT INTO approval_requests (id, connection, object_type, record_id, rule_name, mapping_path, "
-            "mapping_hash, submitter, status, current_step, record, changed_fields, submitted_at, updated_at, "
-            f"approved_at, version, active_key) SELECT {ident}, 'sandbox', 'deal', 'D-' || i, 'deal-approval', "
+            "mapping_hash, submitter, status, current_step, record, changed_fields, submitted_at, "
+            f"updated_at, approved_at, version, active_key) SELECT {ident}, 'sandbox', 'deal', 'D-' || i, "
+            "'deal-approval', "
             f"'sandbox-deals.yaml', '{'0' * 64}', 'u-rep-' || (i % {SUBMITTERS}), "
             "CASE WHEN i % 7 = 0 THEN 'pending' ELSE 'approved' END, CASE WHEN i % 7 = 0 THEN 0 END, "
             f"'{record}'{jsonb}, '[]'{jsonb}, {submitted}, {submitted}, "
@@ -182,19 +189,23 @@ def seed(url: str, count: int) -> tuple[dict[str, str], list[str]]:
             f"CASE WHEN i % 7 = 0 THEN {active} END FROM ({series}) AS n"
         ).bindparams(at, last=count - 1),
         text(
-            'INSERT INTO approval_steps (request_id, "index", round, name, mode, approvers, required, status, '
+            'INSERT INTO approval_steps (request_id, "index", round, name, mode, approvers, required, '
+            "status, "
             f"entered_at, left_at) SELECT r.id, 0, 1, 'manager', 'one', "
             f"('[\"u-mgr-' || ({number} % {MANAGERS}) || '\"]'){jsonb}, 1, "
-            "CASE WHEN r.status = 'pending' THEN 'pending' ELSE 'approved' END, r.submitted_at, r.approved_at "
+            "CASE WHEN r.status = 'pending' THEN 'pending' ELSE 'approved' END, r.submitted_at, "
+            "r.approved_at "
             "FROM approval_requests AS r"
         ),
         text(
-            "INSERT INTO approval_transitions (request_id, seq, kind, from_status, to_status, step_index, at, "
+            "INSERT INTO approval_transitions (request_id, seq, kind, from_status, to_status, step_index, "
+            "at, "
             f"acting_admin) SELECT r.id, 1, 'submitted', NULL, 'submitted', NULL, r.submitted_at, {no} "
             "FROM approval_requests AS r"
         ),
         text(
-            "INSERT INTO approval_transitions (request_id, seq, kind, from_status, to_status, step_index, at, "
+            "INSERT INTO approval_transitions (request_id, seq, kind, from_status, to_status, step_index, "
+            "at, "
             f"acting_admin) SELECT r.id, 2, 'entered', 'submitted', 'pending', 0, r.submitted_at, {no} "
             "FROM approval_requests AS r"
         ),
@@ -217,7 +228,9 @@ def seed(url: str, count: int) -> tuple[dict[str, str], list[str]]:
         for user, admin in (("u-mgr-7", False), ("u-rep-3", False), ("u-admin", True)):
             tokens[user] = create_token(session, user, "bench", is_admin=admin)[1]
         W = ApprovalWaitingRow
-        pending = list(session.scalars(select(W.request_id).where(W.approver == "u-mgr-7").order_by(W.request_id)))
+        pending = list(
+            session.scalars(select(W.request_id).where(W.approver == "u-mgr-7").order_by(W.request_id))
+        )
     runtime.close()
     return tokens, pending
 

@@ -52,9 +52,15 @@ RULE = "deal-approval"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.expire", description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", default="100000,1000000", help="comma-separated approval counts")
-    parser.add_argument("--database-url", default="", help="PostgreSQL URL (default: a temporary SQLite file)")
-    parser.add_argument("--chunk", type=int, default=0, help="approvals per transaction (default: the code's)")
-    parser.add_argument("--flush-max", type=int, default=100_000, help="flush the write-back up to this count")
+    parser.add_argument(
+        "--database-url", default="", help="PostgreSQL URL (default: a temporary SQLite file)"
+    )
+    parser.add_argument(
+        "--chunk", type=int, default=0, help="approvals per transaction (default: the code's)"
+    )
+    parser.add_argument(
+        "--flush-max", type=int, default=100_000, help="flush the write-back up to this count"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--mappings", help=argparse.SUPPRESS)
@@ -82,7 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 drop()
             assert ours["expired"] == count, f"expired {ours['expired']} of {count}"
-            row = {"count": count, "generate_s": generated["seconds"], "ceiling_s": ceiling["seconds"], **ours}
+            row = {
+                "count": count,
+                "generate_s": generated["seconds"],
+                "ceiling_s": ceiling["seconds"],
+                **ours,
+            }
             if flushed is not None:
                 row.update(flushed)
             results.append(row)
@@ -102,8 +113,9 @@ def report(row: dict[str, Any]) -> None:
     count = row["count"]
     seconds = row["seconds"]
     print(
-        f"{count:>9,} due: generated in {row['generate_s']:.1f} s | bare bulk UPDATE {row['ceiling_s']:.2f} s | "
-        f"ours {seconds:.1f} s ({count / seconds:,.0f}/s), ratio {seconds / row['ceiling_s']:.1f}x the UPDATE | "
+        f"{count:>9,} due: generated in {row['generate_s']:.1f} s | "
+        f"bare bulk UPDATE {row['ceiling_s']:.2f} s | ours {seconds:.1f} s ({count / seconds:,.0f}/s), "
+        f"ratio {seconds / row['ceiling_s']:.1f}x the UPDATE | "
         f"peak RSS {row['peak_rss_mb']:.0f} MB (at start {row['start_rss_mb']:.0f} MB) | "
         f"outbox {row['outbox']:,}, audit {row['audit']:,}, notifications {row['notifications']:,}"
     )
@@ -137,7 +149,17 @@ def fresh_database(pg_url: str, work: Path, count: int) -> tuple[str, Any]:
 
 
 def child(step: str, url: str, mappings: Path, number: int) -> dict[str, Any]:
-    command = [sys.executable, "-m", "bench.expire", "--child", step, "--url", url, "--mappings", str(mappings)]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.expire",
+        "--child",
+        step,
+        "--url",
+        url,
+        "--mappings",
+        str(mappings),
+    ]
     command += ["--chunk", str(number)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -183,7 +205,9 @@ def generate(url: str, mappings: str, count: int) -> dict[str, Any]:
     )
     ident = "'exp-' || lpad(i::text, 8, '0')" if postgres else "printf('exp-%08d', i)"
     no = "false" if postgres else "0"
-    times = [bindparam(name, value, type_=UTCDateTime()) for name, value in (("exp", EXPIRES), ("appr", APPROVED))]
+    times = [
+        bindparam(name, value, type_=UTCDateTime()) for name, value in (("exp", EXPIRES), ("appr", APPROVED))
+    ]
     requests = text(
         "INSERT INTO approval_requests (id, connection, object_type, record_id, rule_name, mapping_path, "
         "mapping_hash, submitter, status, current_step, record, record_previous, changed_fields, "
@@ -252,7 +276,11 @@ def expire(url: str, mappings: str, chunk: int) -> dict[str, Any]:
     with runtime.sessions() as session:
         counts = {
             name: session.scalar(select(func.count()).select_from(model))
-            for name, model in (("outbox", OutboxUpdate), ("audit", AuditEntry), ("notifications", Notification))
+            for name, model in (
+                ("outbox", OutboxUpdate),
+                ("audit", AuditEntry),
+                ("notifications", Notification),
+            )
         }
     runtime.close()
     return {
@@ -283,7 +311,7 @@ def flush_all(url: str, mappings: str, _chunk: int) -> dict[str, Any]:
     return {"crm_calls": crm.calls, "sent": sent, "batch_limit": crm.batch_limit, "flush_s": seconds}
 
 
-def StandIn() -> Any:  # noqa: N802 - built lazily so the parent never imports the connector
+def StandIn() -> Any:
     from connector.config import ConnectionConfig
     from connector.crm.base import CRMAdapter, RecordUpdate, UpdateResult
     from connector.crm.sandbox import SandboxAdapter

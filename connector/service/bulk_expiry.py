@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import meta
-from sqlalchemy import String, bindparam, cast, func, insert, literal, select, update
+from sqlalchemy import String, Table, bindparam, cast, func, insert, literal, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.approvals.actions import render_action, template_variables
@@ -64,10 +64,18 @@ PER_SWEEP_VARIABLES = frozenset({"today", "now", "rule"})
 # the request events' logger (connector.service.approval_service): one place to watch them
 log = logging.getLogger("connector.service.approval_service")
 
-REQUESTS = ApprovalRequestRow.__table__
-TRANSITIONS = ApprovalTransitionRow.__table__
-OUTBOX = OutboxUpdate.__table__
-NOTIFICATIONS = Notification.__table__
+
+def cast_table(table: Any) -> Table:
+    """A mapped class's __table__ is a Table; the ORM types it as FromClause."""
+    assert isinstance(table, Table)
+    return table
+
+
+# the mapped classes' Tables
+REQUESTS = cast_table(ApprovalRequestRow.__table__)
+TRANSITIONS = cast_table(ApprovalTransitionRow.__table__)
+OUTBOX = cast_table(OutboxUpdate.__table__)
+NOTIFICATIONS = cast_table(Notification.__table__)
 NOTIFICATION_COLUMNS = (
     "dedupe_key", "event", "template", "channel", "connection", "user_id", "target", "request_id",
     "context", "status", "attempts", "created_at",
@@ -175,9 +183,7 @@ class _RuleExpiry:
             "step_index": None,
             "comment": None,
         }
-        self.fixed_detail = (
-            {"event": "expire", "fields": self.fixed_fields} if self.fixed_fields else None
-        )
+        self.fixed_detail = {"event": "expire", "fields": self.fixed_fields} if self.fixed_fields else None
 
     def chunk(self, session: Session, size: int) -> list[tuple[Any, ...]]:
         """Expire up to `size` due approvals in the caller's transaction; their rows
@@ -194,25 +200,27 @@ class _RuleExpiry:
         )
         if dialect == "postgresql":
             due = due.with_for_update(skip_locked=True)
-        done = session.execute(
-            update(REQUESTS)
-            .where(REQUESTS.c.id.in_(due.scalar_subquery()))
-            .values(
-                status="expired",
-                expired_at=self.now,
-                updated_at=self.now,
-                version=REQUESTS.c.version + 1,
-                active_key=None,
-            )
-            .returning(
-                REQUESTS.c.id,
-                REQUESTS.c.connection,
-                REQUESTS.c.object_type,
-                REQUESTS.c.record_id,
-                REQUESTS.c.version,
-                REQUESTS.c.submitter,
-            )
-        ).all()
+        done = list(
+            session.execute(
+                update(REQUESTS)
+                .where(REQUESTS.c.id.in_(due.scalar_subquery()))
+                .values(
+                    status="expired",
+                    expired_at=self.now,
+                    updated_at=self.now,
+                    version=REQUESTS.c.version + 1,
+                    active_key=None,
+                )
+                .returning(
+                    REQUESTS.c.id,
+                    REQUESTS.c.connection,
+                    REQUESTS.c.object_type,
+                    REQUESTS.c.record_id,
+                    REQUESTS.c.version,
+                    REQUESTS.c.submitter,
+                )
+            ).all()
+        )
         if not done:
             return []
         done.sort(key=lambda row: row[0])
@@ -248,9 +256,7 @@ class _RuleExpiry:
         ).all()
         return {request_id: seq for request_id, seq in rows}
 
-    def _queue_actions(
-        self, session: Session, done: list[Any], dialect: str
-    ) -> dict[str, dict[str, Any]]:
+    def _queue_actions(self, session: Session, done: list[Any], dialect: str) -> dict[str, dict[str, Any]]:
         """The outbox rows of the rule's `expire` action; request id -> the fields queued."""
         if self.action is None or not self.action.set:
             return {}
@@ -346,11 +352,23 @@ class _RuleExpiry:
         for request_id, connection, _object_type, _record_id, _version, submitter in done:
             key = f"{request_id}:expired:{seqs[request_id]}"
             for channel, target in self._channels_for(connection, submitter):
-                recipient = target if channel == "chat" and not target.startswith("user:") else f"user:{submitter}"
+                recipient = (
+                    target if channel == "chat" and not target.startswith("user:") else f"user:{submitter}"
+                )
                 rows.append(
                     (
-                        f"{key}:{recipient}:{channel}"[:400], "expired", "expired", channel, connection,
-                        submitter, target or None, request_id, context, NOTIFY_PENDING, 0, created,
+                        f"{key}:{recipient}:{channel}"[:400],
+                        "expired",
+                        "expired",
+                        channel,
+                        connection,
+                        submitter,
+                        target or None,
+                        request_id,
+                        context,
+                        NOTIFY_PENDING,
+                        0,
+                        created,
                     )  # fmt: skip
                 )
         # new transitions make new keys: nothing can be queued already
@@ -364,9 +382,7 @@ class _RuleExpiry:
             found = self._channels[key] = self.notify.channels_for(connection, user_id, self.spec.roles)
         return found
 
-    def _audit_entries(
-        self, done: list[Any], queued: dict[str, dict[str, Any]]
-    ) -> Iterator[dict[str, Any]]:
+    def _audit_entries(self, done: list[Any], queued: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
         at = utcnow()
         for request_id, connection, object_type, record_id, _version, _submitter in done:
             yield {
@@ -425,7 +441,10 @@ def _fixed_fields(
 
 
 def _announce(
-    rule: RuleSpec, spec: MappingSpec, done: list[tuple[Any, ...]], on_expired: Callable[[Expired], None] | None
+    rule: RuleSpec,
+    spec: MappingSpec,
+    done: list[tuple[Any, ...]],
+    on_expired: Callable[[Expired], None] | None,
 ) -> None:
     """Metrics, the INFO line per request (as every request event has) and the caller's
     callback, once the chunk is committed."""

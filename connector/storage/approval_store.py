@@ -229,13 +229,15 @@ def _by_request(rows: Iterable[Any]) -> dict[str, list[Any]]:
     return grouped
 
 
-def _stored(row: Any, steps: Sequence[Any], votes: Sequence[Any], transitions: Sequence[Any]) -> StoredRequest:
+def _stored(
+    row: Any, steps: Sequence[Any], votes: Sequence[Any], transitions: Sequence[Any]
+) -> StoredRequest:
     request = ApprovalRequest(
         id=row.id,
         rule_name=row.rule_name,
         record_ref=RecordKey(row.connection, row.object_type, row.record_id).ref,
         submitter=row.submitter,
-        status=row.status,  # type: ignore[arg-type]
+        status=row.status,
         current_step=row.current_step,
         record=dict(row.record),
         record_previous=dict(row.record_previous) if row.record_previous is not None else None,

@@ -191,7 +191,7 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
             "the audit chain head row is missing: run `crm-approvals db upgrade`; if the database is "
             "migrated, someone deleted it, and `crm-approvals audit verify` tells what else changed"
         )
-    chain = [head[0], head[1]]
+    chain: list[Any] = [head[0], head[1]]
     details: dict[int, tuple[Any, str]] = {}  # id(detail) -> (the dict, kept alive; its canonical text)
     moments: dict[datetime, tuple[datetime, str]] = {}
 
@@ -199,7 +199,9 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
         for entry in entries:
             kind = entry["kind"]
             if kind not in KINDS:
-                raise ValueError(f"unknown audit entry kind {kind!r}: add it to KINDS in connector/storage/audit.py")
+                raise ValueError(
+                    f"unknown audit entry kind {kind!r}: add it to KINDS in connector/storage/audit.py"
+                )
             detail = entry.get("detail") or {}
             known = details.get(id(detail))
             if known is None:
@@ -227,7 +229,7 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
 
     return insert_rows(
         session,
-        AuditEntry.__table__,  # type: ignore[arg-type]
+        AuditEntry.__table__,  # type: ignore[arg-type]  # a Table, typed as FromClause
         (*CONTENT_COLUMNS[:-1], "prev_hash", "row_hash"),
         rows(),
         json_text=("detail",),
@@ -235,7 +237,7 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
     )
 
 
-_encode = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # C, as json.dumps uses
+_encode = json.encoder.encode_basestring_ascii  # C, as json.dumps uses
 
 
 def _canonical_text(detail: Any) -> str:

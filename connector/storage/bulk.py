@@ -32,8 +32,7 @@ def insert_rows(
     postgres = dialect.name == "postgresql"
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
     processors = [
-        None if name in json_text else table.c[name].type.bind_processor(dialect)  # type: ignore[arg-type]
-        for name in columns
+        None if name in json_text else table.c[name].type.bind_processor(dialect) for name in columns
     ]
     marks = [f"CAST({mark} AS jsonb)" if postgres and name in json_text else mark for name in columns]
     one_row = "(" + ", ".join(marks) + ")"

@@ -60,7 +60,9 @@ def runtime(tmp_path: Path, database_url: str) -> Iterator[Runtime]:
     runtime.close()
 
 
-def add_approved(runtime: Runtime, count: int, expires_at: datetime, prefix: str, **extra: object) -> list[str]:
+def add_approved(
+    runtime: Runtime, count: int, expires_at: datetime, prefix: str, **extra: object
+) -> list[str]:
     ids = [f"{prefix}-{n:04d}" for n in range(count)]
     with transaction(runtime.sessions) as session:
         for n, request_id in enumerate(ids):
@@ -92,7 +94,12 @@ def add_approved(runtime: Runtime, count: int, expires_at: datetime, prefix: str
             for seq, (kind, to) in enumerate((("submitted", "pending"), ("approved", "approved")), 1):
                 session.add(
                     ApprovalTransitionRow(
-                        request_id=request_id, seq=seq, kind=kind, from_status=None, to_status=to, at=approved_at
+                        request_id=request_id,
+                        seq=seq,
+                        kind=kind,
+                        from_status=None,
+                        to_status=to,
+                        at=approved_at,
                     )
                 )
     return ids
@@ -125,7 +132,9 @@ def test_chunks_expire_every_due_approval_once_with_its_transition_outbox_row_no
         assert {rows[i].version for i in due} == {4}
         assert {rows[i].expired_at for i in due} == {NOW}
         transitions = session.execute(
-            select(ApprovalTransitionRow.request_id, ApprovalTransitionRow.seq, ApprovalTransitionRow.from_status)
+            select(
+                ApprovalTransitionRow.request_id, ApprovalTransitionRow.seq, ApprovalTransitionRow.from_status
+            )
             .where(ApprovalTransitionRow.kind == "expired")
             .order_by(ApprovalTransitionRow.request_id)
         ).all()
@@ -142,7 +151,9 @@ def test_chunks_expire_every_due_approval_once_with_its_transition_outbox_row_no
         assert sorted(n.request_id for n in notes) == due  # e-mail to each submitter
         assert {n.dedupe_key for n in notes} == {f"{i}:expired:3:user:{rows[i].submitter}:email" for i in due}
         kinds = session.execute(
-            select(AuditEntry.kind, func.count()).where(AuditEntry.request_id.in_(due)).group_by(AuditEntry.kind)
+            select(AuditEntry.kind, func.count())
+            .where(AuditEntry.request_id.in_(due))
+            .group_by(AuditEntry.kind)
         ).all()
         assert dict(kinds) == {"transition": 25, "action_queued": 25}
     assert audit.verify(runtime.sessions).ok
@@ -198,16 +209,20 @@ def test_approvals_of_a_rule_gone_from_the_mappings_are_left_alone(runtime: Runt
 def test_the_bulk_audit_append_extends_the_chain_that_single_entries_continue(runtime: Runtime) -> None:
     with transaction(runtime.sessions) as session:
         audit.record(session, "expired", request_id="before")
-    entries = ({"at": NOW, "kind": "expired", "request_id": f"r-{n}", "detail": {"n": n}} for n in range(2500))
+    entries = (
+        {"at": NOW, "kind": "expired", "request_id": f"r-{n}", "detail": {"n": n}} for n in range(2500)
+    )
     with transaction(runtime.sessions) as session:
         assert audit.append_many(session, entries, batch=1000) == 2500
     with transaction(runtime.sessions) as session:
         audit.record(session, "expired", request_id="after")
     result = audit.verify(runtime.sessions)
     assert result.ok and result.rows == 2502
-    with pytest.raises(ValueError, match="unknown audit entry kind"):
-        with transaction(runtime.sessions) as session:
-            audit.append_many(session, [{"at": NOW, "kind": "nonsense"}])
+    with (
+        pytest.raises(ValueError, match="unknown audit entry kind"),
+        transaction(runtime.sessions) as session,
+    ):
+        audit.append_many(session, [{"at": NOW, "kind": "nonsense"}])
 
 
 def test_the_cli_prints_each_expired_approval_from_the_bulk_path(tmp_path: Path) -> None:
@@ -223,7 +238,8 @@ def test_the_cli_prints_each_expired_approval_from_the_bulk_path(tmp_path: Path)
     runtime.close()
     env = tmp_path / ".env"
     env.write_text(
-        f"DATABASE_URL=sqlite:///{tmp_path}/app.db\nQUEUE_URL=memory://\nMAPPINGS_DIR={tmp_path / 'mappings'}\n"
+        f"DATABASE_URL=sqlite:///{tmp_path}/app.db\nQUEUE_URL=memory://\n"
+        f"MAPPINGS_DIR={tmp_path / 'mappings'}\n"
         "CRM_CONNECTIONS=sandbox\nSANDBOX_API_TOKEN=t0ken\nSANDBOX_URL=http://sandbox.test\n"
     )
     chunk = bulk_expiry.CHUNK
@@ -270,6 +286,11 @@ def test_the_bulk_hash_is_the_row_hash_that_verify_recomputes(values: tuple[str 
         "prev_hash": "f" * 64,
     }
     fast = audit._fast_hash(
-        7, NOW.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "action_queued", audit._canonical_text(detail), "f" * 64, values
+        7,
+        NOW.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "action_queued",
+        audit._canonical_text(detail),
+        "f" * 64,
+        values,
     )
     assert fast == audit.row_hash(row)

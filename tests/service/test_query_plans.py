@@ -49,8 +49,9 @@ def fill(runtime: Runtime) -> None:
     statements = [
         text(
             "INSERT INTO approval_requests (id, connection, object_type, record_id, rule_name, mapping_path, "
-            "mapping_hash, submitter, status, current_step, record, changed_fields, submitted_at, updated_at, "
-            f"version) SELECT {ident}, 'sandbox', 'deal', 'D-' || i, 'rule-' || (i % 10), 'm.yaml', 'h', "
+            "mapping_hash, submitter, status, current_step, record, changed_fields, submitted_at, "
+            f"updated_at, version) SELECT {ident}, 'sandbox', 'deal', 'D-' || i, 'rule-' || (i % 10), "
+            "'m.yaml', 'h', "
             "'u-rep-' || (i % 100), CASE WHEN i % 7 = 0 THEN 'pending' ELSE 'approved' END, "
             f"CASE WHEN i % 7 = 0 THEN 0 END, '{{}}', '[]', :at, :at, 1 FROM ({series}) AS n"
         ).bindparams(at, last=COUNT - 1),
@@ -74,7 +75,9 @@ def plans(runtime: Runtime, run: Any) -> list[tuple[str, str]]:
     """(statement, plan) of each SELECT that `run` executes."""
     seen: list[tuple[str, Any]] = []
 
-    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+    def capture(
+        _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
+    ) -> None:
         if statement.lstrip().upper().startswith("SELECT"):
             seen.append((statement, parameters))
 
@@ -96,7 +99,9 @@ def plans(runtime: Runtime, run: Any) -> list[tuple[str, str]]:
 
 def page_plan(found: list[tuple[str, str]]) -> str:
     """The plan of the statement that reads the page (ordered, limited)."""
-    pages = [plan for statement, plan in found if "LIMIT" in statement.upper() and "ORDER BY" in statement.upper()]
+    pages = [
+        plan for statement, plan in found if "LIMIT" in statement.upper() and "ORDER BY" in statement.upper()
+    ]
     assert len(pages) == 1, found
     return pages[0]
 

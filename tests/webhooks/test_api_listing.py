@@ -92,7 +92,9 @@ def add_request(
     session.add_all(ApprovalAssigneeRow(approver=a, request_id=request_id) for a in approvers)
     if pending:
         session.add_all(
-            ApprovalWaitingRow(request_id=request_id, approver=a, step_index=0, round=1, submitted_at=submitted_at)
+            ApprovalWaitingRow(
+                request_id=request_id, approver=a, step_index=0, round=1, submitted_at=submitted_at
+            )
             for a in approvers
         )
     return request_id
