@@ -213,7 +213,8 @@ def find_requests(session: Session, filters: RequestFilters, viewer: Viewer | No
     if len(rows) > filters.limit:
         last = shown[-1]
         next_cursor = PagePosition(last.submitted_at, last.id).encode()
-    return RequestPage(store.load_rows(session, shown), total, next_cursor)
+    # summaries show no history: the page's requests come without their transitions
+    return RequestPage(store.load_rows(session, shown, history=False), total, next_cursor)
 
 
 def ids_pending_for(session: Session, user_id: str, limit: int | None = None) -> list[str]:

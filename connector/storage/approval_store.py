@@ -202,10 +202,11 @@ def _from_json(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def load_rows(session: Session, rows: Sequence[Any]) -> list[StoredRequest]:
+def load_rows(session: Session, rows: Sequence[Any], *, history: bool = True) -> list[StoredRequest]:
     """The requests of these rows (ORM rows or Core rows of approval_requests), in the same
     order; their children in one query per table, read as plain rows (no ORM objects: a page
-    of 50 requests is hundreds of children)."""
+    of 50 requests is hundreds of children). `history=False` leaves the transitions out,
+    for lists that show none."""
     ids = [row.id for row in rows]
     if not ids:
         return []
@@ -214,7 +215,11 @@ def load_rows(session: Session, rows: Sequence[Any]) -> list[StoredRequest]:
         session.execute(select(*S).where(S.request_id.in_(ids)).order_by(S.entered_at, S.index, S.round))
     )
     votes = _by_request(session.execute(select(*V).where(V.request_id.in_(ids)).order_by(V.id)))
-    transitions = _by_request(session.execute(select(*T).where(T.request_id.in_(ids)).order_by(T.seq)))
+    transitions = (
+        _by_request(session.execute(select(*T).where(T.request_id.in_(ids)).order_by(T.seq)))
+        if history
+        else {}
+    )
     return [
         _stored(row, steps.get(row.id, []), votes.get(row.id, []), transitions.get(row.id, []))
         for row in rows
