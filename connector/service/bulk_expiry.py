@@ -53,7 +53,7 @@ from connector.storage.models import (
     ApprovalTransitionRow,
     OutboxUpdate,
 )
-from connector.storage.outbox import lock_record
+from connector.storage.outbox import lock_records
 
 if TYPE_CHECKING:
     from connector.service.approval_service import ApprovalService
@@ -260,9 +260,8 @@ class _RuleExpiry:
         """The outbox rows of the rule's `expire` action; request id -> the fields queued."""
         if self.action is None or not self.action.set:
             return {}
-        if dialect == "postgresql":  # the per-record lock every outbox writer takes, sorted: no deadlock
-            for key in sorted({(row[1], row[2], row[3]) for row in done}):
-                lock_record(session, key)
+        # the per-record lock every outbox writer takes (PostgreSQL), all in one statement
+        lock_records(session, ((row[1], row[2], row[3]) for row in done))
         ids = [row[0] for row in done]
         if self.fixed_fields is not None:
             fields = self.fixed_fields

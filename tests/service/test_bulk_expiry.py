@@ -294,3 +294,31 @@ def test_the_bulk_hash_is_the_row_hash_that_verify_recomputes(values: tuple[str 
         values,
     )
     assert fast == audit.row_hash(row)
+
+
+def test_lock_records_takes_the_per_record_lock_that_single_outbox_writers_take(pg_url: str) -> None:
+    """One statement for many records, and the same advisory lock as `lock_record`: a
+    writer of one of those records waits until the bulk transaction ends."""
+    from sqlalchemy import text
+
+    from connector.storage.db import make_engine, make_session_factory
+    from connector.storage.outbox import _lock_id, lock_records
+
+    engine = make_engine(pg_url)
+    sessions = make_session_factory(engine)
+    keys = [("sandbox", "deal", f"D-{n}") for n in range(50)]
+    try:
+        with sessions() as bulk, sessions() as other:
+            lock_records(bulk, reversed(keys))
+            taken = other.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _lock_id(keys[7])})
+            free = other.scalar(
+                text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _lock_id(("sandbox", "deal", "D-other"))}
+            )
+            assert taken is False and free is True
+            bulk.rollback()  # the transaction ends: the lock goes with it
+            other.rollback()
+            assert (
+                other.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _lock_id(keys[7])}) is True
+            )
+    finally:
+        engine.dispose()
