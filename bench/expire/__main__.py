@@ -64,9 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--mappings", help=argparse.SUPPRESS)
+    parser.add_argument("--number", type=int, default=0, help=argparse.SUPPRESS)  # a child's count or chunk
     args = parser.parse_args(argv)
     if args.child:
-        result = CHILDREN[args.child](args.url, args.mappings, args.chunk)
+        result = CHILDREN[args.child](args.url, args.mappings, args.number)
         print(json.dumps(result))
         return 0
     counts = [int(c) for c in args.counts.split(",") if c.strip()]
@@ -160,7 +161,7 @@ def child(step: str, url: str, mappings: Path, number: int) -> dict[str, Any]:
         "--mappings",
         str(mappings),
     ]
-    command += ["--chunk", str(number)]
+    command += ["--number", str(number)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"bench step {step} failed:\n{done.stdout}\n{done.stderr}")
