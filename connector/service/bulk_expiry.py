@@ -226,7 +226,7 @@ class _RuleExpiry:
         done.sort(key=lambda row: row[0])
         ids = [row[0] for row in done]
         seqs = self._transitions(session, ids)
-        queued = self._queue_actions(session, done, dialect)
+        queued = self._queue_actions(session, done)
         self._notifications(session, done, seqs)
         audit.append_many(session, self._audit_entries(done, queued))
         return [tuple(row) for row in done]
@@ -256,7 +256,7 @@ class _RuleExpiry:
         ).all()
         return {request_id: seq for request_id, seq in rows}
 
-    def _queue_actions(self, session: Session, done: list[Any], dialect: str) -> dict[str, dict[str, Any]]:
+    def _queue_actions(self, session: Session, done: list[Any]) -> dict[str, dict[str, Any]]:
         """The outbox rows of the rule's `expire` action; request id -> the fields queued."""
         if self.action is None or not self.action.set:
             return {}
