@@ -391,12 +391,13 @@ def sync_expire(ctx: Context, dry_run: bool, as_of: date | None, yes: bool) -> N
                 abort=True,
             )
         service = replace(pipeline.approvals, clock=lambda: now)
-        expired = service.expire_due(runtime.sessions)
-        for line in expired:
-            click.echo(f"expired {line}")
+        expired = service.expire_due(
+            runtime.sessions,
+            on_expired=lambda e: click.echo(f"expired {e.ref} ({e.rule_name}, request {e.request_id})"),
+        )
         report = flush(runtime.sessions, runtime.adapter)
         click.echo(
-            f"{len(expired)} approval(s) expired{when}; write-back: {report.done} sent, "
+            f"{expired} approval(s) expired{when}; write-back: {report.done} sent, "
             f"{report.retried} to retry, {report.dead} dead-lettered"
         )
     finally:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,7 +32,6 @@ from connector.approvals.lifecycle import (
     Transition,
     cast_vote,
     delegate_open_step,
-    expire,
     is_active,
     may_see,
     on_record_change,
@@ -54,6 +53,9 @@ from connector.storage import audit
 from connector.storage.approval_store import RecordKey, StaleRequestError, StoredRequest
 from connector.storage.db import after_commit, transaction
 from connector.storage.outbox import enqueue_update
+
+if TYPE_CHECKING:
+    from connector.service.bulk_expiry import Expired
 
 SUBMITTER_FIELDS = ("submitter", "owner")  # canonical fields naming who submitted, first found wins
 SAVE_ATTEMPTS = 3  # a request changed between reading and saving is decided again, this often
@@ -421,20 +423,16 @@ class ApprovalService:
 
     # --- expiry (periodic job and `crm-approvals sync expire`) -------------------------
 
-    def expire_due(self, sessions: sessionmaker[Session]) -> list[str]:
-        """Expire every approved request past its expiry; safe to run at any time."""
-        now = self.clock()
-        with sessions() as session:
-            due = store.ids_due_for_expiry(session, now)
-        expired = []
-        for request_id in due:
-            try:
-                stored = self._decide_and_save(sessions, request_id, lambda request, *_: expire(request, now))
-            except (RequestNotFoundError, StaleRequestError):
-                continue  # gone, or acted on meanwhile: the next sweep looks again
-            if stored is not None:  # None: another run got there first
-                expired.append(f"{stored.record.ref} ({stored.request.rule_name}, request {request_id})")
-        return expired
+    def expire_due(
+        self,
+        sessions: sessionmaker[Session],
+        on_expired: Callable[[Expired], None] | None = None,
+    ) -> int:
+        """Expire every approved request past its expiry, set-based (connector.service.bulk_expiry);
+        safe to run at any time. Returns how many expired; `on_expired` hears of each one."""
+        from connector.service.bulk_expiry import expire_due
+
+        return expire_due(self, sessions, on_expired=on_expired).expired
 
     # --- shared ---------------------------------------------------------------------
 

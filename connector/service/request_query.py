@@ -19,8 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
-from sqlalchemy import ColumnElement, and_, exists, func, literal, or_, select, type_coerce
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import ColumnElement, and_, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from connector.approvals.lifecycle import RequestStatus
@@ -30,9 +29,14 @@ from connector.rules.coerce import parse_duration
 from connector.storage import approval_store as store
 from connector.storage.approval_store import RecordKey, StoredRequest
 from connector.storage.db import UTCDateTime
-from connector.storage.models import ApprovalRequestRow, ApprovalStepRow, ApprovalVoteRow
+from connector.storage.models import (
+    ApprovalAssigneeRow,
+    ApprovalRequestRow,
+    ApprovalWaitingRow,
+)
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 500
+COLUMNS = tuple(ApprovalRequestRow.__table__.c)  # a page is read as plain rows
 MAX_AGE = timedelta(days=366 * 100)  # further back than any request; keeps date arithmetic in range
 # The durations of mapping files (connector/rules/coerce.py: d, w, m, y) and hours.
 _DURATION = re.compile(r"^(\d{1,9})([hdwmy])$")
@@ -182,30 +186,43 @@ class RequestPage:
 
 
 def find_requests(session: Session, filters: RequestFilters, viewer: Viewer | None) -> RequestPage:
-    """One page of the requests matching `filters` that `viewer` may see (None: everything)."""
-    conditions = _conditions(session, filters, viewer)
-    total = session.scalar(select(func.count()).select_from(ApprovalRequestRow).where(*conditions)) or 0
-    query = select(ApprovalRequestRow).where(*conditions)
+    """One page of the requests matching `filters` that `viewer` may see (None: everything).
+
+    Every list is read from an index in page order: newest first by (submitted_at, id), so
+    a page costs its rows, not the table. With `pending_for` the rows come from the
+    approver's index of waiting requests (approval_waiting), which holds the same order."""
+    conditions = list(_conditions(session, filters, viewer))
+    R, W = ApprovalRequestRow, ApprovalWaitingRow
+    if filters.pending_for is not None:
+        order_at, order_id = W.submitted_at, W.request_id
+        waits = [W.approver == filters.pending_for, R.status == "pending"]
+        base = select(*COLUMNS).join(W, W.request_id == R.id).where(*waits, *conditions)
+        counted = select(func.count()).select_from(W).join(R, R.id == W.request_id).where(*waits, *conditions)
+    else:
+        order_at, order_id = R.submitted_at, R.id
+        base = select(*COLUMNS).where(*conditions)
+        counted = select(func.count()).select_from(R).where(*conditions)
+    total = session.scalar(counted) or 0
+    query = base
     if filters.cursor is not None:
-        query = query.where(_after(filters.cursor))
-    query = query.order_by(ApprovalRequestRow.submitted_at.desc(), ApprovalRequestRow.id.desc())
-    rows = list(session.scalars(query.limit(filters.limit + 1)))
+        query = query.where(_after(filters.cursor, order_at, order_id))
+    query = query.order_by(order_at.desc(), order_id.desc())
+    rows = list(session.execute(query.limit(filters.limit + 1)))  # plain rows: no ORM objects
     shown = rows[: filters.limit]
     next_cursor = None
     if len(rows) > filters.limit:
         last = shown[-1]
         next_cursor = PagePosition(last.submitted_at, last.id).encode()
-    return RequestPage(store.load_rows(session, shown), total, next_cursor)
+    # summaries show no history: the page's requests come without their transitions
+    return RequestPage(store.load_rows(session, shown, history=False), total, next_cursor)
 
 
-def ids_pending_for(session: Session, user_id: str) -> list[str]:
-    """Requests whose open step waits for this user's vote, oldest first (an inbox)."""
-    query = (
-        select(ApprovalRequestRow.id)
-        .where(_pending_for(session, user_id))
-        .order_by(ApprovalRequestRow.submitted_at, ApprovalRequestRow.id)
-    )
-    return list(session.scalars(query))
+def ids_pending_for(session: Session, user_id: str, limit: int | None = None) -> list[str]:
+    """Requests whose open step waits for this user's vote, oldest first (an inbox): read
+    in order from the index of approval_waiting."""
+    W = ApprovalWaitingRow
+    query = select(W.request_id).where(W.approver == user_id).order_by(W.submitted_at, W.request_id)
+    return list(session.scalars(query if limit is None else query.limit(limit)))
 
 
 def find_request(session: Session, request_id: str, viewer: Viewer | None) -> StoredRequest | None:
@@ -222,7 +239,8 @@ def _conditions(
 ) -> Sequence[ColumnElement[bool]]:
     R = ApprovalRequestRow
     conditions: list[ColumnElement[bool]] = []
-    if viewer is not None and not viewer.is_admin:
+    # one's own pending list needs no visibility check: waiting for you means assigned to you
+    if viewer is not None and not viewer.is_admin and filters.pending_for != viewer.user_id:
         conditions.append(_visible_to(session, viewer.user_id))
     if filters.status:
         conditions.append(R.status.in_(filters.status))
@@ -242,61 +260,16 @@ def _conditions(
         conditions.append(R.submitted_at < filters.older_than)
     if filters.newer_than is not None:
         conditions.append(R.submitted_at >= filters.newer_than)
-    if filters.pending_for is not None:
-        conditions.append(_pending_for(session, filters.pending_for))
-    return conditions
+    return conditions  # pending_for: find_requests reads approval_waiting
 
 
-def _after(position: PagePosition) -> ColumnElement[bool]:
-    R = ApprovalRequestRow
+def _after(position: PagePosition, order_at: Any, order_id: Any) -> ColumnElement[bool]:
     at = literal(position.submitted_at, UTCDateTime)
-    return or_(R.submitted_at < at, and_(R.submitted_at == at, R.id < position.request_id))
+    return or_(order_at < at, and_(order_at == at, order_id < position.request_id))
 
 
 def _visible_to(session: Session, user_id: str) -> ColumnElement[bool]:
-    """Today's rule: the submitter, and anyone assigned to any step of it (any round) so far."""
-    assigned = select(ApprovalStepRow.request_id).where(
-        _approvers_include(session, ApprovalStepRow.approvers, user_id)
-    )
-    # a deputy took their place while they were away (issue 11): they still see it
-    stood_in_for = select(ApprovalStepRow.request_id).where(
-        _object_values_include(session, ApprovalStepRow.on_behalf_of, user_id)
-    )
-    return or_(
-        ApprovalRequestRow.submitter == user_id,
-        ApprovalRequestRow.id.in_(assigned),
-        ApprovalRequestRow.id.in_(stood_in_for),
-    )
-
-
-def _pending_for(session: Session, user_id: str) -> ColumnElement[bool]:
-    """The open step has the user assigned, and the user has not voted on this round of it."""
-    R, S, V = ApprovalRequestRow, ApprovalStepRow, ApprovalVoteRow
-    voted = exists().where(
-        V.request_id == S.request_id, V.step_index == S.index, V.round == S.round, V.approver == user_id
-    )
-    open_step = exists().where(
-        S.request_id == R.id,
-        S.index == R.current_step,
-        S.status == "pending",
-        _approvers_include(session, S.approvers, user_id),
-        ~voted,
-    )
-    return and_(R.status == "pending", open_step)
-
-
-def _approvers_include(session: Session, approvers: Any, user_id: str) -> ColumnElement[bool]:
-    """JSON array membership: `@>` on PostgreSQL (GIN-indexed), json_each on SQLite."""
-    if session.get_bind().dialect.name == "postgresql":
-        return type_coerce(approvers, JSONB).contains(type_coerce([user_id], JSONB))
-    member = func.json_each(approvers).table_valued("value")
-    return exists().select_from(member).where(member.c.value == user_id)
-
-
-def _object_values_include(session: Session, mapping: Any, user_id: str) -> ColumnElement[bool]:
-    """A value of a JSON object column is ``user_id`` (deputy -> approver maps)."""
-    if session.get_bind().dialect.name == "postgresql":
-        entry = func.jsonb_each_text(type_coerce(mapping, JSONB)).table_valued("key", "value")
-    else:
-        entry = func.json_each(mapping).table_valued("value")
-    return exists().select_from(entry).where(entry.c.value == user_id)
+    """Today's rule: the submitter, and anyone assigned to any step of it (any round) so far
+    (approval_assignees, by index)."""
+    assigned = select(ApprovalAssigneeRow.request_id).where(ApprovalAssigneeRow.approver == user_id)
+    return or_(ApprovalRequestRow.submitter == user_id, ApprovalRequestRow.id.in_(assigned))

@@ -7,7 +7,7 @@ active-request keys make a double vote or a second active request fail in the da
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, TypeVar
@@ -25,6 +25,7 @@ from connector.approvals.lifecycle import (
     Vote,
 )
 from connector.errors import RetriableError
+from connector.storage import assignments
 from connector.storage.models import (
     ApprovalRequestRow,
     ApprovalStepRow,
@@ -136,6 +137,7 @@ def save(session: Session, stored: StoredRequest, outcome: Outcome, seen_version
                 "the request changed while you were looking at it; reload it and try again"
             )
     _save_children(session, outcome.steps, outcome.votes, outcome.transitions)
+    assignments.record(session, outcome, request.submitted_at)
 
 
 def supersede(session: Session, old_id: str, new_id: str) -> None:
@@ -193,8 +195,16 @@ def _as_row(item: Any) -> dict[str, Any]:
 
 
 def _from_row(cls: type[T], row: Any) -> T:
-    # a Core Row is read by key: `row.index` would be tuple.index, not the column
-    values = row._mapping if isinstance(row, Row) else {f.name: getattr(row, f.name) for f in fields(cls)}  # type: ignore[arg-type]
+    """A lifecycle dataclass from a row (the names are the same): a Core Row or a column
+    mapping is read by key (`row.index` would be tuple.index, not the column), an ORM row by
+    attribute."""
+    values: Mapping[Any, Any]
+    if isinstance(row, Row):
+        values = row._mapping
+    elif isinstance(row, Mapping):
+        values = row
+    else:
+        values = {f.name: getattr(row, f.name) for f in fields(cls)}  # type: ignore[arg-type]
     return cls(**{f.name: _from_json(values[f.name]) for f in fields(cls)})  # type: ignore[arg-type]
 
 
@@ -206,29 +216,23 @@ def _from_json(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def load_rows(session: Session, rows: Sequence[ApprovalRequestRow]) -> list[StoredRequest]:
-    """The requests of these rows, in the same order; their children in one query per table."""
+def load_rows(session: Session, rows: Sequence[Any], *, history: bool = True) -> list[StoredRequest]:
+    """The requests of these rows (ORM rows or Core rows of approval_requests), in the same
+    order; their children in one query per table, read as plain rows (no ORM objects: a page
+    of 50 requests is hundreds of children). `history=False` leaves the transitions out,
+    for lists that show none."""
     ids = [row.id for row in rows]
     if not ids:
         return []
+    S, V, T = ApprovalStepRow.__table__.c, ApprovalVoteRow.__table__.c, ApprovalTransitionRow.__table__.c
     steps = _by_request(
-        session.scalars(
-            select(ApprovalStepRow)
-            .where(ApprovalStepRow.request_id.in_(ids))
-            .order_by(ApprovalStepRow.entered_at, ApprovalStepRow.index, ApprovalStepRow.round)
-        )
+        session.execute(select(*S).where(S.request_id.in_(ids)).order_by(S.entered_at, S.index, S.round))
     )
-    votes = _by_request(
-        session.scalars(
-            select(ApprovalVoteRow).where(ApprovalVoteRow.request_id.in_(ids)).order_by(ApprovalVoteRow.id)
-        )
-    )
-    transitions = _by_request(
-        session.scalars(
-            select(ApprovalTransitionRow)
-            .where(ApprovalTransitionRow.request_id.in_(ids))
-            .order_by(ApprovalTransitionRow.seq)
-        )
+    votes = _by_request(session.execute(select(*V).where(V.request_id.in_(ids)).order_by(V.id)))
+    transitions = (
+        _by_request(session.execute(select(*T).where(T.request_id.in_(ids)).order_by(T.seq)))
+        if history
+        else {}
     )
     return [
         _stored(row, steps.get(row.id, []), votes.get(row.id, []), transitions.get(row.id, []))
@@ -266,7 +270,7 @@ def load_many(session: Session, ids: Sequence[str]) -> list[StoredRequest]:
     )
     return [
         _stored(
-            row,  # type: ignore[arg-type]  # a Row has the same attributes as ApprovalRequestRow
+            row,  # a Row has the same attributes as ApprovalRequestRow
             by_steps.get(row.id, []),
             by_votes.get(row.id, []),
             by_transitions.get(row.id, []),
@@ -278,22 +282,20 @@ def load_many(session: Session, ids: Sequence[str]) -> list[StoredRequest]:
 def _by_request(rows: Iterable[Any]) -> dict[str, list[Any]]:
     grouped: dict[str, list[Any]] = {}
     for row in rows:
-        grouped.setdefault(row.request_id, []).append(row)
+        values = row._mapping  # by name: a Row's own .index and .count would shadow columns
+        grouped.setdefault(values["request_id"], []).append(values)
     return grouped
 
 
 def _stored(
-    row: ApprovalRequestRow,
-    steps: Sequence[ApprovalStepRow],
-    votes: Sequence[ApprovalVoteRow],
-    transitions: Sequence[ApprovalTransitionRow],
+    row: Any, steps: Sequence[Any], votes: Sequence[Any], transitions: Sequence[Any]
 ) -> StoredRequest:
     request = ApprovalRequest(
         id=row.id,
         rule_name=row.rule_name,
         record_ref=RecordKey(row.connection, row.object_type, row.record_id).ref,
         submitter=row.submitter,
-        status=row.status,  # type: ignore[arg-type]
+        status=row.status,
         current_step=row.current_step,
         record=dict(row.record),
         record_previous=dict(row.record_previous) if row.record_previous is not None else None,

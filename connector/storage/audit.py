@@ -180,6 +180,93 @@ def append(session: Session, entries: Sequence[Mapping[str, Any]]) -> list[dict[
     return rows
 
 
+def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: int = 500) -> int:
+    """`append` for thousands of entries (set-based expiry): chained and hashed as `append`
+    does, written as multi-row INSERTs of plain tuples in id order, so the insert triggers
+    accept each row. A `detail` dict object shared by many entries is canonicalised once.
+    The caller's transaction holds the head lock from here to its commit: call this last,
+    as the commit hook does. Returns how many rows were appended."""
+    from connector.storage.bulk import insert_rows
+
+    head = session.execute(
+        select(AuditChainHead.last_id, AuditChainHead.last_hash)
+        .where(AuditChainHead.id == HEAD_ID)
+        .with_for_update()
+    ).one_or_none()
+    if head is None:
+        raise RuntimeError(
+            "the audit chain head row is missing: run `crm-approvals db upgrade`; if the database is "
+            "migrated, someone deleted it, and `crm-approvals audit verify` tells what else changed"
+        )
+    chain: list[Any] = [head[0], head[1]]
+    details: dict[int, tuple[Any, str]] = {}  # id(detail) -> (the dict, kept alive; its canonical text)
+    moments: dict[datetime, tuple[datetime, str]] = {}
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for entry in entries:
+            kind = entry["kind"]
+            if kind not in KINDS:
+                raise ValueError(
+                    f"unknown audit entry kind {kind!r}: add it to KINDS in connector/storage/audit.py"
+                )
+            detail = entry.get("detail") or {}
+            known = details.get(id(detail))
+            if known is None:
+                known = details[id(detail)] = (detail, _canonical_text(_jsonable(detail)))
+            moment = moments.get(entry["at"])
+            if moment is None:
+                at = entry["at"].astimezone(UTC)
+                moment = moments[entry["at"]] = (at, at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+            ident = chain[0] + 1
+            values = (
+                entry.get("actor"),
+                entry.get("connection"),
+                entry.get("mapping_hash"),
+                entry.get("object_type"),
+                entry.get("record_id"),
+                entry.get("request_id"),
+            )
+            digest = _fast_hash(ident, moment[1], kind, known[1], chain[1], values)
+            actor, connection, mapping_hash, object_type, record_id, request_id = values
+            yield (
+                ident, moment[0], kind, connection, object_type, record_id, request_id, actor,
+                mapping_hash, known[1], chain[1], digest,
+            )  # fmt: skip
+            chain[0], chain[1] = ident, digest
+
+    return insert_rows(
+        session,
+        AuditEntry.__table__,  # type: ignore[arg-type]  # a Table, typed as FromClause
+        (*CONTENT_COLUMNS[:-1], "prev_hash", "row_hash"),
+        rows(),
+        json_text=("detail",),
+        batch=batch,
+    )
+
+
+_encode = json.encoder.encode_basestring_ascii  # C, as json.dumps uses
+
+
+def _canonical_text(detail: Any) -> str:
+    return json.dumps(
+        _canonical_numbers(detail), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+
+
+def _fast_hash(ident: int, at: str, kind: str, detail: str, prev_hash: str, values: tuple[Any, ...]) -> str:
+    """`row_hash` without building the dict: the same canonical text, keys in sorted order
+    (tests/service/test_bulk_expiry.py compares the two)."""
+    actor, connection, mapping_hash, object_type, record_id, request_id = (
+        "null" if v is None else _encode(v) for v in values
+    )
+    text = (
+        f'{{"actor":{actor},"at":"{at}","connection":{connection},"detail":{detail},"id":{ident},'
+        f'"kind":{_encode(kind)},"mapping_hash":{mapping_hash},"object_type":{object_type},'
+        f'"prev_hash":{_encode(prev_hash)},"record_id":{record_id},"request_id":{request_id}}}'
+    )
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
 # --- verification -----------------------------------------------------------------------
 
 

@@ -158,6 +158,8 @@ class ApprovalRequestRow(Base):
         Index("ix_requests_rule_submitted", "rule_name", "submitted_at", "id"),
         Index("ix_requests_connection_submitted", "connection", "submitted_at", "id"),
         Index("ix_requests_submitter_submitted", "submitter", "submitted_at", "id"),
+        # set-based expiry takes the due approvals of one rule, soonest first
+        Index("ix_requests_status_rule_expires", "status", "rule_name", "expires_at"),
     )
 
 
@@ -203,7 +205,10 @@ class ApprovalVoteRow(Base):
     on_behalf_of: Mapped[str | None] = mapped_column(String(200), nullable=True)  # voter is their deputy
     auto_reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # cast by the engine, and why
 
-    __table_args__ = (UniqueConstraint("request_id", "step_index", "round", "approver", name="uq_vote_once"),)
+    __table_args__ = (
+        UniqueConstraint("request_id", "step_index", "round", "approver", name="uq_vote_once"),
+        Index("ix_votes_approver", "approver", "request_id"),  # a person's decisions
+    )
 
 
 class ApprovalTransitionRow(Base):
@@ -296,3 +301,28 @@ class RateBucket(Base):
     updated_at: Mapped[float] = mapped_column(Float)  # epoch seconds of the last refill
     capacity: Mapped[float] = mapped_column(Float)
     rate: Mapped[float] = mapped_column(Float)  # tokens per second
+
+
+class ApprovalAssigneeRow(Base):
+    """Who was ever assigned to a step of a request (any round): who may see it, by index
+    (connector/service/request_query.py). Kept by connector/storage/assignments.py."""
+
+    __tablename__ = "approval_assignees"
+
+    approver: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+
+
+class ApprovalWaitingRow(Base):
+    """One row per approver whose vote the open step of a pending request still awaits: the
+    approver's pending list, newest or oldest first, straight from one index."""
+
+    __tablename__ = "approval_waiting"
+
+    request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    approver: Mapped[str] = mapped_column(String(200), primary_key=True)
+    step_index: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
+    submitted_at: Mapped[datetime] = mapped_column(UTCDateTime)  # the request's, for the page order
+
+    __table_args__ = (Index("ix_waiting_approver_submitted", "approver", "submitted_at", "request_id"),)

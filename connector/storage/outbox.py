@@ -21,7 +21,7 @@ import hashlib
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -87,9 +87,28 @@ def lock_record(session: Session, key: RecordKey) -> None:
     writer lock already serialises every writer; PostgreSQL takes an advisory lock."""
     if session.get_bind().dialect.name != "postgresql":
         return
+    session.execute(text("SELECT pg_advisory_xact_lock(:lock_id)"), {"lock_id": _lock_id(key)})
+
+
+def lock_records(session: Session, keys: Iterable[RecordKey]) -> None:
+    """`lock_record` for many records in one statement, in lock-id order (two bulk writers
+    cannot deadlock); for writers of thousands of outbox rows (set-based expiry)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    ids = sorted({_lock_id(key) for key in keys})
+    if ids:
+        session.execute(
+            text(
+                "SELECT count(pg_advisory_xact_lock(k)) "
+                "FROM (SELECT unnest(CAST(:ids AS bigint[])) AS k ORDER BY k) AS locks"
+            ),
+            {"ids": ids},
+        )
+
+
+def _lock_id(key: RecordKey) -> int:
     digest = hashlib.sha256("\x1f".join(key).encode()).digest()
-    lock_id = int.from_bytes(digest[:8], "big", signed=True)
-    session.execute(text("SELECT pg_advisory_xact_lock(:lock_id)"), {"lock_id": lock_id})
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 @dataclass

@@ -106,7 +106,7 @@ def test_outbound_message_to_approved_write_back_to_expiry(
 
         # 5. 181 days later the expiry sweep writes the expired status.
         pipeline.approvals.clock = lambda: datetime.now(UTC) + timedelta(days=181)
-        assert len(pipeline.approvals.expire_due(runtime.sessions)) == 1
+        assert pipeline.approvals.expire_due(runtime.sessions) == 1
         flush(runtime.sessions, runtime.adapter)
         assert patches[-1]["records"][0] | {"attributes": None} == {
             "attributes": None,
@@ -114,7 +114,7 @@ def test_outbound_message_to_approved_write_back_to_expiry(
             "Approval_Status__c": "Expired",
             "Approval_Expires__c": None,
         }
-        assert pipeline.approvals.expire_due(runtime.sessions) == []  # idempotent
+        assert pipeline.approvals.expire_due(runtime.sessions) == 0  # idempotent
 
 
 def _sent_fields() -> dict[str, str | None]:

@@ -532,7 +532,7 @@ def test_the_submitter_is_warned_once_before_an_approval_expires(world: World, s
     assert warning["Subject"] == "审批即将过期：Contoso <POS> refresh"
     # and at expiry the submitter hears it has expired
     world.pipeline.approvals.clock = lambda: approved_at + timedelta(days=181)
-    assert len(world.pipeline.approvals.expire_due(world.runtime.sessions)) == 1
+    assert world.pipeline.approvals.expire_due(world.runtime.sessions) == 1
     [expired] = world.rows(event="expired")
     assert expired.user_id == "u-rep-wang"
 

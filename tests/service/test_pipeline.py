@@ -198,10 +198,10 @@ def test_approval_writes_status_and_expiry_then_the_sweep_expires_it(world: Any)
     assert crm.records["D-1"]["approval_expires_on"] == expected_expiry
     assert len(crm.update_calls) == 1  # Pending and Approved merged into one request
 
-    assert pipeline.approvals.expire_due(runtime.sessions) == []  # not yet
+    assert pipeline.approvals.expire_due(runtime.sessions) == 0  # not yet
     pipeline.approvals.clock = lambda: datetime.now(UTC) + timedelta(days=181)
-    assert len(pipeline.approvals.expire_due(runtime.sessions)) == 1
-    assert pipeline.approvals.expire_due(runtime.sessions) == []  # idempotent
+    assert pipeline.approvals.expire_due(runtime.sessions) == 1
+    assert pipeline.approvals.expire_due(runtime.sessions) == 0  # idempotent
     flush(runtime.sessions, runtime.adapter)
     assert crm.records["D-1"]["approval_status"] == "Expired"
     assert crm.records["D-1"]["approval_expires_on"] is None

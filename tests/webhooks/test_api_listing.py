@@ -18,7 +18,12 @@ from sqlalchemy.orm import Session
 from connector.config import Settings
 from connector.runtime import Runtime
 from connector.storage.db import transaction
-from connector.storage.models import ApprovalRequestRow, ApprovalStepRow
+from connector.storage.models import (
+    ApprovalAssigneeRow,
+    ApprovalRequestRow,
+    ApprovalStepRow,
+    ApprovalWaitingRow,
+)
 from tests.webhooks.test_api import World, build_world, error_of
 
 _row_ids = count()
@@ -83,6 +88,15 @@ def add_request(
             entered_at=submitted_at,
         )
     )
+    # the indexed rows the store keeps beside them (connector/storage/assignments.py)
+    session.add_all(ApprovalAssigneeRow(approver=a, request_id=request_id) for a in approvers)
+    if pending:
+        session.add_all(
+            ApprovalWaitingRow(
+                request_id=request_id, approver=a, step_index=0, round=1, submitted_at=submitted_at
+            )
+            for a in approvers
+        )
     return request_id
 
 
