@@ -2,10 +2,12 @@
 company with no approval opens the company approval and waits; the sandbox's security check
 answers "more documents" once and then "clear"; the company cascade approves; the contract
 continues (duplicate check, product owners, lawyer) and ends approved; a second contract with
-the same number is rejected as a duplicate, naming the first."""
+the same number is rejected as a duplicate, naming the first. The approved contract's approval
+sheet (PDF) holds every vote and is attached to the sandbox record."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -13,16 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import responses
+from pypdf import PdfReader
 from sqlalchemy import select
 
+from connector.documents.service import DocumentJob
 from connector.rules import MappingSet
 from connector.sandbox.app import SandboxConfig, create_sandbox_app
+from connector.sandbox.attachments import latest_attachments
 from connector.sandbox.store import CONTRACT, Store
 from connector.service import service_steps
 from connector.storage.company_models import ServiceStepJob
 from connector.storage.inbox import process_pending
 from connector.storage.outbox import flush
 from connector.wiring import attach_pipeline
+from tests.documents.conftest import require_weasyprint
 from tests.e2e.test_end_to_end_sandbox import _token
 from tests.sandbox.test_sandbox import API_TOKEN, Browser, forward_to
 
@@ -44,6 +50,7 @@ def contract_form(store: Store, contract_id: str, **changes: Any) -> dict[str, A
 def test_seed_001_company_dependency_security_check_and_duplicate(
     tmp_path: Path, settings_factory: Any, runtime_factory: Any, app_factory: Any
 ) -> None:
+    require_weasyprint()  # the approval sheet's PDF
     mappings = tmp_path / "mappings"
     mappings.mkdir()
     for name in ("sandbox-company.yaml", "sandbox-contract.yaml"):
@@ -64,11 +71,14 @@ def test_seed_001_company_dependency_security_check_and_duplicate(
     sender = sandbox_app.extensions["sandbox"].sender
     auth = {"Authorization": f"Bearer {API_TOKEN}"}
 
+    documents = DocumentJob(settings.documents_templates_dir)
+
     def work() -> None:
         for _ in range(3):
             process_pending(runtime.sessions, pipeline)
             service_steps.run_due(runtime)
             flush(runtime.sessions, runtime.adapter)
+            documents(runtime)
             if not sender.deliver_due():
                 break
 
@@ -153,6 +163,22 @@ def test_seed_001_company_dependency_security_check_and_duplicate(
             contract = approve_current(contract)
         assert steps == ["products", "lawyer"] and contract["status"] == "approved"
         assert store.get("contract", "K-9001")["approval_status"] == "Approved"
+        # its approval sheet holds every vote, downloadable and on the CRM record (one file)
+        listing = ours.get(f"/api/v1/requests/{contract['id']}/documents", headers=admin).get_json()
+        (sheet,) = listing["documents"]
+        assert (sheet["name"], sheet["crm"]["status"]) == ("approval-sheet", "attached"), sheet
+        pdf = ours.get(sheet["pdf"], headers=admin)
+        assert pdf.status_code == 200 and pdf.mimetype == "application/pdf"
+        text = " ".join("\n".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf.data)).pages).split())
+        assert len(contract["votes"]) >= 2
+        votes = text[text.index("Votes") :]
+        assert len(contract["votes"]) == len(steps)
+        for step, vote in zip(steps, contract["votes"], strict=True):  # every vote, in order
+            assert f"{step} {vote['approver']} APPROVE ok" in votes, (vote, votes)
+        (on_record,) = [
+            a for a in latest_attachments(store, "contract", "K-9001") if a["title"] == "Approval sheet"
+        ]
+        assert on_record["version"] == sheet["version"], (on_record, sheet)
 
         # 5. A second contract with the same number is rejected as a duplicate, naming the first.
         store.insert(
