@@ -536,20 +536,7 @@ class ApprovalService:
         for t in outcome.transitions:
             if t.kind in BUSINESS_EVENTS:
                 after_commit(session, partial(_announce, outcome.request, record, t))
-            kind = "step_opened" if t.kind == "entered" else "transition"
-            audit.record(
-                session,
-                kind,
-                **_where(record),
-                request_id=t.request_id,
-                actor=t.actor,
-                mapping_hash=spec.content_hash,
-                transition=t.kind,
-                from_status=t.from_status,
-                to_status=t.to_status,
-                step_index=t.step_index,
-                comment=t.comment,
-            )
+            audit_transition(session, record, spec, t)
         for v in outcome.votes:
             audit.record(
                 session,
@@ -632,6 +619,23 @@ def _decided(saved: StoredRequest | None) -> StoredRequest:
     if saved is None:  # votes and recalls always decide something, or raise
         raise AssertionError("a vote or recall decided nothing")
     return saved
+
+
+def audit_transition(session: Session, record: RecordKey, spec: MappingSpec, t: Transition) -> None:
+    """The audit entry of one history row (a step opening is its own kind)."""
+    audit.record(
+        session,
+        "step_opened" if t.kind == "entered" else "transition",
+        **_where(record),
+        request_id=t.request_id,
+        actor=t.actor,
+        mapping_hash=spec.content_hash,
+        transition=t.kind,
+        from_status=t.from_status,
+        to_status=t.to_status,
+        step_index=t.step_index,
+        comment=t.comment,
+    )
 
 
 def _where(record: RecordKey) -> dict[str, str]:

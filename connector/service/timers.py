@@ -31,7 +31,7 @@ from connector.config import ConfigError
 from connector.notify.models import Notification
 from connector.notify.queue import NotificationQueue
 from connector.notify.timer_notices import queue_timer_notices, timer_notice_rows
-from connector.service.approval_service import ApprovalService, RuleGoneError
+from connector.service.approval_service import ApprovalService, RuleGoneError, audit_transition
 from connector.service.escalation import target_resolver
 from connector.service.timer_calendars import CalendarLookup
 from connector.storage import approval_store as store
@@ -264,21 +264,7 @@ class StepTimers:
         for item in fresh:
             record, spec, rule = item.stored.record, item.spec, item.rule
             for t in item.result.outcome.transitions:  # as ApprovalService._commit records them
-                audit.record(
-                    session,
-                    "transition",
-                    connection=record.connection,
-                    object_type=record.object_type,
-                    record_id=record.record_id,
-                    request_id=t.request_id,
-                    actor=t.actor,
-                    mapping_hash=spec.content_hash,
-                    transition=t.kind,
-                    from_status=t.from_status,
-                    to_status=t.to_status,
-                    step_index=t.step_index,
-                    comment=t.comment,
-                )
+                audit_transition(session, record, spec, t)
             if self.notifications is not None:
                 notices += timer_notice_rows(
                     self.notifications,
