@@ -151,10 +151,8 @@ def _within(owner: SessionTransaction | None, ended: SessionTransaction) -> bool
     return False
 
 
-def append(session: Session, entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Append entries to the chain now. Locks the chain head (FOR UPDATE on PostgreSQL;
-    SQLite's writer lock already serialises writers) so concurrent writers cannot fork it.
-    One INSERT statement for all of them (no ORM objects: a sweep may append thousands)."""
+def _lock_head(session: Session) -> tuple[int, str]:
+    """The chain head (last id, last hash), locked until the caller's transaction ends."""
     head = session.execute(
         select(AuditChainHead.last_id, AuditChainHead.last_hash)
         .where(AuditChainHead.id == HEAD_ID)
@@ -165,7 +163,14 @@ def append(session: Session, entries: Sequence[Mapping[str, Any]]) -> list[dict[
             "the audit chain head row is missing: run `crm-approvals db upgrade`; if the database is "
             "migrated, someone deleted it, and `crm-approvals audit verify` tells what else changed"
         )
-    last_id, last_hash = head
+    return head[0], head[1]
+
+
+def append(session: Session, entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Append entries to the chain now. Locks the chain head (FOR UPDATE on PostgreSQL;
+    SQLite's writer lock already serialises writers) so concurrent writers cannot fork it.
+    One INSERT statement for all of them (no ORM objects: a sweep may append thousands)."""
+    last_id, last_hash = _lock_head(session)
     rows = []
     for entry in entries:
         values = {**entry, "at": entry["at"].astimezone(UTC), "id": last_id + 1, "prev_hash": last_hash}
@@ -188,17 +193,7 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
     as the commit hook does. Returns how many rows were appended."""
     from connector.storage.bulk import insert_rows
 
-    head = session.execute(
-        select(AuditChainHead.last_id, AuditChainHead.last_hash)
-        .where(AuditChainHead.id == HEAD_ID)
-        .with_for_update()
-    ).one_or_none()
-    if head is None:
-        raise RuntimeError(
-            "the audit chain head row is missing: run `crm-approvals db upgrade`; if the database is "
-            "migrated, someone deleted it, and `crm-approvals audit verify` tells what else changed"
-        )
-    chain: list[Any] = [head[0], head[1]]
+    chain: list[Any] = list(_lock_head(session))
     details: dict[int, tuple[Any, str]] = {}  # id(detail) -> (the dict, kept alive; its canonical text)
     moments: dict[datetime, tuple[datetime, str]] = {}
 
