@@ -3,7 +3,8 @@ company with no approval opens the company approval and waits; the sandbox's sec
 answers "more documents" once and then "clear"; the company cascade approves; the contract
 continues (duplicate check, product owners, lawyer) and ends approved; a second contract with
 the same number is rejected as a duplicate, naming the first. The approved contract's approval
-sheet (PDF) holds every vote and is attached to the sandbox record."""
+sheet (PDF) holds every vote and is attached to the sandbox record; `report` and `simulate`
+run over the history this leaves."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import responses
+from click.testing import CliRunner
 from pypdf import PdfReader
 from sqlalchemy import select
 
+from connector.cli import main
 from connector.documents.service import DocumentJob
 from connector.rules import MappingSet
 from connector.sandbox.app import SandboxConfig, create_sandbox_app
@@ -28,6 +31,7 @@ from connector.storage.company_models import ServiceStepJob
 from connector.storage.inbox import process_pending
 from connector.storage.outbox import flush
 from connector.wiring import attach_pipeline
+from tests.cli.test_report_and_simulate import csv_sections
 from tests.documents.conftest import require_weasyprint
 from tests.e2e.test_end_to_end_sandbox import _token
 from tests.sandbox.test_sandbox import API_TOKEN, Browser, forward_to
@@ -221,6 +225,46 @@ def test_seed_001_company_dependency_security_check_and_duplicate(
             ("duplicate", "done"),
             ("duplicate", "done"),
         ]
+
+    # `report` and `simulate` over this history (issue 12's "Done when")
+    env = tmp_path / ".env"
+    env.write_text(f"DATABASE_URL={runtime.settings.database_url}\nQUEUE_URL=memory://\n")
+
+    def cli(*args: str) -> Any:
+        result = CliRunner().invoke(main, ["--env-file", str(env), *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    sections = csv_sections(cli("report", "--csv"))
+    rules = {row["RULE"]: row for row in sections["rules"]}
+    company_rule, contract_rule = rules["company-approval"], rules["contract-approval"]
+    assert (company_rule["SUBMITTED"], company_rule["APPROVED"], company_rule["PASS"]) == ("1", "1", "1.0000")
+    assert (contract_rule["SUBMITTED"], contract_rule["APPROVED"], contract_rule["REJECTED"]) == (
+        "2",
+        "1",
+        "1",
+    )
+    steps = {(row["RULE"], row["STEP"]): row for row in sections["steps"]}
+    for name in ("chief-accountant", "lawyer", "commercial-director", "cfo"):
+        assert (steps["company-approval", name]["ENTERED"], steps["company-approval", name]["APPROVED"]) == (
+            "1",
+            "1",
+        )
+    people = {row["APPROVER"]: row for row in sections["approvers"]}
+    assert people["u-legal-eva"]["VOTES"] == "2"  # the company's lawyer step and the contract's final one
+
+    # a proposed mapping without the product owners' step: K-9001 goes to another chain
+    proposed = tmp_path / "proposed"
+    shutil.copytree(mappings, proposed)
+    contract_file = proposed / "sandbox-contract.yaml"
+    text = contract_file.read_text()
+    start, end = text.index("      - name: products"), text.index("      - name: lawyer")
+    contract_file.write_text(text[:start] + text[end:])
+    out = cli("simulate", "--mappings", str(proposed), "--since", "1d")
+    contract_part = out.split("rule contract-approval")[1]
+    assert "sent by both, to another chain" in contract_part and "sandbox:contract:K-9001" in contract_part, (
+        out
+    )
 
 
 def _admin(runtime: Any) -> dict[str, str]:
