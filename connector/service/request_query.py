@@ -206,18 +206,20 @@ def page_rows(
     if filters.pending_for is not None:
         order_at, order_id = W.submitted_at, W.request_id
         waits = [W.approver == filters.pending_for, R.status == "pending"]
-        base = select(*columns).join(W, W.request_id == R.id).where(*waits, *conditions)
+        base = select(W.request_id).join(R, R.id == W.request_id).where(*waits, *conditions)
         counted = select(func.count()).select_from(W).join(R, R.id == W.request_id).where(*waits, *conditions)
     else:
         order_at, order_id = R.submitted_at, R.id
-        base = select(*columns).where(*conditions)
+        base = select(R.id).where(*conditions)
         counted = select(func.count()).select_from(R).where(*conditions)
     total = session.scalar(counted) or 0
-    query = base
     if filters.cursor is not None:
-        query = query.where(_after(filters.cursor, order_at, order_id))
-    query = query.order_by(order_at.desc(), order_id.desc())
-    rows = list(session.execute(query.limit(filters.limit + 1)))  # plain rows: no ORM objects
+        base = base.where(_after(filters.cursor, order_at, order_id))
+    # The page's ids first, in page order from the indexes alone; then only those rows'
+    # columns: a filter the index order cannot serve (visibility's OR) sorts ids, not rows.
+    ids = list(session.scalars(base.order_by(order_at.desc(), order_id.desc()).limit(filters.limit + 1)))
+    by_id = {row.id: row for row in session.execute(select(*columns).where(R.id.in_(ids)))} if ids else {}
+    rows = [by_id[i] for i in ids if i in by_id]  # plain rows: no ORM objects
     shown = rows[: filters.limit]
     next_cursor = None
     if len(rows) > filters.limit:
