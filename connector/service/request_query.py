@@ -186,7 +186,17 @@ class RequestPage:
 
 
 def find_requests(session: Session, filters: RequestFilters, viewer: Viewer | None) -> RequestPage:
-    """One page of the requests matching `filters` that `viewer` may see (None: everything).
+    """One page of the requests matching `filters` that `viewer` may see (None: everything)."""
+    rows, total, next_cursor = page_rows(session, filters, viewer, COLUMNS)
+    # summaries show no history: the page's requests come without their transitions
+    return RequestPage(store.load_rows(session, rows, history=False), total, next_cursor)
+
+
+def page_rows(
+    session: Session, filters: RequestFilters, viewer: Viewer | None, columns: Sequence[Any]
+) -> tuple[list[Any], int, str | None]:
+    """The page's rows of approval_requests (these columns; `id` and `submitted_at` among
+    them), the total on all pages and the next cursor.
 
     Every list is read from an index in page order: newest first by (submitted_at, id), so
     a page costs its rows, not the table. With `pending_for` the rows come from the
@@ -196,25 +206,26 @@ def find_requests(session: Session, filters: RequestFilters, viewer: Viewer | No
     if filters.pending_for is not None:
         order_at, order_id = W.submitted_at, W.request_id
         waits = [W.approver == filters.pending_for, R.status == "pending"]
-        base = select(*COLUMNS).join(W, W.request_id == R.id).where(*waits, *conditions)
+        base = select(W.request_id).join(R, R.id == W.request_id).where(*waits, *conditions)
         counted = select(func.count()).select_from(W).join(R, R.id == W.request_id).where(*waits, *conditions)
     else:
         order_at, order_id = R.submitted_at, R.id
-        base = select(*COLUMNS).where(*conditions)
+        base = select(R.id).where(*conditions)
         counted = select(func.count()).select_from(R).where(*conditions)
     total = session.scalar(counted) or 0
-    query = base
     if filters.cursor is not None:
-        query = query.where(_after(filters.cursor, order_at, order_id))
-    query = query.order_by(order_at.desc(), order_id.desc())
-    rows = list(session.execute(query.limit(filters.limit + 1)))  # plain rows: no ORM objects
+        base = base.where(_after(filters.cursor, order_at, order_id))
+    # The page's ids first, in page order from the indexes alone; then only those rows'
+    # columns: a filter the index order cannot serve (visibility's OR) sorts ids, not rows.
+    ids = list(session.scalars(base.order_by(order_at.desc(), order_id.desc()).limit(filters.limit + 1)))
+    by_id = {row.id: row for row in session.execute(select(*columns).where(R.id.in_(ids)))} if ids else {}
+    rows = [by_id[i] for i in ids if i in by_id]  # plain rows: no ORM objects
     shown = rows[: filters.limit]
     next_cursor = None
     if len(rows) > filters.limit:
         last = shown[-1]
         next_cursor = PagePosition(last.submitted_at, last.id).encode()
-    # summaries show no history: the page's requests come without their transitions
-    return RequestPage(store.load_rows(session, shown, history=False), total, next_cursor)
+    return shown, total, next_cursor
 
 
 def ids_pending_for(session: Session, user_id: str, limit: int | None = None) -> list[str]:
