@@ -274,22 +274,19 @@ class StepTimers:
         requests = cast(Table, ApprovalRequestRow.__table__)
         timers = cast(Table, timer_rows.ApprovalTimerRow.__table__)
         # lock the rows (PostgreSQL; SQLite's write transaction already holds the database)
-        versions = dict(
-            session.execute(
-                select(requests.c.id, requests.c.version).where(requests.c.id.in_(ids)).with_for_update()
-            ).all()
-        )
-        claims = dict(
-            session.execute(
-                select(timers.c.request_id, timers.c.claim_id)
-                .where(timers.c.request_id.in_(ids))
+        seen = {
+            request_id: (version, claim)
+            for request_id, version, claim in session.execute(
+                select(requests.c.id, requests.c.version, timers.c.claim_id)
+                .join(timers, timers.c.request_id == requests.c.id)
+                .where(requests.c.id.in_(ids))
                 .with_for_update()
             ).all()
-        )
+        }
         fresh = []
         for item in items:
             request_id = item.stored.request.id
-            if versions.get(request_id) == item.stored.request.version and claims.get(request_id) == claim_id:
+            if seen.get(request_id) == (item.stored.request.version, claim_id):
                 fresh.append(item)
             else:
                 report.lost += 1
@@ -355,7 +352,7 @@ class StepTimers:
                 _audit_entry(at, "timer_fired", item, **_fired_detail(item, per_request.get(request.id, 0)))
             )
             dues[request.id] = next_timer(request, item.rule, self.calendars(item.stored.record.connection))
-        timer_rows.schedule_many(session, dues)
+        timer_rows.move_many(session, dues)  # the claimed rows: they exist
         audit.append_many(session, entries)  # last: it holds the chain head until the commit
         report.reminded += len(fresh)
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
-from connector.approvals.lifecycle import Outcome
-from connector.storage.approval_store import StoredRequest, _by_request, _stored
+from connector.approvals.lifecycle import ApprovalRequest, Outcome, StepState, Transition, Vote
+from connector.storage.approval_store import RecordKey, StoredRequest, _by_request, _from_row
 from connector.storage.models import (
     ApprovalRequestRow,
     ApprovalStepRow,
@@ -54,11 +55,50 @@ class Partial:
         )
 
 
+# What a timer decision and its bulk save read of the request row: not the record snapshot
+# (`record`, `record_previous`, `changed_fields`), which neither reads; a Partial has them empty.
+_COLUMNS = [
+    REQUESTS[name]
+    for name in (
+        "id", "connection", "object_type", "record_id", "rule_name", "mapping_path", "mapping_hash",
+        "submitter", "status", "current_step", "submitted_at", "updated_at", "superseded_by", "version",
+    )
+]  # fmt: skip
+
+
+def _partial(
+    row: Any, steps: Sequence[Any], votes: Sequence[Any], transitions: Sequence[Any]
+) -> StoredRequest:
+    record = RecordKey(row.connection, row.object_type, row.record_id)
+    request = ApprovalRequest(
+        id=row.id,
+        rule_name=row.rule_name,
+        record_ref=record.ref,
+        submitter=row.submitter,
+        status=row.status,
+        current_step=row.current_step,
+        record={},
+        record_previous=None,
+        changed_fields=(),
+        submitted_at=row.submitted_at,
+        updated_at=row.updated_at,
+        approved_at=None,  # not read by a timer decision
+        expires_at=None,
+        closed_at=None,
+        expired_at=None,
+        version=row.version,
+        steps=[_from_row(StepState, r) for r in steps],
+        votes=[_from_row(Vote, r) for r in votes],
+        transitions=[_from_row(Transition, r) for r in transitions],
+    )
+    return StoredRequest(request, record, row.mapping_path, row.mapping_hash, row.superseded_by)
+
+
 def load_open_steps(session: Session, ids: Sequence[str]) -> list[Partial]:
     """The requests with these ids (those that exist) with only their open step's rows."""
     if not ids:
         return []
-    rows = session.execute(select(ApprovalRequestRow.__table__).where(REQUESTS.id.in_(ids))).all()
+    rows = session.execute(select(*_COLUMNS).where(REQUESTS.id.in_(ids))).all()
     current = {row.id: row.current_step for row in rows}
     open_ids = [row.id for row in rows if row.current_step is not None]
     on_step = and_(REQUESTS.id == STEPS.request_id, REQUESTS.current_step == STEPS.index)
@@ -102,8 +142,8 @@ def load_open_steps(session: Session, ids: Sequence[str]) -> list[Partial]:
     out = []
     for row in rows:
         if current[row.id] is None:
-            stored = _stored(row, [], [], [])
+            stored = _partial(row, [], [], [])
         else:
-            stored = _stored(row, steps.get(row.id, []), votes.get(row.id, []), history.get(row.id, []))
+            stored = _partial(row, steps.get(row.id, []), votes.get(row.id, []), history.get(row.id, []))
         out.append(Partial(stored, last_seq.get(row.id, 0)))
     return out

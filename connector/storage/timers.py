@@ -106,6 +106,34 @@ def schedule_many(session: Session, dues: Mapping[str, DueTimer | None]) -> None
         session.execute(delete(table).where(table.c.request_id.in_(gone)))
 
 
+def move_many(session: Session, dues: Mapping[str, DueTimer | None]) -> None:
+    """`schedule_many` for rows known to exist (the sweep's claimed rows): no look-up first."""
+    table = cast(Table, ApprovalTimerRow.__table__)
+    moved = [
+        {"rid": rid, "step_index": due.step_index, "round": due.round, "kind": due.kind, "due_at": due.at}
+        for rid, due in dues.items()
+        if due is not None
+    ]
+    gone = [rid for rid, due in dues.items() if due is None]
+    if moved:
+        session.execute(
+            update(table)
+            .where(table.c.request_id == bindparam("rid"))
+            .values(
+                step_index=bindparam("step_index"),
+                round=bindparam("round"),
+                kind=bindparam("kind"),
+                due_at=bindparam("due_at"),
+                claim_id=None,
+                lease_until=None,
+            ),
+            moved,
+            execution_options={"synchronize_session": False},
+        )
+    if gone:
+        session.execute(delete(table).where(table.c.request_id.in_(gone)))
+
+
 def claim_due(session: Session, now: datetime, *, limit: int, lease: timedelta) -> tuple[str, list[str]]:
     """Claim up to ``limit`` due, unleased rows (earliest first); returns the claim id and their
     request ids. Commit right after, so the lease is visible to other workers."""
