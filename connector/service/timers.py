@@ -178,7 +178,8 @@ class StepTimers:
                 idle.append((request_id, None, None))
                 continue
             try:
-                due = due_timer(stored.request, rule, self.calendars(spec.connection), now)
+                calendar = self.calendars(spec.connection)
+                due = due_timer(stored.request, rule, calendar, now)
             except ConfigError as exc:
                 self._failed(sessions, request_id, claim_id, now, report, str(exc))
                 continue
@@ -189,9 +190,7 @@ class StepTimers:
                 whole.append(request_id)
                 continue
             try:
-                result = fire_due(
-                    stored.request, rule, spec.roles, self.calendars(spec.connection), now, _no_targets
-                )
+                result = fire_due(stored.request, rule, spec.roles, calendar, now, _no_targets, due)
             except (ChainError, ConfigError) as exc:
                 self._failed(sessions, request_id, claim_id, now, report, str(exc))
                 continue

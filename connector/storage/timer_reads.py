@@ -13,14 +13,14 @@ append history (reminders); anything that saves a request through the approval s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from connector.approvals.lifecycle import ApprovalRequest, Outcome, StepState, Transition, Vote
-from connector.storage.approval_store import RecordKey, StoredRequest, _by_request, _from_row
+from connector.storage.approval_store import RecordKey, StoredRequest, _by_request
 from connector.storage.models import (
     ApprovalRequestRow,
     ApprovalStepRow,
@@ -66,6 +66,14 @@ _COLUMNS = [
 ]  # fmt: skip
 
 
+_STEP, _VOTE, _TRANSITION = (tuple(f.name for f in fields(cls)) for cls in (StepState, Vote, Transition))
+
+
+def _plain(row: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """A lifecycle dataclass's values from a row mapping (`approval_store._from_row`, unrolled)."""
+    return {name: tuple(v) if type(v := row[name]) is list else v for name in names}
+
+
 def _partial(
     row: Any, steps: Sequence[Any], votes: Sequence[Any], transitions: Sequence[Any]
 ) -> StoredRequest:
@@ -87,9 +95,9 @@ def _partial(
         closed_at=None,
         expired_at=None,
         version=row.version,
-        steps=[_from_row(StepState, r) for r in steps],
-        votes=[_from_row(Vote, r) for r in votes],
-        transitions=[_from_row(Transition, r) for r in transitions],
+        steps=[StepState(**_plain(r, _STEP)) for r in steps],
+        votes=[Vote(**_plain(r, _VOTE)) for r in votes],
+        transitions=[Transition(**_plain(r, _TRANSITION)) for r in transitions],
     )
     return StoredRequest(request, record, row.mapping_path, row.mapping_hash, row.superseded_by)
 
