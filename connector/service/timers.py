@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.approvals.actions import RenderedAction
 from connector.approvals.errors import ActionRenderError, ChainError
-from connector.approvals.lifecycle import ApprovalRequest, Outcome
+from connector.approvals.lifecycle import ApprovalRequest, Outcome, Transition
 from connector.approvals.routing import Org
 from connector.approvals.spec import MappingSpec, RuleSpec
 from connector.approvals.timers import DueTimer, Resolved, TimerResult, due_timer, fire_due, next_timer
@@ -38,6 +38,7 @@ from connector.storage import approval_store as store
 from connector.storage import audit, timer_reads
 from connector.storage import timers as timer_rows
 from connector.storage.approval_store import StaleRequestError, StoredRequest
+from connector.storage.bulk import insert_rows
 from connector.storage.db import insert_ignoring_conflicts, transaction
 from connector.storage.models import ApprovalRequestRow, ApprovalTransitionRow
 
@@ -306,9 +307,15 @@ class StepTimers:
             ],
             execution_options={"synchronize_session": False},
         )
-        session.execute(
-            insert(cast(Table, ApprovalTransitionRow.__table__)),
-            [store.transition_values(t) for i in fresh for t in i.result.outcome.transitions],
+        insert_rows(  # plain tuples, one multi-row INSERT per 500 (no JSON columns)
+            session,
+            cast(Table, ApprovalTransitionRow.__table__),
+            _TRANSITION_COLUMNS,
+            (
+                [getattr(t, name) for name in _TRANSITION_COLUMNS]
+                for i in fresh
+                for t in i.result.outcome.transitions
+            ),
         )
         notices: list[dict[str, Any]] = []
         entries: list[dict[str, Any]] = []  # audit entries, as audit.record would make them
@@ -437,6 +444,9 @@ class _Decided:
     rule: RuleSpec
     result: TimerResult
     actions: list[RenderedAction]
+
+
+_TRANSITION_COLUMNS = tuple(f.name for f in fields(Transition))
 
 
 def _fired_detail(item: _Decided, notices: int) -> dict[str, Any]:

@@ -47,12 +47,8 @@ class Partial:
         seen = len(self.stored.request.transitions)
         # the pure core appends after the rows it was given and numbers them len + 1, len + 2...
         added = tuple(replace(t, seq=self.last_seq + t.seq - seen) for t in outcome.transitions)
-        request = outcome.request
-        return replace(
-            outcome,
-            request=replace(request, transitions=[*request.transitions[:seen], *added]),
-            transitions=added,
-        )
+        outcome.request.transitions[seen:] = added  # the decision's own copy of the list
+        return replace(outcome, transitions=added)
 
 
 # What a timer decision and its bulk save read of the request row: not the record snapshot
