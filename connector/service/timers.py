@@ -147,7 +147,7 @@ class StepTimers:
                         )
                     except (RuleGoneError, ConfigError):
                         continue
-                timer_rows.schedule_many(session, dues)
+                timer_rows.schedule_many(session, timer_rows.changed(session, dues))
                 count += len(dues)
         self._computed_for = key
         return count

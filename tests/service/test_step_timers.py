@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from connector.config import ConfigError, Settings, parse_connections
 from connector.crm.base import CRMUser
@@ -530,3 +530,28 @@ def test_a_later_steps_reminders_count_its_own_history_and_number_after_the_whol
     assert len({n.dedupe_key for n in to_li}) == 2
     assert world.timer(request_id) is None
     assert verify(world.runtime.sessions).ok
+
+
+def test_a_starting_worker_leaves_right_due_moments_and_other_workers_claims_alone(
+    world_factory: Callable[..., World],
+) -> None:
+    world = world_factory("remind_every: 1h")
+    request_id = world.submit()
+    now = T0 + timedelta(hours=2)
+    with transaction(world.runtime.sessions) as session:
+        claim_id, ids = timer_rows.claim_due(session, now, limit=10, lease=timedelta(minutes=5))
+    assert ids == [request_id]
+    starting = StepTimers(world.timers.calendars, world.timers.orgs, clock=lambda: now)
+    # every open request is recomputed; a row that is already right is not rewritten
+    assert starting.reschedule_after_mapping_change(world.pipeline.approvals, world.runtime.sessions) == 1
+    timer = world.timer(request_id)
+    assert timer is not None and (timer.claim_id, timer.due_at) == (claim_id, T0 + timedelta(hours=1))
+    with world.runtime.sessions() as session:  # a wrong row is rewritten
+        session.execute(
+            update(timer_rows.ApprovalTimerRow).values(due_at=T0 + timedelta(days=9), claim_id=None)
+        )
+        session.commit()
+    fresh = StepTimers(world.timers.calendars, world.timers.orgs, clock=lambda: now)
+    assert fresh.reschedule_after_mapping_change(world.pipeline.approvals, world.runtime.sessions) == 1
+    timer = world.timer(request_id)
+    assert timer is not None and timer.due_at == T0 + timedelta(hours=1)
