@@ -139,10 +139,13 @@ def fire_due(
     calendar: WorkingCalendar,
     now: datetime,
     resolve: TargetResolver,
+    due: DueTimer | None = None,
 ) -> TimerResult | None:
     """Act on the timer due at ``now`` (None when nothing is due). Raises ``ChainError`` (changing
-    nothing) when a time-out moves the chain to a step nobody can approve."""
-    due = due_timer(request, rule, calendar, now)
+    nothing) when a time-out moves the chain to a step nobody can approve. ``due``: what
+    ``due_timer`` returned for the same request, calendar and ``now``, when the caller has it."""
+    if due is None:
+        due = due_timer(request, rule, calendar, now)
     found = step_spec(request, rule)
     if due is None or found is None:
         return None

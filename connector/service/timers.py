@@ -13,31 +13,32 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.approvals.actions import RenderedAction
 from connector.approvals.errors import ActionRenderError, ChainError
-from connector.approvals.lifecycle import ApprovalRequest, Outcome
+from connector.approvals.lifecycle import ApprovalRequest, Outcome, Transition
 from connector.approvals.routing import Org
 from connector.approvals.spec import MappingSpec, RuleSpec
-from connector.approvals.timers import DueTimer, TimerResult, fire_due, next_timer
+from connector.approvals.timers import DueTimer, Resolved, TimerResult, due_timer, fire_due, next_timer
 from connector.clock import utcnow
 from connector.config import ConfigError
 from connector.notify.models import Notification
 from connector.notify.queue import NotificationQueue
 from connector.notify.timer_notices import queue_timer_notices, timer_notice_rows
-from connector.service.approval_service import ApprovalService, RuleGoneError, audit_transition
+from connector.service.approval_service import ApprovalService, RuleGoneError
 from connector.service.escalation import target_resolver
 from connector.service.timer_calendars import CalendarLookup
 from connector.storage import approval_store as store
-from connector.storage import audit
+from connector.storage import audit, timer_reads
 from connector.storage import timers as timer_rows
 from connector.storage.approval_store import StaleRequestError, StoredRequest
+from connector.storage.bulk import insert_rows
 from connector.storage.db import insert_ignoring_conflicts, transaction
 from connector.storage.models import ApprovalRequestRow, ApprovalTransitionRow
 
@@ -135,8 +136,8 @@ class StepTimers:
         for start in range(0, len(ids), self.batch):
             with transaction(sessions) as session:
                 dues: dict[str, DueTimer | None] = {}
-                for stored in store.load_many(session, ids[start : start + self.batch]):
-                    record = stored.record
+                for part in timer_reads.load_open_steps(session, ids[start : start + self.batch]):
+                    stored, record = part.stored, part.stored.record
                     if (record.connection, record.object_type, stored.request.rule_name) not in timed:
                         continue
                     try:
@@ -146,7 +147,7 @@ class StepTimers:
                         )
                     except (RuleGoneError, ConfigError):
                         continue
-                timer_rows.schedule_many(session, dues)
+                timer_rows.schedule_many(session, timer_rows.changed(session, dues))
                 count += len(dues)
         self._computed_for = key
         return count
@@ -160,10 +161,81 @@ class StepTimers:
         now: datetime,
         report: SweepReport,
     ) -> None:
+        # Decide on the open steps alone; only escalations and time-outs are read whole.
         with sessions() as session:
-            loaded = {stored.request.id: stored for stored in store.load_many(session, ids)}
+            partial = {p.stored.request.id: p for p in timer_reads.load_open_steps(session, ids)}
         decided: list[_Decided] = []
         idle: list[tuple[str, StoredRequest | None, RuleSpec | None]] = []  # nothing due: reschedule
+        whole: list[str] = []
+        for request_id in ids:
+            part = partial.get(request_id)
+            if part is None:
+                idle.append((request_id, None, None))
+                continue
+            stored = part.stored
+            try:
+                spec, rule = service.rule_of(stored)
+            except RuleGoneError:
+                idle.append((request_id, None, None))
+                continue
+            try:
+                calendar = self.calendars(spec.connection)
+                due = due_timer(stored.request, rule, calendar, now)
+            except ConfigError as exc:
+                self._failed(sessions, request_id, claim_id, now, report, str(exc))
+                continue
+            if due is None:
+                idle.append((request_id, stored, rule))
+                continue
+            if due.kind != "remind":
+                whole.append(request_id)
+                continue
+            try:
+                result = fire_due(stored.request, rule, spec.roles, calendar, now, _no_targets, due)
+            except (ChainError, ConfigError) as exc:
+                self._failed(sessions, request_id, claim_id, now, report, str(exc))
+                continue
+            if result is None:
+                idle.append((request_id, stored, rule))
+                continue
+            assert not result.outcome.actions  # a reminder fires no write-back
+            result = replace(result, outcome=part.renumber(result.outcome))
+            decided.append(_Decided(stored, spec, rule, result, []))
+        if whole:
+            self._decide_whole(service, sessions, whole, claim_id, now, report, decided, idle)
+        with transaction(sessions) as session:
+            reminders = [item for item in decided if item.result.due.kind == "remind"]
+            self._save_reminders(session, reminders, claim_id, report)
+            for item in decided:
+                if item.result.due.kind != "remind":
+                    self._save(session, service, item, claim_id, report)
+            for request_id, idle_stored, idle_rule in idle:
+                try:
+                    with session.begin_nested():
+                        timer_rows.release(session, request_id, claim_id)
+                        if idle_stored is None or idle_rule is None or not has_timing(idle_rule):
+                            # the request or its rule is gone, or the rule has no timing any more
+                            timer_rows.schedule(session, request_id, None)
+                        else:
+                            self.schedule(session, idle_stored, idle_rule, _as_outcome(idle_stored.request))
+                    report.rescheduled += 1
+                except timer_rows.LostClaimError:
+                    report.lost += 1
+
+    def _decide_whole(
+        self,
+        service: ApprovalService,
+        sessions: sessionmaker[Session],
+        ids: list[str],
+        claim_id: str,
+        now: datetime,
+        report: SweepReport,
+        decided: list[_Decided],
+        idle: list[tuple[str, StoredRequest | None, RuleSpec | None]],
+    ) -> None:
+        """Escalations and time-outs: the request read whole, decided and its write-back rendered."""
+        with sessions() as session:
+            loaded = {stored.request.id: stored for stored in store.load_many(session, ids)}
         for request_id in ids:
             stored = loaded.get(request_id)
             if stored is None:
@@ -186,24 +258,6 @@ class StepTimers:
                 self._failed(sessions, request_id, claim_id, now, report, str(exc))
                 continue
             decided.append(_Decided(stored, spec, rule, result, actions))
-        with transaction(sessions) as session:
-            reminders = [item for item in decided if item.result.due.kind == "remind"]
-            self._save_reminders(session, reminders, claim_id, report)
-            for item in decided:
-                if item.result.due.kind != "remind":
-                    self._save(session, service, item, claim_id, report)
-            for request_id, idle_stored, idle_rule in idle:
-                try:
-                    with session.begin_nested():
-                        timer_rows.release(session, request_id, claim_id)
-                        if idle_stored is None or idle_rule is None or not has_timing(idle_rule):
-                            # the request or its rule is gone, or the rule has no timing any more
-                            timer_rows.schedule(session, request_id, None)
-                        else:
-                            self.schedule(session, idle_stored, idle_rule, _as_outcome(idle_stored.request))
-                    report.rescheduled += 1
-                except timer_rows.LostClaimError:
-                    report.lost += 1
 
     def _save_reminders(
         self, session: Session, items: list[_Decided], claim_id: str, report: SweepReport
@@ -220,22 +274,19 @@ class StepTimers:
         requests = cast(Table, ApprovalRequestRow.__table__)
         timers = cast(Table, timer_rows.ApprovalTimerRow.__table__)
         # lock the rows (PostgreSQL; SQLite's write transaction already holds the database)
-        versions = dict(
-            session.execute(
-                select(requests.c.id, requests.c.version).where(requests.c.id.in_(ids)).with_for_update()
-            ).all()
-        )
-        claims = dict(
-            session.execute(
-                select(timers.c.request_id, timers.c.claim_id)
-                .where(timers.c.request_id.in_(ids))
+        seen = {
+            request_id: (version, claim)
+            for request_id, version, claim in session.execute(
+                select(requests.c.id, requests.c.version, timers.c.claim_id)
+                .join(timers, timers.c.request_id == requests.c.id)
+                .where(requests.c.id.in_(ids))
                 .with_for_update()
             ).all()
-        )
+        }
         fresh = []
         for item in items:
             request_id = item.stored.request.id
-            if versions.get(request_id) == item.stored.request.version and claims.get(request_id) == claim_id:
+            if seen.get(request_id) == (item.stored.request.version, claim_id):
                 fresh.append(item)
             else:
                 report.lost += 1
@@ -256,15 +307,35 @@ class StepTimers:
             ],
             execution_options={"synchronize_session": False},
         )
-        session.execute(
-            insert(cast(Table, ApprovalTransitionRow.__table__)),
-            [store.transition_values(t) for i in fresh for t in i.result.outcome.transitions],
+        insert_rows(  # plain tuples, one multi-row INSERT per 500 (no JSON columns)
+            session,
+            cast(Table, ApprovalTransitionRow.__table__),
+            _TRANSITION_COLUMNS,
+            (
+                [getattr(t, name) for name in _TRANSITION_COLUMNS]
+                for i in fresh
+                for t in i.result.outcome.transitions
+            ),
         )
         notices: list[dict[str, Any]] = []
+        entries: list[dict[str, Any]] = []  # audit entries, as audit.record would make them
+        at = utcnow()
         for item in fresh:
             record, spec, rule = item.stored.record, item.spec, item.rule
             for t in item.result.outcome.transitions:  # as ApprovalService._commit records them
-                audit_transition(session, record, spec, t)
+                entries.append(
+                    _audit_entry(
+                        at,
+                        "transition",
+                        item,
+                        actor=t.actor,
+                        transition=t.kind,
+                        from_status=t.from_status,
+                        to_status=t.to_status,
+                        step_index=t.step_index,
+                        comment=t.comment,
+                    )
+                )
             if self.notifications is not None:
                 notices += timer_notice_rows(
                     self.notifications,
@@ -283,9 +354,12 @@ class StepTimers:
         dues: dict[str, DueTimer | None] = {}
         for item in fresh:
             request = item.result.outcome.request
-            self._audit_fired(session, item, per_request.get(request.id, 0))
+            entries.append(
+                _audit_entry(at, "timer_fired", item, **_fired_detail(item, per_request.get(request.id, 0)))
+            )
             dues[request.id] = next_timer(request, item.rule, self.calendars(item.stored.record.connection))
-        timer_rows.schedule_many(session, dues)
+        timer_rows.move_many(session, dues)  # the claimed rows: they exist
+        audit.append_many(session, entries)  # last: it holds the chain head until the commit
         report.reminded += len(fresh)
 
     def _save(
@@ -332,26 +406,16 @@ class StepTimers:
         self._audit_fired(session, item, notices)
 
     def _audit_fired(self, session: Session, item: _Decided, notices: int) -> None:
-        result, record, spec = item.result, item.stored.record, item.spec
-        request = result.outcome.request
+        record = item.stored.record
         audit.record(
             session,
             "timer_fired",
             connection=record.connection,
             object_type=record.object_type,
             record_id=record.record_id,
-            request_id=request.id,
-            mapping_hash=spec.content_hash,
-            timer=result.due.kind,
-            due_at=result.due.at.isoformat(),
-            step_index=result.due.step_index,
-            round=result.due.round,
-            action=result.action,
-            reason=result.reason,
-            added=list(result.added),
-            removed=list(result.removed),
-            waiting=list(result.waiting),
-            notices=notices,
+            request_id=item.result.outcome.request.id,
+            mapping_hash=item.spec.content_hash,
+            **_fired_detail(item, notices),
         )
 
     def _failed(
@@ -380,6 +444,48 @@ class _Decided:
     rule: RuleSpec
     result: TimerResult
     actions: list[RenderedAction]
+
+
+_TRANSITION_COLUMNS = tuple(f.name for f in fields(Transition))
+
+
+def _fired_detail(item: _Decided, notices: int) -> dict[str, Any]:
+    """The `timer_fired` audit entry's detail."""
+    result = item.result
+    return {
+        "timer": result.due.kind,
+        "due_at": result.due.at.isoformat(),
+        "step_index": result.due.step_index,
+        "round": result.due.round,
+        "action": result.action,
+        "reason": result.reason,
+        "added": list(result.added),
+        "removed": list(result.removed),
+        "waiting": list(result.waiting),
+        "notices": notices,
+    }
+
+
+def _audit_entry(
+    at: datetime, kind: str, item: _Decided, *, actor: str | None = None, **detail: Any
+) -> dict[str, Any]:
+    """An entry for `audit.append_many`, the same as `audit.record` keeps for the commit."""
+    record = item.stored.record
+    return {
+        "at": at,
+        "kind": kind,
+        "connection": record.connection,
+        "object_type": record.object_type,
+        "record_id": record.record_id,
+        "request_id": item.result.outcome.request.id,
+        "actor": actor,
+        "mapping_hash": item.spec.content_hash,
+        "detail": detail,
+    }
+
+
+def _no_targets(*_: object) -> Resolved:
+    raise AssertionError("a reminder names no escalation target")
 
 
 def _as_outcome(request: ApprovalRequest) -> Outcome:

@@ -106,6 +106,55 @@ def schedule_many(session: Session, dues: Mapping[str, DueTimer | None]) -> None
         session.execute(delete(table).where(table.c.request_id.in_(gone)))
 
 
+def changed(session: Session, dues: Mapping[str, DueTimer | None]) -> dict[str, DueTimer | None]:
+    """Those of `dues` the stored rows do not say already (a worker's start-up recomputation
+    mostly finds every row right: no write for those, and no claim of another worker cleared)."""
+    if not dues:
+        return {}
+    table = cast(Table, ApprovalTimerRow.__table__)
+    stored = {
+        row.request_id: (row.step_index, row.round, row.kind, row.due_at)
+        for row in session.execute(
+            select(table.c.request_id, table.c.step_index, table.c.round, table.c.kind, table.c.due_at).where(
+                table.c.request_id.in_(list(dues))
+            )
+        )
+    }
+    return {
+        rid: due
+        for rid, due in dues.items()
+        if (None if due is None else (due.step_index, due.round, due.kind, due.at)) != stored.get(rid)
+    }
+
+
+def move_many(session: Session, dues: Mapping[str, DueTimer | None]) -> None:
+    """`schedule_many` for rows known to exist (the sweep's claimed rows): no look-up first."""
+    table = cast(Table, ApprovalTimerRow.__table__)
+    moved = [
+        {"rid": rid, "step_index": due.step_index, "round": due.round, "kind": due.kind, "due_at": due.at}
+        for rid, due in dues.items()
+        if due is not None
+    ]
+    gone = [rid for rid, due in dues.items() if due is None]
+    if moved:
+        session.execute(
+            update(table)
+            .where(table.c.request_id == bindparam("rid"))
+            .values(
+                step_index=bindparam("step_index"),
+                round=bindparam("round"),
+                kind=bindparam("kind"),
+                due_at=bindparam("due_at"),
+                claim_id=None,
+                lease_until=None,
+            ),
+            moved,
+            execution_options={"synchronize_session": False},
+        )
+    if gone:
+        session.execute(delete(table).where(table.c.request_id.in_(gone)))
+
+
 def claim_due(session: Session, now: datetime, *, limit: int, lease: timedelta) -> tuple[str, list[str]]:
     """Claim up to ``limit`` due, unleased rows (earliest first); returns the claim id and their
     request ids. Commit right after, so the lease is visible to other workers."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from connector.config import ConfigError, Settings, parse_connections
 from connector.crm.base import CRMUser
@@ -487,3 +487,71 @@ def test_a_step_that_loses_its_timing_leaves_no_timer_behind(
     assert report.reminded == 0
     assert world.timer(request_id) is None  # dropped, not claimed again by every later sweep
     assert world.sweep(T0 + timedelta(days=2)).reminded == 0
+
+
+def test_a_later_steps_reminders_count_its_own_history_and_number_after_the_whole_history(
+    world_factory: Callable[..., World], tmp_path: Path
+) -> None:
+    # The sweep decides reminders on the open step's rows alone (connector/storage/timer_reads.py):
+    # the earlier step's reminders must not count, and the new row must follow the whole history.
+    world = world_factory("remind_every: 1h")
+    mapping = tmp_path / "mappings" / "deals.yaml"
+    mapping.write_text(
+        mapping.read_text().replace(
+            "approvers: [{user: u-fin-li}]",
+            "approvers: [{user: u-fin-li}]\n        remind_every: 1h\n        remind_max: 2",
+        )
+    )
+    world.pipeline.mappings.reload()
+    request_id = world.submit()
+    assert world.sweep(T0 + timedelta(hours=1)).reminded == 1
+    assert world.sweep(T0 + timedelta(hours=2)).reminded == 1  # step 0 has reminded twice
+    world.now = T0 + timedelta(hours=2, minutes=30)
+    world.pipeline.approvals.vote(world.runtime.sessions, request_id, user="u-mgr-piotr", decision="approve")
+    assert world.sweep(T0 + timedelta(hours=3)).reminded == 0  # finance opened half an hour ago
+    assert world.sweep(T0 + timedelta(hours=3, minutes=30)).reminded == 1
+    assert world.sweep(T0 + timedelta(hours=4, minutes=30)).reminded == 1
+    assert world.sweep(T0 + timedelta(hours=9)).reminded == 0  # remind_max 2 on this step
+    with world.runtime.sessions() as session:
+        rows = session.scalars(
+            select(ApprovalTransitionRow)
+            .where(ApprovalTransitionRow.request_id == request_id)
+            .order_by(ApprovalTransitionRow.seq)
+        ).all()
+        assert [r.seq for r in rows] == list(range(1, len(rows) + 1))
+        on_finance = [r.comment for r in rows if r.kind == "reminded" and r.step_index == 1]
+        assert on_finance == [
+            "reminder 1 of 2: waiting for u-fin-li",
+            "reminder 2 of 2: waiting for u-fin-li",
+        ]
+        assert rows[-1].kind == "reminded" and rows[-1].step_index == 1
+    to_li = world.notifications(event="reminder", user_id="u-fin-li")
+    assert [n.context["reminder"] for n in to_li] == [1, 2]
+    assert len({n.dedupe_key for n in to_li}) == 2
+    assert world.timer(request_id) is None
+    assert verify(world.runtime.sessions).ok
+
+
+def test_a_starting_worker_leaves_right_due_moments_and_other_workers_claims_alone(
+    world_factory: Callable[..., World],
+) -> None:
+    world = world_factory("remind_every: 1h")
+    request_id = world.submit()
+    now = T0 + timedelta(hours=2)
+    with transaction(world.runtime.sessions) as session:
+        claim_id, ids = timer_rows.claim_due(session, now, limit=10, lease=timedelta(minutes=5))
+    assert ids == [request_id]
+    starting = StepTimers(world.timers.calendars, world.timers.orgs, clock=lambda: now)
+    # every open request is recomputed; a row that is already right is not rewritten
+    assert starting.reschedule_after_mapping_change(world.pipeline.approvals, world.runtime.sessions) == 1
+    timer = world.timer(request_id)
+    assert timer is not None and (timer.claim_id, timer.due_at) == (claim_id, T0 + timedelta(hours=1))
+    with world.runtime.sessions() as session:  # a wrong row is rewritten
+        session.execute(
+            update(timer_rows.ApprovalTimerRow).values(due_at=T0 + timedelta(days=9), claim_id=None)
+        )
+        session.commit()
+    fresh = StepTimers(world.timers.calendars, world.timers.orgs, clock=lambda: now)
+    assert fresh.reschedule_after_mapping_change(world.pipeline.approvals, world.runtime.sessions) == 1
+    timer = world.timer(request_id)
+    assert timer is not None and timer.due_at == T0 + timedelta(hours=1)

@@ -1,0 +1,153 @@
+"""What the step-timer sweep reads to decide: each request's open step only.
+
+`approval_store.load_many` reads whole requests (every step, vote and history row); a timer
+decision needs only the open step's row (its latest round), the votes of that round and the
+history rows of that step (`connector.approvals.timers.timer_state` counts nothing else), plus
+the request's highest history `seq`, so a transition the decision appends gets the next one.
+
+A `Partial` is for deciding and for bulk writes that touch only the request's version and
+append history (reminders); anything that saves a request through the approval store
+(escalation, time-out) reads it whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from sqlalchemy import and_, func, select
+from sqlalchemy.orm import Session
+
+from connector.approvals.lifecycle import ApprovalRequest, Outcome, StepState, Transition, Vote
+from connector.storage.approval_store import RecordKey, StoredRequest, _by_request
+from connector.storage.models import (
+    ApprovalRequestRow,
+    ApprovalStepRow,
+    ApprovalTransitionRow,
+    ApprovalVoteRow,
+)
+
+REQUESTS = ApprovalRequestRow.__table__.c
+STEPS = ApprovalStepRow.__table__.c
+VOTES = ApprovalVoteRow.__table__.c
+TRANSITIONS = ApprovalTransitionRow.__table__.c
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A request with only its open step's rows; `last_seq` is its highest history seq."""
+
+    stored: StoredRequest
+    last_seq: int
+
+    def renumber(self, outcome: Outcome) -> Outcome:
+        """The outcome of a decision on the partial request, with the new history rows numbered
+        after the request's real last row (the pure core numbers them after the rows it saw)."""
+        seen = len(self.stored.request.transitions)
+        # the pure core appends after the rows it was given and numbers them len + 1, len + 2...
+        added = tuple(replace(t, seq=self.last_seq + t.seq - seen) for t in outcome.transitions)
+        outcome.request.transitions[seen:] = added  # the decision's own copy of the list
+        return replace(outcome, transitions=added)
+
+
+# What a timer decision and its bulk save read of the request row: not the record snapshot
+# (`record`, `record_previous`, `changed_fields`), which neither reads; a Partial has them empty.
+_COLUMNS = [
+    REQUESTS[name]
+    for name in (
+        "id", "connection", "object_type", "record_id", "rule_name", "mapping_path", "mapping_hash",
+        "submitter", "status", "current_step", "submitted_at", "updated_at", "superseded_by", "version",
+    )
+]  # fmt: skip
+
+
+_STEP, _VOTE, _TRANSITION = (tuple(f.name for f in fields(cls)) for cls in (StepState, Vote, Transition))
+
+
+def _plain(row: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """A lifecycle dataclass's values from a row mapping (`approval_store._from_row`, unrolled)."""
+    return {name: tuple(v) if type(v := row[name]) is list else v for name in names}
+
+
+def _partial(
+    row: Any, steps: Sequence[Any], votes: Sequence[Any], transitions: Sequence[Any]
+) -> StoredRequest:
+    record = RecordKey(row.connection, row.object_type, row.record_id)
+    request = ApprovalRequest(
+        id=row.id,
+        rule_name=row.rule_name,
+        record_ref=record.ref,
+        submitter=row.submitter,
+        status=row.status,
+        current_step=row.current_step,
+        record={},
+        record_previous=None,
+        changed_fields=(),
+        submitted_at=row.submitted_at,
+        updated_at=row.updated_at,
+        approved_at=None,  # not read by a timer decision
+        expires_at=None,
+        closed_at=None,
+        expired_at=None,
+        version=row.version,
+        steps=[StepState(**_plain(r, _STEP)) for r in steps],
+        votes=[Vote(**_plain(r, _VOTE)) for r in votes],
+        transitions=[Transition(**_plain(r, _TRANSITION)) for r in transitions],
+    )
+    return StoredRequest(request, record, row.mapping_path, row.mapping_hash, row.superseded_by)
+
+
+def load_open_steps(session: Session, ids: Sequence[str]) -> list[Partial]:
+    """The requests with these ids (those that exist) with only their open step's rows."""
+    if not ids:
+        return []
+    rows = session.execute(select(*_COLUMNS).where(REQUESTS.id.in_(ids))).all()
+    current = {row.id: row.current_step for row in rows}
+    open_ids = [row.id for row in rows if row.current_step is not None]
+    on_step = and_(REQUESTS.id == STEPS.request_id, REQUESTS.current_step == STEPS.index)
+    steps = _by_request(
+        session.execute(
+            select(ApprovalStepRow.__table__)
+            .join(ApprovalRequestRow.__table__, on_step)
+            .where(REQUESTS.id.in_(open_ids))
+            .order_by(STEPS.entered_at, STEPS.index, STEPS.round)
+        )
+    )
+    votes = _by_request(
+        session.execute(
+            select(ApprovalVoteRow.__table__)
+            .join(
+                ApprovalRequestRow.__table__,
+                and_(REQUESTS.id == VOTES.request_id, REQUESTS.current_step == VOTES.step_index),
+            )
+            .where(REQUESTS.id.in_(open_ids))
+            .order_by(VOTES.id)
+        )
+    )
+    history = _by_request(
+        session.execute(
+            select(ApprovalTransitionRow.__table__)
+            .join(
+                ApprovalRequestRow.__table__,
+                and_(REQUESTS.id == TRANSITIONS.request_id, REQUESTS.current_step == TRANSITIONS.step_index),
+            )
+            .where(REQUESTS.id.in_(open_ids))
+            .order_by(TRANSITIONS.seq)
+        )
+    )
+    last_seq: dict[str, int] = dict(
+        session.execute(
+            select(TRANSITIONS.request_id, func.max(TRANSITIONS.seq))
+            .where(TRANSITIONS.request_id.in_(ids))
+            .group_by(TRANSITIONS.request_id)
+        ).all()
+    )
+    out = []
+    for row in rows:
+        if current[row.id] is None:
+            stored = _partial(row, [], [], [])
+        else:
+            stored = _partial(row, steps.get(row.id, []), votes.get(row.id, []), history.get(row.id, []))
+        out.append(Partial(stored, last_seq.get(row.id, 0)))
+    return out
