@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,10 @@ from connector.storage.models import AuditEntry
 from connector.storage.tokens import create_token
 from tests.webhooks.test_api import MAPPING_HEAD, World, build_world, error_of
 
-TODAY = datetime.now(UTC).date()
+
+def today() -> date:
+    """Read when used, not at import: a run that crosses midnight UTC must not use yesterday."""
+    return datetime.now(UTC).date()
 
 
 @pytest.fixture
@@ -38,8 +41,8 @@ def away(
 ) -> Any:
     body = {
         "deputy": deputy,
-        "starts_on": (TODAY + timedelta(days=start)).isoformat(),
-        "ends_on": (TODAY + timedelta(days=start + days)).isoformat(),
+        "starts_on": (today() + timedelta(days=start)).isoformat(),
+        "ends_on": (today() + timedelta(days=start + days)).isoformat(),
         **more,
     }
     if by is not None and by != user:
@@ -144,7 +147,7 @@ def test_a_cycle_is_refused_with_both_delegations_named(world: World) -> None:
 def test_bad_delegations_are_400_saying_what_to_fix(
     world: World, body: dict[str, Any], code: str, fragment: str
 ) -> None:
-    full = {"starts_on": TODAY.isoformat(), "ends_on": (TODAY + timedelta(days=3)).isoformat(), **body}
+    full = {"starts_on": today().isoformat(), "ends_on": (today() + timedelta(days=3)).isoformat(), **body}
     response = world.post("u-mgr", "/delegations", full)
     assert response.status_code == 400, response.get_json()
     error = response.get_json()["error"]
@@ -255,7 +258,7 @@ def cli(world: World, tmp_path: Path) -> Callable[..., Result]:
 
 
 def test_cli_sets_lists_cancels_and_refuses_a_cycle(world: World, cli: Callable[..., Result]) -> None:
-    start, end = TODAY.isoformat(), (TODAY + timedelta(days=3)).isoformat()
+    start, end = today().isoformat(), (today() + timedelta(days=3)).isoformat()
     request_id = world.submit()
     made = cli("delegation", "set", "--user", "u-mgr", "--deputy", "u-gm", "--from", start, "--until", end)
     assert made.exit_code == 0, made.output

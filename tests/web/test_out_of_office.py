@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,10 @@ from connector.runtime import Runtime
 from tests.web.helpers import csrf_token, post, signed_in, text, web_world
 from tests.webhooks.test_api import World
 
-TODAY = datetime.now(UTC).date()
+
+def today() -> date:
+    """Read when used, not at import: a run that crosses midnight UTC must not use yesterday."""
+    return datetime.now(UTC).date()
 
 
 @pytest.fixture
@@ -28,8 +31,8 @@ def world(
 def form(deputy: str, days: int = 5, **more: str) -> dict[str, str]:
     return {
         "deputy": deputy,
-        "starts_on": TODAY.isoformat(),
-        "ends_on": (TODAY + timedelta(days=days)).isoformat(),
+        "starts_on": today().isoformat(),
+        "ends_on": (today() + timedelta(days=days)).isoformat(),
         **more,
     }
 
