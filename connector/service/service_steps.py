@@ -497,11 +497,18 @@ class PendingCallback:
     done: bool = False  # answered (or timed out) already: a verified redelivery changes nothing
 
 
+CALLBACK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def pending_callback(runtime: Runtime, callback_id: str) -> PendingCallback:
     """The job this callback answers; CallbackRefused when there is none."""
     approvals = runtime.approvals
     if approvals is None:
         raise CallbackRefused("this server does not run approvals")
+    # ids are secrets.token_urlsafe(24); anything else (a NUL, which PostgreSQL refuses in a
+    # query, or an over-long id) names no check, and must not reach the database
+    if not CALLBACK_ID.fullmatch(callback_id):
+        raise CallbackRefused("no check has this callback id")
     with runtime.sessions() as session:
         job = session.scalar(select(ServiceStepJob).where(ServiceStepJob.callback_id == callback_id))
         if job is None:

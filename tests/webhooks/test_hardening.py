@@ -29,6 +29,7 @@ from werkzeug.serving import make_server
 from connector.config import Settings
 from connector.crm.salesforce_ids import id_spellings, normalize_salesforce_id, salesforce_id_problem
 from connector.events import RecordChangeEvent, parse_timestamp
+from connector.rules import MappingSet
 from connector.runtime import Runtime
 from connector.service.dead_letters import parse_age
 from connector.storage.db import Base, transaction
@@ -36,6 +37,7 @@ from connector.storage.inbox import GroupCommitInbox
 from connector.storage.migrate import upgrade
 from connector.storage.models import AuditEntry, InboxEvent
 from connector.storage.tokens import create_token
+from connector.wiring import attach_pipeline
 from tests.cli.test_serve import _wait_until_up as wait_until_up
 from tests.cli.test_serve import free_port
 from tests.conftest import SANDBOX_SECRET
@@ -58,6 +60,7 @@ ENV = {
     "ZOHO_WORKFLOW_SECRET": "zoho-workflow-secret",
     "BITRIX24_APPLICATION_TOKEN": "bitrix-token",
 }
+ROOT = Path(__file__).resolve().parents[2]
 OPPORTUNITY = "0065e00000R1001AAB"  # a valid 18-character id
 SOAP_ENV = "{http://schemas.xmlsoap.org/soap/envelope/}"
 
@@ -816,3 +819,14 @@ def test_under_gunicorn_a_chunked_body_over_the_limit_is_413(tmp_path: Path) -> 
         server.wait(timeout=20)
     with create_engine(db).connect() as conn:
         assert conn.execute(text("select record_id from inbox_events")).scalars().all() == ["D-1001"]
+
+
+@pytest.mark.parametrize("callback_id", ["%00", "a%00b", "x" * 65, "%C2%B2"])
+def test_a_check_callback_id_that_no_check_can_have_is_a_404_not_a_500(both: Any, callback_id: str) -> None:
+    """The fuzz test's cause: a NUL in the id reached PostgreSQL, which refuses it in a query."""
+    runtime, client = both
+    attach_pipeline(runtime, MappingSet.load(ROOT / "mappings" / "examples"))
+    assert runtime.approvals is not None  # the id is looked up, not refused for want of approvals
+    before = all_rows(runtime)
+    response = client.post(f"/webhooks/checks/{callback_id}", data=b"{}", content_type="application/json")
+    assert "callback id" in refused(runtime, response, 404, "no_such_check", before)
