@@ -42,6 +42,7 @@ from connector.approvals.spec import (
 from connector.clock import utcnow
 from connector.config import ConfigError
 from connector.errors import CrmApprovalsError, FatalError
+from connector.rules.templating import TemplateRenderError
 from connector.storage.approval_store import StoredRequest
 from connector.storage.company_models import JOB_AWAITING, JOB_DONE, JOB_DUE, ServiceStepJob
 from connector.storage.db import transaction
@@ -382,9 +383,13 @@ def _message(
 ) -> str | None:
     if route.message is None:
         return None
-    value = route.message(
-        {"record": dict(request.record), "answer": dict(answer), "duplicate": dict(duplicate or {})}
-    )
+    try:
+        value = route.message(
+            {"record": dict(request.record), "answer": dict(answer), "duplicate": dict(duplicate or {})}
+        )
+    except TemplateRenderError as exc:
+        # e.g. an answer without a field the admin's message reads: the verdict still stands
+        return f"{route.action}: the route's message could not be written ({exc})"
     return None if value is None else str(value)
 
 

@@ -85,13 +85,17 @@ def make_world(
     monkeypatch: Any,
     answer: str,
     variables: dict[str, str] | None = None,
+    replace_in_mapping: dict[str, str] | None = None,
     **overrides: Any,
 ) -> Any:
     if variables is None:
         variables = {"VERIFY_TOKEN": "tok-123", "VERIFY_CALLBACK_SECRET": "cb-secret"}
     mappings = tmp_path / "mappings"
     mappings.mkdir()
-    (mappings / "company.yaml").write_text(MAPPING.replace("ANSWER", answer))
+    text = MAPPING.replace("ANSWER", answer)
+    for old, new in (replace_in_mapping or {}).items():
+        text = text.replace(old, new)
+    (mappings / "company.yaml").write_text(text)
     runtime = runtime_factory(settings_factory(mappings_dir=str(mappings), variables=variables, **overrides))
     loaded = MappingSet.load(mappings)
     assert not loaded.errors, loaded.errors
@@ -319,3 +323,27 @@ def test_check_variables_come_from_the_environment_over_dotenv(tmp_path: Path) -
     assert "from-env" not in repr(settings)  # never in logs or error pages
     with pytest.raises(Exception, match="environment variable NOPE is not set"):
         service_steps.expand("${NOPE}", settings.variables)
+
+
+@responses.activate
+def test_a_message_template_the_answer_cannot_fill_still_applies_the_verdict(
+    tmp_path: Path, settings_factory: Any, runtime_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the fuzz test: a verified answer without a field the route's message reads was a
+    500 on the callback endpoint (and an exception in the worker's sync path)."""
+    runtime = make_world(
+        tmp_path,
+        settings_factory,
+        runtime_factory,
+        monkeypatch,
+        "sync",
+        replace_in_mapping={"{{ answer.reason }}": "{{ answer.undeclared_field }}"},
+    )
+    responses.post(VERIFY, json={"verdict": "reject"})
+    request_id = submit(runtime)
+    service_steps.run_due(runtime)
+    request = load(runtime, request_id)
+    assert request.status == "rejected"
+    with runtime.sessions() as session:
+        comments = [t.comment or "" for t in store.load(session, request_id).request.transitions]
+    assert any("the route's message could not be written" in c and "undeclared_field" in c for c in comments)
