@@ -76,34 +76,20 @@ def schedule_many(session: Session, dues: Mapping[str, DueTimer | None]) -> None
         return
     table = cast(Table, ApprovalTimerRow.__table__)
     existing = set(session.scalars(select(table.c.request_id).where(table.c.request_id.in_(list(dues)))))
-
-    def values(request_id: str, due: DueTimer) -> dict[str, object]:
-        return {"rid": request_id, "step_index": due.step_index, "round": due.round, "kind": due.kind,
-                "due_at": due.at}  # fmt: skip
-
-    moved = [values(rid, due) for rid, due in dues.items() if due is not None and rid in existing]
-    added = [values(rid, due) for rid, due in dues.items() if due is not None and rid not in existing]
-    gone = [rid for rid, due in dues.items() if due is None and rid in existing]
-    if moved:
-        session.execute(
-            update(table)
-            .where(table.c.request_id == bindparam("rid"))
-            .values(
-                step_index=bindparam("step_index"),
-                round=bindparam("round"),
-                kind=bindparam("kind"),
-                due_at=bindparam("due_at"),
-                claim_id=None,
-                lease_until=None,
-            ),
-            moved,
-            execution_options={"synchronize_session": False},
-        )
+    move_many(session, {rid: due for rid, due in dues.items() if rid in existing})
+    added = [
+        {
+            "request_id": rid,
+            "step_index": due.step_index,
+            "round": due.round,
+            "kind": due.kind,
+            "due_at": due.at,
+        }
+        for rid, due in dues.items()
+        if due is not None and rid not in existing
+    ]
     if added:
-        rows = [{"request_id": v.pop("rid"), **v} for v in added]
-        session.execute(insert(table), rows)
-    if gone:
-        session.execute(delete(table).where(table.c.request_id.in_(gone)))
+        session.execute(insert(table), added)
 
 
 def changed(session: Session, dues: Mapping[str, DueTimer | None]) -> dict[str, DueTimer | None]:
