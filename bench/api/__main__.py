@@ -30,6 +30,7 @@ from pathlib import Path
 
 import requests
 
+from bench.deliveries import SECRET
 from bench.expire.__main__ import fresh_database
 from bench.ingest.__main__ import free_port, start_server
 
@@ -72,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "CRM_CONNECTIONS": "sandbox",
             "SANDBOX_API_TOKEN": "bench",
             "SANDBOX_URL": "http://sandbox.invalid",
-            "SANDBOX_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "SANDBOX_WEBHOOK_SECRET": SECRET,
             "LOG_LEVEL": "WARNING",
         }
         port = free_port()

@@ -19,7 +19,6 @@ With --redis-url the given Redis database is the queue and is FLUSHED before eac
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -34,12 +33,11 @@ from typing import Any
 
 import requests
 
+from bench.deliveries import SECRET, signed_delivery
 from bench.ingest.__main__ import free_port
-from webhooks.signatures import sign_standard
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 LIMIT = 100  # the sandbox CRM's read and write batch limit
 
 
@@ -75,25 +73,7 @@ def drop_schema(url: str, schema: str) -> None:
 
 def post_all(url: str, total: int, concurrency: int) -> int:
     def post(i: int) -> int:
-        body = json.dumps(
-            {
-                "type": "record.updated",
-                "timestamp": "2026-11-23T10:00:00Z",
-                "data": {
-                    "object": "deal",
-                    "id": f"D-{i}",
-                    "changed_fields": ["amount"],
-                    "values": {"amount": 150000 + i, "stage": "negotiation"},
-                },
-            }
-        ).encode()
-        msg_id, ts = f"msg_{uuid.uuid4().hex}", int(time.time())
-        headers = {
-            "content-type": "application/json",
-            "webhook-id": msg_id,
-            "webhook-timestamp": str(ts),
-            "webhook-signature": sign_standard(SECRET, msg_id, ts, body),
-        }
+        body, headers = signed_delivery(f"D-{i}", 150000 + i, "negotiation")
         return int(requests.post(url, data=body, headers=headers, timeout=60).status_code == 202)
 
     with ThreadPoolExecutor(concurrency) as pool:

@@ -11,7 +11,6 @@ answers; the ceiling only reads the body. Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import socket
@@ -20,15 +19,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import requests
 
-from webhooks.signatures import sign_standard
+from bench.deliveries import SECRET, signed_delivery
 
 ROOT = Path(__file__).resolve().parents[2]
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 def free_port() -> int:
@@ -82,25 +79,7 @@ def client(url: str, count: int, offset: int, queue: mp.Queue) -> None:  # type:
     session = requests.Session()
     latencies, accepted = [], 0
     for i in range(count):
-        body = json.dumps(
-            {
-                "type": "record.updated",
-                "timestamp": "2026-11-23T10:00:00Z",
-                "data": {
-                    "object": "deal",
-                    "id": f"D-{offset + i}",
-                    "changed_fields": ["amount"],
-                    "values": {"amount": 100000 + i, "stage": "Negotiation"},
-                },
-            }
-        ).encode()
-        msg_id, ts = f"msg_{uuid.uuid4().hex}", int(time.time())
-        headers = {
-            "content-type": "application/json",
-            "webhook-id": msg_id,
-            "webhook-timestamp": str(ts),
-            "webhook-signature": sign_standard(SECRET, msg_id, ts, body),
-        }
+        body, headers = signed_delivery(f"D-{offset + i}", 100000 + i, "Negotiation")
         start = time.perf_counter()
         response = session.post(url, data=body, headers=headers, timeout=30)
         latencies.append(time.perf_counter() - start)

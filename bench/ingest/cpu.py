@@ -12,43 +12,17 @@ clients, which cost both apps the same. Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.ingest.__main__ import SECRET
+from bench.deliveries import SECRET, signed_delivery
 
 
 def deliveries(count: int, offset: int) -> list[tuple[bytes, dict[str, str]]]:
-    from webhooks.signatures import sign_standard
-
-    made = []
-    for i in range(count):
-        body = json.dumps(
-            {
-                "type": "record.updated",
-                "timestamp": "2026-11-23T10:00:00Z",
-                "data": {
-                    "object": "deal",
-                    "id": f"D-{offset + i}",
-                    "changed_fields": ["amount"],
-                    "values": {"amount": 100000 + i, "stage": "Negotiation"},
-                },
-            }
-        ).encode()
-        msg_id, ts = f"msg_{uuid.uuid4().hex}", int(time.time())
-        headers = {
-            "content-type": "application/json",
-            "webhook-id": msg_id,
-            "webhook-timestamp": str(ts),
-            "webhook-signature": sign_standard(SECRET, msg_id, ts, body),
-        }
-        made.append((body, headers))
-    return made
+    return [signed_delivery(f"D-{offset + i}", 100000 + i, "Negotiation") for i in range(count)]
 
 
 def cpu_ms_per_request(app: Any, count: int) -> float:

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import requests
 
+from bench.deliveries import SECRET
+
 ROOT = Path(__file__).resolve().parents[2]
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 def free_port() -> int:
