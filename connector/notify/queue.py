@@ -199,6 +199,7 @@ class NotificationQueue:
         dedupe keys already queued (connector.storage.db.insert_ignoring_conflicts)."""
         rows = []
         for channel, target in self.channels_for(connection, user_id, roles):
+            # shared chat channels get one message per event, however many members it concerns
             recipient = target if channel == "chat" and not target.startswith("user:") else f"user:{user_id}"
             rows.append(
                 {
@@ -231,28 +232,11 @@ class NotificationQueue:
         request_id: str,
     ) -> int:
         added = 0
-        for channel, target in self.channels_for(connection, user_id, roles):
-            # shared chat channels get one message per event, however many members it concerns
-            recipient = target if channel == "chat" and not target.startswith("user:") else f"user:{user_id}"
-            key = f"{event_key}:{recipient}:{channel}"
-            if session.scalar(select(Notification.id).where(Notification.dedupe_key == key)) is not None:
+        for row in self.event_rows(connection, user_id, event, event_key, facts, roles, request_id):
+            taken = select(Notification.id).where(Notification.dedupe_key == row["dedupe_key"])
+            if session.scalar(taken) is not None:
                 continue
-            session.add(
-                Notification(
-                    dedupe_key=key[:400],
-                    event=event,
-                    template=event,
-                    channel=channel,
-                    connection=connection,
-                    user_id=user_id,
-                    target=target or None,
-                    request_id=request_id,
-                    context=dict(facts),
-                    status=PENDING,
-                    attempts=0,
-                    created_at=utcnow(),
-                )
-            )
+            session.add(Notification(**row))
             session.flush()
             added += 1
         return added
