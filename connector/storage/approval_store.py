@@ -247,36 +247,7 @@ def load_many(session: Session, ids: Sequence[str]) -> list[StoredRequest]:
     if not ids:
         return []
     requests = ApprovalRequestRow.__table__
-    steps, votes, transitions = (
-        ApprovalStepRow.__table__,
-        ApprovalVoteRow.__table__,
-        ApprovalTransitionRow.__table__,
-    )
-    rows = session.execute(select(requests).where(requests.c.id.in_(ids))).all()
-    by_steps = _by_request(
-        session.execute(
-            select(steps)
-            .where(steps.c.request_id.in_(ids))
-            .order_by(steps.c.entered_at, steps.c.index, steps.c.round)
-        )
-    )
-    by_votes = _by_request(
-        session.execute(select(votes).where(votes.c.request_id.in_(ids)).order_by(votes.c.id))
-    )
-    by_transitions = _by_request(
-        session.execute(
-            select(transitions).where(transitions.c.request_id.in_(ids)).order_by(transitions.c.seq)
-        )
-    )
-    return [
-        _stored(
-            row,  # a Row has the same attributes as ApprovalRequestRow
-            by_steps.get(row.id, []),
-            by_votes.get(row.id, []),
-            by_transitions.get(row.id, []),
-        )
-        for row in rows
-    ]
+    return load_rows(session, session.execute(select(requests).where(requests.c.id.in_(ids))).all())
 
 
 def _by_request(rows: Iterable[Any]) -> dict[str, list[Any]]:
