@@ -11,13 +11,14 @@ moment: see connector/storage/timers.py and connector/approvals/timers.py.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.approvals.actions import RenderedAction
@@ -35,11 +36,10 @@ from connector.service.approval_service import ApprovalService, RuleGoneError
 from connector.service.escalation import target_resolver
 from connector.service.timer_calendars import CalendarLookup
 from connector.storage import approval_store as store
-from connector.storage import audit, timer_reads
+from connector.storage import audit, bulk, timer_reads
 from connector.storage import timers as timer_rows
 from connector.storage.approval_store import StaleRequestError, StoredRequest
-from connector.storage.bulk import insert_rows
-from connector.storage.db import insert_ignoring_conflicts, transaction
+from connector.storage.db import transaction
 from connector.storage.models import ApprovalRequestRow, ApprovalTransitionRow
 
 log = logging.getLogger(__name__)
@@ -262,54 +262,49 @@ class StepTimers:
     def _save_reminders(
         self, session: Session, items: list[_Decided], claim_id: str, report: SweepReport
     ) -> None:
-        """Reminders in bulk: they change nothing but the request's version and history, so what
-        `ApprovalService.commit_outcome` writes for them (version-checked request row, history
-        row, its audit entry; no write-back, no business event) is written with one statement
-        per table for the whole batch, plus the reminder notices, the `timer_fired` audit entry
-        and the next due moment. Requests changed since they were read (a vote) or whose claim
-        was taken over are left out, as `_save` would."""
+        """Reminders in bulk: they change nothing but the request's version and history, so
+        what `ApprovalService.commit_outcome` writes for them (version-checked request row,
+        history row; no write-back, no business event) is written with one statement per table
+        and 500 rows, as plain tuples: the version bumps and the next due moments as
+        `UPDATE ... FROM (VALUES ...)`, the history rows, the reminder notices and one
+        `timer_fired` audit entry per reminder (docs/decisions.md, "Step timers") as multi-row
+        INSERTs. Requests changed since they were read (a vote) or whose claim was taken over
+        are left out, as `_save` would."""
         if not items:
             return
         ids = [item.stored.request.id for item in items]
-        requests = cast(Table, ApprovalRequestRow.__table__)
-        timers = cast(Table, timer_rows.ApprovalTimerRow.__table__)
         # lock the rows (PostgreSQL; SQLite's write transaction already holds the database)
         seen = {
             request_id: (version, claim)
             for request_id, version, claim in session.execute(
-                select(requests.c.id, requests.c.version, timers.c.claim_id)
-                .join(timers, timers.c.request_id == requests.c.id)
-                .where(requests.c.id.in_(ids))
+                select(REQUESTS.c.id, REQUESTS.c.version, TIMERS.c.claim_id)
+                .join(TIMERS, TIMERS.c.request_id == REQUESTS.c.id)
+                .where(REQUESTS.c.id.in_(ids))
                 .with_for_update()
             ).all()
         }
         fresh = []
         for item in items:
-            request_id = item.stored.request.id
-            if seen.get(request_id) == (item.stored.request.version, claim_id):
+            if seen.get(item.stored.request.id) == (item.stored.request.version, claim_id):
                 fresh.append(item)
             else:
                 report.lost += 1
         if not fresh:
             return
-        session.execute(
-            update(requests)
-            .where(requests.c.id == bindparam("request_id"), requests.c.version == bindparam("seen"))
-            .values(version=bindparam("new_version"), updated_at=bindparam("now")),
-            [
-                {
-                    "request_id": i.stored.request.id,
-                    "seen": i.stored.request.version,
-                    "new_version": i.result.outcome.request.version,
-                    "now": i.result.outcome.request.updated_at,
-                }
-                for i in fresh
-            ],
-            execution_options={"synchronize_session": False},
-        )
-        insert_rows(  # plain tuples, one multi-row INSERT per 500 (no JSON columns)
+        bulk.update_rows(  # the versions were checked under the lock above; checked again here
             session,
-            cast(Table, ApprovalTransitionRow.__table__),
+            REQUESTS,
+            ("id", "version"),
+            ("version", "updated_at"),
+            (
+                (i.stored.request.id, i.stored.request.version, r.version, r.updated_at)
+                for i in fresh
+                for r in (i.result.outcome.request,)
+            ),
+        )
+        bulk.insert_rows(
+            session,
+            TRANSITIONS,
             _TRANSITION_COLUMNS,
             (
                 [getattr(t, name) for name in _TRANSITION_COLUMNS]
@@ -317,46 +312,43 @@ class StepTimers:
                 for t in i.result.outcome.transitions
             ),
         )
-        notices: list[dict[str, Any]] = []
-        entries: list[dict[str, Any]] = []  # audit entries, as audit.record would make them
-        at = utcnow()
-        for item in fresh:
-            record, spec, rule = item.stored.record, item.spec, item.rule
-            for t in item.result.outcome.transitions:  # as ApprovalService._commit records them
-                entries.append(
-                    _audit_entry(
-                        at,
-                        "transition",
-                        item,
-                        actor=t.actor,
-                        transition=t.kind,
-                        from_status=t.from_status,
-                        to_status=t.to_status,
-                        step_index=t.step_index,
-                        comment=t.comment,
-                    )
-                )
-            if self.notifications is not None:
-                notices += timer_notice_rows(
+        # the notices: a shared chat channel is told once per reminder (its rows share a dedupe
+        # key); the key names the new history row, so nothing can be queued under it already
+        notices: dict[str, tuple[Any, ...]] = {}
+        told: dict[str, int] = {}
+        if self.notifications is not None:
+            for item in fresh:
+                request_id = item.stored.request.id
+                for row in timer_notice_rows(
                     self.notifications,
-                    connection=record.connection,
+                    connection=item.stored.record.connection,
                     result=item.result,
-                    roles=spec.roles,
-                    step_labels={n: step.title for n, step in enumerate(rule.steps)},
-                    step_count=len(rule.steps),
-                )
-        added = insert_ignoring_conflicts(session, Notification.__table__, notices, key="dedupe_key")
-        per_request: dict[str, int] = {}
-        for row in notices:
-            if row["dedupe_key"] in added:
-                per_request[row["request_id"]] = per_request.get(row["request_id"], 0) + 1
-        report.notices += len(added)
+                    roles=item.spec.roles,
+                    step_labels=_step_labels(item.rule),
+                    step_count=len(item.rule.steps),
+                ):
+                    if row["dedupe_key"] not in notices:
+                        row["context"] = json.dumps(row["context"])
+                        notices[row["dedupe_key"]] = tuple(row[name] for name in _NOTIFICATION_COLUMNS)
+                        told[request_id] = told.get(request_id, 0) + 1
+            bulk.insert_rows(
+                session,
+                NOTIFICATIONS,
+                _NOTIFICATION_COLUMNS,
+                notices.values(),
+                json_text=("context",),
+                ignore_conflicts_on="dedupe_key",
+            )
+        report.notices += len(notices)
+        at = utcnow()
+        entries: list[dict[str, Any]] = []
         dues: dict[str, DueTimer | None] = {}
         for item in fresh:
             request = item.result.outcome.request
-            entries.append(
-                _audit_entry(at, "timer_fired", item, **_fired_detail(item, per_request.get(request.id, 0)))
-            )
+            [history] = item.result.outcome.transitions  # a reminder adds one history row
+            detail = _fired_detail(item, told.get(request.id, 0))
+            detail["seq"], detail["comment"] = history.seq, history.comment  # the history row
+            entries.append(_audit_entry(at, "timer_fired", item, **detail))
             dues[request.id] = next_timer(request, item.rule, self.calendars(item.stored.record.connection))
         timer_rows.move_many(session, dues)  # the claimed rows: they exist
         audit.append_many(session, entries)  # last: it holds the chain head until the commit
@@ -447,6 +439,18 @@ class _Decided:
 
 
 _TRANSITION_COLUMNS = tuple(f.name for f in fields(Transition))
+_NOTIFICATION_COLUMNS = (
+    "dedupe_key", "event", "template", "channel", "connection", "user_id", "email", "target",
+    "request_id", "context", "status", "attempts", "created_at",
+)  # fmt: skip
+REQUESTS = cast(Table, ApprovalRequestRow.__table__)
+TRANSITIONS = cast(Table, ApprovalTransitionRow.__table__)
+TIMERS = cast(Table, timer_rows.ApprovalTimerRow.__table__)
+NOTIFICATIONS = cast(Table, Notification.__table__)
+
+
+def _step_labels(rule: RuleSpec) -> dict[int, str]:
+    return {n: step.title for n, step in enumerate(rule.steps)}
 
 
 def _fired_detail(item: _Decided, notices: int) -> dict[str, Any]:

@@ -19,11 +19,12 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Index, Integer, String, Table, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Index, Integer, String, Table, delete, insert, or_, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from connector.approvals.timers import DueTimer
 from connector.errors import RetriableError
+from connector.storage.bulk import update_rows
 from connector.storage.db import Base, UTCDateTime
 
 
@@ -114,29 +115,21 @@ def changed(session: Session, dues: Mapping[str, DueTimer | None]) -> dict[str, 
 
 
 def move_many(session: Session, dues: Mapping[str, DueTimer | None]) -> None:
-    """`schedule_many` for rows known to exist (the sweep's claimed rows): no look-up first."""
+    """`schedule_many` for rows known to exist (the sweep's claimed rows): no look-up first;
+    the moves as `UPDATE ... FROM (VALUES ...)`, 500 rows a statement."""
     table = cast(Table, ApprovalTimerRow.__table__)
     moved = [
-        {"rid": rid, "step_index": due.step_index, "round": due.round, "kind": due.kind, "due_at": due.at}
-        for rid, due in dues.items()
-        if due is not None
+        (rid, due.step_index, due.round, due.kind, due.at) for rid, due in dues.items() if due is not None
     ]
     gone = [rid for rid, due in dues.items() if due is None]
-    if moved:
-        session.execute(
-            update(table)
-            .where(table.c.request_id == bindparam("rid"))
-            .values(
-                step_index=bindparam("step_index"),
-                round=bindparam("round"),
-                kind=bindparam("kind"),
-                due_at=bindparam("due_at"),
-                claim_id=None,
-                lease_until=None,
-            ),
-            moved,
-            execution_options={"synchronize_session": False},
-        )
+    update_rows(
+        session,
+        table,
+        ("request_id",),
+        ("step_index", "round", "kind", "due_at"),
+        moved,
+        nulls=("claim_id", "lease_until"),
+    )
     if gone:
         session.execute(delete(table).where(table.c.request_id.in_(gone)))
 
