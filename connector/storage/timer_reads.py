@@ -20,7 +20,7 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from connector.approvals.lifecycle import ApprovalRequest, Outcome, StepState, Transition, Vote
-from connector.storage.approval_store import RecordKey, StoredRequest, _by_request
+from connector.storage.approval_store import RecordKey, StoredRequest
 from connector.storage.models import (
     ApprovalRequestRow,
     ApprovalStepRow,
@@ -62,16 +62,30 @@ _COLUMNS = [
 ]  # fmt: skip
 
 
-_STEP, _VOTE, _TRANSITION = (tuple(f.name for f in fields(cls)) for cls in (StepState, Vote, Transition))
+# The child rows' columns in their dataclass's field order (the tables mirror the dataclasses),
+# so a row becomes its dataclass positionally, with no per-row dict.
+_STEP_COLUMNS = [STEPS[f.name] for f in fields(StepState)]
+_VOTE_COLUMNS = [VOTES[f.name] for f in fields(Vote)]
+_TRANSITION_COLUMNS = [TRANSITIONS[f.name] for f in fields(Transition)]
+_APPROVERS = next(i for i, f in enumerate(fields(StepState)) if f.name == "approvers")
 
 
-def _plain(row: Any, names: tuple[str, ...]) -> dict[str, Any]:
-    """A lifecycle dataclass's values from a row mapping (`approval_store._from_row`, unrolled)."""
-    return {name: tuple(v) if type(v := row[name]) is list else v for name in names}
+def _step(row: Any) -> StepState:
+    values = list(row)
+    values[_APPROVERS] = tuple(values[_APPROVERS])  # JSON hands back a list
+    return StepState(*values)
+
+
+def _grouped(rows: Any, make: Any) -> dict[str, list[Any]]:
+    """Rows whose first column is the request id, made into dataclasses, by request id."""
+    grouped: dict[str, list[Any]] = {}
+    for row in rows:
+        grouped.setdefault(row[0], []).append(make(row))
+    return grouped
 
 
 def _partial(
-    row: Any, steps: Sequence[Any], votes: Sequence[Any], transitions: Sequence[Any]
+    row: Any, steps: list[StepState], votes: list[Vote], transitions: list[Transition]
 ) -> StoredRequest:
     record = RecordKey(row.connection, row.object_type, row.record_id)
     request = ApprovalRequest(
@@ -91,9 +105,9 @@ def _partial(
         closed_at=None,
         expired_at=None,
         version=row.version,
-        steps=[StepState(**_plain(r, _STEP)) for r in steps],
-        votes=[Vote(**_plain(r, _VOTE)) for r in votes],
-        transitions=[Transition(**_plain(r, _TRANSITION)) for r in transitions],
+        steps=steps,
+        votes=votes,
+        transitions=transitions,
     )
     return StoredRequest(request, record, row.mapping_path, row.mapping_hash, row.superseded_by)
 
@@ -103,38 +117,40 @@ def load_open_steps(session: Session, ids: Sequence[str]) -> list[Partial]:
     if not ids:
         return []
     rows = session.execute(select(*_COLUMNS).where(REQUESTS.id.in_(ids))).all()
-    current = {row.id: row.current_step for row in rows}
     open_ids = [row.id for row in rows if row.current_step is not None]
     on_step = and_(REQUESTS.id == STEPS.request_id, REQUESTS.current_step == STEPS.index)
-    steps = _by_request(
+    steps = _grouped(
         session.execute(
-            select(ApprovalStepRow.__table__)
+            select(*_STEP_COLUMNS)
             .join(ApprovalRequestRow.__table__, on_step)
             .where(REQUESTS.id.in_(open_ids))
             .order_by(STEPS.entered_at, STEPS.index, STEPS.round)
-        )
+        ),
+        _step,
     )
-    votes = _by_request(
+    votes = _grouped(
         session.execute(
-            select(ApprovalVoteRow.__table__)
+            select(*_VOTE_COLUMNS)
             .join(
                 ApprovalRequestRow.__table__,
                 and_(REQUESTS.id == VOTES.request_id, REQUESTS.current_step == VOTES.step_index),
             )
             .where(REQUESTS.id.in_(open_ids))
             .order_by(VOTES.id)
-        )
+        ),
+        lambda row: Vote(*row),
     )
-    history = _by_request(
+    history = _grouped(
         session.execute(
-            select(ApprovalTransitionRow.__table__)
+            select(*_TRANSITION_COLUMNS)
             .join(
                 ApprovalRequestRow.__table__,
                 and_(REQUESTS.id == TRANSITIONS.request_id, REQUESTS.current_step == TRANSITIONS.step_index),
             )
             .where(REQUESTS.id.in_(open_ids))
             .order_by(TRANSITIONS.seq)
-        )
+        ),
+        lambda row: Transition(*row),
     )
     last_seq: dict[str, int] = dict(
         session.execute(
@@ -145,7 +161,7 @@ def load_open_steps(session: Session, ids: Sequence[str]) -> list[Partial]:
     )
     out = []
     for row in rows:
-        if current[row.id] is None:
+        if row.current_step is None:
             stored = _partial(row, [], [], [])
         else:
             stored = _partial(row, steps.get(row.id, []), votes.get(row.id, []), history.get(row.id, []))
