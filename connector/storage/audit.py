@@ -207,7 +207,7 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
             detail = entry.get("detail") or {}
             known = details.get(id(detail))
             if known is None:
-                known = details[id(detail)] = (detail, _canonical_text(_jsonable(detail)))
+                known = details[id(detail)] = (detail, _canonical_detail(detail))
             moment = moments.get(entry["at"])
             if moment is None:
                 at = entry["at"].astimezone(UTC)
@@ -246,6 +246,24 @@ def _canonical_text(detail: Any) -> str:
     return json.dumps(
         _canonical_numbers(detail), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     )
+
+
+def _canonical_detail(detail: Mapping[str, Any]) -> str:
+    """`_canonical_text(_jsonable(detail))`, without its two copies of the detail when every
+    value is canonical JSON already (str keys; str, int, bool or None values, or lists and
+    tuples of str), as a sweep's details are: json.dumps writes those exactly so."""
+    for key, value in detail.items():
+        kind = type(value)
+        if type(key) is str and (
+            kind is str
+            or kind is int
+            or kind is bool
+            or value is None
+            or ((kind is list or kind is tuple) and all(type(v) is str for v in value))
+        ):
+            continue
+        return _canonical_text(_jsonable(detail))
+    return json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def _fast_hash(ident: int, at: str, kind: str, detail: str, prev_hash: str, values: tuple[Any, ...]) -> str:

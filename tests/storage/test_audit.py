@@ -473,3 +473,20 @@ def test_an_unknown_entry_kind_is_refused(runtime: Runtime) -> None:
         transaction(runtime.sessions) as session,
     ):
         audit.record(session, "vote_cast", request_id="r-1")
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        # plain: written by json.dumps directly
+        {"timer": "remind", "step_index": 0, "reason": None, "added": [], "waiting": ("u-1", "żółw")},
+        {"b": True, "a": 'quote " back\\slash \x01 中文', "c": ["€", "x"]},
+        # not plain: the general path (floats, nested values, non-str keys)
+        {"amount": 1.0, "waiting": ["u-1"]},
+        {"fields": {"b": 1.0, "a": [1.5, None, "ü"]}},
+        {"ids": [1, 2]},
+        {3: "three"},
+    ],
+)
+def test_a_plain_detail_gets_the_canonical_text_the_row_hash_uses(detail: dict[Any, Any]) -> None:
+    assert audit._canonical_detail(detail) == audit._canonical_text(audit._jsonable(detail))
