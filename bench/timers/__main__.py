@@ -46,7 +46,7 @@ from connector.notify.queue import NotificationQueue
 from connector.rules import MappingSet
 from connector.runtime import Runtime
 from connector.service.pipeline import Pipeline
-from connector.service.timers import StepTimers
+from connector.service.timers import BATCH, StepTimers
 from connector.storage.approval_store import RecordKey, StoredRequest, _request_values
 from connector.storage.migrate import upgrade
 from connector.storage.models import ApprovalRequestRow, ApprovalStepRow, ApprovalTransitionRow
@@ -155,7 +155,9 @@ def main() -> int:
     parser.add_argument(
         "--database-url", default="", help="default: a new SQLite file in a temporary directory"
     )
-    parser.add_argument("--batch", type=int, default=500, help="rows claimed per round trip (as the worker)")
+    parser.add_argument(
+        "--batch", type=int, default=BATCH, help=f"rows claimed per round trip (the worker's: {BATCH})"
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-timers-"))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
@@ -153,7 +153,9 @@ def fire_due(
     timing = spec.timing
     assert timing is not None  # a due timer needs timing
     if due.kind == "remind":  # adds one history row and changes nothing else: no deep copy needed
-        return _remind(_Txn(replace(request, transitions=list(request.transitions)), now), due, row, timing)
+        reminded = copy.copy(request)
+        reminded.transitions = list(request.transitions)
+        return _remind(_Txn(reminded, now), due, row, timing)
     txn = _Txn(copy.deepcopy(request), now)
     if due.kind == "escalate":
         assert timing.escalation is not None

@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -46,7 +46,7 @@ from connector.storage.models import ApprovalRequestRow, ApprovalTransitionRow
 
 log = logging.getLogger(__name__)
 
-BATCH = 500  # rows claimed per round trip
+BATCH = 2000  # rows claimed per round trip, and reminders saved per transaction
 LEASE = timedelta(minutes=5)  # a claimed row another worker may take over after this
 
 
@@ -202,7 +202,7 @@ class StepTimers:
                 idle.append((request_id, stored, rule))
                 continue
             assert not result.outcome.actions  # a reminder fires no write-back
-            result = replace(result, outcome=part.renumber(result.outcome))
+            result = timer_reads.replaced(result, outcome=part.renumber(result.outcome))
             decided.append(_Decided(stored, spec, rule, result, []))
         if whole:
             self._decide_whole(service, sessions, whole, claim_id, now, report, decided, idle)
@@ -294,6 +294,10 @@ class StepTimers:
                 report.lost += 1
         if not fresh:
             return
+        # in request id order: the rows land in each table's and index's key order (history,
+        # notices and audit entries by request id), so a statement fills a B-tree page at a time
+        # instead of one at random per row; on a large SQLite database the difference is large
+        fresh.sort(key=lambda item: item.stored.request.id)
         bulk.update_rows(  # the versions were checked under the lock above; checked again here
             session,
             REQUESTS,

@@ -13,8 +13,8 @@ append history (reminders); anything that saves a request through the approval s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
@@ -28,6 +28,7 @@ from connector.storage.models import (
     ApprovalVoteRow,
 )
 
+T = TypeVar("T")
 REQUESTS = ApprovalRequestRow.__table__.c
 STEPS = ApprovalStepRow.__table__.c
 VOTES = ApprovalVoteRow.__table__.c
@@ -46,9 +47,19 @@ class Partial:
         after the request's real last row (the pure core numbers them after the rows it saw)."""
         seen = len(self.stored.request.transitions)
         # the pure core appends after the rows it was given and numbers them len + 1, len + 2...
-        added = tuple(replace(t, seq=self.last_seq + t.seq - seen) for t in outcome.transitions)
+        added = tuple(replaced(t, seq=self.last_seq + t.seq - seen) for t in outcome.transitions)
         outcome.request.transitions[seen:] = added  # the decision's own copy of the list
-        return replace(outcome, transitions=added)
+        return replaced(outcome, transitions=added)
+
+
+def replaced(item: T, **changes: Any) -> T:
+    """`dataclasses.replace` for plain dataclasses (frozen or not, no __slots__, no
+    __post_init__): a shallow copy with some fields changed, without its per-call field
+    inspection and __init__, several times cheaper; the sweep does it for every reminder."""
+    new = object.__new__(type(item))
+    new.__dict__.update(item.__dict__)
+    new.__dict__.update(changes)
+    return new
 
 
 # What a timer decision and its bulk save read of the request row: not the record snapshot
