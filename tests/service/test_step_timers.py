@@ -237,6 +237,16 @@ def test_reminders_then_escalation_to_the_approvers_manager_with_emails(
             ("remind", []),
             ("escalate", ["u-gm-carla"]),
         ]
+        # a reminder's one entry names its history row; an escalation keeps its transition entry
+        assert fired[0].detail["comment"] == "reminder 1 of 2: waiting for u-mgr-piotr"
+        assert fired[0].detail["seq"] == next(
+            seq for seq, (kind, _text) in enumerate(history, 1) if kind == "reminded"
+        )
+        transitions = [
+            e.detail["transition"]
+            for e in session.scalars(select(AuditEntry).where(AuditEntry.kind == "transition"))
+        ]
+        assert "escalated" in transitions and "reminded" not in transitions
     assert verify(world.runtime.sessions).ok
 
     # Carla may now decide; the step's timer row goes with the step
