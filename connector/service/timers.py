@@ -298,7 +298,7 @@ class StepTimers:
         # notices and audit entries by request id), so a statement fills a B-tree page at a time
         # instead of one at random per row; on a large SQLite database the difference is large
         fresh.sort(key=lambda item: item.stored.request.id)
-        bulk.update_rows(  # the versions were checked under the lock above; checked again here
+        bumped = bulk.update_rows(  # the versions were checked under the lock above; again here
             session,
             REQUESTS,
             ("id", "version"),
@@ -309,6 +309,8 @@ class StepTimers:
                 for r in (i.result.outcome.request,)
             ),
         )
+        if bumped != len(fresh):  # cannot happen under the lock: save nothing of the batch
+            raise StaleRequestError(f"{len(fresh) - bumped} of {len(fresh)} reminded requests changed")
         bulk.insert_rows(
             session,
             TRANSITIONS,
