@@ -193,17 +193,21 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
     as the commit hook does. Returns how many rows were appended."""
     from connector.storage.bulk import insert_rows
 
-    chain: list[Any] = list(_lock_head(session))
+    last_id, last_hash = _lock_head(session)
+    chain: list[Any] = [last_id, last_hash, _encode(last_hash)]  # id, hash, hash as JSON text
     details: dict[int, tuple[Any, str]] = {}  # id(detail) -> (the dict, kept alive; its canonical text)
     moments: dict[datetime, tuple[datetime, str]] = {}
+    # the canonical text before the id and between the id and prev_hash repeat from entry to
+    # entry (a sweep's entries share their moment, detail, connection, kind): built once each
+    openings: dict[tuple[Any, ...], str] = {}
+    middles: dict[tuple[Any, ...], str] = {}
 
     def rows() -> Iterator[tuple[Any, ...]]:
         for entry in entries:
+            if len(details) > _CACHED or len(openings) > _CACHED:  # entries that all differ: stay flat
+                for cache in (details, openings, moments, middles):
+                    cache.clear()
             kind = entry["kind"]
-            if kind not in KINDS:
-                raise ValueError(
-                    f"unknown audit entry kind {kind!r}: add it to KINDS in connector/storage/audit.py"
-                )
             detail = entry.get("detail") or {}
             known = details.get(id(detail))
             if known is None:
@@ -212,22 +216,34 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
             if moment is None:
                 at = entry["at"].astimezone(UTC)
                 moment = moments[entry["at"]] = (at, at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+            actor = entry.get("actor")
+            connection = entry.get("connection")
+            mapping_hash = entry.get("mapping_hash")
+            object_type = entry.get("object_type")
+            record_id = entry.get("record_id")
+            request_id = entry.get("request_id")
+            opening_key = (actor, moment[1], connection, known[1])
+            opening = openings.get(opening_key)
+            if opening is None:
+                opening = openings[opening_key] = _opening(*opening_key)
+            key = (kind, mapping_hash, object_type)
+            middle = middles.get(key)
+            if middle is None:
+                if kind not in KINDS:
+                    raise ValueError(
+                        f"unknown audit entry kind {kind!r}: add it to KINDS in connector/storage/audit.py"
+                    )
+                middle = middles[key] = _middle(*key)
             ident = chain[0] + 1
-            values = (
-                entry.get("actor"),
-                entry.get("connection"),
-                entry.get("mapping_hash"),
-                entry.get("object_type"),
-                entry.get("record_id"),
-                entry.get("request_id"),
-            )
-            digest = _fast_hash(ident, moment[1], kind, known[1], chain[1], values)
-            actor, connection, mapping_hash, object_type, record_id, request_id = values
+            prev_hash = chain[1]
+            digest = hashlib.sha256(
+                (opening + str(ident) + middle + chain[2] + _closing(record_id, request_id)).encode("ascii")
+            ).hexdigest()
             yield (
                 ident, moment[0], kind, connection, object_type, record_id, request_id, actor,
-                mapping_hash, known[1], chain[1], digest,
+                mapping_hash, known[1], prev_hash, digest,
             )  # fmt: skip
-            chain[0], chain[1] = ident, digest
+            chain[0], chain[1], chain[2] = ident, digest, f'"{digest}"'
 
     return insert_rows(
         session,
@@ -240,6 +256,7 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
 
 
 _encode = json.encoder.encode_basestring_ascii  # C, as json.dumps uses
+_CACHED = 4096  # append_many's caches of canonical pieces start over beyond this
 
 
 def _canonical_text(detail: Any) -> str:
@@ -249,17 +266,42 @@ def _canonical_text(detail: Any) -> str:
 
 
 def _fast_hash(ident: int, at: str, kind: str, detail: str, prev_hash: str, values: tuple[Any, ...]) -> str:
-    """`row_hash` without building the dict: the same canonical text, keys in sorted order
-    (tests/service/test_bulk_expiry.py compares the two)."""
-    actor, connection, mapping_hash, object_type, record_id, request_id = (
-        "null" if v is None else _encode(v) for v in values
-    )
+    """`row_hash` without building the dict, from the pieces `append_many` assembles: the same
+    canonical text, keys in sorted order (tests/service/test_bulk_expiry.py compares the two)."""
+    actor, connection, mapping_hash, object_type, record_id, request_id = values
     text = (
-        f'{{"actor":{actor},"at":"{at}","connection":{connection},"detail":{detail},"id":{ident},'
-        f'"kind":{_encode(kind)},"mapping_hash":{mapping_hash},"object_type":{object_type},'
-        f'"prev_hash":{_encode(prev_hash)},"record_id":{record_id},"request_id":{request_id}}}'
+        _opening(actor, at, connection, detail)
+        + str(ident)
+        + _middle(kind, mapping_hash, object_type)
+        + _encode(prev_hash)
+        + _closing(record_id, request_id)
     )
     return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _json_text(value: str | None) -> str:
+    return "null" if value is None else _encode(value)
+
+
+def _opening(actor: str | None, at: str, connection: str | None, detail: str) -> str:
+    """The canonical text up to the id's value (keys: actor, at, connection, detail, id)."""
+    return (
+        f'{{"actor":{_json_text(actor)},"at":"{at}","connection":{_json_text(connection)},'
+        f'"detail":{detail},"id":'
+    )
+
+
+def _middle(kind: str, mapping_hash: str | None, object_type: str | None) -> str:
+    """From after the id's value to the prev_hash's value (kind, mapping_hash, object_type)."""
+    return (
+        f',"kind":{_encode(kind)},"mapping_hash":{_json_text(mapping_hash)},'
+        f'"object_type":{_json_text(object_type)},"prev_hash":'
+    )
+
+
+def _closing(record_id: str | None, request_id: str | None) -> str:
+    """After the prev_hash's value: record_id, request_id and the closing brace."""
+    return f',"record_id":{_json_text(record_id)},"request_id":{_json_text(request_id)}}}'
 
 
 # --- verification -----------------------------------------------------------------------

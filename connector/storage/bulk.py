@@ -3,15 +3,19 @@
 SQLAlchemy's executemany processes every parameter of every row in Python; here each
 column's own bind processor is applied (so dates are stored exactly as the ORM stores
 them) and JSON columns take text the caller serialised once, cast to jsonb on PostgreSQL.
+Bulk rows repeat their moments (a sweep stamps thousands of rows with one `created_at`), so a
+date column's processing, and on SQLite the driver's adapter, runs once per distinct value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table
 from sqlalchemy.orm import Session
+from sqlalchemy.types import Date, DateTime
 
 BATCH = 500  # rows per statement: 500 x 12 columns stays under SQLite's 32,766 parameters
 
@@ -31,9 +35,7 @@ def insert_rows(
     dialect = conn.dialect
     postgres = dialect.name == "postgresql"
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
-    processors = [
-        None if name in json_text else table.c[name].type.bind_processor(dialect) for name in columns
-    ]
+    processors = [None if name in json_text else _processor(table.c[name].type, dialect) for name in columns]
     marks = [f"CAST({mark} AS jsonb)" if postgres and name in json_text else mark for name in columns]
     one_row = "(" + ", ".join(marks) + ")"
     quote = dialect.identifier_preparer.quote
@@ -65,3 +67,38 @@ def insert_rows(
         send()
         written += count
     return written
+
+
+def _processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
+    """The column's bind processor; for dates, memoised per distinct value and, on SQLite,
+    followed by the adapter the driver would apply to the result (once, not per row)."""
+    process = type_.bind_processor(dialect)
+    if not isinstance(getattr(type_, "impl", type_), Date | DateTime):
+        return process
+    adapt = _sqlite_adapter if dialect.name == "sqlite" else None
+    if process is None and adapt is None:
+        return None
+    seen: dict[tuple[Any, Any], Any] = {}
+
+    def memoised(value: Any) -> Any:
+        if value is None:
+            return None
+        # equal moments in other zones are equal datetimes but other text: key by the offset too
+        key = (value, value.utcoffset() if isinstance(value, datetime) else None)
+        done = seen.get(key)
+        if done is None:
+            done = process(value) if process is not None else value
+            if adapt is not None:
+                done = adapt(done)
+            seen[key] = done
+        return done
+
+    return memoised
+
+
+def _sqlite_adapter(value: Any) -> Any:
+    """What sqlite3 does with a value it is given: its registered adapter for the type."""
+    import sqlite3
+
+    adapter = sqlite3.adapters.get((type(value), sqlite3.PrepareProtocol))
+    return adapter(value) if adapter is not None else value
