@@ -13,7 +13,8 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Connection, Table
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.types import Date, DateTime
 
@@ -30,12 +31,15 @@ def insert_rows(
     batch: int = BATCH,
 ) -> int:
     """INSERT the rows (values in `columns` order) in the session's transaction; the columns
-    named in `json_text` get JSON text. Returns how many rows were inserted."""
+    named in `json_text` get JSON text. Returns how many rows were inserted. `batch` rows
+    per statement on SQLite; PostgreSQL takes them all in one COPY."""
     conn = session.connection()
     dialect = conn.dialect
     postgres = dialect.name == "postgresql"
-    mark = "?" if dialect.paramstyle == "qmark" else "%s"
     processors = [None if name in json_text else _processor(table.c[name].type, dialect) for name in columns]
+    if postgres:
+        return _copy(conn, table, columns, rows, processors)
+    mark = "?" if dialect.paramstyle == "qmark" else "%s"
     marks = [f"CAST({mark} AS jsonb)" if postgres and name in json_text else mark for name in columns]
     one_row = "(" + ", ".join(marks) + ")"
     quote = dialect.identifier_preparer.quote
@@ -66,6 +70,38 @@ def insert_rows(
     if count:
         send()
         written += count
+    return written
+
+
+def _copy(
+    conn: Connection,
+    table: Table,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    processors: Sequence[Callable[[Any], Any] | None],
+) -> int:
+    """PostgreSQL: the rows as one `COPY ... FROM STDIN` (psycopg writes each row in C). A
+    multi-row INSERT of 500 rows' parameters cost five times as much (parsing thousands of
+    parameters, adapting each): 100 us a row against 20 for notifications. Insert triggers
+    fire for COPY as for INSERT (the audit chain's statement-level check runs once)."""
+    quote = conn.dialect.identifier_preparer.quote
+    sql = f"COPY {quote(table.name)} ({', '.join(quote(name) for name in columns)}) FROM STDIN"
+    active = [(i, p) for i, p in enumerate(processors) if p is not None]
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    error = conn.dialect.loaded_dbapi.Error
+    written = 0
+    try:
+        with driver.cursor() as cursor, cursor.copy(sql) as copy:
+            for row in rows:
+                if active:
+                    row = list(row)
+                    for i, process in active:
+                        row[i] = process(row[i])
+                copy.write_row(row)
+                written += 1
+    except error as err:  # as SQLAlchemy raises the driver's errors for statements it runs
+        raise DBAPIError.instance(sql, None, err, error) from err
     return written
 
 

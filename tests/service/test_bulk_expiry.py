@@ -151,6 +151,9 @@ def test_chunks_expire_every_due_approval_once_with_its_transition_outbox_row_no
         notes = session.scalars(select(Notification).where(Notification.event == "expired")).all()
         assert sorted(n.request_id for n in notes) == due  # e-mail to each submitter
         assert {n.dedupe_key for n in notes} == {f"{i}:expired:3:user:{rows[i].submitter}:email" for i in due}
+        assert all(n.context["step_count"] >= 1 and n.context["at"] == NOW.isoformat() for n in notes)
+        details = session.scalars(select(AuditEntry.detail).where(AuditEntry.request_id.in_(due))).all()
+        assert {d.get("to_status") or d["event"] for d in details} == {"expired", "expire"}  # JSON, not text
         kinds = session.execute(
             select(AuditEntry.kind, func.count())
             .where(AuditEntry.request_id.in_(due))
