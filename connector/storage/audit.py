@@ -195,53 +195,53 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
 
     last_id, last_hash = _lock_head(session)
     chain: list[Any] = [last_id, last_hash, _encode(last_hash)]  # id, hash, hash as JSON text
-    details: dict[int, tuple[Any, str]] = {}  # id(detail) -> (the dict, kept alive; its canonical text)
-    moments: dict[datetime, tuple[datetime, str]] = {}
-    # the canonical text before the id and between the id and prev_hash repeat from entry to
-    # entry (a sweep's entries share their moment, detail, connection, kind): built once each
-    openings: dict[tuple[Any, ...], str] = {}
-    middles: dict[tuple[Any, ...], str] = {}
+    # The canonical text before the id and from the id to prev_hash repeat from entry to entry
+    # (a sweep's entries share their detail object, moment, connection, kind): built once each.
+    # (id(detail), at, actor, connection) -> (text, at in UTC, detail's text, the detail kept
+    # alive so that its id stays its own while cached)
+    openings: dict[tuple[Any, ...], tuple[str, datetime, str, Any]] = {}
+    middles: dict[tuple[Any, ...], str] = {}  # (kind, mapping_hash, object_type) -> text
 
     def rows() -> Iterator[tuple[Any, ...]]:
         for entry in entries:
-            if len(details) > _CACHED or len(openings) > _CACHED:  # entries that all differ: stay flat
-                for cache in (details, openings, moments, middles):
-                    cache.clear()
-            kind = entry["kind"]
-            detail = entry.get("detail") or {}
-            known = details.get(id(detail))
-            if known is None:
-                known = details[id(detail)] = (detail, _canonical_text(_jsonable(detail)))
-            moment = moments.get(entry["at"])
-            if moment is None:
-                at = entry["at"].astimezone(UTC)
-                moment = moments[entry["at"]] = (at, at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+            detail = entry.get("detail") or _NO_DETAIL
             actor = entry.get("actor")
             connection = entry.get("connection")
+            key = (id(detail), entry["at"], actor, connection)
+            opening = openings.get(key)
+            if opening is None:
+                if len(openings) >= _CACHED:  # entries that all differ: stay flat
+                    openings.clear()
+                at = entry["at"].astimezone(UTC)
+                detail_text = _canonical_text(_jsonable(detail))
+                text = _opening(actor, at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), connection, detail_text)
+                opening = openings[key] = (text, at, detail_text, detail)
+            kind = entry["kind"]
             mapping_hash = entry.get("mapping_hash")
             object_type = entry.get("object_type")
-            record_id = entry.get("record_id")
-            request_id = entry.get("request_id")
-            opening_key = (actor, moment[1], connection, known[1])
-            opening = openings.get(opening_key)
-            if opening is None:
-                opening = openings[opening_key] = _opening(*opening_key)
-            key = (kind, mapping_hash, object_type)
-            middle = middles.get(key)
+            middle_key = (kind, mapping_hash, object_type)
+            middle = middles.get(middle_key)
             if middle is None:
                 if kind not in KINDS:
                     raise ValueError(
                         f"unknown audit entry kind {kind!r}: add it to KINDS in connector/storage/audit.py"
                     )
-                middle = middles[key] = _middle(*key)
+                if len(middles) >= _CACHED:
+                    middles.clear()
+                middle = middles[middle_key] = _middle(kind, mapping_hash, object_type)
+            record_id = entry.get("record_id")
+            request_id = entry.get("request_id")
             ident = chain[0] + 1
             prev_hash = chain[1]
-            digest = hashlib.sha256(
-                (opening + str(ident) + middle + chain[2] + _closing(record_id, request_id)).encode("ascii")
-            ).hexdigest()
+            text = (
+                f"{opening[0]}{ident}{middle}{chain[2]}"
+                f',"record_id":{"null" if record_id is None else _encode(record_id)}'
+                f',"request_id":{"null" if request_id is None else _encode(request_id)}}}'
+            )  # _closing, inline
+            digest = hashlib.sha256(text.encode("ascii")).hexdigest()
             yield (
-                ident, moment[0], kind, connection, object_type, record_id, request_id, actor,
-                mapping_hash, known[1], prev_hash, digest,
+                ident, opening[1], kind, connection, object_type, record_id, request_id, actor,
+                mapping_hash, opening[2], prev_hash, digest,
             )  # fmt: skip
             chain[0], chain[1], chain[2] = ident, digest, f'"{digest}"'
 
@@ -257,6 +257,7 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
 
 _encode = json.encoder.encode_basestring_ascii  # C, as json.dumps uses
 _CACHED = 4096  # append_many's caches of canonical pieces start over beyond this
+_NO_DETAIL: dict[str, Any] = {}  # one object for every entry without a detail
 
 
 def _canonical_text(detail: Any) -> str:

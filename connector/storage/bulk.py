@@ -115,8 +115,11 @@ def _processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
     if process is None and adapt is None:
         return None
     seen: dict[tuple[Any, Any], Any] = {}
+    last: list[Any] = [None, None]  # the last value and its result: rows of a batch share one
 
     def memoised(value: Any) -> Any:
+        if value is last[0]:
+            return last[1]
         if value is None:
             return None
         # equal moments in other zones are equal datetimes but other text: key by the offset too
@@ -126,7 +129,10 @@ def _processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
             done = process(value) if process is not None else value
             if adapt is not None:
                 done = adapt(done)
+            if len(seen) >= 4096:  # all different: stay flat
+                seen.clear()
             seen[key] = done
+        last[0], last[1] = value, done
         return done
 
     return memoised
