@@ -32,7 +32,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import meta
-from sqlalchemy import Engine, String, Table, bindparam, cast, func, insert, literal, select, update
+from sqlalchemy import Engine, String, Table, any_, bindparam, cast, func, insert, literal, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.approvals.actions import render_action, template_variables
@@ -276,14 +277,14 @@ class _RuleExpiry:
             literal("expired"),
             bindparam("at", self.now, type_=TRANSITIONS.c.at.type),
             literal(False),
-        ).where(REQUESTS.c.id.in_(bindparam("ids", expanding=True)))
+        ).where(_among_ids(session))
         rows = session.execute(
             insert(TRANSITIONS)
             .from_select(
                 ["request_id", "seq", "kind", "from_status", "to_status", "at", "acting_admin"], source
             )
             .returning(TRANSITIONS.c.request_id, TRANSITIONS.c.seq),
-            {"ids": ids},
+            {"ids": _ids_value(session, ids)},
         ).all()
         return {request_id: seq for request_id, seq in rows}
 
@@ -306,7 +307,7 @@ class _RuleExpiry:
                 literal(PENDING),
                 literal(0),
                 bindparam("created", utcnow(), type_=OUTBOX.c.created_at.type),
-            ).where(REQUESTS.c.id.in_(bindparam("ids", expanding=True)))
+            ).where(_among_ids(session))
             session.execute(
                 insert(OUTBOX).from_select(
                     [
@@ -322,7 +323,7 @@ class _RuleExpiry:
                     ],
                     source,
                 ),
-                {"ids": ids},
+                {"ids": _ids_value(session, ids)},
             )
             return dict.fromkeys(ids, fields)
         return self._render_each(session, ids)
@@ -439,6 +440,21 @@ class _RuleExpiry:
                     if fields is self.fixed_fields
                     else {"event": "expire", "fields": fields},
                 }
+
+
+def _among_ids(session: Session) -> Any:
+    """`approval_requests.id` is one of the chunk's ids, passed as one parameter `ids`
+    (`_ids_value`): a JSON array read by `json_each` on SQLite, an array on PostgreSQL. An IN
+    list would be 2,000 parameters for SQLAlchemy to expand and the database to parse, twice
+    a chunk."""
+    if session.get_bind().dialect.name == "postgresql":
+        return REQUESTS.c.id == any_(bindparam("ids", type_=ARRAY(String)))
+    listed = func.json_each(bindparam("ids", type_=String)).table_valued("value")
+    return REQUESTS.c.id.in_(select(listed.c.value))
+
+
+def _ids_value(session: Session, ids: list[str]) -> Any:
+    return ids if session.get_bind().dialect.name == "postgresql" else json.dumps(ids)
 
 
 def _fixed_fields(
