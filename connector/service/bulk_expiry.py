@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from jinja2 import meta
 from sqlalchemy import Engine, String, Table, any_, bindparam, cast, func, insert, literal, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.approvals.actions import render_action, template_variables
@@ -216,7 +217,7 @@ class _RuleExpiry:
         }
         self.fixed_detail = {"event": "expire", "fields": self.fixed_fields} if self.fixed_fields else None
 
-    def chunk(self, session: Session, size: int) -> list[tuple[Any, ...]]:
+    def chunk(self, session: Session, size: int) -> list[Row[Any, Any, Any, Any, Any, Any]]:
         """Expire up to `size` due approvals in the caller's transaction; their rows
         (id, connection, object_type, record_id, version, submitter)."""
         dialect = session.get_bind().dialect.name
@@ -260,7 +261,7 @@ class _RuleExpiry:
         queued = self._queue_actions(session, done)
         self._notifications(session, done, seqs)
         audit.append_many(session, self._audit_entries(done, queued))
-        return [tuple(row) for row in done]
+        return done
 
     def _transitions(self, session: Session, ids: list[str]) -> dict[str, int]:
         """INSERT ... SELECT of each request's `expired` transition; request id -> its seq."""
@@ -490,7 +491,7 @@ def _fixed_fields(
 def _announce(
     rule: RuleSpec,
     spec: MappingSpec,
-    done: list[tuple[Any, ...]],
+    done: list[Row[Any, Any, Any, Any, Any, Any]],
     on_expired: Callable[[Expired], None] | None,
 ) -> None:
     """Metrics, the INFO line per request (as every request event has) and the caller's
