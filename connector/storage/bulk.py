@@ -2,7 +2,7 @@
 
 SQLAlchemy's executemany processes every parameter of every row in Python; here each
 column's own bind processor is applied (so dates are stored exactly as the ORM stores
-them) and JSON columns take text the caller serialised once. PostgreSQL gets one COPY.
+them) and JSON columns take text the caller serialised once, cast to jsonb on PostgreSQL.
 Bulk rows repeat their moments (a sweep stamps thousands of rows with one `created_at`), so a
 date column's processing, and on SQLite the driver's adapter, runs once per distinct value.
 """
@@ -35,11 +35,13 @@ def insert_rows(
     per statement on SQLite; PostgreSQL takes them all in one COPY."""
     conn = session.connection()
     dialect = conn.dialect
+    postgres = dialect.name == "postgresql"
     processors = [None if name in json_text else _processor(table.c[name].type, dialect) for name in columns]
-    if dialect.name == "postgresql":
+    if postgres:
         return _copy(conn, table, columns, rows, processors)
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
-    one_row = "(" + ", ".join([mark] * len(columns)) + ")"
+    marks = [f"CAST({mark} AS jsonb)" if postgres and name in json_text else mark for name in columns]
+    one_row = "(" + ", ".join(marks) + ")"
     quote = dialect.identifier_preparer.quote
     head = f"INSERT INTO {quote(table.name)} ({', '.join(quote(name) for name in columns)}) VALUES "
     statements: dict[int, str] = {}
