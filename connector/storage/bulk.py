@@ -37,7 +37,7 @@ def insert_rows(
     dialect = conn.dialect
     postgres = dialect.name == "postgresql"
     processors = [None if name in json_text else _processor(table.c[name].type, dialect) for name in columns]
-    if postgres:
+    if postgres:  # COPY has no ON CONFLICT: a caller that needs one must take the INSERT below
         return _copy(conn, table, columns, rows, processors)
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
     marks = [f"CAST({mark} AS jsonb)" if postgres and name in json_text else mark for name in columns]
