@@ -153,5 +153,8 @@ def downgrade() -> None:
 
 def _replace_postgres(function: str, trigger: str) -> None:
     op.execute("DROP TRIGGER IF EXISTS audit_log_extend_chain ON audit_log")
-    op.execute(f"CREATE OR REPLACE FUNCTION audit_log_extend_chain() RETURNS trigger AS $${function}$$ LANGUAGE plpgsql")
+    op.execute(
+        "CREATE OR REPLACE FUNCTION audit_log_extend_chain() RETURNS trigger "
+        f"AS $${function}$$ LANGUAGE plpgsql"
+    )
     op.execute(f"CREATE TRIGGER audit_log_extend_chain {trigger}")
