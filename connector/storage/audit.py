@@ -193,41 +193,57 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
     as the commit hook does. Returns how many rows were appended."""
     from connector.storage.bulk import insert_rows
 
-    chain: list[Any] = list(_lock_head(session))
-    details: dict[int, tuple[Any, str]] = {}  # id(detail) -> (the dict, kept alive; its canonical text)
-    moments: dict[datetime, tuple[datetime, str]] = {}
+    last_id, last_hash = _lock_head(session)
+    chain: list[Any] = [last_id, last_hash, _encode(last_hash)]  # id, hash, hash as JSON text
+    # The canonical text before the id and from the id to prev_hash repeat from entry to entry
+    # (a sweep's entries share their detail object, moment, connection, kind): built once each.
+    # (id(detail), at, actor, connection) -> (text, at in UTC, detail's text, the detail kept
+    # alive so that its id stays its own while cached)
+    openings: dict[tuple[Any, ...], tuple[str, datetime, str, Any]] = {}
+    middles: dict[tuple[Any, ...], str] = {}  # (kind, mapping_hash, object_type) -> text
 
     def rows() -> Iterator[tuple[Any, ...]]:
         for entry in entries:
-            kind = entry["kind"]
-            if kind not in KINDS:
-                raise ValueError(
-                    f"unknown audit entry kind {kind!r}: add it to KINDS in connector/storage/audit.py"
-                )
-            detail = entry.get("detail") or {}
-            known = details.get(id(detail))
-            if known is None:
-                known = details[id(detail)] = (detail, _canonical_detail(detail))
-            moment = moments.get(entry["at"])
-            if moment is None:
+            detail = entry.get("detail") or _NO_DETAIL
+            actor = entry.get("actor")
+            connection = entry.get("connection")
+            key = (id(detail), entry["at"], actor, connection)
+            opening = openings.get(key)
+            if opening is None:
+                if len(openings) >= _CACHED:  # entries that all differ: stay flat
+                    openings.clear()
                 at = entry["at"].astimezone(UTC)
-                moment = moments[entry["at"]] = (at, at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+                detail_text = _canonical_detail(detail)
+                text = _opening(actor, at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), connection, detail_text)
+                opening = openings[key] = (text, at, detail_text, detail)
+            kind = entry["kind"]
+            mapping_hash = entry.get("mapping_hash")
+            object_type = entry.get("object_type")
+            middle_key = (kind, mapping_hash, object_type)
+            middle = middles.get(middle_key)
+            if middle is None:
+                if kind not in KINDS:
+                    raise ValueError(
+                        f"unknown audit entry kind {kind!r}: add it to KINDS in connector/storage/audit.py"
+                    )
+                if len(middles) >= _CACHED:
+                    middles.clear()
+                middle = middles[middle_key] = _middle(kind, mapping_hash, object_type)
+            record_id = entry.get("record_id")
+            request_id = entry.get("request_id")
             ident = chain[0] + 1
-            values = (
-                entry.get("actor"),
-                entry.get("connection"),
-                entry.get("mapping_hash"),
-                entry.get("object_type"),
-                entry.get("record_id"),
-                entry.get("request_id"),
-            )
-            digest = _fast_hash(ident, moment[1], kind, known[1], chain[1], values)
-            actor, connection, mapping_hash, object_type, record_id, request_id = values
+            prev_hash = chain[1]
+            text = (
+                f"{opening[0]}{ident}{middle}{chain[2]}"
+                f',"record_id":{"null" if record_id is None else _encode(record_id)}'
+                f',"request_id":{"null" if request_id is None else _encode(request_id)}}}'
+            )  # _closing, inline
+            digest = hashlib.sha256(text.encode("ascii")).hexdigest()
             yield (
-                ident, moment[0], kind, connection, object_type, record_id, request_id, actor,
-                mapping_hash, known[1], chain[1], digest,
+                ident, opening[1], kind, connection, object_type, record_id, request_id, actor,
+                mapping_hash, opening[2], prev_hash, digest,
             )  # fmt: skip
-            chain[0], chain[1] = ident, digest
+            chain[0], chain[1], chain[2] = ident, digest, f'"{digest}"'
 
     return insert_rows(
         session,
@@ -240,6 +256,8 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
 
 
 _encode = json.encoder.encode_basestring_ascii  # C, as json.dumps uses
+_CACHED = 4096  # append_many's caches of canonical pieces start over beyond this
+_NO_DETAIL: dict[str, Any] = {}  # one object for every entry without a detail
 
 
 def _canonical_text(detail: Any) -> str:
@@ -267,17 +285,42 @@ def _canonical_detail(detail: Mapping[str, Any]) -> str:
 
 
 def _fast_hash(ident: int, at: str, kind: str, detail: str, prev_hash: str, values: tuple[Any, ...]) -> str:
-    """`row_hash` without building the dict: the same canonical text, keys in sorted order
-    (tests/service/test_bulk_expiry.py compares the two)."""
-    actor, connection, mapping_hash, object_type, record_id, request_id = (
-        "null" if v is None else _encode(v) for v in values
-    )
+    """`row_hash` without building the dict, from the pieces `append_many` assembles: the same
+    canonical text, keys in sorted order (tests/service/test_bulk_expiry.py compares the two)."""
+    actor, connection, mapping_hash, object_type, record_id, request_id = values
     text = (
-        f'{{"actor":{actor},"at":"{at}","connection":{connection},"detail":{detail},"id":{ident},'
-        f'"kind":{_encode(kind)},"mapping_hash":{mapping_hash},"object_type":{object_type},'
-        f'"prev_hash":{_encode(prev_hash)},"record_id":{record_id},"request_id":{request_id}}}'
+        _opening(actor, at, connection, detail)
+        + str(ident)
+        + _middle(kind, mapping_hash, object_type)
+        + _encode(prev_hash)
+        + _closing(record_id, request_id)
     )
     return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _json_text(value: str | None) -> str:
+    return "null" if value is None else _encode(value)
+
+
+def _opening(actor: str | None, at: str, connection: str | None, detail: str) -> str:
+    """The canonical text up to the id's value (keys: actor, at, connection, detail, id)."""
+    return (
+        f'{{"actor":{_json_text(actor)},"at":"{at}","connection":{_json_text(connection)},'
+        f'"detail":{detail},"id":'
+    )
+
+
+def _middle(kind: str, mapping_hash: str | None, object_type: str | None) -> str:
+    """From after the id's value to the prev_hash's value (kind, mapping_hash, object_type)."""
+    return (
+        f',"kind":{_encode(kind)},"mapping_hash":{_json_text(mapping_hash)},'
+        f'"object_type":{_json_text(object_type)},"prev_hash":'
+    )
+
+
+def _closing(record_id: str | None, request_id: str | None) -> str:
+    """After the prev_hash's value: record_id, request_id and the closing brace."""
+    return f',"record_id":{_json_text(record_id)},"request_id":{_json_text(request_id)}}}'
 
 
 # --- verification -----------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -150,6 +151,9 @@ def test_chunks_expire_every_due_approval_once_with_its_transition_outbox_row_no
         notes = session.scalars(select(Notification).where(Notification.event == "expired")).all()
         assert sorted(n.request_id for n in notes) == due  # e-mail to each submitter
         assert {n.dedupe_key for n in notes} == {f"{i}:expired:3:user:{rows[i].submitter}:email" for i in due}
+        assert all(n.context["step_count"] >= 1 and n.context["at"] == NOW.isoformat() for n in notes)
+        details = session.scalars(select(AuditEntry.detail).where(AuditEntry.request_id.in_(due))).all()
+        assert {d.get("to_status") or d["event"] for d in details} == {"expired", "expire"}  # JSON, not text
         kinds = session.execute(
             select(AuditEntry.kind, func.count())
             .where(AuditEntry.request_id.in_(due))
@@ -223,6 +227,31 @@ def test_the_bulk_audit_append_extends_the_chain_that_single_entries_continue(ru
         transaction(runtime.sessions) as session,
     ):
         audit.append_many(session, [{"at": NOW, "kind": "nonsense"}])
+
+
+def test_on_sqlite_chunks_checkpoint_the_wal_less_often_and_the_setting_is_put_back(tmp_path: Path) -> None:
+    from sqlalchemy import event
+
+    from connector.service import bulk_expiry
+
+    runtime = make_runtime(tmp_path, f"sqlite:///{tmp_path}/app.db")
+    add_approved(runtime, 5, NOW - timedelta(hours=1), "due")
+
+    def setting(dbapi_connection: Any) -> int:
+        return int(dbapi_connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+
+    at_commit: list[int] = []
+    event.listen(
+        runtime.engine, "commit", lambda conn: at_commit.append(setting(conn.connection.driver_connection))
+    )
+    assert expire_due(pipeline_of(runtime).approvals, runtime.sessions, chunk=2).expired == 5
+    assert at_commit == [bulk_expiry.SQLITE_CHECKPOINT_PAGES] * 3
+    pooled = [runtime.engine.raw_connection() for _ in range(max(runtime.engine.pool.checkedin(), 1))]  # type: ignore[attr-defined]
+    assert [setting(c.driver_connection) for c in pooled] == [1000] * len(pooled)  # SQLite's default
+    for connection in pooled:
+        connection.close()
+    assert audit.verify(runtime.sessions).ok
+    runtime.close()
 
 
 def test_the_cli_prints_each_expired_approval_from_the_bulk_path(tmp_path: Path) -> None:

@@ -28,9 +28,7 @@ from connector.storage.models import AuditEntry
 SQLITE_TRIGGERS = (
     "audit_log_no_update",
     "audit_log_no_delete",
-    "audit_log_extends_chain",
-    "audit_log_no_replace",
-    "audit_log_advance_head",
+    "audit_log_extends_chain",  # checks, refuses a replace and advances the head (migration 0022)
     "audit_chain_head_no_insert",
     "audit_chain_head_no_delete",
     "audit_chain_head_forward",
@@ -229,6 +227,34 @@ def test_inserts_that_do_not_extend_the_head_are_refused(db: Runtime) -> None:
     with pytest.raises(DatabaseError, match="append-only"):
         execute(db, "DELETE FROM audit_chain_head")
     assert verify(db.sessions).ok
+
+
+def test_a_multi_row_insert_with_one_row_out_of_chain_lands_no_row(db: Runtime) -> None:
+    """SQLite checks each row as it goes in, PostgreSQL the statement's rows at its end
+    (migration 0022): either way one bad row in the middle refuses the whole statement and
+    leaves the head where it was; the same rows properly chained move it to the last."""
+    history(db)
+    head = current_head(db)
+    assert head is not None
+    first = forged(db, 7, head.hash)
+    bad = forged(db, 8, "f" * 64)
+    after_bad = forged(db, 9, bad["row_hash"])
+    with pytest.raises(DatabaseError, match="append-only"), db.engine.begin() as conn:
+        conn.execute(insert(AuditEntry.__table__).values([first, bad, after_bad]))
+    assert current_head(db) == head
+    assert verify(db.sessions).rows == 6
+    second = forged(db, 8, first["row_hash"])
+    third = forged(db, 9, second["row_hash"])
+    with db.engine.begin() as conn:
+        conn.execute(insert(AuditEntry.__table__).values([first, second, third]))
+    assert current_head(db) == ChainHead(9, third["row_hash"])
+    result = verify(db.sessions)
+    assert result.ok and result.rows == 9
+
+
+def current_head(runtime: Runtime) -> ChainHead | None:
+    with runtime.sessions() as session:
+        return chain_head(session)
 
 
 @pytest.mark.xdist_group("services")
