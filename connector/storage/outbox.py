@@ -35,7 +35,7 @@ from connector.crm.base import CRMAdapter, RecordUpdate, UpdateResult
 from connector.crm.errors import AuthError, CRMError, InDoubtError
 from connector.errors import CrmApprovalsError, FatalError, RetriableError
 from connector.metrics import OUTBOX_UPDATES, count_outcomes
-from connector.storage import audit, dead_letters
+from connector.storage import audit, batch_writes, dead_letters
 from connector.storage.db import transaction
 from connector.storage.inbox import backoff_seconds
 from connector.storage.models import DEAD, DONE, PENDING, SENDING, DeadLetter, OutboxUpdate
@@ -55,9 +55,26 @@ def enqueue_update(
     *,
     reason: str | None = None,
     idempotency_key: str | None = None,
+    later: bool = False,
 ) -> OutboxUpdate | None:
     """Record a field update in the caller's transaction. With an idempotency key already
-    used, nothing is added and None is returned."""
+    used, nothing is added and None is returned. `later`: while a batch buffers its new
+    requests' rows (connector/storage/batch_writes.py), the row joins them and None is
+    returned; it takes its record's lock and skips a used key when they are written."""
+    values = {
+        "connection": connection,
+        "object_type": object_type,
+        "record_id": record_id,
+        "fields": fields,
+        "reason": reason,
+        "idempotency_key": idempotency_key,
+        "status": PENDING,
+        "attempts": 0,
+        "created_at": utcnow(),
+    }
+    if later and batch_writes.of(session) is not None:
+        batch_writes.add_outbox(session, values)
+        return None
     lock_record(session, (connection, object_type, record_id))
     if idempotency_key is not None:
         existing = session.scalar(
@@ -65,17 +82,7 @@ def enqueue_update(
         )
         if existing is not None:
             return None
-    row = OutboxUpdate(
-        connection=connection,
-        object_type=object_type,
-        record_id=record_id,
-        fields=fields,
-        reason=reason,
-        idempotency_key=idempotency_key,
-        status=PENDING,
-        attempts=0,
-        created_at=utcnow(),
-    )
+    row = OutboxUpdate(**values)
     session.add(row)
     session.flush()
     return row
