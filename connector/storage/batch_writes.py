@@ -178,13 +178,18 @@ def _insert(session: Session, table: Table, rows: list[dict[str, Any]]) -> int:
     written = 0
     for columns, same in by_shape.items():
         json_columns = [name for name in columns if _is_json(table, name)]
+        # None in a JSON column is JSON null unless the type says SQL NULL, as the ORM stores it
+        sql_null = {name for name in json_columns if table.c[name].type.none_as_null}  # type: ignore[attr-defined]
         values = (
-            [json.dumps(row[name]) if name in json_columns and row[name] is not None else row[name]
-             for name in columns]
+            [_json(row[name], name in sql_null) if name in json_columns else row[name] for name in columns]
             for row in same
-        )  # fmt: skip
+        )
         written += insert_rows(session, table, columns, values, json_text=json_columns)
     return written
+
+
+def _json(value: Any, none_as_null: bool) -> str | None:
+    return None if value is None and none_as_null else json.dumps(value)
 
 
 def _is_json(table: Table, name: str) -> bool:

@@ -31,8 +31,11 @@ def insert_rows(
     dialect = conn.dialect
     postgres = dialect.name == "postgresql"
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
+    # the dialect's own processor: a TypeDecorator's bind_processor alone wraps the generic
+    # type's, which on SQLite leaves datetimes to the driver (stored "+00:00", not as the ORM does)
     processors = [
-        None if name in json_text else table.c[name].type.bind_processor(dialect) for name in columns
+        None if name in json_text else table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+        for name in columns
     ]
     marks = [f"CAST({mark} AS jsonb)" if postgres and name in json_text else mark for name in columns]
     one_row = "(" + ", ".join(marks) + ")"
