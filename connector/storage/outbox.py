@@ -267,9 +267,15 @@ def _send(
     except FatalError as exc:
         results = [_failed(u.record_id, exc, retriable=False) for u in updates]
     with transaction(sessions) as session:
+        # the call's rows in one select (not one per record); their changes go out at the commit
+        ids = [row_id for item in items for row_id in item.row_ids]
+        loaded = {
+            row.id: row for row in session.scalars(select(OutboxUpdate).where(OutboxUpdate.id.in_(ids)))
+        }
         for item, result in zip(items, results, strict=True):
+            rows = [loaded[row_id] for row_id in item.row_ids if row_id in loaded]
             outcome = _settle(
-                session, item, result, batch_id, max_attempts, getattr(result, "retry_after", None)
+                session, item, rows, result, batch_id, max_attempts, getattr(result, "retry_after", None)
             )
             setattr(report, outcome, getattr(report, outcome) + 1)
 
@@ -294,12 +300,14 @@ def _failed(record_id: str, exc: CrmApprovalsError, *, retriable: bool) -> Updat
 def _settle(
     session: Session,
     item: _Claimed,
+    rows: Sequence[OutboxUpdate],
     result: UpdateResult,
     batch_id: str,
     max_attempts: int,
     retry_after: float | None,
 ) -> str:
-    rows = session.scalars(select(OutboxUpdate).where(OutboxUpdate.id.in_(item.row_ids))).all()
+    """Record one record's result on its rows (`rows`: those of `item`, read in the caller's
+    transaction)."""
     now = utcnow()
     live = [
         r for r in rows if r.status == SENDING and r.batch_id == batch_id
