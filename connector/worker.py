@@ -54,7 +54,10 @@ class Tasks:
         self.flush_outbox = huey.task(name="flush_outbox")(self.run_outbox)
         self.sweep = huey.periodic_task(crontab(minute="*"), name="sweep")(self.run_sweep)
 
-    def run_inbox(self) -> dict[str, int]:
+    def run_inbox(self, flush_owed: bool = False) -> dict[str, int]:
+        """One inbox pass; once no due events are left, the write-backs of the burst go out.
+        `flush_owed`: an earlier pass of the burst did work and left the flush to a later one
+        (which may find nothing left to judge, as when the burst was a multiple of the limit)."""
         if self.runtime.processor is None:
             raise ConfigError("this runtime has no event processor; the worker builds one at start-up")
         settings = self.runtime.settings
@@ -65,16 +68,16 @@ class Tasks:
             on_full_batch=self.nudge_now,  # a burst: let another worker claim the next share
             linger=INBOX_LINGER,
         )
-        if report.more:
-            self.nudge_now()  # work left behind goes on at once, not at the next sweep
-        elif report.done:
+        if report.more:  # work left behind goes on at once, not at the next sweep
+            self.nudge_now(flush_owed=flush_owed or report.done > 0)
+        elif report.done or flush_owed:
             self.run_outbox()  # the burst is judged: its write-backs go out in full batches
         return vars(report)
 
-    def nudge_now(self) -> None:
+    def nudge_now(self, flush_owed: bool = False) -> None:
         """Enqueue an inbox pass at once (a burst in progress); losing it is harmless."""
         try:
-            self.process_inbox()
+            self.process_inbox(flush_owed=flush_owed) if flush_owed else self.process_inbox()
         except Exception as exc:
             log.warning("could not enqueue the inbox nudge (the sweep will pick the events up): %s", exc)
 

@@ -106,7 +106,12 @@ def test_two_worker_processes_on_one_postgresql_and_redis_expire_and_write_each_
                     select(func.count()).select_from(OutboxUpdate).where(OutboxUpdate.status != "done")
                 )
                 queued = session.scalar(select(func.count()).select_from(OutboxUpdate))
-            if left == 0 and queued == COUNT and unsent == 0:
+            # each worker's start-up sweep logs what it expired once all its jobs are done
+            # (documents render after the outbox is flushed): wait for both lines
+            swept = all(
+                "connector.worker: sweep" in (tmp_path / f"worker-{n}.log").read_text() for n in range(2)
+            )
+            if left == 0 and queued == COUNT and unsent == 0 and swept:
                 break
             if left == 0:
                 tasks.flush_outbox()  # the nudge the web app sends, through Redis, to whichever worker

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -228,19 +228,55 @@ class Directory:
 # --- session-level operations ---------------------------------------------------------------
 
 
+_LOOKUPS = "directory_lookups"  # Session.info: (transaction, answers) while a batch of events is applied
+
+
+def remember_lookups(session: Session) -> None:
+    """Answer the same look-up once per transaction (`find_person`, `canonical_id`): for a
+    worker's batch of events, which reads the directory for every event and never writes it.
+    Someone unknown to the directory is otherwise a select per look-up."""
+    session.info[_LOOKUPS] = (session.get_transaction(), {})
+
+
+def _lookups(session: Session) -> dict[tuple[str, str, str], Any] | None:
+    remembered = session.info.get(_LOOKUPS)
+    if remembered is None:
+        return None
+    if remembered[0] is not session.get_transaction():
+        session.info.pop(_LOOKUPS, None)  # from a transaction that has ended
+        return None
+    answers: dict[tuple[str, str, str], Any] = remembered[1]
+    return answers
+
+
 def find_person(session: Session, connection: str, user_id: str) -> Person | None:
     key = str(user_id).strip()
+    answers = _lookups(session)
+    if answers is not None and ("person", connection, key) in answers:
+        found: Person | None = answers["person", connection, key]
+        return found
     row = session.get(DirectoryPerson, (connection, key))
     if row is None:
         alias = session.get(DirectoryAlias, (connection, key))
         row = session.get(DirectoryPerson, (connection, alias.user_id)) if alias is not None else None
-    return _person(row) if row is not None else None
+    person = _person(row) if row is not None else None
+    if answers is not None:
+        answers["person", connection, key] = person
+    return person
 
 
 def canonical_id(session: Session, connection: str, user_id: str) -> str:
     """The id records and mapping files use for this person (an alias maps to it)."""
-    alias = session.get(DirectoryAlias, (connection, str(user_id).strip()))
-    return alias.user_id if alias is not None else user_id
+    key = str(user_id).strip()
+    answers = _lookups(session)
+    if answers is not None and ("alias", connection, key) in answers:
+        target: str | None = answers["alias", connection, key]
+    else:
+        alias = session.get(DirectoryAlias, (connection, key))
+        target = alias.user_id if alias is not None else None
+        if answers is not None:
+            answers["alias", connection, key] = target
+    return target if target is not None else user_id
 
 
 def store_users(session: Session, connection: str, users: list[CRMUser], now: datetime) -> int:

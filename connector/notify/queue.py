@@ -27,6 +27,7 @@ from connector.approvals.lifecycle import ApprovalRequest, Outcome, Transition
 from connector.clock import utcnow
 from connector.config import Settings, env_name
 from connector.notify.models import PENDING, Notification
+from connector.storage import batch_writes
 from connector.storage.db import transaction
 from connector.storage.models import ApprovalRequestRow
 
@@ -117,6 +118,9 @@ class NotificationQueue:
     ) -> int:
         """Queue what the outcome's transitions tell people; returns how many rows were added."""
         request = outcome.request
+        # a request just opened has a fresh id, which every dedupe key starts with: while a
+        # batch buffers its new requests' rows (connector/storage/batch_writes.py), these join them
+        later = any(t.kind == "submitted" for t in outcome.transitions)
         added = 0
         for transition in outcome.transitions:
             # a step opened, or someone new holds a place on it (a deputy, an admin's reassignment):
@@ -133,7 +137,7 @@ class NotificationQueue:
                 key = f"{request.id}:step_opened:{step.index}:{step.round}"
                 for approver in step.approvers:
                     added += self._queue(
-                        session, connection, approver, "step_opened", key, facts, roles, request.id
+                        session, connection, approver, "step_opened", key, facts, roles, request.id, later
                     )
             elif transition.kind in SUBMITTER_EVENTS:
                 if transition.actor is not None and transition.actor == request.submitter:
@@ -142,7 +146,7 @@ class NotificationQueue:
                 facts = _transition_facts(request, transition, step_labels, step_count)
                 key = f"{request.id}:{event}:{transition.seq}"
                 added += self._queue(
-                    session, connection, request.submitter, event, key, facts, roles, request.id
+                    session, connection, request.submitter, event, key, facts, roles, request.id, later
                 )
         return added
 
@@ -230,9 +234,14 @@ class NotificationQueue:
         facts: Mapping[str, Any],
         roles: Mapping[str, tuple[str, ...]],
         request_id: str,
+        later: bool = False,
     ) -> int:
         added = 0
         for row in self.event_rows(connection, user_id, event, event_key, facts, roles, request_id):
+            buffered = batch_writes.add_notification(session, row) if later else None
+            if buffered is not None:  # checked against the queued keys when the batch writes it
+                added += buffered
+                continue
             taken = select(Notification.id).where(Notification.dedupe_key == row["dedupe_key"])
             if session.scalar(taken) is not None:
                 continue

@@ -562,6 +562,7 @@ class ApprovalService:
                 fields,
                 reason=f"request {outcome.request.id}: {action.event}",
                 idempotency_key=key,
+                later=seen_version is None,  # a new request's row may join its batch's INSERT
             )
             audit.record(
                 session,

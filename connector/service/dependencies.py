@@ -32,6 +32,7 @@ from connector.errors import CrmApprovalsError, FatalError
 from connector.rules import MappingSet
 from connector.rules.company_rules import approval_field
 from connector.storage import approval_store as store
+from connector.storage import batch_writes
 from connector.storage.approval_store import RecordKey, StoredRequest
 from connector.storage.company_models import RequestDependency
 from connector.storage.models import ApprovalRequestRow
@@ -224,6 +225,7 @@ class Gate:
         rule gone) must not undo the decision that released it: it is rejected saying why, or,
         if even that fails, left waiting and logged (admins see it under status `waiting`)."""
         try:
+            batch_writes.before_savepoint(session)  # a batch's buffered rows go first
             with session.begin_nested():
                 self._release_one(session, waiting_id, decided, where)
             return
@@ -231,6 +233,7 @@ class Gate:
             problem = exc
         log.warning("request %s could not be released by %s: %s", waiting_id, decided.id, problem)
         try:
+            batch_writes.before_savepoint(session)  # a batch's buffered rows go first
             with session.begin_nested():
                 self._reject(session, waiting_id, f"could not start after {decided.rule_name}: {problem}")
         except CrmApprovalsError:
@@ -314,6 +317,7 @@ class Gate:
             return None
         their_ctx = self.build_context(spec, values, None, set(values))
         try:
+            batch_writes.before_savepoint(session)  # a batch's buffered rows go first
             with session.begin_nested():
                 self.service.open_for(session, other, spec, rule, their_ctx)
         except IntegrityError:

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from connector.approvals.spec import EvalContext, MappingSpec
 from connector.clock import utcnow
 from connector.directory import Directory
+from connector.directory.service import remember_lookups
 from connector.errors import FatalError
 from connector.events import BACKFILL, RecordChangeEvent
 from connector.logs import log_event
@@ -32,7 +33,8 @@ from connector.runtime import Runtime
 from connector.service import dependencies, service_steps
 from connector.service.approval_service import ApprovalService
 from connector.service.delegation import RoutingSource
-from connector.storage import audit
+from connector.storage import approval_store as store
+from connector.storage import audit, batch_writes
 from connector.storage.approval_store import RecordKey
 from connector.storage.models import DONE, SENDING, OutboxUpdate, RecordSnapshot
 from connector.storage.outbox import norm_value
@@ -144,7 +146,14 @@ class Pipeline:
         return [p for p in out if p is not None]
 
     def preload(self, session: Session, events: Sequence[RecordChangeEvent]) -> None:
+        """Called by the inbox for a batch applied in one transaction: besides what `preload`
+        reads, the batch's new requests are written together (connector/storage/batch_writes.py),
+        the records that have no request yet are known from one select, and directory look-ups
+        are answered once per batch."""
         preload(session, events)
+        store.preload_absent(session, {RecordKey(e.connection, e.object_type, e.record_id) for e in events})
+        remember_lookups(session)
+        batch_writes.start(session)
 
     def apply(self, session: Session, event: RecordChangeEvent, prepared: Prepared) -> str:
         if not prepared.specs:

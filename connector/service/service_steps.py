@@ -85,12 +85,14 @@ def queue_jobs(
     session: Session, stored: StoredRequest, spec: MappingSpec, rule: RuleSpec, outcome: Outcome
 ) -> None:
     """A service step that just opened gets its job row, in the same transaction."""
+    added = False
     for row in outcome.steps:
         if row.status != "pending" or row.index >= len(rule.steps):
             continue
         step = rule.steps[row.index]
         if step.service is None:
             continue
+        added = True
         now = utcnow()
         session.add(
             ServiceStepJob(
@@ -106,7 +108,8 @@ def queue_jobs(
                 updated_at=now,
             )
         )
-    session.flush()
+    if added:  # no flush for nothing: it would write a batch's buffered rows early
+        session.flush()
 
 
 # --- running (worker) -------------------------------------------------------------------------

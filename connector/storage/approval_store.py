@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from connector.approvals.errors import ConflictError
@@ -25,7 +25,7 @@ from connector.approvals.lifecycle import (
     Vote,
 )
 from connector.errors import RetriableError
-from connector.storage import assignments
+from connector.storage import assignments, batch_writes
 from connector.storage.models import (
     ApprovalRequestRow,
     ApprovalStepRow,
@@ -74,6 +74,8 @@ def load(session: Session, request_id: str) -> StoredRequest | None:
 
 
 def find_active(session: Session, record: RecordKey, rule_name: str) -> StoredRequest | None:
+    if _known_absent(session, record, rule_name, active=True):
+        return None
     row = session.scalar(
         select(ApprovalRequestRow).where(ApprovalRequestRow.active_key == active_key(record, rule_name))
     )
@@ -81,6 +83,8 @@ def find_active(session: Session, record: RecordKey, rule_name: str) -> StoredRe
 
 
 def find_latest(session: Session, record: RecordKey, rule_name: str) -> StoredRequest | None:
+    if _known_absent(session, record, rule_name, active=False):
+        return None
     row = session.scalar(
         select(ApprovalRequestRow)
         .where(ApprovalRequestRow.connection == record.connection)
@@ -122,7 +126,16 @@ def save(session: Session, stored: StoredRequest, outcome: Outcome, seen_version
     """Insert a new request (seen_version None) or apply an outcome to the version we read."""
     request = outcome.request
     values = _request_values(stored, request)
+    _forget_known(session, stored.record)
     if seen_version is None:
+        if batch_writes.add(session, ApprovalRequestRow.__table__, [{"id": request.id, **values}]):
+            # a batch is buffering (connector/storage/batch_writes.py): a new request's rows
+            # are written with the other events' in one INSERT per table
+            tables = (ApprovalStepRow, ApprovalVoteRow, ApprovalTransitionRow)
+            for table, items in zip(tables, (outcome.steps, outcome.votes, outcome.transitions), strict=True):
+                batch_writes.add(session, table.__table__, [_as_row(item) for item in items])
+            assignments.record(session, outcome, request.submitted_at)
+            return
         session.add(ApprovalRequestRow(id=request.id, **values))
         session.flush()
     else:
@@ -138,6 +151,52 @@ def save(session: Session, stored: StoredRequest, outcome: Outcome, seen_version
             )
     _save_children(session, outcome.steps, outcome.votes, outcome.transitions)
     assignments.record(session, outcome, request.submitted_at)
+
+
+# --- a batch's look-ups of records that have no request yet ---------------------------------
+
+_ABSENT = "approval_store_absent"  # Session.info: record key -> (rules with any request, with an active one)
+
+
+def preload_absent(session: Session, records: Iterable[RecordKey]) -> None:
+    """Learn in one select which rules of these records have requests (and active ones), so
+    `find_active` and `find_latest` answer "none" for the others without a select each; a
+    request saved for a record sends its later look-ups to the database."""
+    keys = {(r.connection, r.object_type, r.record_id) for r in records}
+    if not keys:
+        return
+    R = ApprovalRequestRow.__table__.c
+    known: dict[tuple[str, str, str], tuple[set[str], set[str]]] = {key: (set(), set()) for key in keys}
+    query = select(R.connection, R.object_type, R.record_id, R.rule_name, R.active_key).where(
+        tuple_(R.connection, R.object_type, R.record_id).in_(keys)
+    )
+    for row in session.execute(query):
+        rules, active = known[(row.connection, row.object_type, row.record_id)]
+        rules.add(row.rule_name)
+        if row.active_key is not None:
+            active.add(row.rule_name)
+    session.info[_ABSENT] = (session.get_transaction(), known)
+
+
+def _known_absent(session: Session, record: RecordKey, rule_name: str, *, active: bool) -> bool:
+    preloaded = session.info.get(_ABSENT)
+    if preloaded is None:
+        return False
+    transaction, known = preloaded
+    if transaction is not session.get_transaction():  # read in a transaction that has ended
+        session.info.pop(_ABSENT, None)
+        return False
+    found = known.get((record.connection, record.object_type, record.record_id))
+    if found is None:
+        return False
+    rules, active_rules = found
+    return rule_name not in (active_rules if active else rules)
+
+
+def _forget_known(session: Session, record: RecordKey) -> None:
+    preloaded = session.info.get(_ABSENT)
+    if preloaded is not None:
+        preloaded[1].pop((record.connection, record.object_type, record.record_id), None)
 
 
 def supersede(session: Session, old_id: str, new_id: str) -> None:

@@ -172,7 +172,9 @@ def _copy(
 def _processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
     """The column's bind processor; for dates, memoised per distinct value and, on SQLite,
     followed by the adapter the driver would apply to the result (once, not per row)."""
-    process = type_.bind_processor(dialect)
+    # the dialect's own processor: a TypeDecorator's bind_processor alone wraps the generic
+    # type's, which on SQLite leaves datetimes to the driver (stored "+00:00", not as the ORM does)
+    process = type_.dialect_impl(dialect).bind_processor(dialect)
     if not isinstance(getattr(type_, "impl", type_), Date | DateTime):
         return process
     adapt = _sqlite_adapter if dialect.name == "sqlite" else None

@@ -35,7 +35,7 @@ from connector.crm.base import CRMAdapter, RecordUpdate, UpdateResult
 from connector.crm.errors import AuthError, CRMError, InDoubtError
 from connector.errors import CrmApprovalsError, FatalError, RetriableError
 from connector.metrics import OUTBOX_UPDATES, count_outcomes
-from connector.storage import audit, dead_letters
+from connector.storage import audit, batch_writes, dead_letters
 from connector.storage.db import transaction
 from connector.storage.inbox import backoff_seconds
 from connector.storage.models import DEAD, DONE, PENDING, SENDING, DeadLetter, OutboxUpdate
@@ -55,9 +55,26 @@ def enqueue_update(
     *,
     reason: str | None = None,
     idempotency_key: str | None = None,
+    later: bool = False,
 ) -> OutboxUpdate | None:
     """Record a field update in the caller's transaction. With an idempotency key already
-    used, nothing is added and None is returned."""
+    used, nothing is added and None is returned. `later`: while a batch buffers its new
+    requests' rows (connector/storage/batch_writes.py), the row joins them and None is
+    returned; it takes its record's lock and skips a used key when they are written."""
+    values = {
+        "connection": connection,
+        "object_type": object_type,
+        "record_id": record_id,
+        "fields": fields,
+        "reason": reason,
+        "idempotency_key": idempotency_key,
+        "status": PENDING,
+        "attempts": 0,
+        "created_at": utcnow(),
+    }
+    if later and batch_writes.of(session) is not None:
+        batch_writes.add_outbox(session, values)
+        return None
     lock_record(session, (connection, object_type, record_id))
     if idempotency_key is not None:
         existing = session.scalar(
@@ -65,17 +82,7 @@ def enqueue_update(
         )
         if existing is not None:
             return None
-    row = OutboxUpdate(
-        connection=connection,
-        object_type=object_type,
-        record_id=record_id,
-        fields=fields,
-        reason=reason,
-        idempotency_key=idempotency_key,
-        status=PENDING,
-        attempts=0,
-        created_at=utcnow(),
-    )
+    row = OutboxUpdate(**values)
     session.add(row)
     session.flush()
     return row
@@ -260,9 +267,15 @@ def _send(
     except FatalError as exc:
         results = [_failed(u.record_id, exc, retriable=False) for u in updates]
     with transaction(sessions) as session:
+        # the call's rows in one select (not one per record); their changes go out at the commit
+        ids = [row_id for item in items for row_id in item.row_ids]
+        loaded = {
+            row.id: row for row in session.scalars(select(OutboxUpdate).where(OutboxUpdate.id.in_(ids)))
+        }
         for item, result in zip(items, results, strict=True):
+            rows = [loaded[row_id] for row_id in item.row_ids if row_id in loaded]
             outcome = _settle(
-                session, item, result, batch_id, max_attempts, getattr(result, "retry_after", None)
+                session, item, rows, result, batch_id, max_attempts, getattr(result, "retry_after", None)
             )
             setattr(report, outcome, getattr(report, outcome) + 1)
 
@@ -287,12 +300,14 @@ def _failed(record_id: str, exc: CrmApprovalsError, *, retriable: bool) -> Updat
 def _settle(
     session: Session,
     item: _Claimed,
+    rows: Sequence[OutboxUpdate],
     result: UpdateResult,
     batch_id: str,
     max_attempts: int,
     retry_after: float | None,
 ) -> str:
-    rows = session.scalars(select(OutboxUpdate).where(OutboxUpdate.id.in_(item.row_ids))).all()
+    """Record one record's result on its rows (`rows`: those of `item`, read in the caller's
+    transaction)."""
     now = utcnow()
     live = [
         r for r in rows if r.status == SENDING and r.batch_id == batch_id

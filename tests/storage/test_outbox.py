@@ -50,6 +50,21 @@ def test_updates_are_sent_in_batches_of_the_crm_limit(runtime: Runtime) -> None:
     assert crm.records["D-6"] == {"Status": "Approved"}
 
 
+def test_a_call_s_results_are_recorded_in_a_few_statements_not_per_record(runtime: Runtime) -> None:
+    from tests.service.test_batching import counting_statements
+
+    crm = MemoryCRM()
+    crm.batch_limit = 60
+    for i in range(60):
+        enqueue(runtime, f"D-{i}", {"Status": "Approved"})
+    with counting_statements(runtime.engine) as statements:
+        assert flush(runtime.sessions, lambda _name: crm).done == 60
+    assert len(crm.update_calls) == 1
+    # look-ups, the claim, the call's rows read once and updated in one executemany, the
+    # audit: 17 in all; one select and one update per record made it 135
+    assert len(statements) <= 25, statements
+
+
 def test_pending_updates_to_one_record_merge_into_one_request_later_values_winning(runtime: Runtime) -> None:
     crm = MemoryCRM()
     enqueue(runtime, "D-1", {"Status": "Pending", "Comment": "submitted"})
