@@ -8,7 +8,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, CheckConstraint, Float, Index, Integer, String, Text, UniqueConstraint, true
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    Float,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    true,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from connector.clock import utcnow
@@ -326,3 +338,17 @@ class ApprovalWaitingRow(Base):
     submitted_at: Mapped[datetime] = mapped_column(UTCDateTime)  # the request's, for the page order
 
     __table_args__ = (Index("ix_waiting_approver_submitted", "approver", "submitted_at", "request_id"),)
+
+
+# How many requests there are per (status, rule, connection): kept by triggers on
+# approval_requests (migration 0023_request_counts), read by connector/storage/request_counts.py.
+# SQLite keeps one row per key; PostgreSQL appends delta rows (no unique key), summed.
+APPROVAL_REQUEST_COUNTS = Table(
+    "approval_request_counts",
+    Base.metadata,
+    Column("status", String(16), nullable=False),
+    Column("rule_name", String(200), nullable=False),
+    Column("connection", String(64), nullable=False),
+    Column("n", Integer, nullable=False),
+    Index("ix_request_counts_key", "status", "rule_name", "connection"),
+)
