@@ -17,7 +17,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from connector.service.approval_service import to_wire
 from connector.service.request_query import RequestFilters, Viewer, page_rows
 from connector.storage.approval_store import RecordKey
 from connector.storage.models import ApprovalRequestRow, ApprovalStepRow, ApprovalVoteRow
@@ -77,14 +76,14 @@ def _open_steps(session: Session, rows: Sequence[Any]) -> dict[str, dict[str, An
 
 
 def _summary(row: Any, current_step: dict[str, Any] | None) -> dict[str, Any]:
-    record = RecordKey(row.connection, row.object_type, row.record_id)
+    connection, object_type, record_id = row.connection, row.object_type, row.record_id
     return {
         "id": row.id,
         "record": {
-            "connection": record.connection,
-            "object": record.object_type,
-            "id": record.record_id,
-            "ref": record.ref,
+            "connection": connection,
+            "object": object_type,
+            "id": record_id,
+            "ref": RecordKey(connection, object_type, record_id).ref,
         },
         "rule": row.rule_name,
         "status": row.status,
@@ -92,7 +91,8 @@ def _summary(row: Any, current_step: dict[str, Any] | None) -> dict[str, Any]:
         "submitted_at": row.submitted_at.isoformat(),
         "updated_at": row.updated_at.isoformat(),
         "current_step": current_step,
-        "values": to_wire(row.record),
+        # decoded from the JSON column just now: already what to_wire would make of it
+        "values": row.record,
         "version": row.version,
     }
 
