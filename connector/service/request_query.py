@@ -13,13 +13,13 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
-from sqlalchemy import ColumnElement, and_, func, literal, or_, select
+from sqlalchemy import ColumnElement, Connection, FromClause, and_, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from connector.approvals.lifecycle import RequestStatus
@@ -37,7 +37,9 @@ from connector.storage.models import (
 from connector.storage.request_counts import count_requests
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 500
-COLUMNS = tuple(ApprovalRequestRow.__table__.c)  # a page is read as plain rows
+REQUESTS, WAITING = ApprovalRequestRow.__table__, ApprovalWaitingRow.__table__
+ASSIGNEES = ApprovalAssigneeRow.__table__
+COLUMNS = tuple(REQUESTS.c)  # a page is read as plain rows
 MAX_AGE = timedelta(days=366 * 100)  # further back than any request; keeps date arithmetic in range
 # The durations of mapping files (connector/rules/coerce.py: d, w, m, y) and hours.
 _DURATION = re.compile(r"^(\d{1,9})([hdwmy])$")
@@ -203,24 +205,31 @@ def page_rows(
     a page costs its rows, not the table. With `pending_for` the rows come from the
     approver's index of waiting requests (approval_waiting), which holds the same order."""
     conditions = list(_conditions(session, filters, viewer))
-    R, W = ApprovalRequestRow, ApprovalWaitingRow
+    R, W = REQUESTS.c, WAITING.c  # table columns: cheaper to build statements of than ORM ones
+    # Read in page order from an index, the page's columns come with it. Visibility's OR
+    # is the one filter no index order serves: there the page's ids are sorted first (a
+    # thousand ids, not a thousand rows), then only those rows' columns are read.
+    sorts = _visible_only(filters, viewer)
+    read = (R.id,) if sorts else columns
     if filters.pending_for is not None:
         order_at, order_id = W.submitted_at, W.request_id
-        waits = [W.approver == filters.pending_for, R.status == "pending"]
-        base = select(W.request_id).join(R, R.id == W.request_id).where(*waits, *conditions)
-        counted = select(func.count()).select_from(W).join(R, R.id == W.request_id).where(*waits, *conditions)
+        source: FromClause = WAITING.join(REQUESTS, R.id == W.request_id)
+        conditions = [W.approver == filters.pending_for, R.status == "pending", *conditions]
     else:
         order_at, order_id = R.submitted_at, R.id
-        base = select(R.id).where(*conditions)
-        counted = select(func.count()).select_from(R).where(*conditions)
-    total = _total(session, filters, viewer, counted)
+        source = REQUESTS
+    conn = session.connection()  # plain rows, read without the ORM's result machinery
+    total = _total(conn, filters, viewer, lambda: select(func.count()).select_from(source).where(*conditions))
+    base = select(*read).select_from(source).where(*conditions)
     if filters.cursor is not None:
         base = base.where(_after(filters.cursor, order_at, order_id))
-    # The page's ids first, in page order from the indexes alone; then only those rows'
-    # columns: a filter the index order cannot serve (visibility's OR) sorts ids, not rows.
-    ids = list(session.scalars(base.order_by(order_at.desc(), order_id.desc()).limit(filters.limit + 1)))
-    by_id = {row.id: row for row in session.execute(select(*columns).where(R.id.in_(ids)))} if ids else {}
-    rows = [by_id[i] for i in ids if i in by_id]  # plain rows: no ORM objects
+    page = base.order_by(order_at.desc(), order_id.desc()).limit(filters.limit + 1)
+    if sorts:
+        ids = list(conn.execute(page).scalars())
+        by_id = {row.id: row for row in conn.execute(select(*columns).where(R.id.in_(ids)))} if ids else {}
+        rows = [by_id[i] for i in ids if i in by_id]
+    else:
+        rows = list(conn.execute(page).all())
     shown = rows[: filters.limit]
     next_cursor = None
     if len(rows) > filters.limit:
@@ -229,7 +238,9 @@ def page_rows(
     return shown, total, next_cursor
 
 
-def _total(session: Session, filters: RequestFilters, viewer: Viewer | None, counted: Any) -> int:
+def _total(
+    conn: Connection, filters: RequestFilters, viewer: Viewer | None, counted: Callable[[], Any]
+) -> int:
     """The exact number of matching requests on all pages, read the cheap way when the filters
     allow one (each the same number as `counted`, the count of the page query's rows):
 
@@ -239,8 +250,8 @@ def _total(session: Session, filters: RequestFilters, viewer: Viewer | None, cou
       (it holds pending requests only: migration 0023's triggers);
     * a non-admin's visible requests: their own by the submitter index, plus those assigned
       to them that someone else submitted;
-    * anything else: `counted`."""
-    visibility = viewer is not None and not viewer.is_admin and filters.pending_for != viewer.user_id
+    * anything else: `counted()`."""
+    visibility = _visible_only(filters, viewer)
     other = {
         name
         for name in ("object", "record", "older_than", "newer_than")
@@ -248,25 +259,23 @@ def _total(session: Session, filters: RequestFilters, viewer: Viewer | None, cou
     }
     if filters.pending_for is not None:
         if visibility or other or filters.status or filters.rule or filters.connection:
-            return int(session.scalar(counted) or 0)
-        W = ApprovalWaitingRow
-        return int(session.scalar(select(func.count()).where(W.approver == filters.pending_for)) or 0)
+            return int(conn.scalar(counted()) or 0)
+        return int(conn.scalar(select(func.count()).where(WAITING.c.approver == filters.pending_for)) or 0)
     if other:
-        return int(session.scalar(counted) or 0)
+        return int(conn.scalar(counted()) or 0)
     if not visibility:
-        return count_requests(session, filters.status, filters.rule, filters.connection)
+        return count_requests(conn, filters.status, filters.rule, filters.connection)
     if filters.status or filters.rule or filters.connection:
-        return int(session.scalar(counted) or 0)
+        return int(conn.scalar(counted()) or 0)
     assert viewer is not None
-    R, A = ApprovalRequestRow, ApprovalAssigneeRow
+    R, A = REQUESTS.c, ASSIGNEES.c
     own = select(func.count()).where(R.submitter == viewer.user_id)
     assigned = (
         select(func.count())
-        .select_from(A)
-        .join(R, R.id == A.request_id)
+        .select_from(ASSIGNEES.join(REQUESTS, R.id == A.request_id))
         .where(A.approver == viewer.user_id, R.submitter != viewer.user_id)
     )
-    return int(session.scalar(own) or 0) + int(session.scalar(assigned) or 0)
+    return int(conn.scalar(select(own.scalar_subquery() + assigned.scalar_subquery())) or 0)
 
 
 def ids_pending_for(session: Session, user_id: str, limit: int | None = None) -> list[str]:
@@ -289,10 +298,10 @@ def find_request(session: Session, request_id: str, viewer: Viewer | None) -> St
 def _conditions(
     session: Session, filters: RequestFilters, viewer: Viewer | None
 ) -> Sequence[ColumnElement[bool]]:
-    R = ApprovalRequestRow
+    R = REQUESTS.c
     conditions: list[ColumnElement[bool]] = []
-    # one's own pending list needs no visibility check: waiting for you means assigned to you
-    if viewer is not None and not viewer.is_admin and filters.pending_for != viewer.user_id:
+    if _visible_only(filters, viewer):
+        assert viewer is not None
         conditions.append(_visible_to(session, viewer.user_id))
     if filters.status:
         conditions.append(R.status.in_(filters.status))
@@ -315,6 +324,12 @@ def _conditions(
     return conditions  # pending_for: find_requests reads approval_waiting
 
 
+def _visible_only(filters: RequestFilters, viewer: Viewer | None) -> bool:
+    """Whether the list is narrowed to what the viewer may see: not for admins (or no viewer),
+    nor for one's own pending list (waiting for you means assigned to you)."""
+    return viewer is not None and not viewer.is_admin and filters.pending_for != viewer.user_id
+
+
 def _after(position: PagePosition, order_at: Any, order_id: Any) -> ColumnElement[bool]:
     at = literal(position.submitted_at, UTCDateTime)
     return or_(order_at < at, and_(order_at == at, order_id < position.request_id))
@@ -323,5 +338,5 @@ def _after(position: PagePosition, order_at: Any, order_id: Any) -> ColumnElemen
 def _visible_to(session: Session, user_id: str) -> ColumnElement[bool]:
     """Today's rule: the submitter, and anyone assigned to any step of it (any round) so far
     (approval_assignees, by index)."""
-    assigned = select(ApprovalAssigneeRow.request_id).where(ApprovalAssigneeRow.approver == user_id)
-    return or_(ApprovalRequestRow.submitter == user_id, ApprovalRequestRow.id.in_(assigned))
+    assigned = select(ASSIGNEES.c.request_id).where(ASSIGNEES.c.approver == user_id)
+    return or_(REQUESTS.c.submitter == user_id, REQUESTS.c.id.in_(assigned))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select, text
+from sqlalchemy import Connection, func, select, text
 from sqlalchemy.orm import Session
 
 from connector.storage.db import transaction
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 def count_requests(
-    session: Session,
+    conn: Connection | Session,
     statuses: Collection[str] = (),
     rule: str | None = None,
     connection: str | None = None,
@@ -36,7 +36,7 @@ def count_requests(
         query = query.where(COUNTS.c.rule_name == rule)
     if connection is not None:
         query = query.where(COUNTS.c.connection == connection)
-    return int(session.scalar(query) or 0)
+    return int(conn.scalar(query) or 0)
 
 
 def compact(session: Session) -> int:
