@@ -214,7 +214,10 @@ def page_rows(
     if filters.pending_for is not None:
         order_at, order_id = W.submitted_at, W.request_id
         source: FromClause = WAITING.join(REQUESTS, R.id == W.request_id)
-        conditions = [W.approver == filters.pending_for, R.status == "pending", *conditions]
+        # approval_waiting holds pending requests only (migration 0023's triggers drop the
+        # rows of a request leaving pending): no status filter to keep the planner from
+        # reading the approver's index in order and stopping at the page's end
+        conditions = [W.approver == filters.pending_for, *conditions]
     else:
         order_at, order_id = R.submitted_at, R.id
         source = REQUESTS
