@@ -251,8 +251,9 @@ def _total(
       without visibility narrowed by nothing else;
     * an approver's own pending list: their rows of approval_waiting, from its index alone
       (it holds pending requests only: migration 0023's triggers);
-    * a non-admin's visible requests: their own by the submitter index, plus those assigned
-      to them that someone else submitted;
+    * a non-admin's visible requests: their own by the submitter index, plus their rows of
+      approval_assignees (which holds existing requests only: the same triggers), less
+      those both;
     * anything else: `counted()`."""
     visibility = _visible_only(filters, viewer)
     other = {
@@ -271,14 +272,18 @@ def _total(
     if filters.status or filters.rule or filters.connection:
         return int(conn.scalar(counted()) or 0)
     assert viewer is not None
-    R, A = REQUESTS.c, ASSIGNEES.c
-    own = select(func.count()).where(R.submitter == viewer.user_id)
-    assigned = (
+    R, A, me = REQUESTS.c, ASSIGNEES.c, viewer.user_id
+    # own + assigned - both: each read from an index by the user alone (a join of "assigned
+    # to me" to the table, to leave out my own, lets PostgreSQL scan the table instead)
+    own = select(func.count()).where(R.submitter == me)
+    assigned = select(func.count()).where(A.approver == me)
+    both = (
         select(func.count())
         .select_from(ASSIGNEES.join(REQUESTS, R.id == A.request_id))
-        .where(A.approver == viewer.user_id, R.submitter != viewer.user_id)
+        .where(A.approver == me, R.submitter == me)
     )
-    return int(conn.scalar(select(own.scalar_subquery() + assigned.scalar_subquery())) or 0)
+    visible = own.scalar_subquery() + assigned.scalar_subquery() - both.scalar_subquery()
+    return int(conn.scalar(select(visible)) or 0)
 
 
 def ids_pending_for(session: Session, user_id: str, limit: int | None = None) -> list[str]:

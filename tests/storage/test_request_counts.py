@@ -90,8 +90,15 @@ def assert_exact(world: World) -> None:
                 "(SELECT id FROM approval_requests WHERE status = 'pending')"
             )
         ).scalar_one()
+        orphans = conn.execute(
+            text(
+                "SELECT count(*) FROM approval_assignees "
+                "WHERE request_id NOT IN (SELECT id FROM approval_requests)"
+            )
+        ).scalar_one()
     assert kept == counted
     assert stray == 0  # approval_waiting holds pending requests only
+    assert orphans == 0  # and approval_assignees existing ones
     for query in QUERIES:
         total, seen = walk(world, "u-admin", query)
         assert total == len(seen) == len(set(seen)), query
@@ -186,7 +193,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
-def test_the_migration_counts_what_is_there_and_drops_stray_waiting_rows(
+def test_the_migration_counts_what_is_there_and_drops_stray_rows(
     database_url: str,
 ) -> None:
     upgrade(database_url, "0018_expiry_api")
@@ -206,6 +213,9 @@ def test_the_migration_counts_what_is_there_and_drops_stray_waiting_rows(
                     ":status, '{}', '[]', :at, :at, 1)"
                 ).bindparams(stamp, id=request_id, status=status, rule=rule)
             )
+        conn.execute(
+            text("INSERT INTO approval_assignees (approver, request_id) VALUES ('u-x', 'a'), ('u-x', 'gone')")
+        )
         for request_id in ("a", "b"):  # "b" is approved: a waiting row left behind
             conn.execute(
                 text(
@@ -217,6 +227,8 @@ def test_the_migration_counts_what_is_there_and_drops_stray_waiting_rows(
     with engine.connect() as conn:
         kept = set(conn.execute(text("SELECT status, rule_name, connection, n FROM approval_request_counts")))
         waiting = set(conn.execute(text("SELECT request_id FROM approval_waiting")).scalars())
+        assigned = set(conn.execute(text("SELECT request_id FROM approval_assignees")).scalars())
     engine.dispose()
     assert kept == {("pending", "r1", "c", 1), ("approved", "r1", "c", 1), ("approved", "r2", "c", 1)}
     assert waiting == {"a"}
+    assert assigned == {"a"}  # "gone" was deleted before

@@ -1,7 +1,8 @@
 """approval_request_counts: how many requests there are per (status, rule, connection), kept by
 the database itself, so a list's exact `total` costs a few rows instead of a count of the table;
-and approval_waiting kept to pending requests (a deleted request, or one that leaves pending,
-waits for nobody), so an approver's pending count is a count of their waiting rows alone.
+approval_waiting kept to pending requests (a deleted request, or one that leaves pending, waits
+for nobody) and approval_assignees to existing ones, so an approver's pending count and a
+user's visible count are counts of their own rows in those tables' indexes.
 
 Triggers on approval_requests keep both in the same transaction as the change, whoever
 writes it (the approval store, set-based expiry, a hand-written UPDATE or DELETE):
@@ -59,6 +60,7 @@ SQLITE_TRIGGERS = (
         UPDATE approval_request_counts SET n = n - 1
         WHERE status = OLD.status AND rule_name = OLD.rule_name AND connection = OLD.connection;
         DELETE FROM approval_waiting WHERE request_id = OLD.id;
+        DELETE FROM approval_assignees WHERE request_id = OLD.id;
     END
     """,
 )
@@ -81,6 +83,7 @@ POSTGRES_FUNCTIONS = {
         INSERT INTO approval_request_counts ({KEY}, n)
         SELECT {KEY}, -count(*) FROM old_rows GROUP BY {KEY};
         DELETE FROM approval_waiting AS w USING old_rows AS r WHERE w.request_id = r.id;
+        DELETE FROM approval_assignees AS a USING old_rows AS r WHERE a.request_id = r.id;
     """,
 }
 POSTGRES_TRANSITIONS = {
@@ -108,11 +111,13 @@ def upgrade() -> None:
         f"INSERT INTO approval_request_counts ({KEY}, n) "
         f"SELECT {KEY}, count(*) FROM approval_requests GROUP BY {KEY}"
     )
-    # before the triggers: from now on approval_waiting holds pending requests only
+    # before the triggers: from now on approval_waiting holds pending requests only, and
+    # approval_assignees existing ones
     op.execute(
         "DELETE FROM approval_waiting WHERE request_id NOT IN "
         "(SELECT id FROM approval_requests WHERE status = 'pending')"
     )
+    op.execute("DELETE FROM approval_assignees WHERE request_id NOT IN (SELECT id FROM approval_requests)")
     if not postgres:
         for statement in SQLITE_TRIGGERS:
             op.execute(statement)
