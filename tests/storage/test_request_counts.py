@@ -107,6 +107,17 @@ def assert_exact(world: World) -> None:
         assert total == len(seen), user
         total, seen = walk(world, user, "all=true")
         assert total == len(seen), user
+        if user != "u-admin":  # what visibility means: submitted by them, or assigned to them
+            with world.runtime.engine.connect() as conn:
+                visible = conn.execute(
+                    text(
+                        "SELECT id FROM approval_requests WHERE submitter = :u OR id IN "
+                        "(SELECT request_id FROM approval_assignees WHERE approver = :u) "
+                        "ORDER BY submitted_at DESC, id DESC"
+                    ),
+                    {"u": user},
+                ).scalars()
+                assert seen == list(visible), user
         if user == "u-admin":
             continue
         total, seen = walk(world, "u-admin", f"pending_for={user}")
