@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -19,7 +20,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
-from sqlalchemy import ColumnElement, Connection, FromClause, and_, func, literal, or_, select, union
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    FromClause,
+    and_,
+    bindparam,
+    func,
+    literal,
+    or_,
+    select,
+    union,
+)
 from sqlalchemy.orm import Session
 
 from connector.approvals.lifecycle import RequestStatus
@@ -204,38 +216,40 @@ def page_rows(
     Every list is read from an index in page order: newest first by (submitted_at, id), so
     a page costs its rows, not the table. With `pending_for` the rows come from the
     approver's index of waiting requests (approval_waiting), which holds the same order."""
-    conditions = list(_conditions(session, filters, viewer))
     R, W = REQUESTS.c, WAITING.c  # table columns: cheaper to build statements of than ORM ones
-    # Read in page order from an index, the page's columns come with it. Visibility's OR
-    # is the one filter no index order serves: there the page's ids are sorted first (a
-    # thousand ids, not a thousand rows), then only those rows' columns are read.
-    sorts = _visible_only(filters, viewer)
-    read = (R.id,) if sorts else columns
-    if filters.pending_for is not None:
-        order_at, order_id = W.submitted_at, W.request_id
-        source: FromClause = WAITING.join(REQUESTS, R.id == W.request_id)
-        # approval_waiting holds pending requests only (migration 0023's triggers drop the
-        # rows of a request leaving pending): no status filter to keep the planner from
-        # reading the approver's index in order and stopping at the page's end
-        conditions = [W.approver == filters.pending_for, *conditions]
-    else:
-        order_at, order_id = R.submitted_at, R.id
-        source = REQUESTS
     conn = session.connection()  # plain rows, read without the ORM's result machinery
-    total = _total(conn, filters, viewer, lambda: select(func.count()).select_from(source).where(*conditions))
-    base = select(*read).select_from(source).where(*conditions)
-    if filters.cursor is not None:
-        base = base.where(_after(filters.cursor, order_at, order_id))
-    page = base.order_by(order_at.desc(), order_id.desc()).limit(filters.limit + 1)
-    if sorts:
-        if filters.pending_for is None and viewer is not None:
-            ids = _visible_page(conn, filters, viewer.user_id)
-        else:
-            ids = list(conn.execute(page).scalars())
-        by_id = {row.id: row for row in conn.execute(select(*columns).where(R.id.in_(ids)))} if ids else {}
+    # Read in page order from an index, the page's columns come with it. Visibility's OR
+    # is the one filter no index order serves: there the page's ids come first (the union
+    # of two pages, _visible_page), then only those rows' columns are read.
+    if _visible_only(filters, viewer) and filters.pending_for is None:
+        assert viewer is not None
+        total = _total(
+            conn, filters, viewer, lambda: _count_of(REQUESTS, _conditions(session, filters, viewer))
+        )
+        ids = _visible_page(conn, filters, viewer.user_id)
+        by_id = (
+            {row.id: row for row in conn.execute(_rows_by_id(tuple(columns)), {"ids": ids})} if ids else {}
+        )
         rows = [by_id[i] for i in ids if i in by_id]
     else:
-        rows = list(conn.execute(page).all())
+        conditions = list(_conditions(session, filters, viewer))
+        if filters.pending_for is not None:
+            order_at, order_id = W.submitted_at, W.request_id
+            source: FromClause = WAITING.join(REQUESTS, R.id == W.request_id)
+            # approval_waiting holds pending requests only (migration 0023's triggers drop
+            # the rows of a request leaving pending): no status filter to keep the planner
+            # from reading the approver's index in order and stopping at the page's end
+            conditions = [W.approver == filters.pending_for, *conditions]
+        else:
+            order_at, order_id = R.submitted_at, R.id
+            source = REQUESTS
+        total = _total(conn, filters, viewer, lambda: _count_of(source, conditions))
+        page = select(*columns).select_from(source).where(*conditions)
+        if filters.cursor is not None:
+            page = page.where(_after(filters.cursor, order_at, order_id))
+        rows = list(
+            conn.execute(page.order_by(order_at.desc(), order_id.desc()).limit(filters.limit + 1)).all()
+        )
     shown = rows[: filters.limit]
     next_cursor = None
     if len(rows) > filters.limit:
@@ -244,30 +258,54 @@ def page_rows(
     return shown, total, next_cursor
 
 
+def _count_of(source: FromClause, conditions: Sequence[ColumnElement[bool]]) -> Any:
+    return select(func.count()).select_from(source).where(*conditions)
+
+
+@functools.cache
+def _rows_by_id(columns: tuple[Any, ...]) -> Any:
+    """These columns of the requests of the ids given as `ids` (built once per columns)."""
+    return select(*columns).where(REQUESTS.c.id.in_(bindparam("ids", expanding=True)))
+
+
 def _visible_page(conn: Connection, filters: RequestFilters, user_id: str) -> list[str]:
     """The page's ids of what `user_id` may see: the page of their own requests (read in
     order from the submitter index) merged with the page of those assigned to them (sorted:
     no index holds them in submission order), the union's first page. Exactly the page of
     `submitter = me OR assigned to me`, without sorting every request of a busy submitter."""
-    R, A = REQUESTS.c, ASSIGNEES.c
-    narrowing = _narrowing(filters)
+    params: dict[str, Any] = {"me": user_id}
     if filters.cursor is not None:
-        narrowing.append(_after(filters.cursor, R.submitted_at, R.id))
+        params |= {"after_at": filters.cursor.submitted_at, "after_id": filters.cursor.request_id}
+    narrowing = tuple(_narrowing(filters))
+    if narrowing:
+        page = _visible_page_statement(filters.limit, filters.cursor is not None, narrowing)
+    else:  # the usual page: built once per page size
+        page = _plain_visible_page(filters.limit, filters.cursor is not None)
+    return list(conn.execute(page, params).scalars())
+
+
+@functools.cache
+def _plain_visible_page(limit: int, after: bool) -> Any:
+    return _visible_page_statement(limit, after, ())
+
+
+def _visible_page_statement(limit: int, after: bool, narrowing: Sequence[ColumnElement[bool]]) -> Any:
+    R, A = REQUESTS.c, ASSIGNEES.c
+    me: Any = bindparam("me")
+    conditions = list(narrowing)
+    if after:
+        at = bindparam("after_at", type_=UTCDateTime())
+        conditions.append(or_(R.submitted_at < at, and_(R.submitted_at == at, R.id < bindparam("after_id"))))
     order = (R.submitted_at.desc(), R.id.desc())
-    own = select(R.id, R.submitted_at).where(R.submitter == user_id, *narrowing)
+    own = select(R.id, R.submitted_at).where(R.submitter == me, *conditions)
     assigned = (
         select(R.id, R.submitted_at)
         .select_from(ASSIGNEES.join(REQUESTS, R.id == A.request_id))
-        .where(A.approver == user_id, *narrowing)
+        .where(A.approver == me, *conditions)
     )
-    pages = [select(part.order_by(*order).limit(filters.limit + 1).subquery()) for part in (own, assigned)]
-    merged = union(*pages).subquery()
-    page = (
-        select(merged.c.id)
-        .order_by(merged.c.submitted_at.desc(), merged.c.id.desc())
-        .limit(filters.limit + 1)
-    )
-    return list(conn.execute(page).scalars())
+    merged = union(*(select(part.order_by(*order).limit(limit + 1).subquery()) for part in (own, assigned)))
+    pages = merged.subquery()
+    return select(pages.c.id).order_by(pages.c.submitted_at.desc(), pages.c.id.desc()).limit(limit + 1)
 
 
 def _total(
@@ -301,9 +339,14 @@ def _total(
     if filters.status or filters.rule or filters.connection:
         return int(conn.scalar(counted()) or 0)
     assert viewer is not None
-    R, A, me = REQUESTS.c, ASSIGNEES.c, viewer.user_id
-    # own + assigned - both: each read from an index by the user alone (a join of "assigned
-    # to me" to the table, to leave out my own, lets PostgreSQL scan the table instead)
+    return int(conn.scalar(VISIBLE_COUNT, {"me": viewer.user_id}) or 0)
+
+
+def _visible_count() -> Any:
+    """own + assigned - both, each read from an index by the user alone (a join of "assigned
+    to me" to the table, to leave out one's own, lets PostgreSQL scan the table instead)."""
+    R, A = REQUESTS.c, ASSIGNEES.c
+    me: Any = bindparam("me")
     own = select(func.count()).where(R.submitter == me)
     assigned = select(func.count()).where(A.approver == me)
     both = (
@@ -311,8 +354,10 @@ def _total(
         .select_from(ASSIGNEES.join(REQUESTS, R.id == A.request_id))
         .where(A.approver == me, R.submitter == me)
     )
-    visible = own.scalar_subquery() + assigned.scalar_subquery() - both.scalar_subquery()
-    return int(conn.scalar(select(visible)) or 0)
+    return select(own.scalar_subquery() + assigned.scalar_subquery() - both.scalar_subquery())
+
+
+VISIBLE_COUNT = _visible_count()
 
 
 def ids_pending_for(session: Session, user_id: str, limit: int | None = None) -> list[str]:

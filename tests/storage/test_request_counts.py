@@ -105,21 +105,21 @@ def assert_exact(world: World) -> None:
     for user in (*USERS, "u-nobody", "u-admin"):
         total, seen = walk(world, user, "pending_for=me")
         assert total == len(seen), user
-        total, seen = walk(world, user, "all=true")
-        assert total == len(seen), user
-        if user != "u-admin":  # what visibility means: submitted by them, or assigned to them
+        if user == "u-admin":
+            continue
+        # what visibility means: submitted by them, or assigned to them; narrowed or not
+        for query, narrowing in (("all=true", ""), ("status=pending", "AND status = 'pending'")):
+            total, seen = walk(world, user, query)
             with world.runtime.engine.connect() as conn:
                 visible = conn.execute(
                     text(
-                        "SELECT id FROM approval_requests WHERE submitter = :u OR id IN "
-                        "(SELECT request_id FROM approval_assignees WHERE approver = :u) "
+                        "SELECT id FROM approval_requests WHERE (submitter = :u OR id IN "
+                        f"(SELECT request_id FROM approval_assignees WHERE approver = :u)) {narrowing} "
                         "ORDER BY submitted_at DESC, id DESC"
                     ),
                     {"u": user},
                 ).scalars()
-                assert seen == list(visible), user
-        if user == "u-admin":
-            continue
+                assert seen == list(visible) and total == len(seen), (user, query)
         total, seen = walk(world, "u-admin", f"pending_for={user}")
         assert total == len(seen), user
 
