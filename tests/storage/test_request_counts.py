@@ -7,6 +7,7 @@ request deleted by hand, and PostgreSQL's compaction of its delta rows."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from sqlalchemy import bindparam, text
 
 from connector.config import Settings
 from connector.runtime import Runtime
-from connector.storage.db import UTCDateTime, make_engine, transaction
+from connector.storage.db import UTCDateTime, make_engine, make_session_factory, transaction
 from connector.storage.migrate import upgrade
 from connector.storage.request_counts import compact, count_requests
 from tests.webhooks.test_api import USERS, World, build_world
@@ -243,3 +244,73 @@ def test_the_migration_counts_what_is_there_and_drops_stray_rows(
     assert kept == {("pending", "r1", "c", 1), ("approved", "r1", "c", 1), ("approved", "r2", "c", 1)}
     assert waiting == {"a"}
     assert assigned == {"a"}  # "gone" was deleted before
+
+
+def test_postgresql_counts_stay_exact_with_writers_and_compactions_at_once(pg_url: str) -> None:
+    """Delta rows need no lock: four writers changing requests of the same keys at once and a
+    compaction looping beside them leave every key's sum equal to the table's count."""
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    stamp = bindparam("at", datetime(2026, 1, 1, tzinfo=UTC), type_=UTCDateTime())
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(worker: int) -> None:
+        try:
+            for n in range(40):
+                with engine.begin() as conn:
+                    request_id = f"w{worker}-{n}"
+                    conn.execute(
+                        text(
+                            "INSERT INTO approval_requests (id, connection, object_type, record_id, "
+                            "rule_name, mapping_path, mapping_hash, submitter, status, record, "
+                            "changed_fields, submitted_at, updated_at, version) VALUES (:id, 'c', 'o', :id, "
+                            ":rule, 'm', 'h', 'u', 'pending', '{}', '[]', :at, :at, 1)"
+                        ).bindparams(stamp, id=request_id, rule=f"r{n % 2}")
+                    )
+                    if n % 3 == 0:
+                        conn.execute(
+                            text("UPDATE approval_requests SET status = 'approved' WHERE id = :id"),
+                            {"id": request_id},
+                        )
+                    if n % 5 == 0:
+                        conn.execute(text("DELETE FROM approval_requests WHERE id = :id"), {"id": request_id})
+        except BaseException as exc:
+            errors.append(exc)
+
+    def fold() -> None:
+        sessions = make_session_factory(engine)
+        try:
+            while not stop.is_set():
+                with transaction(sessions) as session:
+                    compact(session)
+        except BaseException as exc:
+            errors.append(exc)
+
+    writers = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    folder = threading.Thread(target=fold)
+    folder.start()
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    stop.set()
+    folder.join()
+    assert errors == []
+    with engine.connect() as conn:
+        counted = set(
+            conn.execute(
+                text("SELECT status, rule_name, count(*) FROM approval_requests GROUP BY 1, 2")
+            ).all()
+        )
+        kept = set(
+            conn.execute(
+                text(
+                    "SELECT status, rule_name, sum(n) FROM approval_request_counts "
+                    "GROUP BY 1, 2 HAVING sum(n) <> 0"
+                )
+            ).all()
+        )
+    engine.dispose()
+    assert kept == counted
+    assert sum(n for _status, _rule, n in counted) == 4 * (40 - 8)  # 8 of each 40 deleted
