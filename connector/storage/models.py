@@ -342,7 +342,8 @@ class ApprovalWaitingRow(Base):
 
 # How many requests there are per (status, rule, connection): kept by triggers on
 # approval_requests (migration 0023_request_counts), read by connector/storage/request_counts.py.
-# SQLite keeps one row per key; PostgreSQL appends delta rows (no unique key), summed.
+# SQLite keeps one row per key (the migration makes this index unique there, for its upsert);
+# PostgreSQL appends delta rows (no unique key), summed. No primary key: never an ORM row.
 APPROVAL_REQUEST_COUNTS = Table(
     "approval_request_counts",
     Base.metadata,
