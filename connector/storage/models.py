@@ -327,7 +327,9 @@ class ApprovalAssigneeRow(Base):
 
 class ApprovalWaitingRow(Base):
     """One row per approver whose vote the open step of a pending request still awaits: the
-    approver's pending list, newest or oldest first, straight from one index."""
+    approver's pending list, newest or oldest first, straight from one index. Pending requests
+    only: migration 0023's triggers drop a request's rows when it leaves pending or is deleted
+    (as connector/storage/assignments.py does on every save), so its count is the list's total."""
 
     __tablename__ = "approval_waiting"
 
