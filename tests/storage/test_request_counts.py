@@ -247,8 +247,8 @@ def test_the_migration_counts_what_is_there_and_drops_stray_rows(
 
 
 def test_postgresql_counts_stay_exact_with_writers_and_compactions_at_once(pg_url: str) -> None:
-    """Delta rows need no lock: four writers changing requests of the same keys at once and a
-    compaction looping beside them leave every key's sum equal to the table's count."""
+    """Delta rows need no lock: four writers changing requests of the same keys at once and two
+    compactions looping beside them leave every key's sum equal to the table's count."""
     upgrade(pg_url)
     engine = make_engine(pg_url)
     stamp = bindparam("at", datetime(2026, 1, 1, tzinfo=UTC), type_=UTCDateTime())
@@ -288,14 +288,14 @@ def test_postgresql_counts_stay_exact_with_writers_and_compactions_at_once(pg_ur
             errors.append(exc)
 
     writers = [threading.Thread(target=write, args=(n,)) for n in range(4)]
-    folder = threading.Thread(target=fold)
-    folder.start()
-    for thread in writers:
+    folders = [threading.Thread(target=fold) for _ in range(2)]  # two workers' sweeps at once
+    for thread in (*folders, *writers):
         thread.start()
     for thread in writers:
         thread.join()
     stop.set()
-    folder.join()
+    for thread in folders:
+        thread.join()
     assert errors == []
     with engine.connect() as conn:
         counted = set(
