@@ -8,19 +8,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (
-    Boolean,
-    CheckConstraint,
-    Column,
-    Float,
-    Index,
-    Integer,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
-    true,
-)
+import sqlalchemy as sa
+from sqlalchemy import Boolean, CheckConstraint, Float, Index, Integer, String, Text, UniqueConstraint, true
 from sqlalchemy.orm import Mapped, mapped_column
 
 from connector.clock import utcnow
@@ -346,12 +335,12 @@ class ApprovalWaitingRow(Base):
 # approval_requests (migration 0023_request_counts), read by connector/storage/request_counts.py.
 # SQLite keeps one row per key (the migration makes this index unique there, for its upsert);
 # PostgreSQL appends delta rows (no unique key), summed. No primary key: never an ORM row.
-APPROVAL_REQUEST_COUNTS = Table(
+APPROVAL_REQUEST_COUNTS = sa.Table(
     "approval_request_counts",
     Base.metadata,
-    Column("status", String(16), nullable=False),
-    Column("rule_name", String(200), nullable=False),
-    Column("connection", String(64), nullable=False),
-    Column("n", Integer, nullable=False),
+    sa.Column("status", String(16), nullable=False),
+    sa.Column("rule_name", String(200), nullable=False),
+    sa.Column("connection", String(64), nullable=False),
+    sa.Column("n", Integer, nullable=False),
     Index("ix_request_counts_key", "status", "rule_name", "connection"),
 )
