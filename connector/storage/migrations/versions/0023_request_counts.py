@@ -4,7 +4,7 @@ approval_waiting kept to pending requests (a deleted request, or one that leaves
 for nobody) and approval_assignees to existing ones, so an approver's pending count and a
 user's visible count are counts of their own rows in those tables' indexes.
 
-Triggers on approval_requests keep both in the same transaction as the change, whoever
+Triggers on approval_requests keep all three in the same transaction as the change, whoever
 writes it (the approval store, set-based expiry, a hand-written UPDATE or DELETE):
 
 * SQLite (one writer at a time): row triggers add to one row per key (an upsert).
