@@ -22,6 +22,7 @@ from connector.service.timer_calendars import calendar_lookup
 from connector.service.timers import StepTimers
 from connector.service.timers import summary as timer_summary
 from connector.service.zoho_channels import renew_due_channels
+from connector.storage.request_counts import sweep as compact_request_counts
 from connector.web.links import decision_link_provider
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def attach_pipeline(runtime: Runtime, mappings: MappingSet) -> Pipeline:
         SweepJob("people", people_sweep),  # directory refresh, expiry warnings, notifications
         SweepJob("delegations", delegation_sweep),  # open steps of people away go to their deputies
         SweepJob("service_steps", service_steps.run_due),  # issue 12: checks retried, callbacks timed out
+        SweepJob("request_counts", compact_request_counts),  # PostgreSQL's delta rows, one per key
     ]
     runtime.flush_jobs = [
         SweepJob("notifications", send_now),  # queued notifications go out promptly

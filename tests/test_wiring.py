@@ -43,6 +43,7 @@ def test_build_runtime_attaches_the_pipeline_and_its_collaborators(built: Runtim
         "people",
         "delegations",
         "service_steps",  # issue 12: checks retried, callbacks timed out
+        "request_counts",  # PostgreSQL's delta rows of approval_request_counts folded
     ]
     assert built.approvals is not None and built.approvals.timers is not None
     assert [job.name for job in built.flush_jobs] == ["notifications", "service_steps", "documents"]

@@ -11,15 +11,27 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
-from sqlalchemy import ColumnElement, and_, func, literal, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    FromClause,
+    and_,
+    bindparam,
+    func,
+    literal,
+    or_,
+    select,
+    union,
+)
 from sqlalchemy.orm import Session
 
 from connector.approvals.lifecycle import RequestStatus
@@ -34,9 +46,12 @@ from connector.storage.models import (
     ApprovalRequestRow,
     ApprovalWaitingRow,
 )
+from connector.storage.request_counts import count_requests
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 500
-COLUMNS = tuple(ApprovalRequestRow.__table__.c)  # a page is read as plain rows
+REQUESTS, WAITING = ApprovalRequestRow.__table__, ApprovalWaitingRow.__table__
+ASSIGNEES = ApprovalAssigneeRow.__table__
+COLUMNS = tuple(REQUESTS.c)  # a page is read as plain rows
 MAX_AGE = timedelta(days=366 * 100)  # further back than any request; keeps date arithmetic in range
 # The durations of mapping files (connector/rules/coerce.py: d, w, m, y) and hours.
 _DURATION = re.compile(r"^(\d{1,9})([hdwmy])$")
@@ -201,31 +216,148 @@ def page_rows(
     Every list is read from an index in page order: newest first by (submitted_at, id), so
     a page costs its rows, not the table. With `pending_for` the rows come from the
     approver's index of waiting requests (approval_waiting), which holds the same order."""
-    conditions = list(_conditions(session, filters, viewer))
-    R, W = ApprovalRequestRow, ApprovalWaitingRow
-    if filters.pending_for is not None:
-        order_at, order_id = W.submitted_at, W.request_id
-        waits = [W.approver == filters.pending_for, R.status == "pending"]
-        base = select(W.request_id).join(R, R.id == W.request_id).where(*waits, *conditions)
-        counted = select(func.count()).select_from(W).join(R, R.id == W.request_id).where(*waits, *conditions)
+    R, W = REQUESTS.c, WAITING.c  # table columns: cheaper to build statements of than ORM ones
+    conn = session.connection()  # plain rows, read without the ORM's result machinery
+    # Read in page order from an index, the page's columns come with it. Visibility's OR
+    # is the one filter no index order serves: there the page's ids come first (the union
+    # of two pages, _visible_page), then only those rows' columns are read.
+    if _visible_only(filters, viewer) and filters.pending_for is None:
+        assert viewer is not None
+        total = _total(
+            conn, filters, viewer, lambda: _count_of(REQUESTS, _conditions(session, filters, viewer))
+        )
+        ids = _visible_page(conn, filters, viewer.user_id)
+        by_id = (
+            {row.id: row for row in conn.execute(_rows_by_id(tuple(columns)), {"ids": ids})} if ids else {}
+        )
+        rows = [by_id[i] for i in ids if i in by_id]
     else:
-        order_at, order_id = R.submitted_at, R.id
-        base = select(R.id).where(*conditions)
-        counted = select(func.count()).select_from(R).where(*conditions)
-    total = session.scalar(counted) or 0
-    if filters.cursor is not None:
-        base = base.where(_after(filters.cursor, order_at, order_id))
-    # The page's ids first, in page order from the indexes alone; then only those rows'
-    # columns: a filter the index order cannot serve (visibility's OR) sorts ids, not rows.
-    ids = list(session.scalars(base.order_by(order_at.desc(), order_id.desc()).limit(filters.limit + 1)))
-    by_id = {row.id: row for row in session.execute(select(*columns).where(R.id.in_(ids)))} if ids else {}
-    rows = [by_id[i] for i in ids if i in by_id]  # plain rows: no ORM objects
+        conditions = list(_conditions(session, filters, viewer))
+        if filters.pending_for is not None:
+            order_at, order_id = W.submitted_at, W.request_id
+            source: FromClause = WAITING.join(REQUESTS, R.id == W.request_id)
+            # approval_waiting holds pending requests only (migration 0023's triggers drop
+            # the rows of a request leaving pending): no status filter to keep the planner
+            # from reading the approver's index in order and stopping at the page's end
+            conditions = [W.approver == filters.pending_for, *conditions]
+        else:
+            order_at, order_id = R.submitted_at, R.id
+            source = REQUESTS
+        total = _total(conn, filters, viewer, lambda: _count_of(source, conditions))
+        page = select(*columns).select_from(source).where(*conditions)
+        if filters.cursor is not None:
+            page = page.where(_after(filters.cursor, order_at, order_id))
+        rows = list(
+            conn.execute(page.order_by(order_at.desc(), order_id.desc()).limit(filters.limit + 1)).all()
+        )
     shown = rows[: filters.limit]
     next_cursor = None
     if len(rows) > filters.limit:
         last = shown[-1]
         next_cursor = PagePosition(last.submitted_at, last.id).encode()
     return shown, total, next_cursor
+
+
+def _count_of(source: FromClause, conditions: Sequence[ColumnElement[bool]]) -> Any:
+    return select(func.count()).select_from(source).where(*conditions)
+
+
+@functools.cache
+def _rows_by_id(columns: tuple[Any, ...]) -> Any:
+    """These columns of the requests of the ids given as `ids` (built once per columns)."""
+    return select(*columns).where(REQUESTS.c.id.in_(bindparam("ids", expanding=True)))
+
+
+def _visible_page(conn: Connection, filters: RequestFilters, user_id: str) -> list[str]:
+    """The page's ids of what `user_id` may see: the page of their own requests (read in
+    order from the submitter index) merged with the page of those assigned to them (sorted:
+    no index holds them in submission order), the union's first page. Exactly the page of
+    `submitter = me OR assigned to me`, without sorting every request of a busy submitter."""
+    params: dict[str, Any] = {"me": user_id}
+    if filters.cursor is not None:
+        params |= {"after_at": filters.cursor.submitted_at, "after_id": filters.cursor.request_id}
+    narrowing = tuple(_narrowing(filters))
+    if narrowing:
+        page = _visible_page_statement(filters.limit, filters.cursor is not None, narrowing)
+    else:  # the usual page: built once per page size
+        page = _plain_visible_page(filters.limit, filters.cursor is not None)
+    return list(conn.execute(page, params).scalars())
+
+
+@functools.cache
+def _plain_visible_page(limit: int, after: bool) -> Any:
+    return _visible_page_statement(limit, after, ())
+
+
+def _visible_page_statement(limit: int, after: bool, narrowing: Sequence[ColumnElement[bool]]) -> Any:
+    R, A = REQUESTS.c, ASSIGNEES.c
+    me: Any = bindparam("me")
+    conditions = list(narrowing)
+    if after:
+        at = bindparam("after_at", type_=UTCDateTime())
+        conditions.append(or_(R.submitted_at < at, and_(R.submitted_at == at, R.id < bindparam("after_id"))))
+    order = (R.submitted_at.desc(), R.id.desc())
+    own = select(R.id, R.submitted_at).where(R.submitter == me, *conditions)
+    assigned = (
+        select(R.id, R.submitted_at)
+        .select_from(ASSIGNEES.join(REQUESTS, R.id == A.request_id))
+        .where(A.approver == me, *conditions)
+    )
+    merged = union(*(select(part.order_by(*order).limit(limit + 1).subquery()) for part in (own, assigned)))
+    pages = merged.subquery()
+    return select(pages.c.id).order_by(pages.c.submitted_at.desc(), pages.c.id.desc()).limit(limit + 1)
+
+
+def _total(
+    conn: Connection, filters: RequestFilters, viewer: Viewer | None, counted: Callable[[], Any]
+) -> int:
+    """The exact number of matching requests on all pages, read the cheap way when the filters
+    allow one (each the same number as `counted`, the count of the page query's rows):
+
+    * the kept counts (approval_request_counts, per status, rule and connection) for lists
+      without visibility narrowed by nothing else;
+    * an approver's own pending list: their rows of approval_waiting, from its index alone
+      (it holds pending requests only: migration 0023's triggers);
+    * a non-admin's visible requests: their own by the submitter index, plus their rows of
+      approval_assignees (which holds existing requests only: the same triggers), less
+      those both;
+    * anything else: `counted()`."""
+    visibility = _visible_only(filters, viewer)
+    other = {
+        name
+        for name in ("object", "record", "older_than", "newer_than")
+        if getattr(filters, name) is not None
+    }
+    if filters.pending_for is not None:
+        if visibility or other or filters.status or filters.rule or filters.connection:
+            return int(conn.scalar(counted()) or 0)
+        return int(conn.scalar(select(func.count()).where(WAITING.c.approver == filters.pending_for)) or 0)
+    if other:
+        return int(conn.scalar(counted()) or 0)
+    if not visibility:
+        return count_requests(conn, filters.status, filters.rule, filters.connection)
+    if filters.status or filters.rule or filters.connection:
+        return int(conn.scalar(counted()) or 0)
+    assert viewer is not None
+    return int(conn.scalar(VISIBLE_COUNT, {"me": viewer.user_id}) or 0)
+
+
+def _visible_count() -> Any:
+    """own + assigned - both, each read from an index by the user alone (a join of "assigned
+    to me" to the table, to leave out one's own, lets PostgreSQL scan the table instead)."""
+    R, A = REQUESTS.c, ASSIGNEES.c
+    me: Any = bindparam("me")
+    own = select(func.count()).where(R.submitter == me)
+    assigned = select(func.count()).where(A.approver == me)
+    both = (
+        select(func.count())
+        .select_from(ASSIGNEES.join(REQUESTS, R.id == A.request_id))
+        .where(A.approver == me, R.submitter == me)
+    )
+    return select(own.scalar_subquery() + assigned.scalar_subquery() - both.scalar_subquery())
+
+
+VISIBLE_COUNT = _visible_count()
 
 
 def ids_pending_for(session: Session, user_id: str, limit: int | None = None) -> list[str]:
@@ -248,11 +380,17 @@ def find_request(session: Session, request_id: str, viewer: Viewer | None) -> St
 def _conditions(
     session: Session, filters: RequestFilters, viewer: Viewer | None
 ) -> Sequence[ColumnElement[bool]]:
-    R = ApprovalRequestRow
     conditions: list[ColumnElement[bool]] = []
-    # one's own pending list needs no visibility check: waiting for you means assigned to you
-    if viewer is not None and not viewer.is_admin and filters.pending_for != viewer.user_id:
+    if _visible_only(filters, viewer):
+        assert viewer is not None
         conditions.append(_visible_to(session, viewer.user_id))
+    return [*conditions, *_narrowing(filters)]
+
+
+def _narrowing(filters: RequestFilters) -> list[ColumnElement[bool]]:
+    """The filters' conditions on approval_requests (pending_for aside)."""
+    R = REQUESTS.c
+    conditions: list[ColumnElement[bool]] = []
     if filters.status:
         conditions.append(R.status.in_(filters.status))
     if filters.rule is not None:
@@ -274,6 +412,12 @@ def _conditions(
     return conditions  # pending_for: find_requests reads approval_waiting
 
 
+def _visible_only(filters: RequestFilters, viewer: Viewer | None) -> bool:
+    """Whether the list is narrowed to what the viewer may see: not for admins (or no viewer),
+    nor for one's own pending list (waiting for you means assigned to you)."""
+    return viewer is not None and not viewer.is_admin and filters.pending_for != viewer.user_id
+
+
 def _after(position: PagePosition, order_at: Any, order_id: Any) -> ColumnElement[bool]:
     at = literal(position.submitted_at, UTCDateTime)
     return or_(order_at < at, and_(order_at == at, order_id < position.request_id))
@@ -282,5 +426,5 @@ def _after(position: PagePosition, order_at: Any, order_id: Any) -> ColumnElemen
 def _visible_to(session: Session, user_id: str) -> ColumnElement[bool]:
     """Today's rule: the submitter, and anyone assigned to any step of it (any round) so far
     (approval_assignees, by index)."""
-    assigned = select(ApprovalAssigneeRow.request_id).where(ApprovalAssigneeRow.approver == user_id)
-    return or_(ApprovalRequestRow.submitter == user_id, ApprovalRequestRow.id.in_(assigned))
+    assigned = select(ASSIGNEES.c.request_id).where(ASSIGNEES.c.approver == user_id)
+    return or_(REQUESTS.c.submitter == user_id, REQUESTS.c.id.in_(assigned))

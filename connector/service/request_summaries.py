@@ -14,15 +14,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, bindparam, select
 from sqlalchemy.orm import Session
 
-from connector.service.approval_service import to_wire
 from connector.service.request_query import RequestFilters, Viewer, page_rows
 from connector.storage.approval_store import RecordKey
 from connector.storage.models import ApprovalRequestRow, ApprovalStepRow, ApprovalVoteRow
 
-R = ApprovalRequestRow
+R = ApprovalRequestRow.__table__.c
 SUMMARY_COLUMNS = (
     R.id,
     R.connection,
@@ -38,7 +37,25 @@ SUMMARY_COLUMNS = (
     R.version,
 )
 STEP_COLUMNS = tuple(c for c in ApprovalStepRow.__table__.c)
-VOTE_COLUMNS = tuple(c for c in ApprovalVoteRow.__table__.c if c.name != "id")
+VOTE_COLUMNS = tuple(c.label(f"vote_{c.name}") for c in ApprovalVoteRow.__table__.c if c.name != "id")
+_S, _V = ApprovalStepRow.__table__.c, ApprovalVoteRow.__table__.c
+# Built once (a page's ids are one expanding parameter): the steps of these requests, each
+# with the votes of its round if it is pending.
+OPEN_STEPS = (
+    select(*STEP_COLUMNS, *VOTE_COLUMNS)
+    .select_from(ApprovalStepRow.__table__)
+    .outerjoin(
+        ApprovalVoteRow.__table__,
+        and_(
+            _V.request_id == _S.request_id,
+            _V.step_index == _S.index,
+            _V.round == _S.round,
+            _S.status == "pending",
+        ),
+    )
+    .where(_S.request_id.in_(bindparam("ids", expanding=True)))
+    .order_by(_V.id)
+)
 
 
 def request_list(session: Session, filters: RequestFilters, viewer: Viewer | None) -> dict[str, Any]:
@@ -51,13 +68,14 @@ def request_list(session: Session, filters: RequestFilters, viewer: Viewer | Non
 
 def _open_steps(session: Session, rows: Sequence[Any]) -> dict[str, dict[str, Any]]:
     """The open step (latest round of `current_step`, if still pending) of each request
-    that has one, with that round's votes."""
+    that has one, with that round's votes: one statement, each step with the votes of its
+    round joined if it is pending (the open step is the only pending one), oldest vote first."""
     current = {row.id: row.current_step for row in rows if row.current_step is not None}
     if not current:
         return {}
-    S, V = ApprovalStepRow.__table__.c, ApprovalVoteRow.__table__.c
     latest: dict[str, Any] = {}
-    for row in session.execute(select(*STEP_COLUMNS).where(S.request_id.in_(current))):
+    votes: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for row in session.connection().execute(OPEN_STEPS, {"ids": list(current)}).all():
         values = row._mapping  # by name: a Row's own .index would shadow the column
         request_id = values["request_id"]
         if values["index"] != current[request_id]:
@@ -65,26 +83,26 @@ def _open_steps(session: Session, rows: Sequence[Any]) -> dict[str, dict[str, An
         seen = latest.get(request_id)
         if seen is None or values["round"] > seen["round"]:
             latest[request_id] = values
-    steps = {rid: _step(values) for rid, values in latest.items() if values["status"] == "pending"}
-    if steps:
-        votes = select(*VOTE_COLUMNS).where(V.request_id.in_(steps)).order_by(V.id)
-        for vote in session.execute(votes):
-            cast = vote._mapping
-            open_step = steps[cast["request_id"]]
-            if cast["step_index"] == open_step["index"] and cast["round"] == open_step["round"]:
-                open_step["votes"].append(_vote(cast))
+        if values["vote_approver"] is not None:
+            key = (request_id, values["index"], values["round"])
+            votes.setdefault(key, []).append(_vote(values))
+    steps = {}
+    for request_id, values in latest.items():
+        if values["status"] == "pending":
+            step = steps[request_id] = _step(values)
+            step["votes"] = votes.get((request_id, values["index"], values["round"]), [])
     return steps
 
 
 def _summary(row: Any, current_step: dict[str, Any] | None) -> dict[str, Any]:
-    record = RecordKey(row.connection, row.object_type, row.record_id)
+    connection, object_type, record_id = row.connection, row.object_type, row.record_id
     return {
         "id": row.id,
         "record": {
-            "connection": record.connection,
-            "object": record.object_type,
-            "id": record.record_id,
-            "ref": record.ref,
+            "connection": connection,
+            "object": object_type,
+            "id": record_id,
+            "ref": RecordKey(connection, object_type, record_id).ref,
         },
         "rule": row.rule_name,
         "status": row.status,
@@ -92,7 +110,8 @@ def _summary(row: Any, current_step: dict[str, Any] | None) -> dict[str, Any]:
         "submitted_at": row.submitted_at.isoformat(),
         "updated_at": row.updated_at.isoformat(),
         "current_step": current_step,
-        "values": to_wire(row.record),
+        # decoded from the JSON column just now: already what to_wire would make of it
+        "values": row.record,
         "version": row.version,
     }
 
@@ -115,15 +134,15 @@ def _step(values: Any) -> dict[str, Any]:
 
 def _vote(values: Any) -> dict[str, Any]:
     return {
-        "step_index": values["step_index"],
-        "round": values["round"],
-        "approver": values["approver"],
-        "decision": values["decision"],
-        "comment": values["comment"],
-        "acting_admin": bool(values["acting_admin"]),
-        "at": values["at"].isoformat(),
-        "on_behalf_of": values["on_behalf_of"],
-        "auto_reason": values["auto_reason"],
+        "step_index": values["vote_step_index"],
+        "round": values["vote_round"],
+        "approver": values["vote_approver"],
+        "decision": values["vote_decision"],
+        "comment": values["vote_comment"],
+        "acting_admin": bool(values["vote_acting_admin"]),
+        "at": values["vote_at"].isoformat(),
+        "on_behalf_of": values["vote_on_behalf_of"],
+        "auto_reason": values["vote_auto_reason"],
     }
 
 

@@ -8,6 +8,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,6 @@ class UTCDateTime(TypeDecorator[Any]):
         return value
 
     def process_result_value(self, value: Any, dialect: Any) -> Any:
-        from datetime import UTC
-
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value

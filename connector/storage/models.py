@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import Boolean, CheckConstraint, Float, Index, Integer, String, Text, UniqueConstraint, true
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -315,7 +316,9 @@ class ApprovalAssigneeRow(Base):
 
 class ApprovalWaitingRow(Base):
     """One row per approver whose vote the open step of a pending request still awaits: the
-    approver's pending list, newest or oldest first, straight from one index."""
+    approver's pending list, newest or oldest first, straight from one index. Pending requests
+    only: migration 0023's triggers drop a request's rows when it leaves pending or is deleted
+    (as connector/storage/assignments.py does on every save), so its count is the list's total."""
 
     __tablename__ = "approval_waiting"
 
@@ -326,3 +329,18 @@ class ApprovalWaitingRow(Base):
     submitted_at: Mapped[datetime] = mapped_column(UTCDateTime)  # the request's, for the page order
 
     __table_args__ = (Index("ix_waiting_approver_submitted", "approver", "submitted_at", "request_id"),)
+
+
+# How many requests there are per (status, rule, connection): kept by triggers on
+# approval_requests (migration 0023_request_counts), read by connector/storage/request_counts.py.
+# SQLite keeps one row per key (the migration makes this index unique there, for its upsert);
+# PostgreSQL appends delta rows (no unique key), summed. No primary key: never an ORM row.
+APPROVAL_REQUEST_COUNTS = sa.Table(
+    "approval_request_counts",
+    Base.metadata,
+    sa.Column("status", String(16), nullable=False),
+    sa.Column("rule_name", String(200), nullable=False),
+    sa.Column("connection", String(64), nullable=False),
+    sa.Column("n", Integer, nullable=False),
+    Index("ix_request_counts_key", "status", "rule_name", "connection"),
+)

@@ -141,6 +141,26 @@ def test_the_admin_lists_read_the_submission_order_index(runtime: Runtime) -> No
     assert_indexed(page_plan(by_status), "ix_requests_status_submitted", postgres)
     by_rule = plans(runtime, lambda s: find_requests(s, RequestFilters(rule="rule-3", limit=50), None))
     assert_indexed(page_plan(by_rule), "ix_requests_rule_submitted", postgres)
+    for found in (everything, by_status, by_rule):  # the total: the kept counts, not a count
+        statements = [statement for statement, _plan in found]
+        assert any("FROM approval_request_counts" in statement for statement in statements), statements
+        assert not any("count(" in statement.lower() for statement in statements), statements
+
+
+def test_my_requests_are_counted_by_the_submitter_and_assignee_indexes(runtime: Runtime) -> None:
+    postgres = runtime.engine.dialect.name == "postgresql"
+    found = plans(runtime, lambda s: find_requests(s, RequestFilters(limit=50), Viewer("u-mgr-7", False)))
+    (count,) = [plan for statement, plan in found if "count(" in statement.lower()]
+    assert "ix_requests_submitter_submitted" in count, count
+    if postgres:
+        assert "Seq Scan" not in count, count
+    else:
+        assert "SCAN approval_requests\n" not in count + "\n" and "SCAN approval_assignees" not in count, (
+            count
+        )
+    with runtime.sessions() as session:  # u-mgr-7 is assigned every 50th request from the 7th
+        page = find_requests(session, RequestFilters(limit=50), Viewer("u-mgr-7", False))
+    assert page.total == len(range(7, COUNT, 50))
 
 
 def test_my_requests_use_the_submitter_and_assignee_indexes(runtime: Runtime) -> None:
