@@ -1,26 +1,25 @@
 """What the step-timer sweep reads to decide: each request's open step only.
 
 `approval_store.load_many` reads whole requests (every step, vote and history row); a timer
-decision needs only the open step's row (its latest round), the votes of that round and the
-history rows of that step (`connector.approvals.timers.timer_state` counts nothing else), plus
-the request's highest history `seq`, so a transition the decision appends gets the next one.
-
-A `Partial` is for deciding and for bulk writes that touch only the request's version and
-append history (reminders); anything that saves a request through the approval store
-(escalation, time-out) reads it whole.
+decision needs only the open step's row (its latest round), who voted in that round and the
+history rows of that step (`connector.approvals.timers.OpenStep`: `history_state` counts
+nothing else), plus the request's highest history `seq`, so a reminder's history row gets the
+next one. The sweep decides every claimed request on this and saves its reminders from it in
+bulk; anything that saves a request through the approval store (escalation, time-out) reads
+it whole.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import Integer, String, and_, func, select, type_coerce
 from sqlalchemy.orm import Session
 
-from connector.approvals.lifecycle import ApprovalRequest, Outcome, StepState, Transition, Vote
-from connector.storage.approval_store import RecordKey, StoredRequest
+from connector.approvals.timers import HISTORY_KINDS, OpenStep
 from connector.storage.models import (
     ApprovalRequestRow,
     ApprovalStepRow,
@@ -28,153 +27,119 @@ from connector.storage.models import (
     ApprovalVoteRow,
 )
 
-T = TypeVar("T")
 REQUESTS = ApprovalRequestRow.__table__.c
 STEPS = ApprovalStepRow.__table__.c
 VOTES = ApprovalVoteRow.__table__.c
 TRANSITIONS = ApprovalTransitionRow.__table__.c
 
 
-@dataclass(frozen=True)
-class Partial:
-    """A request with only its open step's rows; `last_seq` is its highest history seq."""
+class TimerRead(NamedTuple):
+    """A claimed request as the sweep's reminders need it: the request row's keys and version,
+    its highest history seq, and its `OpenStep` (None when it has no current step)."""
 
-    stored: StoredRequest
+    id: str
+    connection: str
+    object_type: str
+    record_id: str
+    rule_name: str
+    status: str
+    version: int
     last_seq: int
-
-    def renumber(self, outcome: Outcome) -> Outcome:
-        """The outcome of a decision on the partial request, with the new history rows numbered
-        after the request's real last row (the pure core numbers them after the rows it saw)."""
-        seen = len(self.stored.request.transitions)
-        # the pure core appends after the rows it was given and numbers them len + 1, len + 2...
-        added = tuple(replaced(t, seq=self.last_seq + t.seq - seen) for t in outcome.transitions)
-        outcome.request.transitions[seen:] = added  # the decision's own copy of the list
-        return replaced(outcome, transitions=added)
+    step: OpenStep | None
 
 
-def replaced(item: T, **changes: Any) -> T:
-    """`dataclasses.replace` for plain dataclasses (frozen or not, no __slots__, no
-    __post_init__): a shallow copy with some fields changed, without its per-call field
-    inspection and __init__, several times cheaper; the sweep does it for every reminder."""
-    new = object.__new__(type(item))
-    new.__dict__.update(item.__dict__)
-    new.__dict__.update(changes)
-    return new
+def _plain(column: Any) -> Any:
+    """The column with no result processing: the driver's own value (SQLite: text for moments
+    and JSON; PostgreSQL: aware datetimes, and JSON as text or decoded)."""
+    return type_coerce(column, String() if not isinstance(column.type, Integer) else Integer())
 
 
-# What a timer decision and its bulk save read of the request row: not the record snapshot
-# (`record`, `record_previous`, `changed_fields`), which neither reads; a Partial has them empty.
-_COLUMNS = [
-    REQUESTS[name]
-    for name in (
-        "id", "connection", "object_type", "record_id", "rule_name", "mapping_path", "mapping_hash",
-        "submitter", "status", "current_step", "submitted_at", "updated_at", "superseded_by", "version",
-    )
-]  # fmt: skip
+def _moment(value: Any) -> datetime:
+    """A UTC column's driver value as the aware datetime `UTCDateTime` gives."""
+    if isinstance(value, str):  # SQLite keeps 'YYYY-MM-DD HH:MM:SS.ffffff', UTC, no zone
+        return datetime.fromisoformat(value).replace(tzinfo=UTC)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-# The child rows' columns in their dataclass's field order (the tables mirror the dataclasses),
-# so a row becomes its dataclass positionally, with no per-row dict.
-_STEP_COLUMNS = [STEPS[f.name] for f in fields(StepState)]
-_VOTE_COLUMNS = [VOTES[f.name] for f in fields(Vote)]
-_TRANSITION_COLUMNS = [TRANSITIONS[f.name] for f in fields(Transition)]
-_APPROVERS = next(i for i, f in enumerate(fields(StepState)) if f.name == "approvers")
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
 
 
-def _step(row: Any) -> StepState:
-    values = list(row)
-    values[_APPROVERS] = tuple(values[_APPROVERS])  # JSON hands back a list
-    return StepState(*values)
-
-
-def _grouped(rows: Any, make: Any) -> dict[str, list[Any]]:
-    """Rows whose first column is the request id, made into dataclasses, by request id."""
-    grouped: dict[str, list[Any]] = {}
-    for row in rows:
-        grouped.setdefault(row[0], []).append(make(row))
-    return grouped
-
-
-def _partial(
-    row: Any, steps: list[StepState], votes: list[Vote], transitions: list[Transition]
-) -> StoredRequest:
-    record = RecordKey(row.connection, row.object_type, row.record_id)
-    request = ApprovalRequest(
-        id=row.id,
-        rule_name=row.rule_name,
-        record_ref=record.ref,
-        submitter=row.submitter,
-        status=row.status,
-        current_step=row.current_step,
-        record={},
-        record_previous=None,
-        changed_fields=(),
-        submitted_at=row.submitted_at,
-        updated_at=row.updated_at,
-        approved_at=None,  # not read by a timer decision
-        expires_at=None,
-        closed_at=None,
-        expired_at=None,
-        version=row.version,
-        steps=steps,
-        votes=votes,
-        transitions=transitions,
-    )
-    return StoredRequest(request, record, row.mapping_path, row.mapping_hash, row.superseded_by)
-
-
-def load_open_steps(session: Session, ids: Sequence[str]) -> list[Partial]:
-    """The requests with these ids (those that exist) with only their open step's rows."""
+def load_timer_steps(session: Session, ids: Sequence[str]) -> list[TimerRead]:
+    """The requests with these ids (those that exist), each with its open step as a timer
+    decision reads it, in three statements through the driver's plain values: the request rows
+    beside their current step's rows and their highest seq, that step's votes, and its
+    history rows of the kinds a timer counts (`HISTORY_KINDS`). Moments are decoded only
+    where a decision reads them (the step's opening, its reminders and escalations)."""
     if not ids:
         return []
-    rows = session.execute(select(*_COLUMNS).where(REQUESTS.id.in_(ids))).all()
-    open_ids = [row.id for row in rows if row.current_step is not None]
-    on_step = and_(REQUESTS.id == STEPS.request_id, REQUESTS.current_step == STEPS.index)
-    steps = _grouped(
-        session.execute(
-            select(*_STEP_COLUMNS)
-            .join(ApprovalRequestRow.__table__, on_step)
-            .where(REQUESTS.id.in_(open_ids))
-            .order_by(STEPS.entered_at, STEPS.index, STEPS.round)
-        ),
-        _step,
+    last_seq = (
+        select(func.max(TRANSITIONS.seq)).where(TRANSITIONS.request_id == REQUESTS.id).scalar_subquery()
     )
-    votes = _grouped(
-        session.execute(
-            select(*_VOTE_COLUMNS)
+    rows = session.execute(
+        select(
+            REQUESTS.id,
+            REQUESTS.connection,
+            REQUESTS.object_type,
+            REQUESTS.record_id,
+            REQUESTS.rule_name,
+            REQUESTS.status,
+            REQUESTS.version,
+            last_seq,
+            STEPS.round,
+            STEPS.name,
+            STEPS.status,
+            _plain(STEPS.entered_at),
+            _plain(STEPS.approvers),
+            REQUESTS.current_step,
+        )  # fmt: skip
+        .select_from(ApprovalRequestRow.__table__)
+        .outerjoin(
+            ApprovalStepRow.__table__,
+            and_(STEPS.request_id == REQUESTS.id, STEPS.index == REQUESTS.current_step),
+        )
+        .where(REQUESTS.id.in_(ids))
+    ).all()
+    latest: dict[str, Any] = {}  # request id -> its current step's row of the highest round
+    for row in rows:
+        known = latest.get(row[0])
+        if known is None or (row[8] is not None and (known[8] is None or row[8] > known[8])):
+            latest[row[0]] = row
+    open_ids = [rid for rid, row in latest.items() if row[8] is not None]
+    voted: dict[tuple[str, int], set[str]] = {}
+    history: dict[str, list[tuple[int, str, datetime | None]]] = {}
+    if open_ids:
+        for rid, round_, approver in session.execute(
+            select(VOTES.request_id, VOTES.round, VOTES.approver)
             .join(
                 ApprovalRequestRow.__table__,
                 and_(REQUESTS.id == VOTES.request_id, REQUESTS.current_step == VOTES.step_index),
             )
             .where(REQUESTS.id.in_(open_ids))
-            .order_by(VOTES.id)
-        ),
-        lambda row: Vote(*row),
-    )
-    history = _grouped(
-        session.execute(
-            select(*_TRANSITION_COLUMNS)
+        ):
+            voted.setdefault((rid, round_), set()).add(approver)
+        for rid, seq, kind, at in session.execute(
+            select(TRANSITIONS.request_id, TRANSITIONS.seq, TRANSITIONS.kind, _plain(TRANSITIONS.at))
             .join(
                 ApprovalRequestRow.__table__,
                 and_(REQUESTS.id == TRANSITIONS.request_id, REQUESTS.current_step == TRANSITIONS.step_index),
             )
-            .where(REQUESTS.id.in_(open_ids))
+            .where(REQUESTS.id.in_(open_ids), TRANSITIONS.kind.in_(HISTORY_KINDS))
             .order_by(TRANSITIONS.seq)
-        ),
-        lambda row: Transition(*row),
-    )
-    last_seq: dict[str, int] = dict(
-        session.execute(
-            select(TRANSITIONS.request_id, func.max(TRANSITIONS.seq))
-            .where(TRANSITIONS.request_id.in_(ids))
-            .group_by(TRANSITIONS.request_id)
-        ).all()
-    )
+        ):
+            moment = _moment(at) if kind == "reminded" or kind == "escalated" else None
+            history.setdefault(rid, []).append((seq, kind, moment))
     out = []
-    for row in rows:
-        if row.current_step is None:
-            stored = _partial(row, [], [], [])
-        else:
-            stored = _partial(row, steps.get(row.id, []), votes.get(row.id, []), history.get(row.id, []))
-        out.append(Partial(stored, last_seq.get(row.id, 0)))
+    for row in latest.values():
+        (rid, connection, object_type, record_id, rule_name, status, version, seq, round_, name, step_status,
+         entered_at, approvers, current) = row  # fmt: skip
+        step = None
+        if round_ is not None:
+            step = OpenStep(
+                rid, status, current, round_, name, step_status, _moment(entered_at),
+                tuple(_json(approvers)), frozenset(voted.get((rid, round_), ())), history.get(rid, []),
+            )  # fmt: skip
+        out.append(
+            TimerRead(rid, connection, object_type, record_id, rule_name, status, version, seq or 0, step)
+        )
     return out
