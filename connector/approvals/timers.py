@@ -25,7 +25,7 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from connector.approvals.business_time import WorkingCalendar
 from connector.approvals.lifecycle import (
@@ -93,8 +93,7 @@ class TimerResult:
     reason: str | None = None
 
 
-@dataclass(frozen=True)
-class OpenStep:
+class OpenStep(NamedTuple):
     """All a timer decision reads of a request: its open step (the latest round of the current
     step), who voted in that round, and the step's history rows of the kinds `timer_state`
     counts (every round, in `seq` order, as ``(seq, kind, at)``). `open_step` takes it from a
@@ -103,7 +102,7 @@ class OpenStep:
 
     request_id: str
     request_status: str
-    index: int
+    step_index: int
     round: int
     name: str
     status: str  # the step row's
@@ -116,8 +115,7 @@ class OpenStep:
 HISTORY_KINDS = ("entered", "reminded", "escalated", "timed_out")  # the history an OpenStep keeps
 
 
-@dataclass(frozen=True)
-class StepDecision:
+class StepDecision(NamedTuple):
     """What `decide_step` found: the timer to act on now (None: nothing is due) and, when that
     is a reminder, the reminder; `next` is the step's next due moment once that is saved (a
     reminder's own included), or as it stands when nothing is due."""
@@ -127,8 +125,7 @@ class StepDecision:
     reminder: Reminder | None = None
 
 
-@dataclass(frozen=True)
-class Reminder:
+class Reminder(NamedTuple):
     """A reminder decided on an `OpenStep`: its history row's comment and who it waits for."""
 
     number: int  # the step's reminders since it opened, this one included
@@ -145,7 +142,7 @@ def open_step(request: ApprovalRequest) -> OpenStep | None:
     return OpenStep(
         request_id=request.id,
         request_status=request.status,
-        index=row.index,
+        step_index=row.index,
         round=row.round,
         name=row.name,
         status=row.status,
@@ -166,10 +163,10 @@ def open_spec(step: OpenStep | None, rule: RuleSpec) -> StepSpec | None:
         step is None
         or step.request_status not in ACTIVE_STATUSES
         or step.status != "pending"
-        or step.index >= len(rule.steps)
+        or step.step_index >= len(rule.steps)
     ):
         return None
-    spec = rule.steps[step.index]
+    spec = rule.steps[step.step_index]
     return spec if spec.name == step.name else None
 
 
@@ -221,7 +218,10 @@ def decide_step(
         return StepDecision(None, None)
     timing = spec.timing
     state = history_state(step.history)
-    candidates = _candidates_of(step.index, step.round, step.entered_at, timing, state, calendar)
+    index, round_, entered_at = step.step_index, step.round, step.entered_at
+    fixed = _fixed_candidates(index, round_, entered_at, timing, state, calendar)
+    reminder = _reminder_candidate(index, round_, entered_at, timing, state, calendar)
+    candidates = fixed if reminder is None else [*fixed, reminder]
     due = _most_decisive(candidates, now)
     if due is None:
         return StepDecision(None, _earliest(candidates))
@@ -231,8 +231,10 @@ def decide_step(
     waiting = tuple(a for a in step.approvers if a not in step.voted)
     number = state.reminders + 1
     sent = sum(1 for _seq, kind, _at in step.history if kind == "reminded") + 1
+    # after the reminder: the same time-out and escalation, the next reminder `every` after it
     after = TimerState(number, now, state.escalated, state.timed_out, state.escalated_at)
-    following = _earliest(_candidates_of(step.index, step.round, step.entered_at, timing, after, calendar))
+    then = _reminder_candidate(index, round_, entered_at, timing, after, calendar)
+    following = _earliest(fixed if then is None else [*fixed, then])
     return StepDecision(
         due, following, Reminder(number, sent, waiting, reminder_note(timing.reminders, number, waiting))
     )
@@ -244,7 +246,9 @@ def step_next_timer(step: OpenStep | None, rule: RuleSpec, calendar: WorkingCale
     if step is None or spec is None or spec.timing is None:
         return None
     state = history_state(step.history)
-    return _earliest(_candidates_of(step.index, step.round, step.entered_at, spec.timing, state, calendar))
+    return _earliest(
+        _candidates_of(step.step_index, step.round, step.entered_at, spec.timing, state, calendar)
+    )
 
 
 def reminder_note(reminders: Reminders, number: int, waiting: tuple[str, ...]) -> str:
@@ -299,7 +303,7 @@ def _candidates(request: ApprovalRequest, rule: RuleSpec, calendar: WorkingCalen
     if step is None or spec is None or spec.timing is None:
         return []
     state = history_state(step.history)
-    return _candidates_of(step.index, step.round, step.entered_at, spec.timing, state, calendar)
+    return _candidates_of(step.step_index, step.round, step.entered_at, spec.timing, state, calendar)
 
 
 def _earliest(candidates: list[DueTimer]) -> DueTimer | None:
@@ -319,20 +323,46 @@ def _candidates_of(
     state: TimerState,
     calendar: WorkingCalendar,
 ) -> list[DueTimer]:
-    def due(kind: TimerKind, start: datetime, length: object) -> DueTimer:
-        return DueTimer(kind, calendar.add(start, length), index, round_)  # type: ignore[arg-type]
+    out = _fixed_candidates(index, round_, entered_at, timing, state, calendar)
+    reminder = _reminder_candidate(index, round_, entered_at, timing, state, calendar)
+    if reminder is not None:
+        out.append(reminder)
+    return out
 
+
+def _fixed_candidates(
+    index: int,
+    round_: int,
+    entered_at: datetime,
+    timing: StepTiming,
+    state: TimerState,
+    calendar: WorkingCalendar,
+) -> list[DueTimer]:
+    """The time-out and escalation, counted from when the step opened (a reminder leaves them)."""
     out = []
     if timing.timeout is not None and not state.timed_out:
-        out.append(due("timeout", entered_at, timing.timeout.after.length(calendar)))
+        at = calendar.add(entered_at, timing.timeout.after.length(calendar))
+        out.append(DueTimer("timeout", at, index, round_))
     if timing.escalation is not None and not state.escalated:
-        out.append(due("escalate", entered_at, timing.escalation.after.length(calendar)))
-    reminders = timing.reminders
-    if reminders is not None and (reminders.max is None or state.reminders < reminders.max):
-        # an escalation's notice counts as a reminder: the next one is `every` after it
-        start = max(t for t in (entered_at, state.last_reminder_at, state.escalated_at) if t is not None)
-        out.append(due("remind", start, reminders.every.length(calendar)))
+        at = calendar.add(entered_at, timing.escalation.after.length(calendar))
+        out.append(DueTimer("escalate", at, index, round_))
     return out
+
+
+def _reminder_candidate(
+    index: int,
+    round_: int,
+    entered_at: datetime,
+    timing: StepTiming,
+    state: TimerState,
+    calendar: WorkingCalendar,
+) -> DueTimer | None:
+    reminders = timing.reminders
+    if reminders is None or (reminders.max is not None and state.reminders >= reminders.max):
+        return None
+    # an escalation's notice counts as a reminder: the next one is `every` after it
+    start = max(t for t in (entered_at, state.last_reminder_at, state.escalated_at) if t is not None)
+    return DueTimer("remind", calendar.add(start, reminders.every.length(calendar)), index, round_)
 
 
 def _waiting(request: ApprovalRequest, row: StepState) -> tuple[str, ...]:

@@ -56,8 +56,8 @@ def _plain(column: Any) -> Any:
 
 def _moment(value: Any) -> datetime:
     """A UTC column's driver value as the aware datetime `UTCDateTime` gives."""
-    if isinstance(value, str):  # SQLite keeps 'YYYY-MM-DD HH:MM:SS.ffffff', UTC, no zone
-        return datetime.fromisoformat(value).replace(tzinfo=UTC)
+    if isinstance(value, str):  # SQLite keeps ISO text ('YYYY-MM-DD HH:MM:SS.ffffff', in UTC)
+        value = datetime.fromisoformat(value)
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
