@@ -361,7 +361,10 @@ def _reminder_candidate(
     if reminders is None or (reminders.max is not None and state.reminders >= reminders.max):
         return None
     # an escalation's notice counts as a reminder: the next one is `every` after it
-    start = max(t for t in (entered_at, state.last_reminder_at, state.escalated_at) if t is not None)
+    start = entered_at
+    for moment in (state.last_reminder_at, state.escalated_at):
+        if moment is not None and moment > start:
+            start = moment
     return DueTimer("remind", calendar.add(start, reminders.every.length(calendar)), index, round_)
 
 

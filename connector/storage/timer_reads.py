@@ -16,21 +16,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Integer, String, and_, func, select, type_coerce
 from sqlalchemy.orm import Session
 
 from connector.approvals.timers import HISTORY_KINDS, OpenStep
-from connector.storage.models import (
-    ApprovalRequestRow,
-    ApprovalStepRow,
-    ApprovalTransitionRow,
-    ApprovalVoteRow,
-)
-
-REQUESTS = ApprovalRequestRow.__table__.c
-STEPS = ApprovalStepRow.__table__.c
-VOTES = ApprovalVoteRow.__table__.c
-TRANSITIONS = ApprovalTransitionRow.__table__.c
 
 
 class TimerRead(NamedTuple):
@@ -48,12 +36,6 @@ class TimerRead(NamedTuple):
     step: OpenStep | None
 
 
-def _plain(column: Any) -> Any:
-    """The column with no result processing: the driver's own value (SQLite: text for moments
-    and JSON; PostgreSQL: aware datetimes, and JSON as text or decoded)."""
-    return type_coerce(column, String() if not isinstance(column.type, Integer) else Integer())
-
-
 def _moment(value: Any) -> datetime:
     """A UTC column's driver value as the aware datetime `UTCDateTime` gives."""
     if isinstance(value, str):  # SQLite keeps ISO text ('YYYY-MM-DD HH:MM:SS.ffffff', in UTC)
@@ -67,39 +49,30 @@ def _json(value: Any) -> Any:
 
 def load_timer_steps(session: Session, ids: Sequence[str]) -> list[TimerRead]:
     """The requests with these ids (those that exist), each with its open step as a timer
-    decision reads it, in three statements through the driver's plain values: the request rows
+    decision reads it, in three statements of plain SQL (the tables of
+    connector/storage/models.py) through the driver's own values: the request rows
     beside their current step's rows and their highest seq, that step's votes, and its
     history rows of the kinds a timer counts (`HISTORY_KINDS`). Moments are decoded only
     where a decision reads them (the step's opening, its reminders and escalations)."""
     if not ids:
         return []
-    last_seq = (
-        select(func.max(TRANSITIONS.seq)).where(TRANSITIONS.request_id == REQUESTS.id).scalar_subquery()
-    )
-    rows = session.execute(
-        select(
-            REQUESTS.id,
-            REQUESTS.connection,
-            REQUESTS.object_type,
-            REQUESTS.record_id,
-            REQUESTS.rule_name,
-            REQUESTS.status,
-            REQUESTS.version,
-            last_seq,
-            STEPS.round,
-            STEPS.name,
-            STEPS.status,
-            _plain(STEPS.entered_at),
-            _plain(STEPS.approvers),
-            REQUESTS.current_step,
-        )  # fmt: skip
-        .select_from(ApprovalRequestRow.__table__)
-        .outerjoin(
-            ApprovalStepRow.__table__,
-            and_(STEPS.request_id == REQUESTS.id, STEPS.index == REQUESTS.current_step),
-        )
-        .where(REQUESTS.id.in_(ids))
-    ).all()
+    conn = session.connection()
+    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+
+    def among(values: Sequence[str]) -> str:
+        return "(" + ", ".join([mark] * len(values)) + ")"
+
+    # plain SQL through the driver (columns as stored: no result processing, and none of
+    # SQLAlchemy's per-execution expansion of a 2,000-value IN list); "index" and "round" quoted
+    rows = conn.exec_driver_sql(
+        "SELECT r.id, r.connection, r.object_type, r.record_id, r.rule_name, r.status, r.version,"
+        " (SELECT max(t.seq) FROM approval_transitions t WHERE t.request_id = r.id),"
+        ' s."round", s.name, s.status, s.entered_at, s.approvers, r.current_step'
+        " FROM approval_requests r LEFT JOIN approval_steps s"
+        ' ON s.request_id = r.id AND s."index" = r.current_step'
+        f" WHERE r.id IN {among(ids)}",
+        tuple(ids),
+    ).fetchall()
     latest: dict[str, Any] = {}  # request id -> its current step's row of the highest round
     for row in rows:
         known = latest.get(row[0])
@@ -109,23 +82,19 @@ def load_timer_steps(session: Session, ids: Sequence[str]) -> list[TimerRead]:
     voted: dict[tuple[str, int], set[str]] = {}
     history: dict[str, list[tuple[int, str, datetime | None]]] = {}
     if open_ids:
-        for rid, round_, approver in session.execute(
-            select(VOTES.request_id, VOTES.round, VOTES.approver)
-            .join(
-                ApprovalRequestRow.__table__,
-                and_(REQUESTS.id == VOTES.request_id, REQUESTS.current_step == VOTES.step_index),
-            )
-            .where(REQUESTS.id.in_(open_ids))
+        for rid, round_, approver in conn.exec_driver_sql(
+            'SELECT v.request_id, v."round", v.approver FROM approval_votes v'
+            " JOIN approval_requests r ON r.id = v.request_id AND r.current_step = v.step_index"
+            f" WHERE r.id IN {among(open_ids)}",
+            tuple(open_ids),
         ):
             voted.setdefault((rid, round_), set()).add(approver)
-        for rid, seq, kind, at in session.execute(
-            select(TRANSITIONS.request_id, TRANSITIONS.seq, TRANSITIONS.kind, _plain(TRANSITIONS.at))
-            .join(
-                ApprovalRequestRow.__table__,
-                and_(REQUESTS.id == TRANSITIONS.request_id, REQUESTS.current_step == TRANSITIONS.step_index),
-            )
-            .where(REQUESTS.id.in_(open_ids), TRANSITIONS.kind.in_(HISTORY_KINDS))
-            .order_by(TRANSITIONS.seq)
+        for rid, seq, kind, at in conn.exec_driver_sql(
+            "SELECT t.request_id, t.seq, t.kind, t.at FROM approval_transitions t"
+            " JOIN approval_requests r ON r.id = t.request_id AND r.current_step = t.step_index"
+            f" WHERE r.id IN {among(open_ids)} AND t.kind IN {among(HISTORY_KINDS)}"
+            " ORDER BY t.seq",
+            (*open_ids, *HISTORY_KINDS),
         ):
             moment = _moment(at) if kind == "reminded" or kind == "escalated" else None
             history.setdefault(rid, []).append((seq, kind, moment))
