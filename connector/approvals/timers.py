@@ -58,8 +58,7 @@ class DueTimer:
     round: int
 
 
-@dataclass(frozen=True)
-class TimerState:
+class TimerState(NamedTuple):
     reminders: int
     last_reminder_at: datetime | None
     escalated: bool
@@ -307,12 +306,16 @@ def _candidates(request: ApprovalRequest, rule: RuleSpec, calendar: WorkingCalen
 
 
 def _earliest(candidates: list[DueTimer]) -> DueTimer | None:
-    return min(candidates, key=lambda d: (d.at, _PRIORITY[d.kind])) if candidates else None
+    if len(candidates) < 2:  # most steps have one kind of timing
+        return candidates[0] if candidates else None
+    return min(candidates, key=lambda d: (d.at, _PRIORITY[d.kind]))
 
 
 def _most_decisive(candidates: list[DueTimer], now: datetime) -> DueTimer | None:
     due = [d for d in candidates if d.at <= now]
-    return min(due, key=lambda d: _PRIORITY[d.kind]) if due else None
+    if len(due) < 2:
+        return due[0] if due else None
+    return min(due, key=lambda d: _PRIORITY[d.kind])
 
 
 def _candidates_of(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -355,7 +356,7 @@ class StepTimers:
                     ):
                         if row["dedupe_key"] not in notices:
                             row["context"] = context  # the facts, serialised once
-                            notices[row["dedupe_key"]] = tuple(row[name] for name in _NOTIFICATION_COLUMNS)
+                            notices[row["dedupe_key"]] = _notification_values(row)
                             told[read.id] = told.get(read.id, 0) + 1
             bulk.insert_rows(
                 session,
@@ -492,6 +493,7 @@ _NOTIFICATION_COLUMNS = (
     "dedupe_key", "event", "template", "channel", "connection", "user_id", "email", "target",
     "request_id", "context", "status", "attempts", "created_at",
 )  # fmt: skip
+_notification_values = operator.itemgetter(*_NOTIFICATION_COLUMNS)  # a row dict's values, in that order
 REQUESTS = cast(Table, ApprovalRequestRow.__table__)
 TRANSITIONS = cast(Table, ApprovalTransitionRow.__table__)
 TIMERS = cast(Table, timer_rows.ApprovalTimerRow.__table__)

@@ -43,8 +43,14 @@ def _moment(value: Any) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def _json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
+def _approvers(value: Any, seen: dict[Any, tuple[str, ...]]) -> tuple[str, ...]:
+    """The step's approvers column (JSON text on SQLite; a list, or text, on PostgreSQL)."""
+    if not isinstance(value, str):
+        return tuple(json.loads(value) if isinstance(value, bytes) else value)
+    known = seen.get(value)
+    if known is None:
+        known = seen[value] = tuple(json.loads(value))
+    return known
 
 
 def load_timer_steps(session: Session, ids: Sequence[str]) -> list[TimerRead]:
@@ -99,6 +105,7 @@ def load_timer_steps(session: Session, ids: Sequence[str]) -> list[TimerRead]:
             moment = _moment(at) if kind == "reminded" or kind == "escalated" else None
             history.setdefault(rid, []).append((seq, kind, moment))
     out = []
+    seen: dict[Any, tuple[str, ...]] = {}  # the same approver lists recur: each decoded once
     for row in latest.values():
         (rid, connection, object_type, record_id, rule_name, status, version, seq, round_, name, step_status,
          entered_at, approvers, current) = row  # fmt: skip
@@ -106,7 +113,7 @@ def load_timer_steps(session: Session, ids: Sequence[str]) -> list[TimerRead]:
         if round_ is not None:
             step = OpenStep(
                 rid, status, current, round_, name, step_status, _moment(entered_at),
-                tuple(_json(approvers)), frozenset(voted.get((rid, round_), ())), history.get(rid, []),
+                _approvers(approvers, seen), frozenset(voted.get((rid, round_), ())), history.get(rid, []),
             )  # fmt: skip
         out.append(
             TimerRead(rid, connection, object_type, record_id, rule_name, status, version, seq or 0, step)
