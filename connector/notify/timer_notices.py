@@ -40,24 +40,6 @@ def queue_timer_notices(
     return added
 
 
-def timer_notice_rows(
-    queue: NotificationQueue,
-    *,
-    connection: str,
-    result: TimerResult,
-    roles: Mapping[str, tuple[str, ...]],
-    step_labels: Mapping[int, str],
-    step_count: int,
-) -> list[dict[str, Any]]:
-    """The same notices as notification rows, for a bulk insert (the sweep's reminders)."""
-    request_id = result.outcome.request.id
-    return [
-        row
-        for user, event, key, facts in timer_notices(result, step_labels, step_count)
-        for row in queue.event_rows(connection, user, event, key, facts, roles, request_id)
-    ]
-
-
 def timer_notices(
     result: TimerResult, step_labels: Mapping[int, str], step_count: int
 ) -> list[tuple[str, str, str, dict[str, Any]]]:
