@@ -22,13 +22,14 @@ escalation, else a reminder (the escalation's notice is the reminder).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from connector.approvals.business_time import WorkingCalendar
 from connector.approvals.lifecycle import (
+    ACTIVE_STATUSES,
     ApprovalRequest,
     Outcome,
     Roles,
@@ -37,12 +38,11 @@ from connector.approvals.lifecycle import (
     _snapshot_ctx,
     _Txn,
     current_step_state,
-    is_active,
     step_votes,
 )
 from connector.approvals.modes import policy_for
 from connector.approvals.spec import RuleSpec, StepSpec
-from connector.approvals.timing import Escalation, EscalationTarget, StepTiming, describe_target
+from connector.approvals.timing import Escalation, EscalationTarget, Reminders, StepTiming, describe_target
 
 TimerKind = Literal["remind", "escalate", "timeout"]
 _PRIORITY: dict[TimerKind, int] = {"timeout": 0, "escalate": 1, "remind": 2}
@@ -58,8 +58,7 @@ class DueTimer:
     round: int
 
 
-@dataclass(frozen=True)
-class TimerState:
+class TimerState(NamedTuple):
     reminders: int
     last_reminder_at: datetime | None
     escalated: bool
@@ -93,43 +92,168 @@ class TimerResult:
     reason: str | None = None
 
 
-def step_spec(request: ApprovalRequest, rule: RuleSpec) -> tuple[StepState, StepSpec] | None:
-    """The open step and its spec, when the request is pending on a step the rule still has."""
+class OpenStep(NamedTuple):
+    """All a timer decision reads of a request: its open step (the latest round of the current
+    step), who voted in that round, and the step's history rows of the kinds `timer_state`
+    counts (every round, in `seq` order, as ``(seq, kind, at)``). `open_step` takes it from a
+    whole request; the sweep reads it alone for each claimed request
+    (connector/storage/timer_reads.py), so a reminder needs no whole request."""
+
+    request_id: str
+    request_status: str
+    step_index: int
+    round: int
+    name: str
+    status: str  # the step row's
+    entered_at: datetime
+    approvers: tuple[str, ...]
+    voted: frozenset[str]
+    history: Sequence[tuple[int, str, datetime | None]]  # `at` may be None but for reminded/escalated
+
+
+HISTORY_KINDS = ("entered", "reminded", "escalated", "timed_out")  # the history an OpenStep keeps
+
+
+class StepDecision(NamedTuple):
+    """What `decide_step` found: the timer to act on now (None: nothing is due) and, when that
+    is a reminder, the reminder; `next` is the step's next due moment once that is saved (a
+    reminder's own included), or as it stands when nothing is due."""
+
+    due: DueTimer | None
+    next: DueTimer | None
+    reminder: Reminder | None = None
+
+
+class Reminder(NamedTuple):
+    """A reminder decided on an `OpenStep`: its history row's comment and who it waits for."""
+
+    number: int  # the step's reminders since it opened, this one included
+    sent: int  # the step's reminders in every round, this one included (the notice says it)
+    waiting: tuple[str, ...]
+    note: str
+
+
+def open_step(request: ApprovalRequest) -> OpenStep | None:
+    """A whole request's `OpenStep` (None when it has no current step)."""
     row = current_step_state(request)
-    if not is_active(request) or row is None or row.status != "pending" or row.index >= len(rule.steps):
+    if row is None:
         return None
-    spec = rule.steps[row.index]
-    return (row, spec) if spec.name == row.name else None
+    return OpenStep(
+        request_id=request.id,
+        request_status=request.status,
+        step_index=row.index,
+        round=row.round,
+        name=row.name,
+        status=row.status,
+        entered_at=row.entered_at,
+        approvers=row.approvers,
+        voted=frozenset(v.approver for v in step_votes(request, row)),
+        history=[
+            (t.seq, t.kind, t.at)
+            for t in request.transitions
+            if t.step_index == row.index and t.kind in HISTORY_KINDS
+        ],
+    )
+
+
+def open_spec(step: OpenStep | None, rule: RuleSpec) -> StepSpec | None:
+    """The open step's spec, when the request is pending on a step the rule still has."""
+    if (
+        step is None
+        or step.request_status not in ACTIVE_STATUSES
+        or step.status != "pending"
+        or step.step_index >= len(rule.steps)
+    ):
+        return None
+    spec = rule.steps[step.step_index]
+    return spec if spec.name == step.name else None
+
+
+def history_state(history: Sequence[tuple[int, str, datetime | None]]) -> TimerState:
+    """`timer_state` from one step's ``(seq, kind, at)`` history rows (every round, by seq)."""
+    since = max((seq for seq, kind, _at in history if kind == "entered"), default=0)
+    reminders = 0
+    last_reminder_at = escalated_at = None
+    escalated = timed_out = False
+    for seq, kind, at in history:
+        if seq <= since:
+            continue
+        if kind == "reminded":
+            reminders += 1
+            last_reminder_at = at
+        elif kind == "escalated":
+            escalated, escalated_at = True, at
+        elif kind == "timed_out":
+            timed_out = True
+    return TimerState(reminders, last_reminder_at, escalated, timed_out, escalated_at)
 
 
 def timer_state(request: ApprovalRequest, row: StepState) -> TimerState:
     """What the open step's timing has done so far, from the history since the step opened."""
-    entered = [t.seq for t in request.transitions if t.kind == "entered" and t.step_index == row.index]
-    since = max(entered, default=0)
-    mine = [t for t in request.transitions if t.seq > since and t.step_index == row.index]
-    reminders = [t for t in mine if t.kind == "reminded"]
-    escalations = [t for t in mine if t.kind == "escalated"]
-    return TimerState(
-        reminders=len(reminders),
-        last_reminder_at=reminders[-1].at if reminders else None,
-        escalated=bool(escalations),
-        timed_out=any(t.kind == "timed_out" for t in mine),
-        escalated_at=escalations[-1].at if escalations else None,
-    )
+    return history_state([(t.seq, t.kind, t.at) for t in request.transitions if t.step_index == row.index])
 
 
 def next_timer(request: ApprovalRequest, rule: RuleSpec, calendar: WorkingCalendar) -> DueTimer | None:
     """The open step's next due moment (earliest first), or None when nothing more will happen."""
-    candidates = _candidates(request, rule, calendar)
-    return min(candidates, key=lambda d: (d.at, _PRIORITY[d.kind])) if candidates else None
+    return _earliest(_candidates(request, rule, calendar))
 
 
 def due_timer(
     request: ApprovalRequest, rule: RuleSpec, calendar: WorkingCalendar, now: datetime
 ) -> DueTimer | None:
     """The timer to act on at ``now``: the most decisive of those due, or None."""
-    due = [d for d in _candidates(request, rule, calendar) if d.at <= now]
-    return min(due, key=lambda d: _PRIORITY[d.kind]) if due else None
+    return _most_decisive(_candidates(request, rule, calendar), now)
+
+
+def decide_step(
+    step: OpenStep | None, rule: RuleSpec, calendar: WorkingCalendar, now: datetime
+) -> StepDecision:
+    """`due_timer` on an `OpenStep`, and when it is a reminder what `fire_due` would remind
+    (the same note, the same people) plus the step's next due moment after it; `next_timer`
+    when nothing is due. Escalations and time-outs are only named (`due`): `fire_due` acts on
+    them, on the whole request."""
+    spec = open_spec(step, rule)
+    if step is None or spec is None or spec.timing is None:
+        return StepDecision(None, None)
+    timing = spec.timing
+    state = history_state(step.history)
+    index, round_, entered_at = step.step_index, step.round, step.entered_at
+    fixed = _fixed_candidates(index, round_, entered_at, timing, state, calendar)
+    reminder = _reminder_candidate(index, round_, entered_at, timing, state, calendar)
+    candidates = fixed if reminder is None else [*fixed, reminder]
+    due = _most_decisive(candidates, now)
+    if due is None:
+        return StepDecision(None, _earliest(candidates))
+    if due.kind != "remind":
+        return StepDecision(due, None)
+    assert timing.reminders is not None
+    waiting = tuple(a for a in step.approvers if a not in step.voted)
+    number = state.reminders + 1
+    sent = sum(1 for _seq, kind, _at in step.history if kind == "reminded") + 1
+    # after the reminder: the same time-out and escalation, the next reminder `every` after it
+    after = TimerState(number, now, state.escalated, state.timed_out, state.escalated_at)
+    then = _reminder_candidate(index, round_, entered_at, timing, after, calendar)
+    following = _earliest(fixed if then is None else [*fixed, then])
+    return StepDecision(
+        due, following, Reminder(number, sent, waiting, reminder_note(timing.reminders, number, waiting))
+    )
+
+
+def step_next_timer(step: OpenStep | None, rule: RuleSpec, calendar: WorkingCalendar) -> DueTimer | None:
+    """`next_timer` on an `OpenStep`."""
+    spec = open_spec(step, rule)
+    if step is None or spec is None or spec.timing is None:
+        return None
+    state = history_state(step.history)
+    return _earliest(
+        _candidates_of(step.step_index, step.round, step.entered_at, spec.timing, state, calendar)
+    )
+
+
+def reminder_note(reminders: Reminders, number: int, waiting: tuple[str, ...]) -> str:
+    """The comment of a reminder's history row."""
+    of = f" of {reminders.max}" if reminders.max is not None else ""
+    return f"reminder {number}{of}: waiting for {', '.join(waiting)}"
 
 
 def fire_due(
@@ -144,18 +268,23 @@ def fire_due(
     """Act on the timer due at ``now`` (None when nothing is due). Raises ``ChainError`` (changing
     nothing) when a time-out moves the chain to a step nobody can approve. ``due``: what
     ``due_timer`` returned for the same request, calendar and ``now``, when the caller has it."""
-    if due is None:
-        due = due_timer(request, rule, calendar, now)
-    found = step_spec(request, rule)
-    if due is None or found is None:
+    row = current_step_state(request)
+    step = open_step(request)
+    spec = open_spec(step, rule)
+    if row is None or step is None or spec is None or spec.timing is None:
         return None
-    row, spec = found
     timing = spec.timing
-    assert timing is not None  # a due timer needs timing
+    state = history_state(step.history)
+    if due is None:
+        due = _most_decisive(
+            _candidates_of(row.index, row.round, row.entered_at, timing, state, calendar), now
+        )
+    if due is None:
+        return None
     if due.kind == "remind":  # adds one history row and changes nothing else: no deep copy needed
         reminded = copy.copy(request)
         reminded.transitions = list(request.transitions)
-        return _remind(_Txn(reminded, now), due, row, timing)
+        return _remind(_Txn(reminded, now), due, row, timing, state)
     txn = _Txn(copy.deepcopy(request), now)
     if due.kind == "escalate":
         assert timing.escalation is not None
@@ -168,28 +297,78 @@ def fire_due(
 
 
 def _candidates(request: ApprovalRequest, rule: RuleSpec, calendar: WorkingCalendar) -> list[DueTimer]:
-    found = step_spec(request, rule)
-    if found is None or found[1].timing is None:
+    step = open_step(request)
+    spec = open_spec(step, rule)
+    if step is None or spec is None or spec.timing is None:
         return []
-    row, spec = found
-    timing = spec.timing
-    assert timing is not None
-    state = timer_state(request, row)
+    state = history_state(step.history)
+    return _candidates_of(step.step_index, step.round, step.entered_at, spec.timing, state, calendar)
 
-    def due(kind: TimerKind, start: datetime, length: object) -> DueTimer:
-        return DueTimer(kind, calendar.add(start, length), row.index, row.round)  # type: ignore[arg-type]
 
+def _earliest(candidates: list[DueTimer]) -> DueTimer | None:
+    if len(candidates) < 2:  # most steps have one kind of timing
+        return candidates[0] if candidates else None
+    return min(candidates, key=lambda d: (d.at, _PRIORITY[d.kind]))
+
+
+def _most_decisive(candidates: list[DueTimer], now: datetime) -> DueTimer | None:
+    due = [d for d in candidates if d.at <= now]
+    if len(due) < 2:
+        return due[0] if due else None
+    return min(due, key=lambda d: _PRIORITY[d.kind])
+
+
+def _candidates_of(
+    index: int,
+    round_: int,
+    entered_at: datetime,
+    timing: StepTiming,
+    state: TimerState,
+    calendar: WorkingCalendar,
+) -> list[DueTimer]:
+    out = _fixed_candidates(index, round_, entered_at, timing, state, calendar)
+    reminder = _reminder_candidate(index, round_, entered_at, timing, state, calendar)
+    if reminder is not None:
+        out.append(reminder)
+    return out
+
+
+def _fixed_candidates(
+    index: int,
+    round_: int,
+    entered_at: datetime,
+    timing: StepTiming,
+    state: TimerState,
+    calendar: WorkingCalendar,
+) -> list[DueTimer]:
+    """The time-out and escalation, counted from when the step opened (a reminder leaves them)."""
     out = []
     if timing.timeout is not None and not state.timed_out:
-        out.append(due("timeout", row.entered_at, timing.timeout.after.length(calendar)))
+        at = calendar.add(entered_at, timing.timeout.after.length(calendar))
+        out.append(DueTimer("timeout", at, index, round_))
     if timing.escalation is not None and not state.escalated:
-        out.append(due("escalate", row.entered_at, timing.escalation.after.length(calendar)))
-    reminders = timing.reminders
-    if reminders is not None and (reminders.max is None or state.reminders < reminders.max):
-        # an escalation's notice counts as a reminder: the next one is `every` after it
-        start = max(t for t in (row.entered_at, state.last_reminder_at, state.escalated_at) if t is not None)
-        out.append(due("remind", start, reminders.every.length(calendar)))
+        at = calendar.add(entered_at, timing.escalation.after.length(calendar))
+        out.append(DueTimer("escalate", at, index, round_))
     return out
+
+
+def _reminder_candidate(
+    index: int,
+    round_: int,
+    entered_at: datetime,
+    timing: StepTiming,
+    state: TimerState,
+    calendar: WorkingCalendar,
+) -> DueTimer | None:
+    reminders = timing.reminders
+    if reminders is None or (reminders.max is not None and state.reminders >= reminders.max):
+        return None
+    # an escalation's notice counts as a reminder: the next one is `every` after it
+    start = entered_at
+    for moment in (state.last_reminder_at, state.escalated_at):
+        if moment is not None and moment > start:
+            start = moment
+    return DueTimer("remind", calendar.add(start, reminders.every.length(calendar)), index, round_)
 
 
 def _waiting(request: ApprovalRequest, row: StepState) -> tuple[str, ...]:
@@ -197,12 +376,10 @@ def _waiting(request: ApprovalRequest, row: StepState) -> tuple[str, ...]:
     return tuple(a for a in row.approvers if a not in voted)
 
 
-def _remind(txn: _Txn, due: DueTimer, row: StepState, timing: StepTiming) -> TimerResult:
+def _remind(txn: _Txn, due: DueTimer, row: StepState, timing: StepTiming, state: TimerState) -> TimerResult:
     assert timing.reminders is not None
-    number = timer_state(txn.request, row).reminders + 1
     waiting = _waiting(txn.request, row)
-    of = f" of {timing.reminders.max}" if timing.reminders.max is not None else ""
-    note = f"reminder {number}{of}: waiting for {', '.join(waiting)}"
+    note = reminder_note(timing.reminders, state.reminders + 1, waiting)
     txn.transition("reminded", "pending", step_index=row.index, actor=None, comment=note)
     return TimerResult(txn.outcome(), due, waiting=waiting)
 

@@ -469,12 +469,17 @@ class ApprovalService:
 
     def _rule_of(self, stored: StoredRequest) -> tuple[MappingSpec, RuleSpec]:
         record = stored.record
-        for spec in self.mappings.for_object(record.connection, record.object_type):
+        return self.rule_named(record.connection, record.object_type, stored.request.rule_name)
+
+    def rule_named(self, connection: str, object_type: str, rule_name: str) -> tuple[MappingSpec, RuleSpec]:
+        """The mapping and rule a request of this connection, object and rule name follows
+        (RuleGoneError when the rule is no longer loaded)."""
+        for spec in self.mappings.for_object(connection, object_type):
             for rule in spec.rules:
-                if rule.name == stored.request.rule_name:
+                if rule.name == rule_name:
                     return spec, rule
         raise RuleGoneError(
-            f"rule {stored.request.rule_name!r} for {record.connection}/{record.object_type} is no longer "
+            f"rule {rule_name!r} for {connection}/{object_type} is no longer "
             "in the mapping files; restore it to act on this request"
         )
 

@@ -14,26 +14,36 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Table, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.approvals.actions import RenderedAction
+from connector.approvals.business_time import WorkingCalendar
 from connector.approvals.errors import ActionRenderError, ChainError
-from connector.approvals.lifecycle import ApprovalRequest, Outcome, Transition
+from connector.approvals.lifecycle import ApprovalRequest, Outcome
 from connector.approvals.routing import Org
 from connector.approvals.spec import MappingSpec, RuleSpec
-from connector.approvals.timers import DueTimer, Resolved, TimerResult, due_timer, fire_due, next_timer
+from connector.approvals.timers import (
+    DueTimer,
+    Reminder,
+    TimerResult,
+    decide_step,
+    fire_due,
+    next_timer,
+    step_next_timer,
+)
 from connector.clock import utcnow
 from connector.config import ConfigError
 from connector.notify.models import Notification
 from connector.notify.queue import NotificationQueue
-from connector.notify.timer_notices import queue_timer_notices, timer_notice_rows
+from connector.notify.timer_notices import notice_facts, queue_timer_notices, reminder_notices
 from connector.service.approval_service import ApprovalService, RuleGoneError
 from connector.service.escalation import target_resolver
 from connector.service.timer_calendars import CalendarLookup
@@ -78,16 +88,19 @@ class StepTimers:
     # --- keeping the next due moment (called by ApprovalService._commit) -------------------
 
     def schedule(self, session: Session, stored: StoredRequest, rule: RuleSpec, outcome: Outcome) -> None:
-        request = outcome.request
         if not has_timing(rule):
             # No row to keep (a stale one, left by a mapping change, is dropped by the sweep).
             return
+        timer_rows.schedule(session, outcome.request.id, self._next_due(stored, outcome.request, rule))
+
+    def _next_due(self, stored: StoredRequest, request: ApprovalRequest, rule: RuleSpec) -> DueTimer | None:
+        if not has_timing(rule):
+            return None
         try:
-            due = next_timer(request, rule, self.calendars(stored.record.connection))
+            return next_timer(request, rule, self.calendars(stored.record.connection))
         except ConfigError as exc:  # a half-set business calendar: say so, fall back to no timer
             log.error("step timers of connection %s are off: %s", stored.record.connection, exc)
-            due = None
-        timer_rows.schedule(session, request.id, due)
+            return None
 
     # --- the sweep -------------------------------------------------------------------------
 
@@ -139,15 +152,12 @@ class StepTimers:
         for start in range(0, len(ids), self.batch):
             with transaction(sessions) as session:
                 dues: dict[str, DueTimer | None] = {}
-                for part in timer_reads.load_open_steps(session, ids[start : start + self.batch]):
-                    stored, record = part.stored, part.stored.record
-                    if (record.connection, record.object_type, stored.request.rule_name) not in timed:
+                for read in timer_reads.load_timer_steps(session, ids[start : start + self.batch]):
+                    if (read.connection, read.object_type, read.rule_name) not in timed:
                         continue
                     try:
-                        _spec, rule = service.rule_of(stored)
-                        dues[stored.request.id] = next_timer(
-                            stored.request, rule, self.calendars(record.connection)
-                        )
+                        _spec, rule = service.rule_named(read.connection, read.object_type, read.rule_name)
+                        dues[read.id] = step_next_timer(read.step, rule, self.calendars(read.connection))
                     except (RuleGoneError, ConfigError):
                         continue
                 timer_rows.schedule_many(session, timer_rows.changed(session, dues))
@@ -164,63 +174,57 @@ class StepTimers:
         now: datetime,
         report: SweepReport,
     ) -> None:
-        # Decide on the open steps alone; only escalations and time-outs are read whole.
+        # Decide on the open steps alone (reminders are saved from them); only escalations
+        # and time-outs are read whole. Rules and calendars are looked up once per batch.
         with sessions() as session:
-            partial = {p.stored.request.id: p for p in timer_reads.load_open_steps(session, ids)}
+            reads = {read.id: read for read in timer_reads.load_timer_steps(session, ids)}
+        rules: dict[tuple[str, str, str], tuple[MappingSpec, RuleSpec] | None] = {}
+        calendars: dict[str, WorkingCalendar] = {}
+        reminders: list[_Reminded] = []
         decided: list[_Decided] = []
-        idle: list[tuple[str, StoredRequest | None, RuleSpec | None]] = []  # nothing due: reschedule
+        idle: list[tuple[str, DueTimer | None]] = []  # nothing due: the next due moment to write
         whole: list[str] = []
         for request_id in ids:
-            part = partial.get(request_id)
-            if part is None:
-                idle.append((request_id, None, None))
+            read = reads.get(request_id)
+            if read is None:
+                idle.append((request_id, None))  # the request is gone
                 continue
-            stored = part.stored
-            try:
-                spec, rule = service.rule_of(stored)
-            except RuleGoneError:
-                idle.append((request_id, None, None))
+            key = (read.connection, read.object_type, read.rule_name)
+            if key not in rules:
+                try:
+                    rules[key] = service.rule_named(*key)
+                except RuleGoneError:
+                    rules[key] = None
+            found = rules[key]
+            if found is None:
+                idle.append((request_id, None))  # its rule is gone
                 continue
+            spec, rule = found
             try:
-                calendar = self.calendars(spec.connection)
-                due = due_timer(stored.request, rule, calendar, now)
+                calendar = calendars.get(spec.connection)
+                if calendar is None:
+                    calendar = calendars[spec.connection] = self.calendars(spec.connection)
+                decision = decide_step(read.step, rule, calendar, now)
             except ConfigError as exc:
                 self._failed(sessions, request_id, claim_id, now, report, str(exc))
                 continue
-            if due is None:
-                idle.append((request_id, stored, rule))
-                continue
-            if due.kind != "remind":
+            if decision.due is None:
+                idle.append((request_id, decision.next))
+            elif decision.reminder is None:
                 whole.append(request_id)
-                continue
-            try:
-                result = fire_due(stored.request, rule, spec.roles, calendar, now, _no_targets, due)
-            except (ChainError, ConfigError) as exc:
-                self._failed(sessions, request_id, claim_id, now, report, str(exc))
-                continue
-            if result is None:
-                idle.append((request_id, stored, rule))
-                continue
-            assert not result.outcome.actions  # a reminder fires no write-back
-            result = timer_reads.replaced(result, outcome=part.renumber(result.outcome))
-            decided.append(_Decided(stored, spec, rule, result, []))
+            else:
+                reminders.append(_Reminded(read, spec, rule, decision.due, decision.reminder, decision.next))
         if whole:
             self._decide_whole(service, sessions, whole, claim_id, now, report, decided, idle)
         with transaction(sessions) as session:
-            reminders = [item for item in decided if item.result.due.kind == "remind"]
-            self._save_reminders(session, reminders, claim_id, report)
+            self._save_reminders(session, reminders, claim_id, now, report)
             for item in decided:
-                if item.result.due.kind != "remind":
-                    self._save(session, service, item, claim_id, report)
-            for request_id, idle_stored, idle_rule in idle:
+                self._save(session, service, item, claim_id, report)
+            for request_id, due in idle:
                 try:
                     with session.begin_nested():
                         timer_rows.release(session, request_id, claim_id)
-                        if idle_stored is None or idle_rule is None or not has_timing(idle_rule):
-                            # the request or its rule is gone, or the rule has no timing any more
-                            timer_rows.schedule(session, request_id, None)
-                        else:
-                            self.schedule(session, idle_stored, idle_rule, _as_outcome(idle_stored.request))
+                        timer_rows.schedule(session, request_id, due)
                     report.rescheduled += 1
                 except timer_rows.LostClaimError:
                     report.lost += 1
@@ -234,7 +238,7 @@ class StepTimers:
         now: datetime,
         report: SweepReport,
         decided: list[_Decided],
-        idle: list[tuple[str, StoredRequest | None, RuleSpec | None]],
+        idle: list[tuple[str, DueTimer | None]],
     ) -> None:
         """Escalations and time-outs: the request read whole, decided and its write-back rendered."""
         with sessions() as session:
@@ -242,19 +246,19 @@ class StepTimers:
         for request_id in ids:
             stored = loaded.get(request_id)
             if stored is None:
-                idle.append((request_id, None, None))
+                idle.append((request_id, None))
                 continue
             try:
                 spec, rule = service.rule_of(stored)
             except RuleGoneError:
-                idle.append((request_id, None, None))
+                idle.append((request_id, None))
                 continue
             try:
                 resolver = target_resolver(self.orgs(spec.connection), spec.roles)
                 calendar = self.calendars(spec.connection)
                 result = fire_due(stored.request, rule, spec.roles, calendar, now, resolver)
                 if result is None:
-                    idle.append((request_id, stored, rule))
+                    idle.append((request_id, self._next_due(stored, stored.request, rule)))
                     continue
                 actions = service.render_actions(result.outcome, rule, stored.record)
             except (ChainError, ActionRenderError, ConfigError) as exc:
@@ -263,19 +267,19 @@ class StepTimers:
             decided.append(_Decided(stored, spec, rule, result, actions))
 
     def _save_reminders(
-        self, session: Session, items: list[_Decided], claim_id: str, report: SweepReport
+        self, session: Session, items: list[_Reminded], claim_id: str, now: datetime, report: SweepReport
     ) -> None:
         """Reminders in bulk: they change nothing but the request's version and history, so
         what `ApprovalService.commit_outcome` writes for them (version-checked request row,
         history row; no write-back, no business event) is written with one statement per table
-        and 500 rows, as plain tuples: the version bumps and the next due moments as
-        `UPDATE ... FROM (VALUES ...)`, the history rows, the reminder notices and one
-        `timer_fired` audit entry per reminder (docs/decisions.md, "Step timers") as multi-row
-        INSERTs. Requests changed since they were read (a vote) or whose claim was taken over
-        are left out, as `_save` would."""
+        and 500 rows, as plain tuples built from the open step alone: the version bumps and the
+        next due moments as `UPDATE ... FROM (VALUES ...)`, the history rows, the reminder
+        notices and one `timer_fired` audit entry per reminder (docs/decisions.md, "Step
+        timers") as multi-row INSERTs. Requests changed since they were read (a vote) or whose
+        claim was taken over are left out, as `_save` would."""
         if not items:
             return
-        ids = [item.stored.request.id for item in items]
+        ids = [item.read.id for item in items]
         # lock the rows (PostgreSQL; SQLite's write transaction already holds the database)
         seen = {
             request_id: (version, claim)
@@ -286,60 +290,74 @@ class StepTimers:
                 .with_for_update()
             ).all()
         }
-        fresh = []
-        for item in items:
-            if seen.get(item.stored.request.id) == (item.stored.request.version, claim_id):
-                fresh.append(item)
-            else:
-                report.lost += 1
+        fresh = [item for item in items if seen.get(item.read.id) == (item.read.version, claim_id)]
+        report.lost += len(items) - len(fresh)
         if not fresh:
             return
         # in request id order: the history rows, notices and the audit entries' request index
         # are keyed by request id, so each statement walks those B-trees in key order rather
         # than at random (about a tenth off the INSERTs' time at 100,000 on SQLite)
-        fresh.sort(key=lambda item: item.stored.request.id)
+        fresh.sort(key=lambda item: item.read.id)
         bumped = bulk.update_rows(  # the versions were checked under the lock above; again here
             session,
             REQUESTS,
             ("id", "version"),
             ("version", "updated_at"),
-            (
-                (i.stored.request.id, i.stored.request.version, r.version, r.updated_at)
-                for i in fresh
-                for r in (i.result.outcome.request,)
-            ),
+            ((i.read.id, i.read.version, i.read.version + 1, now) for i in fresh),
         )
         if bumped != len(fresh):  # cannot happen under the lock: save nothing of the batch
             raise StaleRequestError(f"{len(fresh) - bumped} of {len(fresh)} reminded requests changed")
+        # the history row the pure core's reminder adds (lifecycle._Txn.transition), after the
+        # request's last one
         bulk.insert_rows(
             session,
             TRANSITIONS,
-            _TRANSITION_COLUMNS,
+            _REMINDED_COLUMNS,
             (
-                [getattr(t, name) for name in _TRANSITION_COLUMNS]
+                (
+                    r.id,
+                    r.last_seq + 1,
+                    "reminded",
+                    r.status,
+                    "pending",
+                    i.due.step_index,
+                    None,
+                    i.reminder.note,
+                    now,
+                    False,
+                )
                 for i in fresh
-                for t in i.result.outcome.transitions
-            ),
+                for r in (i.read,)
+            ),  # fmt: skip
         )
         # the notices: a shared chat channel is told once per reminder (its rows share a dedupe
         # key); the key names the new history row, so nothing can be queued under it already
         notices: dict[str, tuple[Any, ...]] = {}
         told: dict[str, int] = {}
         if self.notifications is not None:
+            labels: dict[int, dict[int, str]] = {}
+            facts_of: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
             for item in fresh:
-                request_id = item.stored.request.id
-                for row in timer_notice_rows(
-                    self.notifications,
-                    connection=item.stored.record.connection,
-                    result=item.result,
-                    roles=item.spec.roles,
-                    step_labels=_step_labels(item.rule),
-                    step_count=len(item.rule.steps),
+                read, due, rule = item.read, item.due, item.rule
+                step_labels = labels.get(id(rule))
+                if step_labels is None:
+                    step_labels = labels[id(rule)] = _step_labels(rule)
+                fact_key = (id(rule), due.step_index, due.round, item.reminder.sent)
+                known = facts_of.get(fact_key)
+                if known is None:
+                    facts = notice_facts(due, step_labels, len(rule.steps), item.reminder.sent)
+                    known = facts_of[fact_key] = (facts, json.dumps(facts))
+                facts, context = known
+                for user, event, event_key, _facts in reminder_notices(
+                    read.id, read.last_seq + 1, item.reminder.waiting, facts
                 ):
-                    if row["dedupe_key"] not in notices:
-                        row["context"] = json.dumps(row["context"])
-                        notices[row["dedupe_key"]] = tuple(row[name] for name in _NOTIFICATION_COLUMNS)
-                        told[request_id] = told.get(request_id, 0) + 1
+                    for row in self.notifications.event_rows(
+                        read.connection, user, event, event_key, facts, item.spec.roles, read.id
+                    ):
+                        if row["dedupe_key"] not in notices:
+                            row["context"] = context  # the facts, serialised once
+                            notices[row["dedupe_key"]] = _notification_values(row)
+                            told[read.id] = told.get(read.id, 0) + 1
             bulk.insert_rows(
                 session,
                 NOTIFICATIONS,
@@ -351,15 +369,24 @@ class StepTimers:
         report.notices += len(notices)
         at = utcnow()
         entries: list[dict[str, Any]] = []
-        dues: dict[str, DueTimer | None] = {}
         for item in fresh:
-            request = item.result.outcome.request
-            [history] = item.result.outcome.transitions  # a reminder adds one history row
-            detail = _fired_detail(item, told.get(request.id, 0))
-            detail["seq"], detail["comment"] = history.seq, history.comment  # the history row
-            entries.append(_audit_entry(at, "timer_fired", item, **detail))
-            dues[request.id] = next_timer(request, item.rule, self.calendars(item.stored.record.connection))
-        timer_rows.move_many(session, dues)  # the claimed rows: they exist
+            read, due, reminder = item.read, item.due, item.reminder
+            detail = _fired_detail(due, told.get(read.id, 0), waiting=reminder.waiting)
+            detail["seq"], detail["comment"] = read.last_seq + 1, reminder.note  # the history row
+            entries.append(
+                {
+                    "at": at,
+                    "kind": "timer_fired",
+                    "connection": read.connection,
+                    "object_type": read.object_type,
+                    "record_id": read.record_id,
+                    "request_id": read.id,
+                    "actor": None,
+                    "mapping_hash": item.spec.content_hash,
+                    "detail": detail,
+                }
+            )
+        timer_rows.move_many(session, {i.read.id: i.next for i in fresh})  # the claimed rows: they exist
         audit.append_many(session, entries)  # last: it holds the chain head until the commit
         report.reminded += len(fresh)
 
@@ -416,7 +443,7 @@ class StepTimers:
             record_id=record.record_id,
             request_id=item.result.outcome.request.id,
             mapping_hash=item.spec.content_hash,
-            **_fired_detail(item, notices),
+            **_result_detail(item.result, notices),
         )
 
     def _failed(
@@ -438,6 +465,17 @@ class StepTimers:
                 row.lease_until = now + timedelta(hours=1)
 
 
+class _Reminded(NamedTuple):
+    """A reminder decided on a request's open step alone."""
+
+    read: timer_reads.TimerRead
+    spec: MappingSpec
+    rule: RuleSpec
+    due: DueTimer
+    reminder: Reminder
+    next: DueTimer | None  # the step's next due moment after it
+
+
 @dataclass(frozen=True)
 class _Decided:
     stored: StoredRequest
@@ -447,11 +485,15 @@ class _Decided:
     actions: list[RenderedAction]
 
 
-_TRANSITION_COLUMNS = tuple(f.name for f in fields(Transition))
+_REMINDED_COLUMNS = (
+    "request_id", "seq", "kind", "from_status", "to_status", "step_index", "actor", "comment", "at",
+    "acting_admin",
+)  # fmt: skip
 _NOTIFICATION_COLUMNS = (
     "dedupe_key", "event", "template", "channel", "connection", "user_id", "email", "target",
     "request_id", "context", "status", "attempts", "created_at",
 )  # fmt: skip
+_notification_values = operator.itemgetter(*_NOTIFICATION_COLUMNS)  # a row dict's values, in that order
 REQUESTS = cast(Table, ApprovalRequestRow.__table__)
 TRANSITIONS = cast(Table, ApprovalTransitionRow.__table__)
 TIMERS = cast(Table, timer_rows.ApprovalTimerRow.__table__)
@@ -462,39 +504,41 @@ def _step_labels(rule: RuleSpec) -> dict[int, str]:
     return {n: step.title for n, step in enumerate(rule.steps)}
 
 
-def _fired_detail(item: _Decided, notices: int) -> dict[str, Any]:
+def _fired_detail(
+    due: DueTimer,
+    notices: int,
+    *,
+    waiting: tuple[str, ...] = (),
+    added: tuple[str, ...] = (),
+    removed: tuple[str, ...] = (),
+    action: str | None = None,
+    reason: str | None = None,
+) -> dict[str, Any]:
     """The `timer_fired` audit entry's detail."""
-    result = item.result
     return {
-        "timer": result.due.kind,
-        "due_at": result.due.at.isoformat(),
-        "step_index": result.due.step_index,
-        "round": result.due.round,
-        "action": result.action,
-        "reason": result.reason,
-        "added": list(result.added),
-        "removed": list(result.removed),
-        "waiting": list(result.waiting),
+        "timer": due.kind,
+        "due_at": due.at.isoformat(),
+        "step_index": due.step_index,
+        "round": due.round,
+        "action": action,
+        "reason": reason,
+        "added": list(added),
+        "removed": list(removed),
+        "waiting": list(waiting),
         "notices": notices,
     }
 
 
-def _audit_entry(
-    at: datetime, kind: str, item: _Decided, *, actor: str | None = None, **detail: Any
-) -> dict[str, Any]:
-    """An entry for `audit.append_many`, the same as `audit.record` keeps for the commit."""
-    record = item.stored.record
-    return {
-        "at": at,
-        "kind": kind,
-        "connection": record.connection,
-        "object_type": record.object_type,
-        "record_id": record.record_id,
-        "request_id": item.result.outcome.request.id,
-        "actor": actor,
-        "mapping_hash": item.spec.content_hash,
-        "detail": detail,
-    }
+def _result_detail(result: TimerResult, notices: int) -> dict[str, Any]:
+    return _fired_detail(
+        result.due,
+        notices,
+        waiting=result.waiting,
+        added=result.added,
+        removed=result.removed,
+        action=result.action,
+        reason=result.reason,
+    )
 
 
 @contextmanager
@@ -514,14 +558,6 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if was_on:
             gc.enable()
-
-
-def _no_targets(*_: object) -> Resolved:
-    raise AssertionError("a reminder names no escalation target")
-
-
-def _as_outcome(request: ApprovalRequest) -> Outcome:
-    return Outcome(request=request, transitions=(), votes=(), steps=(), actions=())
 
 
 def summary(report: SweepReport) -> dict[str, Any]:

@@ -1,180 +1,121 @@
 """What the step-timer sweep reads to decide: each request's open step only.
 
 `approval_store.load_many` reads whole requests (every step, vote and history row); a timer
-decision needs only the open step's row (its latest round), the votes of that round and the
-history rows of that step (`connector.approvals.timers.timer_state` counts nothing else), plus
-the request's highest history `seq`, so a transition the decision appends gets the next one.
-
-A `Partial` is for deciding and for bulk writes that touch only the request's version and
-append history (reminders); anything that saves a request through the approval store
-(escalation, time-out) reads it whole.
+decision needs only the open step's row (its latest round), who voted in that round and the
+history rows of that step (`connector.approvals.timers.OpenStep`: `history_state` counts
+nothing else), plus the request's highest history `seq`, so a reminder's history row gets the
+next one. The sweep decides every claimed request on this and saves its reminders from it in
+bulk; anything that saves a request through the approval store (escalation, time-out) reads
+it whole.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 
-from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
-from connector.approvals.lifecycle import ApprovalRequest, Outcome, StepState, Transition, Vote
-from connector.storage.approval_store import RecordKey, StoredRequest
-from connector.storage.models import (
-    ApprovalRequestRow,
-    ApprovalStepRow,
-    ApprovalTransitionRow,
-    ApprovalVoteRow,
-)
-
-T = TypeVar("T")
-REQUESTS = ApprovalRequestRow.__table__.c
-STEPS = ApprovalStepRow.__table__.c
-VOTES = ApprovalVoteRow.__table__.c
-TRANSITIONS = ApprovalTransitionRow.__table__.c
+from connector.approvals.timers import HISTORY_KINDS, OpenStep
 
 
-@dataclass(frozen=True)
-class Partial:
-    """A request with only its open step's rows; `last_seq` is its highest history seq."""
+class TimerRead(NamedTuple):
+    """A claimed request as the sweep's reminders need it: the request row's keys and version,
+    its highest history seq, and its `OpenStep` (None when it has no current step)."""
 
-    stored: StoredRequest
+    id: str
+    connection: str
+    object_type: str
+    record_id: str
+    rule_name: str
+    status: str
+    version: int
     last_seq: int
-
-    def renumber(self, outcome: Outcome) -> Outcome:
-        """The outcome of a decision on the partial request, with the new history rows numbered
-        after the request's real last row (the pure core numbers them after the rows it saw)."""
-        seen = len(self.stored.request.transitions)
-        # the pure core appends after the rows it was given and numbers them len + 1, len + 2...
-        added = tuple(replaced(t, seq=self.last_seq + t.seq - seen) for t in outcome.transitions)
-        outcome.request.transitions[seen:] = added  # the decision's own copy of the list
-        return replaced(outcome, transitions=added)
+    step: OpenStep | None
 
 
-def replaced(item: T, **changes: Any) -> T:
-    """`dataclasses.replace` for plain dataclasses (frozen or not, no __slots__, no
-    __post_init__): a shallow copy with some fields changed, without its per-call field
-    inspection and __init__, several times cheaper; the sweep does it for every reminder."""
-    new = object.__new__(type(item))
-    new.__dict__.update(item.__dict__)
-    new.__dict__.update(changes)
-    return new
+def _moment(value: Any) -> datetime:
+    """A UTC column's driver value as the aware datetime `UTCDateTime` gives."""
+    if isinstance(value, str):  # SQLite keeps ISO text ('YYYY-MM-DD HH:MM:SS.ffffff', in UTC)
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-# What a timer decision and its bulk save read of the request row: not the record snapshot
-# (`record`, `record_previous`, `changed_fields`), which neither reads; a Partial has them empty.
-_COLUMNS = [
-    REQUESTS[name]
-    for name in (
-        "id", "connection", "object_type", "record_id", "rule_name", "mapping_path", "mapping_hash",
-        "submitter", "status", "current_step", "submitted_at", "updated_at", "superseded_by", "version",
-    )
-]  # fmt: skip
+def _approvers(value: Any, seen: dict[Any, tuple[str, ...]]) -> tuple[str, ...]:
+    """The step's approvers column (JSON text on SQLite; a list, or text, on PostgreSQL)."""
+    if not isinstance(value, str):
+        return tuple(json.loads(value) if isinstance(value, bytes) else value)
+    known = seen.get(value)
+    if known is None:
+        known = seen[value] = tuple(json.loads(value))
+    return known
 
 
-# The child rows' columns in their dataclass's field order (the tables mirror the dataclasses),
-# so a row becomes its dataclass positionally, with no per-row dict.
-_STEP_COLUMNS = [STEPS[f.name] for f in fields(StepState)]
-_VOTE_COLUMNS = [VOTES[f.name] for f in fields(Vote)]
-_TRANSITION_COLUMNS = [TRANSITIONS[f.name] for f in fields(Transition)]
-_APPROVERS = next(i for i, f in enumerate(fields(StepState)) if f.name == "approvers")
-
-
-def _step(row: Any) -> StepState:
-    values = list(row)
-    values[_APPROVERS] = tuple(values[_APPROVERS])  # JSON hands back a list
-    return StepState(*values)
-
-
-def _grouped(rows: Any, make: Any) -> dict[str, list[Any]]:
-    """Rows whose first column is the request id, made into dataclasses, by request id."""
-    grouped: dict[str, list[Any]] = {}
-    for row in rows:
-        grouped.setdefault(row[0], []).append(make(row))
-    return grouped
-
-
-def _partial(
-    row: Any, steps: list[StepState], votes: list[Vote], transitions: list[Transition]
-) -> StoredRequest:
-    record = RecordKey(row.connection, row.object_type, row.record_id)
-    request = ApprovalRequest(
-        id=row.id,
-        rule_name=row.rule_name,
-        record_ref=record.ref,
-        submitter=row.submitter,
-        status=row.status,
-        current_step=row.current_step,
-        record={},
-        record_previous=None,
-        changed_fields=(),
-        submitted_at=row.submitted_at,
-        updated_at=row.updated_at,
-        approved_at=None,  # not read by a timer decision
-        expires_at=None,
-        closed_at=None,
-        expired_at=None,
-        version=row.version,
-        steps=steps,
-        votes=votes,
-        transitions=transitions,
-    )
-    return StoredRequest(request, record, row.mapping_path, row.mapping_hash, row.superseded_by)
-
-
-def load_open_steps(session: Session, ids: Sequence[str]) -> list[Partial]:
-    """The requests with these ids (those that exist) with only their open step's rows."""
+def load_timer_steps(session: Session, ids: Sequence[str]) -> list[TimerRead]:
+    """The requests with these ids (those that exist), each with its open step as a timer
+    decision reads it, in three statements of plain SQL (the tables of
+    connector/storage/models.py) through the driver's own values: the request rows
+    beside their current step's rows and their highest seq, that step's votes, and its
+    history rows of the kinds a timer counts (`HISTORY_KINDS`). Moments are decoded only
+    where a decision reads them (the step's opening, its reminders and escalations)."""
     if not ids:
         return []
-    rows = session.execute(select(*_COLUMNS).where(REQUESTS.id.in_(ids))).all()
-    open_ids = [row.id for row in rows if row.current_step is not None]
-    on_step = and_(REQUESTS.id == STEPS.request_id, REQUESTS.current_step == STEPS.index)
-    steps = _grouped(
-        session.execute(
-            select(*_STEP_COLUMNS)
-            .join(ApprovalRequestRow.__table__, on_step)
-            .where(REQUESTS.id.in_(open_ids))
-            .order_by(STEPS.entered_at, STEPS.index, STEPS.round)
-        ),
-        _step,
-    )
-    votes = _grouped(
-        session.execute(
-            select(*_VOTE_COLUMNS)
-            .join(
-                ApprovalRequestRow.__table__,
-                and_(REQUESTS.id == VOTES.request_id, REQUESTS.current_step == VOTES.step_index),
-            )
-            .where(REQUESTS.id.in_(open_ids))
-            .order_by(VOTES.id)
-        ),
-        lambda row: Vote(*row),
-    )
-    history = _grouped(
-        session.execute(
-            select(*_TRANSITION_COLUMNS)
-            .join(
-                ApprovalRequestRow.__table__,
-                and_(REQUESTS.id == TRANSITIONS.request_id, REQUESTS.current_step == TRANSITIONS.step_index),
-            )
-            .where(REQUESTS.id.in_(open_ids))
-            .order_by(TRANSITIONS.seq)
-        ),
-        lambda row: Transition(*row),
-    )
-    last_seq: dict[str, int] = dict(
-        session.execute(
-            select(TRANSITIONS.request_id, func.max(TRANSITIONS.seq))
-            .where(TRANSITIONS.request_id.in_(ids))
-            .group_by(TRANSITIONS.request_id)
-        ).all()
-    )
-    out = []
+    conn = session.connection()
+    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+
+    def among(values: Sequence[str]) -> str:
+        return "(" + ", ".join([mark] * len(values)) + ")"
+
+    # plain SQL through the driver (columns as stored: no result processing, and none of
+    # SQLAlchemy's per-execution expansion of a 2,000-value IN list); "index" and "round" quoted
+    rows = conn.exec_driver_sql(
+        "SELECT r.id, r.connection, r.object_type, r.record_id, r.rule_name, r.status, r.version,"
+        " (SELECT max(t.seq) FROM approval_transitions t WHERE t.request_id = r.id),"
+        ' s."round", s.name, s.status, s.entered_at, s.approvers, r.current_step'
+        " FROM approval_requests r LEFT JOIN approval_steps s"
+        ' ON s.request_id = r.id AND s."index" = r.current_step'
+        f" WHERE r.id IN {among(ids)}",
+        tuple(ids),
+    ).fetchall()
+    latest: dict[str, Any] = {}  # request id -> its current step's row of the highest round
     for row in rows:
-        if row.current_step is None:
-            stored = _partial(row, [], [], [])
-        else:
-            stored = _partial(row, steps.get(row.id, []), votes.get(row.id, []), history.get(row.id, []))
-        out.append(Partial(stored, last_seq.get(row.id, 0)))
+        known = latest.get(row[0])
+        if known is None or (row[8] is not None and (known[8] is None or row[8] > known[8])):
+            latest[row[0]] = row
+    open_ids = [rid for rid, row in latest.items() if row[8] is not None]
+    voted: dict[tuple[str, int], set[str]] = {}
+    history: dict[str, list[tuple[int, str, datetime | None]]] = {}
+    if open_ids:
+        for rid, round_, approver in conn.exec_driver_sql(
+            'SELECT v.request_id, v."round", v.approver FROM approval_votes v'
+            " JOIN approval_requests r ON r.id = v.request_id AND r.current_step = v.step_index"
+            f" WHERE r.id IN {among(open_ids)}",
+            tuple(open_ids),
+        ):
+            voted.setdefault((rid, round_), set()).add(approver)
+        for rid, seq, kind, at in conn.exec_driver_sql(
+            "SELECT t.request_id, t.seq, t.kind, t.at FROM approval_transitions t"
+            " JOIN approval_requests r ON r.id = t.request_id AND r.current_step = t.step_index"
+            f" WHERE r.id IN {among(open_ids)} AND t.kind IN {among(HISTORY_KINDS)}"
+            " ORDER BY t.seq",
+            (*open_ids, *HISTORY_KINDS),
+        ):
+            moment = _moment(at) if kind == "reminded" or kind == "escalated" else None
+            history.setdefault(rid, []).append((seq, kind, moment))
+    out = []
+    seen: dict[Any, tuple[str, ...]] = {}  # the same approver lists recur: each decoded once
+    for row in latest.values():
+        (rid, connection, object_type, record_id, rule_name, status, version, seq, round_, name, step_status,
+         entered_at, approvers, current) = row  # fmt: skip
+        step = None
+        if round_ is not None:
+            step = OpenStep(
+                rid, status, current, round_, name, step_status, _moment(entered_at),
+                _approvers(approvers, seen), frozenset(voted.get((rid, round_), ())), history.get(rid, []),
+            )  # fmt: skip
+        out.append(
+            TimerRead(rid, connection, object_type, record_id, rule_name, status, version, seq or 0, step)
+        )
     return out

@@ -13,7 +13,15 @@ from connector.approvals.actions import render_outcome_actions
 from connector.approvals.business_time import BusinessTime, CalendarTime, WorkingCalendar
 from connector.approvals.lifecycle import ApprovalRequest, cast_vote, current_step_state, open_request
 from connector.approvals.spec import ActionSpec, EvalContext, RuleSpec, StepSpec, UserApprovers
-from connector.approvals.timers import Resolved, TimerResult, due_timer, fire_due, next_timer
+from connector.approvals.timers import (
+    Resolved,
+    TimerResult,
+    decide_step,
+    due_timer,
+    fire_due,
+    next_timer,
+    open_step,
+)
 from connector.approvals.timing import (
     Escalation,
     EscalationTarget,
@@ -313,3 +321,43 @@ def test_due_timer_picks_the_most_decisive_of_those_due() -> None:
         0,
         1,
     )
+
+
+def test_the_sweeps_decision_on_the_open_step_alone_is_fire_dues() -> None:
+    """decide_step (what the sweep decides reminders on, from the open step's rows alone) says
+    what fire_due does on the whole request at every moment: the same due timer, the same
+    reminder note and people, and the next due moment after it (remind_max, escalation)."""
+    timing = StepTiming(
+        reminders=Reminders(hours(10), max=3),
+        escalation=Escalation(hours(25), ManagerTarget("approver")),
+    )
+    spec = rule(timing, approvers=("a", "b"), mode="all")
+    request = opened(spec)
+    request = cast_vote(request, spec, ROLES, approver="a", decision="approve", step_index=0, now=T0).request
+    seen: set[str] = set()
+    now = T0
+    while now <= T0 + timedelta(days=4):
+        decision = decide_step(open_step(request), spec, CALENDAR, now)
+        result = fire_due(request, spec, ROLES, CALENDAR, now, resolve)
+        assert decision.due == (result.due if result is not None else None)
+        if result is None:
+            assert decision.next == next_timer(request, spec, CALENDAR)
+            now += timedelta(minutes=30)
+            continue
+        seen.add(result.due.kind)
+        if result.due.kind == "remind":
+            [reminded] = result.outcome.transitions
+            assert decision.reminder is not None
+            assert (decision.reminder.note, decision.reminder.waiting) == (reminded.comment, result.waiting)
+            assert "a" not in decision.reminder.waiting and "b" in decision.reminder.waiting  # "a" voted
+            assert decision.next == next_timer(result.outcome.request, spec, CALENDAR)
+        else:
+            assert decision.reminder is None  # escalations are fire_due's, on the whole request
+        request = result.outcome.request
+    assert seen == {"remind", "escalate"}
+    notes = [t.comment for t in request.transitions if t.kind == "reminded"]
+    assert notes == [
+        "reminder 1 of 3: waiting for b",
+        "reminder 2 of 3: waiting for b",
+        "reminder 3 of 3: waiting for b, boss-b",  # after the escalation at 25h; then no more
+    ]
