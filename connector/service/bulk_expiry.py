@@ -26,13 +26,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import meta
-from sqlalchemy import Engine, String, Table, any_, bindparam, cast, func, insert, literal, select, update
+from sqlalchemy import String, Table, any_, bindparam, cast, func, insert, literal, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session, sessionmaker
@@ -49,7 +48,7 @@ from connector.rules.templating import ENVIRONMENT, LiteralValue, TemplateValue
 from connector.storage import approval_store as store
 from connector.storage import audit
 from connector.storage.bulk import insert_rows
-from connector.storage.db import transaction
+from connector.storage.db import sweep_sessions, transaction
 from connector.storage.models import (
     PENDING,
     ApprovalRequestRow,
@@ -62,7 +61,6 @@ if TYPE_CHECKING:
     from connector.service.approval_service import ApprovalService
 
 CHUNK = 2000  # approvals per transaction: big enough for few round trips, small enough to stay flat
-SQLITE_CHECKPOINT_PAGES = 20_000  # WAL pages (about 80 MB) between checkpoints during a sweep
 # variables that are the same for every request of a rule during one sweep
 PER_SWEEP_VARIABLES = frozenset({"today", "now", "rule"})
 # the request events' logger (connector.service.approval_service): one place to watch them
@@ -117,7 +115,7 @@ def expire_due(
     report = ExpiryReport()
     for spec, rule in _rules(service, sessions, now):
         expirer = _RuleExpiry(service, spec, rule, now)
-        with _sweep_sessions(sessions) as chunk_sessions:
+        with sweep_sessions(sessions) as chunk_sessions:
             while True:
                 with transaction(chunk_sessions) as session:
                     done = expirer.chunk(session, chunk)
@@ -129,33 +127,6 @@ def expire_due(
                 if len(done) < chunk:
                     break
     return report
-
-
-@contextmanager
-def _sweep_sessions(sessions: sessionmaker[Session]) -> Iterator[sessionmaker[Session]]:
-    """The sessions for a rule's chunks. On SQLite, all on one connection that checkpoints its
-    WAL every SQLITE_CHECKPOINT_PAGES instead of SQLite's 1,000 (about every chunk): the index
-    and tail pages that every chunk touches are copied into the database file once per
-    checkpoint, not once per chunk. Each commit is as durable as before (synchronous=FULL
-    syncs the WAL at commit; a checkpoint only moves committed pages). The setting is put
-    back and the WAL checkpointed when the rule is done, before the connection returns to
-    the pool."""
-    bind = sessions.kw.get("bind")
-    if not isinstance(bind, Engine) or bind.dialect.name != "sqlite":
-        yield sessions
-        return
-    with bind.connect() as conn:
-        # on the driver's connection (autocommit): through `conn` they would open a transaction
-        driver = conn.connection.driver_connection
-        assert driver is not None
-        previous = driver.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
-        driver.execute(f"PRAGMA wal_autocheckpoint = {SQLITE_CHECKPOINT_PAGES}")
-        try:
-            yield sessionmaker(class_=sessions.class_, **{**sessions.kw, "bind": conn})
-        finally:
-            driver.execute(f"PRAGMA wal_autocheckpoint = {int(previous)}")
-            if not conn.in_transaction():
-                driver.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 def _rules(

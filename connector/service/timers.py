@@ -51,7 +51,7 @@ from connector.storage import approval_store as store
 from connector.storage import audit, bulk, timer_reads
 from connector.storage import timers as timer_rows
 from connector.storage.approval_store import StaleRequestError, StoredRequest
-from connector.storage.db import transaction
+from connector.storage.db import sweep_sessions, transaction
 from connector.storage.models import ApprovalRequestRow, ApprovalTransitionRow
 
 log = logging.getLogger(__name__)
@@ -113,14 +113,15 @@ class StepTimers:
         now = self.clock()
         report = SweepReport()
         report.rescheduled += self.reschedule_after_mapping_change(service, sessions)
-        while True:
-            with transaction(sessions) as session:
-                claim_id, ids = timer_rows.claim_due(session, now, limit=self.batch, lease=self.lease)
-            if ids:
-                with _collector_paused():
-                    self._fire_batch(service, sessions, ids, claim_id, now, report)
-            if len(ids) < self.batch:
-                return report
+        with sweep_sessions(sessions) as batch_sessions:
+            while True:
+                with transaction(batch_sessions) as session:
+                    claim_id, ids = timer_rows.claim_due(session, now, limit=self.batch, lease=self.lease)
+                if ids:
+                    with _collector_paused():
+                        self._fire_batch(service, batch_sessions, ids, claim_id, now, report)
+                if len(ids) < self.batch:
+                    return report
 
     def reschedule_after_mapping_change(
         self, service: ApprovalService, sessions: sessionmaker[Session]

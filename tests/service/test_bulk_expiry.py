@@ -232,22 +232,24 @@ def test_the_bulk_audit_append_extends_the_chain_that_single_entries_continue(ru
 def test_on_sqlite_chunks_checkpoint_the_wal_less_often_and_the_setting_is_put_back(tmp_path: Path) -> None:
     from sqlalchemy import event
 
-    from connector.service import bulk_expiry
+    from connector.storage.db import SWEEP_CACHE_KB, SWEEP_CHECKPOINT_PAGES
 
     runtime = make_runtime(tmp_path, f"sqlite:///{tmp_path}/app.db")
     add_approved(runtime, 5, NOW - timedelta(hours=1), "due")
 
-    def setting(dbapi_connection: Any) -> int:
-        return int(dbapi_connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+    def setting(dbapi_connection: Any) -> tuple[int, int]:
+        pages = dbapi_connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        return int(pages), int(dbapi_connection.execute("PRAGMA cache_size").fetchone()[0])
 
     at_commit: list[int] = []
     event.listen(
         runtime.engine, "commit", lambda conn: at_commit.append(setting(conn.connection.driver_connection))
     )
     assert expire_due(pipeline_of(runtime).approvals, runtime.sessions, chunk=2).expired == 5
-    assert at_commit == [bulk_expiry.SQLITE_CHECKPOINT_PAGES] * 3
+    assert at_commit == [(SWEEP_CHECKPOINT_PAGES, -SWEEP_CACHE_KB)] * 3
     pooled = [runtime.engine.raw_connection() for _ in range(max(runtime.engine.pool.checkedin(), 1))]  # type: ignore[attr-defined]
-    assert [setting(c.driver_connection) for c in pooled] == [1000] * len(pooled)  # SQLite's default
+    # SQLite's defaults: 1,000 pages, a 2,000 KiB cache
+    assert [setting(c.driver_connection) for c in pooled] == [(1000, -2000)] * len(pooled)
     for connection in pooled:
         connection.close()
     assert audit.verify(runtime.sessions).ok

@@ -565,3 +565,38 @@ def test_a_starting_worker_leaves_right_due_moments_and_other_workers_claims_alo
     assert fresh.reschedule_after_mapping_change(world.pipeline.approvals, world.runtime.sessions) == 1
     timer = world.timer(request_id)
     assert timer is not None and timer.due_at == T0 + timedelta(hours=1)
+
+
+def test_on_sqlite_a_sweep_commits_with_the_sweep_settings_and_puts_them_back(
+    world_factory: Callable[..., World],
+) -> None:
+    from sqlalchemy import event
+
+    from connector.storage.db import SWEEP_CACHE_KB, SWEEP_CHECKPOINT_PAGES
+
+    world = world_factory("remind_every: 24h")
+    world.timers.batch = 2
+    ids = [world.submit(f"D-{n}") for n in range(3)]
+    # the first sweep recomputes every due moment (start-up work, in ordinary transactions)
+    assert world.timers.sweep(world.pipeline.approvals, world.runtime.sessions).reminded == 0
+    world.now = T0 + timedelta(hours=24)
+    engine = world.runtime.engine
+
+    def settings(dbapi_connection: Any) -> tuple[int, int]:
+        pages = dbapi_connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        return int(pages), int(dbapi_connection.execute("PRAGMA cache_size").fetchone()[0])
+
+    at_commit: list[tuple[int, int]] = []
+    listener = lambda conn: at_commit.append(settings(conn.connection.driver_connection))  # noqa: E731
+    event.listen(engine, "commit", listener)
+    try:
+        assert world.timers.sweep(world.pipeline.approvals, world.runtime.sessions).reminded == 3
+    finally:
+        event.remove(engine, "commit", listener)
+    assert at_commit and set(at_commit) == {(SWEEP_CHECKPOINT_PAGES, -SWEEP_CACHE_KB)}
+    pooled = [engine.raw_connection() for _ in range(max(engine.pool.checkedin(), 1))]  # type: ignore[attr-defined]
+    assert [settings(c.driver_connection) for c in pooled] == [(1000, -2000)] * len(pooled)
+    for connection in pooled:
+        connection.close()
+    for request_id in ids:
+        assert [k for k, _ in world.history(request_id)].count("reminded") == 1
