@@ -19,11 +19,14 @@ Afterwards every request must have exactly one reminder (checked). Not a test. U
 
     .venv/bin/python -m bench.timers --requests 100000
     .venv/bin/python -m bench.timers --requests 100000 --database-url postgresql://postgres@127.0.0.1/test
+    BENCH_PROFILE=/tmp/sweep.prof .venv/bin/python -m bench.timers   # the sweep under cProfile
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import os
 import platform
 import sys
 import tempfile
@@ -195,9 +198,15 @@ def main() -> int:
     started = time.perf_counter()
     recomputed = timers.reschedule_after_mapping_change(pipeline.approvals, runtime.sessions)
     startup_seconds = time.perf_counter() - started
+    profiler = cProfile.Profile() if os.environ.get("BENCH_PROFILE") else None
     started, cpu_started = time.perf_counter(), time.process_time()
+    if profiler is not None:  # BENCH_PROFILE=file: the timed sweep alone under cProfile
+        profiler.enable()
     report = timers.sweep(pipeline.approvals, runtime.sessions)
     sweep_seconds, sweep_cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(os.environ["BENCH_PROFILE"])
 
     with runtime.sessions() as session:
         reminders = session.scalar(
