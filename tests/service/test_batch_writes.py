@@ -8,7 +8,7 @@ import json
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -275,11 +275,18 @@ def test_a_batch_of_new_requests_costs_a_few_statements_in_all(
         assert count(session, ApprovalRequestRow) == 10
 
 
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 12, 1, 1, 2, 3, tzinfo=UTC),  # no microseconds: still six digits
+        datetime(2026, 12, 1, 1, 2, 3, 4560, tzinfo=UTC),
+        datetime(2026, 12, 1, 3, 2, 3, 999999, tzinfo=timezone(timedelta(hours=2))),  # not UTC
+    ],
+)
 def test_bulk_rows_store_clocks_and_json_nulls_as_the_orm_does(
-    tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settings_factory: Any
+    tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settings_factory: Any, moment: datetime
 ) -> None:
     runtime, _ = world(tmp_path, runtime_factory, settings_factory)
-    moment = datetime(2026, 12, 1, 1, 2, 3, tzinfo=UTC)
     values = {
         "connection": "sandbox",
         "object_type": "deal",
@@ -299,8 +306,23 @@ def test_bulk_rows_store_clocks_and_json_nulls_as_the_orm_does(
         stored = session.execute(
             text("SELECT idempotency_key, created_at, fields FROM outbox_updates ORDER BY id")
         ).all()
+        read = session.scalars(select(OutboxUpdate.created_at).order_by(OutboxUpdate.id)).all()
     assert stored[0][1:] == stored[1][1:]  # e.g. '2026-12-01 01:02:03.000000', 'null'
     assert [row[0] for row in stored] == ["orm", "bulk"]
+    assert read[0] == read[1]
+
+
+def test_a_naive_clock_is_refused_in_bulk_as_by_the_orm(
+    tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settings_factory: Any
+) -> None:
+    runtime, _ = world(tmp_path, runtime_factory, settings_factory)
+    with pytest.raises(Exception, match="naive datetime"), transaction(runtime.sessions) as session:
+        batch_writes.start(session)
+        batch_writes.add_outbox(
+            session,
+            {"connection": "sandbox", "object_type": "deal", "record_id": "D-1", "status": "pending",
+             "attempts": 0, "created_at": datetime(2026, 12, 1), "idempotency_key": "naive"},
+        )  # fmt: skip
 
 
 def test_the_commit_hook_appends_the_rows_append_would(
