@@ -122,7 +122,12 @@ def _append_pending(session: Session) -> None:
         return  # a savepoint's entries wait for the outer commit
     pending = session.info.pop(_PENDING, None)
     if pending:
-        append(session, [entry for _owner, entry in pending])
+        # A worker's batch of 50 events records a few hundred entries: `append_many` writes
+        # them as multi-row INSERTs of tuples, the hashes from cached canonical pieces, where
+        # `append`'s executemany processed every parameter of every row (a third of the
+        # worker's CPU per event). The same rows and hashes (tests/service/test_batch_writes.py).
+        session.flush()  # the session's pending rows first, as an ORM flush would order them
+        append_many(session, [entry for _owner, entry in pending])
 
 
 @event.listens_for(Session, "after_soft_rollback")

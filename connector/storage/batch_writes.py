@@ -169,11 +169,12 @@ def _insert(session: Session, table: Table, rows: list[dict[str, Any]]) -> int:
     """Multi-row INSERTs, one per shape of row; Python-side column defaults are filled in
     as the ORM would, JSON columns serialised as the JSON type does (json.dumps)."""
     by_shape: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    defaults = [(c.name, c.default) for c in table.columns if c.default is not None]
     for row in rows:
-        for column in table.columns:
-            if column.name not in row and column.default is not None:
-                arg = column.default.arg  # type: ignore[attr-defined]
-                row[column.name] = arg(None) if column.default.is_callable else arg
+        for name, default in defaults:
+            if name not in row:
+                arg = default.arg  # type: ignore[attr-defined]
+                row[name] = arg(None) if default.is_callable else arg
         by_shape.setdefault(tuple(row), []).append(row)
     written = 0
     for columns, same in by_shape.items():

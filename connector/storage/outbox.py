@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from sqlalchemy import Select, or_, select, text
+from sqlalchemy import Select, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.clock import utcnow
@@ -172,10 +172,11 @@ def flush(
     return report
 
 
-def _due(now: datetime, tried: set[int]) -> Select[Any]:
-    """Pending rows that are due and not yet tried in this flush, oldest first."""
+def _due(now: datetime, tried: set[int], *columns: Any) -> Select[Any]:
+    """Pending rows that are due and not yet tried in this flush, oldest first (`columns`
+    of them: plain rows, no ORM objects to build and track)."""
     query = (
-        select(OutboxUpdate)
+        select(*columns)
         .where(OutboxUpdate.status == PENDING)
         .where(or_(OutboxUpdate.next_attempt_at.is_(None), OutboxUpdate.next_attempt_at <= now))
         .order_by(OutboxUpdate.id)
@@ -201,7 +202,8 @@ def _next_target(sessions: sessionmaker[Session], now: datetime, tried: set[int]
     """The (connection, object type) of the oldest due row whose record is not held."""
     with sessions() as session:
         held = _held(session, now)
-        for row in session.scalars(_due(now, tried).execution_options(yield_per=200)):
+        keys = _due(now, tried, OutboxUpdate.connection, OutboxUpdate.object_type, OutboxUpdate.record_id)
+        for row in session.execute(keys.execution_options(yield_per=200)):
             if (row.connection, row.object_type, row.record_id) not in held:
                 return row.connection, row.object_type
     return None
@@ -222,13 +224,16 @@ def _claim(
         # A record with a batch in flight, or an older row waiting out its backoff, waits:
         # sending a newer row first would let the older one land over it later.
         held = [key[2] for key in _held(session, now, target)]
-        query = _due(now, tried).where(
-            OutboxUpdate.connection == target[0], OutboxUpdate.object_type == target[1]
-        )
+        query = _due(
+            now, tried, OutboxUpdate.id, OutboxUpdate.connection, OutboxUpdate.object_type,
+            OutboxUpdate.record_id, OutboxUpdate.fields,
+        ).where(OutboxUpdate.connection == target[0], OutboxUpdate.object_type == target[1])  # fmt: skip
         if held:
             query = query.where(OutboxUpdate.record_id.not_in(held))
         # Several rows of one record merge into one update: look at more rows than records.
-        rows = session.scalars(query.limit(max_records * 5).with_for_update(skip_locked=True)).all()
+        # Plain rows and one UPDATE for the call (every claimed row gets the same values), not
+        # an ORM object and a flushed UPDATE per row: the claim holds SQLite's writer lock.
+        rows = session.execute(query.limit(max_records * 5).with_for_update(skip_locked=True)).all()
         merged: dict[RecordKey, _Claimed] = {}
         for row in rows:
             key = (row.connection, row.object_type, row.record_id)
@@ -237,8 +242,19 @@ def _claim(
             item = merged.setdefault(key, _Claimed(key, [], {}))
             item.row_ids.append(row.id)
             item.fields.update(row.fields)  # rows come oldest first: later values win
-            row.status, row.batch_id = SENDING, batch_id
-            row.sent_at, row.lease_expires_at = now, now + timedelta(seconds=lease_seconds)
+        ids = [row_id for item in merged.values() for row_id in item.row_ids]
+        if ids:  # locked above (FOR UPDATE on PostgreSQL, the writer lock on SQLite)
+            session.execute(
+                update(OutboxUpdate)
+                .where(OutboxUpdate.id.in_(ids))
+                .values(
+                    status=SENDING,
+                    batch_id=batch_id,
+                    sent_at=now,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                ),
+                execution_options={"synchronize_session": False},
+            )
     return batch_id, list(merged.values())
 
 

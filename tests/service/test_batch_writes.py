@@ -8,7 +8,8 @@ import json
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -146,10 +147,14 @@ def normalised(runtime: Runtime) -> dict[str, Any]:
             )
             for table in TABLES
         }
-        entries = session.execute(
-            select(audit.AuditEntry.kind, audit.AuditEntry.detail).order_by(audit.AuditEntry.id)
-        )
-        tables["audit_log"] = [clean({"kind": kind, "detail": detail}) for kind, detail in entries]
+        columns = [audit.AuditEntry.__table__.c[name] for name in audit.CONTENT_COLUMNS]
+        entries = session.execute(select(*columns).order_by(audit.AuditEntry.id))
+        # every content column but the clocks (and the hashes, which cover them): the ids too,
+        # so that the chain holds the same entries in the same order
+        tables["audit_log"] = [
+            clean({k: v for k, v in row._mapping.items() if k != "prev_hash"} | {"entry": row.id})
+            for row in entries
+        ]
     return tables
 
 
@@ -270,11 +275,18 @@ def test_a_batch_of_new_requests_costs_a_few_statements_in_all(
         assert count(session, ApprovalRequestRow) == 10
 
 
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 12, 1, 1, 2, 3, tzinfo=UTC),  # no microseconds: still six digits
+        datetime(2026, 12, 1, 1, 2, 3, 4560, tzinfo=UTC),
+        datetime(2026, 12, 1, 3, 2, 3, 999999, tzinfo=timezone(timedelta(hours=2))),  # not UTC
+    ],
+)
 def test_bulk_rows_store_clocks_and_json_nulls_as_the_orm_does(
-    tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settings_factory: Any
+    tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settings_factory: Any, moment: datetime
 ) -> None:
     runtime, _ = world(tmp_path, runtime_factory, settings_factory)
-    moment = datetime(2026, 12, 1, 1, 2, 3, tzinfo=UTC)
     values = {
         "connection": "sandbox",
         "object_type": "deal",
@@ -294,5 +306,76 @@ def test_bulk_rows_store_clocks_and_json_nulls_as_the_orm_does(
         stored = session.execute(
             text("SELECT idempotency_key, created_at, fields FROM outbox_updates ORDER BY id")
         ).all()
+        read = session.scalars(select(OutboxUpdate.created_at).order_by(OutboxUpdate.id)).all()
     assert stored[0][1:] == stored[1][1:]  # e.g. '2026-12-01 01:02:03.000000', 'null'
     assert [row[0] for row in stored] == ["orm", "bulk"]
+    assert read[0] == read[1]
+
+
+def test_a_naive_clock_is_refused_in_bulk_as_by_the_orm(
+    tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settings_factory: Any
+) -> None:
+    runtime, _ = world(tmp_path, runtime_factory, settings_factory)
+    with pytest.raises(Exception, match="naive datetime"), transaction(runtime.sessions) as session:
+        batch_writes.start(session)
+        batch_writes.add_outbox(
+            session,
+            {"connection": "sandbox", "object_type": "deal", "record_id": "D-1", "status": "pending",
+             "attempts": 0, "created_at": datetime(2026, 12, 1), "idempotency_key": "naive"},
+        )  # fmt: skip
+
+
+def test_the_commit_hook_appends_the_rows_append_would(
+    database_urls: tuple[str, str],
+    runtime_factory: Callable[[Settings], Runtime],
+    settings_factory: Any,
+) -> None:
+    """The commit hook writes with `audit.append_many` (multi-row INSERTs, hashes from cached
+    canonical pieces); `audit.append`, one executemany of `row_hash`ed rows, is the reference:
+    the same ids, clocks, content and hashes, whatever the details hold."""
+    hooked, reference = (runtime_factory(settings_factory(database_url=url)) for url in database_urls)
+    shared = {"rule": "deal-approval", "fields": {"Status": "Approved"}}  # one object, many entries
+    transactions: list[list[tuple[str, dict[str, Any]]]] = [
+        [
+            ("webhook_received", {"connection": "sandbox", "object_type": "deal", "record_id": "D-1"}),
+            ("rule_matched", {"record_id": "D-1", "mapping_hash": "ab" * 32, **shared}),
+            ("rule_matched", {"record_id": "D-2", "mapping_hash": "ab" * 32, **shared}),
+        ],
+        [
+            (
+                "vote",
+                {
+                    "request_id": "R-1",
+                    "actor": "u-mgr-boris",
+                    "amount": Decimal("150000.50"),
+                    "whole": 1.0,
+                    "big": 1e20,
+                    "small": 1.5e-7,
+                    "nested": {"list": [1, 2.5, None, True], "text": "Ünïcode ✓"},
+                    "when": date(2026, 12, 31),
+                    "nan": float("nan"),
+                    "names": ("a", "b"),
+                },
+            ),
+            ("transition", {"request_id": "R-1", "from_status": "pending", "to_status": "approved"}),
+        ],
+        [("writeback_result", {})],
+    ]
+    for recorded in transactions:
+        with transaction(hooked.sessions) as session:
+            for kind, values in recorded:
+                audit.record(session, kind, **values)
+            entries = [entry for _owner, entry in session.info[audit._PENDING]]
+        with transaction(reference.sessions) as session:
+            audit.append(session, entries)
+
+    def stored(runtime: Runtime) -> list[dict[str, Any]]:
+        with runtime.sessions() as session:
+            rows = session.execute(select(audit.AuditEntry.__table__).order_by(audit.AuditEntry.id))
+            return [dict(row._mapping) for row in rows]
+
+    got, expected = stored(hooked), stored(reference)
+    assert len(got) == 6
+    assert got == expected  # details equal as values (1.0 == 1: stored canonical, hashed alike)
+    for runtime in (hooked, reference):
+        assert audit.verify(runtime.sessions).ok
