@@ -10,7 +10,7 @@ date column's processing, and on SQLite the driver's adapter, runs once per dist
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Table
@@ -236,9 +236,9 @@ def _sqlite_utc_datetime(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
             return process(value)  # None, or whatever SQLAlchemy makes of it
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        done = _SQLITE_FORMAT % (
-            value.year, value.month, value.day, value.hour, value.minute, value.second, value.microsecond
-        )  # fmt: skip
+        # stored as UTC's fields, as UTCDateTime stores it
+        at = value.astimezone(UTC) if value.utcoffset() else value
+        done = _SQLITE_FORMAT % (at.year, at.month, at.day, at.hour, at.minute, at.second, at.microsecond)
         last[0], last[1] = value, done
         return done
 

@@ -8,7 +8,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,9 @@ class Base(DeclarativeBase):
     pass
 
 
+_ZERO = timedelta(0)
+
+
 class UTCDateTime(TypeDecorator[Any]):
     """Always aware UTC in Python, whatever the backend keeps (SQLite keeps no zone)."""
 
@@ -36,9 +39,12 @@ class UTCDateTime(TypeDecorator[Any]):
     cache_ok = True
 
     def process_bind_param(self, value: Any, dialect: Any) -> Any:
-        if value is not None and value.tzinfo is None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        return value
+        # SQLite keeps the fields and no zone, and they are read back as UTC: store UTC's
+        return value if value.utcoffset() == _ZERO else value.astimezone(UTC)
 
     def process_result_value(self, value: Any, dialect: Any) -> Any:
         if value is not None and value.tzinfo is None:
