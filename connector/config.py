@@ -6,6 +6,7 @@ connection settings; `repr()` of either never shows them, so they cannot leak in
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -145,6 +146,7 @@ class NotifySettings:
         )
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every recipient of every notice
 def env_name(text: str) -> str:
     """How a user id or role name is spelt inside a variable name: u-mgr-boris -> U_MGR_BORIS."""
     return "".join(c if c.isalnum() else "_" for c in text).upper()

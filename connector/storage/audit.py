@@ -206,6 +206,7 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
     # alive so that its id stays its own while cached)
     openings: dict[tuple[Any, ...], tuple[str, datetime, str, Any]] = {}
     middles: dict[tuple[Any, ...], str] = {}  # (kind, mapping_hash, object_type) -> text
+    moments: dict[datetime, tuple[datetime, str]] = {}  # at -> (in UTC, as text): details may all differ
 
     def rows() -> Iterator[tuple[Any, ...]]:
         for entry in entries:
@@ -217,9 +218,15 @@ def append_many(session: Session, entries: Iterable[Mapping[str, Any]], batch: i
             if opening is None:
                 if len(openings) >= _CACHED:  # entries that all differ: stay flat
                     openings.clear()
-                at = entry["at"].astimezone(UTC)
+                moment = moments.get(entry["at"])
+                if moment is None:
+                    if len(moments) >= _CACHED:
+                        moments.clear()
+                    utc = entry["at"].astimezone(UTC)
+                    moment = moments[entry["at"]] = (utc, utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+                at = moment[0]
                 detail_text = _canonical_detail(detail)
-                text = _opening(actor, at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), connection, detail_text)
+                text = _opening(actor, moment[1], connection, detail_text)
                 opening = openings[key] = (text, at, detail_text, detail)
             kind = entry["kind"]
             mapping_hash = entry.get("mapping_hash")
