@@ -285,15 +285,16 @@ def _canonical_detail(detail: Mapping[str, Any]) -> str:
     for key, value in detail.items():
         kind = type(value)
         if type(key) is str and (
-            kind is str
-            or kind is int
-            or kind is bool
-            or value is None
-            or ((kind is list or kind is tuple) and all(type(v) is str for v in value))
+            kind in _PLAIN or ((kind is list or kind is tuple) and all(type(v) is str for v in value))
         ):
             continue
         return _canonical_text(_jsonable(detail))
-    return json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return _PLAIN_ENCODE(detail)
+
+
+_PLAIN = frozenset({str, int, bool, type(None)})
+# json.dumps builds an encoder per call when given options: one, built once
+_PLAIN_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
 
 
 def _fast_hash(ident: int, at: str, kind: str, detail: str, prev_hash: str, values: tuple[Any, ...]) -> str:
