@@ -50,31 +50,15 @@ def insert_rows(
     tail = f" ON CONFLICT ({quote(ignore_conflicts_on)}) DO NOTHING" if ignore_conflicts_on else ""
     statements: dict[int, str] = {}
     active = [(i, p) for i, p in enumerate(processors) if p is not None]
-    written = 0
-    pending: list[Any] = []
-    count = 0
 
-    def send() -> None:
+    def send(count: int, params: list[Any]) -> int:
         sql = statements.get(count)
         if sql is None:
             sql = statements[count] = head + ", ".join([one_row] * count) + tail
-        conn.exec_driver_sql(sql, tuple(pending))
+        conn.exec_driver_sql(sql, tuple(params))
+        return count
 
-    for row in rows:
-        if active:
-            row = list(row)
-            for i, process in active:
-                row[i] = process(row[i])
-        pending.extend(row)
-        count += 1
-        if count == batch:
-            send()
-            written += count
-            pending, count = [], 0
-    if count:
-        send()
-        written += count
-    return written
+    return _in_batches(rows, active, batch, send)
 
 
 def update_rows(
@@ -109,19 +93,30 @@ def update_rows(
     )
     one_row = "(" + ", ".join([mark] * len(names)) + ")"
     statements: dict[int, str] = {}
-    updated = 0
-    pending: list[Any] = []
-    count = 0
 
-    def send() -> int:
+    def send(count: int, params: list[Any]) -> int:
         sql = statements.get(count)
         if sql is None:
             sql = statements[count] = (
                 f"UPDATE {target} SET {', '.join(sets)} "
                 f"FROM (VALUES {', '.join([one_row] * count)}) AS {values_as} WHERE {where}"
             )
-        return int(conn.exec_driver_sql(sql, tuple(pending)).rowcount)
+        return int(conn.exec_driver_sql(sql, tuple(params)).rowcount)
 
+    return _in_batches(rows, processors, batch, send)
+
+
+def _in_batches(
+    rows: Iterable[Sequence[Any]],
+    processors: Sequence[tuple[int, Callable[[Any], Any]]],
+    batch: int,
+    send: Callable[[int, list[Any]], int],
+) -> int:
+    """Each row's values through their processors, `batch` rows at a time handed to `send` as
+    one flat parameter list (with the row count); returns the sum of what `send` returned."""
+    total = 0
+    pending: list[Any] = []
+    count = 0
     for row in rows:
         if processors:
             row = list(row)
@@ -130,11 +125,11 @@ def update_rows(
         pending.extend(row)
         count += 1
         if count == batch:
-            updated += send()
+            total += send(count, pending)
             pending, count = [], 0
     if count:
-        updated += send()
-    return updated
+        total += send(count, pending)
+    return total
 
 
 def _copy(
