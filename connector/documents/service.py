@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from connector.approvals.spec import DocumentSpec, MappingSpec, RuleSpec
@@ -234,29 +235,42 @@ class DocumentJob:
             report.failed += 1
             log_event(log, logging.ERROR, "document_render_failed", "%s", exc, request_id=item.request_id)
             return
-        with transaction(runtime.sessions) as session:
-            row = _row(session, item.request_id, item.document.name)
-            if row is not None and row.source_seq >= item.seq:
-                return  # another worker rendered this or a newer state meanwhile
-            if row is None:
-                row = RequestDocument(
-                    request_id=item.request_id,
-                    name=item.document.name,
-                    connection=stored.record.connection,
-                    object_type=stored.record.object_type,
-                    record_id=stored.record.record_id,
-                    version=0,
-                    crm_attempts=0,
-                )
-                session.add(row)
-            row.version += 1
-            row.title = item.document.label
-            row.source_seq = item.seq
-            row.filename = file_name(item.document.name, row.version)
-            row.html, row.pdf = rendered.html, rendered.pdf
-            row.rendered_at = utcnow()
-            row.crm_status, row.crm_error, row.crm_attempts, row.crm_next_attempt_at = PENDING, None, 0, None
+        try:
+            with transaction(runtime.sessions) as session:
+                row = _row(session, item.request_id, item.document.name)
+                if row is not None and row.source_seq >= item.seq:
+                    return  # another worker rendered this or a newer state meanwhile
+                if row is None:
+                    row = RequestDocument(
+                        request_id=item.request_id,
+                        name=item.document.name,
+                        connection=stored.record.connection,
+                        object_type=stored.record.object_type,
+                        record_id=stored.record.record_id,
+                        version=0,
+                        crm_attempts=0,
+                    )
+                    session.add(row)
+                row.version += 1
+                row.title = item.document.label
+                row.source_seq = item.seq
+                row.filename = file_name(item.document.name, row.version)
+                row.html, row.pdf = rendered.html, rendered.pdf
+                row.rendered_at = utcnow()
+                row.crm_status, row.crm_error = PENDING, None
+                row.crm_attempts, row.crm_next_attempt_at = 0, None
+        except IntegrityError:
+            if not self._stored_meanwhile(runtime, item):
+                raise
+            # another worker stored this document's first version between our read and our
+            # write (uq_request_document): its render stands; a newer state is due next run
+            return
         report.rendered += 1
+
+    @staticmethod
+    def _stored_meanwhile(runtime: Any, item: DueDocument) -> bool:
+        with runtime.sessions() as session:
+            return _row(session, item.request_id, item.document.name) is not None
 
     def attach_pending(self, runtime: Any, report: RunReport) -> None:
         now = utcnow()

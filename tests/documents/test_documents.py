@@ -25,7 +25,7 @@ from connector.crm.base import CRMUser
 from connector.documents import render as render_module
 from connector.documents.models import RequestDocument
 from connector.documents.render import DocumentRenderer, DocumentTemplateError
-from connector.documents.service import DocumentJob
+from connector.documents.service import DocumentJob, RunReport
 from connector.runtime import Runtime
 from connector.sandbox.app import SandboxConfig, create_sandbox_app
 from connector.sandbox.attachments import latest_attachments
@@ -361,3 +361,49 @@ def test_people_are_named_by_the_user_directory(world: World) -> None:
         run_job(world)
     text_of_pdf = pdf_text(document(world, request_id, "approval-sheet").pdf)
     assert "Boris Novak" in text_of_pdf and "u-rep" in text_of_pdf  # u-rep: the directory's name is the id
+
+
+def test_two_workers_storing_a_first_version_at_once_keep_one_and_raise_nothing(
+    tmp_path: Path,
+    settings_factory: Callable[..., Settings],
+    runtime_factory: Callable[[Settings], Runtime],
+    pg_url: str,
+) -> None:
+    """On PostgreSQL both workers' write transactions can read "no document yet" before
+    either commits; the later INSERT then breaks uq_request_document. It was a unique-key
+    error in a two-worker deployment's log: the later worker now stands back quietly."""
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    world = web_world(
+        tmp_path,
+        settings_factory,
+        runtime_factory,
+        documents_templates_dir=str(TEMPLATES),
+        database_url=pg_url,
+    )
+    write_mapping(world.mapping_file, BIG_DEAL_RULE.replace("    on:\n", DOCUMENTS + "    on:\n", 1))
+    world.pipeline.mappings.reload()
+    request_id = world.submit("D-1001")
+    first, second = DocumentJob(str(TEMPLATES)), DocumentJob(str(TEMPLATES))
+    competed: list[dict[str, int]] = []
+
+    def the_other_worker_commits_first(session: Session, *_: Any) -> None:
+        if not competed and any(isinstance(row, RequestDocument) for row in session.new):
+            competed.append({})  # once: the other worker's own flush comes through here too
+            report = RunReport()
+            first.render_due(world.runtime, report)  # between our read and our INSERT
+            competed[0] = vars(report)
+
+    event.listen(Session, "before_flush", the_other_worker_commits_first)
+    try:
+        report = RunReport()
+        second.render_due(world.runtime, report)
+    finally:
+        event.remove(Session, "before_flush", the_other_worker_commits_first)
+    assert competed == [{"rendered": 1, "attached": 0, "failed": 0}]
+    assert (report.rendered, report.failed) == (0, 0)
+    assert document(world, request_id, "approval-sheet").version == 1
+    with responses.RequestsMock() as rsps:  # nothing left due to render (the CRM is not asked)
+        rsps.add(responses.POST, re.compile(r".*/attachments$"), status=503)
+        assert run_job(world)["rendered"] == 0
