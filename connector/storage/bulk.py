@@ -9,7 +9,7 @@ date column's processing, and on SQLite the driver's adapter, runs once per dist
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,9 +39,9 @@ def insert_rows(
     conn = session.connection()
     dialect = conn.dialect
     postgres = dialect.name == "postgresql"
-    processors = [None if name in json_text else _processor(table.c[name].type, dialect) for name in columns]
+    active = _processors(table, columns, dialect, json_text)
     if postgres and not ignore_conflicts_on:  # COPY has no ON CONFLICT: those take the INSERT below
-        return _copy(conn, table, columns, rows, processors)
+        return _copy(conn, table, columns, rows, active)
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
     marks = [f"CAST({mark} AS jsonb)" if postgres and name in json_text else mark for name in columns]
     one_row = "(" + ", ".join(marks) + ")"
@@ -49,7 +49,6 @@ def insert_rows(
     head = f"INSERT INTO {quote(table.name)} ({', '.join(quote(name) for name in columns)}) VALUES "
     tail = f" ON CONFLICT ({quote(ignore_conflicts_on)}) DO NOTHING" if ignore_conflicts_on else ""
     statements: dict[int, str] = {}
-    active = [(i, p) for i, p in enumerate(processors) if p is not None]
 
     def send(count: int, params: list[Any]) -> int:
         sql = statements.get(count)
@@ -83,7 +82,7 @@ def update_rows(
     aliases = [f"column{i}" for i in range(1, len(names) + 1)]  # SQLite's names for VALUES columns
     # PostgreSQL names them column1... too, but only a derived table's column list makes them visible
     values_as = "v" if dialect.name == "sqlite" else f"v({', '.join(aliases)})"
-    processors = [(i, p) for i, name in enumerate(names) if (p := _processor(table.c[name].type, dialect))]
+    processors = _processors(table, names, dialect)
     quote = dialect.identifier_preparer.quote
     target = quote(table.name)
     sets = [f"{quote(name)} = v.{alias}" for name, alias in zip(columns, aliases[len(keys) :], strict=True)]
@@ -117,11 +116,7 @@ def _in_batches(
     total = 0
     pending: list[Any] = []
     count = 0
-    for row in rows:
-        if processors:
-            row = list(row)
-            for i, process in processors:
-                row[i] = process(row[i])
+    for row in _processed(rows, processors):
         pending.extend(row)
         count += 1
         if count == batch:
@@ -132,12 +127,26 @@ def _in_batches(
     return total
 
 
+def _processed(
+    rows: Iterable[Sequence[Any]], processors: Sequence[tuple[int, Callable[[Any], Any]]]
+) -> Iterator[Sequence[Any]]:
+    """Each row with the values at the processors' positions put through them."""
+    if not processors:
+        yield from rows
+        return
+    for row in rows:
+        values = list(row)
+        for i, process in processors:
+            values[i] = process(values[i])
+        yield values
+
+
 def _copy(
     conn: Connection,
     table: Table,
     columns: Sequence[str],
     rows: Iterable[Sequence[Any]],
-    processors: Sequence[Callable[[Any], Any] | None],
+    processors: Sequence[tuple[int, Callable[[Any], Any]]],
 ) -> int:
     """PostgreSQL: the rows as one `COPY ... FROM STDIN` (psycopg writes each row in C). A
     multi-row INSERT of 500 rows' parameters cost five times as much (parsing thousands of
@@ -145,23 +154,30 @@ def _copy(
     fire for COPY as for INSERT (the audit chain's statement-level check runs once)."""
     quote = conn.dialect.identifier_preparer.quote
     sql = f"COPY {quote(table.name)} ({', '.join(quote(name) for name in columns)}) FROM STDIN"
-    active = [(i, p) for i, p in enumerate(processors) if p is not None]
     driver = conn.connection.driver_connection
     assert driver is not None
     error = conn.dialect.loaded_dbapi.Error
     written = 0
     try:
         with driver.cursor() as cursor, cursor.copy(sql) as copy:
-            for row in rows:
-                if active:
-                    row = list(row)
-                    for i, process in active:
-                        row[i] = process(row[i])
+            for row in _processed(rows, processors):
                 copy.write_row(row)
                 written += 1
     except error as err:  # as SQLAlchemy raises the driver's errors for statements it runs
         raise DBAPIError.instance(sql, None, err, error) from err
     return written
+
+
+def _processors(
+    table: Table, names: Sequence[str], dialect: Any, json_text: Collection[str] = ()
+) -> list[tuple[int, Callable[[Any], Any]]]:
+    """(position, processor) of the columns whose values need processing (JSON text is given
+    ready)."""
+    return [
+        (i, process)
+        for i, name in enumerate(names)
+        if name not in json_text and (process := _processor(table.c[name].type, dialect)) is not None
+    ]
 
 
 def _processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
