@@ -10,10 +10,11 @@ others get 404 as for the request itself. Docs: docs/documents.md.
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from connector.documents.models import RequestDocument
+from connector.documents.responses import html_response, pdf_response
 from connector.documents.service import documents_of
 from connector.service.request_query import Viewer, find_request
 from webhooks.api import authenticate, caller, on_api_error
@@ -22,7 +23,6 @@ from webhooks.intake import intake
 
 blueprint = Blueprint("documents_api", __name__, url_prefix="/api/v1/requests/<request_id>/documents")
 blueprint.register_error_handler(WebhookError, on_api_error)
-HTML_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; sandbox"
 
 
 @blueprint.before_request
@@ -41,18 +41,12 @@ def list_documents(request_id: str) -> ResponseReturnValue:
 
 @blueprint.get("/<name>.pdf")
 def document_pdf(request_id: str, name: str) -> ResponseReturnValue:
-    document = _one(request_id, name)
-    return Response(
-        document.pdf,
-        mimetype="application/pdf",
-        headers={"Content-Disposition": f'inline; filename="{document.filename}"'},
-    )
+    return pdf_response(_one(request_id, name))
 
 
 @blueprint.get("/<name>.html")
 def document_html(request_id: str, name: str) -> ResponseReturnValue:
-    document = _one(request_id, name)
-    return Response(document.html, mimetype="text/html", headers={"Content-Security-Policy": HTML_POLICY})
+    return html_response(_one(request_id, name))
 
 
 def _documents(request_id: str) -> list[RequestDocument]:

@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-from flask import Response
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import NotFound
 
 from connector.documents.models import RequestDocument
+from connector.documents.responses import html_response, pdf_response
 from connector.documents.service import documents_of
 from connector.web.blueprint import blueprint, login_required, runtime
 from connector.web.pages import load_visible
-
-HTML_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; sandbox"
 
 
 def visible_document(request_id: str, name: str) -> RequestDocument:
@@ -30,16 +28,10 @@ def visible_document(request_id: str, name: str) -> RequestDocument:
 @blueprint.get("/requests/<request_id>/documents/<name>.pdf")
 @login_required
 def document_pdf(request_id: str, name: str) -> ResponseReturnValue:
-    document = visible_document(request_id, name)
-    return Response(
-        document.pdf,
-        mimetype="application/pdf",
-        headers={"Content-Disposition": f'inline; filename="{document.filename}"'},
-    )
+    return pdf_response(visible_document(request_id, name))
 
 
 @blueprint.get("/requests/<request_id>/documents/<name>.html")
 @login_required
 def document_html(request_id: str, name: str) -> ResponseReturnValue:
-    document = visible_document(request_id, name)
-    return Response(document.html, mimetype="text/html", headers={"Content-Security-Policy": HTML_POLICY})
+    return html_response(visible_document(request_id, name))
