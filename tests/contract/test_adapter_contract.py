@@ -224,31 +224,20 @@ def test_a_documents_new_version_replaces_the_old_one_on_the_record(
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
         shown = harness.mock_files(rsps, record)
         adapter = harness.make_adapter(policy)
-        first = adapter.attach_file(
-            harness.object_type,
-            record,
-            FileUpload(
-                "approval-sheet v1.pdf", "Approval sheet", b"%PDF-1.7 sheet v1", document="approval-sheet"
-            ),
-            None,
-        )
+
+        def attach(version: int, replaces: str | None) -> str:
+            upload = FileUpload(
+                f"approval-sheet v{version}.pdf",
+                "Approval sheet",
+                f"%PDF-1.7 sheet v{version}".encode(),
+                document="approval-sheet",
+            )
+            return adapter.attach_file(harness.object_type, record, upload, replaces)
+
+        first = attach(1, None)
         assert list(shown.files.values()) == [b"%PDF-1.7 sheet v1"]
-        second = adapter.attach_file(
-            harness.object_type,
-            record,
-            FileUpload(
-                "approval-sheet v2.pdf", "Approval sheet", b"%PDF-1.7 sheet v2", document="approval-sheet"
-            ),
-            first,
-        )
+        second = attach(2, first)
         assert list(shown.files.values()) == [b"%PDF-1.7 sheet v2"]
-        third = adapter.attach_file(
-            harness.object_type,
-            record,
-            FileUpload(
-                "approval-sheet v3.pdf", "Approval sheet", b"%PDF-1.7 sheet v3", document="approval-sheet"
-            ),
-            second,
-        )
+        third = attach(3, second)
     assert list(shown.files.values()) == [b"%PDF-1.7 sheet v3"]
     assert first and second and third
