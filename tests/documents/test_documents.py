@@ -48,22 +48,33 @@ def pdf_text(pdf: bytes) -> str:
     return "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
 
 
-@pytest.fixture
-def world(
-    tmp_path: Path, settings_factory: Callable[..., Settings], runtime_factory: Callable[[Settings], Runtime]
+def documents_world(
+    tmp_path: Path,
+    settings_factory: Callable[..., Settings],
+    runtime_factory: Callable[[Settings], Runtime],
+    **settings: Any,
 ) -> World:
+    """The big-deal and board rules with the approval sheet and contract documents."""
     world = web_world(
         tmp_path,
         settings_factory,
         runtime_factory,
         env={"SANDBOX_DB_PATH": str(tmp_path / "sandbox.db")},
         documents_templates_dir=str(TEMPLATES),
+        **settings,
     )
     rule = BIG_DEAL_RULE.replace("    on:\n", DOCUMENTS + "    on:\n", 1)
     write_mapping(world.mapping_file, rule, BOARD_RULE)
     world.pipeline.mappings.reload()
     assert not world.pipeline.mappings.errors
     return world
+
+
+@pytest.fixture
+def world(
+    tmp_path: Path, settings_factory: Callable[..., Settings], runtime_factory: Callable[[Settings], Runtime]
+) -> World:
+    return documents_world(tmp_path, settings_factory, runtime_factory)
 
 
 @dataclass
@@ -305,18 +316,7 @@ def test_on_postgresql_too(
     runtime_factory: Callable[[Settings], Runtime],
     pg_url: str,
 ) -> None:
-    world = web_world(
-        tmp_path,
-        settings_factory,
-        runtime_factory,
-        env={"SANDBOX_DB_PATH": str(tmp_path / "sandbox.db")},
-        documents_templates_dir=str(TEMPLATES),
-        database_url=pg_url,
-    )
-    write_mapping(
-        world.mapping_file, BIG_DEAL_RULE.replace("    on:\n", DOCUMENTS + "    on:\n", 1), BOARD_RULE
-    )
-    world.pipeline.mappings.reload()
+    world = documents_world(tmp_path, settings_factory, runtime_factory, database_url=pg_url)
     request_id = world.submit("D-1001")
     world.vote("u-mgr", request_id, comment="Checked on PostgreSQL")
     with responses.RequestsMock() as rsps:  # the CRM is down: the document is kept, pending
@@ -375,15 +375,7 @@ def test_two_workers_storing_a_first_version_at_once_keep_one_and_raise_nothing(
     from sqlalchemy import event
     from sqlalchemy.orm import Session
 
-    world = web_world(
-        tmp_path,
-        settings_factory,
-        runtime_factory,
-        documents_templates_dir=str(TEMPLATES),
-        database_url=pg_url,
-    )
-    write_mapping(world.mapping_file, BIG_DEAL_RULE.replace("    on:\n", DOCUMENTS + "    on:\n", 1))
-    world.pipeline.mappings.reload()
+    world = documents_world(tmp_path, settings_factory, runtime_factory, database_url=pg_url)
     request_id = world.submit("D-1001")
     first, second = DocumentJob(str(TEMPLATES)), DocumentJob(str(TEMPLATES))
     competed: list[dict[str, int]] = []
