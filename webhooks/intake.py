@@ -8,6 +8,7 @@ Flask blueprint, and `SECRETS`, the SecretSettings its endpoints verify deliveri
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import current_app, request
 
@@ -33,12 +34,14 @@ from connector.worker import Tasks
 from webhooks.errors import WebhookError, bad_request
 
 log = logging.getLogger("webhooks")
+T = TypeVar("T")
 
 MAX_JSON_DEPTH = 32  # no CRM payload nests deeper; deeper would only exhaust the stack later
 MAX_JSON_DIGITS = 100  # int() refuses 4,300+ digits anyway, and nothing we judge needs more
 # Lone UTF-16 surrogates (JSON "\ud800") are no Unicode text: no database can store them.
 SURROGATE = re.compile("[\ud800-\udfff]")
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+NUL_OR_SURROGATE = re.compile("[\x00\ud800-\udfff]")
 ASCII_DIGITS = re.compile("[0-9]+")  # str.isdigit() is also true for "²", which int() refuses
 # What the inbox stores of each event, with its column width; the label names it in a refusal.
 STORED_TEXT = {
@@ -150,11 +153,33 @@ def intake() -> Intake:
     return current_app.extensions["crm_approvals"]
 
 
+# What each delivery would otherwise work out again from the configuration (the connections of
+# a kind, a connection's secret values and accepted objects): the configuration is frozen
+# (Settings and ConnectionConfig are frozen dataclasses, built once at start-up), so it is
+# worked out once per configuration object. Keyed by the object's id, which cannot be reused
+# while the entry holds the object; bounded, for processes (tests) that build many.
+_DERIVED: dict[tuple[int, str], tuple[object, Any]] = {}
+_DERIVED_MAX = 1024
+
+
+def derived(owner: object, what: str, compute: Callable[[], T]) -> T:
+    """`compute()`, worked out once for the configuration object `owner`."""
+    key = (id(owner), what)
+    hit = _DERIVED.get(key)
+    if hit is not None and hit[0] is owner:
+        return hit[1]
+    value = compute()
+    if len(_DERIVED) >= _DERIVED_MAX:
+        _DERIVED.clear()
+    _DERIVED[key] = (owner, value)
+    return value
+
+
 def resolve_connection(kind: str, name: str | None = None) -> ConnectionConfig:
     """The named connection, or the only one of this kind; a clear 404 otherwise."""
     settings = intake().settings
-    candidates = settings.connections_of_kind(kind)
-    if name is None:
+    candidates = derived(settings, f"kind:{kind}", lambda: settings.connections_of_kind(kind))
+    if name is None and request.query_string:
         name = request.args.get("connection")
     if name is not None:
         match = [c for c in candidates if c.name == name]
@@ -191,7 +216,11 @@ def require_secret(connection: ConnectionConfig, secret: SecretSetting) -> tuple
 def require_secrets(connection: ConnectionConfig, *secrets: SecretSetting) -> list[tuple[str, ...]]:
     """Each setting's configured values (() for a waived one), or one 503 naming every missing
     or malformed variable, so that fixing the first does not just reveal the next."""
-    problems = [p for p in (s.problem(connection) for s in secrets) if p is not None]
+    problems, values = derived(
+        connection,
+        "secrets:" + ",".join(s.name for s in secrets),
+        lambda: _check_secrets(connection, secrets),
+    )
     if problems:
         first = problems[0]
         raise WebhookError(
@@ -200,7 +229,14 @@ def require_secrets(connection: ConnectionConfig, *secrets: SecretSetting) -> li
             "; ".join(p.message for p in problems),
             "; ".join(p.hint or "" for p in problems),
         )
-    return [s.values(connection) for s in secrets]
+    return values
+
+
+def _check_secrets(
+    connection: ConnectionConfig, secrets: Sequence[SecretSetting]
+) -> tuple[list[WebhookError], list[tuple[str, ...]]]:
+    problems = [p for p in (s.problem(connection) for s in secrets) if p is not None]
+    return problems, [s.values(connection) for s in secrets]
 
 
 def intake_module(kind: CRMKind) -> ModuleType:
@@ -256,16 +292,25 @@ def accepted_objects(connection: ConnectionConfig) -> tuple[str, ...]:
 
 def check_object(connection: ConnectionConfig, object_type: str) -> str:
     """The object type as configured (case-insensitive match), or a 422 naming the allowed ones."""
+    by_lower = derived(connection, "objects", lambda: _objects_by_lower(connection))
+    name = by_lower.get(object_type.lower())
+    if name is not None:
+        return name
     allowed = accepted_objects(connection)
-    for name in allowed:
-        if name.lower() == object_type.lower():
-            return name
     raise WebhookError(
         422,
         "unknown_object",
         f"connection {connection.name!r} does not accept {object_type!r} records",
         f"accepted: {', '.join(allowed) or 'none'}; set {connection.env_prefix}OBJECTS to change that",
     )
+
+
+def _objects_by_lower(connection: ConnectionConfig) -> dict[str, str]:
+    """Each accepted object by its lower-case name; the first configured wins, as before."""
+    by_lower: dict[str, str] = {}
+    for name in accepted_objects(connection):
+        by_lower.setdefault(name.lower(), name)
+    return by_lower
 
 
 def record_change(
@@ -314,23 +359,31 @@ def record_change(
 def check_storable(event: RecordChangeEvent) -> None:
     """Checked at intake so that a value PostgreSQL would refuse (too long for its column, a NUL)
     is the sender's 400, not our 500, and SQLite, which would take it, stores nothing else."""
-    columns = InboxEvent.__table__.c
-    for name, label in STORED_TEXT.items():
+    for name, label, limit in _stored_text_limits():
         text = getattr(event, name)
         if text is None:
             continue
-        limit = columns[name].type.length  # type: ignore[attr-defined]  # every one is a String(n)
         if len(text) > limit:
             raise bad_request(
                 "value_too_long",
                 f"the {label} is {len(text)} characters long; at most {limit} are accepted",
                 "send the CRM's own value unmodified",
             )
-        if "\x00" in text or SURROGATE.search(text):
+        if NUL_OR_SURROGATE.search(text):
             raise bad_request("invalid_characters", f"the {label} holds a NUL character or a lone surrogate")
     problem = unstorable([list(event.changed_fields), event.values], nul=True)
     if problem is not None:
         raise bad_request("invalid_value", f"the changed fields or values cannot be stored: {problem}")
+
+
+@functools.cache
+def _stored_text_limits() -> tuple[tuple[str, str, int], ...]:
+    """(event attribute, label, column width) of each text STORED_TEXT names."""
+    columns = InboxEvent.__table__.c
+    return tuple(
+        (name, label, columns[name].type.length)  # type: ignore[attr-defined]  # every one is a String(n)
+        for name, label in STORED_TEXT.items()
+    )
 
 
 def require_content_type(*allowed: str) -> None:
@@ -396,25 +449,64 @@ def unstorable(value: Any, *, nul: bool = False) -> str | None:
     """Why a JSON-like value cannot be stored, or None: nesting deeper than MAX_JSON_DEPTH, a
     non-finite float, an int of more than MAX_JSON_DIGITS digits, a lone surrogate in a string
     or key, and with `nul` a NUL character (PostgreSQL stores none). Iterative: depth is the
-    problem being looked for."""
+    problem being looked for. Every delivery's values pass here: the children of plain dicts
+    and lists that are strings or ints are checked where they are met, without a trip through
+    the stack."""
+    bad_text = NUL_OR_SURROGATE if nul else SURROGATE
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, str):
-            if SURROGATE.search(item):
-                return "a string holds a lone UTF-16 surrogate (not Unicode text)"
-            if nul and "\x00" in item:
-                return "a string holds a NUL character"
-        elif isinstance(item, float) and not math.isfinite(item):
-            return "a number is NaN or infinite"
-        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) >= 10**MAX_JSON_DIGITS:
-            return f"a number has more than {MAX_JSON_DIGITS} digits"
-        elif isinstance(item, dict | list | tuple):
-            if depth > MAX_JSON_DEPTH:
-                return f"it nests deeper than {MAX_JSON_DEPTH} levels"
-            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
+        kind = type(item)
+        if kind is dict:
+            children: Any = [*item.keys(), *item.values()]
+        elif kind is list or kind is tuple:
+            children = item
+        else:
+            problem = _unstorable_item(item, depth, bad_text, stack)
+            if problem is not None:
+                return problem
+            continue
+        if depth > MAX_JSON_DEPTH:
+            return f"it nests deeper than {MAX_JSON_DEPTH} levels"
+        for child in children:
+            kind = type(child)
+            if kind is str:
+                if bad_text.search(child):
+                    return _text_problem(child)
+            elif kind is int:
+                if not -_TOO_BIG < child < _TOO_BIG:
+                    return f"a number has more than {MAX_JSON_DIGITS} digits"
+            else:
+                stack.append((child, depth + 1))
     return None
+
+
+_TOO_BIG = 10**MAX_JSON_DIGITS
+
+
+def _unstorable_item(
+    item: Any, depth: int, bad_text: re.Pattern[str], stack: list[tuple[Any, int]]
+) -> str | None:
+    """`unstorable` for anything but a plain dict, list or tuple (subclasses included)."""
+    if isinstance(item, str):
+        return _text_problem(item) if bad_text.search(item) else None
+    if isinstance(item, float) and not math.isfinite(item):
+        return "a number is NaN or infinite"
+    if isinstance(item, int) and not isinstance(item, bool) and abs(item) >= _TOO_BIG:
+        return f"a number has more than {MAX_JSON_DIGITS} digits"
+    if isinstance(item, dict | list | tuple):
+        if depth > MAX_JSON_DEPTH:
+            return f"it nests deeper than {MAX_JSON_DEPTH} levels"
+        children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def _text_problem(text: str) -> str:
+    """For a string `unstorable` found a NUL or lone surrogate in: which (the surrogate first)."""
+    if SURROGATE.search(text):
+        return "a string holds a lone UTF-16 surrogate (not Unicode text)"
+    return "a string holds a NUL character"
 
 
 def whole_number(value: Any, *, max_digits: int = 18) -> int | None:

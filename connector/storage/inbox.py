@@ -121,7 +121,11 @@ def _write_rows(
 class GroupCommitInbox:
     """Concurrent deliveries in one process share one transaction (leader/follower group
     commit): the first waiting thread writes everything queued so far and wakes the rest.
-    Every delivery is still acknowledged only after its own events are committed."""
+    Every delivery is still acknowledged only after its own events are committed.
+
+    The leader collects its batch only once it holds the writer's turn (on SQLite, the lock
+    it shares with the other server processes): deliveries that arrive while another
+    process commits join this commit rather than wait for the one after it."""
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
@@ -139,12 +143,18 @@ class GroupCommitInbox:
             if delivery.finished:
                 return delivery.outcome()
             self._writing = True
-            batch, self._queue = self._queue, []
+        batch: list[_Delivery] = []
         try:
-            results = _write_batch(self.sessions, [d.events for d in batch], self.writer)
+            with self.writer.turn():
+                with self._cond:
+                    batch, self._queue = self._queue, []
+                results = _write_batch(self.sessions, [d.events for d in batch], self.writer)
             for d, result in zip(batch, results, strict=True):
                 d.result = result
         except BaseException as exc:
+            if not batch:  # the turn itself failed: what is queued (ours included) fails with it
+                with self._cond:
+                    batch, self._queue = self._queue, []
             for d in batch:
                 d.error = exc
         finally:

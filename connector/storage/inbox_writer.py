@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, event, select
@@ -76,6 +76,22 @@ class InboxWriter:
         self._pid_lock = threading.Lock()
         # Runtime.close() disposes of the engine: the kept connection goes with it.
         event.listen(engine, "engine_disposed", lambda _engine: self.close())
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        """The writer's turn: on SQLite the lock every writer takes (threads of this process and
+        other processes alike); nothing on PostgreSQL, where batches commit side by side.
+        `write` takes it too (it is re-entrant): the group-commit leader takes it first and
+        only then collects its batch, so that what arrived while another process was
+        committing goes into this commit instead of waiting for the next one."""
+        if self._writer is None:
+            yield
+            return
+        self._writer.acquire()
+        try:
+            yield
+        finally:
+            self._writer.release()
 
     def write(
         self, rows: Sequence[dict[str, Any]], hashes_of: Callable[[set[str]], set[str]]
@@ -168,21 +184,21 @@ class _Compiled:
         compiled = statement.compile(dialect=dialect, column_keys=list(names))
         self.sql = str(compiled)
         table = InboxEvent.__table__
-        self._processors = {
+        processors = {
             name: table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
         }
         # qmark (sqlite3) takes a tuple in the compiled order; pyformat (psycopg) a dict.
         self._positional = compiled.positiontup is not None and dialect.positional
-        self._order = list(compiled.positiontup or names)
+        order = list(compiled.positiontup or names) if self._positional else list(names)
+        self._steps = tuple((name, processors[name]) for name in order)
 
     def params(self, row: dict[str, Any]) -> Any:
-        processed = {}
-        for name, processor in self._processors.items():
-            value = row[name]
-            processed[name] = processor(value) if processor is not None else value
+        # Once per event on the webhook hot path: one pass, straight into what the driver takes.
         if self._positional:
-            return tuple(processed[name] for name in self._order)
-        return processed
+            return tuple(
+                [row[name] if process is None else process(row[name]) for name, process in self._steps]
+            )
+        return {name: row[name] if process is None else process(row[name]) for name, process in self._steps}
 
 
 def _rollback_quietly(connection: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +18,7 @@ from sqlalchemy import create_engine, select, text
 from connector.config import Settings
 from connector.events import RecordChangeEvent
 from connector.runtime import Runtime
-from connector.storage.db import normalize_url, transaction
+from connector.storage.db import normalize_url, transaction, writer_lock
 from connector.storage.inbox import GroupCommitInbox, _write_batch
 from connector.storage.inbox_writer import InboxWriter
 from connector.storage.models import InboxEvent
@@ -183,3 +184,50 @@ def test_a_forked_process_writes_on_a_connection_of_its_own(
     assert inbox.writer._connect().info.backend_pid == parent_backend
     assert inbox.accept([event(3)]).accepted == 1
     assert set(stored(runtime)) == {"D-1", "D-2", "D-3"}
+
+
+def test_deliveries_that_arrive_while_the_leader_waits_for_the_writer_join_its_commit(
+    runtime_factory: Callable[[Settings], Runtime], tmp_path: Any
+) -> None:
+    """SQLite: the leader collects its batch once it holds the writer lock, not before, so a
+    delivery that arrives while another writer (another server process) commits is written
+    in the same transaction: one commit, one `received_at`, for both."""
+    runtime = runtime_factory(Settings(database_url=f"sqlite:///{tmp_path}/turn.db"))
+    inbox = GroupCommitInbox(runtime.sessions)
+    lock = writer_lock(runtime.engine)
+    assert lock is not None
+    held, done = threading.Event(), threading.Event()
+
+    def other_writer() -> None:  # holds the writer lock as another process's commit would
+        lock.acquire()
+        held.set()
+        done.wait(10)
+        lock.release()
+
+    def queued(record_id: str) -> bool:
+        return any(d.events[0].record_id == record_id for d in inbox._queue)
+
+    holder = threading.Thread(target=other_writer)
+    holder.start()
+    assert held.wait(10)
+    results: list[Any] = []
+    first = threading.Thread(target=lambda: results.append(inbox.accept([event(1)])))
+    first.start()
+    wait_until(lambda: inbox._writing)  # the first delivery leads, and waits for the lock
+    second = threading.Thread(target=lambda: results.append(inbox.accept([event(2)])))
+    second.start()
+    wait_until(lambda: queued("D-2"))
+    done.set()
+    for thread in (holder, first, second):
+        thread.join(10)
+    assert [r.accepted for r in results] == [1, 1]
+    with runtime.sessions() as session:
+        received = session.scalars(select(InboxEvent.received_at)).all()
+    assert len(received) == 2 and received[0] == received[1]
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
