@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 from werkzeug.datastructures import MultiDict
 
@@ -28,6 +28,7 @@ from webhooks.intake import (
     require_content_type,
     require_secret,
     resolve_connection,
+    stored_answer,
     whole_number,
 )
 from webhooks.signatures import check_timestamp, constant_time_equals
@@ -69,7 +70,7 @@ def receive() -> ResponseReturnValue:
     event = parse_event(connection, form, intake().settings.webhook_tolerance_seconds)
     result = intake().store([event])
     # Always 200: Bitrix24 never redelivers, and a redelivery we drop is still a success.
-    return jsonify(accepted=result.accepted, duplicates=result.duplicates), 200
+    return stored_answer(result, 200)
 
 
 def verify_application_token(

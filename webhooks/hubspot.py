@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
 from connector.config import ConnectionConfig
@@ -32,6 +32,7 @@ from webhooks.intake import (
     require_content_type,
     require_secret,
     resolve_connection,
+    stored_answer,
 )
 from webhooks.signatures import check_timestamp, constant_time_equals, hmac_sha256
 
@@ -97,7 +98,7 @@ def receive() -> ResponseReturnValue:
     verify_signature(connection, secret, request.get_data(cache=True))
     events = parse_delivery(connection, json_body())
     result = intake().store(events)
-    return jsonify(accepted=result.accepted, duplicates=result.duplicates), 202 if result.accepted else 200
+    return stored_answer(result)
 
 
 # --- signature --------------------------------------------------------------------------

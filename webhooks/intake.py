@@ -19,7 +19,7 @@ from datetime import datetime
 from types import ModuleType
 from typing import Any, TypeVar
 
-from flask import current_app, request
+from flask import Response, current_app, request
 
 from connector.config import ConnectionConfig, Settings
 from connector.crm.registry import CRMKind, crm_kind
@@ -147,6 +147,16 @@ class Intake:
             "this one is refused, the first is kept",
             "give every new message a new id; a retry must resend the same body",
         )
+
+
+def stored_answer(result: AcceptResult, status: int | None = None) -> Response:
+    """The answer to a stored delivery, `{"accepted":n,"duplicates":m}`: 202 when it stored
+    something new, else 200 (or `status`). Written out directly rather than through
+    `jsonify` (the same compact JSON, without its encoder) since every delivery gets one."""
+    body = f'{{"accepted":{int(result.accepted)},"duplicates":{int(result.duplicates)}}}\n'
+    if status is None:
+        status = 202 if result.accepted else 200
+    return current_app.response_class(body, status=status, mimetype="application/json")
 
 
 def intake() -> Intake:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
 from connector.config import ConnectionConfig
@@ -27,6 +27,7 @@ from webhooks.intake import (
     require_content_type,
     require_secret,
     resolve_connection,
+    stored_answer,
 )
 from webhooks.signatures import standard_secret_problem, verify_standard
 
@@ -46,20 +47,18 @@ def receive() -> ResponseReturnValue:
     connection = _connection()
     secrets = require_secret(connection, WEBHOOK_SECRET)
     require_content_type("application/json")
+    headers, body, receiver = request.headers, request.get_data(cache=True), intake()
     verify_standard(
         list(secrets),
-        request.headers.get("webhook-id"),
-        request.headers.get("webhook-timestamp"),
-        request.headers.get("webhook-signature"),
-        request.get_data(cache=True),
-        intake().settings.webhook_tolerance_seconds,
+        headers.get("webhook-id"),
+        headers.get("webhook-timestamp"),
+        headers.get("webhook-signature"),
+        body,
+        receiver.settings.webhook_tolerance_seconds,
     )
-    body = request.get_data(cache=True)
-    event = parse_standard(
-        connection, request.headers["webhook-id"], json_body(), hashlib.sha256(body).hexdigest()
-    )
-    result = intake().store([event])
-    return jsonify(accepted=result.accepted, duplicates=result.duplicates), 202 if result.accepted else 200
+    event = parse_standard(connection, headers["webhook-id"], json_body(), hashlib.sha256(body).hexdigest())
+    result = receiver.store([event])
+    return stored_answer(result)
 
 
 def _connection() -> ConnectionConfig:

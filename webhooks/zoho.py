@@ -21,7 +21,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
 from connector.clock import utcnow
@@ -37,6 +37,7 @@ from webhooks.intake import (
     require_content_type,
     require_secret,
     resolve_connection,
+    stored_answer,
     whole_number,
 )
 from webhooks.signatures import check_timestamp, constant_time_equals
@@ -90,7 +91,7 @@ def receive_workflow() -> ResponseReturnValue:
 
 def _store(events: list[RecordChangeEvent]) -> ResponseReturnValue:
     result = intake().store(events)
-    return jsonify(accepted=result.accepted, duplicates=result.duplicates), 202 if result.accepted else 200
+    return stored_answer(result)
 
 
 # --- authentication -------------------------------------------------------------------

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import requests
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
 from connector.config import ConnectionConfig, Settings
@@ -29,6 +29,7 @@ from webhooks.intake import (
     require_content_type,
     require_secret,
     resolve_connection,
+    stored_answer,
 )
 from webhooks.signatures import constant_time_equals
 
@@ -147,4 +148,4 @@ def receive() -> ResponseReturnValue:
         values_signed=False,  # Basic auth vouches for the sender, not the body's values
     )
     result = intake().store([event])
-    return jsonify(accepted=result.accepted, duplicates=result.duplicates), 202 if result.accepted else 200
+    return stored_answer(result)
