@@ -11,6 +11,7 @@ answers; the ceiling only reads the body. Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import socket
@@ -73,6 +74,21 @@ def start_server(
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"{app_uri} did not start")
+
+
+def server_cpu(server: subprocess.Popen[bytes]) -> float:
+    """CPU seconds (user + system) the server's worker processes have used so far, from /proc
+    (Linux; 0 elsewhere). Steadier than throughput on a shared machine: it leaves out the
+    clients, and does not depend on who else has the cores."""
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children")
+    if not children.exists():
+        return 0.0
+    ticks = 0
+    for child in children.read_text().split():
+        with contextlib.suppress(OSError):  # a worker that just exited
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def client(url: str, count: int, offset: int, queue: mp.Queue) -> None:  # type: ignore[type-arg]
@@ -165,8 +181,11 @@ def main() -> None:
         # so that a load change on a shared machine hits both sides alike.
         per_round = args.requests // args.rounds
         for _ in range(args.rounds):
-            for name, (_server, url) in servers.items():
-                runs[name].append(load(url, per_round, args.concurrency))
+            for name, (server, url) in servers.items():
+                cpu_before = server_cpu(server)
+                result = load(url, per_round, args.concurrency)
+                result["server_cpu"] = server_cpu(server) - cpu_before
+                runs[name].append(result)
     finally:
         for server, _url in servers.values():
             server.terminate()
@@ -188,6 +207,12 @@ def main() -> None:
     )
     sent = args.rounds * (per_round - per_round % args.concurrency)
     print(f"accepted by ours: {rows['crm-approvals']['accepted']:.0f} of {sent}")
+    cpu = {name: sum(r["server_cpu"] for r in runs[name]) * 1000 / rows[name]["accepted"] for name in rows}
+    if all(cpu.values()):
+        print(
+            f"server CPU ms per accepted request (workers' user + system): ceiling "
+            f"{cpu['ceiling (bare Flask)']:.3f}, ours {cpu['crm-approvals']:.3f}"
+        )
 
 
 def combine(results: list[dict[str, float]]) -> dict[str, float]:
