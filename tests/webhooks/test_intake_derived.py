@@ -1,5 +1,6 @@
 """What the intake works out once per configuration object instead of per delivery
-(webhooks/intake.py `derived`), and the storability walk every delivery's values take."""
+(webhooks/intake.py `derived`), the storability walk every delivery's values take, and the
+answer every stored delivery gets."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from collections import OrderedDict
 from typing import Any
 
 import pytest
+from flask import Flask, jsonify
 
 from connector.config import ConnectionConfig
-from webhooks.intake import MAX_JSON_DEPTH, MAX_JSON_DIGITS, check_object, derived, unstorable
+from connector.storage.inbox import AcceptResult
+from webhooks.intake import MAX_JSON_DEPTH, MAX_JSON_DIGITS, check_object, derived, stored_answer, unstorable
 
 
 def test_derived_values_belong_to_one_configuration_object() -> None:
@@ -75,3 +78,16 @@ def test_unstorable_names_what_the_database_would_refuse(value: Any, nul: bool, 
         assert found is None
     else:
         assert found is not None and problem in found
+
+
+@pytest.mark.parametrize(("accepted", "duplicates", "status"), [(1, 0, 202), (0, 2, 200), (12, 3, 202)])
+def test_the_stored_answer_is_what_jsonify_wrote(accepted: int, duplicates: int, status: int) -> None:
+    with Flask("answer").app_context():
+        answer = stored_answer(AcceptResult(accepted=accepted, duplicates=duplicates))
+        before = jsonify(accepted=accepted, duplicates=duplicates)
+        assert (answer.get_data(), answer.headers, answer.status_code) == (
+            before.get_data(),
+            before.headers,
+            status,
+        )
+        assert stored_answer(AcceptResult(accepted=0, duplicates=1), 200).status_code == 200
