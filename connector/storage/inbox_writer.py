@@ -9,7 +9,9 @@ processors (so rows are stored exactly as the ORM stores them), and a batch is:
 
 - SQLite: the writer lock every SQLite writer takes (`db.writer_lock`), BEGIN IMMEDIATE, one
   INSERT per event (in-process calls, no round trips), COMMIT (the WAL fsync);
-- PostgreSQL: the INSERTs pipelined (psycopg `executemany(returning=True)`) and COMMIT.
+- PostgreSQL: the whole batch as one statement on an autocommit connection (the rows as one
+  JSON parameter, `_PostgresBatch`): one round trip, its implicit transaction committed
+  before the answer comes back, the stored hashes it may need read in the same statement.
 
 Only the group-commit leader writes, one batch at a time, so one connection per process is
 enough. A commit still returns only once the database has made the batch durable
@@ -19,6 +21,7 @@ enough. A commit still returns only once the database has made the batch durable
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -63,12 +66,14 @@ class InboxWriter:
         table = InboxEvent.__table__
         module: Any = postgresql if self.postgres else sqlite
         insert = module.insert(table).on_conflict_do_nothing(index_elements=["dedupe_key"])
-        self._insert = _Compiled(insert.returning(table.c.dedupe_key), self.dialect, COLUMNS)
+        self._insert = _Compiled(insert.returning(table.c.dedupe_key), self.dialect, COLUMNS)  # SQLite
         self._lookup = _Compiled(
             select(table.c.content_hash).where(table.c.dedupe_key == bindparam("dedupe_key")),
             self.dialect,
             ("dedupe_key",),
         )
+        if self.postgres:
+            self._batch = _PostgresBatch(self.dialect)
         self._writer = writer_lock(engine)
         self._connection: Any = None
         self._connection_pid = 0
@@ -97,17 +102,19 @@ class InboxWriter:
         self, rows: Sequence[dict[str, Any]], hashes_of: Callable[[set[str]], set[str]]
     ) -> tuple[set[str], dict[str, str | None]]:
         """Insert `rows` in one transaction. `hashes_of(new_keys)` names the keys whose stored
-        content hash the caller needs (asked inside the same transaction). Returns the new
+        content hash the caller needs (read in the same transaction; on PostgreSQL in the same
+        statement, and afresh for a key another process committed meanwhile). Returns the new
         keys and those hashes."""
         connection = self._connect()
+        if self.postgres:
+            return self._write_postgres(connection, rows, hashes_of)
         try:
             if self._writer is not None:
                 self._writer.acquire()
             try:
                 cursor = connection.cursor()
                 try:
-                    if not self.postgres:
-                        cursor.execute("BEGIN IMMEDIATE")
+                    cursor.execute("BEGIN IMMEDIATE")
                     new_keys = self._insert_rows(cursor, rows)
                     stored: dict[str, str | None] = {}
                     for key in hashes_of(new_keys):
@@ -130,19 +137,45 @@ class InboxWriter:
             raise
         return new_keys, stored
 
+    def _write_postgres(
+        self, connection: Any, rows: Sequence[dict[str, Any]], hashes_of: Callable[[set[str]], set[str]]
+    ) -> tuple[set[str], dict[str, str | None]]:
+        """The batch as ONE statement on an autocommit connection: one round trip, and its
+        implicit transaction is committed (durably, with synchronous_commit) before the answer
+        comes back; a failed statement leaves nothing. It inserts the rows and reads the stored
+        hashes of the keys that may be needed as they were before it (its snapshot)."""
+        written = {row["dedupe_key"]: row["content_hash"] for row in rows}
+        try:
+            with connection.cursor() as cursor:
+                if not rows:
+                    return set(), {}
+                # hashes_of(no new key) names every key whose hash could be asked for
+                cursor.execute(self._batch.sql, self._batch.params(rows, hashes_of(set())))
+                found = cursor.fetchall()
+                new_keys = {key for key, _hash, new in found if new}
+                before = {key: content_hash for key, content_hash, new in found if not new}
+                stored: dict[str, str | None] = {}
+                for key in hashes_of(new_keys):
+                    if key in new_keys:  # written just now by another delivery of this batch
+                        stored[key] = written[key]
+                    elif key in before:
+                        stored[key] = before[key]
+                    else:  # committed by another process after this statement's snapshot
+                        cursor.execute(self._lookup.sql, self._lookup.params({"dedupe_key": key}))
+                        again = cursor.fetchone()
+                        if again is not None:
+                            stored[key] = again[0]
+        except self.dialect.loaded_dbapi.Error as exc:
+            if self.dialect.is_disconnect(exc, connection, None):
+                self._drop()  # the next batch connects afresh (a restarted database)
+            raise
+        return new_keys, stored
+
     def _insert_rows(self, cursor: Any, rows: Sequence[dict[str, Any]]) -> set[str]:
         params = [self._insert.params(row) for row in rows]
         if not params:
             return set()
         new_keys: set[str] = set()
-        if self.postgres:
-            # Pipelined: every INSERT goes before the first answer is awaited.
-            cursor.executemany(self._insert.sql, params, returning=True)
-            while True:
-                new_keys.update(key for (key,) in cursor.fetchall())
-                if not cursor.nextset():
-                    break
-            return new_keys
         for one in params:  # sqlite3 runs these in-process: no round trips to save
             cursor.execute(self._insert.sql, one)
             new_keys.update(key for (key,) in cursor.fetchall())
@@ -162,6 +195,10 @@ class InboxWriter:
                 # busy time-out on SQLite); kept checked out for the life of the process.
                 self._connection = self.engine.raw_connection()
                 self._connection_pid = os.getpid()
+                if self.postgres:  # each batch is one statement, its own transaction
+                    driver = self._connection.driver_connection
+                    driver.rollback()  # whatever the pool's checks left open
+                    driver.autocommit = True
             return self._connection.driver_connection
 
     def _drop(self) -> None:
@@ -199,6 +236,50 @@ class _Compiled:
                 [row[name] if process is None else process(row[name]) for name, process in self._steps]
             )
         return {name: row[name] if process is None else process(row[name]) for name, process in self._steps}
+
+
+class _PostgresBatch:
+    """PostgreSQL: a whole batch in one statement with two parameters, the rows as one JSON
+    array and the keys asked about, so one SQL text (prepared by psycopg after a few uses)
+    serves every batch size and the driver adapts two values, not seventeen per row. Each
+    column is taken out of the JSON as its type: text as text (its column's width still
+    checked on assignment), JSON columns as jsonb (None as JSON null, as the ORM writes it),
+    timestamps (UTC, through the column's bind processor) as timestamptz. It returns each
+    new key, then (key, stored hash) for the keys asked about that were stored before it."""
+
+    def __init__(self, dialect: Any) -> None:
+        table = InboxEvent.__table__
+        selected = []
+        self._times = []
+        for name in COLUMNS:
+            kind = table.c[name].type.compile(dialect=dialect)
+            if kind == "JSONB":
+                selected.append(f"r->'{name}'")
+            elif kind.startswith("VARCHAR"):
+                selected.append(f"r->>'{name}'")
+            else:  # BOOLEAN, INTEGER, TIMESTAMP WITH TIME ZONE
+                selected.append(f"(r->>'{name}')::{kind}")
+            if kind.startswith("TIMESTAMP"):
+                self._times.append((name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)))
+        columns = ", ".join(f'"{name}"' for name in COLUMNS)
+        self.sql = (
+            "WITH new AS ("
+            f"INSERT INTO inbox_events ({columns}) SELECT {', '.join(selected)} "
+            "FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS batch(r, position) "
+            "ORDER BY position ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key) "
+            "SELECT dedupe_key, NULL::varchar, true FROM new UNION ALL "
+            "SELECT dedupe_key, content_hash, false FROM inbox_events WHERE dedupe_key = ANY(%(asked)s)"
+        )
+
+    def params(self, rows: Sequence[dict[str, Any]], asked: set[str]) -> dict[str, Any]:
+        out = []
+        for row in rows:
+            row = dict(row)
+            for name, process in self._times:
+                value = row[name] if process is None else process(row[name])
+                row[name] = None if value is None else value.isoformat()
+            out.append(row)
+        return {"rows": json.dumps(out), "asked": sorted(asked)}
 
 
 def _rollback_quietly(connection: Any) -> None:

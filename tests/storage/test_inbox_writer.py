@@ -231,3 +231,38 @@ def wait_until(condition: Callable[[], bool], seconds: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
+
+
+def test_an_id_another_process_commits_while_the_batch_waits_is_compared_with_its_hash(
+    runtime_factory: Callable[[Settings], Runtime], pg_url: str
+) -> None:
+    """PostgreSQL: the batch is one statement whose snapshot predates a row another process
+    commits while the statement waits on it (ON CONFLICT); the stored hash is then read
+    afresh, so a reused id is still a conflict, not a duplicate."""
+    runtime = runtime_factory(Settings(database_url=pg_url))
+    inbox = GroupCommitInbox(runtime.sessions)
+    first = event(1, content_hash="a" * 64)
+    other = runtime.engine.connect()
+    try:
+        transaction_of_other = other.begin()
+        other.execute(
+            InboxEvent.__table__.insert().values(
+                **first.to_row(), received_at=datetime.now(UTC), status="pending", attempts=0
+            )
+        )
+        results: list[Any] = []
+        reused = event(1, content_hash="b" * 64, amount=5)
+        writer = threading.Thread(target=lambda: results.append(inbox.accept([reused])))
+        writer.start()
+        with runtime.engine.connect() as watcher:
+            waiting = text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            )
+            wait_until(lambda: watcher.scalar(waiting) == 1)
+        transaction_of_other.commit()
+        writer.join(10)
+    finally:
+        other.close()
+    assert [(r.accepted, r.duplicates, r.conflicts) for r in results] == [(0, 0, (reused,))]
+    assert stored(runtime)["D-1"]["content_hash"] == "a" * 64
