@@ -76,6 +76,7 @@ class InboxWriter:
             self._batch = _PostgresBatch(self.dialect)
         self._writer = writer_lock(engine)
         self._connection: Any = None
+        self._driver: Any = None
         self._connection_pid = 0
         self._inherited: list[Any] = []
         self._pid_lock = threading.Lock()
@@ -193,18 +194,26 @@ class InboxWriter:
             if self._connection is None:
                 # From the engine's pool, so its connect-time settings apply (WAL, FULL sync,
                 # busy time-out on SQLite); kept checked out for the life of the process.
-                self._connection = self.engine.raw_connection()
-                self._connection_pid = os.getpid()
+                fairy = self.engine.raw_connection()
+                driver: Any = fairy.driver_connection
                 if self.postgres:  # each batch is one statement, its own transaction
-                    driver = self._connection.driver_connection
+                    # Out of the pool for good, so never handed back to it in autocommit;
+                    # `_drop` closes it.
+                    fairy.detach()
                     driver.rollback()  # whatever the pool's checks left open
                     driver.autocommit = True
-            return self._connection.driver_connection
+                self._connection, self._driver = fairy, driver
+                self._connection_pid = os.getpid()
+            return self._driver
 
     def _drop(self) -> None:
         with self._pid_lock:
             if self._connection is not None and self._connection_pid == os.getpid():
-                self._connection.invalidate()  # closes it
+                if self.postgres:  # detached from the pool: closed here
+                    with contextlib.suppress(Exception):
+                        self._driver.close()
+                else:
+                    self._connection.invalidate()  # closes it
             elif self._connection is not None:
                 self._inherited.append(self._connection)  # a parent's: left alone, as in _connect
             self._connection = None

@@ -5,6 +5,7 @@ replaced, and a batch is committed (visible to another connection) once `write` 
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -266,3 +267,18 @@ def test_an_id_another_process_commits_while_the_batch_waits_is_compared_with_it
         other.close()
     assert [(r.accepted, r.duplicates, r.conflicts) for r in results] == [(0, 0, (reused,))]
     assert stored(runtime)["D-1"]["content_hash"] == "a" * 64
+
+
+def test_the_postgresql_writer_connection_never_goes_back_to_the_pool_in_autocommit(
+    runtime_factory: Callable[[Settings], Runtime], pg_url: str
+) -> None:
+    """Its batches run in autocommit; were it handed back to the pool (a writer lost without
+    `close`), an ORM transaction on it would commit statement by statement."""
+    runtime = runtime_factory(Settings(database_url=pg_url))
+    writer = InboxWriter(runtime.engine)
+    row = {**event(1).to_row(), "received_at": datetime.now(UTC), "status": "pending", "attempts": 0}
+    assert writer.write([row], lambda _new: set()) == ({"sandbox:std:msg-1"}, {})
+    writer._connection = None  # lost without close(), as when the writer is collected
+    gc.collect()
+    with runtime.engine.connect() as conn:
+        assert conn.connection.driver_connection.autocommit is False  # type: ignore[union-attr]
