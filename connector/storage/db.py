@@ -8,6 +8,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ except ImportError:  # not on Windows: SQLite's own busy handler still keeps wri
 
 from sqlalchemy import JSON, Connection, DateTime, Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -70,7 +72,53 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         _make_sqlite_transactions_immediate(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_size=10, max_overflow=20)
+    _ping_on_checkout(engine)
+    return engine
+
+
+_UNPINGED = ContextVar("crm_approvals_unpinged_checkout", default=False)
+
+
+@contextmanager
+def unpinged_checkout() -> Iterator[None]:
+    """Connections checked out in this block are not pinged first. Only for a caller whose
+    first statement on the connection is a read that it runs again on a new connection when
+    it fails with `connection_invalidated` (webhooks/api.py's token check): that statement is
+    the ping, one round trip fewer. A dead connection is found by it as by a ping, and
+    SQLAlchemy then invalidates it and every connection pooled before it, as after a failed
+    ping."""
+    reset = _UNPINGED.set(True)
+    try:
+        yield
+    finally:
+        _UNPINGED.reset(reset)
+
+
+def _ping_on_checkout(engine: Engine) -> None:
+    """SQLAlchemy's pool_pre_ping, but skipped in `unpinged_checkout()` (the pool's own flag
+    holds for every checkout): a pooled connection is pinged (";" on psycopg) before it is
+    handed out, and if it is dead, it and every connection pooled before it are dropped and
+    a new one is made (a database restart kills them all). A connection just made is not
+    pinged."""
+
+    @event.listens_for(engine.pool, "connect")
+    def _fresh(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_FRESH] = True
+
+    @event.listens_for(engine.pool, "checkout")
+    def _ping(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if record.info.pop(_FRESH, False) or _UNPINGED.get():
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as error:
+            if engine.dialect.is_disconnect(error, dbapi_connection, None):
+                raise InvalidatePoolError() from error  # the pool drops it, and tries a new one
+            raise
+
+
+_FRESH = "crm_approvals_fresh"
 
 
 def _ensure_sqlite_dir(url: str) -> None:
@@ -178,6 +226,12 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
+def sessions_on(sessions: sessionmaker[Session], conn: Connection) -> sessionmaker[Session]:
+    """Sessions like `sessions`' but all on this one connection: each session's transaction
+    is one on `conn` (begun and ended by the session), with no pool checkout of its own."""
+    return sessionmaker(class_=sessions.class_, **{**sessions.kw, "bind": conn})
+
+
 SWEEP_CHECKPOINT_PAGES = 20_000  # WAL pages (about 80 MB) between checkpoints during a sweep
 SWEEP_CACHE_KB = 131_072  # a sweep's page cache: its chunks touch index pages all over the tables
 
@@ -204,7 +258,7 @@ def sweep_sessions(sessions: sessionmaker[Session]) -> Iterator[sessionmaker[Ses
         driver.execute(f"PRAGMA wal_autocheckpoint = {SWEEP_CHECKPOINT_PAGES}")
         driver.execute(f"PRAGMA cache_size = -{SWEEP_CACHE_KB}")
         try:
-            yield sessionmaker(class_=sessions.class_, **{**sessions.kw, "bind": conn})
+            yield sessions_on(sessions, conn)
         finally:
             driver.execute(f"PRAGMA wal_autocheckpoint = {int(previous)}")
             driver.execute(f"PRAGMA cache_size = {int(cache)}")
