@@ -40,7 +40,7 @@ from connector.crm.salesforce_ids import id_spellings
 from connector.rules.coerce import parse_duration
 from connector.storage import approval_store as store
 from connector.storage.approval_store import RecordKey, StoredRequest
-from connector.storage.db import UTCDateTime
+from connector.storage.db import UTCDateTime, in_ids
 from connector.storage.models import (
     ApprovalAssigneeRow,
     ApprovalRequestRow,
@@ -228,7 +228,12 @@ def page_rows(
         )
         ids = _visible_page(conn, filters, viewer.user_id)
         by_id = (
-            {row.id: row for row in conn.execute(_rows_by_id(tuple(columns)), {"ids": ids})} if ids else {}
+            {
+                row.id: row
+                for row in conn.execute(_rows_by_id(tuple(columns), conn.dialect.name), {"ids": ids})
+            }
+            if ids
+            else {}
         )
         rows = [by_id[i] for i in ids if i in by_id]
     else:
@@ -263,9 +268,9 @@ def _count_of(source: FromClause, conditions: Sequence[ColumnElement[bool]]) -> 
 
 
 @functools.cache
-def _rows_by_id(columns: tuple[Any, ...]) -> Any:
+def _rows_by_id(columns: tuple[Any, ...], dialect: str) -> Any:
     """These columns of the requests of the ids given as `ids` (built once per columns)."""
-    return select(*columns).where(REQUESTS.c.id.in_(bindparam("ids", expanding=True)))
+    return select(*columns).where(in_ids(REQUESTS.c.id, dialect))
 
 
 def _visible_page(conn: Connection, filters: RequestFilters, user_id: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -18,7 +19,7 @@ try:
 except ImportError:  # not on Windows: SQLite's own busy handler still keeps writers apart
     fcntl = None  # type: ignore[assignment]
 
-from sqlalchemy import JSON, Connection, DateTime, Engine, create_engine, event
+from sqlalchemy import JSON, Connection, DateTime, Engine, any_, bindparam, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -55,6 +56,29 @@ class UTCDateTime(TypeDecorator[Any]):
 
 
 JSONType = JSON().with_variant(postgresql.JSONB(), "postgresql")
+_DECODE = json.JSONDecoder().raw_decode
+
+
+def json_loads(data: str | bytes) -> Any:
+    """json.loads for the JSON columns' values as the database hands them over: one value with
+    nothing around it (as jsonb and json.dumps write it) goes straight to the decoder's C
+    scanner, without json.loads' encoding detection and whitespace checks (about 3.2 -> 1.4 µs
+    a value; a page of 50 requests decodes 150). Anything else, json.loads as before."""
+    text = data.decode() if isinstance(data, bytes) else data
+    try:
+        value, end = _DECODE(text)
+    except ValueError:
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
+
+
+def in_ids(column: Any, dialect: str) -> Any:
+    """`column IN (:ids...)`, the list given as `ids`. On PostgreSQL `column = ANY(:ids)`: one
+    array parameter, so the statement's text is the same for any number of ids (psycopg caches
+    its conversion and prepares it, where SQLAlchemy would render an IN list per execution)."""
+    if dialect == "postgresql":
+        return column == any_(bindparam("ids", type_=postgresql.ARRAY(column.type)))
+    return column.in_(bindparam("ids", expanding=True))
 
 
 def normalize_url(url: str) -> str:
@@ -69,10 +93,12 @@ def make_engine(url: str) -> Engine:
     url = normalize_url(url)
     if url.startswith("sqlite"):
         _ensure_sqlite_dir(url)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, json_deserializer=json_loads
+        )
         _make_sqlite_transactions_immediate(engine)
         return engine
-    engine = create_engine(url, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_size=10, max_overflow=20, json_deserializer=json_loads)
     _ping_on_checkout(engine)
     return engine
 
