@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from sqlalchemy import Connection
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.approvals.modes import Decision
@@ -91,11 +91,11 @@ def _authenticated_token(reads_in_call: bool = False) -> TokenInfo:
         )
     try:
         token = _find_token(presented.strip(), reads_in_call)
-    except BaseException as error:
-        _end_call_session(error)
+    except BaseException:
+        _end_call_session()
         raise
     if not reads_in_call:  # the view reads and writes in sessions of its own
-        _end_call_session()
+        _end_call_session(commit=True)
     if token is None:
         raise unauthorized("invalid_token", "the API token is not valid", TOKEN_HINT)
     if token.revoked:
@@ -136,7 +136,7 @@ def _find_token(presented: str, read_only: bool) -> TokenInfo | None:
     except DBAPIError as error:
         if not error.connection_invalidated:
             raise
-        _end_call_session(error)
+        _end_call_session()
     log.info("API connection was dead; the token check goes on on a new one")
     return find_token(_open_call_session(read_only), presented)
 
@@ -156,21 +156,36 @@ def _open_call_session(read_only: bool) -> Session:
     return session
 
 
-@blueprint.teardown_request
-def _end_call_session(error: BaseException | None = None) -> None:
-    """Commit what the call wrote (the token's last use) unless it failed; then give the
-    connection back to the pool."""
+def _end_call_session(commit: bool = False) -> None:
+    """Give the call's connection back to the pool, committing first if asked (what the
+    token check wrote: its last use, at most once a minute); otherwise rolled back."""
     session: Session | None = g.pop("api_session", None)
     if session is None:
         return
     conn = session.get_bind()
     try:
-        if error is None and session.in_transaction():
+        if commit and session.in_transaction():
             session.commit()
     finally:
         session.close()
         if isinstance(conn, Connection):
             conn.close()
+
+
+@blueprint.after_request
+def _commit_call_session(response: Response) -> Response:
+    """A read that answered (not with a 500) keeps what its token check wrote."""
+    if response.status_code < 500:
+        try:
+            _end_call_session(commit=True)
+        except SQLAlchemyError as error:  # the answer stands; only the token's last use is lost
+            log.warning("could not record the API token's last use: %s", error)
+    return response
+
+
+@blueprint.teardown_request
+def _close_call_session(_error: BaseException | None) -> None:
+    _end_call_session()  # a call that failed: rolled back
 
 
 # --- what goes in and out -------------------------------------------------------------

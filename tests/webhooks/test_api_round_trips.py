@@ -114,6 +114,10 @@ def test_each_api_read_is_one_checkout_and_a_few_round_trips(world: World, tmp_p
         assert (cost["checkouts"], cost["round_trips"]) == (1, expected + begin), (path, cost)
     listed = world.get("u-admin", "/requests?all=true&limit=50").get_json()
     assert listed["total"] == 3 and [r["current_step"] is None for r in listed["requests"]].count(True) == 1
+    error_of(world.get("u-rep", "/requests/no-such-request"), 404, "request_not_found")
+    bad = {"Authorization": "Bearer cra_not-a-token"}
+    error_of(world.client.get("/api/v1/requests", headers=bad), 401, "invalid_token")
+    assert world.runtime.engine.pool.checkedout() == 0  # every call gave its connection back
 
 
 def test_a_page_past_the_end_still_has_its_total(world: World) -> None:
