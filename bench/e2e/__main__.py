@@ -25,6 +25,7 @@ With --redis-url the given Redis database is the queue and is FLUSHED before eac
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -60,6 +61,25 @@ def wait_http(url: str, seconds: float = 30) -> None:
         except requests.RequestException:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer within {seconds:.0f} s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pids: list[int], quiet: float = 1.0, seconds: float = 120) -> None:
+    """Wait until every process used almost no CPU for `quiet` seconds: booted and idle."""
+    deadline = time.time() + seconds
+    before = [cpu_seconds(pid) for pid in pids]
+    while time.time() < deadline:
+        time.sleep(quiet)
+        after = [cpu_seconds(pid) for pid in pids]
+        if all(b - a < 0.05 * quiet for a, b in zip(before, after, strict=True)):
+            return
+        before = after
+    raise RuntimeError(f"the workers were still busy after {seconds:.0f} s")
 
 
 def fresh_database(url: str | None, tmp: Path, run: str) -> tuple[str, str | None]:
@@ -214,7 +234,10 @@ def run_once(args: argparse.Namespace, tmp: Path, workers: int, standin: str) ->
             )
             worker = [sys.executable, *profile, "-m", "connector", "--env-file", "/dev/null", "worker"]
             procs.append(subprocess.Popen([*worker, "--workers", "1"], cwd=ROOT, env=env))
-        time.sleep(3)  # the workers' start-up sweeps, on an empty inbox
+        # Every worker booted and through its start-up sweep (on an empty inbox) before the
+        # clock starts: a fixed 3 s wait was too short for 4 workers booting on 2 busy cores,
+        # which then spent the first seconds of the burst importing.
+        wait_idle([p.pid for p in procs[1:]])
         # Signed before the clock starts: signing is the CRM's work, on its own machine, not
         # ours (here it would take the cores the server and workers share).
         deliveries = crm.sign(args.records, env["PUBLIC_BASE_URL"])
@@ -249,8 +272,25 @@ def run_once(args: argparse.Namespace, tmp: Path, workers: int, standin: str) ->
         "complete": done,
         "seconds": elapsed,
         "records_per_s": args.records / elapsed if done else 0.0,
+        "start": start,
         **stats,
     }
+
+
+def overlap(calls: list[list[Any]]) -> tuple[int, float]:
+    """(most CRM calls in flight at once, mean calls in flight while any was)."""
+    edges = sorted([(c[0], 1) for c in calls] + [(c[1], -1) for c in calls])
+    peak = level = 0
+    busy = 0.0
+    last = edges[0][0] if edges else 0.0
+    for moment, step in edges:
+        if level:
+            busy += moment - last
+        level += step
+        peak = max(peak, level)
+        last = moment
+    total = sum(c[1] - c[0] for c in calls)
+    return peak, (total / busy if busy else 0.0)
 
 
 def main() -> None:
@@ -264,6 +304,7 @@ def main() -> None:
     parser.add_argument("--database-url", default=None, help="PostgreSQL URL; default: a fresh SQLite file")
     parser.add_argument("--redis-url", default=None, help="queue on this Redis db (flushed); default: SQLite")
     parser.add_argument("--concurrency", type=int, default=8, help="threads posting the webhooks")
+    parser.add_argument("--calls-log", default=None, help="write each run's CRM calls (JSON) here")
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the write-backs")
     args = parser.parse_args()
 
@@ -313,7 +354,14 @@ def main() -> None:
             f"{ratio:5.2f}x {row['read_calls']:>4}/{minimum:<4} {row['write_calls']:>4}/{minimum:<4} "
             f"{row['duplicated_records']:>4}"
         )
+    if args.calls_log:
+        Path(args.calls_log).write_text(json.dumps(rows))
     for row in rows:
+        peak, mean = overlap(row["calls"])
+        print(
+            f"{row['workers']} workers: CRM calls in flight at once: at most {peak}, {mean:.2f} on average "
+            f"while any was; {len({c[3] for c in row['calls']})} client connections"
+        )
         print(
             f"{row['workers']} workers: posting took {row['post_s']:.2f} s; other reads (drift repair) "
             f"{row['other_reads']}; ids per read call {row['read_sizes']}; records per write call "

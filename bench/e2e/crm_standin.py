@@ -14,7 +14,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
@@ -33,6 +33,9 @@ class Stats:
         self.records: dict[str, dict[str, Any]] = {}  # what was written, as reads then answer
         self.first_write: float | None = None
         self.last_write: float | None = None
+        # Every API call: (start, end, path, the client's port): which calls overlapped, and
+        # which connection (so which worker process) made them.
+        self.calls: list[tuple[float, float, str, int]] = []
 
     def read(
         self, ids: Sequence[str], fields: Sequence[str], *, judged: bool, defaults: Mapping[str, Any]
@@ -72,6 +75,7 @@ class Stats:
                 "writes": sum(self.writes.values()),
                 "duplicated_records": sum(1 for n in self.writes.values() if n > 1),
                 "last_write": self.last_write,
+                "calls": list(self.calls),
             }
 
 
@@ -129,11 +133,18 @@ def make_handler(stats: Stats, delay: float, api: CRMApi) -> type[BaseHTTPReques
             length = int(self.headers.get("Content-Length") or 0)
             return json.loads(self.rfile.read(length) or b"{}")
 
+        def _call(self, answer: Callable[[], Answer | None]) -> None:
+            start = time.time()
+            time.sleep(delay)
+            result = answer()
+            with stats.lock:
+                stats.calls.append((start, time.time(), self.path, self.client_address[1]))
+            return self._answer(result)
+
         def do_GET(self) -> None:
             if self.path.startswith("/stats"):
                 return self._answer((200, stats.snapshot()))
-            time.sleep(delay)
-            return self._answer(api.get(self.path, stats))
+            return self._call(lambda: api.get(self.path, stats))
 
         def do_POST(self) -> None:
             body = self._body()
@@ -141,8 +152,7 @@ def make_handler(stats: Stats, delay: float, api: CRMApi) -> type[BaseHTTPReques
                 with stats.lock:
                     stats.__init__()  # type: ignore[misc]
                 return self._answer((200, {}))
-            time.sleep(delay)
-            return self._answer(api.post(self.path, body, stats))
+            return self._call(lambda: api.post(self.path, body, stats))
 
     return Handler
 
