@@ -174,14 +174,17 @@ def process_in_batches(
     now: datetime,
     batch_size: int = BATCH_SIZE,
     on_full_batch: Callable[[], None] | None = None,
+    after_full_batch: Callable[[], object] | None = None,
     linger: float = 0.0,
 ) -> tuple[dict[str, int], bool]:
     """Claim and process batches until `limit` events are handled or none is due.
 
     Returns (outcome -> count, whether due events may be left). `on_full_batch` runs after
     each full claim, before the batch is worked on: the worker uses it to nudge another
-    worker to claim the next share in parallel. `linger`: when a claim is partial and events
-    arrived within that many seconds, wait that long once and fill the batch up."""
+    worker to claim the next share in parallel; `after_full_batch` after such a batch is
+    applied (the worker sends the write-back calls that are full). `linger`: when a claim is
+    partial and events arrived within that many seconds, wait that long once and fill the
+    batch up."""
     outcomes: dict[str, int] = {}
     handled = 0
     while handled < limit:
@@ -194,11 +197,14 @@ def process_in_batches(
             # records (fewer calls against the CRM's API allowance), as a producer's linger.
             time.sleep(linger)
             claimed += claim(sessions, room - len(claimed), now + timedelta(seconds=linger))
-        if len(claimed) == room and on_full_batch is not None:
+        full = len(claimed) == room
+        if full and on_full_batch is not None:
             on_full_batch()
         for outcome, n in process_claimed(sessions, processor, claimed, max_attempts=max_attempts).items():
             outcomes[outcome] = outcomes.get(outcome, 0) + n
         handled += len(claimed)
+        if full and after_full_batch is not None:
+            after_full_batch()
     return outcomes, True
 
 

@@ -148,10 +148,40 @@ def test_a_burst_of_exactly_the_pass_limit_is_written_back_at_once(world: tuple[
     tasks = Tasks(runtime, make_huey("memory://"))
     first = tasks.run_inbox()
     assert (first["done"], first["more"]) == (500, True)
-    assert crm.update_calls == []  # not yet: more may be due
+    # More may be due: only full calls went out (they overlap the next share's reads), the
+    # remainder waits for the end of the burst so that it costs no extra call.
+    assert [len(call) for call in crm.update_calls] == [crm.batch_limit] * (500 // crm.batch_limit)
     passes = 0
     while (queued := tasks.huey.dequeue()) is not None:  # the nudges: nothing left to judge
         tasks.huey.execute(queued)
         passes += 1
     assert passes >= 1
     assert sum(len(call) for call in crm.update_calls) == 500
+    assert len(crm.update_calls) == math.ceil(500 / crm.batch_limit)
+
+
+def test_a_burst_s_full_write_back_calls_go_out_between_its_batches(world: tuple[Runtime, MemoryCRM]) -> None:
+    """With several workers, one worker's write-backs then overlap the others' reads and
+    applies instead of all waiting for the end of the burst; the partial call still waits for
+    the end, so the burst costs ceil(N/limit) write calls all the same."""
+    from connector.storage.inbox_batch import BATCH_SIZE
+    from connector.worker import Tasks, make_huey
+
+    runtime, crm = world
+    crm.records.update({f"D-{i}": deal(i) for i in range(100, 400)})
+    accept(runtime.sessions, changes(400, signed_values=False))  # each record must be read
+    reads_at_each_write: list[int] = []
+    send = crm._update_batch
+
+    def spy(object_type: str, updates: Any) -> Any:  # the CRM sees the calls in this order
+        reads_at_each_write.append(crm.reads)
+        return send(object_type, updates)
+
+    crm._update_batch = spy  # type: ignore[method-assign]
+    tasks = Tasks(runtime, make_huey("memory://"))
+    assert tasks.run_inbox()["done"] == 400
+    first_batch_reads = math.ceil(BATCH_SIZE / crm.read_batch_limit)
+    assert reads_at_each_write[0] == first_batch_reads  # before the second batch was read
+    assert crm.reads == math.ceil(400 / crm.read_batch_limit)
+    assert [len(c) for c in crm.update_calls[:-1]] == [crm.batch_limit] * (len(crm.update_calls) - 1)
+    assert len(crm.update_calls) == math.ceil(400 / crm.batch_limit)
