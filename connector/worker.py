@@ -16,10 +16,12 @@ from typing import Any
 
 from huey import Huey, MemoryHuey, RedisHuey, SqliteHuey, crontab
 
+from connector.clock import utcnow
 from connector.config import ConfigError
 from connector.logs import log_sweep
 from connector.runtime import Runtime
 from connector.storage.inbox import process_pending
+from connector.storage.inbox_batch import claimed_elsewhere
 from connector.storage.outbox import flush
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,11 @@ class Tasks:
         if report.more:  # work left behind goes on at once, not at the next sweep
             self.nudge_now(flush_owed=flush_owed or report.done > 0)
         elif report.done or flush_owed:
-            self.run_outbox()  # the burst is judged: its write-backs go out, the last call partial
+            # The burst is judged: its write-backs go out, the last call partial. Unless other
+            # workers still judge claimed events: their rows would follow in a second partial
+            # call. The last of them to finish sees no claim left (each looks after its own
+            # commit) and sends the partial call; a dead worker's claim expires into the sweep.
+            self.run_outbox(full_batches_only=claimed_elsewhere(self.runtime.sessions, utcnow()))
         return vars(report)
 
     def nudge_now(self, flush_owed: bool = False) -> None:

@@ -79,6 +79,18 @@ def claim(
         return [Claimed(row.id, RecordChangeEvent.from_row(row), row.received_at) for row in rows]
 
 
+def claimed_elsewhere(sessions: sessionmaker[Session], now: datetime) -> bool:
+    """Whether pending events are held by a live claim (another worker is judging them)."""
+    with sessions() as session:
+        query = (
+            select(InboxEvent.id)
+            .where(InboxEvent.status == PENDING)
+            .where(InboxEvent.claimed_until > now)
+            .limit(1)
+        )
+        return session.scalar(query) is not None
+
+
 def prepare_all(processor: Any, events: Sequence[RecordChangeEvent]) -> list[Any]:
     """One prepared value or the exception per event, in order."""
     batch = getattr(processor, "prepare_batch", None)

@@ -185,3 +185,24 @@ def test_a_burst_s_full_write_back_calls_go_out_between_its_batches(world: tuple
     assert crm.reads == math.ceil(400 / crm.read_batch_limit)
     assert [len(c) for c in crm.update_calls[:-1]] == [crm.batch_limit] * (len(crm.update_calls) - 1)
     assert len(crm.update_calls) == math.ceil(400 / crm.batch_limit)
+
+
+def test_the_partial_write_back_call_waits_for_the_workers_still_judging(
+    world: tuple[Runtime, MemoryCRM],
+) -> None:
+    """Two workers finishing one burst: the first to finish sends full calls only while the
+    other still holds claimed events, so their rows do not end up in two partial calls."""
+    from connector.clock import utcnow
+    from connector.storage.inbox_batch import claim, process_claimed
+    from connector.worker import Tasks, make_huey
+
+    runtime, crm = world
+    assert runtime.processor is not None
+    accept(runtime.sessions, changes(8, signed_values=True))
+    held = claim(runtime.sessions, 4, utcnow())  # another worker's share, still being judged
+    tasks = Tasks(runtime, make_huey("memory://"))
+    assert tasks.run_inbox()["done"] == 4
+    assert [len(call) for call in crm.update_calls] == [3]  # the 4th record waits
+    process_claimed(runtime.sessions, runtime.processor, held, max_attempts=10)  # the other finishes
+    tasks.run_inbox(flush_owed=True)  # ... and its pass, finding nothing left, flushes
+    assert [len(call) for call in crm.update_calls] == [3, 3, 2]  # ceil(8/3), not [3, 1, 3, 1]
