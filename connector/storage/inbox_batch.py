@@ -79,6 +79,22 @@ def claim(
         return [Claimed(row.id, RecordChangeEvent.from_row(row), row.received_at) for row in rows]
 
 
+def read_unit(processor: Any, batch_size: int) -> int:
+    """Events per full CRM read call of the processor's connections (1 when it cannot say)."""
+    unit = getattr(processor, "read_unit", None)
+    value = unit() if unit is not None else 1
+    return value if 1 <= value <= batch_size else 1
+
+
+def release(sessions: sessionmaker[Session], claimed: Sequence[Claimed]) -> None:
+    """Hand claimed events back: due again at once, for this worker or another."""
+    with transaction(sessions) as session:
+        session.execute(
+            update(InboxEvent).where(InboxEvent.id.in_([c.id for c in claimed])).values(claimed_until=None),
+            execution_options={"synchronize_session": False},
+        )
+
+
 def claimed_elsewhere(sessions: sessionmaker[Session], now: datetime) -> bool:
     """Whether pending events are held by a live claim (another worker is judging them)."""
     with sessions() as session:
@@ -199,6 +215,9 @@ def process_in_batches(
     batch up."""
     outcomes: dict[str, int] = {}
     handled = 0
+    unit = read_unit(processor, batch_size)
+    batch_size -= batch_size % unit  # full read calls: 200 events are 2 HubSpot reads, ...
+    limit = max(unit, limit - limit % unit)  # ... and 500 would be 2.5 Salesforce reads
     while handled < limit:
         room = min(batch_size, limit - handled)
         claimed = claim(sessions, room, now)
@@ -209,6 +228,12 @@ def process_in_batches(
             # records (fewer calls against the CRM's API allowance), as a producer's linger.
             time.sleep(linger)
             claimed += claim(sessions, room - len(claimed), now + timedelta(seconds=linger))
+        if len(claimed) > unit and len(claimed) % unit and _still_arriving(claimed, linger):
+            # Still arriving: judge whole read calls now and hand the rest back, to be read
+            # with what comes next instead of in a partial call of its own.
+            keep = len(claimed) - len(claimed) % unit
+            release(sessions, claimed[keep:])
+            claimed = claimed[:keep]
         full = len(claimed) == room
         if full and on_full_batch is not None:
             on_full_batch()

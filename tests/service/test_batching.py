@@ -143,21 +143,22 @@ def test_a_burst_of_exactly_the_pass_limit_is_written_back_at_once(world: tuple[
     from connector.worker import Tasks, make_huey
 
     runtime, crm = world
-    crm.records.update({f"D-{i}": deal(i) for i in range(100, 500)})
-    accept(runtime.sessions, changes(500, signed_values=True))
+    limit = 500 - 500 % crm.read_batch_limit  # a pass is whole read calls (inbox_batch.read_unit)
+    crm.records.update({f"D-{i}": deal(i) for i in range(100, limit)})
+    accept(runtime.sessions, changes(limit, signed_values=True))
     tasks = Tasks(runtime, make_huey("memory://"))
     first = tasks.run_inbox()
-    assert (first["done"], first["more"]) == (500, True)
+    assert (first["done"], first["more"]) == (limit, True)
     # More may be due: only full calls went out (they overlap the next share's reads), the
     # remainder waits for the end of the burst so that it costs no extra call.
-    assert [len(call) for call in crm.update_calls] == [crm.batch_limit] * (500 // crm.batch_limit)
+    assert [len(call) for call in crm.update_calls] == [crm.batch_limit] * (limit // crm.batch_limit)
     passes = 0
     while (queued := tasks.huey.dequeue()) is not None:  # the nudges: nothing left to judge
         tasks.huey.execute(queued)
         passes += 1
     assert passes >= 1
-    assert sum(len(call) for call in crm.update_calls) == 500
-    assert len(crm.update_calls) == math.ceil(500 / crm.batch_limit)
+    assert sum(len(call) for call in crm.update_calls) == limit
+    assert len(crm.update_calls) == math.ceil(limit / crm.batch_limit)
 
 
 def test_a_burst_s_full_write_back_calls_go_out_between_its_batches(world: tuple[Runtime, MemoryCRM]) -> None:
@@ -180,7 +181,7 @@ def test_a_burst_s_full_write_back_calls_go_out_between_its_batches(world: tuple
     crm._update_batch = spy  # type: ignore[method-assign]
     tasks = Tasks(runtime, make_huey("memory://"))
     assert tasks.run_inbox()["done"] == 400
-    first_batch_reads = math.ceil(BATCH_SIZE / crm.read_batch_limit)
+    first_batch_reads = BATCH_SIZE // crm.read_batch_limit  # a batch is whole read calls
     assert reads_at_each_write[0] == first_batch_reads  # before the second batch was read
     assert crm.reads == math.ceil(400 / crm.read_batch_limit)
     assert [len(c) for c in crm.update_calls[:-1]] == [crm.batch_limit] * (len(crm.update_calls) - 1)
@@ -206,3 +207,11 @@ def test_the_partial_write_back_call_waits_for_the_workers_still_judging(
     process_claimed(runtime.sessions, runtime.processor, held, max_attempts=10)  # the other finishes
     tasks.run_inbox(flush_owed=True)  # ... and its pass, finding nothing left, flushes
     assert [len(call) for call in crm.update_calls] == [3, 3, 2]  # ceil(8/3), not [3, 1, 3, 1]
+
+
+def test_the_pipeline_s_read_unit_is_its_connections_read_limit(world: tuple[Runtime, MemoryCRM]) -> None:
+    runtime, crm = world
+    assert runtime.processor is not None
+    assert runtime.processor.read_unit() == crm.read_batch_limit == 3  # type: ignore[attr-defined]
+    crm.batch_limit = 100  # HubSpot's
+    assert runtime.processor.read_unit() == 100  # type: ignore[attr-defined]
