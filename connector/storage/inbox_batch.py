@@ -228,6 +228,16 @@ def process_in_batches(
             # records (fewer calls against the CRM's API allowance), as a producer's linger.
             time.sleep(linger)
             claimed += claim(sessions, room - len(claimed), now + timedelta(seconds=linger))
+        if (
+            len(claimed) < unit
+            and _still_arriving(claimed, linger)
+            and (utcnow() - claimed[0].received_at).total_seconds() < 2 * linger
+        ):
+            # Not one full read yet (several workers share a trickle): hand them back and wait,
+            # for at most two lingers since the oldest arrived; whoever claims next reads more.
+            release(sessions, claimed)
+            time.sleep(linger)
+            continue
         if len(claimed) > unit and len(claimed) % unit and _still_arriving(claimed, linger):
             # Still arriving: judge whole read calls now and hand the rest back, to be read
             # with what comes next instead of in a partial call of its own.
