@@ -71,7 +71,7 @@ class Tasks:
             on_full_batch=self.nudge_now,  # a burst: let another worker claim the next share
             # ... and the write-back calls that are full go out between its batches, while the
             # other workers judge theirs, rather than all at the end of the burst.
-            after_full_batch=lambda: self.run_outbox(full_batches_only=True),
+            after_full_batch=lambda: self.run_outbox(full_batches_only=True, jobs=False),
             linger=INBOX_LINGER,
         )
         if report.more:  # work left behind goes on at once, not at the next sweep
@@ -91,10 +91,10 @@ class Tasks:
         except Exception as exc:
             log.warning("could not enqueue the inbox nudge (the sweep will pick the events up): %s", exc)
 
-    def run_outbox(self, full_batches_only: bool = False) -> dict[str, Any]:
-        """Flush the write-backs. `full_batches_only` (a burst still being judged): only calls
-        that carry the CRM's batch limit go out, so the burst costs ceil(N/limit) write calls
-        while its write-backs overlap the other workers' reads; the flush jobs wait for the end."""
+    def run_outbox(self, full_batches_only: bool = False, jobs: bool = True) -> dict[str, Any]:
+        """Flush the write-backs, then run the flush jobs (`jobs`). `full_batches_only` (a burst
+        still being judged): only calls that carry the CRM's batch limit go out, so the burst
+        costs ceil(N/limit) write calls while its write-backs overlap the other workers' reads."""
         settings = self.runtime.settings
         report = flush(
             self.runtime.sessions,
@@ -104,7 +104,7 @@ class Tasks:
             full_batches_only=full_batches_only,
         )
         summary: dict[str, Any] = vars(report)
-        if full_batches_only:
+        if not jobs:
             return summary
         for job in self.runtime.flush_jobs:
             try:
@@ -115,7 +115,11 @@ class Tasks:
 
     def run_sweep(self) -> dict[str, Any]:
         """Re-drive everything: pending events, pending and in-doubt updates, the runtime's sweep jobs."""
-        summary: dict[str, Any] = {"inbox": self.run_inbox(), "outbox": self.run_outbox()}
+        inbox = self.run_inbox()
+        # Events claimed by another worker: a burst it is judging, whose last worker sends the
+        # partial write-back call (a dead worker's claim expires into a later sweep).
+        busy = claimed_elsewhere(self.runtime.sessions, utcnow())
+        summary: dict[str, Any] = {"inbox": inbox, "outbox": self.run_outbox(full_batches_only=busy)}
         summary["api_usage"] = self.runtime.api_usage()
         for job in self.runtime.sweep_jobs:
             try:

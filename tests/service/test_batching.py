@@ -215,3 +215,24 @@ def test_the_pipeline_s_read_unit_is_its_connections_read_limit(world: tuple[Run
     assert runtime.processor.read_unit() == crm.read_batch_limit == 3  # type: ignore[attr-defined]
     crm.batch_limit = 100  # HubSpot's
     assert runtime.processor.read_unit() == 100  # type: ignore[attr-defined]
+
+
+def test_the_sweep_sends_no_partial_write_back_call_while_a_burst_is_judged_elsewhere(
+    world: tuple[Runtime, MemoryCRM],
+) -> None:
+    from connector.clock import utcnow
+    from connector.storage.inbox_batch import claim, process_claimed
+    from connector.worker import Tasks, make_huey
+
+    runtime, crm = world
+    assert runtime.processor is not None
+    accept(runtime.sessions, changes(8, signed_values=True))
+    mine = claim(runtime.sessions, 4, utcnow())
+    held = claim(runtime.sessions, 4, utcnow())  # another worker's share, still being judged
+    process_claimed(runtime.sessions, runtime.processor, mine, max_attempts=10)  # 4 write-backs pending
+    tasks = Tasks(runtime, make_huey("memory://"))
+    tasks.run_sweep()  # the minute's sweep, in the middle of the burst
+    assert [len(call) for call in crm.update_calls] == [3]
+    process_claimed(runtime.sessions, runtime.processor, held, max_attempts=10)
+    tasks.run_sweep()  # nothing claimed any more: the rest, the last call partial
+    assert [len(call) for call in crm.update_calls] == [3, 3, 2]
