@@ -16,10 +16,12 @@ from typing import Any
 
 from huey import Huey, MemoryHuey, RedisHuey, SqliteHuey, crontab
 
+from connector.clock import utcnow
 from connector.config import ConfigError
 from connector.logs import log_sweep
 from connector.runtime import Runtime
 from connector.storage.inbox import process_pending
+from connector.storage.inbox_batch import claimed_elsewhere
 from connector.storage.outbox import flush
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,8 @@ class Tasks:
         self.runtime = runtime
         self.huey = huey
         self._nudge_lock = threading.Lock()
-        self._nudge_due = 0.0
+        self._nudge_due = 0.0  # end of the current nudge window (monotonic seconds)
+        self._trailing = False  # whether the window's end-of-window nudge is scheduled
         self.process_inbox = huey.task(name="process_inbox")(self.run_inbox)
         self.flush_outbox = huey.task(name="flush_outbox")(self.run_outbox)
         self.sweep = huey.periodic_task(crontab(minute="*"), name="sweep")(self.run_sweep)
@@ -66,12 +69,19 @@ class Tasks:
             self.runtime.processor,
             max_attempts=settings.inbox_max_attempts,
             on_full_batch=self.nudge_now,  # a burst: let another worker claim the next share
+            # ... and the write-back calls that are full go out between its batches, while the
+            # other workers judge theirs, rather than all at the end of the burst.
+            after_full_batch=lambda: self.run_outbox(full_batches_only=True, jobs=False),
             linger=INBOX_LINGER,
         )
         if report.more:  # work left behind goes on at once, not at the next sweep
             self.nudge_now(flush_owed=flush_owed or report.done > 0)
         elif report.done or flush_owed:
-            self.run_outbox()  # the burst is judged: its write-backs go out in full batches
+            # The burst is judged: its write-backs go out, the last call partial. Unless other
+            # workers still judge claimed events: their rows would follow in a second partial
+            # call. The last of them to finish sees no claim left (each looks after its own
+            # commit) and sends the partial call; a dead worker's claim expires into the sweep.
+            self.run_outbox(full_batches_only=claimed_elsewhere(self.runtime.sessions, utcnow()))
         return vars(report)
 
     def nudge_now(self, flush_owed: bool = False) -> None:
@@ -81,15 +91,21 @@ class Tasks:
         except Exception as exc:
             log.warning("could not enqueue the inbox nudge (the sweep will pick the events up): %s", exc)
 
-    def run_outbox(self) -> dict[str, Any]:
+    def run_outbox(self, full_batches_only: bool = False, jobs: bool = True) -> dict[str, Any]:
+        """Flush the write-backs, then run the flush jobs (`jobs`). `full_batches_only` (a burst
+        still being judged): only calls that carry the CRM's batch limit go out, so the burst
+        costs ceil(N/limit) write calls while its write-backs overlap the other workers' reads."""
         settings = self.runtime.settings
         report = flush(
             self.runtime.sessions,
             self.runtime.adapter,
             lease_seconds=settings.outbox_lease_seconds,
             max_attempts=settings.outbox_max_attempts,
+            full_batches_only=full_batches_only,
         )
         summary: dict[str, Any] = vars(report)
+        if not jobs:
+            return summary
         for job in self.runtime.flush_jobs:
             try:
                 summary[job.name] = job.run(self.runtime)
@@ -99,7 +115,11 @@ class Tasks:
 
     def run_sweep(self) -> dict[str, Any]:
         """Re-drive everything: pending events, pending and in-doubt updates, the runtime's sweep jobs."""
-        summary: dict[str, Any] = {"inbox": self.run_inbox(), "outbox": self.run_outbox()}
+        inbox = self.run_inbox()
+        # Events claimed by another worker: a burst it is judging, whose last worker sends the
+        # partial write-back call (a dead worker's claim expires into a later sweep).
+        busy = claimed_elsewhere(self.runtime.sessions, utcnow())
+        summary: dict[str, Any] = {"inbox": inbox, "outbox": self.run_outbox(full_batches_only=busy)}
         summary["api_usage"] = self.runtime.api_usage()
         for job in self.runtime.sweep_jobs:
             try:
@@ -112,18 +132,26 @@ class Tasks:
     def nudge(self) -> None:
         """Ask a worker to process the inbox soon. Losing this is harmless: the sweep catches up.
 
-        Under load one nudge per NUDGE_WINDOW is enough: the first delivery in a window
-        schedules a nudge for the window's end, and later ones in the window skip the queue
-        write. The nudge runs after every delivery of its window has committed (each one
-        commits before it calls this), so it sees them all.
+        The first delivery of a NUDGE_WINDOW enqueues a pass at once (a worker starts without
+        waiting for the queue's scheduler, which moves delayed tasks once a second). A later
+        delivery in the window schedules one more pass at the window's end, which runs after
+        every delivery of the window has committed (each commits before it calls this), so it
+        sees them all. Further deliveries in the window skip the queue write: at most two per
+        window under load.
         """
         now = time.monotonic()
         with self._nudge_lock:
-            if now < self._nudge_due:
+            if now >= self._nudge_due:
+                self._nudge_due, self._trailing, delay = now + NUDGE_WINDOW, False, 0.0
+            elif not self._trailing:
+                self._trailing, delay = True, self._nudge_due - now
+            else:
                 return
-            self._nudge_due = now + NUDGE_WINDOW
         try:
-            self.process_inbox.schedule(delay=NUDGE_WINDOW)
+            if delay:
+                self.process_inbox.schedule(delay=delay)
+            else:
+                self.process_inbox()
         except Exception as exc:
             log.warning("could not enqueue the inbox nudge (the sweep will pick the events up): %s", exc)
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.approvals.modes import Decision
@@ -32,7 +33,7 @@ from connector.service.request_query import RequestFilters, Viewer, find_request
 from connector.service.request_summaries import request_list
 from connector.service.request_views import RequestDetail, RequestList
 from connector.storage.approval_store import StoredRequest
-from connector.storage.db import transaction
+from connector.storage.db import unpinged_checkout
 from connector.storage.tokens import TokenInfo, find_token
 from connector.worker import Tasks
 from webhooks.errors import WebhookError, refusal, unauthorized
@@ -74,11 +75,12 @@ ERROR_HINTS: dict[str, str] = {
 
 @blueprint.before_request
 def authenticate() -> None:
-    if requires_token(current_app.view_functions.get(request.endpoint or "")):
-        g.api_token = _authenticated_token()
+    view = current_app.view_functions.get(request.endpoint or "")
+    if requires_token(view):
+        g.api_token = _authenticated_token(reads_in_call=getattr(view, _READS_IN_CALL, False))
 
 
-def _authenticated_token() -> TokenInfo:
+def _authenticated_token(reads_in_call: bool = False) -> TokenInfo:
     header = request.headers.get("Authorization", "")
     if not header:
         raise unauthorized("missing_token", "this API needs an API token", TOKEN_HINT)
@@ -87,8 +89,13 @@ def _authenticated_token() -> TokenInfo:
         raise unauthorized(
             "invalid_authorization", "the Authorization header must be `Bearer <token>`", TOKEN_HINT
         )
-    with transaction(intake().runtime.sessions) as session:
-        token = find_token(session, presented.strip())
+    try:
+        token = _find_token(presented.strip(), reads_in_call)
+    except BaseException:
+        _end_call_session()
+        raise
+    if not reads_in_call:  # the view reads and writes in sessions of its own
+        _end_call_session(commit=True)
     if token is None:
         raise unauthorized("invalid_token", "the API token is not valid", TOKEN_HINT)
     if token.revoked:
@@ -98,6 +105,87 @@ def _authenticated_token() -> TokenInfo:
 
 def caller() -> TokenInfo:
     return g.api_token
+
+
+# --- one connection per call ------------------------------------------------------------
+#
+# The token is checked on the connection (and, on SQLite, in the transaction) that the call's
+# own reads then use: one pool checkout per call instead of one for the token and one for the
+# view. On PostgreSQL a reading call's connection is in autocommit: its statements run as
+# they do in a READ COMMITTED transaction (each sees what was committed when it starts) with
+# no BEGIN and ROLLBACK around them, and psycopg keeps its prepared statements (a ROLLBACK
+# drops them all). A revoked token stops working at the next call: nothing is cached.
+_READS_IN_CALL = "crm_approvals_reads_in_call"
+
+
+def reads_in_call(view: Callable[..., ResponseReturnValue]) -> Callable[..., ResponseReturnValue]:
+    """Mark a read-only view that reads through `call_session()` (put it above `@operation`)."""
+    setattr(view, _READS_IN_CALL, True)
+    return view
+
+
+def _find_token(presented: str, read_only: bool) -> TokenInfo | None:
+    """The token, read as the first statement on the call's connection, which is not pinged
+    when checked out (connector/storage/db.py `unpinged_checkout`): this read is the ping. If
+    the connection turns out dead, the pool has dropped it (and all pooled before it), and the
+    read is done again on a new one, as a failed ping would have it."""
+    with unpinged_checkout():
+        session = _open_call_session(read_only)
+    try:
+        return find_token(session, presented)
+    except DBAPIError as error:
+        if not error.connection_invalidated:
+            raise
+        _end_call_session()
+    log.info("API connection was dead; the token check goes on on a new one")
+    return find_token(_open_call_session(read_only), presented)
+
+
+def call_session() -> Session:
+    """The session the call's token was checked in (only for views marked `reads_in_call`)."""
+    session: Session = g.api_session
+    return session
+
+
+def _open_call_session(read_only: bool) -> Session:
+    runtime = intake().runtime
+    conn = runtime.engine.connect()
+    if read_only and conn.dialect.name == "postgresql":
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+    g.api_session = session = runtime.sessions(bind=conn)
+    return session
+
+
+def _end_call_session(commit: bool = False) -> None:
+    """Give the call's connection back to the pool, committing first if asked (what the
+    token check wrote: its last use, at most once a minute); otherwise rolled back."""
+    session: Session | None = g.pop("api_session", None)
+    if session is None:
+        return
+    conn = session.get_bind()
+    try:
+        if commit and session.in_transaction():
+            session.commit()
+    finally:
+        session.close()
+        if isinstance(conn, Connection):
+            conn.close()
+
+
+@blueprint.after_request
+def _commit_call_session(response: Response) -> Response:
+    """A read that answered (not with a 500) keeps what its token check wrote."""
+    if response.status_code < 500:
+        try:
+            _end_call_session(commit=True)
+        except SQLAlchemyError as error:  # the answer stands; only the token's last use is lost
+            log.warning("could not record the API token's last use: %s", error)
+    return response
+
+
+@blueprint.teardown_request
+def _close_call_session(_error: BaseException | None) -> None:
+    _end_call_session()  # a call that failed: rolled back
 
 
 # --- what goes in and out -------------------------------------------------------------
@@ -179,6 +267,7 @@ def whoami() -> Me:
 
 
 @blueprint.get("/requests")
+@reads_in_call
 @operation(
     query=RequestListQuery,
     response=RequestList,
@@ -195,18 +284,17 @@ def list_requests(query: RequestListQuery) -> ResponseReturnValue:
     pending_for = query.pending_for or (None if filtered or query.all else "me")
     if pending_for is not None:
         query = query.model_copy(update={"pending_for": _pending_user(token, pending_for)})
-    with intake().runtime.sessions() as session:
-        page = request_list(session, query, Viewer(token.user_id, token.is_admin))
+    page = request_list(call_session(), query, Viewer(token.user_id, token.is_admin))
     return jsonify(page)  # a RequestList as JSON, built without a model per row (request_summaries)
 
 
 @blueprint.get("/requests/<request_id>")
+@reads_in_call
 @operation(response=RequestDetail, errors={404: "request_not_found: no such request, or one you may not see"})
 def get_request(request_id: str) -> RequestDetail:
     """A request with its full history: steps, votes, transitions, the mapping file."""
     token = caller()
-    with intake().runtime.sessions() as session:
-        stored = find_request(session, request_id, Viewer(token.user_id, token.is_admin))
+    stored = find_request(call_session(), request_id, Viewer(token.user_id, token.is_admin))
     if stored is None:
         raise _not_found(request_id)
     return RequestDetail.of(stored)

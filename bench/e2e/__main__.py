@@ -3,13 +3,19 @@ CRM stand-in, beside a direct batch write of the same records to the same stand-
 
 Starts a CRM stand-in (bench/e2e/crm_standin.py, each call taking --delay seconds), the web
 server (`crm-approvals serve`) and W worker processes (`crm-approvals worker --workers 1`)
-against a fresh database, posts N Standard Webhooks deliveries (the sandbox CRM's format,
-without the credit score the mapping needs, so every record is read once), and waits until
-every record's write-back has landed. Reports records/s from the first post to the last
-write, its ratio to the direct batch write (the ceiling: the adapter's `update_records` of
-the same N records), read and write calls against ceil(N/100), and duplicated writes.
+against a fresh database, posts the N record changes as webhooks and waits until every
+record's write-back has landed. `--crm sandbox` (the default): N Standard Webhooks deliveries
+in the sandbox CRM's format, one change each, without the credit score the mapping needs.
+`--crm hubspot`: ceil(N/100) HubSpot webhook requests of up to 100 `deal.propertyChange`
+events each, signed v3, against a stand-in of HubSpot's CRM v3 API (bench/e2e/
+hubspot_standin.py); an event carries one property, so the worker reads each deal's stage.
+Either way every record is read once, in batches. Reports records/s from the first post to
+the last write, its ratio to the direct batch write (the ceiling: the adapter's
+`update_records` of the same N records), read and write calls against ceil(N/100), and
+duplicated writes.
 
     .venv/bin/python -m bench.e2e                                  # SQLite, 1 worker, instant CRM
+    .venv/bin/python -m bench.e2e --crm hubspot                    # the same, HubSpot's formats
     .venv/bin/python -m bench.e2e --database-url postgresql://postgres@127.0.0.1:5432/test \\
         --redis-url redis://127.0.0.1:6379/5 --workers 1,2,4 --delay 0.2
 
@@ -19,6 +25,7 @@ With --redis-url the given Redis database is the queue and is FLUSHED before eac
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -28,18 +35,21 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from bench.deliveries import SECRET, signed_delivery
+from bench.deliveries import HUBSPOT_BATCH, HUBSPOT_SECRET, SECRET, hubspot_delivery, signed_delivery
 from bench.ingest.__main__ import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-LIMIT = 100  # the sandbox CRM's read and write batch limit
+LIMIT = 100  # the read and write batch limit of both CRMs (sandbox; HubSpot batch read/update)
+Deliveries = list[tuple[bytes, dict[str, str]]]
 
 
 def wait_http(url: str, seconds: float = 30) -> None:
@@ -51,6 +61,25 @@ def wait_http(url: str, seconds: float = 30) -> None:
         except requests.RequestException:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer within {seconds:.0f} s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pids: list[int], quiet: float = 1.0, seconds: float = 120) -> None:
+    """Wait until every process used almost no CPU for `quiet` seconds: booted and idle."""
+    deadline = time.time() + seconds
+    before = [cpu_seconds(pid) for pid in pids]
+    while time.time() < deadline:
+        time.sleep(quiet)
+        after = [cpu_seconds(pid) for pid in pids]
+        if all(b - a < 0.05 * quiet for a, b in zip(before, after, strict=True)):
+            return
+        before = after
+    raise RuntimeError(f"the workers were still busy after {seconds:.0f} s")
 
 
 def fresh_database(url: str | None, tmp: Path, run: str) -> tuple[str, str | None]:
@@ -72,12 +101,6 @@ def drop_schema(url: str, schema: str) -> None:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
-def sign_all(total: int) -> list[tuple[bytes, dict[str, str]]]:
-    """The deliveries, signed before the clock starts: signing is the CRM's work, on its own
-    machine, not ours (here it would take the cores the server and workers share)."""
-    return [signed_delivery(f"D-{i}", 150000 + i, "negotiation") for i in range(total)]
-
-
 def post_all(url: str, deliveries: list[tuple[bytes, dict[str, str]]], concurrency: int) -> int:
     """Post concurrently, as a CRM does, each thread over its own kept-alive connection."""
     local = threading.local()
@@ -87,40 +110,97 @@ def post_all(url: str, deliveries: list[tuple[bytes, dict[str, str]]], concurren
         if session is None:
             session = local.session = requests.Session()
         body, headers = delivery
-        return int(session.post(url, data=body, headers=headers, timeout=60).status_code == 202)
+        response = session.post(url, data=body, headers=headers, timeout=60)
+        return response.json()["accepted"] if response.status_code == 202 else 0
 
     with ThreadPoolExecutor(concurrency) as pool:
         return sum(pool.map(post, deliveries))
 
 
-def ceiling_seconds(standin: str, total: int) -> float:
-    """The same N records written straight through the sandbox adapter: ceil(N/100) calls."""
-    from connector.config import ConnectionConfig
-    from connector.crm.base import RecordUpdate
-    from connector.crm.sandbox import SandboxAdapter
+@dataclass(frozen=True)
+class Crm:
+    """What differs between the CRMs the bench speaks: the connection's settings, the webhook
+    endpoint and format, the mapping, and the adapter the ceiling writes through."""
 
-    adapter = SandboxAdapter(
-        ConnectionConfig(name="sandbox", kind="sandbox"), base_url=standin, api_token="x"
-    )
-    updates = [RecordUpdate(f"D-{i}", {"approval_status": "Pending"}) for i in range(total)]
+    name: str
+    object_type: str
+    webhook_path: str
+    mapping: str  # in bench/e2e
+    settings: Callable[[str], dict[str, str]]  # stand-in URL -> the connection's settings
+    sign: Callable[[int, str], Deliveries]  # (N, public base URL) -> signed deliveries
+    record_id: Callable[[int], str]
+    per_delivery: int  # record changes per webhook request
+
+    def env(self, standin: str) -> dict[str, str]:
+        prefix = self.name.upper() + "_"
+        return {"CRM_CONNECTIONS": self.name, **{prefix + k: v for k, v in self.settings(standin).items()}}
+
+    def adapter(self, standin: str) -> Any:
+        """The connection's adapter, built as the worker builds it (connector/crm/registry.py)."""
+        from connector.config import ConnectionConfig, Settings
+        from connector.crm.registry import build_adapter
+
+        settings = Settings.from_env(self.env(standin), dotenv_path=None)
+        connection = ConnectionConfig(name=self.name, kind=self.name, settings=self.settings(standin))
+        return build_adapter(connection, settings)
+
+
+def sign_sandbox(total: int, base_url: str) -> Deliveries:
+    """One Standard Webhooks delivery per record change."""
+    return [signed_delivery(f"D-{i}", 150000 + i, "negotiation") for i in range(total)]
+
+
+def sign_hubspot(total: int, base_url: str) -> Deliveries:
+    """HubSpot webhook requests of up to 100 events (one amount change per deal) each."""
+    uri = base_url + "/webhooks/hubspot"
+    changes = [(hubspot_id(i), 150000 + i) for i in range(total)]
+    return [
+        hubspot_delivery(uri, changes[start : start + HUBSPOT_BATCH], 7_000_000 + start)
+        for start in range(0, total, HUBSPOT_BATCH)
+    ]
+
+
+def hubspot_id(i: int) -> str:
+    return str(30_000_000_000 + i)  # a deal id as HubSpot numbers them
+
+
+CRMS = {
+    "sandbox": Crm(
+        "sandbox", "deal", "/webhooks/standard", "mapping.yaml",
+        lambda url: {"WEBHOOK_SECRET": SECRET, "URL": url, "API_TOKEN": "bench"},
+        sign_sandbox, lambda i: f"D-{i}", 1,
+    ),
+    "hubspot": Crm(
+        "hubspot", "deals", "/webhooks/hubspot", "mapping_hubspot.yaml",
+        lambda url: {"CLIENT_SECRET": HUBSPOT_SECRET, "BASE_URL": url,
+                     "ACCESS_TOKEN": "pat-na1-00000000-bench-0000-0000-000000000000"},
+        sign_hubspot, hubspot_id, HUBSPOT_BATCH,
+    ),
+}  # fmt: skip
+
+
+def ceiling_seconds(crm: Crm, standin: str, total: int) -> float:
+    """The same N records written straight through the CRM's adapter: ceil(N/100) calls."""
+    from connector.crm.base import RecordUpdate
+
+    adapter = crm.adapter(standin)
+    updates = [RecordUpdate(crm.record_id(i), {"approval_status": "Pending"}) for i in range(total)]
     start = time.perf_counter()
-    results = adapter.update_records("deal", updates)
+    results = adapter.update_records(crm.object_type, updates)
     elapsed = time.perf_counter() - start
-    assert all(r.ok for r in results)
+    assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
     return elapsed
 
 
 def run_once(args: argparse.Namespace, tmp: Path, workers: int, standin: str) -> dict[str, Any]:
+    crm: Crm = CRMS[args.crm]
     run = f"w{workers}"
     database_url, schema = fresh_database(args.database_url, tmp, run)
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
         "QUEUE_URL": args.redis_url or f"sqlite:///{tmp}/{run}-queue.db",
-        "CRM_CONNECTIONS": "sandbox",
-        "SANDBOX_WEBHOOK_SECRET": SECRET,
-        "SANDBOX_URL": standin,
-        "SANDBOX_API_TOKEN": "bench",
+        **crm.env(standin),
         "MAPPINGS_DIR": str(tmp / "mappings"),
         "METRICS_DIR": str(tmp / f"{run}-metrics"),
         "LOG_LEVEL": "WARNING",
@@ -136,6 +216,7 @@ def run_once(args: argparse.Namespace, tmp: Path, workers: int, standin: str) ->
     subprocess.run([*connector, "db", "upgrade"], cwd=ROOT, env=env, check=True, capture_output=True)
     requests.post(f"{standin}/reset", timeout=5)
     port = free_port()
+    env["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{port}"  # what HubSpot's signature covers
     procs = [
         subprocess.Popen(
             [*connector, "serve", "--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "8"],
@@ -153,10 +234,15 @@ def run_once(args: argparse.Namespace, tmp: Path, workers: int, standin: str) ->
             )
             worker = [sys.executable, *profile, "-m", "connector", "--env-file", "/dev/null", "worker"]
             procs.append(subprocess.Popen([*worker, "--workers", "1"], cwd=ROOT, env=env))
-        time.sleep(3)  # the workers' start-up sweeps, on an empty inbox
-        deliveries = sign_all(args.records)
+        # Every worker booted and through its start-up sweep (on an empty inbox) before the
+        # clock starts: a fixed 3 s wait was too short for 4 workers booting on 2 busy cores,
+        # which then spent the first seconds of the burst importing.
+        wait_idle([p.pid for p in procs[1:]])
+        # Signed before the clock starts: signing is the CRM's work, on its own machine, not
+        # ours (here it would take the cores the server and workers share).
+        deliveries = crm.sign(args.records, env["PUBLIC_BASE_URL"])
         start = time.time()
-        accepted = post_all(f"http://127.0.0.1:{port}/webhooks/standard", deliveries, args.concurrency)
+        accepted = post_all(env["PUBLIC_BASE_URL"] + crm.webhook_path, deliveries, args.concurrency)
         posted = time.time() - start
         deadline = time.time() + args.timeout
         stats: dict[str, Any] = {}
@@ -186,36 +272,57 @@ def run_once(args: argparse.Namespace, tmp: Path, workers: int, standin: str) ->
         "complete": done,
         "seconds": elapsed,
         "records_per_s": args.records / elapsed if done else 0.0,
+        "start": start,
         **stats,
     }
+
+
+def overlap(calls: list[list[Any]]) -> tuple[int, float]:
+    """(most CRM calls in flight at once, mean calls in flight while any was)."""
+    edges = sorted([(c[0], 1) for c in calls] + [(c[1], -1) for c in calls])
+    peak = level = 0
+    busy = 0.0
+    last = edges[0][0] if edges else 0.0
+    for moment, step in edges:
+        if level:
+            busy += moment - last
+        level += step
+        peak = max(peak, level)
+        last = moment
+    total = sum(c[1] - c[0] for c in calls)
+    return peak, (total / busy if busy else 0.0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--crm", choices=sorted(CRMS), default="sandbox", help="webhook and API formats")
     parser.add_argument("--records", type=int, default=2000, help="record changes in the burst")
     parser.add_argument("--workers", default="1", help="worker process counts to run, e.g. 1,2,4")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds each stand-in CRM call takes")
     parser.add_argument("--database-url", default=None, help="PostgreSQL URL; default: a fresh SQLite file")
     parser.add_argument("--redis-url", default=None, help="queue on this Redis db (flushed); default: SQLite")
     parser.add_argument("--concurrency", type=int, default=8, help="threads posting the webhooks")
+    parser.add_argument("--calls-log", default=None, help="write each run's CRM calls (JSON) here")
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the write-backs")
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     (tmp / "mappings").mkdir()
-    shutil.copy(HERE / "mapping.yaml", tmp / "mappings" / "bench-deals.yaml")
+    crm = CRMS[args.crm]
+    shutil.copy(HERE / crm.mapping, tmp / "mappings" / "bench-deals.yaml")
     port = free_port()
     standin_proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.e2e.crm_standin", "--port", str(port), "--delay", str(args.delay)],
+        [sys.executable, "-m", "bench.e2e.crm_standin", "--port", str(port), "--delay", str(args.delay),
+         "--crm", crm.name],
         cwd=ROOT,
-    )
+    )  # fmt: skip
     standin = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{standin}/stats")
-        ceiling = ceiling_seconds(standin, args.records)
+        ceiling = ceiling_seconds(crm, standin, args.records)
         rows = [run_once(args, tmp, int(w), standin) for w in args.workers.split(",")]
     finally:
         standin_proc.terminate()
@@ -225,8 +332,10 @@ def main() -> None:
     minimum = math.ceil(args.records / LIMIT)
     backend = "PostgreSQL" if args.database_url else "SQLite"
     queue = "Redis" if args.redis_url else "SQLite"
+    deliveries = math.ceil(args.records / crm.per_delivery)
     print(
-        f"bench/e2e: {args.records} records, {backend} + {queue} queue, CRM call {args.delay * 1000:.0f} ms"
+        f"bench/e2e: {args.records} records ({crm.name} webhooks: {deliveries} deliveries), "
+        f"{backend} + {queue} queue, CRM call {args.delay * 1000:.0f} ms"
     )
     print(
         f"ceiling (direct batch write, {minimum} calls): {ceiling:.2f} s "
@@ -245,10 +354,18 @@ def main() -> None:
             f"{ratio:5.2f}x {row['read_calls']:>4}/{minimum:<4} {row['write_calls']:>4}/{minimum:<4} "
             f"{row['duplicated_records']:>4}"
         )
+    if args.calls_log:
+        Path(args.calls_log).write_text(json.dumps(rows))
     for row in rows:
+        peak, mean = overlap(row["calls"])
+        print(
+            f"{row['workers']} workers: CRM calls in flight at once: at most {peak}, {mean:.2f} on average "
+            f"while any was; {len({c[3] for c in row['calls']})} client connections"
+        )
         print(
             f"{row['workers']} workers: posting took {row['post_s']:.2f} s; other reads (drift repair) "
-            f"{row['other_reads']}; ids per read call {row['read_sizes']}"
+            f"{row['other_reads']}; ids per read call {row['read_sizes']}; records per write call "
+            f"{row['write_sizes']}"
         )
     print(
         f"load average (1 min) at the start {load_before:.1f}, at the end "

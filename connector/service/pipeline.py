@@ -12,6 +12,7 @@ apply (inside the event's transaction):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -72,6 +73,18 @@ class Pipeline:
 
     def refresh_mappings(self, min_interval: float = 2.0) -> None:
         refresh_mappings(self.mappings, min_interval)
+
+    def read_unit(self) -> int:
+        """Events per full CRM read: the least common multiple of the read batch limits of the
+        connections the mappings use (HubSpot 100, Salesforce 200, both 200). The inbox claims
+        in multiples of it while a burst arrives (connector/storage/inbox_batch.py)."""
+        limits = []
+        for name in sorted({spec.connection for spec in self.mappings.mappings}):
+            try:
+                limits.append(self.runtime.adapter(name).read_batch_limit)
+            except Exception:  # an unusable connection fails its own events, not the others'
+                continue
+        return math.lcm(*limits) if limits else 1
 
     def prepare(self, event: RecordChangeEvent) -> Prepared:
         [prepared] = self.prepare_batch([event])

@@ -22,7 +22,6 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from sqlalchemy import (
     ColumnElement,
-    Connection,
     FromClause,
     and_,
     bindparam,
@@ -46,7 +45,7 @@ from connector.storage.models import (
     ApprovalRequestRow,
     ApprovalWaitingRow,
 )
-from connector.storage.request_counts import count_requests
+from connector.storage.request_counts import count_query
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 500
 REQUESTS, WAITING = ApprovalRequestRow.__table__, ApprovalWaitingRow.__table__
@@ -219,18 +218,13 @@ def page_rows(
     R, W = REQUESTS.c, WAITING.c  # table columns: cheaper to build statements of than ORM ones
     conn = session.connection()  # plain rows, read without the ORM's result machinery
     # Read in page order from an index, the page's columns come with it. Visibility's OR
-    # is the one filter no index order serves: there the page's ids come first (the union
-    # of two pages, _visible_page), then only those rows' columns are read.
+    # is the one filter no index order serves: there the page's ids are the union of two
+    # pages (_visible_page), and the rows of those ids are read in the same statement.
+    params: dict[str, Any] = {}
     if _visible_only(filters, viewer) and filters.pending_for is None:
         assert viewer is not None
-        total = _total(
-            conn, filters, viewer, lambda: _count_of(REQUESTS, _conditions(session, filters, viewer))
-        )
-        ids = _visible_page(conn, filters, viewer.user_id)
-        by_id = (
-            {row.id: row for row in conn.execute(_rows_by_id(tuple(columns)), {"ids": ids})} if ids else {}
-        )
-        rows = [by_id[i] for i in ids if i in by_id]
+        counted = _total(filters, viewer, lambda: _count_of(REQUESTS, _conditions(session, filters, viewer)))
+        page, params = _visible_page(filters, viewer.user_id, tuple(columns))
     else:
         conditions = list(_conditions(session, filters, viewer))
         if filters.pending_for is not None:
@@ -243,13 +237,15 @@ def page_rows(
         else:
             order_at, order_id = R.submitted_at, R.id
             source = REQUESTS
-        total = _total(conn, filters, viewer, lambda: _count_of(source, conditions))
+        counted = _total(filters, viewer, lambda: _count_of(source, conditions))
         page = select(*columns).select_from(source).where(*conditions)
         if filters.cursor is not None:
             page = page.where(_after(filters.cursor, order_at, order_id))
-        rows = list(
-            conn.execute(page.order_by(order_at.desc(), order_id.desc()).limit(filters.limit + 1)).all()
-        )
+        page = page.order_by(order_at.desc(), order_id.desc()).limit(filters.limit + 1)
+    # The total rides along as a column of every row (an uncorrelated subquery: computed
+    # once); only a page without rows asks for it on its own.
+    rows = list(conn.execute(page.add_columns(counted.scalar_subquery().label("total")), params).all())
+    total = int(rows[0].total if rows else conn.scalar(counted, params) or 0)
     shown = rows[: filters.limit]
     next_cursor = None
     if len(rows) > filters.limit:
@@ -262,31 +258,28 @@ def _count_of(source: FromClause, conditions: Sequence[ColumnElement[bool]]) -> 
     return select(func.count()).select_from(source).where(*conditions)
 
 
-@functools.cache
-def _rows_by_id(columns: tuple[Any, ...]) -> Any:
-    """These columns of the requests of the ids given as `ids` (built once per columns)."""
-    return select(*columns).where(REQUESTS.c.id.in_(bindparam("ids", expanding=True)))
-
-
-def _visible_page(conn: Connection, filters: RequestFilters, user_id: str) -> list[str]:
-    """The page's ids of what `user_id` may see: the page of their own requests (read in
-    order from the submitter index) merged with the page of those assigned to them (sorted:
-    no index holds them in submission order), the union's first page. Exactly the page of
-    `submitter = me OR assigned to me`, without sorting every request of a busy submitter."""
+def _visible_page(
+    filters: RequestFilters, user_id: str, columns: tuple[Any, ...]
+) -> tuple[Any, dict[str, Any]]:
+    """The page's rows of what `user_id` may see, and the statement's parameters: the page of
+    their own requests (read in order from the submitter index) merged with the page of those
+    assigned to them (sorted: no index holds them in submission order), the union's first
+    page; those ids' rows in the same statement. Exactly the page of `submitter = me OR
+    assigned to me`, without sorting every request of a busy submitter."""
     params: dict[str, Any] = {"me": user_id}
     if filters.cursor is not None:
         params |= {"after_at": filters.cursor.submitted_at, "after_id": filters.cursor.request_id}
     narrowing = tuple(_narrowing(filters))
     if narrowing:
-        page = _visible_page_statement(filters.limit, filters.cursor is not None, narrowing)
-    else:  # the usual page: built once per page size
-        page = _plain_visible_page(filters.limit, filters.cursor is not None)
-    return list(conn.execute(page, params).scalars())
+        ids = _visible_page_statement(filters.limit, filters.cursor is not None, narrowing)
+        return _rows_of(columns, ids), params
+    # the usual page: built once per page size
+    return _plain_visible_page(filters.limit, filters.cursor is not None, columns), params
 
 
 @functools.cache
-def _plain_visible_page(limit: int, after: bool) -> Any:
-    return _visible_page_statement(limit, after, ())
+def _plain_visible_page(limit: int, after: bool, columns: tuple[Any, ...]) -> Any:
+    return _rows_of(columns, _visible_page_statement(limit, after, ()))
 
 
 def _visible_page_statement(limit: int, after: bool, narrowing: Sequence[ColumnElement[bool]]) -> Any:
@@ -308,11 +301,16 @@ def _visible_page_statement(limit: int, after: bool, narrowing: Sequence[ColumnE
     return select(pages.c.id).order_by(pages.c.submitted_at.desc(), pages.c.id.desc()).limit(limit + 1)
 
 
-def _total(
-    conn: Connection, filters: RequestFilters, viewer: Viewer | None, counted: Callable[[], Any]
-) -> int:
-    """The exact number of matching requests on all pages, read the cheap way when the filters
-    allow one (each the same number as `counted`, the count of the page query's rows):
+def _rows_of(columns: tuple[Any, ...], ids: Any) -> Any:
+    """These columns of the requests whose ids `ids` selects, newest first."""
+    R = REQUESTS.c
+    return select(*columns).where(R.id.in_(ids)).order_by(R.submitted_at.desc(), R.id.desc())
+
+
+def _total(filters: RequestFilters, viewer: Viewer | None, counted: Callable[[], Any]) -> Any:
+    """The statement of the exact number of matching requests on all pages, the cheap one
+    when the filters allow one (each the same number as `counted`, the count of the page
+    query's rows):
 
     * the kept counts (approval_request_counts, per status, rule and connection) for lists
       without visibility narrowed by nothing else;
@@ -320,7 +318,7 @@ def _total(
       (it holds pending requests only: migration 0023's triggers);
     * a non-admin's visible requests: their own by the submitter index, plus their rows of
       approval_assignees (which holds existing requests only: the same triggers), less
-      those both;
+      those both (parameter `me`);
     * anything else: `counted()`."""
     visibility = _visible_only(filters, viewer)
     other = {
@@ -330,16 +328,15 @@ def _total(
     }
     if filters.pending_for is not None:
         if visibility or other or filters.status or filters.rule or filters.connection:
-            return int(conn.scalar(counted()) or 0)
-        return int(conn.scalar(select(func.count()).where(WAITING.c.approver == filters.pending_for)) or 0)
+            return counted()
+        return select(func.count()).where(WAITING.c.approver == filters.pending_for)
     if other:
-        return int(conn.scalar(counted()) or 0)
+        return counted()
     if not visibility:
-        return count_requests(conn, filters.status, filters.rule, filters.connection)
+        return count_query(filters.status, filters.rule, filters.connection)
     if filters.status or filters.rule or filters.connection:
-        return int(conn.scalar(counted()) or 0)
-    assert viewer is not None
-    return int(conn.scalar(VISIBLE_COUNT, {"me": viewer.user_id}) or 0)
+        return counted()
+    return VISIBLE_COUNT
 
 
 def _visible_count() -> Any:

@@ -10,15 +10,17 @@ tests/service/test_request_summaries.py holds the two equal.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, select
+from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
 from connector.service.request_query import RequestFilters, Viewer, page_rows
 from connector.storage.approval_store import RecordKey
+from connector.storage.db import in_ids
 from connector.storage.models import ApprovalRequestRow, ApprovalStepRow, ApprovalVoteRow
 
 R = ApprovalRequestRow.__table__.c
@@ -39,23 +41,27 @@ SUMMARY_COLUMNS = (
 STEP_COLUMNS = tuple(c for c in ApprovalStepRow.__table__.c)
 VOTE_COLUMNS = tuple(c.label(f"vote_{c.name}") for c in ApprovalVoteRow.__table__.c if c.name != "id")
 _S, _V = ApprovalStepRow.__table__.c, ApprovalVoteRow.__table__.c
-# Built once (a page's ids are one expanding parameter): the steps of these requests, each
-# with the votes of its round if it is pending.
-OPEN_STEPS = (
-    select(*STEP_COLUMNS, *VOTE_COLUMNS)
-    .select_from(ApprovalStepRow.__table__)
-    .outerjoin(
-        ApprovalVoteRow.__table__,
-        and_(
-            _V.request_id == _S.request_id,
-            _V.step_index == _S.index,
-            _V.round == _S.round,
-            _S.status == "pending",
-        ),
+
+
+@functools.cache
+def _open_steps_statement(dialect: str) -> Any:
+    """The steps of the requests given as `ids`, each with the votes of its round if it is
+    pending (built once per dialect)."""
+    return (
+        select(*STEP_COLUMNS, *VOTE_COLUMNS)
+        .select_from(ApprovalStepRow.__table__)
+        .outerjoin(
+            ApprovalVoteRow.__table__,
+            and_(
+                _V.request_id == _S.request_id,
+                _V.step_index == _S.index,
+                _V.round == _S.round,
+                _S.status == "pending",
+            ),
+        )
+        .where(in_ids(_S.request_id, dialect))
+        .order_by(_V.id)
     )
-    .where(_S.request_id.in_(bindparam("ids", expanding=True)))
-    .order_by(_V.id)
-)
 
 
 def request_list(session: Session, filters: RequestFilters, viewer: Viewer | None) -> dict[str, Any]:
@@ -75,7 +81,8 @@ def _open_steps(session: Session, rows: Sequence[Any]) -> dict[str, dict[str, An
         return {}
     latest: dict[str, Any] = {}
     votes: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
-    for row in session.connection().execute(OPEN_STEPS, {"ids": list(current)}).all():
+    conn = session.connection()
+    for row in conn.execute(_open_steps_statement(conn.dialect.name), {"ids": list(current)}).all():
         values = row._mapping  # by name: a Row's own .index would shadow the column
         request_id = values["request_id"]
         if values["index"] != current[request_id]:

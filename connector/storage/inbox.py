@@ -196,6 +196,7 @@ def process_pending(
     max_attempts: int = 10,
     now: datetime | None = None,
     on_full_batch: Callable[[], None] | None = None,
+    after_full_batch: Callable[[], object] | None = None,
     linger: float = 0.0,
 ) -> ProcessReport:
     """Process due pending events, oldest first, in claimed batches (connector/storage/
@@ -205,7 +206,7 @@ def process_pending(
 
     outcomes, more = process_in_batches(
         sessions, processor, limit=limit, max_attempts=max_attempts, now=now or utcnow(),
-        on_full_batch=on_full_batch, linger=linger,
+        on_full_batch=on_full_batch, after_full_batch=after_full_batch, linger=linger,
     )  # fmt: skip
     return ProcessReport(**outcomes, more=more)
 

@@ -79,6 +79,34 @@ def claim(
         return [Claimed(row.id, RecordChangeEvent.from_row(row), row.received_at) for row in rows]
 
 
+def read_unit(processor: Any, batch_size: int) -> int:
+    """Events per full CRM read call of the processor's connections (1 when it cannot say)."""
+    unit = getattr(processor, "read_unit", None)
+    value = unit() if unit is not None else 1
+    return value if 1 <= value <= batch_size else 1
+
+
+def release(sessions: sessionmaker[Session], claimed: Sequence[Claimed]) -> None:
+    """Hand claimed events back: due again at once, for this worker or another."""
+    with transaction(sessions) as session:
+        session.execute(
+            update(InboxEvent).where(InboxEvent.id.in_([c.id for c in claimed])).values(claimed_until=None),
+            execution_options={"synchronize_session": False},
+        )
+
+
+def claimed_elsewhere(sessions: sessionmaker[Session], now: datetime) -> bool:
+    """Whether pending events are held by a live claim (another worker is judging them)."""
+    with sessions() as session:
+        query = (
+            select(InboxEvent.id)
+            .where(InboxEvent.status == PENDING)
+            .where(InboxEvent.claimed_until > now)
+            .limit(1)
+        )
+        return session.scalar(query) is not None
+
+
 def prepare_all(processor: Any, events: Sequence[RecordChangeEvent]) -> list[Any]:
     """One prepared value or the exception per event, in order."""
     batch = getattr(processor, "prepare_batch", None)
@@ -174,16 +202,22 @@ def process_in_batches(
     now: datetime,
     batch_size: int = BATCH_SIZE,
     on_full_batch: Callable[[], None] | None = None,
+    after_full_batch: Callable[[], object] | None = None,
     linger: float = 0.0,
 ) -> tuple[dict[str, int], bool]:
     """Claim and process batches until `limit` events are handled or none is due.
 
     Returns (outcome -> count, whether due events may be left). `on_full_batch` runs after
     each full claim, before the batch is worked on: the worker uses it to nudge another
-    worker to claim the next share in parallel. `linger`: when a claim is partial and events
-    arrived within that many seconds, wait that long once and fill the batch up."""
+    worker to claim the next share in parallel; `after_full_batch` after such a batch is
+    applied (the worker sends the write-back calls that are full). `linger`: when a claim is
+    partial and events arrived within that many seconds, wait that long once and fill the
+    batch up."""
     outcomes: dict[str, int] = {}
     handled = 0
+    unit = read_unit(processor, batch_size)
+    batch_size -= batch_size % unit  # full read calls: 200 events are 2 HubSpot reads, ...
+    limit = max(unit, limit - limit % unit)  # ... and 500 would be 2.5 Salesforce reads
     while handled < limit:
         room = min(batch_size, limit - handled)
         claimed = claim(sessions, room, now)
@@ -194,11 +228,30 @@ def process_in_batches(
             # records (fewer calls against the CRM's API allowance), as a producer's linger.
             time.sleep(linger)
             claimed += claim(sessions, room - len(claimed), now + timedelta(seconds=linger))
-        if len(claimed) == room and on_full_batch is not None:
+        if (
+            len(claimed) < unit
+            and _still_arriving(claimed, linger)
+            and (utcnow() - claimed[0].received_at).total_seconds() < 2 * linger
+        ):
+            # Not one full read yet (several workers share a trickle): hand them back and wait,
+            # for at most two lingers since the oldest arrived; whoever claims next reads more.
+            release(sessions, claimed)
+            time.sleep(linger)
+            continue
+        if len(claimed) > unit and len(claimed) % unit and _still_arriving(claimed, linger):
+            # Still arriving: judge whole read calls now and hand the rest back, to be read
+            # with what comes next instead of in a partial call of its own.
+            keep = len(claimed) - len(claimed) % unit
+            release(sessions, claimed[keep:])
+            claimed = claimed[:keep]
+        full = len(claimed) == room
+        if full and on_full_batch is not None:
             on_full_batch()
         for outcome, n in process_claimed(sessions, processor, claimed, max_attempts=max_attempts).items():
             outcomes[outcome] = outcomes.get(outcome, 0) + n
         handled += len(claimed)
+        if full and after_full_batch is not None:
+            after_full_batch()
     return outcomes, True
 
 

@@ -143,13 +143,15 @@ def flush(
     lease_seconds: int = 120,
     max_attempts: int = 10,
     now: datetime | None = None,
+    full_batches_only: bool = False,
 ) -> FlushReport:
     """Recover in-doubt batches, then send due pending updates, one CRM call at a time.
 
     Each call claims only the rows it sends (at most the CRM's batch limit), so a worker
     that dies mid-flush leaves one call in doubt; everything it had not reached stays
     pending for the next flush. Each row is tried at most once per flush. Safe to run
-    concurrently."""
+    concurrently. `full_batches_only`: stop at the first call that would carry fewer records
+    than the CRM's batch limit (a burst still being judged: its remainder waits for the end)."""
     now = now or utcnow()
     report = FlushReport()
     recover_in_doubt(sessions, adapters, report, now=now, max_attempts=max_attempts)
@@ -160,7 +162,8 @@ def flush(
             break
         adapter = adapters(target[0])  # before claiming: a configuration error leaves the rows pending
         room = min(adapter.batch_limit, limit - report.sent_records)
-        batch_id, claimed = _claim(sessions, target, room, lease_seconds, now, tried)
+        minimum = room if full_batches_only else 1
+        batch_id, claimed = _claim(sessions, target, room, lease_seconds, now, tried, minimum)
         if not claimed:
             break  # another worker claimed them between the two looks: it is flushing too
         tried.update(row_id for item in claimed for row_id in item.row_ids)
@@ -216,9 +219,10 @@ def _claim(
     lease_seconds: int,
     now: datetime,
     tried: set[int],
+    min_records: int = 1,
 ) -> tuple[str, list[_Claimed]]:
     """Mark the rows of at most `max_records` records of one target `sending` and commit,
-    before anything is sent."""
+    before anything is sent; none when fewer than `min_records` records are due."""
     batch_id = uuid.uuid4().hex
     with transaction(sessions) as session:
         # A record with a batch in flight, or an older row waiting out its backoff, waits:
@@ -242,6 +246,8 @@ def _claim(
             item = merged.setdefault(key, _Claimed(key, [], {}))
             item.row_ids.append(row.id)
             item.fields.update(row.fields)  # rows come oldest first: later values win
+        if len(merged) < min_records:
+            return batch_id, []
         ids = [row_id for item in merged.values() for row_id in item.row_ids]
         if ids:  # locked above (FOR UPDATE on PostgreSQL, the writer lock on SQLite)
             session.execute(

@@ -10,9 +10,9 @@ key it changed (no shared row to wait for), and `compact` folds them into one ro
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, func, select, text
+from sqlalchemy import Connection, Select, func, select, text
 from sqlalchemy.orm import Session
 
 from connector.storage.db import transaction
@@ -29,6 +29,13 @@ def count_requests(
     connection: str | None = None,
 ) -> int:
     """Requests with one of these statuses (any if none), of this rule and this connection (any if None)."""
+    return int(conn.scalar(count_query(statuses, rule, connection)) or 0)
+
+
+def count_query(
+    statuses: Collection[str] = (), rule: str | None = None, connection: str | None = None
+) -> Select[Any]:
+    """The statement `count_requests` runs (for a caller that puts it in one of its own)."""
     query = select(func.coalesce(func.sum(COUNTS.c.n), 0))
     if statuses:
         query = query.where(COUNTS.c.status.in_(statuses))
@@ -36,7 +43,7 @@ def count_requests(
         query = query.where(COUNTS.c.rule_name == rule)
     if connection is not None:
         query = query.where(COUNTS.c.connection == connection)
-    return int(conn.scalar(query) or 0)
+    return query
 
 
 def compact(session: Session) -> int:

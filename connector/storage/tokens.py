@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from connector.clock import utcnow
@@ -83,19 +84,34 @@ def revoke_token(session: Session, token_id: int) -> TokenInfo | None:
 
 
 def find_token(session: Session, presented: str) -> TokenInfo | None:
-    """The token (revoked or not) matching what a caller presented, and note its use."""
+    """The token (revoked or not) matching what a caller presented, and note its use.
+
+    Read and noted as plain rows on the session's connection (one prebuilt statement, no ORM
+    object): every API call runs this first."""
     digest = hash_token(presented)
-    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
+    conn = session.connection()
+    row = conn.execute(_BY_HASH, {"digest": digest}).first()
     if row is None or not hmac.compare_digest(row.token_hash, digest):
         return None
+    info = _info(row)
     now = utcnow()
     if row.revoked_at is None and (row.last_used_at is None or now - row.last_used_at >= LAST_USED_PRECISION):
-        row.last_used_at = now
-        session.flush()
-    return _info(row)
+        conn.execute(_NOTE_USE, {"token_id": row.id, "now": now})
+        info = replace(info, last_used_at=now)
+    return info
 
 
-def _info(row: ApiToken) -> TokenInfo:
+_TOKENS = ApiToken.__table__
+_BY_HASH = select(*_TOKENS.c).where(_TOKENS.c.token_hash == bindparam("digest"))
+_NOTE_USE = (
+    update(ApiToken)
+    .where(ApiToken.id == bindparam("token_id"))
+    .values(last_used_at=bindparam("now", type_=_TOKENS.c.last_used_at.type))
+)
+
+
+def _info(row: Any) -> TokenInfo:
+    """Of an ORM row or a plain row of api_tokens."""
     return TokenInfo(
         id=row.id,
         user_id=row.user_id,

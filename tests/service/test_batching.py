@@ -143,15 +143,96 @@ def test_a_burst_of_exactly_the_pass_limit_is_written_back_at_once(world: tuple[
     from connector.worker import Tasks, make_huey
 
     runtime, crm = world
-    crm.records.update({f"D-{i}": deal(i) for i in range(100, 500)})
-    accept(runtime.sessions, changes(500, signed_values=True))
+    limit = 500 - 500 % crm.read_batch_limit  # a pass is whole read calls (inbox_batch.read_unit)
+    crm.records.update({f"D-{i}": deal(i) for i in range(100, limit)})
+    accept(runtime.sessions, changes(limit, signed_values=True))
     tasks = Tasks(runtime, make_huey("memory://"))
     first = tasks.run_inbox()
-    assert (first["done"], first["more"]) == (500, True)
-    assert crm.update_calls == []  # not yet: more may be due
+    assert (first["done"], first["more"]) == (limit, True)
+    # More may be due: only full calls went out (they overlap the next share's reads), the
+    # remainder waits for the end of the burst so that it costs no extra call.
+    assert [len(call) for call in crm.update_calls] == [crm.batch_limit] * (limit // crm.batch_limit)
     passes = 0
     while (queued := tasks.huey.dequeue()) is not None:  # the nudges: nothing left to judge
         tasks.huey.execute(queued)
         passes += 1
     assert passes >= 1
-    assert sum(len(call) for call in crm.update_calls) == 500
+    assert sum(len(call) for call in crm.update_calls) == limit
+    assert len(crm.update_calls) == math.ceil(limit / crm.batch_limit)
+
+
+def test_a_burst_s_full_write_back_calls_go_out_between_its_batches(world: tuple[Runtime, MemoryCRM]) -> None:
+    """With several workers, one worker's write-backs then overlap the others' reads and
+    applies instead of all waiting for the end of the burst; the partial call still waits for
+    the end, so the burst costs ceil(N/limit) write calls all the same."""
+    from connector.storage.inbox_batch import BATCH_SIZE
+    from connector.worker import Tasks, make_huey
+
+    runtime, crm = world
+    crm.records.update({f"D-{i}": deal(i) for i in range(100, 400)})
+    accept(runtime.sessions, changes(400, signed_values=False))  # each record must be read
+    reads_at_each_write: list[int] = []
+    send = crm._update_batch
+
+    def spy(object_type: str, updates: Any) -> Any:  # the CRM sees the calls in this order
+        reads_at_each_write.append(crm.reads)
+        return send(object_type, updates)
+
+    crm._update_batch = spy  # type: ignore[method-assign]
+    tasks = Tasks(runtime, make_huey("memory://"))
+    assert tasks.run_inbox()["done"] == 400
+    first_batch_reads = BATCH_SIZE // crm.read_batch_limit  # a batch is whole read calls
+    assert reads_at_each_write[0] == first_batch_reads  # before the second batch was read
+    assert crm.reads == math.ceil(400 / crm.read_batch_limit)
+    assert [len(c) for c in crm.update_calls[:-1]] == [crm.batch_limit] * (len(crm.update_calls) - 1)
+    assert len(crm.update_calls) == math.ceil(400 / crm.batch_limit)
+
+
+def test_the_partial_write_back_call_waits_for_the_workers_still_judging(
+    world: tuple[Runtime, MemoryCRM],
+) -> None:
+    """Two workers finishing one burst: the first to finish sends full calls only while the
+    other still holds claimed events, so their rows do not end up in two partial calls."""
+    from connector.clock import utcnow
+    from connector.storage.inbox_batch import claim, process_claimed
+    from connector.worker import Tasks, make_huey
+
+    runtime, crm = world
+    assert runtime.processor is not None
+    accept(runtime.sessions, changes(8, signed_values=True))
+    held = claim(runtime.sessions, 4, utcnow())  # another worker's share, still being judged
+    tasks = Tasks(runtime, make_huey("memory://"))
+    assert tasks.run_inbox()["done"] == 4
+    assert [len(call) for call in crm.update_calls] == [3]  # the 4th record waits
+    process_claimed(runtime.sessions, runtime.processor, held, max_attempts=10)  # the other finishes
+    tasks.run_inbox(flush_owed=True)  # ... and its pass, finding nothing left, flushes
+    assert [len(call) for call in crm.update_calls] == [3, 3, 2]  # ceil(8/3), not [3, 1, 3, 1]
+
+
+def test_the_pipeline_s_read_unit_is_its_connections_read_limit(world: tuple[Runtime, MemoryCRM]) -> None:
+    runtime, crm = world
+    assert runtime.processor is not None
+    assert runtime.processor.read_unit() == crm.read_batch_limit == 3  # type: ignore[attr-defined]
+    crm.batch_limit = 100  # HubSpot's
+    assert runtime.processor.read_unit() == 100  # type: ignore[attr-defined]
+
+
+def test_the_sweep_sends_no_partial_write_back_call_while_a_burst_is_judged_elsewhere(
+    world: tuple[Runtime, MemoryCRM],
+) -> None:
+    from connector.clock import utcnow
+    from connector.storage.inbox_batch import claim, process_claimed
+    from connector.worker import Tasks, make_huey
+
+    runtime, crm = world
+    assert runtime.processor is not None
+    accept(runtime.sessions, changes(8, signed_values=True))
+    mine = claim(runtime.sessions, 4, utcnow())
+    held = claim(runtime.sessions, 4, utcnow())  # another worker's share, still being judged
+    process_claimed(runtime.sessions, runtime.processor, mine, max_attempts=10)  # 4 write-backs pending
+    tasks = Tasks(runtime, make_huey("memory://"))
+    tasks.run_sweep()  # the minute's sweep, in the middle of the burst
+    assert [len(call) for call in crm.update_calls] == [3]
+    process_claimed(runtime.sessions, runtime.processor, held, max_attempts=10)
+    tasks.run_sweep()  # nothing claimed any more: the rest, the last call partial
+    assert [len(call) for call in crm.update_calls] == [3, 3, 2]

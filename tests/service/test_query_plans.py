@@ -93,8 +93,18 @@ def plans(runtime: Runtime, run: Any) -> list[tuple[str, str]]:
         for statement, parameters in seen:
             explain = "EXPLAIN " if postgres else "EXPLAIN QUERY PLAN "
             rows = conn.exec_driver_sql(explain + statement, parameters).all()
-            found.append((statement, "\n".join(str(row[-1]) for row in rows)))
+            found.append((statement, "\n".join(row[0] for row in rows) if postgres else _tree(rows)))
     return found
+
+
+def _tree(rows: list[Any]) -> str:
+    """SQLite's plan rows (id, parent, -, detail), each indented under its parent."""
+    depth: dict[int, int] = {0: -1}
+    lines = []
+    for node, parent, _unused, detail in rows:
+        depth[node] = depth.get(parent, -1) + 1
+        lines.append("  " * depth[node] + str(detail))
+    return "\n".join(lines)
 
 
 def page_plan(found: list[tuple[str, str]]) -> str:
@@ -107,8 +117,10 @@ def page_plan(found: list[tuple[str, str]]) -> str:
 
 
 def assert_indexed(plan: str, index: str, postgres: bool, few: bool = False) -> None:
-    """`few`: the index finds a few hundred rows at most, which PostgreSQL may sort itself."""
+    """`few`: the index finds a few hundred rows at most, which PostgreSQL may sort itself.
+    The total read in the same statement from the kept counts (a few rows) may scan those."""
     assert index in plan, plan
+    plan = "\n".join(line for line in plan.splitlines() if "approval_request_counts" not in line)
     if postgres:
         assert "Seq Scan" not in plan, plan
         if not few:
@@ -147,10 +159,26 @@ def test_the_admin_lists_read_the_submission_order_index(runtime: Runtime) -> No
         assert not any("count(" in statement.lower() for statement in statements), statements
 
 
+def subquery_plans(plan: str) -> str:
+    """The parts of a plan that compute its uncorrelated subqueries (the total of a page that
+    reads it in the same statement): InitPlan on PostgreSQL, SCALAR SUBQUERY on SQLite."""
+    kept, depth = [], None
+    for line in plan.splitlines():
+        indent = len(line) - len(line.lstrip(" "))
+        if "InitPlan" in line or "SCALAR SUBQUERY" in line:
+            depth = indent if depth is None or indent < depth else depth
+        elif depth is not None and indent <= depth:
+            depth = None
+        if depth is not None:
+            kept.append(line)
+    return "\n".join(kept)
+
+
 def test_my_requests_are_counted_by_the_submitter_and_assignee_indexes(runtime: Runtime) -> None:
     postgres = runtime.engine.dialect.name == "postgresql"
     found = plans(runtime, lambda s: find_requests(s, RequestFilters(limit=50), Viewer("u-mgr-7", False)))
-    (count,) = [plan for statement, plan in found if "count(" in statement.lower()]
+    (page,) = [plan for statement, plan in found if "count(" in statement.lower()]
+    count = subquery_plans(page)
     assert "ix_requests_submitter_submitted" in count, count
     if postgres:
         assert "Seq Scan" not in count, count

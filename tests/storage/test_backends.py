@@ -95,10 +95,12 @@ def test_redis_queue_carries_the_nudge_to_a_worker(redis_url: str, runtime: Runt
     consumer = Tasks(runtime, make_huey(redis_url, name="test-crm-approvals"))
     assert type(producer.huey).__name__ == "RedisHuey"
     accept(runtime.sessions, [event(1)])
-    producer.nudge()
-    producer.nudge()  # a second delivery in the same window adds no second task
-    assert producer.huey.pending_count() == 1  # enqueued with an eta; the consumer holds it until due
-    assert _run_queued_tasks(consumer) == 1
+    producer.nudge()  # the first delivery of a window: a pass at once, not after the scheduler's tick
+    producer.nudge()  # a later one: one more pass at the window's end, which sees the whole window
+    producer.nudge()  # and no third task
+    pending = producer.huey.pending()
+    assert sorted(task.eta is None for task in pending) == [False, True]
+    assert _run_queued_tasks(consumer) == 2
     with runtime.sessions() as session:
         assert session.scalars(select(InboxEvent.status)).one() == "done"
 

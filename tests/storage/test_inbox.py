@@ -243,6 +243,71 @@ def test_a_partial_batch_lingers_for_events_still_arriving(runtime: Runtime) -> 
     assert (outcomes, more, batches) == ({"done": 6}, False, [6])
 
 
+def test_a_batch_of_a_burst_still_arriving_is_whole_read_calls(runtime: Runtime) -> None:
+    """With reads of 4 records a call: 6 events in hand while more arrive are judged as 4 now,
+    and 2 handed back to be read with the next ones, not in a partial call of their own."""
+    import threading
+
+    from connector.storage.inbox_batch import process_in_batches
+
+    batches: list[int] = []
+
+    class Recording(CountingProcessor):
+        def read_unit(self) -> int:
+            return 4
+
+        def prepare_batch(self, events: list[RecordChangeEvent]) -> list[Any]:
+            batches.append(len(events))
+            return [self.prepare(e) for e in events]
+
+    accept(runtime.sessions, [event(i) for i in range(3)])
+    arrivals = [
+        threading.Timer(0.1, lambda: accept(runtime.sessions, [event(i) for i in range(3, 6)])),
+        threading.Timer(1.2, lambda: accept(runtime.sessions, [event(i) for i in range(6, 8)])),
+    ]
+    for timer in arrivals:
+        timer.start()
+    outcomes, more = process_in_batches(
+        runtime.sessions, Recording(), limit=500, max_attempts=3, now=utcnow(), linger=1.0
+    )
+    for timer in arrivals:
+        timer.join()
+    assert (outcomes, more, batches) == ({"done": 8}, False, [4, 4])  # ceil(8/4) reads, not [6] + [2]
+
+
+def test_less_than_one_read_of_a_trickle_waits_for_more(runtime: Runtime) -> None:
+    """Several workers sharing a trickle each held a few events and read them in calls of
+    their own: fewer than one read's worth, still arriving, is handed back and waited for
+    (at most two lingers after the oldest arrived)."""
+    import threading
+
+    from connector.storage.inbox_batch import process_in_batches
+
+    batches: list[int] = []
+
+    class Recording(CountingProcessor):
+        def read_unit(self) -> int:
+            return 4
+
+        def prepare_batch(self, events: list[RecordChangeEvent]) -> list[Any]:
+            batches.append(len(events))
+            return [self.prepare(e) for e in events]
+
+    accept(runtime.sessions, [event(0)])
+    arrivals = [
+        threading.Timer(0.5, lambda: accept(runtime.sessions, [event(1)])),
+        threading.Timer(1.5, lambda: accept(runtime.sessions, [event(2), event(3)])),
+    ]
+    for timer in arrivals:
+        timer.start()
+    outcomes, more = process_in_batches(
+        runtime.sessions, Recording(), limit=500, max_attempts=3, now=utcnow(), linger=1.0
+    )
+    for timer in arrivals:
+        timer.join()
+    assert (outcomes, more, batches) == ({"done": 4}, False, [4])  # one read, not [2] then [2]
+
+
 def test_claimed_events_are_not_claimed_again_until_the_lease_ends(runtime: Runtime) -> None:
     from connector.storage.inbox_batch import claim
 

@@ -50,6 +50,19 @@ def test_updates_are_sent_in_batches_of_the_crm_limit(runtime: Runtime) -> None:
     assert crm.records["D-6"] == {"Status": "Approved"}
 
 
+def test_full_batches_only_sends_the_full_calls_and_leaves_the_remainder_pending(runtime: Runtime) -> None:
+    """Mid-burst (connector/worker.py): a partial call now would cost an extra call later."""
+    crm = MemoryCRM()
+    for i in range(7):
+        enqueue(runtime, f"D-{i}", {"Status": "Approved"})
+    report = flush(runtime.sessions, lambda _name: crm, full_batches_only=True)
+    assert [len(call) for call in crm.update_calls] == [3, 3]
+    assert report.done == 6
+    assert sorted(statuses(runtime).values()) == ["done"] * 6 + ["pending"]
+    flush(runtime.sessions, lambda _name: crm)  # the end of the burst: the remainder
+    assert [len(call) for call in crm.update_calls] == [3, 3, 1]
+
+
 def test_a_call_s_results_are_recorded_in_a_few_statements_not_per_record(runtime: Runtime) -> None:
     from tests.service.test_batching import counting_statements
 
