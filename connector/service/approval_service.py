@@ -493,7 +493,9 @@ class ApprovalService:
         """Read, decide and render with no transaction open, then save in a short one (module
         docstring); None when `decide` finds nothing to do."""
         for attempt in range(1, SAVE_ATTEMPTS + 1):
-            with sessions() as session:
+            # a read, ended with COMMIT: at the ROLLBACK of a plain close psycopg forgets
+            # every statement it prepared on the connection (and sends DEALLOCATE ALL)
+            with transaction(sessions) as session:
                 stored, spec, rule = self._load(session, request_id)
             outcome = decide(stored.request, spec, rule)
             if outcome is None:

@@ -119,7 +119,7 @@ class RoutingSource:
                 cached[connection, today] = current_delegations(session, connection, today)
             delegations = cached[connection, today]
         else:
-            with self.sessions() as own:
+            with transaction(self.sessions) as own:  # COMMIT, not ROLLBACK: as ApprovalService's reads
                 delegations = current_delegations(own, connection, today)
         org = DirectoryOrg(self.sessions, connection, session=session)
         return RoutingContext(roles, org=org, delegations=delegations, today=today)

@@ -26,7 +26,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     func,
-    literal,
     or_,
     select,
     union,
@@ -215,36 +214,31 @@ def page_rows(
     Every list is read from an index in page order: newest first by (submitted_at, id), so
     a page costs its rows, not the table. With `pending_for` the rows come from the
     approver's index of waiting requests (approval_waiting), which holds the same order."""
-    R, W = REQUESTS.c, WAITING.c  # table columns: cheaper to build statements of than ORM ones
     conn = session.connection()  # plain rows, read without the ORM's result machinery
     # Read in page order from an index, the page's columns come with it. Visibility's OR
     # is the one filter no index order serves: there the page's ids are the union of two
     # pages (_visible_page), and the rows of those ids are read in the same statement.
-    params: dict[str, Any] = {}
+    params = _cursor_params(filters)
+    after = filters.cursor is not None
     if _visible_only(filters, viewer) and filters.pending_for is None:
         assert viewer is not None
         counted = _total(filters, viewer, lambda: _count_of(REQUESTS, _conditions(session, filters, viewer)))
-        page, params = _visible_page(filters, viewer.user_id, tuple(columns))
+        page = _with_total(_visible_page(filters, viewer.user_id, tuple(columns)), counted)
+        params["me"] = viewer.user_id
     else:
-        conditions = list(_conditions(session, filters, viewer))
-        if filters.pending_for is not None:
-            order_at, order_id = W.submitted_at, W.request_id
-            source: FromClause = WAITING.join(REQUESTS, R.id == W.request_id)
-            # approval_waiting holds pending requests only (migration 0023's triggers drop
-            # the rows of a request leaving pending): no status filter to keep the planner
-            # from reading the approver's index in order and stopping at the page's end
-            conditions = [W.approver == filters.pending_for, *conditions]
+        pending = filters.pending_for is not None
+        if pending:
+            params["approver"] = filters.pending_for
+        if not _visible_only(filters, viewer) and not _narrowing(filters):
+            # the usual pages (an approver's pending list, an admin's list of everything):
+            # their statements are built once per page size
+            page, counted = _plain_page(pending, filters.limit, after, tuple(columns))
         else:
-            order_at, order_id = R.submitted_at, R.id
-            source = REQUESTS
-        counted = _total(filters, viewer, lambda: _count_of(source, conditions))
-        page = select(*columns).select_from(source).where(*conditions)
-        if filters.cursor is not None:
-            page = page.where(_after(filters.cursor, order_at, order_id))
-        page = page.order_by(order_at.desc(), order_id.desc()).limit(filters.limit + 1)
-    # The total rides along as a column of every row (an uncorrelated subquery: computed
-    # once); only a page without rows asks for it on its own.
-    rows = list(conn.execute(page.add_columns(counted.scalar_subquery().label("total")), params).all())
+            conditions = _conditions(session, filters, viewer)
+            page, source, conditions = _page_of(pending, filters.limit, after, columns, conditions)
+            counted = _total(filters, viewer, lambda: _count_of(source, conditions))
+            page = _with_total(page, counted)
+    rows = list(conn.execute(page, params).all())
     total = int(rows[0].total if rows else conn.scalar(counted, params) or 0)
     shown = rows[: filters.limit]
     next_cursor = None
@@ -254,27 +248,64 @@ def page_rows(
     return shown, total, next_cursor
 
 
+def _with_total(page: Any, counted: Any) -> Any:
+    """The total rides along as a column of every row (an uncorrelated subquery: computed
+    once); only a page without rows asks for it on its own (page_rows)."""
+    return page.add_columns(counted.scalar_subquery().label("total"))
+
+
+@functools.cache
+def _plain_page(pending: bool, limit: int, after: bool, columns: tuple[Any, ...]) -> tuple[Any, Any]:
+    """The page with its total, and the total's statement, of an approver's pending list
+    (`pending`; parameter `approver`) or of every request, narrowed by nothing else."""
+    page, _, _ = _page_of(pending, limit, after, columns, ())
+    if pending:  # approval_waiting's rows of the approver, from its index alone
+        counted: Any = select(func.count()).where(WAITING.c.approver == bindparam("approver"))
+    else:
+        counted = count_query()
+    return _with_total(page, counted), counted
+
+
+def _page_of(
+    pending: bool, limit: int, after: bool, columns: Sequence[Any], narrowing: Sequence[ColumnElement[bool]]
+) -> tuple[Any, FromClause, list[ColumnElement[bool]]]:
+    """The page statement (newest first, `limit` + 1 rows; parameters `approver` if
+    `pending`, `after_at` and `after_id` if `after`), what it reads from, and its conditions
+    but the cursor's (those of the total)."""
+    R, W = REQUESTS.c, WAITING.c  # table columns: cheaper to build statements of than ORM ones
+    conditions = list(narrowing)
+    if pending:
+        order_at, order_id = W.submitted_at, W.request_id
+        source: FromClause = WAITING.join(REQUESTS, R.id == W.request_id)
+        # approval_waiting holds pending requests only (migration 0023's triggers drop
+        # the rows of a request leaving pending): no status filter to keep the planner
+        # from reading the approver's index in order and stopping at the page's end
+        conditions.insert(0, W.approver == bindparam("approver"))
+    else:
+        order_at, order_id = R.submitted_at, R.id
+        source = REQUESTS
+    page = select(*columns).select_from(source).where(*conditions)
+    if after:
+        page = page.where(_after(order_at, order_id))
+    return page.order_by(order_at.desc(), order_id.desc()).limit(limit + 1), source, conditions
+
+
 def _count_of(source: FromClause, conditions: Sequence[ColumnElement[bool]]) -> Any:
     return select(func.count()).select_from(source).where(*conditions)
 
 
-def _visible_page(
-    filters: RequestFilters, user_id: str, columns: tuple[Any, ...]
-) -> tuple[Any, dict[str, Any]]:
-    """The page's rows of what `user_id` may see, and the statement's parameters: the page of
-    their own requests (read in order from the submitter index) merged with the page of those
+def _visible_page(filters: RequestFilters, user_id: str, columns: tuple[Any, ...]) -> Any:
+    """The page's rows of what `user_id` (parameter `me`) may see: the page of their own
+    requests (read in order from the submitter index) merged with the page of those
     assigned to them (sorted: no index holds them in submission order), the union's first
     page; those ids' rows in the same statement. Exactly the page of `submitter = me OR
     assigned to me`, without sorting every request of a busy submitter."""
-    params: dict[str, Any] = {"me": user_id}
-    if filters.cursor is not None:
-        params |= {"after_at": filters.cursor.submitted_at, "after_id": filters.cursor.request_id}
     narrowing = tuple(_narrowing(filters))
     if narrowing:
         ids = _visible_page_statement(filters.limit, filters.cursor is not None, narrowing)
-        return _rows_of(columns, ids), params
+        return _rows_of(columns, ids)
     # the usual page: built once per page size
-    return _plain_visible_page(filters.limit, filters.cursor is not None, columns), params
+    return _plain_visible_page(filters.limit, filters.cursor is not None, columns)
 
 
 @functools.cache
@@ -287,8 +318,7 @@ def _visible_page_statement(limit: int, after: bool, narrowing: Sequence[ColumnE
     me: Any = bindparam("me")
     conditions = list(narrowing)
     if after:
-        at = bindparam("after_at", type_=UTCDateTime())
-        conditions.append(or_(R.submitted_at < at, and_(R.submitted_at == at, R.id < bindparam("after_id"))))
+        conditions.append(_after(R.submitted_at, R.id))
     order = (R.submitted_at.desc(), R.id.desc())
     own = select(R.id, R.submitted_at).where(R.submitter == me, *conditions)
     assigned = (
@@ -415,9 +445,17 @@ def _visible_only(filters: RequestFilters, viewer: Viewer | None) -> bool:
     return viewer is not None and not viewer.is_admin and filters.pending_for != viewer.user_id
 
 
-def _after(position: PagePosition, order_at: Any, order_id: Any) -> ColumnElement[bool]:
-    at = literal(position.submitted_at, UTCDateTime)
-    return or_(order_at < at, and_(order_at == at, order_id < position.request_id))
+def _cursor_params(filters: RequestFilters) -> dict[str, Any]:
+    """The parameters of `_after` for the filters' cursor, if any."""
+    if filters.cursor is None:
+        return {}
+    return {"after_at": filters.cursor.submitted_at, "after_id": filters.cursor.request_id}
+
+
+def _after(order_at: Any, order_id: Any) -> ColumnElement[bool]:
+    """After the cursor's row in page order (parameters `after_at`, `after_id`)."""
+    at = bindparam("after_at", type_=UTCDateTime())
+    return or_(order_at < at, and_(order_at == at, order_id < bindparam("after_id")))
 
 
 def _visible_to(session: Session, user_id: str) -> ColumnElement[bool]:

@@ -5,14 +5,13 @@ The same answer as `RequestList.of(find_requests(...)).model_dump(mode="json")`
 costs on a page of many requests: only the columns a summary shows are read, only the open
 step and its votes of pending requests (a summary shows no other child), and the answer is
 built as plain dicts we made ourselves rather than validated model by model.
-tests/service/test_request_summaries.py holds the two equal.
+tests/webhooks/test_api_summaries.py holds the two equal, to the byte of the API's answer.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, select
@@ -24,6 +23,9 @@ from connector.storage.db import in_ids
 from connector.storage.models import ApprovalRequestRow, ApprovalStepRow, ApprovalVoteRow
 
 R = ApprovalRequestRow.__table__.c
+_S, _V = ApprovalStepRow.__table__.c, ApprovalVoteRow.__table__.c
+# Read by position below (a Row's tuple access, not its name lookup): the unpacking in
+# _summary, _step and _vote follows the order of these columns.
 SUMMARY_COLUMNS = (
     R.id,
     R.connection,
@@ -38,9 +40,34 @@ SUMMARY_COLUMNS = (
     R.record,
     R.version,
 )
-STEP_COLUMNS = tuple(c for c in ApprovalStepRow.__table__.c)
-VOTE_COLUMNS = tuple(c.label(f"vote_{c.name}") for c in ApprovalVoteRow.__table__.c if c.name != "id")
-_S, _V = ApprovalStepRow.__table__.c, ApprovalVoteRow.__table__.c
+_CURRENT_STEP = SUMMARY_COLUMNS.index(R.current_step)
+STEP_COLUMNS = (
+    _S.request_id,
+    _S.index,
+    _S.round,
+    _S.name,
+    _S.mode,
+    _S.approvers,
+    _S.required,
+    _S.status,
+    _S.entered_at,
+    _S.left_at,
+    _S.on_behalf_of,
+)
+VOTE_COLUMNS = (
+    _V.step_index,
+    _V.round,
+    _V.approver,
+    _V.decision,
+    _V.comment,
+    _V.acting_admin,
+    _V.at,
+    _V.on_behalf_of,
+    _V.auto_reason,
+)
+_ROUND, _STATUS = STEP_COLUMNS.index(_S.round), STEP_COLUMNS.index(_S.status)
+_VOTE = len(STEP_COLUMNS)  # where a row's vote columns start
+_VOTE_APPROVER = _VOTE + VOTE_COLUMNS.index(_V.approver)
 
 
 @functools.cache
@@ -48,7 +75,7 @@ def _open_steps_statement(dialect: str) -> Any:
     """The steps of the requests given as `ids`, each with the votes of its round if it is
     pending (built once per dialect)."""
     return (
-        select(*STEP_COLUMNS, *VOTE_COLUMNS)
+        select(*STEP_COLUMNS, *(c.label(f"vote_{c.name}") for c in VOTE_COLUMNS))
         .select_from(ApprovalStepRow.__table__)
         .outerjoin(
             ApprovalVoteRow.__table__,
@@ -68,7 +95,7 @@ def request_list(session: Session, filters: RequestFilters, viewer: Viewer | Non
     """The RequestList of this page as JSON-ready dicts."""
     rows, total, next_cursor = page_rows(session, filters, viewer, SUMMARY_COLUMNS)
     open_steps = _open_steps(session, rows)
-    summaries = [_summary(row, open_steps.get(row.id)) for row in rows]
+    summaries = [_summary(row, open_steps) for row in rows]
     return {"requests": summaries, "count": len(summaries), "total": total, "next_cursor": next_cursor}
 
 
@@ -76,82 +103,93 @@ def _open_steps(session: Session, rows: Sequence[Any]) -> dict[str, dict[str, An
     """The open step (latest round of `current_step`, if still pending) of each request
     that has one, with that round's votes: one statement, each step with the votes of its
     round joined if it is pending (the open step is the only pending one), oldest vote first."""
-    current = {row.id: row.current_step for row in rows if row.current_step is not None}
+    current = {row[0]: row[_CURRENT_STEP] for row in rows if row[_CURRENT_STEP] is not None}
     if not current:
         return {}
-    latest: dict[str, Any] = {}
-    votes: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    latest: dict[str, Any] = {}  # request id -> the row of its current step's latest round
+    votes: dict[tuple[str, int], list[dict[str, Any]]] = {}  # (request id, round) -> its votes
     conn = session.connection()
-    for row in conn.execute(_open_steps_statement(conn.dialect.name), {"ids": list(current)}).all():
-        values = row._mapping  # by name: a Row's own .index would shadow the column
-        request_id = values["request_id"]
-        if values["index"] != current[request_id]:
+    for row in conn.execute(_open_steps_statement(conn.dialect.name), {"ids": list(current)}):
+        request_id, index, round_ = row[0], row[1], row[_ROUND]
+        if index != current[request_id]:
             continue
         seen = latest.get(request_id)
-        if seen is None or values["round"] > seen["round"]:
-            latest[request_id] = values
-        if values["vote_approver"] is not None:
-            key = (request_id, values["index"], values["round"])
-            votes.setdefault(key, []).append(_vote(values))
+        if seen is None or round_ > seen[_ROUND]:
+            latest[request_id] = row
+        if row[_VOTE_APPROVER] is not None:
+            votes.setdefault((request_id, round_), []).append(_vote(row))
     steps = {}
-    for request_id, values in latest.items():
-        if values["status"] == "pending":
-            step = steps[request_id] = _step(values)
-            step["votes"] = votes.get((request_id, values["index"], values["round"]), [])
+    for request_id, row in latest.items():
+        if row[_STATUS] == "pending":
+            steps[request_id] = _step(row, votes.get((request_id, row[_ROUND]), []))
     return steps
 
 
-def _summary(row: Any, current_step: dict[str, Any] | None) -> dict[str, Any]:
-    connection, object_type, record_id = row.connection, row.object_type, row.record_id
+def _summary(row: Any, open_steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    (
+        request_id,
+        connection,
+        object_type,
+        record_id,
+        rule_name,
+        status,
+        submitter,
+        submitted_at,
+        updated_at,
+        _current_step,
+        record,
+        version,
+        *_,  # the page's total rides along (request_query.page_rows)
+    ) = row
     return {
-        "id": row.id,
+        "id": request_id,
         "record": {
             "connection": connection,
             "object": object_type,
             "id": record_id,
             "ref": RecordKey(connection, object_type, record_id).ref,
         },
-        "rule": row.rule_name,
-        "status": row.status,
-        "submitter": row.submitter,
-        "submitted_at": row.submitted_at.isoformat(),
-        "updated_at": row.updated_at.isoformat(),
-        "current_step": current_step,
+        "rule": rule_name,
+        "status": status,
+        "submitter": submitter,
+        "submitted_at": submitted_at.isoformat(),
+        "updated_at": updated_at.isoformat(),
+        "current_step": open_steps.get(request_id),
         # decoded from the JSON column just now: already what to_wire would make of it
-        "values": row.record,
-        "version": row.version,
+        "values": record,
+        "version": version,
     }
 
 
-def _step(values: Any) -> dict[str, Any]:
+def _step(row: Any, votes: list[dict[str, Any]]) -> dict[str, Any]:
+    _request_id, index, round_, name, mode, approvers, required, status, entered_at, left_at, on_behalf_of = (
+        row[:_VOTE]
+    )
     return {
-        "index": values["index"],
-        "round": values["round"],
-        "name": values["name"],
-        "mode": values["mode"],
-        "approvers": list(values["approvers"]),
-        "on_behalf_of": dict(values["on_behalf_of"] or {}),
-        "required": values["required"],
-        "status": values["status"],
-        "entered_at": values["entered_at"].isoformat(),
-        "left_at": _timestamp(values["left_at"]),
-        "votes": [],
+        "index": index,
+        "round": round_,
+        "name": name,
+        "mode": mode,
+        "approvers": list(approvers),
+        "on_behalf_of": dict(on_behalf_of or {}),
+        "required": required,
+        "status": status,
+        "entered_at": entered_at.isoformat(),
+        "left_at": left_at.isoformat() if left_at is not None else None,
+        "votes": votes,
     }
 
 
-def _vote(values: Any) -> dict[str, Any]:
+def _vote(row: Any) -> dict[str, Any]:
+    step_index, round_, approver, decision, comment, acting_admin, at, on_behalf_of, auto_reason = row[_VOTE:]
     return {
-        "step_index": values["vote_step_index"],
-        "round": values["vote_round"],
-        "approver": values["vote_approver"],
-        "decision": values["vote_decision"],
-        "comment": values["vote_comment"],
-        "acting_admin": bool(values["vote_acting_admin"]),
-        "at": values["vote_at"].isoformat(),
-        "on_behalf_of": values["vote_on_behalf_of"],
-        "auto_reason": values["vote_auto_reason"],
+        "step_index": step_index,
+        "round": round_,
+        "approver": approver,
+        "decision": decision,
+        "comment": comment,
+        "acting_admin": bool(acting_admin),
+        "at": at.isoformat(),
+        "on_behalf_of": on_behalf_of,
+        "auto_reason": auto_reason,
     }
-
-
-def _timestamp(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None

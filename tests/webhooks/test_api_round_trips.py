@@ -75,12 +75,17 @@ def database_work(runtime: Runtime, trace: Path) -> Iterator[Counter[str]]:
         event.remove(pool, "checkin", checkin)
         event.remove(runtime.engine, "before_cursor_execute", statement)
     if postgres:
-        sent = [
-            m[2]
+        messages = [
+            m
             for path in traces
             for line in path.read_text().splitlines()
             if (m := line.split("\t"))[0] == "F"
         ]
+        sent = [m[2] for m in messages]
+        # the simple queries by their first word: BEGIN, COMMIT, ROLLBACK, DEALLOCATE, COPY, ...
+        for m in messages:
+            if m[2] == "Query":
+                counts["query " + m[3].strip().strip('"').split()[0]] += 1
         # a Sync after an Execute ends a statement; a Sync right after a named Parse is psycopg
         # preparing a statement used often (once per statement and connection): not counted
         counts["round_trips"] = sum(
@@ -118,6 +123,24 @@ def test_each_api_read_is_one_checkout_and_a_few_round_trips(world: World, tmp_p
     bad = {"Authorization": "Bearer cra_not-a-token"}
     error_of(world.client.get("/api/v1/requests", headers=bad), 401, "invalid_token")
     assert world.runtime.engine.pool.checkedout() == 0  # every call gave its connection back
+
+
+def test_a_vote_keeps_the_connections_prepared_statements(world: World, tmp_path: Path) -> None:
+    """A vote's reads (the request, the delegations in force) end with COMMIT: at a ROLLBACK
+    psycopg forgets every statement prepared on the connection and sends DEALLOCATE ALL
+    before the next one (a round trip, and the lists' statements prepared again)."""
+    first, second = world.submit("D-1"), world.submit("D-2")
+    assert world.vote("u-mgr", first).status_code == 200
+    with database_work(world.runtime, tmp_path / "trace.txt") as cost:
+        response = world.vote("u-mgr", second)
+    assert response.status_code == 200, response.get_json()
+    listed = world.get("u-gm", "/requests?pending_for=me").get_json()
+    assert {r["id"] for r in listed["requests"]} == {first, second}  # both votes saved
+    if world.runtime.engine.dialect.name == "postgresql":
+        assert (cost["query ROLLBACK"], cost["query DEALLOCATE"]) == (0, 0), cost
+        assert cost["query COMMIT"] == cost["checkouts"] == 4, cost  # token, read, delegations, save
+    refused = world.vote("u-rep", second)  # refused: the submitter; rolled back as before
+    assert refused.status_code == 403, refused.get_json()
 
 
 def test_a_page_past_the_end_still_has_its_total(world: World) -> None:

@@ -44,8 +44,9 @@ def built(world: World, filters: RequestFilters, viewer: Viewer | None) -> dict[
         return request_list(session, filters, viewer)
 
 
-def test_pages_equal_the_documented_models_for_every_state(world: World) -> None:
-    fresh = world.submit("D-1")  # big-deal, first of three steps open
+def requests_in_every_state(world: World) -> dict[str, str]:
+    """Requests in every state a summary shows differently, by name: ids."""
+    fresh = world.submit("D-1", stage="Zürich — négociation")  # big-deal, first of three steps open
     moved = world.submit("D-2")
     world.approve_steps(moved, "u-mgr")  # second step open; the first step's vote not shown
     board = world.submit("D-3", amount=60000)  # an `all` step with one of two votes cast
@@ -84,12 +85,26 @@ def test_pages_equal_the_documented_models_for_every_state(world: World) -> None
                     round=round_,
                     approver=approver,
                     decision="approve",
-                    comment=f"round {round_}",
+                    comment=f"round {round_} — ok ✓",
                     at=at + timedelta(hours=round_),
                     on_behalf_of="u-hs-mgr" if approver == "u-deputy" else None,
                 )
             )
+    return {
+        "fresh": fresh,
+        "moved": moved,
+        "board": board,
+        "rejected": rejected,
+        "approved": approved,
+        "recalled": recalled,
+        "again": again,
+    }
 
+
+def test_pages_equal_the_documented_models_for_every_state(world: World) -> None:
+    ids = requests_in_every_state(world)
+    fresh, moved, board, rejected = ids["fresh"], ids["moved"], ids["board"], ids["rejected"]
+    approved, recalled, again = ids["approved"], ids["recalled"], ids["again"]
     admin = Viewer("u-admin", True)
     whole = built(world, RequestFilters(), admin)
     assert whole == reference(world, RequestFilters(), admin)
@@ -104,7 +119,7 @@ def test_pages_equal_the_documented_models_for_every_state(world: World) -> None
     assert summaries[recalled]["current_step"] is None
     reopened = summaries[again]["current_step"]
     assert (reopened["round"], reopened["on_behalf_of"]) == (2, {"u-deputy": "u-hs-mgr"})
-    assert [v["comment"] for v in reopened["votes"]] == ["round 2"]
+    assert [v["comment"] for v in reopened["votes"]] == ["round 2 — ok ✓"]
 
     # page by page, filtered, and as someone who sees only some of them
     for given, viewer in (
@@ -131,3 +146,29 @@ def test_the_api_answers_the_built_page(world: World) -> None:
     assert body == reference(world, RequestFilters(pending_for="u-mgr", limit=1), Viewer("u-mgr", False))
     assert [r["id"] for r in body["requests"]] == [pending]
     RequestList.model_validate(body)  # the documented shape
+
+
+def test_the_api_answers_the_documented_models_byte_for_byte(world: World) -> None:
+    """The body a client receives is exactly what Flask makes of the documented models' JSON
+    for the same page (key order, number and time formats, escapes of non-ASCII text): the
+    built page and the models' dump could be equal as Python values (1 == True == 1.0) and
+    still differ on the wire."""
+    ids = requests_in_every_state(world)
+    admin, mgr = Viewer("u-admin", True), Viewer("u-mgr", False)
+    for user, path, filters, viewer in (
+        ("u-admin", "/requests?all=true&limit=50", RequestFilters(limit=50), admin),
+        ("u-admin", "/requests?all=true&limit=3", RequestFilters(limit=3), admin),
+        ("u-admin", "/requests?status=pending", RequestFilters(status=["pending"]), admin),
+        ("u-mgr", "/requests", RequestFilters(pending_for="u-mgr"), mgr),
+        ("u-mgr", "/requests?all=true", RequestFilters(), mgr),
+        ("u-board-2", "/requests?all=true", RequestFilters(), Viewer("u-board-2", False)),
+    ):
+        response = world.get(user, path)
+        assert response.status_code == 200, response.get_json()
+        with world.app.app_context():
+            expected = world.app.json.response(reference(world, filters, viewer)).get_data()
+        assert response.get_data() == expected, path
+    body = world.get("u-admin", "/requests?all=true&limit=50").get_data()
+    assert len(RequestList.model_validate_json(body).requests) == len(ids)
+    for text in (b"Z\\u00fcrich", b"ok \\u2713", b'"acting_admin":false', b'"left_at":null'):
+        assert text in body  # what the comparison above covers: escapes, booleans, nulls
