@@ -307,13 +307,25 @@ def _recent_writes() -> Any:
     )
 
 
+_BUFFERED: Any = object()  # in the preloaded snapshots: a new snapshot waiting in batch_writes
+
+
 def _remember(session: Session, record: RecordKey, values: dict[str, Any]) -> dict[str, Any] | None:
     """Store the record's values; return what we had seen before (None the first time)."""
     key = (record.connection, record.object_type, record.record_id)
     known = session.info.get(_SNAPSHOTS)
     row = known[key] if known is not None and key in known else session.get(RecordSnapshot, key)
+    if row is _BUFFERED:  # first seen earlier in this batch: its row is written now, and read
+        batch_writes.write(session)
+        row = known[key] = session.get(RecordSnapshot, key)  # type: ignore[index]
     if row is None:
-        row = RecordSnapshot(**vars(record), values=values, updated_at=utcnow())
+        snapshot = {**vars(record), "values": values, "updated_at": utcnow()}
+        if known is not None and batch_writes.add(session, RecordSnapshot.__table__, [snapshot]):
+            # a batch is buffering: the record's first snapshot goes in with the batch's other
+            # new rows, one INSERT (connector/storage/batch_writes.py), not an ORM object each
+            known[key] = _BUFFERED
+            return None
+        row = RecordSnapshot(**snapshot)
         session.add(row)
         if known is not None:
             known[key] = row  # a later event of the batch for the same record sees it
