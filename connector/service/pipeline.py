@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from connector.approvals.spec import EvalContext, MappingSpec
@@ -37,6 +37,7 @@ from connector.service.delegation import RoutingSource
 from connector.storage import approval_store as store
 from connector.storage import audit, batch_writes
 from connector.storage.approval_store import RecordKey
+from connector.storage.db import in_keys
 from connector.storage.models import DONE, SENDING, OutboxUpdate, RecordSnapshot
 from connector.storage.outbox import norm_value
 
@@ -286,13 +287,14 @@ def preload(session: Session, events: Sequence[RecordChangeEvent]) -> None:
     keys = {(e.connection, e.object_type, e.record_id) for e in events}
     if not keys:
         return
+    dialect = session.get_bind().dialect.name
     columns = (RecordSnapshot.connection, RecordSnapshot.object_type, RecordSnapshot.record_id)
     snapshots: dict[tuple[str, str, str], RecordSnapshot | None] = dict.fromkeys(keys)
-    for row in session.scalars(select(RecordSnapshot).where(tuple_(*columns).in_(keys))):
+    for row in session.scalars(select(RecordSnapshot).where(in_keys(columns, keys, dialect))):
         snapshots[(row.connection, row.object_type, row.record_id)] = row
     written: dict[tuple[str, str, str], list[OutboxUpdate]] = {key: [] for key in keys}
     outbox_columns = (OutboxUpdate.connection, OutboxUpdate.object_type, OutboxUpdate.record_id)
-    for update in session.scalars(_recent_writes().where(tuple_(*outbox_columns).in_(keys))):
+    for update in session.scalars(_recent_writes().where(in_keys(outbox_columns, keys, dialect))):
         written[(update.connection, update.object_type, update.record_id)].append(update)
     session.info[_SNAPSHOTS] = snapshots
     session.info[_WRITTEN] = written
