@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from connector.approvals.spec import EvalContext, MappingSpec
@@ -37,6 +37,7 @@ from connector.service.delegation import RoutingSource
 from connector.storage import approval_store as store
 from connector.storage import audit, batch_writes
 from connector.storage.approval_store import RecordKey
+from connector.storage.db import in_keys
 from connector.storage.models import DONE, SENDING, OutboxUpdate, RecordSnapshot
 from connector.storage.outbox import norm_value
 
@@ -286,13 +287,14 @@ def preload(session: Session, events: Sequence[RecordChangeEvent]) -> None:
     keys = {(e.connection, e.object_type, e.record_id) for e in events}
     if not keys:
         return
+    dialect = session.get_bind().dialect.name
     columns = (RecordSnapshot.connection, RecordSnapshot.object_type, RecordSnapshot.record_id)
     snapshots: dict[tuple[str, str, str], RecordSnapshot | None] = dict.fromkeys(keys)
-    for row in session.scalars(select(RecordSnapshot).where(tuple_(*columns).in_(keys))):
+    for row in session.scalars(select(RecordSnapshot).where(in_keys(columns, keys, dialect))):
         snapshots[(row.connection, row.object_type, row.record_id)] = row
     written: dict[tuple[str, str, str], list[OutboxUpdate]] = {key: [] for key in keys}
     outbox_columns = (OutboxUpdate.connection, OutboxUpdate.object_type, OutboxUpdate.record_id)
-    for update in session.scalars(_recent_writes().where(tuple_(*outbox_columns).in_(keys))):
+    for update in session.scalars(_recent_writes().where(in_keys(outbox_columns, keys, dialect))):
         written[(update.connection, update.object_type, update.record_id)].append(update)
     session.info[_SNAPSHOTS] = snapshots
     session.info[_WRITTEN] = written
@@ -307,13 +309,25 @@ def _recent_writes() -> Any:
     )
 
 
+_BUFFERED: Any = object()  # in the preloaded snapshots: a new snapshot waiting in batch_writes
+
+
 def _remember(session: Session, record: RecordKey, values: dict[str, Any]) -> dict[str, Any] | None:
     """Store the record's values; return what we had seen before (None the first time)."""
     key = (record.connection, record.object_type, record.record_id)
     known = session.info.get(_SNAPSHOTS)
     row = known[key] if known is not None and key in known else session.get(RecordSnapshot, key)
+    if row is _BUFFERED:  # first seen earlier in this batch: its row is written now, and read
+        batch_writes.write(session)
+        row = known[key] = session.get(RecordSnapshot, key)  # type: ignore[index]
     if row is None:
-        row = RecordSnapshot(**vars(record), values=values, updated_at=utcnow())
+        snapshot = {**vars(record), "values": values, "updated_at": utcnow()}
+        if known is not None and batch_writes.add(session, RecordSnapshot.__table__, [snapshot]):
+            # a batch is buffering: the record's first snapshot goes in with the batch's other
+            # new rows, one INSERT (connector/storage/batch_writes.py), not an ORM object each
+            known[key] = _BUFFERED
+            return None
+        row = RecordSnapshot(**snapshot)
         session.add(row)
         if known is not None:
             known[key] = row  # a later event of the batch for the same record sees it

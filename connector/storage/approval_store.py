@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Row, select, tuple_, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.orm import Session
 
 from connector.approvals.errors import ConflictError
@@ -26,6 +26,7 @@ from connector.approvals.lifecycle import (
 )
 from connector.errors import RetriableError
 from connector.storage import assignments, batch_writes
+from connector.storage.db import in_keys
 from connector.storage.models import (
     ApprovalRequestRow,
     ApprovalStepRow,
@@ -167,8 +168,9 @@ def preload_absent(session: Session, records: Iterable[RecordKey]) -> None:
         return
     R = ApprovalRequestRow.__table__.c
     known: dict[tuple[str, str, str], tuple[set[str], set[str]]] = {key: (set(), set()) for key in keys}
+    dialect = session.get_bind().dialect.name
     query = select(R.connection, R.object_type, R.record_id, R.rule_name, R.active_key).where(
-        tuple_(R.connection, R.object_type, R.record_id).in_(keys)
+        in_keys((R.connection, R.object_type, R.record_id), keys, dialect)
     )
     for row in session.execute(query):
         rules, active = known[(row.connection, row.object_type, row.record_id)]

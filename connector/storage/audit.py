@@ -280,16 +280,27 @@ def _canonical_text(detail: Any) -> str:
 
 def _canonical_detail(detail: Mapping[str, Any]) -> str:
     """`_canonical_text(_jsonable(detail))`, without its two copies of the detail when every
-    value is canonical JSON already (str keys; str, int, bool or None values, or lists and
-    tuples of str), as a sweep's details are: json.dumps writes those exactly so."""
+    value is canonical JSON already (`_is_plain`: str, int, bool and None, in lists, tuples
+    and str-keyed dicts at any depth), as a sweep's details and most of a batch's are
+    (a write-back's fields, an event's changed fields): json.dumps writes those exactly so."""
     for key, value in detail.items():
-        kind = type(value)
-        if type(key) is str and (
-            kind in _PLAIN or ((kind is list or kind is tuple) and all(type(v) is str for v in value))
-        ):
+        if type(key) is str and (type(value) in _PLAIN or _is_plain(value)):
             continue
         return _canonical_text(_jsonable(detail))
     return _PLAIN_ENCODE(detail)
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether `value` is canonical JSON as it is: `_jsonable` and `_canonical_numbers` would
+    leave it equal (no floats, dates, sets or non-str keys; no subclasses, whose text may differ)."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return True
+    if kind is dict:
+        return all(type(k) is str and _is_plain(v) for k, v in value.items())
+    if kind is list or kind is tuple:
+        return all(_is_plain(v) for v in value)
+    return False
 
 
 _PLAIN = frozenset({str, int, bool, type(None)})
@@ -490,10 +501,12 @@ def _rows(sessions: sessionmaker[Session], page_size: int) -> Iterator[dict[str,
 
 
 def _jsonable(value: Any) -> Any:
+    if type(value) in _PLAIN:  # most values: returned as they are, as below, without the checks
+        return value
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): v if type(v) in _PLAIN else _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return [_jsonable(v) for v in value]
+        return [v if type(v) in _PLAIN else _jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN or infinity
     if value is None or isinstance(value, bool | int | float | str):

@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, timedelta
@@ -19,7 +19,19 @@ try:
 except ImportError:  # not on Windows: SQLite's own busy handler still keeps writers apart
     fcntl = None  # type: ignore[assignment]
 
-from sqlalchemy import JSON, Connection, DateTime, Engine, any_, bindparam, create_engine, event
+from sqlalchemy import (
+    JSON,
+    Connection,
+    DateTime,
+    Engine,
+    any_,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    select,
+    tuple_,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -79,6 +91,22 @@ def in_ids(column: Any, dialect: str) -> Any:
     if dialect == "postgresql":
         return column == any_(bindparam("ids", type_=postgresql.ARRAY(column.type)))
     return column.in_(bindparam("ids", expanding=True))
+
+
+def in_keys(columns: Sequence[Any], keys: Collection[Sequence[Any]], dialect: str) -> Any:
+    """`(a, b, ...) IN ((...), ...)` for the given key tuples. On PostgreSQL the keys are one
+    array parameter per column, unnested: the same statement text with as many parameters as
+    columns for any number of keys, where an IN list of a batch's 50 keys is 150 parameters,
+    which psycopg converts anew on every execution (it caches statements of up to 50)."""
+    if dialect == "postgresql":
+        ordered = list(keys)
+        arrays = [
+            bindparam(None, [key[n] for key in ordered], type_=postgresql.ARRAY(column.type))
+            for n, column in enumerate(columns)
+        ]
+        names = [f"k{n}" for n in range(len(columns))]
+        return tuple_(*columns).in_(select(func.unnest(*arrays).table_valued(*names).render_derived()))
+    return tuple_(*columns).in_(list(keys))
 
 
 def normalize_url(url: str) -> str:

@@ -155,6 +155,10 @@ def flush(
     now = now or utcnow()
     report = FlushReport()
     recover_in_doubt(sessions, adapters, report, now=now, max_attempts=max_attempts)
+    # Each row is tried at most once per flush. Only the rows of this flush's calls that could
+    # be due again are kept (retried ones, and in-doubt ones a recovery may set pending): a row
+    # done or dead is never pending again, so the look-ups need not carry it (they carried
+    # every row sent, thousands of ids per statement by the end of a burst's flush).
     tried: set[int] = set()
     while report.sent_records < limit:
         target = _next_target(sessions, now, tried)
@@ -166,9 +170,8 @@ def flush(
         batch_id, claimed = _claim(sessions, target, room, lease_seconds, now, tried, minimum)
         if not claimed:
             break  # another worker claimed them between the two looks: it is flushing too
-        tried.update(row_id for item in claimed for row_id in item.row_ids)
         before = replace(report)
-        _send(sessions, adapter, target[1], claimed, batch_id, report, max_attempts)
+        tried.update(_send(sessions, adapter, target[1], claimed, batch_id, report, max_attempts))
         report.sent_records += len(claimed)
         counts = {name: getattr(report, name) - getattr(before, name) for name in ("done", "retried", "dead")}
         count_outcomes(OUTBOX_UPDATES, counts, connection=target[0])
@@ -272,7 +275,9 @@ def _send(
     batch_id: str,
     report: FlushReport,
     max_attempts: int,
-) -> None:
+) -> list[int]:
+    """Send one claimed call and record its results; returns the ids of its rows that may be
+    pending again (not done or dead)."""
     updates = [RecordUpdate(item.key[2], item.fields) for item in items]
     try:
         results = adapter.update_records(object_type, updates)
@@ -282,7 +287,7 @@ def _send(
             for item in items:
                 _leave_in_doubt(session, item, batch_id, exc)
         report.in_doubt += len(items)
-        return
+        return [row_id for item in items for row_id in item.row_ids]
     except (RetriableError, AuthError) as exc:
         # The whole call failed before the CRM applied anything: everything goes back.
         results = [_failed(u.record_id, exc, retriable=True) for u in updates]
@@ -300,6 +305,7 @@ def _send(
                 session, item, rows, result, batch_id, max_attempts, getattr(result, "retry_after", None)
             )
             setattr(report, outcome, getattr(report, outcome) + 1)
+        return [row.id for row in loaded.values() if row.status not in (DONE, DEAD)]
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,14 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import insert, select, text
 from sqlalchemy.exc import DatabaseError
 
@@ -501,6 +504,14 @@ def test_an_unknown_entry_kind_is_refused(runtime: Runtime) -> None:
         audit.record(session, "vote_cast", request_id="r-1")
 
 
+class _Kind(StrEnum):
+    ONE = "one"
+
+
+class _Level(IntEnum):
+    TWO = 2
+
+
 @pytest.mark.parametrize(
     "detail",
     [
@@ -512,7 +523,52 @@ def test_an_unknown_entry_kind_is_refused(runtime: Runtime) -> None:
         {"fields": {"b": 1.0, "a": [1.5, None, "ü"]}},
         {"ids": [1, 2]},
         {3: "three"},
+        # plain at any depth: a write-back's fields, outbox ids, an event's changed fields
+        {"fields": {"approval_status": "Pending", "n": 3}, "outbox_ids": [1, 2], "ok": True},
+        {"changed_fields": ("amount",), "nested": [{"b": [None, ["x"]], "a": {}}]},
+        # not plain below the top: dates, sets, subclasses, non-str keys, floats deep down
+        {"at": {"received_at": datetime(2026, 12, 1, 4, 5, 6, 7, tzinfo=UTC)}},
+        {"who": [{"u-2", "u-1"}]},
+        {"kind": [_Kind.ONE], "n": [_Level.TWO, True]},
+        {"fields": {1: "one"}},
+        {"deep": [[{"x": float("nan")}, {"y": 2.0}]]},
     ],
 )
 def test_a_plain_detail_gets_the_canonical_text_the_row_hash_uses(detail: dict[Any, Any]) -> None:
     assert audit._canonical_detail(detail) == audit._canonical_text(audit._jsonable(detail))
+
+
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.text(max_size=5), st.floats(allow_nan=True),
+    st.datetimes(timezones=st.just(UTC)), st.sampled_from([_Kind.ONE, _Level.TWO]),
+)  # fmt: skip
+_DETAIL_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(tuple),
+        st.frozensets(st.text(max_size=3), max_size=3),
+        st.dictionaries(st.one_of(st.text(max_size=3), st.integers()), inner, max_size=3),
+    ),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(max_size=5), _DETAIL_VALUES, max_size=4))
+def test_any_detail_gets_the_canonical_text_of_its_jsonable_copy(detail: dict[str, Any]) -> None:
+    """`_canonical_detail` skips the copies only where they change nothing, and `_jsonable`
+    (run when an entry is recorded) is as idempotent as the commit's second pass assumes."""
+    once = audit._jsonable(detail)
+    assert audit._jsonable(once) == once  # NaN and infinities are text by now
+    assert audit._canonical_detail(once) == audit._canonical_text(audit._jsonable(once))
+    assert audit._canonical_detail(detail) == audit._canonical_text(audit._jsonable(detail))
+
+
+def test_jsonable_copies_containers_and_writes_other_values_as_text() -> None:
+    inner = {"a": [1, ("b", None)]}
+    detail = {"inner": inner, 2: {"x"}, "at": date(2026, 12, 1), "inf": float("inf"), "k": _Kind.ONE}
+    out = audit._jsonable(detail)
+    expected = {"inner": {"a": [1, ["b", None]]}, "2": ["x"], "at": "2026-12-01"}
+    expected |= {"inf": "inf", "k": _Kind.ONE}
+    assert out == expected
+    assert out["inner"] is not inner and out["inner"]["a"] is not inner["a"]  # later changes stay out

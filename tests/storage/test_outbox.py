@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from connector import errors
 from connector.clock import utcnow
-from connector.config import ConfigError
+from connector.config import ConfigError, Settings
 from connector.crm.base import RecordUpdate, UpdateResult
 from connector.crm.retry import NO_WAIT
 from connector.runtime import Runtime
@@ -76,6 +76,51 @@ def test_a_call_s_results_are_recorded_in_a_few_statements_not_per_record(runtim
     # look-ups, the claim, the call's rows read once and updated in one executemany, the
     # audit: 17 in all; one select and one update per record made it 135
     assert len(statements) <= 25, statements
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.xdist_group("services"))])
+def either(request: pytest.FixtureRequest, runtime_factory: Callable[[Settings], Runtime]) -> Runtime:
+    """SQLite's runtime, or one on a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("runtime")  # type: ignore[no-any-return]
+    return runtime_factory(Settings(database_url=request.getfixturevalue("pg_url")))
+
+
+def test_a_row_is_tried_once_per_flush_even_when_due_again_at_once(either: Runtime) -> None:
+    """A flush dated later than its retries' backoff would find them due again: it must not
+    send them a second time."""
+    crm = MemoryCRM()
+    crm.fail_calls = 100  # every call fails, retriably
+    for i in range(4):
+        enqueue(either, f"D-{i}", {"Status": "Approved"})
+    report = flush(either.sessions, lambda _name: crm, now=utcnow() + timedelta(hours=2))
+    assert report.retried == 4
+    # two calls (3 + 1 records), each tried as often as the adapter's retry policy says
+    assert len(crm.update_calls) == 2 * NO_WAIT.attempts
+    assert set(statuses(either).values()) == {"pending"}
+
+
+def test_a_flush_s_look_ups_do_not_carry_the_rows_it_has_sent(either: Runtime) -> None:
+    """The rows a flush has written back are done: its look-ups for the next call need not
+    exclude them by id (they carried every id sent so far, thousands by the end of a burst)."""
+    from sqlalchemy import event
+
+    crm = MemoryCRM()
+    for i in range(30):
+        enqueue(either, f"D-{i}", {"Status": "Approved"})
+    largest: list[int] = [0]
+
+    def count(_conn: object, _cursor: object, statement: str, parameters: object, *_args: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "outbox_updates" in statement:
+            largest[0] = max(largest[0], len(parameters) if isinstance(parameters, Sequence | dict) else 0)
+
+    event.listen(either.engine, "before_cursor_execute", count)
+    try:
+        assert flush(either.sessions, lambda _name: crm).done == 30
+    finally:
+        event.remove(either.engine, "before_cursor_execute", count)
+    assert len(crm.update_calls) == 10
+    assert 0 < largest[0] <= 12, largest  # not the 27 ids sent before the last call
 
 
 def test_pending_updates_to_one_record_merge_into_one_request_later_values_winning(runtime: Runtime) -> None:
