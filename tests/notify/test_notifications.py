@@ -304,7 +304,10 @@ def test_rolled_back_changes_queue_nothing(world: World) -> None:
     queued_in_the_vote: list[int] = []
 
     def fail_commit(session: Session) -> None:
-        queued_in_the_vote.append(len(session.scalars(select(Notification)).all()))
+        queued = len(session.scalars(select(Notification)).all())
+        if queued == before:
+            return  # a read's commit (the vote reads the request and delegations first)
+        queued_in_the_vote.append(queued)
         raise RuntimeError("the database refuses the vote's commit")
 
     def sessions() -> Session:
