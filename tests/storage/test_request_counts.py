@@ -8,19 +8,17 @@ request deleted by hand, and PostgreSQL's compaction of its delta rows."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import bindparam, text
 
-from connector.config import Settings
-from connector.runtime import Runtime
 from connector.storage.db import UTCDateTime, make_engine, make_session_factory, transaction
 from connector.storage.migrate import upgrade
 from connector.storage.request_counts import compact, count_requests
-from tests.webhooks.test_api import USERS, World, build_world
+from tests.webhooks.api_engines import world_on_both_engines  # noqa: F401 (the `world` fixture)
+from tests.webhooks.test_api import USERS, World
 
 QUERIES = (
     "all=true",
@@ -34,17 +32,6 @@ QUERIES = (
     "connection=elsewhere",
     "rule=renamed",
 )
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def world(
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    settings_factory: Callable[..., Settings],
-    runtime_factory: Callable[[Settings], Runtime],
-) -> World:
-    overrides = {"database_url": request.getfixturevalue("pg_url")} if request.param == "postgresql" else {}
-    return build_world(tmp_path, settings_factory, runtime_factory, **overrides)
 
 
 def walk(world: World, user: str, query: str) -> tuple[int, list[str]]:

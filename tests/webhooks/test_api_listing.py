@@ -9,14 +9,11 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from itertools import count
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from sqlalchemy.orm import Session
 
-from connector.config import Settings
-from connector.runtime import Runtime
 from connector.storage.db import transaction
 from connector.storage.models import (
     ApprovalAssigneeRow,
@@ -24,20 +21,10 @@ from connector.storage.models import (
     ApprovalStepRow,
     ApprovalWaitingRow,
 )
-from tests.webhooks.test_api import World, build_world, error_of
+from tests.webhooks.api_engines import world_on_both_engines  # noqa: F401 (the `world` fixture)
+from tests.webhooks.test_api import World, error_of
 
 _row_ids = count()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def world(
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    settings_factory: Callable[..., Settings],
-    runtime_factory: Callable[[Settings], Runtime],
-) -> World:
-    overrides = {"database_url": request.getfixturevalue("pg_url")} if request.param == "postgresql" else {}
-    return build_world(tmp_path, settings_factory, runtime_factory, **overrides)
 
 
 def add_request(

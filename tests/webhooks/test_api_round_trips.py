@@ -24,18 +24,8 @@ from connector.runtime import Runtime
 from connector.storage.db import transaction
 from connector.storage.models import ApiToken
 from connector.storage.tokens import create_token, revoke_token
+from tests.webhooks.api_engines import world_on_both_engines  # noqa: F401 (the `world` fixture)
 from tests.webhooks.test_api import World, build_world, error_of
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def world(
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    settings_factory: Callable[..., Settings],
-    runtime_factory: Callable[[Settings], Runtime],
-) -> World:
-    overrides = {"database_url": request.getfixturevalue("pg_url")} if request.param == "postgresql" else {}
-    return build_world(tmp_path, settings_factory, runtime_factory, **overrides)
 
 
 @contextmanager

@@ -5,33 +5,17 @@ PostgreSQL, for requests in every state a summary shows differently."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import pytest
-
-from connector.config import Settings
-from connector.runtime import Runtime
 from connector.service.request_query import RequestFilters, Viewer, find_requests
 from connector.service.request_summaries import request_list
 from connector.service.request_views import RequestList
 from connector.storage.db import transaction
 from connector.storage.models import ApprovalStepRow, ApprovalVoteRow
-from tests.webhooks.test_api import World, build_world
+from tests.webhooks.api_engines import world_on_both_engines  # noqa: F401 (the `world` fixture)
+from tests.webhooks.test_api import World
 from tests.webhooks.test_api_listing import add_request
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def world(
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    settings_factory: Callable[..., Settings],
-    runtime_factory: Callable[[Settings], Runtime],
-) -> World:
-    overrides = {"database_url": request.getfixturevalue("pg_url")} if request.param == "postgresql" else {}
-    return build_world(tmp_path, settings_factory, runtime_factory, **overrides)
 
 
 def reference(world: World, filters: RequestFilters, viewer: Viewer | None) -> dict[str, Any]:
