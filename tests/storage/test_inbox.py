@@ -220,92 +220,71 @@ def test_worker_killed_mid_batch_loses_nothing_and_processes_each_event_exactly_
     assert {n for _record, n in per_record} == {1}
 
 
-def test_a_partial_batch_lingers_for_events_still_arriving(runtime: Runtime) -> None:
-    """A burst trickling in is judged in one batch (one CRM read) rather than in many."""
+class BatchRecorder(CountingProcessor):
+    """Records the size of each batch it prepares; with `unit`, one CRM read call holds that
+    many records (the pipeline's `read_unit`)."""
+
+    def __init__(self, unit: int | None = None) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+        if unit is not None:
+            self.read_unit = lambda: unit
+
+    def prepare_batch(self, events: list[RecordChangeEvent]) -> list[Any]:
+        self.batches.append(len(events))
+        return [self.prepare(e) for e in events]
+
+
+def pass_while_arriving(
+    runtime: Runtime, processor: BatchRecorder, first: list[int], later: list[tuple[float, list[int]]]
+) -> tuple[dict[str, int], bool]:
+    """One inbox pass (linger 1 s) that finds the `first` events, while each of `later`
+    arrives that many seconds after the pass began."""
     import threading
 
     from connector.storage.inbox_batch import process_in_batches
 
-    batches: list[int] = []
+    accept(runtime.sessions, [event(i) for i in first])
+    arrivals = [
+        threading.Timer(delay, lambda ids=ids: accept(runtime.sessions, [event(i) for i in ids]))
+        for delay, ids in later
+    ]
+    for timer in arrivals:
+        timer.start()
+    try:
+        return process_in_batches(
+            runtime.sessions, processor, limit=500, max_attempts=3, now=utcnow(), linger=1.0
+        )
+    finally:
+        for timer in arrivals:
+            timer.join()
 
-    class Recording(CountingProcessor):
-        def prepare_batch(self, events: list[RecordChangeEvent]) -> list[Any]:
-            batches.append(len(events))
-            return [self.prepare(e) for e in events]
 
-    accept(runtime.sessions, [event(i) for i in range(3)])
-    later = threading.Timer(0.1, lambda: accept(runtime.sessions, [event(i) for i in range(3, 6)]))
-    later.start()
-    outcomes, more = process_in_batches(
-        runtime.sessions, Recording(), limit=500, max_attempts=3, now=utcnow(), linger=1.0
-    )
-    later.join()
-    assert (outcomes, more, batches) == ({"done": 6}, False, [6])
+def test_a_partial_batch_lingers_for_events_still_arriving(runtime: Runtime) -> None:
+    """A burst trickling in is judged in one batch (one CRM read) rather than in many."""
+    processor = BatchRecorder()
+    outcomes, more = pass_while_arriving(runtime, processor, [0, 1, 2], [(0.1, [3, 4, 5])])
+    assert (outcomes, more, processor.batches) == ({"done": 6}, False, [6])
 
 
 def test_a_batch_of_a_burst_still_arriving_is_whole_read_calls(runtime: Runtime) -> None:
     """With reads of 4 records a call: 6 events in hand while more arrive are judged as 4 now,
     and 2 handed back to be read with the next ones, not in a partial call of their own."""
-    import threading
-
-    from connector.storage.inbox_batch import process_in_batches
-
-    batches: list[int] = []
-
-    class Recording(CountingProcessor):
-        def read_unit(self) -> int:
-            return 4
-
-        def prepare_batch(self, events: list[RecordChangeEvent]) -> list[Any]:
-            batches.append(len(events))
-            return [self.prepare(e) for e in events]
-
-    accept(runtime.sessions, [event(i) for i in range(3)])
-    arrivals = [
-        threading.Timer(0.1, lambda: accept(runtime.sessions, [event(i) for i in range(3, 6)])),
-        threading.Timer(1.2, lambda: accept(runtime.sessions, [event(i) for i in range(6, 8)])),
-    ]
-    for timer in arrivals:
-        timer.start()
-    outcomes, more = process_in_batches(
-        runtime.sessions, Recording(), limit=500, max_attempts=3, now=utcnow(), linger=1.0
-    )
-    for timer in arrivals:
-        timer.join()
-    assert (outcomes, more, batches) == ({"done": 8}, False, [4, 4])  # ceil(8/4) reads, not [6] + [2]
+    processor = BatchRecorder(unit=4)
+    # 3-5 come at 0.6 s, not 0.1 s: the 2 handed back at the linger's end (1.0 s) must still be
+    # under a linger old when claimed again after the 4 are judged; a slow batch of 4 (under
+    # load) left them over 1 s old, judged alone: [4, 2, 2].
+    outcomes, more = pass_while_arriving(runtime, processor, [0, 1, 2], [(0.6, [3, 4, 5]), (1.6, [6, 7])])
+    assert (outcomes, more, processor.batches) == ({"done": 8}, False, [4, 4])  # not [6] + [2]
 
 
 def test_less_than_one_read_of_a_trickle_waits_for_more(runtime: Runtime) -> None:
     """Several workers sharing a trickle each held a few events and read them in calls of
     their own: fewer than one read's worth, still arriving, is handed back and waited for
     (at most two lingers after the oldest arrived)."""
-    import threading
-
-    from connector.storage.inbox_batch import process_in_batches
-
-    batches: list[int] = []
-
-    class Recording(CountingProcessor):
-        def read_unit(self) -> int:
-            return 4
-
-        def prepare_batch(self, events: list[RecordChangeEvent]) -> list[Any]:
-            batches.append(len(events))
-            return [self.prepare(e) for e in events]
-
-    accept(runtime.sessions, [event(0)])
-    arrivals = [
-        threading.Timer(0.5, lambda: accept(runtime.sessions, [event(1)])),
-        threading.Timer(1.5, lambda: accept(runtime.sessions, [event(2), event(3)])),
-    ]
-    for timer in arrivals:
-        timer.start()
-    outcomes, more = process_in_batches(
-        runtime.sessions, Recording(), limit=500, max_attempts=3, now=utcnow(), linger=1.0
-    )
-    for timer in arrivals:
-        timer.join()
-    assert (outcomes, more, batches) == ({"done": 4}, False, [4])  # one read, not [2] then [2]
+    processor = BatchRecorder(unit=4)
+    outcomes, more = pass_while_arriving(runtime, processor, [0], [(0.5, [1]), (1.5, [2, 3])])
+    assert (outcomes, more, processor.batches) == ({"done": 4}, False, [4])  # not [2] then [2]
 
 
 def test_claimed_events_are_not_claimed_again_until_the_lease_ends(runtime: Runtime) -> None:
