@@ -195,14 +195,14 @@ def timer_state(request: ApprovalRequest, row: StepState) -> TimerState:
 
 def next_timer(request: ApprovalRequest, rule: RuleSpec, calendar: WorkingCalendar) -> DueTimer | None:
     """The open step's next due moment (earliest first), or None when nothing more will happen."""
-    return _earliest(_candidates(request, rule, calendar))
+    return _earliest(_candidates(open_step(request), rule, calendar))
 
 
 def due_timer(
     request: ApprovalRequest, rule: RuleSpec, calendar: WorkingCalendar, now: datetime
 ) -> DueTimer | None:
     """The timer to act on at ``now``: the most decisive of those due, or None."""
-    return _most_decisive(_candidates(request, rule, calendar), now)
+    return _most_decisive(_candidates(open_step(request), rule, calendar), now)
 
 
 def decide_step(
@@ -212,14 +212,12 @@ def decide_step(
     (the same note, the same people) plus the step's next due moment after it; `next_timer`
     when nothing is due. Escalations and time-outs are only named (`due`): `fire_due` acts on
     them, on the whole request."""
-    spec = open_spec(step, rule)
-    if step is None or spec is None or spec.timing is None:
+    timed = _timed(step, rule)
+    if step is None or timed is None:
         return StepDecision(None, None)
-    timing = spec.timing
-    state = history_state(step.history)
-    index, round_, entered_at = step.step_index, step.round, step.entered_at
-    fixed = _fixed_candidates(index, round_, entered_at, timing, state, calendar)
-    reminder = _reminder_candidate(index, round_, entered_at, timing, state, calendar)
+    timing, state = timed
+    fixed = _fixed_candidates(step, timing, state, calendar)
+    reminder = _reminder_candidate(step, timing, state, calendar)
     candidates = fixed if reminder is None else [*fixed, reminder]
     due = _most_decisive(candidates, now)
     if due is None:
@@ -232,7 +230,7 @@ def decide_step(
     sent = sum(1 for _seq, kind, _at in step.history if kind == "reminded") + 1
     # after the reminder: the same time-out and escalation, the next reminder `every` after it
     after = TimerState(number, now, state.escalated, state.timed_out, state.escalated_at)
-    then = _reminder_candidate(index, round_, entered_at, timing, after, calendar)
+    then = _reminder_candidate(step, timing, after, calendar)
     following = _earliest(fixed if then is None else [*fixed, then])
     return StepDecision(
         due, following, Reminder(number, sent, waiting, reminder_note(timing.reminders, number, waiting))
@@ -241,13 +239,7 @@ def decide_step(
 
 def step_next_timer(step: OpenStep | None, rule: RuleSpec, calendar: WorkingCalendar) -> DueTimer | None:
     """`next_timer` on an `OpenStep`."""
-    spec = open_spec(step, rule)
-    if step is None or spec is None or spec.timing is None:
-        return None
-    state = history_state(step.history)
-    return _earliest(
-        _candidates_of(step.step_index, step.round, step.entered_at, spec.timing, state, calendar)
-    )
+    return _earliest(_candidates(step, rule, calendar))
 
 
 def reminder_note(reminders: Reminders, number: int, waiting: tuple[str, ...]) -> str:
@@ -270,15 +262,12 @@ def fire_due(
     ``due_timer`` returned for the same request, calendar and ``now``, when the caller has it."""
     row = current_step_state(request)
     step = open_step(request)
-    spec = open_spec(step, rule)
-    if row is None or step is None or spec is None or spec.timing is None:
+    timed = _timed(step, rule)
+    if row is None or step is None or timed is None:
         return None
-    timing = spec.timing
-    state = history_state(step.history)
+    timing, state = timed
     if due is None:
-        due = _most_decisive(
-            _candidates_of(row.index, row.round, row.entered_at, timing, state, calendar), now
-        )
+        due = _most_decisive(_candidates_of(step, timing, state, calendar), now)
     if due is None:
         return None
     if due.kind == "remind":  # adds one history row and changes nothing else: no deep copy needed
@@ -296,13 +285,19 @@ def fire_due(
 # --- internals -------------------------------------------------------------------------
 
 
-def _candidates(request: ApprovalRequest, rule: RuleSpec, calendar: WorkingCalendar) -> list[DueTimer]:
-    step = open_step(request)
+def _timed(step: OpenStep | None, rule: RuleSpec) -> tuple[StepTiming, TimerState] | None:
+    """The open step's timing and what it has done so far, when the step has timing."""
     spec = open_spec(step, rule)
     if step is None or spec is None or spec.timing is None:
+        return None
+    return spec.timing, history_state(step.history)
+
+
+def _candidates(step: OpenStep | None, rule: RuleSpec, calendar: WorkingCalendar) -> list[DueTimer]:
+    timed = _timed(step, rule)
+    if step is None or timed is None:
         return []
-    state = history_state(step.history)
-    return _candidates_of(step.step_index, step.round, step.entered_at, spec.timing, state, calendar)
+    return _candidates_of(step, *timed, calendar)
 
 
 def _earliest(candidates: list[DueTimer]) -> DueTimer | None:
@@ -319,56 +314,42 @@ def _most_decisive(candidates: list[DueTimer], now: datetime) -> DueTimer | None
 
 
 def _candidates_of(
-    index: int,
-    round_: int,
-    entered_at: datetime,
-    timing: StepTiming,
-    state: TimerState,
-    calendar: WorkingCalendar,
+    step: OpenStep, timing: StepTiming, state: TimerState, calendar: WorkingCalendar
 ) -> list[DueTimer]:
-    out = _fixed_candidates(index, round_, entered_at, timing, state, calendar)
-    reminder = _reminder_candidate(index, round_, entered_at, timing, state, calendar)
+    out = _fixed_candidates(step, timing, state, calendar)
+    reminder = _reminder_candidate(step, timing, state, calendar)
     if reminder is not None:
         out.append(reminder)
     return out
 
 
 def _fixed_candidates(
-    index: int,
-    round_: int,
-    entered_at: datetime,
-    timing: StepTiming,
-    state: TimerState,
-    calendar: WorkingCalendar,
+    step: OpenStep, timing: StepTiming, state: TimerState, calendar: WorkingCalendar
 ) -> list[DueTimer]:
     """The time-out and escalation, counted from when the step opened (a reminder leaves them)."""
     out = []
     if timing.timeout is not None and not state.timed_out:
-        at = calendar.add(entered_at, timing.timeout.after.length(calendar))
-        out.append(DueTimer("timeout", at, index, round_))
+        at = calendar.add(step.entered_at, timing.timeout.after.length(calendar))
+        out.append(DueTimer("timeout", at, step.step_index, step.round))
     if timing.escalation is not None and not state.escalated:
-        at = calendar.add(entered_at, timing.escalation.after.length(calendar))
-        out.append(DueTimer("escalate", at, index, round_))
+        at = calendar.add(step.entered_at, timing.escalation.after.length(calendar))
+        out.append(DueTimer("escalate", at, step.step_index, step.round))
     return out
 
 
 def _reminder_candidate(
-    index: int,
-    round_: int,
-    entered_at: datetime,
-    timing: StepTiming,
-    state: TimerState,
-    calendar: WorkingCalendar,
+    step: OpenStep, timing: StepTiming, state: TimerState, calendar: WorkingCalendar
 ) -> DueTimer | None:
     reminders = timing.reminders
     if reminders is None or (reminders.max is not None and state.reminders >= reminders.max):
         return None
     # an escalation's notice counts as a reminder: the next one is `every` after it
-    start = entered_at
+    start = step.entered_at
     for moment in (state.last_reminder_at, state.escalated_at):
         if moment is not None and moment > start:
             start = moment
-    return DueTimer("remind", calendar.add(start, reminders.every.length(calendar)), index, round_)
+    at = calendar.add(start, reminders.every.length(calendar))
+    return DueTimer("remind", at, step.step_index, step.round)
 
 
 def _waiting(request: ApprovalRequest, row: StepState) -> tuple[str, ...]:
