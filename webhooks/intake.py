@@ -463,20 +463,19 @@ def unstorable(value: Any, *, nul: bool = False) -> str | None:
     """Why a JSON-like value cannot be stored, or None: nesting deeper than MAX_JSON_DEPTH, a
     non-finite float, an int of more than MAX_JSON_DIGITS digits, a lone surrogate in a string
     or key, and with `nul` a NUL character (PostgreSQL stores none). Iterative: depth is the
-    problem being looked for. Every delivery's values pass here: the children of plain dicts
-    and lists that are strings or ints are checked where they are met, without a trip through
-    the stack."""
+    problem being looked for. Every delivery's values pass here: a container's children that
+    are plain strings or ints are checked where they are met, without a trip through the
+    stack."""
     bad_text = NUL_OR_SURROGATE if nul else SURROGATE
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        kind = type(item)
-        if kind is dict:
+        if isinstance(item, dict):
             children: Any = [*item.keys(), *item.values()]
-        elif kind is list or kind is tuple:
+        elif isinstance(item, list | tuple):
             children = item
         else:
-            problem = _unstorable_item(item, depth, bad_text, stack)
+            problem = _scalar_problem(item, bad_text)
             if problem is not None:
                 return problem
             continue
@@ -498,21 +497,14 @@ def unstorable(value: Any, *, nul: bool = False) -> str | None:
 _TOO_BIG = 10**MAX_JSON_DIGITS
 
 
-def _unstorable_item(
-    item: Any, depth: int, bad_text: re.Pattern[str], stack: list[tuple[Any, int]]
-) -> str | None:
-    """`unstorable` for anything but a plain dict, list or tuple (subclasses included)."""
+def _scalar_problem(item: Any, bad_text: re.Pattern[str]) -> str | None:
+    """`unstorable` for anything but a dict, list or tuple."""
     if isinstance(item, str):
         return _text_problem(item) if bad_text.search(item) else None
     if isinstance(item, float) and not math.isfinite(item):
         return "a number is NaN or infinite"
     if isinstance(item, int) and not isinstance(item, bool) and abs(item) >= _TOO_BIG:
         return f"a number has more than {MAX_JSON_DIGITS} digits"
-    if isinstance(item, dict | list | tuple):
-        if depth > MAX_JSON_DEPTH:
-            return f"it nests deeper than {MAX_JSON_DEPTH} levels"
-        children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
-        stack.extend((child, depth + 1) for child in children)
     return None
 
 
