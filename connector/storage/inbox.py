@@ -125,53 +125,76 @@ class GroupCommitInbox:
 
     The leader collects its batch only once it holds the writer's turn (on SQLite, the lock
     it shares with the other server processes): deliveries that arrive while another
-    process commits join this commit rather than wait for the one after it."""
+    process commits join this commit rather than wait for the one after it.
+
+    Each waiting delivery sleeps on a lock of its own, and the leader wakes exactly the
+    threads it wrote for plus the next leader: a condition's notify_all woke every waiting
+    thread to re-check and contend for one lock, costing CPU the deliveries need."""
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
         self.writer = InboxWriter(sessions.kw["bind"])
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: list[_Delivery] = []
         self._writing = False
 
     def accept(self, events: Sequence[RecordChangeEvent]) -> AcceptResult:
         delivery = _Delivery(list(events))
-        with self._cond:
+        with self._lock:
             self._queue.append(delivery)
-            while not delivery.finished and self._writing:
-                self._cond.wait()
+            leading = not self._writing
+            self._writing = True
+        if not leading:
+            delivery.wait()  # until written, or made the next leader
             if delivery.finished:
                 return delivery.outcome()
-            self._writing = True
         batch: list[_Delivery] = []
         try:
             with self.writer.turn():
-                with self._cond:
+                with self._lock:
                     batch, self._queue = self._queue, []
                 results = _write_batch(self.sessions, [d.events for d in batch], self.writer)
             for d, result in zip(batch, results, strict=True):
                 d.result = result
         except BaseException as exc:
             if not batch:  # the turn itself failed: what is queued (ours included) fails with it
-                with self._cond:
+                with self._lock:
                     batch, self._queue = self._queue, []
             for d in batch:
                 d.error = exc
         finally:
-            with self._cond:
+            with self._lock:
                 for d in batch:
                     d.finished = True
-                self._writing = False
-                self._cond.notify_all()
+                successor = self._queue[0] if self._queue else None
+                self._writing = successor is not None
+            for d in batch:
+                if d is not delivery:
+                    d.wake()
+            if successor is not None:
+                successor.wake()
         return delivery.outcome()
 
 
-@dataclass
 class _Delivery:
-    events: list[RecordChangeEvent]
-    finished: bool = False
-    result: AcceptResult | None = None
-    error: BaseException | None = None
+    """One delivery's events and, once written, its result or error. `wait` blocks until
+    `wake`: a plain lock held from birth, the cheapest one-shot signal between threads."""
+
+    __slots__ = ("events", "finished", "result", "error", "_asleep")
+
+    def __init__(self, events: list[RecordChangeEvent]) -> None:
+        self.events = events
+        self.finished = False
+        self.result: AcceptResult | None = None
+        self.error: BaseException | None = None
+        self._asleep = threading.Lock()
+        self._asleep.acquire()
+
+    def wait(self) -> None:
+        self._asleep.acquire()
+
+    def wake(self) -> None:
+        self._asleep.release()
 
     def outcome(self) -> AcceptResult:
         if self.error is not None:

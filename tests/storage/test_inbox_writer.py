@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -282,3 +283,55 @@ def test_the_postgresql_writer_connection_never_goes_back_to_the_pool_in_autocom
     gc.collect()
     with runtime.engine.connect() as conn:
         assert conn.connection.driver_connection.autocommit is False  # type: ignore[union-attr]
+
+
+def test_a_delivery_that_arrives_during_a_commit_leads_the_next_one(
+    runtime_factory: Callable[[Settings], Runtime], tmp_path: Any
+) -> None:
+    """The leader wakes the deliveries it wrote and hands the lead to the first one queued
+    after it collected its batch: that one is written in a commit of its own, right after."""
+    path = tmp_path / "lead.db"
+    runtime = runtime_factory(Settings(database_url=f"sqlite:///{path}"))
+    inbox = GroupCommitInbox(runtime.sessions)
+    blocker = sqlite3.connect(path, isolation_level=None)  # not through our writer lock
+    blocker.execute("BEGIN IMMEDIATE")  # the leader's BEGIN IMMEDIATE waits on this
+    results: dict[str, Any] = {}
+    first = threading.Thread(target=lambda: results.update(first=inbox.accept([event(1)])))
+    first.start()
+    wait_until(lambda: inbox._writing and not inbox._queue)  # collected, now writing
+    second = threading.Thread(target=lambda: results.update(second=inbox.accept([event(2)])))
+    second.start()
+    wait_until(lambda: len(inbox._queue) == 1)
+    time.sleep(0.05)
+    blocker.rollback()
+    blocker.close()
+    for thread in (first, second):
+        thread.join(10)
+        assert not thread.is_alive()
+    assert results["first"].accepted == results["second"].accepted == 1
+    assert not inbox._writing and not inbox._queue
+    with runtime.sessions() as session:
+        received = session.scalars(select(InboxEvent.received_at).order_by(InboxEvent.id)).all()
+    assert len(received) == 2 and received[0] < received[1]  # two commits
+
+
+def test_many_concurrent_deliveries_are_each_answered_once(any_runtime: Runtime) -> None:
+    """No delivery is left asleep (a lost wake-up would hang its thread) and each gets its
+    own result, across many leader hand-overs."""
+    inbox = GroupCommitInbox(any_runtime.sessions)
+    results: dict[int, Any] = {}
+
+    def deliver(first: int) -> None:
+        for i in range(first, first + 5):
+            results[i] = inbox.accept([event(i), event(i)])  # the same event twice in one delivery
+
+    threads = [threading.Thread(target=deliver, args=(n * 5,)) for n in range(12)]  # event(i): i < 60
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive(), "a delivery was never woken"
+    assert sorted(results) == list(range(60))
+    assert {(r.accepted, r.duplicates) for r in results.values()} == {(1, 1)}
+    assert not inbox._writing and not inbox._queue
+    assert len(stored(any_runtime)) == 60
