@@ -83,12 +83,42 @@ def server_cpu(server: subprocess.Popen[bytes]) -> float:
     children = Path(f"/proc/{server.pid}/task/{server.pid}/children")
     if not children.exists():
         return 0.0
+    return processes_cpu(children.read_text().split())
+
+
+def database_cpu(database_url: str) -> dict[str, float]:
+    """CPU seconds used so far, by pid, by the PostgreSQL processes that work for this run:
+    the backends connected to its database and the server's own (WAL writer, checkpointer,
+    ...), not other databases' backends (another run's, say)."""
+    import psycopg
+
+    with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:
+        pids = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+            " AND (datname = current_database() OR datname IS NULL)"
+        ).fetchall()
+    return {str(pid): processes_cpu([str(pid)]) for (pid,) in pids}
+
+
+def database_cpu_since(database_url: str, before: dict[str, float]) -> float:
+    """What the database used since `before`: backends that exited meanwhile are left out
+    (their last readings are gone), new ones count whole."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in database_cpu(database_url).items())
+
+
+def processes_cpu(pids: list[str]) -> float:
     ticks = 0
-    for child in children.read_text().split():
-        with contextlib.suppress(OSError):  # a worker that just exited
-            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+    for pid in pids:
+        with contextlib.suppress(OSError):  # a process that just exited
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             ticks += int(fields[11]) + int(fields[12])  # utime, stime
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's finished children: the client processes `load` joined."""
+    times = os.times()
+    return times.children_user + times.children_system
 
 
 def client(url: str, count: int, offset: int, queue: mp.Queue) -> None:  # type: ignore[type-arg]
@@ -107,6 +137,7 @@ def load(url: str, total: int, concurrency: int) -> dict[str, float]:
     queue: mp.Queue = mp.Queue()  # type: ignore[type-arg]
     per = total // concurrency
     procs = [mp.Process(target=client, args=(url, per, i * per, queue)) for i in range(concurrency)]
+    clients_before = children_cpu()
     start = time.perf_counter()
     for p in procs:
         p.start()
@@ -114,6 +145,7 @@ def load(url: str, total: int, concurrency: int) -> dict[str, float]:
     elapsed = time.perf_counter() - start
     for p in procs:
         p.join()
+    clients = children_cpu() - clients_before
     latencies = sorted(x for lats, _ in results for x in lats)
     accepted = sum(a for _, a in results)
     return {
@@ -122,6 +154,7 @@ def load(url: str, total: int, concurrency: int) -> dict[str, float]:
         "elapsed": elapsed,
         "p50_ms": statistics.median(latencies) * 1000,
         "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+        "clients_cpu": clients,
     }
 
 
@@ -162,6 +195,8 @@ def main() -> None:
         check=True,
         capture_output=True,
     )
+    # The database's CPU is counted when it runs on this host, sharing the cores with the run.
+    postgres = bool(args.database_url) and any(h in args.database_url for h in ("@127.0.0.1", "@localhost"))
     apps = {
         "ceiling (bare Flask)": "bench.ingest.ceiling_app:app",
         "crm-approvals": "webhooks.app:create_app()",
@@ -182,9 +217,15 @@ def main() -> None:
         per_round = args.requests // args.rounds
         for _ in range(args.rounds):
             for name, (server, url) in servers.items():
-                cpu_before = server_cpu(server)
+                cpu_before, db_before = (
+                    server_cpu(server),
+                    database_cpu(env["DATABASE_URL"]) if postgres else {},
+                )
                 result = load(url, per_round, args.concurrency)
                 result["server_cpu"] = server_cpu(server) - cpu_before
+                result["database_cpu"] = (
+                    database_cpu_since(env["DATABASE_URL"], db_before) if postgres else 0.0
+                )
                 runs[name].append(result)
     finally:
         for server, _url in servers.values():
@@ -207,12 +248,42 @@ def main() -> None:
     )
     sent = args.rounds * (per_round - per_round % args.concurrency)
     print(f"accepted by ours: {rows['crm-approvals']['accepted']:.0f} of {sent}")
-    cpu = {name: sum(r["server_cpu"] for r in runs[name]) * 1000 / rows[name]["accepted"] for name in rows}
-    if all(cpu.values()):
-        print(
-            f"server CPU ms per accepted request (workers' user + system): ceiling "
-            f"{cpu['ceiling (bare Flask)']:.3f}, ours {cpu['crm-approvals']:.3f}"
-        )
+    print_cpu_budget(runs, rows, postgres)
+
+
+def print_cpu_budget(
+    runs: dict[str, list[dict[str, float]]], rows: dict[str, dict[str, float]], postgres: bool
+) -> None:
+    """Where each accepted request's CPU went (Linux): the clients, the server's workers and, on
+    a local PostgreSQL, the database. Clients and servers share the cores, so when they are
+    busy the ratio is bounded by the CPU each request costs in all: even a server of ours
+    costing no more than the bare endpoint would reach at most (clients + bare server) /
+    (clients + bare server + database)."""
+    cpu = {
+        name: {part: sum(r[part] for r in runs[name]) * 1000 / rows[name]["accepted"] for part in PARTS}
+        for name in rows
+    }
+    if not all(c["server_cpu"] for c in cpu.values()):
+        return
+    print(
+        "CPU ms per accepted request (user + system): clients, server workers"
+        + (", database" if postgres else "")
+    )
+    for name, parts in cpu.items():
+        shown = [parts["clients_cpu"], parts["server_cpu"]] + ([parts["database_cpu"]] if postgres else [])
+        print(f"  {name:22} {', '.join(f'{x:.3f}' for x in shown)}  total {sum(shown):.3f}")
+    ceiling, ours = cpu["ceiling (bare Flask)"], cpu["crm-approvals"]
+    print(
+        f"server CPU ms per accepted request (workers' user + system): ceiling "
+        f"{ceiling['server_cpu']:.3f}, ours {ours['server_cpu']:.3f}"
+    )
+    if postgres:
+        bare = ours["clients_cpu"] + ceiling["server_cpu"]
+        bound = bare / (bare + ours["database_cpu"])
+        print(f"ratio bound from the database's CPU alone (cores saturated): {bound:.2f}x")
+
+
+PARTS = ("clients_cpu", "server_cpu", "database_cpu")
 
 
 def combine(results: list[dict[str, float]]) -> dict[str, float]:
