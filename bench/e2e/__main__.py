@@ -25,6 +25,7 @@ With --redis-url the given Redis database is the queue and is FLUSHED before eac
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -102,16 +104,25 @@ def drop_schema(url: str, schema: str) -> None:
 
 
 def post_all(url: str, deliveries: list[tuple[bytes, dict[str, str]]], concurrency: int) -> int:
-    """Post concurrently, as a CRM does, each thread over its own kept-alive connection."""
+    """Post concurrently, as a CRM does, each thread over its own kept-alive connection.
+
+    With the standard library's http.client rather than requests: the posting threads share
+    one process (one GIL) and the machine's cores with the server and the workers, and
+    requests' per-call machinery cost about 2 ms of CPU per delivery (bench.ingest's client
+    figure), which capped the sandbox format's one-change-per-delivery bursts at what this
+    process could send, not at what we can take in (docs/benchmarks.md, bench/e2e)."""
+    target = urllib.parse.urlsplit(url)
     local = threading.local()
 
     def post(delivery: tuple[bytes, dict[str, str]]) -> int:
-        session = getattr(local, "session", None)
-        if session is None:
-            session = local.session = requests.Session()
+        connection = getattr(local, "connection", None)
+        if connection is None:
+            connection = local.connection = http.client.HTTPConnection(target.netloc, timeout=60)
         body, headers = delivery
-        response = session.post(url, data=body, headers=headers, timeout=60)
-        return response.json()["accepted"] if response.status_code == 202 else 0
+        connection.request("POST", target.path, body=body, headers=headers)
+        response = connection.getresponse()
+        answer = response.read()
+        return int(json.loads(answer)["accepted"]) if response.status == 202 else 0
 
     with ThreadPoolExecutor(concurrency) as pool:
         return sum(pool.map(post, deliveries))
@@ -242,7 +253,9 @@ def run_once(args: argparse.Namespace, tmp: Path, workers: int, standin: str) ->
         # ours (here it would take the cores the server and workers share).
         deliveries = crm.sign(args.records, env["PUBLIC_BASE_URL"])
         start = time.time()
+        _cpu = time.process_time()
         accepted = post_all(env["PUBLIC_BASE_URL"] + crm.webhook_path, deliveries, args.concurrency)
+        print("POSTER CPU", time.process_time() - _cpu, flush=True)
         posted = time.time() - start
         deadline = time.time() + args.timeout
         stats: dict[str, Any] = {}
