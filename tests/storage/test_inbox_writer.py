@@ -254,14 +254,13 @@ def test_an_id_another_process_commits_while_the_batch_waits_is_compared_with_it
         )
         results: list[Any] = []
         reused = event(1, content_hash="b" * 64, amount=5)
+        # The writer's own backend, watched by pid: other tests may share the database.
+        writer_pid = inbox.writer._connect().info.backend_pid
         writer = threading.Thread(target=lambda: results.append(inbox.accept([reused])))
         writer.start()
         with runtime.engine.connect() as watcher:
-            waiting = text(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()"
-            )
-            wait_until(lambda: watcher.scalar(waiting) == 1)
+            waiting = text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid")
+            wait_until(lambda: watcher.scalar(waiting, {"pid": writer_pid}) == "Lock")
         transaction_of_other.commit()
         writer.join(10)
     finally:
