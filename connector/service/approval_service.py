@@ -263,7 +263,7 @@ class ApprovalService:
                 if not is_active(before):
                     return f"{done}: {before.id} is {before.status}"
                 return f"{done}; still pending as {before.id}" if done else f"already pending as {before.id}"
-            actions = self._render(outcome, rule, record, session)
+            actions = self.render_actions(outcome, rule, record, session)
             self._commit(session, active, spec, rule, outcome, active.request.version, actions)
             return f"restarted {active.request.id}"
         latest = store.find_latest(session, record, rule.name)
@@ -320,14 +320,14 @@ class ApprovalService:
         )
         stored = StoredRequest(outcome.request, record, spec.source_path, spec.content_hash)
         return self._commit(
-            session, stored, spec, rule, outcome, None, self._render(outcome, rule, record, session)
+            session, stored, spec, rule, outcome, None, self.render_actions(outcome, rule, record, session)
         )
 
     def save_outcome(
         self, session: Session, stored: StoredRequest, spec: MappingSpec, rule: RuleSpec, outcome: Outcome
     ) -> StoredRequest:
         """Save an outcome decided on `stored` in the caller's transaction (rendered there)."""
-        actions = self._render(outcome, rule, stored.record, session)
+        actions = self.render_actions(outcome, rule, stored.record, session)
         return self._commit(session, stored, spec, rule, outcome, stored.request.version, actions)
 
     # --- people acting on a request (called by the API) -------------------------------
@@ -364,7 +364,7 @@ class ApprovalService:
                 is_admin=is_admin,
             )
 
-        return _decided(self._decide_and_save(sessions, request_id, decide, also))
+        return _decided(self.decide_and_save(sessions, request_id, decide, also))
 
     def recall(
         self,
@@ -381,7 +381,7 @@ class ApprovalService:
             _require_visible(request, user, is_admin)
             return recall(request, actor=user, comment=comment, now=self.clock(), is_admin=is_admin)
 
-        return _decided(self._decide_and_save(sessions, request_id, decide))
+        return _decided(self.decide_and_save(sessions, request_id, decide))
 
     def reassign(
         self,
@@ -409,7 +409,7 @@ class ApprovalService:
                 is_admin=is_admin,
             )
 
-        return _decided(self._decide_and_save(sessions, request_id, decide))
+        return _decided(self.decide_and_save(sessions, request_id, decide))
 
     def delegate(self, sessions: sessionmaker[Session], request_id: str) -> StoredRequest | None:
         """Hand places on the open step to deputies of approvers away today (None: nothing to
@@ -419,7 +419,7 @@ class ApprovalService:
             roles = self._roles(spec.connection, spec)
             return delegate_open_step(request, rule, roles, self.clock())
 
-        return self._decide_and_save(sessions, request_id, decide)
+        return self.decide_and_save(sessions, request_id, decide)
 
     # --- expiry (periodic job and `crm-approvals sync expire`) -------------------------
 
@@ -438,14 +438,6 @@ class ApprovalService:
 
     # for use cases that save outcomes in their own transactions (step timers)
 
-    def rule_of(self, stored: StoredRequest) -> tuple[MappingSpec, RuleSpec]:
-        """The request's mapping and rule (RuleGoneError when the rule is no longer loaded)."""
-        return self._rule_of(stored)
-
-    def render_actions(self, outcome: Outcome, rule: RuleSpec, record: RecordKey) -> list[RenderedAction]:
-        """The outcome's write-back actions, rendered (call with no transaction open)."""
-        return self._render(outcome, rule, record)
-
     def commit_outcome(
         self,
         session: Session,
@@ -460,14 +452,15 @@ class ApprovalService:
         request changed since it was read."""
         return self._commit(session, stored, spec, rule, outcome, stored.request.version, actions)
 
-    def _load(self, session: Session, request_id: str) -> tuple[StoredRequest, MappingSpec, RuleSpec]:
+    def load(self, session: Session, request_id: str) -> tuple[StoredRequest, MappingSpec, RuleSpec]:
         stored = store.load(session, request_id)
         if stored is None:
             raise RequestNotFoundError(request_id)
-        spec, rule = self._rule_of(stored)
+        spec, rule = self.rule_of(stored)
         return stored, spec, rule
 
-    def _rule_of(self, stored: StoredRequest) -> tuple[MappingSpec, RuleSpec]:
+    def rule_of(self, stored: StoredRequest) -> tuple[MappingSpec, RuleSpec]:
+        """The request's mapping and rule (RuleGoneError when the rule is no longer loaded)."""
         record = stored.record
         return self.rule_named(record.connection, record.object_type, stored.request.rule_name)
 
@@ -483,7 +476,7 @@ class ApprovalService:
             "in the mapping files; restore it to act on this request"
         )
 
-    def _decide_and_save(
+    def decide_and_save(
         self,
         sessions: sessionmaker[Session],
         request_id: str,
@@ -496,11 +489,11 @@ class ApprovalService:
             # a read, ended with COMMIT: at the ROLLBACK of a plain close psycopg forgets
             # every statement it prepared on the connection (and sends DEALLOCATE ALL)
             with transaction(sessions) as session:
-                stored, spec, rule = self._load(session, request_id)
+                stored, spec, rule = self.load(session, request_id)
             outcome = decide(stored.request, spec, rule)
             if outcome is None:
                 return None
-            actions = self._render(outcome, rule, stored.record)
+            actions = self.render_actions(outcome, rule, stored.record)
             try:
                 with transaction(sessions) as session:
                     if also is not None:
@@ -511,7 +504,7 @@ class ApprovalService:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _render(
+    def render_actions(
         self, outcome: Outcome, rule: RuleSpec, record: RecordKey, session: Session | None = None
     ) -> list[RenderedAction]:
         """The outcome's actions, rendered; `session` is the caller's open one, if any (names of

@@ -69,8 +69,8 @@ def _save(
 ) -> StoredRequest:
     from connector.service.approval_service import to_wire
 
-    actions = service._render(outcome, rule, stored.record, session)
-    saved = service._commit(session, stored, spec, rule, outcome, stored.request.version, actions)
+    actions = service.render_actions(outcome, rule, stored.record, session)
+    saved = service.commit_outcome(session, stored, spec, rule, outcome, actions)
     if write_back:
         record = stored.record
         fields = {name: to_wire(value) for name, value in spec.to_api(write_back).items()}

@@ -167,7 +167,7 @@ def _run_one(runtime: Runtime, approvals: ApprovalService, job_id: int) -> None:
         assert job is not None
         request_id, index, round_, status = job.request_id, job.step_index, job.round, job.status
         attempts, callback_id = job.attempts, job.callback_id
-        stored, spec, rule = approvals._load(session, request_id)
+        stored, spec, rule = approvals.load(session, request_id)
     if not _is_open(stored.request, index, round_):
         _finish(runtime.sessions, job_id, "the step was decided meanwhile; answer not needed")
         return
@@ -270,7 +270,7 @@ def apply_verdict(
         _mark_done(session, job_id, verdict.note, answer)
 
     try:
-        approvals._decide_and_save(sessions, request_id, decide, also)
+        approvals.decide_and_save(sessions, request_id, decide, also)
     except ApprovalError as exc:  # decided meanwhile (an admin's override): the answer is moot
         _finish(sessions, job_id, f"not applied: {exc}")
 
@@ -521,7 +521,7 @@ def pending_callback(runtime: Runtime, callback_id: str) -> PendingCallback:
         job = session.scalar(select(ServiceStepJob).where(ServiceStepJob.callback_id == callback_id))
         if job is None:
             raise CallbackRefused("no check has this callback id")
-        stored, _spec, rule = approvals._load(session, job.request_id)
+        stored, _spec, rule = approvals.load(session, job.request_id)
     step = rule.steps[job.step_index].service if job.step_index < len(rule.steps) else None
     if not isinstance(step, HttpCheck) or step.answer != "callback" or step.callback_secret_env is None:
         raise CallbackRefused("this check does not take answers by callback")
@@ -541,7 +541,7 @@ def accept_callback(runtime: Runtime, pending: PendingCallback, answer: Mapping[
     approvals = runtime.approvals
     assert approvals is not None
     with runtime.sessions() as session:
-        stored, _spec, _rule = approvals._load(session, pending.request_id)
+        stored, _spec, _rule = approvals.load(session, pending.request_id)
     if not _is_open(stored.request, pending.step_index, pending.round):
         _finish(runtime.sessions, pending.job_id, "the step was decided meanwhile; answer not needed")
         return "the step was already decided; answer recorded as not needed"
