@@ -31,10 +31,12 @@ NUDGE_WINDOW = 0.25  # seconds: at most one inbox nudge per process per window
 # A partial batch whose events are still arriving waits this long to fill up: fewer CRM
 # reads for a burst, at most this much added latency (connector/storage/inbox_batch.py).
 INBOX_LINGER = 0.5
-# Threads sending a burst's full write-back calls (`Tasks.write_behind`): with two, one
-# flush's database work (claiming a call's rows, recording its results) overlaps the other's
-# call, which a single thread left the CRM idle for (about half the call time of 200 ms).
-WRITE_BEHIND_THREADS = 2
+# Threads sending a burst's full write-back calls (`Tasks.write_behind`). On PostgreSQL two:
+# one flush's database work (claiming a call's rows, recording its results) overlaps the
+# other's call, where a single thread left the CRM idle about half as long as a 200 ms call.
+# On SQLite one: every transaction of the process takes the one writer lock, so a second
+# writer's work overlaps nothing more and only makes the apply wait for the lock.
+WRITE_BEHIND_THREADS = {"postgresql": 2}
 # How long one inbox pass may go on past its limit (500 events) while a burst keeps coming:
 # it reads each next batch ahead, and applies it itself (connector/storage/inbox_batch.py).
 BURST_SECONDS = 10.0
@@ -67,7 +69,8 @@ class Tasks:
         # the next inbox batch, claimed, while a pass applies the current one, and the writers
         # send the write-back calls that are full meanwhile: the CRM's time overlaps ours.
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="inbox-read-ahead")
-        self._writer = ThreadPoolExecutor(WRITE_BEHIND_THREADS, thread_name_prefix="write-behind")
+        writers = WRITE_BEHIND_THREADS.get(runtime.engine.dialect.name, 1)
+        self._writer = ThreadPoolExecutor(writers, thread_name_prefix="write-behind")
         self._write_queued = threading.Event()  # a write-behind flush waits to start
         self._writes: set[Future[None]] = set()  # write-behind flushes not yet done
         self._writes_lock = threading.Lock()

@@ -52,17 +52,35 @@ def deal(i: int, manager: str | None = "u-mgr") -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def world(
-    tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settings_factory: Any
+def build_world(
+    tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settings_factory: Any, **overrides: Any
 ) -> tuple[Runtime, MemoryCRM]:
     mappings_dir = tmp_path / "mappings"
     shutil.copytree(DATA, mappings_dir)
-    runtime = runtime_factory(settings_factory(mappings_dir=str(mappings_dir)))
+    runtime = runtime_factory(settings_factory(mappings_dir=str(mappings_dir), **overrides))
     crm = MemoryCRM(records={f"D-{i}": deal(i) for i in range(100)})
     runtime.set_adapter("sandbox", crm)
     attach_pipeline(runtime, MappingSet.load(mappings_dir))
     return runtime, crm
+
+
+@pytest.fixture
+def world(
+    tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settings_factory: Any
+) -> tuple[Runtime, MemoryCRM]:
+    return build_world(tmp_path, runtime_factory, settings_factory)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def either_world(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    runtime_factory: Callable[[Settings], Runtime],
+    settings_factory: Any,
+) -> tuple[Runtime, MemoryCRM]:
+    """The world on SQLite (one write-behind thread) and on PostgreSQL (two)."""
+    overrides = {"database_url": request.getfixturevalue("pg_url")} if request.param == "postgresql" else {}
+    return build_world(tmp_path, runtime_factory, settings_factory, **overrides)
 
 
 def changes(count: int, *, signed_values: bool) -> list[RecordChangeEvent]:
@@ -168,13 +186,13 @@ def test_a_burst_of_exactly_the_pass_limit_is_written_back_at_once(world: tuple[
 
 
 def test_a_burst_goes_on_past_the_pass_limit_in_one_task_and_costs_whole_calls(
-    world: tuple[Runtime, MemoryCRM],
+    either_world: tuple[Runtime, MemoryCRM],
 ) -> None:
     """Reading each next batch ahead, one pass takes a burst past its limit (500 events) and
     applies every batch it read; the burst still costs ceil(N/limit) reads and writes."""
     from connector.worker import Tasks, make_huey
 
-    runtime, crm = world
+    runtime, crm = either_world
     total = 700
     crm.records.update({f"D-{i}": deal(i) for i in range(100, total)})
     accept(runtime.sessions, changes(total, signed_values=False))  # each record must be read
@@ -189,7 +207,7 @@ def test_a_burst_goes_on_past_the_pass_limit_in_one_task_and_costs_whole_calls(
 
 
 def test_a_burst_s_write_back_calls_go_out_while_the_worker_reads_and_judges_its_next_batches(
-    world: tuple[Runtime, MemoryCRM],
+    either_world: tuple[Runtime, MemoryCRM],
 ) -> None:
     """The full write-back calls of a batch are sent from the worker's writer threads: the
     first waits (up to 10 s) until the CRM has seen every read of the burst, which a worker
@@ -197,7 +215,7 @@ def test_a_burst_s_write_back_calls_go_out_while_the_worker_reads_and_judges_its
     ceil(N/limit) calls all the same, the partial one last."""
     from connector.worker import Tasks, make_huey
 
-    runtime, crm = world
+    runtime, crm = either_world
     total = 400
     crm.records.update({f"D-{i}": deal(i) for i in range(100, total)})
     accept(runtime.sessions, changes(total, signed_values=False))  # each record must be read
@@ -228,7 +246,7 @@ def test_a_burst_s_write_back_calls_go_out_while_the_worker_reads_and_judges_its
 
 
 def test_a_write_behind_call_that_times_out_is_read_back_not_sent_again(
-    world: tuple[Runtime, MemoryCRM],
+    either_world: tuple[Runtime, MemoryCRM],
 ) -> None:
     """The writer threads send through the outbox's own flush: a call that timed out after the
     CRM applied it stays in doubt until a later flush of the burst reads its records back and
@@ -237,7 +255,7 @@ def test_a_write_behind_call_that_times_out_is_read_back_not_sent_again(
     from connector.storage.models import OutboxUpdate
     from connector.worker import Tasks, make_huey
 
-    runtime, crm = world
+    runtime, crm = either_world
     total = 400
     crm.records.update({f"D-{i}": deal(i) for i in range(100, total)})
     accept(runtime.sessions, changes(total, signed_values=False))

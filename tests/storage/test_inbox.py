@@ -199,14 +199,15 @@ def test_a_retriable_error_of_any_origin_is_retried_later(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["", "read-ahead"])  # the second holds a batch read ahead too
 def test_worker_killed_mid_batch_loses_nothing_and_processes_each_event_exactly_once(
-    runtime: Runtime,
+    runtime: Runtime, mode: str
 ) -> None:
     total = 600
     accept(runtime.sessions, [event(i) for i in range(total)])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "tests.kill_target", runtime.settings.database_url], env=env, cwd=ROOT
+        [sys.executable, "-m", "tests.kill_target", runtime.settings.database_url, mode], env=env, cwd=ROOT
     )
     deadline = time.time() + 60
     while count(runtime, InboxEvent, status="done") < total // 4 and time.time() < deadline:
