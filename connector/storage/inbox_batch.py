@@ -63,9 +63,10 @@ class Claimed:
 
 
 def claim(
-    sessions: sessionmaker[Session], limit: int, now: datetime, lease_seconds: int = LEASE_SECONDS
+    sessions: sessionmaker[Session], limit: int, now: datetime, lease_seconds: float = LEASE_SECONDS
 ) -> list[Claimed]:
-    """Claim up to `limit` due, unclaimed pending events, oldest first (two statements)."""
+    """Claim up to `limit` due, unclaimed pending events, oldest first (two statements); the
+    claim holds until `now` + `lease_seconds`."""
     with transaction(sessions) as session:
         query = (
             select(InboxEvent)
@@ -224,20 +225,21 @@ def next_batch(
     linger: float = 0.0,
     on_full_batch: Callable[[], None] | None = None,
     claimed: list[Claimed] | None = None,
+    lease_seconds: float = LEASE_SECONDS,
 ) -> Batch | None:
     """Claim up to `room` events (whole read calls of `unit` while a burst still arrives, see
     `process_in_batches`) and prepare them (the CRM reads); None when no event is due.
     `claimed`: the first claim, made by the caller."""
     while True:
         if claimed is None:
-            claimed = claim(sessions, room, now)
+            claimed = claim(sessions, room, now, lease_seconds)
         if not claimed:
             return None
         if linger > 0 and len(claimed) < room and _still_arriving(claimed, linger):
             # Events are still coming in: wait a moment so this batch's CRM reads carry more
             # records (fewer calls against the CRM's API allowance), as a producer's linger.
             time.sleep(linger)
-            claimed += claim(sessions, room - len(claimed), now + timedelta(seconds=linger))
+            claimed += claim(sessions, room - len(claimed), now + timedelta(seconds=linger), lease_seconds)
         if (
             len(claimed) < unit
             and _still_arriving(claimed, linger)
@@ -295,6 +297,10 @@ def process_in_batches(
     batch_size -= batch_size % unit  # full read calls: 200 events are 2 HubSpot reads, ...
     limit = max(unit, limit - limit % unit)  # ... and 500 would be 2.5 Salesforce reads
     started = time.monotonic()
+
+    def lease() -> float:  # from the claim on: `now` stays the pass's start (what is due)
+        return LEASE_SECONDS + time.monotonic() - started
+
     fetch = functools.partial(
         next_batch, sessions, processor, unit=unit, now=now, linger=linger, on_full_batch=on_full_batch
     )
@@ -307,11 +313,13 @@ def process_in_batches(
         ahead = None
         if read_ahead is not None and batch.full and room > 0:
             # The next batch is claimed now, before anything of it is read (claims are this
-            # worker's; the lease covers it as any claim's), and read in the reader thread
-            # while this one is applied. The claim is made here, not there: on SQLite it
+            # worker's; each lease runs from its claim, not from the pass's start), and read
+            # in the reader thread while this one is applied. The claim is made here, not there: on SQLite it
             # would wait for the apply's transactions, which hold the one writer lock.
-            first = claim(sessions, room, now)
-            ahead = read_ahead.submit(fetch, room=room, claimed=first) if first else None
+            first = claim(sessions, room, now, lease())
+            ahead = (
+                read_ahead.submit(fetch, room=room, claimed=first, lease_seconds=lease()) if first else None
+            )
         try:
             applied = process_claimed(
                 sessions, processor, batch.claimed, max_attempts=max_attempts, prepared=batch.prepared
@@ -326,7 +334,7 @@ def process_in_batches(
             outcomes[outcome] = outcomes.get(outcome, 0) + n
         if room <= 0:
             return outcomes, True
-        batch = ahead.result() if ahead is not None else fetch(room=room)
+        batch = ahead.result() if ahead is not None else fetch(room=room, lease_seconds=lease())
     return outcomes, False
 
 

@@ -399,3 +399,39 @@ def test_a_burst_read_ahead_goes_on_past_the_pass_limit_for_its_burst_seconds(
     assert (outcomes, left) == ({"done": done}, more)
     assert sum(processor.batches) == done  # nothing read that was not applied
     assert claimed(runtime) == 0
+
+
+class LeaseRecorder(BatchRecorder):
+    """Records, while applying each event, the earliest lease of the events claimed: that of
+    its own batch (a batch read ahead is claimed later; the events done hold none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leases: list[datetime] = []
+
+    def prepare_batch(self, events: list[RecordChangeEvent]) -> list[Any]:
+        time.sleep(0.5)  # a read that takes its time
+        return super().prepare_batch(events)
+
+    def apply(self, session: Session, event: RecordChangeEvent, prepared: Any) -> str:
+        self.leases.append(session.scalar(select(func.min(InboxEvent.claimed_until))))
+        return super().apply(session, event, prepared)
+
+
+def test_a_batch_s_lease_runs_from_its_claim_not_from_the_pass_s_start(runtime: Runtime) -> None:
+    """A burst's pass goes on past its limit: the lease of a batch claimed late in it still
+    covers that batch's read and apply in full."""
+    from connector.storage.inbox_batch import process_in_batches
+
+    accept(runtime.sessions, [event(i) for i in range(8)])
+    processor = LeaseRecorder()
+    now = utcnow()
+    with ThreadPoolExecutor(1) as reader:
+        process_in_batches(
+            runtime.sessions, processor, limit=4, batch_size=4, max_attempts=3, now=now,
+            read_ahead=reader, burst_seconds=60,
+        )  # fmt: skip
+    first, second = processor.leases[0], processor.leases[-1]
+    # The second batch was claimed after the first one's read (0.5 s).
+    assert first.replace(tzinfo=None) >= (now + timedelta(seconds=LEASE_SECONDS)).replace(tzinfo=None)
+    assert (second - first).total_seconds() >= 0.5
