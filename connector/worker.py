@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,15 @@ NUDGE_WINDOW = 0.25  # seconds: at most one inbox nudge per process per window
 # A partial batch whose events are still arriving waits this long to fill up: fewer CRM
 # reads for a burst, at most this much added latency (connector/storage/inbox_batch.py).
 INBOX_LINGER = 0.5
+# Threads sending a burst's full write-back calls (`Tasks.write_behind`). On PostgreSQL two:
+# one flush's database work (claiming a call's rows, recording its results) overlaps the
+# other's call, where a single thread left the CRM idle about half as long as a 200 ms call.
+# On SQLite one: every transaction of the process takes the one writer lock, so a second
+# writer's work overlaps nothing more and only makes the apply wait for the lock.
+WRITE_BEHIND_THREADS = {"postgresql": 2}
+# How long one inbox pass may go on past its limit (500 events) while a burst keeps coming:
+# it reads each next batch ahead, and applies it itself (connector/storage/inbox_batch.py).
+BURST_SECONDS = 10.0
 
 
 def make_huey(queue_url: str, name: str = "crm-approvals") -> Huey:
@@ -47,12 +57,23 @@ def make_huey(queue_url: str, name: str = "crm-approvals") -> Huey:
 class Tasks:
     """The huey tasks, bound to one runtime. The web app enqueues; the worker runs them."""
 
+    burst_seconds = BURST_SECONDS  # then a pass ends at its limit and nudges the queue
+
     def __init__(self, runtime: Runtime, huey: Huey) -> None:
         self.runtime = runtime
         self.huey = huey
         self._nudge_lock = threading.Lock()
         self._nudge_due = 0.0  # end of the current nudge window (monotonic seconds)
         self._trailing = False  # whether the window's end-of-window nudge is scheduled
+        # The helper threads of a burst (started on first use; `close` stops them): one reads
+        # the next inbox batch, claimed, while a pass applies the current one, and the writers
+        # send the write-back calls that are full meanwhile: the CRM's time overlaps ours.
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="inbox-read-ahead")
+        writers = WRITE_BEHIND_THREADS.get(runtime.engine.dialect.name, 1)
+        self._writer = ThreadPoolExecutor(writers, thread_name_prefix="write-behind")
+        self._write_queued = threading.Event()  # a write-behind flush waits to start
+        self._writes: set[Future[None]] = set()  # write-behind flushes not yet done
+        self._writes_lock = threading.Lock()
         self.process_inbox = huey.task(name="process_inbox")(self.run_inbox)
         self.flush_outbox = huey.task(name="flush_outbox")(self.run_outbox)
         self.sweep = huey.periodic_task(crontab(minute="*"), name="sweep")(self.run_sweep)
@@ -69,10 +90,13 @@ class Tasks:
             self.runtime.processor,
             max_attempts=settings.inbox_max_attempts,
             on_full_batch=self.nudge_now,  # a burst: let another worker claim the next share
-            # ... and the write-back calls that are full go out between its batches, while the
-            # other workers judge theirs, rather than all at the end of the burst.
-            after_full_batch=lambda: self.run_outbox(full_batches_only=True, jobs=False),
+            # ... and the write-back calls that are full go out between its batches, from the
+            # writer threads while this one judges the next batch and the other workers theirs,
+            # rather than all at the end of the burst.
+            after_full_batch=self.write_behind,
             linger=INBOX_LINGER,
+            read_ahead=self._reader,  # the next batch's CRM reads while this one is applied
+            burst_seconds=self.burst_seconds,
         )
         if report.more:  # work left behind goes on at once, not at the next sweep
             self.nudge_now(flush_owed=flush_owed or report.done > 0)
@@ -81,8 +105,46 @@ class Tasks:
             # workers still judge claimed events: their rows would follow in a second partial
             # call. The last of them to finish sees no claim left (each looks after its own
             # commit) and sends the partial call; a dead worker's claim expires into the sweep.
+            self.wait_for_writes()  # the full calls first: this flush is the burst's last
             self.run_outbox(full_batches_only=claimed_elsewhere(self.runtime.sessions, utcnow()))
         return vars(report)
+
+    def write_behind(self) -> None:
+        """Send the write-back calls that are full from a writer thread, through the same
+        `run_outbox` (so the same outbox claims, in-doubt rules and rate limits); the caller
+        goes on at once. One such flush waits at a time: it sends whatever is full when it
+        starts, so a second one queued behind it would find nothing more."""
+        if self._write_queued.is_set():
+            return
+        self._write_queued.set()
+        future = self._writer.submit(self._write_full_calls)
+        with self._writes_lock:
+            self._writes.add(future)
+        future.add_done_callback(self._written)
+
+    def _written(self, future: Future[None]) -> None:
+        with self._writes_lock:
+            self._writes.discard(future)
+
+    def _write_full_calls(self) -> None:
+        self._write_queued.clear()  # rows committed from now on need a flush after this one
+        try:
+            self.run_outbox(full_batches_only=True, jobs=False)
+        except Exception:  # the next flush or the minute's sweep sends what this one could not
+            log.exception("write-behind flush failed")
+
+    def wait_for_writes(self) -> None:
+        """Until the write-behind flushes queued so far are done."""
+        with self._writes_lock:
+            pending = list(self._writes)
+        wait(pending)
+
+    def close(self) -> None:
+        """Stop the helper threads once their work is done (a flush being sent completes). A
+        pass cut short by the shutdown leaves the batch it read ahead claimed until the lease
+        ends, as a killed worker leaves its batch."""
+        self._reader.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
 
     def nudge_now(self, flush_owed: bool = False) -> None:
         """Enqueue an inbox pass at once (a burst in progress); losing it is harmless."""
@@ -118,6 +180,7 @@ class Tasks:
         inbox = self.run_inbox()
         # Events claimed by another worker: a burst it is judging, whose last worker sends the
         # partial write-back call (a dead worker's claim expires into a later sweep).
+        self.wait_for_writes()
         busy = claimed_elsewhere(self.runtime.sessions, utcnow())
         summary: dict[str, Any] = {"inbox": inbox, "outbox": self.run_outbox(full_batches_only=busy)}
         summary["api_usage"] = self.runtime.api_usage()
@@ -160,4 +223,7 @@ def run_consumer(tasks: Tasks, workers: int = 2) -> None:
     tasks.run_sweep()  # whatever a killed worker left behind, before taking new work
     # max_delay: an idle worker polls the queue at least every second, so a nudge waits ~1 s at most
     consumer = tasks.huey.create_consumer(workers=workers, periodic=True, worker_type="thread", max_delay=1.0)
-    consumer.run()
+    try:
+        consumer.run()
+    finally:
+        tasks.close()

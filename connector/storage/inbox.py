@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -221,6 +222,8 @@ def process_pending(
     on_full_batch: Callable[[], None] | None = None,
     after_full_batch: Callable[[], object] | None = None,
     linger: float = 0.0,
+    read_ahead: Executor | None = None,
+    burst_seconds: float = 0.0,
 ) -> ProcessReport:
     """Process due pending events, oldest first, in claimed batches (connector/storage/
     inbox_batch.py). Safe to run from any number of workers. `report.more` says whether due
@@ -230,6 +233,7 @@ def process_pending(
     outcomes, more = process_in_batches(
         sessions, processor, limit=limit, max_attempts=max_attempts, now=now or utcnow(),
         on_full_batch=on_full_batch, after_full_batch=after_full_batch, linger=linger,
+        read_ahead=read_ahead, burst_seconds=burst_seconds,
     )  # fmt: skip
     return ProcessReport(**outcomes, more=more)
 

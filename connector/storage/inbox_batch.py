@@ -17,13 +17,22 @@ apply (one transaction for the whole batch):
 A worker killed mid-batch leaves its events pending with a claim that expires after the
 lease: then another worker takes them up; nothing is half-done (the apply is one
 transaction) and nothing is done twice (apply re-checks the status under a row lock).
+
+read ahead (the worker's reader thread, `process_in_batches(read_ahead=...)`):
+    after a full batch (a burst), the next one is claimed before this one is applied and
+    prepared in the reader thread meanwhile, so its CRM reads overlap our apply. Only claimed
+    events are read; the reader has sessions of its own. The pass applies every batch it
+    read ahead: a burst takes it past its limit (for `burst_seconds`), and a pass that fails
+    hands the batch back.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -54,9 +63,10 @@ class Claimed:
 
 
 def claim(
-    sessions: sessionmaker[Session], limit: int, now: datetime, lease_seconds: int = LEASE_SECONDS
+    sessions: sessionmaker[Session], limit: int, now: datetime, lease_seconds: float = LEASE_SECONDS
 ) -> list[Claimed]:
-    """Claim up to `limit` due, unclaimed pending events, oldest first (two statements)."""
+    """Claim up to `limit` due, unclaimed pending events, oldest first (two statements); the
+    claim holds until `now` + `lease_seconds`."""
     with transaction(sessions) as session:
         query = (
             select(InboxEvent)
@@ -127,8 +137,10 @@ def process_claimed(
     claimed: Sequence[Claimed],
     *,
     max_attempts: int,
+    prepared: Sequence[Any] | None = None,
 ) -> dict[str, int]:
-    """Prepare and apply a claimed batch; returns outcome -> count."""
+    """Prepare and apply a claimed batch; returns outcome -> count. `prepared`: what
+    `prepare_all` gave for it already (a batch read ahead)."""
     from connector.storage.inbox import process_one  # the one-by-one path and its error handling
 
     outcomes: dict[str, int] = {}
@@ -138,7 +150,8 @@ def process_claimed(
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             INBOX_EVENTS.labels(outcome).inc()
 
-    prepared = prepare_all(processor, [c.event for c in claimed])
+    if prepared is None:
+        prepared = prepare_all(processor, [c.event for c in claimed])
     ready = [(c, p) for c, p in zip(claimed, prepared, strict=True) if not isinstance(p, BaseException)]
     for item, failure in zip(claimed, prepared, strict=True):
         if isinstance(failure, BaseException):
@@ -193,6 +206,63 @@ def _pending(row: InboxEvent | None) -> bool:
     return row is not None and row.status == PENDING  # else another worker got there first
 
 
+@dataclass(frozen=True)
+class Batch:
+    """A claimed batch and what preparing it gave: per event its prepared value or the error."""
+
+    claimed: list[Claimed]
+    prepared: list[Any]
+    full: bool  # as many events as there was room for: a burst, more are likely due
+
+
+def next_batch(
+    sessions: sessionmaker[Session],
+    processor: Any,
+    *,
+    room: int,
+    unit: int,
+    now: datetime,
+    linger: float = 0.0,
+    on_full_batch: Callable[[], None] | None = None,
+    claimed: list[Claimed] | None = None,
+    lease_seconds: float = LEASE_SECONDS,
+) -> Batch | None:
+    """Claim up to `room` events (whole read calls of `unit` while a burst still arrives, see
+    `process_in_batches`) and prepare them (the CRM reads); None when no event is due.
+    `claimed`: the first claim, made by the caller."""
+    while True:
+        if claimed is None:
+            claimed = claim(sessions, room, now, lease_seconds)
+        if not claimed:
+            return None
+        if linger > 0 and len(claimed) < room and _still_arriving(claimed, linger):
+            # Events are still coming in: wait a moment so this batch's CRM reads carry more
+            # records (fewer calls against the CRM's API allowance), as a producer's linger.
+            time.sleep(linger)
+            claimed += claim(sessions, room - len(claimed), now + timedelta(seconds=linger), lease_seconds)
+        if (
+            len(claimed) < unit
+            and _still_arriving(claimed, linger)
+            and (utcnow() - claimed[0].received_at).total_seconds() < 2 * linger
+        ):
+            # Not one full read yet (several workers share a trickle): hand them back and wait,
+            # for at most two lingers since the oldest arrived; whoever claims next reads more.
+            release(sessions, claimed)
+            time.sleep(linger)
+            claimed = None
+            continue
+        if len(claimed) > unit and len(claimed) % unit and _still_arriving(claimed, linger):
+            # Still arriving: judge whole read calls now and hand the rest back, to be read
+            # with what comes next instead of in a partial call of its own.
+            keep = len(claimed) - len(claimed) % unit
+            release(sessions, claimed[keep:])
+            claimed = claimed[:keep]
+        full = len(claimed) == room
+        if full and on_full_batch is not None:
+            on_full_batch()
+        return Batch(claimed, prepare_all(processor, [c.event for c in claimed]), full)
+
+
 def process_in_batches(
     sessions: sessionmaker[Session],
     processor: Any,
@@ -204,6 +274,8 @@ def process_in_batches(
     on_full_batch: Callable[[], None] | None = None,
     after_full_batch: Callable[[], object] | None = None,
     linger: float = 0.0,
+    read_ahead: Executor | None = None,
+    burst_seconds: float = 0.0,
 ) -> tuple[dict[str, int], bool]:
     """Claim and process batches until `limit` events are handled or none is due.
 
@@ -212,47 +284,69 @@ def process_in_batches(
     worker to claim the next share in parallel; `after_full_batch` after such a batch is
     applied (the worker sends the write-back calls that are full). `linger`: when a claim is
     partial and events arrived within that many seconds, wait that long once and fill the
-    batch up."""
+    batch up.
+
+    `read_ahead` (the worker's thread for it): after a full batch, the next one is claimed
+    here and read there while this one is applied, so the CRM's read time overlaps ours. A
+    burst then goes on past `limit` for up to `burst_seconds` since the pass began: the batch
+    read ahead is applied by this pass, never left for a next pass that another worker's
+    nudge might run instead (it would wait, claimed, for a pass of this worker)."""
     outcomes: dict[str, int] = {}
     handled = 0
     unit = read_unit(processor, batch_size)
     batch_size -= batch_size % unit  # full read calls: 200 events are 2 HubSpot reads, ...
     limit = max(unit, limit - limit % unit)  # ... and 500 would be 2.5 Salesforce reads
-    while handled < limit:
+    started = time.monotonic()
+
+    def lease() -> float:  # from the claim on: `now` stays the pass's start (what is due)
+        return LEASE_SECONDS + time.monotonic() - started
+
+    fetch = functools.partial(
+        next_batch, sessions, processor, unit=unit, now=now, linger=linger, on_full_batch=on_full_batch
+    )
+    batch = fetch(room=min(batch_size, limit))
+    while batch is not None:
+        handled += len(batch.claimed)
         room = min(batch_size, limit - handled)
-        claimed = claim(sessions, room, now)
-        if not claimed:
-            return outcomes, False
-        if linger > 0 and len(claimed) < room and _still_arriving(claimed, linger):
-            # Events are still coming in: wait a moment so this batch's CRM reads carry more
-            # records (fewer calls against the CRM's API allowance), as a producer's linger.
-            time.sleep(linger)
-            claimed += claim(sessions, room - len(claimed), now + timedelta(seconds=linger))
-        if (
-            len(claimed) < unit
-            and _still_arriving(claimed, linger)
-            and (utcnow() - claimed[0].received_at).total_seconds() < 2 * linger
-        ):
-            # Not one full read yet (several workers share a trickle): hand them back and wait,
-            # for at most two lingers since the oldest arrived; whoever claims next reads more.
-            release(sessions, claimed)
-            time.sleep(linger)
-            continue
-        if len(claimed) > unit and len(claimed) % unit and _still_arriving(claimed, linger):
-            # Still arriving: judge whole read calls now and hand the rest back, to be read
-            # with what comes next instead of in a partial call of its own.
-            keep = len(claimed) - len(claimed) % unit
-            release(sessions, claimed[keep:])
-            claimed = claimed[:keep]
-        full = len(claimed) == room
-        if full and on_full_batch is not None:
-            on_full_batch()
-        for outcome, n in process_claimed(sessions, processor, claimed, max_attempts=max_attempts).items():
+        if room <= 0 and read_ahead is not None and time.monotonic() - started < burst_seconds:
+            room = batch_size  # a burst: go on past the limit
+        ahead = None
+        if read_ahead is not None and batch.full and room > 0:
+            # The next batch is claimed now, before anything of it is read (claims are this
+            # worker's; each lease runs from its claim, not from the pass's start), and read
+            # in the reader thread while this one is applied. The claim is made here, not there: on SQLite it
+            # would wait for the apply's transactions, which hold the one writer lock.
+            first = claim(sessions, room, now, lease())
+            ahead = (
+                read_ahead.submit(fetch, room=room, claimed=first, lease_seconds=lease()) if first else None
+            )
+        try:
+            applied = process_claimed(
+                sessions, processor, batch.claimed, max_attempts=max_attempts, prepared=batch.prepared
+            )
+            if batch.full and after_full_batch is not None:
+                after_full_batch()
+        except BaseException:
+            if ahead is not None:
+                _hand_back(sessions, ahead)
+            raise
+        for outcome, n in applied.items():
             outcomes[outcome] = outcomes.get(outcome, 0) + n
-        handled += len(claimed)
-        if full and after_full_batch is not None:
-            after_full_batch()
-    return outcomes, True
+        if room <= 0:
+            return outcomes, True
+        batch = ahead.result() if ahead is not None else fetch(room=room, lease_seconds=lease())
+    return outcomes, False
+
+
+def _hand_back(sessions: sessionmaker[Session], ahead: Future[Batch | None]) -> None:
+    """A pass that fails leaves no batch claimed ahead behind it: other workers (or its next
+    pass) take the events up at once instead of after the lease."""
+    try:
+        batch = ahead.result()
+        if batch is not None:
+            release(sessions, batch.claimed)
+    except Exception as exc:  # the failure being raised says more; the lease ends the claim
+        log.warning("could not hand back the batch read ahead: %s", exc)
 
 
 def _still_arriving(claimed: Sequence[Claimed], linger: float) -> bool:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,16 @@ from connector.crm.base import RecordUpdate
 from connector.crm.hubspot import HubSpotAdapter
 from connector.events import RecordChangeEvent
 from connector.runtime import Runtime
+from connector.storage.inbox import accept
 from connector.storage.models import InboxEvent
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def hubspot_standin() -> Iterator[str]:
+@contextmanager
+def standin(delay: float) -> Iterator[str]:
     port = free_port()
-    server = serve(port, 0.0, apis()["hubspot"])
+    server = serve(port, delay, apis()["hubspot"])
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -42,6 +44,12 @@ def hubspot_standin() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def hubspot_standin() -> Iterator[str]:
+    with standin(0.0) as url:
+        yield url
 
 
 def stats(url: str) -> dict[str, Any]:
@@ -122,6 +130,51 @@ def test_a_hubspot_delivery_carries_at_most_100_events() -> None:
     _body, headers = hubspot_delivery("http://x/webhooks/hubspot", [("1", 1)], 1)
     assert headers["X-HubSpot-Signature-Version"] == "v3"
     assert HUBSPOT_SECRET not in json.dumps(headers)
+
+
+def test_one_worker_s_reads_and_writes_overlap_through_the_hubspot_adapter_at_whole_calls(
+    tmp_path: Path, runtime_factory: Callable[..., Runtime], settings_factory: Callable[..., Any]
+) -> None:
+    """One worker's burst against the stand-in (100 ms a call) through the real HubSpot adapter
+    and pipeline: the next batch's reads and the last batch's writes are in flight together
+    (read ahead, written behind), and it still costs ceil(N/100) reads and writes, each record
+    written once. A worker that read, applied and wrote in turn never has two calls in flight."""
+    from connector.rules import MappingSet
+    from connector.wiring import attach_pipeline
+    from connector.worker import Tasks, make_huey
+    from webhooks.hubspot import parse_delivery
+
+    total = 1000
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "deals.yaml").write_text((ROOT / "bench/e2e/mapping_hubspot.yaml").read_text())
+    with standin(0.1) as url:
+        settings = settings_factory(env=CRMS["hubspot"].env(url), mappings_dir=str(tmp_path / "mappings"))
+        runtime = runtime_factory(settings)
+        attach_pipeline(runtime, MappingSet.load(tmp_path / "mappings"))
+        connection = settings.connections["hubspot"]
+        events = [
+            event
+            for body, _headers in sign_hubspot(total, settings.public_base_url)
+            for event in parse_delivery(connection, json.loads(body))
+        ]
+        accept(runtime.sessions, events)
+        tasks = Tasks(runtime, make_huey("memory://"))
+        tasks.run_outbox()  # the adapter's start-up calls (owners, teams), before counting
+        requests.post(f"{url}/reset", timeout=5)
+        done, more = 0, True
+        while more:  # the passes the worker's nudges would run (one, while the burst lasts)
+            report = tasks.run_inbox(flush_owed=done > 0)
+            done, more = done + report["done"], report["more"]
+        tasks.close()
+        counted = stats(url)
+    calls = math.ceil(total / 100)
+    assert done == total
+    assert (counted["read_calls"], counted["write_calls"]) == (calls, calls)
+    assert (counted["records_written"], counted["duplicated_records"]) == (total, 0)
+    reads = [c for c in counted["calls"] if c[2].endswith("/batch/read")]
+    writes = [c for c in counted["calls"] if c[2].endswith("/batch/update")]
+    assert any(r[0] < w[1] and w[0] < r[1] for r in reads for w in writes)  # a read during a write
+    assert overlap(counted["calls"])[0] >= 2
 
 
 def test_overlap_counts_calls_in_flight() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -19,9 +20,10 @@ from connector.events import RecordChangeEvent
 from connector.rules import MappingSet
 from connector.runtime import Runtime
 from connector.storage.inbox import accept, process_pending
-from connector.storage.models import ApprovalRequestRow, DeadLetter, InboxEvent
+from connector.storage.models import ApprovalRequestRow, AuditEntry, DeadLetter, InboxEvent
 from connector.wiring import attach_pipeline
 from tests.fakes import MemoryCRM
+from tests.storage.test_inbox import claimed
 
 DATA = Path(__file__).parents[1] / "data" / "pipeline"
 # Statements per event that opens a two-step request (SQLite; this test's counter): 21 before
@@ -50,17 +52,35 @@ def deal(i: int, manager: str | None = "u-mgr") -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def world(
-    tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settings_factory: Any
+def build_world(
+    tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settings_factory: Any, **overrides: Any
 ) -> tuple[Runtime, MemoryCRM]:
     mappings_dir = tmp_path / "mappings"
     shutil.copytree(DATA, mappings_dir)
-    runtime = runtime_factory(settings_factory(mappings_dir=str(mappings_dir)))
+    runtime = runtime_factory(settings_factory(mappings_dir=str(mappings_dir), **overrides))
     crm = MemoryCRM(records={f"D-{i}": deal(i) for i in range(100)})
     runtime.set_adapter("sandbox", crm)
     attach_pipeline(runtime, MappingSet.load(mappings_dir))
     return runtime, crm
+
+
+@pytest.fixture
+def world(
+    tmp_path: Path, runtime_factory: Callable[[Settings], Runtime], settings_factory: Any
+) -> tuple[Runtime, MemoryCRM]:
+    return build_world(tmp_path, runtime_factory, settings_factory)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def either_world(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    runtime_factory: Callable[[Settings], Runtime],
+    settings_factory: Any,
+) -> tuple[Runtime, MemoryCRM]:
+    """The world on SQLite (one write-behind thread) and on PostgreSQL (two)."""
+    overrides = {"database_url": request.getfixturevalue("pg_url")} if request.param == "postgresql" else {}
+    return build_world(tmp_path, runtime_factory, settings_factory, **overrides)
 
 
 def changes(count: int, *, signed_values: bool) -> list[RecordChangeEvent]:
@@ -139,7 +159,8 @@ def test_a_failing_event_does_not_poison_its_batch(world: tuple[Runtime, MemoryC
 
 def test_a_burst_of_exactly_the_pass_limit_is_written_back_at_once(world: tuple[Runtime, MemoryCRM]) -> None:
     """The pass that handles the limit leaves the flush to the next one, which finds nothing
-    left to judge: it must flush all the same (it waited for the minute's sweep: bench/e2e)."""
+    left to judge: it must flush all the same (it waited for the minute's sweep: bench/e2e).
+    (A pass that stops at its limit: its burst time is up, so it reads nothing ahead.)"""
     from connector.worker import Tasks, make_huey
 
     runtime, crm = world
@@ -147,8 +168,10 @@ def test_a_burst_of_exactly_the_pass_limit_is_written_back_at_once(world: tuple[
     crm.records.update({f"D-{i}": deal(i) for i in range(100, limit)})
     accept(runtime.sessions, changes(limit, signed_values=True))
     tasks = Tasks(runtime, make_huey("memory://"))
+    tasks.burst_seconds = 0.0
     first = tasks.run_inbox()
     assert (first["done"], first["more"]) == (limit, True)
+    tasks.wait_for_writes()  # the pass left its full calls to the writer threads
     # More may be due: only full calls went out (they overlap the next share's reads), the
     # remainder waits for the end of the burst so that it costs no extra call.
     assert [len(call) for call in crm.update_calls] == [crm.batch_limit] * (limit // crm.batch_limit)
@@ -159,33 +182,124 @@ def test_a_burst_of_exactly_the_pass_limit_is_written_back_at_once(world: tuple[
     assert passes >= 1
     assert sum(len(call) for call in crm.update_calls) == limit
     assert len(crm.update_calls) == math.ceil(limit / crm.batch_limit)
+    tasks.close()
 
 
-def test_a_burst_s_full_write_back_calls_go_out_between_its_batches(world: tuple[Runtime, MemoryCRM]) -> None:
-    """With several workers, one worker's write-backs then overlap the others' reads and
-    applies instead of all waiting for the end of the burst; the partial call still waits for
-    the end, so the burst costs ceil(N/limit) write calls all the same."""
-    from connector.storage.inbox_batch import BATCH_SIZE
+def test_a_burst_goes_on_past_the_pass_limit_in_one_task_and_costs_whole_calls(
+    either_world: tuple[Runtime, MemoryCRM],
+) -> None:
+    """Reading each next batch ahead, one pass takes a burst past its limit (500 events) and
+    applies every batch it read; the burst still costs ceil(N/limit) reads and writes."""
+    from connector.worker import Tasks, make_huey
+
+    runtime, crm = either_world
+    total = 700
+    crm.records.update({f"D-{i}": deal(i) for i in range(100, total)})
+    accept(runtime.sessions, changes(total, signed_values=False))  # each record must be read
+    tasks = Tasks(runtime, make_huey("memory://"))
+    assert tasks.run_inbox() == {"done": total, "retried": 0, "dead": 0, "more": False}
+    assert claimed(runtime) == 0  # nothing claimed ahead was left behind
+    assert crm.reads == math.ceil(total / crm.read_batch_limit)
+    assert len(crm.update_calls) == math.ceil(total / crm.batch_limit)
+    written = sorted(u.record_id for call in crm.update_calls for u in call)
+    assert written == sorted(f"D-{i}" for i in range(total))
+    tasks.close()
+
+
+def test_a_burst_s_write_back_calls_go_out_while_the_worker_reads_and_judges_its_next_batches(
+    either_world: tuple[Runtime, MemoryCRM],
+) -> None:
+    """The full write-back calls of a batch are sent from the worker's writer threads: the
+    first waits (up to 10 s) until the CRM has seen every read of the burst, which a worker
+    that wrote between its batches (or after them) would never let happen. The burst costs
+    ceil(N/limit) calls all the same, the partial one last."""
+    from connector.worker import Tasks, make_huey
+
+    runtime, crm = either_world
+    total = 400
+    crm.records.update({f"D-{i}": deal(i) for i in range(100, total)})
+    accept(runtime.sessions, changes(total, signed_values=False))  # each record must be read
+    reads = math.ceil(total / crm.read_batch_limit)
+    all_read, first_write = threading.Event(), threading.Lock()
+    read, send = crm._fetch, crm._update_batch
+    writes_waited: list[bool] = []
+
+    def reading(*args: Any) -> Any:
+        found = read(*args)
+        if crm.reads == reads:
+            all_read.set()
+        return found
+
+    def writing(object_type: str, updates: Any) -> Any:
+        if first_write.acquire(blocking=False):  # the first call of either writer thread
+            writes_waited.append(all_read.wait(10))
+        return send(object_type, updates)
+
+    crm._fetch, crm._update_batch = reading, writing  # type: ignore[method-assign]
+    tasks = Tasks(runtime, make_huey("memory://"))
+    assert tasks.run_inbox()["done"] == total
+    assert writes_waited == [True]  # the reads went on while the first write was in flight
+    assert crm.reads == reads
+    assert [len(c) for c in crm.update_calls[:-1]] == [crm.batch_limit] * (len(crm.update_calls) - 1)
+    assert len(crm.update_calls) == math.ceil(total / crm.batch_limit)
+    tasks.close()
+
+
+def test_a_write_behind_call_that_times_out_is_read_back_not_sent_again(
+    either_world: tuple[Runtime, MemoryCRM],
+) -> None:
+    """The writer threads send through the outbox's own flush: a call that timed out after the
+    CRM applied it stays in doubt until a later flush of the burst reads its records back and
+    finds the values there; nothing is written twice."""
+    from connector.crm.errors import InDoubtError
+    from connector.storage.models import OutboxUpdate
+    from connector.worker import Tasks, make_huey
+
+    runtime, crm = either_world
+    total = 400
+    crm.records.update({f"D-{i}": deal(i) for i in range(100, total)})
+    accept(runtime.sessions, changes(total, signed_values=False))
+    send = crm._update_batch
+    timed_out: list[list[str]] = []
+
+    def writing(object_type: str, updates: Any) -> Any:
+        results = send(object_type, updates)
+        if not timed_out:  # the first call lands, but its answer is lost
+            timed_out.append([u.record_id for u in updates])
+            raise InDoubtError("read timed out")
+        return results
+
+    crm._update_batch = writing  # type: ignore[method-assign]
+    tasks = Tasks(runtime, make_huey("memory://"))
+    assert tasks.run_inbox()["done"] == total
+    tasks.close()
+    sent = [u.record_id for call in crm.update_calls for u in call]
+    assert sorted(sent) == sorted(f"D-{i}" for i in range(total))  # each record once
+    with runtime.sessions() as session:
+        statuses = set(session.scalars(select(OutboxUpdate.status)))
+        in_doubt = session.scalars(
+            select(AuditEntry.record_id).where(AuditEntry.kind == "writeback_in_doubt")
+        ).all()
+    assert statuses == {"done"}  # the timed-out call's rows too, confirmed by reading back
+    assert sorted(in_doubt) == sorted(timed_out[0])
+
+
+def test_closing_the_tasks_stops_the_worker_s_helper_threads(world: tuple[Runtime, MemoryCRM]) -> None:
     from connector.worker import Tasks, make_huey
 
     runtime, crm = world
-    crm.records.update({f"D-{i}": deal(i) for i in range(100, 400)})
-    accept(runtime.sessions, changes(400, signed_values=False))  # each record must be read
-    reads_at_each_write: list[int] = []
-    send = crm._update_batch
-
-    def spy(object_type: str, updates: Any) -> Any:  # the CRM sees the calls in this order
-        reads_at_each_write.append(crm.reads)
-        return send(object_type, updates)
-
-    crm._update_batch = spy  # type: ignore[method-assign]
+    crm.records.update({f"D-{i}": deal(i) for i in range(100, 300)})
+    accept(runtime.sessions, changes(300, signed_values=False))  # more than one full batch
     tasks = Tasks(runtime, make_huey("memory://"))
-    assert tasks.run_inbox()["done"] == 400
-    first_batch_reads = BATCH_SIZE // crm.read_batch_limit  # a batch is whole read calls
-    assert reads_at_each_write[0] == first_batch_reads  # before the second batch was read
-    assert crm.reads == math.ceil(400 / crm.read_batch_limit)
-    assert [len(c) for c in crm.update_calls[:-1]] == [crm.batch_limit] * (len(crm.update_calls) - 1)
-    assert len(crm.update_calls) == math.ceil(400 / crm.batch_limit)
+    before = set(threading.enumerate())
+    assert tasks.run_inbox()["done"] == 300
+    helpers = [
+        t for t in set(threading.enumerate()) - before if t.name.startswith(("inbox-read", "write-behind"))
+    ]
+    assert helpers  # started by the burst ...
+    tasks.close()
+    assert not any(t.is_alive() for t in helpers)  # ... and stopped, their work done
+    assert sum(len(call) for call in crm.update_calls) == 300
 
 
 def test_the_partial_write_back_call_waits_for_the_workers_still_judging(

@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,13 @@ def event(i: int, key: str | None = None) -> RecordChangeEvent:
         changed_fields=("amount",),
         values={"amount": 1000 + i},
     )
+
+
+def claimed(runtime: Runtime) -> int:
+    """Events held by a live or expired claim (`claimed_until` set)."""
+    with runtime.sessions() as session:
+        query = select(func.count()).select_from(InboxEvent).where(InboxEvent.claimed_until.is_not(None))
+        return session.scalar(query) or 0
 
 
 def count(runtime: Runtime, model: type, **where: object) -> int:
@@ -190,14 +199,15 @@ def test_a_retriable_error_of_any_origin_is_retried_later(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["", "read-ahead"])  # the second holds a batch read ahead too
 def test_worker_killed_mid_batch_loses_nothing_and_processes_each_event_exactly_once(
-    runtime: Runtime,
+    runtime: Runtime, mode: str
 ) -> None:
     total = 600
     accept(runtime.sessions, [event(i) for i in range(total)])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "tests.kill_target", runtime.settings.database_url], env=env, cwd=ROOT
+        [sys.executable, "-m", "tests.kill_target", runtime.settings.database_url, mode], env=env, cwd=ROOT
     )
     deadline = time.time() + 60
     while count(runtime, InboxEvent, status="done") < total // 4 and time.time() < deadline:
@@ -240,8 +250,6 @@ def pass_while_arriving(
 ) -> tuple[dict[str, int], bool]:
     """One inbox pass (linger 1 s) that finds the `first` events, while each of `later`
     arrives that many seconds after the pass began."""
-    import threading
-
     from connector.storage.inbox_batch import process_in_batches
 
     accept(runtime.sessions, [event(i) for i in first])
@@ -300,3 +308,130 @@ def test_claimed_events_are_not_claimed_again_until_the_lease_ends(runtime: Runt
     # A worker that died holding a claim: its events come back when the lease ends.
     after = now + timedelta(seconds=LEASE_SECONDS + 1)
     assert [c.event.record_id for c in claim(runtime.sessions, 10, after)] == [f"D-{i}" for i in range(5)]
+
+
+class ReadAheadRecorder(BatchRecorder):
+    """Applying the last event of the first batch waits (up to 10 s) until the second batch is
+    being prepared (read), and counts the claimed events then. A pass that reads ahead claims
+    the second batch before applying the first and reads it in its reader thread, which holds
+    no lock the apply needs; a pass that reads after applying would wait here in vain."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch = batch
+        self.second_read = threading.Event()
+        self.overlapped: bool | None = None
+        self.claimed_while_applying = 0
+        self.applied = 0
+
+    def prepare_batch(self, events: list[RecordChangeEvent]) -> list[Any]:
+        if self.batches:
+            self.second_read.set()
+        return super().prepare_batch(events)
+
+    def apply(self, session: Session, event: RecordChangeEvent, prepared: Any) -> str:
+        self.applied += 1
+        if self.applied == self.batch:  # the first batch's last event, in its transaction
+            self.overlapped = self.second_read.wait(10)
+            self.claimed_while_applying = session.scalar(
+                select(func.count())
+                .select_from(InboxEvent)
+                .where(InboxEvent.status == "pending", InboxEvent.claimed_until.is_not(None))
+            )
+        return super().apply(session, event, prepared)
+
+
+def test_a_burst_s_next_batch_is_claimed_and_read_while_this_one_is_applied(runtime: Runtime) -> None:
+    from connector.storage.inbox_batch import process_in_batches
+
+    accept(runtime.sessions, [event(i) for i in range(8)])
+    processor = ReadAheadRecorder(batch=4)
+    with ThreadPoolExecutor(1) as reader:
+        outcomes, more = process_in_batches(
+            runtime.sessions,
+            processor,
+            limit=12,
+            batch_size=4,
+            max_attempts=3,
+            now=utcnow(),
+            read_ahead=reader,
+        )
+    assert (outcomes, more, processor.batches) == ({"done": 8}, False, [4, 4])
+    assert processor.overlapped is True  # the second batch was read while the first was applied
+    assert processor.claimed_while_applying == 8  # ... and claimed (by this pass) before it was read
+    assert count(runtime, InboxEvent, status="done") == 8
+
+
+def test_a_pass_that_fails_hands_back_the_batch_it_read_ahead(runtime: Runtime) -> None:
+    """Its events are due again at once for any worker, not after the lease."""
+    from connector.storage.inbox_batch import process_in_batches
+
+    def queue_down() -> None:
+        raise RuntimeError("queue down")
+
+    accept(runtime.sessions, [event(i) for i in range(8)])
+    processor = BatchRecorder()
+    with ThreadPoolExecutor(1) as reader, pytest.raises(RuntimeError, match="queue down"):
+        process_in_batches(
+            runtime.sessions, processor, limit=12, batch_size=4, max_attempts=3, now=utcnow(),
+            read_ahead=reader, after_full_batch=queue_down,
+        )  # fmt: skip
+    assert processor.batches == [4, 4]  # the second was read ahead ...
+    assert count(runtime, InboxEvent, status="done") == 4
+    assert claimed(runtime) == 0  # ... and handed back
+
+
+@pytest.mark.parametrize(("burst_seconds", "done", "more"), [(60.0, 16, False), (0.0, 8, True)])
+def test_a_burst_read_ahead_goes_on_past_the_pass_limit_for_its_burst_seconds(
+    runtime: Runtime, burst_seconds: float, done: int, more: bool
+) -> None:
+    """A batch read ahead is applied by the pass that read it, never left claimed for a later
+    pass; past `burst_seconds` a pass stops at its limit, reading nothing ahead."""
+    from connector.storage.inbox_batch import process_in_batches
+
+    accept(runtime.sessions, [event(i) for i in range(16)])
+    processor = BatchRecorder()
+    with ThreadPoolExecutor(1) as reader:
+        outcomes, left = process_in_batches(
+            runtime.sessions, processor, limit=8, batch_size=4, max_attempts=3, now=utcnow(),
+            read_ahead=reader, burst_seconds=burst_seconds,
+        )  # fmt: skip
+    assert (outcomes, left) == ({"done": done}, more)
+    assert sum(processor.batches) == done  # nothing read that was not applied
+    assert claimed(runtime) == 0
+
+
+class LeaseRecorder(BatchRecorder):
+    """Records, while applying each event, the earliest lease of the events claimed: that of
+    its own batch (a batch read ahead is claimed later; the events done hold none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leases: list[datetime] = []
+
+    def prepare_batch(self, events: list[RecordChangeEvent]) -> list[Any]:
+        time.sleep(0.5)  # a read that takes its time
+        return super().prepare_batch(events)
+
+    def apply(self, session: Session, event: RecordChangeEvent, prepared: Any) -> str:
+        self.leases.append(session.scalar(select(func.min(InboxEvent.claimed_until))))
+        return super().apply(session, event, prepared)
+
+
+def test_a_batch_s_lease_runs_from_its_claim_not_from_the_pass_s_start(runtime: Runtime) -> None:
+    """A burst's pass goes on past its limit: the lease of a batch claimed late in it still
+    covers that batch's read and apply in full."""
+    from connector.storage.inbox_batch import process_in_batches
+
+    accept(runtime.sessions, [event(i) for i in range(8)])
+    processor = LeaseRecorder()
+    now = utcnow()
+    with ThreadPoolExecutor(1) as reader:
+        process_in_batches(
+            runtime.sessions, processor, limit=4, batch_size=4, max_attempts=3, now=now,
+            read_ahead=reader, burst_seconds=60,
+        )  # fmt: skip
+    first, second = processor.leases[0], processor.leases[-1]
+    # The second batch was claimed after the first one's read (0.5 s).
+    assert first.replace(tzinfo=None) >= (now + timedelta(seconds=LEASE_SECONDS)).replace(tzinfo=None)
+    assert (second - first).total_seconds() >= 0.5
