@@ -98,6 +98,14 @@ def runtime(
     return runtime_factory(settings_factory())
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.xdist_group("services"))])
+def either(request: pytest.FixtureRequest, runtime_factory: Callable[[Settings], Runtime]) -> Runtime:
+    """SQLite's runtime, or one on a fresh PostgreSQL schema: a test that takes it runs on both."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("runtime")  # type: ignore[no-any-return]
+    return runtime_factory(Settings(database_url=request.getfixturevalue("pg_url")))
+
+
 @pytest.fixture
 def app_factory() -> Callable[[Runtime], Flask]:
     from webhooks.app import create_app

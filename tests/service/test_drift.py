@@ -107,14 +107,9 @@ def org() -> Iterator[FakeOrg]:
         yield fake
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.xdist_group("services"))])
-def sf(
-    request: pytest.FixtureRequest, runtime_factory: Callable[[Settings], Runtime], org: FakeOrg
-) -> Runtime:
-    if request.param == "sqlite":
-        runtime: Runtime = request.getfixturevalue("runtime")
-    else:
-        runtime = runtime_factory(Settings(database_url=request.getfixturevalue("pg_url")))
+@pytest.fixture
+def sf(either: Runtime, org: FakeOrg) -> Runtime:
+    runtime = either
     connections = parse_connections(ENV)
     adapter = SalesforceAdapter.from_config(connections[CONNECTION], Settings(connections=connections))
     adapter.retry = RetryPolicy(attempts=3, sleep=lambda _seconds: None)

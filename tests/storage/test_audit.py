@@ -45,13 +45,6 @@ POSTGRES_TRIGGERS = {
 }
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.xdist_group("services"))])
-def db(request: pytest.FixtureRequest, runtime_factory: Callable[[Settings], Runtime]) -> Runtime:
-    if request.param == "sqlite":
-        return request.getfixturevalue("runtime")  # type: ignore[no-any-return]
-    return runtime_factory(Settings(database_url=request.getfixturevalue("pg_url")))
-
-
 def history(runtime: Runtime) -> None:
     """Six entries in three transactions, with the values JSON and the backends round differently."""
     with transaction(runtime.sessions) as session:
@@ -117,57 +110,59 @@ def add_raw(runtime: Runtime, values: dict[str, Any], conflict: str | None = Non
 # --- an honest history verifies ---------------------------------------------------------
 
 
-def test_a_normal_history_verifies_and_the_head_names_the_last_row(db: Runtime) -> None:
-    history(db)
-    result = verify(db.sessions)
+def test_a_normal_history_verifies_and_the_head_names_the_last_row(either: Runtime) -> None:
+    history(either)
+    result = verify(either.sessions)
     assert result.ok, result.problem
     assert result.rows == 6
-    with db.sessions() as session:
+    with either.sessions() as session:
         ids = list(session.scalars(select(AuditEntry.id).order_by(AuditEntry.id)))
         head = chain_head(session)
     assert ids == [1, 2, 3, 4, 5, 6]  # consecutive: each row is the head id + 1
-    assert head == ChainHead(6, row(db, 6)["row_hash"])
-    assert row(db, 1)["prev_hash"] == GENESIS_HASH
-    assert all(row(db, n)["prev_hash"] == row(db, n - 1)["row_hash"] for n in range(2, 7))
-    assert verify(db.sessions, [head, ChainHead(3, row(db, 3)["row_hash"])]).ok  # type: ignore[list-item]
+    assert head == ChainHead(6, row(either, 6)["row_hash"])
+    assert row(either, 1)["prev_hash"] == GENESIS_HASH
+    assert all(row(either, n)["prev_hash"] == row(either, n - 1)["row_hash"] for n in range(2, 7))
+    assert verify(either.sessions, [head, ChainHead(3, row(either, 3)["row_hash"])]).ok  # type: ignore[list-item]
 
 
-def test_verify_reads_in_pages(db: Runtime) -> None:
-    history(db)
-    assert verify(db.sessions, page_size=2).rows == 6
+def test_verify_reads_in_pages(either: Runtime) -> None:
+    history(either)
+    assert verify(either.sessions, page_size=2).rows == 6
     execute(
-        db,
-        "DROP TRIGGER audit_log_append_only ON audit_log" if _pg(db) else "DROP TRIGGER audit_log_no_delete",
+        either,
+        "DROP TRIGGER audit_log_append_only ON audit_log"
+        if _pg(either)
+        else "DROP TRIGGER audit_log_no_delete",
     )
-    execute(db, "DELETE FROM audit_log WHERE id = 5")
-    result = verify(db.sessions, page_size=2)
+    execute(either, "DELETE FROM audit_log WHERE id = 5")
+    result = verify(either.sessions, page_size=2)
     assert (result.bad_id, result.rows) == (5, 4)
 
 
-def test_entries_of_a_rolled_back_transaction_or_savepoint_are_not_written(db: Runtime) -> None:
-    with pytest.raises(RuntimeError), transaction(db.sessions) as session:
+def test_entries_of_a_rolled_back_transaction_or_savepoint_are_not_written(either: Runtime) -> None:
+    with pytest.raises(RuntimeError), transaction(either.sessions) as session:
         audit.record(session, "vote", actor="u-1")
         raise RuntimeError("the vote failed")
-    with transaction(db.sessions) as session:
+    with transaction(either.sessions) as session:
         audit.record(session, "vote", actor="kept-before")
         savepoint = session.begin_nested()
         audit.record(session, "vote", actor="rolled-back")
         savepoint.rollback()
         with session.begin_nested():
             audit.record(session, "vote", actor="kept-in-savepoint")
-    with db.sessions() as session:
+    with either.sessions() as session:
         actors = list(session.scalars(select(AuditEntry.actor).order_by(AuditEntry.id)))
     assert actors == ["kept-before", "kept-in-savepoint"]
-    assert verify(db.sessions).ok
+    assert verify(either.sessions).ok
 
 
-def test_concurrent_writers_do_not_fork_the_chain(db: Runtime) -> None:
+def test_concurrent_writers_do_not_fork_the_chain(either: Runtime) -> None:
     errors: list[BaseException] = []
 
     def write(worker: int) -> None:
         try:
             for n in range(15):
-                with transaction(db.sessions) as session:
+                with transaction(either.sessions) as session:
                     audit.record(session, "vote", actor=f"w{worker}", n=n)
                     audit.record(session, "transition", actor=f"w{worker}", n=n)
         except BaseException as exc:  # surfaced by the assertion below
@@ -179,7 +174,7 @@ def test_concurrent_writers_do_not_fork_the_chain(db: Runtime) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    result = verify(db.sessions)
+    result = verify(either.sessions)
     assert result.ok, result.problem
     assert result.rows == 120 and result.head is not None and result.head.id == 120
 
@@ -187,19 +182,19 @@ def test_concurrent_writers_do_not_fork_the_chain(db: Runtime) -> None:
 # --- the database refuses rewrites ------------------------------------------------------
 
 
-def test_update_delete_and_replace_by_id_are_refused(db: Runtime) -> None:
-    history(db)
+def test_update_delete_and_replace_by_id_are_refused(either: Runtime) -> None:
+    history(either)
     refused = [
         "UPDATE audit_log SET actor = 'someone else' WHERE id = 3",
         "DELETE FROM audit_log WHERE id = 3",
     ]
     for sql in refused:
         with pytest.raises(DatabaseError, match="append-only"):
-            execute(db, sql)
-    replacement = {**row(db, 3), "actor": "someone else"}
+            execute(either, sql)
+    replacement = {**row(either, 3), "actor": "someone else"}
     with pytest.raises(DatabaseError, match="append-only"):
-        if _pg(db):
-            with db.engine.begin() as conn:
+        if _pg(either):
+            with either.engine.begin() as conn:
                 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
                 stmt = pg_insert(AuditEntry.__table__).values(replacement)
@@ -207,51 +202,51 @@ def test_update_delete_and_replace_by_id_are_refused(db: Runtime) -> None:
                     stmt.on_conflict_do_update(index_elements=["id"], set_={"actor": "someone else"})
                 )
         else:
-            add_raw(db, replacement, "REPLACE")
-    if not _pg(db):
+            add_raw(either, replacement, "REPLACE")
+    if not _pg(either):
         for conflict in ("REPLACE", "IGNORE"):
             with pytest.raises(DatabaseError, match="may not replace"):
-                add_raw(db, replacement, conflict)
-    assert row(db, 3)["actor"] == "u-mgr-boris"
-    assert verify(db.sessions).ok
+                add_raw(either, replacement, conflict)
+    assert row(either, 3)["actor"] == "u-mgr-boris"
+    assert verify(either.sessions).ok
 
 
-def test_inserts_that_do_not_extend_the_head_are_refused(db: Runtime) -> None:
-    history(db)
-    head = ChainHead(6, row(db, 6)["row_hash"])
+def test_inserts_that_do_not_extend_the_head_are_refused(either: Runtime) -> None:
+    history(either)
+    head = ChainHead(6, row(either, 6)["row_hash"])
     for values in (
-        forged(db, 7, "f" * 64),  # wrong link
-        forged(db, 9, head.hash),  # skips ids
+        forged(either, 7, "f" * 64),  # wrong link
+        forged(either, 9, head.hash),  # skips ids
     ):
         with pytest.raises(DatabaseError, match="append-only"):
-            add_raw(db, values)
+            add_raw(either, values)
     with pytest.raises(DatabaseError, match="append-only"):
-        execute(db, "UPDATE audit_chain_head SET last_id = 2")
+        execute(either, "UPDATE audit_chain_head SET last_id = 2")
     with pytest.raises(DatabaseError, match="append-only"):
-        execute(db, "DELETE FROM audit_chain_head")
-    assert verify(db.sessions).ok
+        execute(either, "DELETE FROM audit_chain_head")
+    assert verify(either.sessions).ok
 
 
-def test_a_multi_row_insert_with_one_row_out_of_chain_lands_no_row(db: Runtime) -> None:
+def test_a_multi_row_insert_with_one_row_out_of_chain_lands_no_row(either: Runtime) -> None:
     """SQLite checks each row as it goes in, PostgreSQL the statement's rows at its end
     (migration 0022): either way one bad row in the middle refuses the whole statement and
     leaves the head where it was; the same rows properly chained move it to the last."""
-    history(db)
-    head = current_head(db)
+    history(either)
+    head = current_head(either)
     assert head is not None
-    first = forged(db, 7, head.hash)
-    bad = forged(db, 8, "f" * 64)
-    after_bad = forged(db, 9, bad["row_hash"])
-    with pytest.raises(DatabaseError, match="append-only"), db.engine.begin() as conn:
+    first = forged(either, 7, head.hash)
+    bad = forged(either, 8, "f" * 64)
+    after_bad = forged(either, 9, bad["row_hash"])
+    with pytest.raises(DatabaseError, match="append-only"), either.engine.begin() as conn:
         conn.execute(insert(AuditEntry.__table__).values([first, bad, after_bad]))
-    assert current_head(db) == head
-    assert verify(db.sessions).rows == 6
-    second = forged(db, 8, first["row_hash"])
-    third = forged(db, 9, second["row_hash"])
-    with db.engine.begin() as conn:
+    assert current_head(either) == head
+    assert verify(either.sessions).rows == 6
+    second = forged(either, 8, first["row_hash"])
+    third = forged(either, 9, second["row_hash"])
+    with either.engine.begin() as conn:
         conn.execute(insert(AuditEntry.__table__).values([first, second, third]))
-    assert current_head(db) == ChainHead(9, third["row_hash"])
-    result = verify(db.sessions)
+    assert current_head(either) == ChainHead(9, third["row_hash"])
+    result = verify(either.sessions)
     assert result.ok and result.rows == 9
 
 
@@ -273,126 +268,128 @@ def test_truncate_is_refused_on_postgres(pg_url: str, runtime_factory: Callable[
 # --- what someone who dropped the triggers did, verify finds ----------------------------
 
 
-def test_an_update_is_found(db: Runtime) -> None:
-    history(db)
-    drop_triggers(db)
-    execute(db, "UPDATE audit_log SET actor = 'u-gm-carla' WHERE id = 3")
-    result = verify(db.sessions)
+def test_an_update_is_found(either: Runtime) -> None:
+    history(either)
+    drop_triggers(either)
+    execute(either, "UPDATE audit_log SET actor = 'u-gm-carla' WHERE id = 3")
+    result = verify(either.sessions)
     assert not result.ok and result.bad_id == 3 and "changed" in (result.problem or "")
     assert result.rows == 2
 
 
-def test_an_update_with_a_recomputed_hash_is_found(db: Runtime) -> None:
-    history(db)
-    drop_triggers(db)
-    rewritten = {**row(db, 3), "actor": "u-gm-carla"}
+def test_an_update_with_a_recomputed_hash_is_found(either: Runtime) -> None:
+    history(either)
+    drop_triggers(either)
+    rewritten = {**row(either, 3), "actor": "u-gm-carla"}
     execute(
-        db, "UPDATE audit_log SET actor = 'u-gm-carla', row_hash = :h WHERE id = 3", h=row_hash(rewritten)
+        either, "UPDATE audit_log SET actor = 'u-gm-carla', row_hash = :h WHERE id = 3", h=row_hash(rewritten)
     )
-    result = verify(db.sessions)
+    result = verify(either.sessions)
     assert result.bad_id == 3 and "rewritten" in (result.problem or "")
 
 
-def test_a_replace_by_id_is_found(db: Runtime) -> None:
-    history(db)
-    drop_triggers(db)
-    replacement = {**row(db, 3), "detail": {"decision": "reject"}}
-    if _pg(db):
-        execute(db, "DELETE FROM audit_log WHERE id = 3")
-        add_raw(db, replacement)
+def test_a_replace_by_id_is_found(either: Runtime) -> None:
+    history(either)
+    drop_triggers(either)
+    replacement = {**row(either, 3), "detail": {"decision": "reject"}}
+    if _pg(either):
+        execute(either, "DELETE FROM audit_log WHERE id = 3")
+        add_raw(either, replacement)
     else:
-        add_raw(db, replacement, "REPLACE")
-    assert row(db, 3)["detail"] == {"decision": "reject"}
-    result = verify(db.sessions)
+        add_raw(either, replacement, "REPLACE")
+    assert row(either, 3)["detail"] == {"decision": "reject"}
+    result = verify(either.sessions)
     assert result.bad_id == 3 and "changed" in (result.problem or "")
 
 
-def test_a_delete_is_found(db: Runtime) -> None:
-    history(db)
-    drop_triggers(db)
-    execute(db, "DELETE FROM audit_log WHERE id IN (3, 4)")
-    result = verify(db.sessions)
+def test_a_delete_is_found(either: Runtime) -> None:
+    history(either)
+    drop_triggers(either)
+    execute(either, "DELETE FROM audit_log WHERE id IN (3, 4)")
+    result = verify(either.sessions)
     assert result.bad_id == 3 and "3-4 deleted" in (result.problem or "")
     assert result.rows == 2
 
 
-def test_deleting_the_first_row_is_found(db: Runtime) -> None:
-    history(db)
-    drop_triggers(db)
-    execute(db, "DELETE FROM audit_log WHERE id = 1")
-    assert verify(db.sessions).bad_id == 2
+def test_deleting_the_first_row_is_found(either: Runtime) -> None:
+    history(either)
+    drop_triggers(either)
+    execute(either, "DELETE FROM audit_log WHERE id = 1")
+    assert verify(either.sessions).bad_id == 2
 
 
-def test_deleting_the_tail_is_found_against_the_recorded_head(db: Runtime) -> None:
-    history(db)
-    drop_triggers(db)
-    execute(db, "DELETE FROM audit_log WHERE id > 4")
-    result = verify(db.sessions)
+def test_deleting_the_tail_is_found_against_the_recorded_head(either: Runtime) -> None:
+    history(either)
+    drop_triggers(either)
+    execute(either, "DELETE FROM audit_log WHERE id > 4")
+    result = verify(either.sessions)
     assert result.bad_id == 6 and "ends at row 4" in (result.problem or "")
 
 
-def test_emptying_the_log_is_found(db: Runtime) -> None:
-    history(db)
-    drop_triggers(db)
-    if _pg(db):
-        execute(db, "TRUNCATE audit_log")
+def test_emptying_the_log_is_found(either: Runtime) -> None:
+    history(either)
+    drop_triggers(either)
+    if _pg(either):
+        execute(either, "TRUNCATE audit_log")
     else:
-        execute(db, "DELETE FROM audit_log")
-    result = verify(db.sessions)
+        execute(either, "DELETE FROM audit_log")
+    result = verify(either.sessions)
     assert result.bad_id == 6 and "is empty" in (result.problem or "")
 
 
 def test_cutting_the_tail_and_rewinding_the_head_is_found_only_against_an_external_anchor(
-    db: Runtime,
+    either: Runtime,
 ) -> None:
-    history(db)
-    anchor = ChainHead(6, row(db, 6)["row_hash"])  # what `audit head` printed to the WORM log
-    drop_triggers(db)
-    execute(db, "DELETE FROM audit_log WHERE id > 4")
-    execute(db, "UPDATE audit_chain_head SET last_id = 4, last_hash = :h", h=row(db, 4)["row_hash"])
-    assert verify(db.sessions).ok  # consistent in itself: hence the anchor outside the database
-    result = verify(db.sessions, [anchor])
+    history(either)
+    anchor = ChainHead(6, row(either, 6)["row_hash"])  # what `audit head` printed to the WORM log
+    drop_triggers(either)
+    execute(either, "DELETE FROM audit_log WHERE id > 4")
+    execute(either, "UPDATE audit_chain_head SET last_id = 4, last_hash = :h", h=row(either, 4)["row_hash"])
+    assert verify(either.sessions).ok  # consistent in itself: hence the anchor outside the database
+    result = verify(either.sessions, [anchor])
     assert result.bad_id == 6 and "external anchor" in (result.problem or "")
 
 
-def test_a_rewritten_chain_is_found_against_an_external_anchor(db: Runtime) -> None:
-    history(db)
-    anchor = ChainHead(6, row(db, 6)["row_hash"])
-    drop_triggers(db)
+def test_a_rewritten_chain_is_found_against_an_external_anchor(either: Runtime) -> None:
+    history(either)
+    anchor = ChainHead(6, row(either, 6)["row_hash"])
+    drop_triggers(either)
     previous = GENESIS_HASH
     for n in range(1, 7):  # change row 2 and recompute every hash after it, head included
-        values = row(db, n)
+        values = row(either, n)
         if n == 2:
             values["actor"] = "forger"
         values["prev_hash"] = previous
         values["row_hash"] = previous = row_hash(values)
         execute(
-            db,
+            either,
             "UPDATE audit_log SET actor = :actor, prev_hash = :p, row_hash = :h WHERE id = :id",
             actor=values["actor"],
             p=values["prev_hash"],
             h=values["row_hash"],
             id=n,
         )
-    execute(db, "UPDATE audit_chain_head SET last_hash = :h", h=previous)
-    assert verify(db.sessions).ok
-    result = verify(db.sessions, [anchor])
+    execute(either, "UPDATE audit_chain_head SET last_hash = :h", h=previous)
+    assert verify(either.sessions).ok
+    result = verify(either.sessions, [anchor])
     assert result.bad_id == 6 and "rewritten" in (result.problem or "")
 
 
-def test_a_row_inserted_at_the_end_is_found(db: Runtime) -> None:
-    history(db)
-    drop_triggers(db)
-    add_raw(db, forged(db, 7, row(db, 6)["row_hash"], actor="forger"))  # links and hashes correctly
-    result = verify(db.sessions)
+def test_a_row_inserted_at_the_end_is_found(either: Runtime) -> None:
+    history(either)
+    drop_triggers(either)
+    add_raw(
+        either, forged(either, 7, row(either, 6)["row_hash"], actor="forger")
+    )  # links and hashes correctly
+    result = verify(either.sessions)
     assert result.bad_id == 7 and "beyond the chain head" in (result.problem or "")
 
 
-def test_a_row_inserted_with_a_made_up_hash_is_found(db: Runtime) -> None:
-    history(db)
-    drop_triggers(db)
-    add_raw(db, {**forged(db, 7, row(db, 6)["row_hash"]), "row_hash": "e" * 64})
-    assert verify(db.sessions).bad_id == 7
+def test_a_row_inserted_with_a_made_up_hash_is_found(either: Runtime) -> None:
+    history(either)
+    drop_triggers(either)
+    add_raw(either, {**forged(either, 7, row(either, 6)["row_hash"]), "row_hash": "e" * 64})
+    assert verify(either.sessions).bad_id == 7
 
 
 def test_a_row_inserted_into_a_gap_of_old_rows_is_found(tmp_path: Path) -> None:
@@ -423,13 +420,16 @@ def test_a_row_inserted_into_a_gap_of_old_rows_is_found(tmp_path: Path) -> None:
         runtime.close()
 
 
-def test_a_deleted_head_row_is_found(db: Runtime) -> None:
-    history(db)
-    drop_triggers(db)
-    execute(db, "DELETE FROM audit_chain_head")
-    result = verify(db.sessions)
+def test_a_deleted_head_row_is_found(either: Runtime) -> None:
+    history(either)
+    drop_triggers(either)
+    execute(either, "DELETE FROM audit_chain_head")
+    result = verify(either.sessions)
     assert not result.ok and "chain head" in (result.problem or "")
-    with pytest.raises(RuntimeError, match="chain head row is missing"), transaction(db.sessions) as session:
+    with (
+        pytest.raises(RuntimeError, match="chain head row is missing"),
+        transaction(either.sessions) as session,
+    ):
         audit.record(session, "vote")
 
 
@@ -478,18 +478,18 @@ def _pg(runtime: Runtime) -> bool:
     return runtime.engine.dialect.name == "postgresql"
 
 
-def test_the_migration_downgrades_to_plain_append_only_and_upgrades_again(db: Runtime) -> None:
+def test_the_migration_downgrades_to_plain_append_only_and_upgrades_again(either: Runtime) -> None:
     from alembic import command
 
     from connector.storage.migrate import alembic_config
 
-    history(db)
-    url = db.settings.database_url
+    history(either)
+    url = either.settings.database_url
     command.downgrade(alembic_config(url), "0001")
     with pytest.raises(DatabaseError, match="append-only"):
-        execute(db, "DELETE FROM audit_log")
+        execute(either, "DELETE FROM audit_log")
     upgrade(url)
-    result = verify(db.sessions)
+    result = verify(either.sessions)
     assert result.ok and result.rows == 6
 
 

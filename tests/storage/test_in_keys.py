@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import pytest
 from sqlalchemy import event, select
 
 from connector.clock import utcnow
-from connector.config import Settings
 from connector.runtime import Runtime
 from connector.storage.db import in_keys, transaction
 from connector.storage.models import RecordSnapshot
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.xdist_group("services"))])
-def either(request: pytest.FixtureRequest, runtime_factory: Callable[[Settings], Runtime]) -> Runtime:
-    if request.param == "sqlite":
-        return request.getfixturevalue("runtime")  # type: ignore[no-any-return]
-    return runtime_factory(Settings(database_url=request.getfixturevalue("pg_url")))
 
 
 def test_in_keys_finds_exactly_the_rows_of_the_keys_with_one_statement_text(either: Runtime) -> None:

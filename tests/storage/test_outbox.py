@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from connector import errors
 from connector.clock import utcnow
-from connector.config import ConfigError, Settings
+from connector.config import ConfigError
 from connector.crm.base import RecordUpdate, UpdateResult
 from connector.crm.retry import NO_WAIT
 from connector.runtime import Runtime
@@ -76,14 +76,6 @@ def test_a_call_s_results_are_recorded_in_a_few_statements_not_per_record(runtim
     # look-ups, the claim, the call's rows read once and updated in one executemany, the
     # audit: 17 in all; one select and one update per record made it 135
     assert len(statements) <= 25, statements
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.xdist_group("services"))])
-def either(request: pytest.FixtureRequest, runtime_factory: Callable[[Settings], Runtime]) -> Runtime:
-    """SQLite's runtime, or one on a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        return request.getfixturevalue("runtime")  # type: ignore[no-any-return]
-    return runtime_factory(Settings(database_url=request.getfixturevalue("pg_url")))
 
 
 def test_a_row_is_tried_once_per_flush_even_when_due_again_at_once(either: Runtime) -> None:
