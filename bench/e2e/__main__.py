@@ -46,7 +46,7 @@ from typing import Any
 import requests
 
 from bench.deliveries import HUBSPOT_BATCH, HUBSPOT_SECRET, SECRET, hubspot_delivery, signed_delivery
-from bench.ingest.__main__ import free_port
+from bench.ingest.__main__ import cpu_seconds, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -63,12 +63,6 @@ def wait_http(url: str, seconds: float = 30) -> None:
         except requests.RequestException:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer within {seconds:.0f} s")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_idle(pids: list[int], quiet: float = 1.0, seconds: float = 120) -> None:

@@ -107,12 +107,17 @@ def database_cpu_since(database_url: str, before: dict[str, float]) -> float:
 
 
 def processes_cpu(pids: list[str]) -> float:
-    ticks = 0
+    total = 0.0
     for pid in pids:
         with contextlib.suppress(OSError):  # a process that just exited
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+            total += cpu_seconds(pid)
+    return total
+
+
+def cpu_seconds(pid: int | str) -> float:
+    """User + system CPU time of a process so far (Linux /proc); OSError once it is gone."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu() -> float:
