@@ -234,9 +234,15 @@ def sign_in(stack: Stack, user_id: str) -> None:
     from selenium.webdriver.common.by import By
 
     driver = stack.driver
-    driver.delete_all_cookies()
-    driver.get(f"{stack.base}/")
-    assert "/app/sign-in" in driver.current_url
+
+    def signed_out() -> bool:
+        # Again until it holds: a navigation still in flight from the last step can set the
+        # session cookie again after it was cleared.
+        driver.delete_all_cookies()
+        driver.get(f"{stack.base}/")
+        return "/app/sign-in" in driver.current_url
+
+    wait_for("the sign-in page once the cookies are cleared", signed_out)
     email = email_of_user(stack.runtime, user_id)
     before = len(mails_to(stack, user_id))
     driver.find_element(By.ID, "email").send_keys(email)
