@@ -25,6 +25,7 @@ With --redis-url the given Redis database is the queue and is FLUSHED before eac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import math
@@ -46,12 +47,44 @@ from typing import Any
 import requests
 
 from bench.deliveries import HUBSPOT_BATCH, HUBSPOT_SECRET, SECRET, hubspot_delivery, signed_delivery
-from bench.ingest.__main__ import cpu_seconds, free_port
+from bench.ingest.__main__ import cpu_seconds, database_cpu, database_cpu_since, free_port, processes_cpu
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 LIMIT = 100  # the read and write batch limit of both CRMs (sandbox; HubSpot batch read/update)
 Deliveries = list[tuple[bytes, dict[str, str]]]
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds so far of a process and its live descendants (a gunicorn master and its
+    workers, say), from /proc (Linux; 0 elsewhere)."""
+    pids, seen = [str(pid)], 0
+    while seen < len(pids):
+        for task in Path(f"/proc/{pids[seen]}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                pids.extend((task / "children").read_text().split())
+        seen += 1
+    return processes_cpu(pids)
+
+
+class CpuByParty:
+    """Each party's CPU seconds between two readings: the web server, the workers, the CRM
+    stand-in and, on a PostgreSQL of this host, the database. On a machine whose cores they
+    all share, their sum per record bounds what any number of workers can reach."""
+
+    def __init__(self, parties: dict[str, list[int]], database_url: str | None) -> None:
+        self.parties, self.database_url = parties, database_url
+        self.before = self._read()
+        self.database_before = database_cpu(database_url) if database_url else {}
+
+    def _read(self) -> dict[str, float]:
+        return {name: sum(tree_cpu(pid) for pid in pids) for name, pids in self.parties.items()}
+
+    def since(self) -> dict[str, float]:
+        used = {name: seconds - self.before[name] for name, seconds in self._read().items()}
+        if self.database_url:
+            used["database"] = database_cpu_since(self.database_url, self.database_before)
+        return used
 
 
 def wait_http(url: str, seconds: float = 30) -> None:
@@ -197,7 +230,9 @@ def ceiling_seconds(crm: Crm, standin: str, total: int) -> float:
     return elapsed
 
 
-def run_once(args: argparse.Namespace, tmp: Path, workers: int, standin: str) -> dict[str, Any]:
+def run_once(
+    args: argparse.Namespace, tmp: Path, workers: int, standin: str, standin_pid: int
+) -> dict[str, Any]:
     crm: Crm = CRMS[args.crm]
     run = f"w{workers}"
     database_url, schema = fresh_database(args.database_url, tmp, run)
@@ -246,6 +281,10 @@ def run_once(args: argparse.Namespace, tmp: Path, workers: int, standin: str) ->
         # Signed before the clock starts: signing is the CRM's work, on its own machine, not
         # ours (here it would take the cores the server and workers share).
         deliveries = crm.sign(args.records, env["PUBLIC_BASE_URL"])
+        cpu = CpuByParty(
+            {"server": [procs[0].pid], "workers": [p.pid for p in procs[1:]], "stand-in": [standin_pid]},
+            args.database_url,
+        )
         start = time.time()
         poster_cpu = time.process_time()
         accepted = post_all(env["PUBLIC_BASE_URL"] + crm.webhook_path, deliveries, args.concurrency)
@@ -258,6 +297,7 @@ def run_once(args: argparse.Namespace, tmp: Path, workers: int, standin: str) ->
             if stats["records_written"] >= args.records:
                 break
             time.sleep(0.2)
+        cpu_used = {"poster": poster_cpu, **cpu.since()}
         time.sleep(1.0)  # a straggling duplicate write would land now
         stats = requests.get(f"{standin}/stats", timeout=5).json()
     finally:
@@ -277,6 +317,7 @@ def run_once(args: argparse.Namespace, tmp: Path, workers: int, standin: str) ->
         "accepted": accepted,
         "post_s": posted,
         "post_cpu_s": poster_cpu,
+        "cpu_s": cpu_used,
         "complete": done,
         "seconds": elapsed,
         "records_per_s": args.records / elapsed if done else 0.0,
@@ -331,7 +372,7 @@ def main() -> None:
     try:
         wait_http(f"{standin}/stats")
         ceiling = ceiling_seconds(crm, standin, args.records)
-        rows = [run_once(args, tmp, int(w), standin) for w in args.workers.split(",")]
+        rows = [run_once(args, tmp, int(w), standin, standin_proc.pid) for w in args.workers.split(",")]
     finally:
         standin_proc.terminate()
         standin_proc.wait()
@@ -375,6 +416,16 @@ def main() -> None:
             f"(the poster's CPU {row['post_cpu_s']:.2f} s); other reads (drift repair) "
             f"{row['other_reads']}; ids per read call {row['read_sizes']}; records per write call "
             f"{row['write_sizes']}"
+        )
+    for row in rows:
+        used = row["cpu_s"]
+        per_record = {name: seconds / args.records * 1000 for name, seconds in used.items()}
+        total = sum(per_record.values())
+        print(
+            f"{row['workers']} workers: CPU ms per record: "
+            + ", ".join(f"{name} {ms:.2f}" for name, ms in per_record.items())
+            + f"; in all {total:.2f}, so {os.cpu_count()} cores allow at most "
+            f"{(os.cpu_count() or 1) * 1000 / total:.0f} records/s at this cost"
         )
     print(
         f"load average (1 min) at the start {load_before:.1f}, at the end "

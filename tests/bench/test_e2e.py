@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,9 +22,9 @@ import requests
 from flask import Flask
 
 from bench.deliveries import HUBSPOT_SECRET, hubspot_delivery
-from bench.e2e.__main__ import CRMS, ceiling_seconds, hubspot_id, overlap, sign_hubspot
+from bench.e2e.__main__ import CRMS, ceiling_seconds, hubspot_id, overlap, sign_hubspot, tree_cpu
 from bench.e2e.crm_standin import apis, serve
-from bench.ingest.__main__ import free_port
+from bench.ingest.__main__ import cpu_seconds, free_port
 from connector.crm.base import RecordUpdate
 from connector.crm.hubspot import HubSpotAdapter
 from connector.events import RecordChangeEvent
@@ -198,3 +200,26 @@ def test_a_small_run_of_the_bench_lands_every_write_back_at_ceil_n_over_100_call
     assert done == "True"
     assert int(reads) == int(writes) == int(min_reads) == int(min_writes) == math.ceil(150 / 100)
     assert duplicated == "0"
+    cpu_line = r"^1 workers: CPU ms per record: poster (\S+), server (\S+), workers (\S+), stand-in (\S+);"
+    cpu = re.search(cpu_line, out, re.M)
+    assert cpu is not None, out
+    assert all(float(ms) > 0 for ms in cpu.groups()[1:3]), out  # the server and the worker did the work
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads CPU time from Linux's /proc")
+def test_tree_cpu_counts_a_process_and_its_children() -> None:
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    burn += "time.sleep(30)"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and tree_cpu(parent.pid) - cpu_seconds(parent.pid) < 0.3:
+            time.sleep(0.1)
+        assert tree_cpu(parent.pid) - cpu_seconds(parent.pid) >= 0.3  # the child's burn, counted
+    finally:
+        for child in Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split():
+            os.kill(int(child), 9)
+        parent.kill()
+        parent.wait()
