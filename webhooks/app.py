@@ -7,7 +7,8 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Request, Response, jsonify, request
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wsgi import get_content_length
@@ -33,6 +34,7 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
     if tasks is None:
         tasks = Tasks(runtime, make_huey(runtime.settings.queue_url))
     app = Flask("crm_approvals")
+    app.session_interface = WebhookSessionless()
     app.config["MAX_CONTENT_LENGTH"] = runtime.settings.webhook_max_body_bytes
     app.wsgi_app = BoundedChunkedBody(app.wsgi_app, runtime.settings.webhook_max_body_bytes)  # type: ignore[method-assign]
     app.extensions["crm_approvals"] = Intake(runtime, tasks)
@@ -59,6 +61,20 @@ def create_app(runtime: Runtime | None = None, tasks: Tasks | None = None) -> Fl
             refresh_mappings(runtime.mappings)
 
     return app
+
+
+class WebhookSessionless(SecureCookieSessionInterface):
+    """Signed-cookie sessions (the web app's sign-in), except on the CRM intakes: a request to
+    /webhooks/... gets Flask's null session, so its cookies are not parsed nor its session
+    signature checked, and nothing is saved after it. Webhooks authenticate each delivery by
+    its signature and never use a session; the answers are the same (no Set-Cookie either way),
+    it only saves the CPU (with SECRET_KEY set, building the signing serializer and reading the
+    cookies cost about a fifth of an intake request's CPU in Flask; bench/ingest)."""
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        if request.path.startswith("/webhooks/"):
+            return self.make_null_session(app)
+        return super().open_session(app, request)
 
 
 class BoundedChunkedBody:

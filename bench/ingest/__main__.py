@@ -191,6 +191,8 @@ def main() -> None:
         "CRM_CONNECTIONS": "sandbox",
         "SANDBOX_WEBHOOK_SECRET": SECRET,
         "LOG_LEVEL": "WARNING",
+        # as in production (`crm-approvals init` writes one): with it, Flask signs sessions
+        "SECRET_KEY": "bench-ingest-" + "k" * 40,
         "PYTHONPATH": str(ROOT),
     }
     subprocess.run(

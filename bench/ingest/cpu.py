@@ -51,6 +51,7 @@ def main() -> None:
             "CRM_CONNECTIONS": "sandbox",
             "SANDBOX_WEBHOOK_SECRET": SECRET,
             "LOG_LEVEL": "WARNING",
+            "SECRET_KEY": "bench-ingest-" + "k" * 40,  # as in production, and bench.ingest
         }
     )
     from bench.ingest.ceiling_app import app as ceiling

@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -22,7 +22,7 @@ from connector.events import RecordChangeEvent
 from connector.runtime import Runtime
 from connector.storage.db import normalize_url, transaction, writer_lock
 from connector.storage.inbox import GroupCommitInbox, _write_batch
-from connector.storage.inbox_writer import InboxWriter
+from connector.storage.inbox_writer import SQLITE_CHUNK, InboxWriter
 from connector.storage.models import InboxEvent
 
 
@@ -33,7 +33,7 @@ def event(i: int, *, content_hash: str | None = None, **values: Any) -> RecordCh
         object_type="deal",
         record_id=f"D-{i}",
         event_id=f"msg-{i}",
-        occurred_at=datetime(2026, 11, 23, 10, 0, i, 123456, tzinfo=UTC),
+        occurred_at=datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=UTC) + timedelta(seconds=i),
         dedupe_key=f"sandbox:std:msg-{i}",
         changed_fields=("amount", "stage"),
         values=values or {"amount": 1000 + i, "stage": "Négociation", "nested": {"list": [1, 2.5, None]}},
@@ -334,3 +334,42 @@ def test_many_concurrent_deliveries_are_each_answered_once(any_runtime: Runtime)
     assert {(r.accepted, r.duplicates) for r in results.values()} == {(1, 1)}
     assert not inbox._writing and not inbox._queue
     assert len(stored(any_runtime)) == 60
+
+
+def test_a_batch_larger_than_a_chunk_stores_every_row_exactly_once_in_order(any_runtime: Runtime) -> None:
+    """SQLite writes a batch as multi-row INSERTs of SQLITE_CHUNK rows: a batch spanning three
+    of them (the last one short), some of its keys stored before, stores each new row exactly
+    as the Core path does, in the batch's order, and reports exactly the new keys."""
+    count = 2 * SQLITE_CHUNK + 14
+    _write_batch(any_runtime.sessions, [[event(i, content_hash=f"{i:064x}")] for i in (5, 60, 120)])
+    batch = [event(i, content_hash=f"{i:064x}") for i in range(count)]
+    writer = InboxWriter(any_runtime.engine)
+    results = _write_batch(any_runtime.sessions, [[e] for e in batch], writer)
+    assert [(r.accepted, r.duplicates, r.conflicts) for r in results] == [
+        (0, 1, ()) if i in (5, 60, 120) else (1, 0, ()) for i in range(count)
+    ]
+    rows = stored(any_runtime)
+    assert len(rows) == count
+    for i in range(count):
+        e = batch[i]
+        assert rows[f"D-{i}"] == {
+            "source": "sandbox",
+            "connection": "sandbox",
+            "object_type": "deal",
+            "record_id": f"D-{i}",
+            "event_id": f"msg-{i}",
+            "change_type": "updated",
+            "changed_fields": ["amount", "stage"],
+            "values": {"amount": 1000 + i, "stage": "Négociation", "nested": {"list": [1, 2.5, None]}},
+            "origin": "api",
+            "values_signed": bool(i % 2),
+            "occurred_at": e.occurred_at,
+            "status": "pending",
+            "attempts": 0,
+            "content_hash": f"{i:064x}",
+            "next_attempt_at": None,
+            "processed_at": None,
+        }
+    with any_runtime.sessions() as session:
+        order = session.scalars(select(InboxEvent.record_id).order_by(InboxEvent.id)).all()
+    assert order == ["D-5", "D-60", "D-120"] + [f"D-{i}" for i in range(count) if i not in (5, 60, 120)]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from flask import Flask
+from flask import request as flask_request
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
+from connector.config import Settings
 from connector.runtime import Runtime
 from connector.storage.models import InboxEvent
 from tests.conftest import SANDBOX_SECRET
@@ -160,3 +164,27 @@ def test_rejections_are_logged_without_secrets(client: FlaskClient, caplog: pyte
     text = caplog.text
     assert "bad_signature" in text
     assert SANDBOX_SECRET not in text and "QUJD" not in text
+
+
+def test_webhooks_get_a_null_session_and_no_cookie_while_the_web_app_keeps_its_own(
+    settings_factory: Callable[..., Settings],
+    runtime_factory: Callable[[Settings], Runtime],
+    app_factory: Callable[[Runtime], Flask],
+) -> None:
+    """With SECRET_KEY set (as in production), a webhook request opens no session: its cookies
+    are not read, nothing is saved, the answer sets no cookie. The web app's pages still do."""
+    app = app_factory(runtime_factory(settings_factory(secret_key="k" * 40)))
+    interface = app.session_interface
+    with app.test_request_context("/webhooks/standard", method="POST"):
+        assert interface.is_null_session(interface.open_session(app, flask_request))
+    with app.test_request_context("/app/", headers={"Cookie": "crm_approvals_session=whatever"}):
+        opened = interface.open_session(app, flask_request)
+        assert opened is not None and not interface.is_null_session(opened)
+    client = app.test_client()
+    client.set_cookie("crm_approvals_session", "eyJ1aWQiOiJ4In0.forged.sig")
+    response = post(client, payload())
+    assert response.status_code == 202, response.get_json()
+    assert "Set-Cookie" not in response.headers
+    assert "Cookie" not in response.headers.get("Vary", "")
+    refused = post(client, payload(), secret="whsec_" + "A" * 32)
+    assert refused.status_code == 401 and "Set-Cookie" not in refused.headers
