@@ -42,7 +42,7 @@ see the approved request.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -100,23 +100,44 @@ def template_variables(
     *,
     names: Callable[[str], str] | None = None,
     request_url: str | None = None,
+    only: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """The variables documented in the module docstring, for ``request`` under ``rule``.
-    ``names`` turns a user id into a person's name (the id itself when not given)."""
-    return {
-        "today": today,
-        "now": now,
-        "record": dict(request.record if record is None else record),
-        "approver": approver,
-        "comment": comment,
-        "request": _request_variables(request),
-        "rule": {
+    ``names`` turns a user id into a person's name (the id itself when not given). ``only``:
+    the variables the caller's renderers read (``templating.variables_read``); the others are
+    left out, not built (``today`` and ``now`` are always there)."""
+    wanted = TEMPLATE_VARIABLES if only is None else only
+    variables: dict[str, Any] = {"today": today, "now": now}
+    if "record" in wanted:
+        variables["record"] = dict(request.record if record is None else record)
+    if "approver" in wanted:
+        variables["approver"] = approver
+    if "comment" in wanted:
+        variables["comment"] = comment
+    if "request" in wanted:
+        variables["request"] = _request_variables(request)
+    if "rule" in wanted:
+        variables["rule"] = {
             "name": rule.name,
             "steps": tuple(step.name for step in rule.steps),
             "expires_after": rule.expires_after,
-        },
-        "progress": _progress_variables(request, rule, names or str, request_url),
-    }
+        }
+    if "progress" in wanted:
+        variables["progress"] = _progress_variables(request, rule, names or str, request_url)
+    return variables
+
+
+def variables_read(renderers: Iterable[Any]) -> frozenset[str] | None:
+    """The variables these value renderers read, together (each says so in its `reads`, as
+    connector.rules.templating's literals and templates do); None when one of them cannot say
+    (a Python callable): it may read any of them."""
+    read: set[str] = set()
+    for renderer in renderers:
+        reads = getattr(renderer, "reads", None)
+        if reads is None:
+            return None
+        read.update(reads)
+    return frozenset(read)
 
 
 def render_outcome_actions(
@@ -157,6 +178,7 @@ def render_outcome_actions(
             comment=comment,
             names=names,
             request_url=request_url,
+            only=variables_read(action.set.values()),  # a literal reads none, to build none
         )
         rendered.append(RenderedAction(event, render_action(action, variables)))
     return rendered

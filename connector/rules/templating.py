@@ -175,6 +175,7 @@ class LiteralValue:
     """A value written as-is in the mapping file (no template)."""
 
     __slots__ = ("value",)
+    reads: frozenset[str] = frozenset()  # the variables it reads: none
 
     def __init__(self, value: Any) -> None:
         self.value = value
@@ -190,12 +191,16 @@ class LiteralValue:
 class TemplateValue:
     """A compiled template; call it with the render variables."""
 
-    __slots__ = ("source", "location", "_template", "_expression")
+    __slots__ = ("source", "location", "reads", "_template", "_expression")
 
     def __init__(self, source: str, location: str = "") -> None:
         self.source = source
         self.location = location
-        self._template = _compile(ENVIRONMENT.parse(source))
+        ast = ENVIRONMENT.parse(source)
+        # the variables it reads (not the environment's globals such as days): a caller may
+        # build only these (connector.approvals.actions.variables_read)
+        self.reads = frozenset(meta.find_undeclared_variables(ast) - set(ENVIRONMENT.globals))
+        self._template = _compile(ast)
         inner = _single_expression(source)
         self._expression = _compile_expression(inner) if inner is not None else None
 

@@ -11,12 +11,10 @@ moment: see connector/storage/timers.py and connector/approvals/timers.py.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import operator
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, cast
@@ -51,7 +49,7 @@ from connector.storage import approval_store as store
 from connector.storage import audit, bulk, timer_reads
 from connector.storage import timers as timer_rows
 from connector.storage.approval_store import StaleRequestError, StoredRequest
-from connector.storage.db import sweep_sessions, transaction
+from connector.storage.db import collector_paused, sweep_sessions, transaction
 from connector.storage.models import ApprovalRequestRow, ApprovalTransitionRow
 
 log = logging.getLogger(__name__)
@@ -121,7 +119,7 @@ class StepTimers:
                 with transaction(batch_sessions) as session:
                     claim_id, ids = timer_rows.claim_due(session, now, limit=self.batch, lease=self.lease)
                 if ids:
-                    with _collector_paused():
+                    with collector_paused():
                         self._fire_batch(service, batch_sessions, ids, claim_id, now, report)
                 if len(ids) < self.batch:
                     return report
@@ -543,25 +541,6 @@ def _result_detail(result: TimerResult, notices: int) -> dict[str, Any]:
         action=result.action,
         reason=result.reason,
     )
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off while one claimed batch is decided and saved.
-
-    A batch allocates tens of thousands of objects (rows, partial requests, outcomes, statement
-    parameters) that all live until its commit, so the collections those allocations trigger
-    walk them again and again for nothing: about a fifth of the sweep's CPU in bench/timers.
-    Reference counting still frees whatever the batch lets go of; the collector resumes when
-    the batch ends. Left off if it was off (another sweep thread's batch, or the process's
-    own choice): the first to pause it turns it back on."""
-    was_on = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_on:
-            gc.enable()
 
 
 def summary(report: SweepReport) -> dict[str, Any]:

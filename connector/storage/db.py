@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -84,13 +85,20 @@ def json_loads(data: str | bytes) -> Any:
     return value if end == len(text) else json.loads(text)
 
 
-def in_ids(column: Any, dialect: str) -> Any:
-    """`column IN (:ids...)`, the list given as `ids`. On PostgreSQL `column = ANY(:ids)`: one
-    array parameter, so the statement's text is the same for any number of ids (psycopg caches
-    its conversion and prepares it, where SQLAlchemy would render an IN list per execution)."""
+def in_ids(column: Any, dialect: str, ids: Collection[Any] | None = None) -> Any:
+    """`column IN (...)` of the given `ids`, or without them of the list given at execution
+    as the parameter `ids`. On PostgreSQL `column = ANY(:ids)`: one array parameter, so the
+    statement's text is the same for any number of ids (psycopg caches its conversion and
+    prepares it, where SQLAlchemy would render an IN list of as many parameters, converted
+    anew on every execution once they are over 50)."""
     if dialect == "postgresql":
-        return column == any_(bindparam("ids", type_=postgresql.ARRAY(column.type)))
-    return column.in_(bindparam("ids", expanding=True))
+        array = postgresql.ARRAY(column.type)
+        if ids is None:
+            return column == any_(bindparam("ids", type_=array))
+        return column == any_(bindparam(None, list(ids), type_=array))
+    if ids is None:
+        return column.in_(bindparam("ids", expanding=True))
+    return column.in_(list(ids))
 
 
 def in_keys(columns: Sequence[Any], keys: Collection[Sequence[Any]], dialect: str) -> Any:
@@ -107,6 +115,37 @@ def in_keys(columns: Sequence[Any], keys: Collection[Sequence[Any]], dialect: st
         names = [f"k{n}" for n in range(len(columns))]
         return tuple_(*columns).in_(select(func.unnest(*arrays).table_valued(*names).render_derived()))
     return tuple_(*columns).in_(list(keys))
+
+
+_collector = threading.Lock()
+_pauses = 0  # sections in progress, over all threads, that paused the collector
+_resume = False  # whether the collector was on when the first of them began
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a batch is worked on (an applied chunk of
+    inbox events, a claimed batch of timers).
+
+    A batch allocates tens of thousands of objects (ORM rows, requests, outcomes, statement
+    parameters) that all live until its commit, so the collections those allocations trigger
+    walk them again and again for nothing. Reference counting still frees whatever the batch
+    lets go of. The collector is back on when the last section in progress ends (threads may
+    overlap theirs), even when it ends with an exception; left off if it was off before the
+    first began (the process's own choice)."""
+    global _pauses, _resume
+    with _collector:
+        if _pauses == 0:
+            _resume = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        yield
+    finally:
+        with _collector:
+            _pauses -= 1
+            if _pauses == 0 and _resume:
+                gc.enable()
 
 
 def normalize_url(url: str) -> str:

@@ -326,9 +326,10 @@ def describe(exc: BaseException) -> str:
     return "; ".join([str(exc), *getattr(exc, "__notes__", ())])
 
 
-def audit_received(session: Session, row: InboxEvent) -> None:
+def audit_received(session: Session, row: Any) -> None:
     """Audited when the worker takes the event up, in its transaction: the webhook hot path
-    then writes one row only, and the inbox row itself already proves receipt until then."""
+    then writes one row only, and the inbox row itself already proves receipt until then.
+    `row`: the inbox row, an ORM object or a plain row of (at least) the columns read here."""
     audit.record(
         session,
         "webhook_received",

@@ -35,15 +35,17 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Integer, Table, Text, bindparam, or_, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.clock import utcnow
 from connector.events import RecordChangeEvent
 from connector.metrics import INBOX_EVENTS
-from connector.storage.db import transaction
+from connector.storage import bulk
+from connector.storage.db import UTCDateTime, collector_paused, in_ids, transaction
 from connector.storage.models import DONE, PENDING, InboxEvent
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,20 @@ BATCH_SIZE = 200  # events per claim: Salesforce's SOQL `IN` limit, twice the ot
 # one writer lock the webhook intake waits for), while reads still cover the whole claim.
 APPLY_CHUNK = 50
 LEASE_SECONDS = 120  # outlives a batch's prepare (reads with retries); a dead worker's events wait this long
+
+
+_INBOX = cast(Table, InboxEvent.__table__)
+# What applying an event reads of its locked row: its status and attempts, and what
+# `audit_received` records (not its values, which the claim already decoded).
+_LOCKED_COLUMNS = tuple(
+    _INBOX.c[name]
+    for name in ("id", "status", "attempts", "connection", "object_type", "record_id", "source",
+                 "event_id", "received_at", "changed_fields")
+)  # fmt: skip
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
 
 
 @dataclass(frozen=True)
@@ -66,25 +82,24 @@ def claim(
     sessions: sessionmaker[Session], limit: int, now: datetime, lease_seconds: float = LEASE_SECONDS
 ) -> list[Claimed]:
     """Claim up to `limit` due, unclaimed pending events, oldest first (two statements); the
-    claim holds until `now` + `lease_seconds`."""
+    claim holds until `now` + `lease_seconds`. Plain rows, not ORM objects: they are only read."""
     with transaction(sessions) as session:
         query = (
-            select(InboxEvent)
-            .where(InboxEvent.status == PENDING)
-            .where(or_(InboxEvent.next_attempt_at.is_(None), InboxEvent.next_attempt_at <= now))
-            .where(or_(InboxEvent.claimed_until.is_(None), InboxEvent.claimed_until <= now))
-            .order_by(InboxEvent.id)
+            select(_INBOX)
+            .where(_INBOX.c.status == PENDING)
+            .where(or_(_INBOX.c.next_attempt_at.is_(None), _INBOX.c.next_attempt_at <= now))
+            .where(or_(_INBOX.c.claimed_until.is_(None), _INBOX.c.claimed_until <= now))
+            .order_by(_INBOX.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        rows = session.scalars(query).all()
+        rows = session.execute(query).all()
         if not rows:
             return []
         session.execute(
-            update(InboxEvent)
-            .where(InboxEvent.id.in_([r.id for r in rows]))
-            .values(claimed_until=now + timedelta(seconds=lease_seconds)),
-            execution_options={"synchronize_session": False},
+            update(_INBOX)
+            .where(in_ids(_INBOX.c.id, _dialect(session), [r.id for r in rows]))
+            .values(claimed_until=now + timedelta(seconds=lease_seconds))
         )
         return [Claimed(row.id, RecordChangeEvent.from_row(row), row.received_at) for row in rows]
 
@@ -100,8 +115,9 @@ def release(sessions: sessionmaker[Session], claimed: Sequence[Claimed]) -> None
     """Hand claimed events back: due again at once, for this worker or another."""
     with transaction(sessions) as session:
         session.execute(
-            update(InboxEvent).where(InboxEvent.id.in_([c.id for c in claimed])).values(claimed_until=None),
-            execution_options={"synchronize_session": False},
+            update(_INBOX)
+            .where(in_ids(_INBOX.c.id, _dialect(session), [c.id for c in claimed]))
+            .values(claimed_until=None)
         )
 
 
@@ -171,39 +187,60 @@ def process_claimed(
 
 
 def _apply_together(sessions: sessionmaker[Session], processor: Any, ready: list[tuple[Claimed, Any]]) -> int:
-    """Apply every event of the batch in ONE transaction; returns how many were applied."""
+    """Apply every event of the batch in ONE transaction; returns how many were applied.
+    The cyclic garbage collector waits until it is committed (`collector_paused`)."""
     from connector.storage.inbox import audit_received
 
-    with transaction(sessions) as session:
-        locked = {
-            row.id: row
-            for row in session.scalars(
-                select(InboxEvent)
-                .where(InboxEvent.id.in_([c.id for c, _ in ready]))
-                .with_for_update(skip_locked=True)
-            )
-        }
+    with collector_paused(), transaction(sessions) as session:
+        dialect = _dialect(session)
+        ids = [c.id for c, _ in ready]
+        query = select(*_LOCKED_COLUMNS).where(in_ids(_INBOX.c.id, dialect, ids))
+        locked = {row.id: row for row in session.execute(query.with_for_update(skip_locked=True))}
         mine = [(item, value) for item, value in ready if _pending(locked.get(item.id))]
         preload = getattr(processor, "preload", None)
         if preload is not None:  # what the batch's events will look up, in a few selects
             preload(session, [item.event for item, _ in mine])
-        now = utcnow()
-        marks = []
+        done: list[tuple[int, int, str]] = []  # id, attempts before, result
         for item, value in mine:
             row = locked[item.id]
             audit_received(session, row)
             summary = processor.apply(session, item.event, value)
-            marks.append(
-                {"id": row.id, "status": DONE, "processed_at": now, "result": summary[:2000],
-                 "attempts": row.attempts + 1, "claimed_until": None}
-            )  # fmt: skip
-        if marks:  # one executemany for the batch, not an UPDATE per event
-            session.execute(update(InboxEvent), marks)
-    return len(marks)
+            done.append((row.id, row.attempts, summary[:2000]))
+        mark_done(session, done, utcnow())
+    return len(done)
 
 
-def _pending(row: InboxEvent | None) -> bool:
+def _pending(row: Any) -> bool:
     return row is not None and row.status == PENDING  # else another worker got there first
+
+
+_MARK_DONE_POSTGRES = text(
+    "UPDATE inbox_events SET status = :status, processed_at = :now, result = v.result, "
+    "attempts = inbox_events.attempts + 1, claimed_until = NULL "
+    "FROM unnest(CAST(:ids AS INTEGER[]), CAST(:results AS TEXT[])) AS v(id, result) "
+    "WHERE inbox_events.id = v.id"
+).bindparams(
+    bindparam("ids", type_=ARRAY(Integer)),
+    bindparam("results", type_=ARRAY(Text)),
+    bindparam("now", type_=UTCDateTime()),
+)
+
+
+def mark_done(session: Session, done: Sequence[tuple[int, int, str]], now: datetime) -> None:
+    """Mark applied events DONE in one statement (not an UPDATE, or an executemany row, per
+    event): `done` holds each event's id, its attempts so far (read under the row's lock) and
+    its result. On PostgreSQL the ids and results go as two arrays; on SQLite as a VALUES list
+    (`bulk.update_rows`)."""
+    if not done:
+        return
+    if _dialect(session) == "postgresql":
+        ids = [event_id for event_id, _attempts, _result in done]
+        results = [result for _id, _attempts, result in done]
+        session.execute(_MARK_DONE_POSTGRES, {"status": DONE, "now": now, "ids": ids, "results": results})
+        return
+    rows = [(event_id, DONE, now, result, attempts + 1) for event_id, attempts, result in done]
+    columns = ("status", "processed_at", "result", "attempts")
+    bulk.update_rows(session, _INBOX, ("id",), columns, rows, nulls=("claimed_until",))
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, or_, select, text, update
+from sqlalchemy import Select, Table, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.clock import utcnow
@@ -36,13 +36,14 @@ from connector.crm.errors import AuthError, CRMError, InDoubtError
 from connector.errors import CrmApprovalsError, FatalError, RetriableError
 from connector.metrics import OUTBOX_UPDATES, count_outcomes
 from connector.storage import audit, batch_writes, dead_letters
-from connector.storage.db import transaction
+from connector.storage.db import in_ids, transaction
 from connector.storage.inbox import backoff_seconds
 from connector.storage.models import DEAD, DONE, PENDING, SENDING, DeadLetter, OutboxUpdate
 
 log = logging.getLogger(__name__)
 
 RecordKey = tuple[str, str, str]  # connection, object type, record id
+_OUTBOX = cast(Table, OutboxUpdate.__table__)
 AdapterLookup = Callable[[str], CRMAdapter]
 
 
@@ -253,16 +254,16 @@ def _claim(
             return batch_id, []
         ids = [row_id for item in merged.values() for row_id in item.row_ids]
         if ids:  # locked above (FOR UPDATE on PostgreSQL, the writer lock on SQLite)
+            table = _OUTBOX
             session.execute(
-                update(OutboxUpdate)
-                .where(OutboxUpdate.id.in_(ids))
+                update(table)
+                .where(in_ids(table.c.id, session.get_bind().dialect.name, ids))
                 .values(
                     status=SENDING,
                     batch_id=batch_id,
                     sent_at=now,
                     lease_expires_at=now + timedelta(seconds=lease_seconds),
-                ),
-                execution_options={"synchronize_session": False},
+                )
             )
     return batch_id, list(merged.values())
 
@@ -294,18 +295,54 @@ def _send(
     except FatalError as exc:
         results = [_failed(u.record_id, exc, retriable=False) for u in updates]
     with transaction(sessions) as session:
-        # the call's rows in one select (not one per record); their changes go out at the commit
-        ids = [row_id for item in items for row_id in item.row_ids]
-        loaded = {
-            row.id: row for row in session.scalars(select(OutboxUpdate).where(OutboxUpdate.id.in_(ids)))
-        }
+        dialect = session.get_bind().dialect.name
+        # The records the CRM took: their rows are marked done by one UPDATE at the end (not
+        # loaded as ORM objects and flushed one UPDATE each). The failed ones' rows are read
+        # in one select (not one per record); their changes go out at the commit.
+        done_ids = [row_id for item, r in zip(items, results, strict=True) if r.ok for row_id in item.row_ids]
+        failed_ids = [
+            row_id for item, r in zip(items, results, strict=True) if not r.ok for row_id in item.row_ids
+        ]
+        loaded = (
+            {
+                row.id: row
+                for row in session.scalars(
+                    select(OutboxUpdate).where(in_ids(OutboxUpdate.id, dialect, failed_ids))
+                )
+            }
+            if failed_ids
+            else {}
+        )
         for item, result in zip(items, results, strict=True):
+            if result.ok:
+                _audit_result(session, item, result, "ok")
+                report.done += 1
+                continue
             rows = [loaded[row_id] for row_id in item.row_ids if row_id in loaded]
             outcome = _settle(
                 session, item, rows, result, batch_id, max_attempts, getattr(result, "retry_after", None)
             )
             setattr(report, outcome, getattr(report, outcome) + 1)
-        return [row.id for row in loaded.values() if row.status not in (DONE, DEAD)]
+        again = [row.id for row in loaded.values() if row.status not in (DONE, DEAD)]
+        if done_ids:
+            # only rows still in this call (a recovery may have settled some): those it did
+            # not reach may be pending again, so this flush does not take them up once more
+            marked = set(session.scalars(_mark_sent(dialect, done_ids, batch_id, utcnow())))
+            again += [row_id for row_id in done_ids if row_id not in marked]
+        return again
+
+
+def _mark_sent(dialect: str, ids: list[int], batch_id: str, now: datetime) -> Any:
+    """UPDATE the rows of a call's records that the CRM took to done (those still `sending`
+    in the call `batch_id`), RETURNING their ids; the ids as one array on PostgreSQL."""
+    table = _OUTBOX
+    return (
+        update(table)
+        .where(in_ids(table.c.id, dialect, ids))
+        .where(table.c.status == SENDING, table.c.batch_id == batch_id)
+        .values(status=DONE, done_at=now, lease_expires_at=None, last_error=None)
+        .returning(table.c.id)
+    )
 
 
 @dataclass(frozen=True)

@@ -326,3 +326,70 @@ def test_worker_killed_with_a_call_in_flight_leaves_the_unsent_rows_to_the_next_
     assert report.done == 3 and len(crm.update_calls) == 3
     assert [u.record_id for u in crm.update_calls[-1]] == ["D-3", "D-4", "D-5"]
     assert set(statuses(runtime).values()) == {"done"}
+
+
+def test_the_records_the_crm_took_are_marked_done_together_and_a_failure_keeps_its_error(
+    either: Runtime,
+) -> None:
+    """The call's accepted records' rows: done in one UPDATE (an id array on PostgreSQL),
+    their lease and an earlier error cleared; a rejected record's row is settled as before."""
+    from sqlalchemy import event
+
+    crm = MemoryCRM()
+    crm.batch_limit = 60
+    for i in range(50):
+        enqueue(either, f"D-{i}", {"Status": "Approved"})
+    crm.fail_calls = NO_WAIT.attempts  # a first flush fails retriably: every row carries its error
+    flush(either.sessions, lambda _name: crm)
+    crm.reject["D-7"] = "FIELD_CUSTOM_VALIDATION_EXCEPTION"
+    updates: list[tuple[str, object]] = []
+
+    def look(_conn: object, _cursor: object, statement: str, parameters: object, *_args: object) -> None:
+        if statement.lstrip().upper().startswith("UPDATE") and "outbox_updates" in statement:
+            updates.append((statement, parameters))
+
+    event.listen(either.engine, "before_cursor_execute", look)
+    try:
+        report = flush(either.sessions, lambda _name: crm, now=utcnow() + timedelta(hours=1))
+    finally:
+        event.remove(either.engine, "before_cursor_execute", look)
+    assert (report.done, report.dead) == (49, 1)
+    with either.sessions() as session:
+        rows = {row.record_id: row for row in session.scalars(select(OutboxUpdate))}
+    for record_id, row in rows.items():
+        if record_id == "D-7":
+            assert row.status == "dead" and "FIELD_CUSTOM_VALIDATION_EXCEPTION" in (row.last_error or "")
+        else:
+            assert (row.status, row.last_error, row.lease_expires_at) == ("done", None, None)
+            assert row.done_at is not None and row.attempts == 1
+    # the claim, the one done-UPDATE of 49 rows and the rejected row's own
+    assert len(updates) == 3, [u[0] for u in updates]
+    if either.engine.dialect.name == "postgresql":
+        assert all(len(parameters) <= 8 for _statement, parameters in updates)  # type: ignore[arg-type]
+
+
+class _RecoveredMeanwhile(MemoryCRM):
+    """A CRM during whose call a recovery settles one of the call's rows (as when the call
+    outlived its lease): the row must keep what the recovery gave it."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+    def _update_batch(self, object_type: str, updates: Sequence[RecordUpdate]) -> list[UpdateResult]:
+        with transaction(self.runtime.sessions) as session:
+            row = session.scalars(select(OutboxUpdate).where(OutboxUpdate.record_id == "D-1")).one()
+            row.status, row.batch_id = "pending", None
+        return super()._update_batch(object_type, updates)
+
+
+def test_a_row_settled_meanwhile_is_not_marked_done_nor_sent_again_in_the_flush(either: Runtime) -> None:
+    crm = _RecoveredMeanwhile(either)
+    for i in range(3):
+        enqueue(either, f"D-{i}", {"Status": "Approved"})
+    report = flush(either.sessions, lambda _name: crm)
+    assert report.done == 3  # the CRM took all three
+    assert len(crm.update_calls) == 1  # D-1, pending again, waits for the next flush
+    with either.sessions() as session:
+        rows = {row.record_id: row.status for row in session.scalars(select(OutboxUpdate))}
+    assert rows == {"D-0": "done", "D-1": "pending", "D-2": "done"}
