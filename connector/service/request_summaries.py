@@ -95,7 +95,6 @@ def _open_steps_statement(dialect: str) -> Any:
     )
 
 
-@functools.cache
 def _open_step_column() -> Any:
     """PostgreSQL: the open step of the page's request as one JSON array (NULL if none): the
     latest round of its `current_step` if that round is pending, its columns as STEP_COLUMNS
@@ -117,26 +116,28 @@ def _open_step_column() -> Any:
     return latest.label("open_step")
 
 
-@functools.cache
-def _page_columns(dialect: str) -> tuple[Any, ...]:
-    if dialect == "postgresql":
-        return (*SUMMARY_COLUMNS, _open_step_column())
-    return SUMMARY_COLUMNS
-
-
-_OPEN_STEP = len(SUMMARY_COLUMNS)  # where the JSON open step is, on PostgreSQL
+SUMMARY_WITH_OPEN_STEP_COLUMNS = (*SUMMARY_COLUMNS, _open_step_column())  # PostgreSQL's
+_OPEN_STEP = len(SUMMARY_COLUMNS)
 
 
 def request_list(session: Session, filters: RequestFilters, viewer: Viewer | None) -> dict[str, Any]:
     """The RequestList of this page as JSON-ready dicts."""
-    dialect = session.connection().dialect.name
-    rows, total, next_cursor = page_rows(session, filters, viewer, _page_columns(dialect))
-    if dialect == "postgresql":
+    if session.connection().dialect.name == "postgresql" and _may_show_open_steps(filters):
+        rows, total, next_cursor = page_rows(session, filters, viewer, SUMMARY_WITH_OPEN_STEP_COLUMNS)
         summaries = [_summary(row, _open_step_of_json(row[_OPEN_STEP])) for row in rows]
     else:
+        rows, total, next_cursor = page_rows(session, filters, viewer, SUMMARY_COLUMNS)
         open_steps = _open_steps(session, rows)
         summaries = [_summary(row, open_steps.get(row[0])) for row in rows]
     return {"requests": summaries, "count": len(summaries), "total": total, "next_cursor": next_cursor}
+
+
+def _may_show_open_steps(filters: RequestFilters) -> bool:
+    """Whether the page may hold pending requests. A page filtered to other statuses (approved,
+    rejected...) has no open step as the store keeps requests (a decision clears the current
+    step): there the column would cost a probe per row and a bigger statement for nothing,
+    where _open_steps reads nothing unless a row has a current step, and then the same steps."""
+    return not filters.status or "pending" in filters.status
 
 
 def _open_step_of_json(step: list[Any] | None) -> dict[str, Any] | None:
