@@ -239,6 +239,7 @@ def test_the_page_folds_in_exactly_each_open_step_and_its_votes(world: World) ->
         ({"status": ["pending"]}, admin),
         ({"status": ["approved"]}, admin),  # no open steps to fold in: read as on SQLite
         ({}, Viewer("u-hs-rep", False)),  # its own requests: the visible page's statement
+        ({"status": ["pending"], "limit": 2}, Viewer("u-hs-rep", False)),  # the same, narrowed
         ({"pending_for": "u-hs-mgr"}, Viewer("u-hs-mgr", False)),  # from approval_waiting
     ):
         filters = RequestFilters.model_validate(given)
