@@ -12,7 +12,7 @@ from connector.service.request_query import RequestFilters, Viewer, find_request
 from connector.service.request_summaries import request_list
 from connector.service.request_views import RequestList
 from connector.storage.db import transaction
-from connector.storage.models import ApprovalStepRow, ApprovalVoteRow
+from connector.storage.models import ApprovalRequestRow, ApprovalStepRow, ApprovalVoteRow
 from tests.webhooks.api_engines import world_on_both_engines  # noqa: F401 (the `world` fixture)
 from tests.webhooks.test_api import World
 from tests.webhooks.test_api_listing import add_request
@@ -156,3 +156,114 @@ def test_the_api_answers_the_documented_models_byte_for_byte(world: World) -> No
     assert len(RequestList.model_validate_json(body).requests) == len(ids)
     for text in (b"Z\\u00fcrich", b"ok \\u2713", b'"acting_admin":false', b'"left_at":null'):
         assert text in body  # what the comparison above covers: escapes, booleans, nulls
+
+
+def open_steps_to_fold(world: World) -> dict[str, str]:
+    """Requests whose open step the page's statement must pick out exactly (on PostgreSQL it
+    comes as one JSON column of the page's rows): by name, ids."""
+    # a fraction with trailing zeros, and none: PostgreSQL's JSON writes both unlike isoformat
+    at = datetime(2026, 3, 1, 9, 30, 0, 120000, tzinfo=UTC)
+    with transaction(world.runtime.sessions) as session:
+
+        def step(request_id: str, index: int, round_: int, status: str, **given: Any) -> None:
+            session.add(
+                ApprovalStepRow(
+                    request_id=request_id,
+                    index=index,
+                    round=round_,
+                    name=f"step {index}",
+                    mode="all",
+                    approvers=["u-z", "u-a", "u-hs-mgr"],
+                    required=3,
+                    status=status,
+                    entered_at=at + timedelta(minutes=round_),
+                    **given,
+                )
+            )
+
+        def votes(request_id: str, index: int, round_: int, *approvers: str, **given: Any) -> None:
+            for n, approver in enumerate(approvers):
+                session.add(
+                    ApprovalVoteRow(
+                        request_id=request_id,
+                        step_index=index,
+                        round=round_,
+                        approver=approver,
+                        decision="approve",
+                        comment=f'{approver} says "ok" \\ \n\t\x01 — ✓',
+                        at=at + timedelta(seconds=n) if n else at.replace(microsecond=0),
+                        **given,
+                    )
+                )
+                session.flush()  # ids in this order: oldest first is not by approver
+
+        # pending, round 3 open with three votes (latest round only; rounds 1 and 2 hold votes too)
+        later = add_request(session, at, connection="sandbox", object_type="deal")
+        session.flush()
+        session.query(ApprovalStepRow).filter_by(request_id=later).update({"status": "cancelled"})
+        step(later, 0, 2, "cancelled", left_at=at + timedelta(hours=1))
+        step(later, 0, 3, "pending", on_behalf_of={"u-a": "u-z", "u-b": "u-hs-mgr"})
+        votes(later, 0, 1, "u-hs-mgr")
+        votes(later, 0, 2, "u-a", "u-z")
+        votes(later, 0, 3, "u-z", "u-a")
+        votes(later, 0, 3, "u-b", acting_admin=True, on_behalf_of="u-hs-mgr", auto_reason="policy")
+        # the current step is the second: the first, pending still (as no store leaves it), is not shown
+        second = add_request(session, at + timedelta(minutes=1), connection="sandbox", object_type="deal")
+        session.flush()
+        step(second, 1, 1, "pending", left_at=at.replace(microsecond=0) + timedelta(days=1))
+        votes(second, 0, 1, "u-hs-mgr")
+        session.query(ApprovalRequestRow).filter_by(id=second).update({"current_step": 1})
+        # pending, but the latest round of its current step is not: no open step, though an
+        # earlier round still says pending
+        stale = add_request(session, at + timedelta(minutes=2), connection="sandbox", object_type="deal")
+        session.flush()
+        step(stale, 0, 2, "approved", left_at=at + timedelta(hours=2))
+        votes(stale, 0, 2, "u-hs-mgr")
+        # approved: no current step, its step's votes not shown
+        approved = add_request(
+            session, at + timedelta(minutes=3), connection="sandbox", object_type="deal", status="approved"
+        )
+        session.flush()
+        votes(approved, 0, 1, "u-hs-mgr")
+        # pending without a vote yet
+        fresh = add_request(session, at + timedelta(minutes=4), connection="sandbox", object_type="deal")
+    return {"later": later, "second": second, "stale": stale, "approved": approved, "fresh": fresh}
+
+
+def test_the_page_folds_in_exactly_each_open_step_and_its_votes(world: World) -> None:
+    ids = open_steps_to_fold(world)
+    admin = Viewer("u-admin", True)
+    for given, viewer in (
+        ({}, admin),
+        ({"limit": 2}, admin),
+        ({"status": ["pending"]}, admin),
+        ({"status": ["approved"]}, admin),  # no open steps to fold in: read as on SQLite
+        ({}, Viewer("u-hs-rep", False)),  # its own requests: the visible page's statement
+        ({"status": ["pending"], "limit": 2}, Viewer("u-hs-rep", False)),  # the same, narrowed
+        ({"pending_for": "u-hs-mgr"}, Viewer("u-hs-mgr", False)),  # from approval_waiting
+    ):
+        filters = RequestFilters.model_validate(given)
+        while True:
+            page = built(world, filters, viewer)
+            assert page == reference(world, filters, viewer), (filters, viewer)
+            if page["next_cursor"] is None:
+                break
+            filters = RequestFilters.model_validate({**given, "cursor": page["next_cursor"]})
+
+    shown = {s["id"]: s["current_step"] for s in built(world, RequestFilters(), admin)["requests"]}
+    later = shown[ids["later"]]
+    assert (later["round"], later["on_behalf_of"]) == (3, {"u-a": "u-z", "u-b": "u-hs-mgr"})
+    assert [(v["round"], v["approver"]) for v in later["votes"]] == [(3, "u-z"), (3, "u-a"), (3, "u-b")]
+    assert later["entered_at"] == "2026-03-01T09:33:00.120000+00:00"
+    assert [v["at"] for v in later["votes"]] == [
+        "2026-03-01T09:30:00+00:00",
+        "2026-03-01T09:30:01.120000+00:00",
+        "2026-03-01T09:30:00+00:00",
+    ]
+    assert later["votes"][0]["comment"] == 'u-z says "ok" \\ \n\t\x01 — ✓'
+    assert later["votes"][2]["acting_admin"] is True and later["votes"][0]["acting_admin"] is False
+    assert (later["votes"][2]["on_behalf_of"], later["votes"][2]["auto_reason"]) == ("u-hs-mgr", "policy")
+    second = shown[ids["second"]]
+    assert (second["index"], second["votes"], second["left_at"]) == (1, [], "2026-03-02T09:30:00+00:00")
+    assert shown[ids["stale"]] is None and shown[ids["approved"]] is None
+    assert shown[ids["fresh"]]["votes"] == [] and shown[ids["fresh"]]["left_at"] is None
