@@ -28,6 +28,19 @@ def built(world: World, filters: RequestFilters, viewer: Viewer | None) -> dict[
         return request_list(session, filters, viewer)
 
 
+def assert_every_page_built_as_the_reference(
+    world: World, given: dict[str, Any], viewer: Viewer | None
+) -> None:
+    """Page by page from the first, the built page equals the model path's."""
+    filters = RequestFilters.model_validate(given)
+    while True:
+        page = built(world, filters, viewer)
+        assert page == reference(world, filters, viewer), (filters, viewer)
+        if page["next_cursor"] is None:
+            return
+        filters = RequestFilters.model_validate({**given, "cursor": page["next_cursor"]})
+
+
 def requests_in_every_state(world: World) -> dict[str, str]:
     """Requests in every state a summary shows differently, by name: ids."""
     fresh = world.submit("D-1", stage="Zürich — négociation")  # big-deal, first of three steps open
@@ -113,13 +126,7 @@ def test_pages_equal_the_documented_models_for_every_state(world: World) -> None
         ({}, Viewer("u-board-2", False)),
         ({}, Viewer("u-nobody", False)),
     ):
-        filters = RequestFilters.model_validate(given)
-        while True:
-            page = built(world, filters, viewer)
-            assert page == reference(world, filters, viewer), (filters, viewer)
-            if page["next_cursor"] is None:
-                break
-            filters = RequestFilters.model_validate({**given, "cursor": page["next_cursor"]})
+        assert_every_page_built_as_the_reference(world, given, viewer)
 
 
 def test_the_api_answers_the_built_page(world: World) -> None:
@@ -242,13 +249,7 @@ def test_the_page_folds_in_exactly_each_open_step_and_its_votes(world: World) ->
         ({"status": ["pending"], "limit": 2}, Viewer("u-hs-rep", False)),  # the same, narrowed
         ({"pending_for": "u-hs-mgr"}, Viewer("u-hs-mgr", False)),  # from approval_waiting
     ):
-        filters = RequestFilters.model_validate(given)
-        while True:
-            page = built(world, filters, viewer)
-            assert page == reference(world, filters, viewer), (filters, viewer)
-            if page["next_cursor"] is None:
-                break
-            filters = RequestFilters.model_validate({**given, "cursor": page["next_cursor"]})
+        assert_every_page_built_as_the_reference(world, given, viewer)
 
     shown = {s["id"]: s["current_step"] for s in built(world, RequestFilters(), admin)["requests"]}
     later = shown[ids["later"]]
