@@ -12,7 +12,7 @@ tests/webhooks/test_api_summaries.py holds the two equal, to the byte of the API
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -180,46 +180,11 @@ def _may_show_open_steps(filters: RequestFilters) -> bool:
 
 
 def _open_step_of_json(step: list[Any] | None) -> dict[str, Any] | None:
-    """The open step from _open_step_column's array, as _step and _vote make it."""
+    """The open step from _open_step_column's array: its step's fields, then its votes."""
     if step is None:
         return None
-    index, round_, name, mode, approvers, required, status, entered_at, left_at, on_behalf_of, votes = step
-    return {
-        "index": index,
-        "round": round_,
-        "name": name,
-        "mode": mode,
-        "approvers": approvers,
-        "on_behalf_of": on_behalf_of or {},
-        "required": required,
-        "status": status,
-        "entered_at": _iso(entered_at),
-        "left_at": _iso(left_at) if left_at is not None else None,
-        "votes": [
-            {
-                "step_index": step_index,
-                "round": vote_round,
-                "approver": approver,
-                "decision": decision,
-                "comment": comment,
-                "acting_admin": bool(acting_admin),  # SQLite: 0 or 1
-                "at": _iso(at),
-                "on_behalf_of": vote_on_behalf_of,
-                "auto_reason": auto_reason,
-            }
-            for (
-                step_index,
-                vote_round,
-                approver,
-                decision,
-                comment,
-                acting_admin,
-                at,
-                vote_on_behalf_of,
-                auto_reason,
-            ) in votes or ()
-        ],
-    }
+    *fields, votes = step
+    return _step(fields, [_vote(vote, _iso) for vote in votes or ()], _iso)
 
 
 def _iso(moment: str) -> str:
@@ -248,11 +213,11 @@ def _open_steps(session: Session, rows: Sequence[Any]) -> dict[str, dict[str, An
         if seen is None or round_ > seen[_ROUND]:
             latest[request_id] = row
         if row[_VOTE_APPROVER] is not None:
-            votes.setdefault((request_id, round_), []).append(_vote(row))
+            votes.setdefault((request_id, round_), []).append(_vote(row[_VOTE:]))
     steps = {}
     for request_id, row in latest.items():
         if row[_STATUS] == "pending":
-            steps[request_id] = _step(row, votes.get((request_id, row[_ROUND]), []))
+            steps[request_id] = _step(row[1:_VOTE], votes.get((request_id, row[_ROUND]), []))
     return steps
 
 
@@ -292,10 +257,12 @@ def _summary(row: Any, open_step: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def _step(row: Any, votes: list[dict[str, Any]]) -> dict[str, Any]:
-    _request_id, index, round_, name, mode, approvers, required, status, entered_at, left_at, on_behalf_of = (
-        row[:_VOTE]
-    )
+def _step(
+    fields: Sequence[Any], votes: list[dict[str, Any]], iso: Callable[[Any], str] = datetime.isoformat
+) -> dict[str, Any]:
+    """A step's summary from its fields in STEP_COLUMNS' order less request_id (a row's, or the
+    open step column's JSON, whose times are text for `iso`)."""
+    index, round_, name, mode, approvers, required, status, entered_at, left_at, on_behalf_of = fields
     return {
         "index": index,
         "round": round_,
@@ -305,22 +272,23 @@ def _step(row: Any, votes: list[dict[str, Any]]) -> dict[str, Any]:
         "on_behalf_of": dict(on_behalf_of or {}),
         "required": required,
         "status": status,
-        "entered_at": entered_at.isoformat(),
-        "left_at": left_at.isoformat() if left_at is not None else None,
+        "entered_at": iso(entered_at),
+        "left_at": iso(left_at) if left_at is not None else None,
         "votes": votes,
     }
 
 
-def _vote(row: Any) -> dict[str, Any]:
-    step_index, round_, approver, decision, comment, acting_admin, at, on_behalf_of, auto_reason = row[_VOTE:]
+def _vote(fields: Sequence[Any], iso: Callable[[Any], str] = datetime.isoformat) -> dict[str, Any]:
+    """A vote's summary from its fields in VOTE_COLUMNS' order (as _step's)."""
+    step_index, round_, approver, decision, comment, acting_admin, at, on_behalf_of, auto_reason = fields
     return {
         "step_index": step_index,
         "round": round_,
         "approver": approver,
         "decision": decision,
         "comment": comment,
-        "acting_admin": bool(acting_admin),
-        "at": at.isoformat(),
+        "acting_admin": bool(acting_admin),  # SQLite's JSON: 0 or 1
+        "at": iso(at),
         "on_behalf_of": on_behalf_of,
         "auto_reason": auto_reason,
     }
